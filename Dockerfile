@@ -1,0 +1,20 @@
+# One image for every snpemu service; docker-compose.yml picks the process with `command`.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/snpemu \
+    PATH=/opt/snpemu/bin:$PATH \
+    SNPEMU_CONFIG=/app/.env \
+    SNPEMU_BIND=0.0.0.0
+
+WORKDIR /app
+RUN python3 -m venv /opt/snpemu
+COPY pyproject.toml README.md .env ./
+COPY services ./services
+RUN pip install --no-cache-dir . \
+ && useradd --system --uid 10001 --home-dir /var/lib/snpemu --create-home snpemu
+
+USER snpemu
+# Overridden per service in docker-compose.yml; alone, the image runs the RMP service.
+CMD ["python", "-m", "snpemu.rmp"]

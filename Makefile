@@ -1,0 +1,37 @@
+# snpemu: `make up` starts the virtual host; `make test` runs every test.
+# Both install what is missing first (a .venv, and Debian's prometheus when apt-get can).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test test-unit test-cluster lint protos protos-check clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(PY) -m snpemu.launcher up
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not cluster"
+
+test-cluster: $(STAMP)
+	$(PY) -m pytest -m cluster
+
+lint: $(STAMP)
+	$(PY) -m pytest -m style
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+protos-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+clean:
+	rm -rf .snpemu .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,82 @@
+"""Which processes make up a virtual host, with their commands and environment.
+
+A pure function of the host layout (`.env`), shared by the launcher and the test that holds
+docker-compose.yml to the same services, ports and commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from snpemu.hostconfig import HOST_COMPONENTS, Endpoint, HostConfig
+
+# gRPC service each component serves (the health check asks for it by name).
+SERVICE_NAMES = {
+    "rmp": "snp.rmp.v1.RmpService",
+    "psp": "snp.psp.v1.PspService",
+    "kvm": "snp.kvm.v1.KvmService",
+    "netd": "snp.netd.v1.NetdService",
+    "guest": "snp.guest.v1.GuestService",
+}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    endpoint: Endpoint
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def component(self) -> str:
+        return self.endpoint.module.rsplit(".", 1)[-1]
+
+    @property
+    def service_name(self) -> str:
+        return SERVICE_NAMES[self.component]
+
+    @property
+    def is_host_side(self) -> bool:
+        return self.component in HOST_COMPONENTS
+
+
+def service_command(module: str, python: str = sys.executable) -> tuple[str, ...]:
+    return (python, "-m", module)
+
+
+def plan(
+    config: HostConfig,
+    *,
+    state_dir: Path,
+    host_credential: str,
+    bind: str = "127.0.0.1",
+    python: str = sys.executable,
+) -> list[ProcessSpec]:
+    """Processes in start order: host components, then guest agents."""
+    peers = {
+        f"SNPEMU_{c.upper()}_ADDR": f"{bind}:{config.endpoint(c).grpc_port}"
+        for c in HOST_COMPONENTS
+    }
+    specs = []
+    for e in config.endpoints:
+        env = {
+            "SNPEMU_BIND": bind,
+            "SNPEMU_GRPC_PORT": str(e.grpc_port),
+            "SNPEMU_METRICS_PORT": str(e.metrics_port),
+            "SNPEMU_INSTANCE": e.name,
+            "SNPEMU_DATA_DIR": str(state_dir / "data" / e.name),
+            **peers,
+        }
+        component = e.module.rsplit(".", 1)[-1]
+        if component in HOST_COMPONENTS:
+            # DESIGN 3: host-only RPCs require the credential the launcher provisions;
+            # guest agents never get it.
+            env["SNPEMU_HOST_CREDENTIAL"] = host_credential
+        specs.append(ProcessSpec(e, service_command(e.module, python), env))
+    return specs

@@ -1,0 +1,186 @@
+"""Start, watch, restart and stop the processes of a virtual host.
+
+Children run in their own sessions (a Ctrl-C reaches only the launcher, which then stops them
+in reverse start order) and get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG), so no
+process outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def grpc_health(address: str, service: str, timeout: float = 1.0) -> str:
+    """The health status name of `service` at `address`, or "UNREACHABLE"."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def http_ready(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log_path: Path
+    ready: Callable[[], bool]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff_s: float = 0.5
+    next_start: float = 0.0
+    pids: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                list(self.argv),
+                env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.pids.append(self.process.pid)
+        self.started_at = time.monotonic()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.exited()
+            if code is not None:
+                raise LaunchError(f"{self.name} exited with {describe_exit(code)}; {self.tail()}")
+            if self.ready():
+                return
+            time.sleep(0.1)
+        raise LaunchError(f"{self.name} was not ready after {timeout:.0f} s; {self.tail()}")
+
+    def stop(self, timeout: float) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # The session may hold grandchildren (none today): make sure none are left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"no log at {self.log_path}"
+        return f"last lines of {self.log_path}:\n    " + "\n    ".join(text)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Keeps children running: a child that dies after start-up is restarted with backoff."""
+
+    MAX_BACKOFF_S = 10.0
+    HEALTHY_RESET_S = 30.0
+
+    def __init__(self, children: Sequence[Child], stop_timeout: float = 10.0) -> None:
+        self.children = list(children)
+        self.stop_timeout = stop_timeout
+        self.running: list[Child] = []
+
+    def start_all(self, ready_timeout: float, groups: Sequence[Sequence[Child]]) -> None:
+        """Start group by group; each group must be ready before the next starts."""
+        for group in groups:
+            for child in group:
+                child.start()
+                self.running.append(child)
+                log.info("started %s (pid %d)", child.name, child.pid)
+            for child in group:
+                child.wait_ready(ready_timeout)
+                log.info("%s is ready", child.name)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for child in self.running:
+            code = child.exited()
+            if code is None:
+                if now - child.started_at > self.HEALTHY_RESET_S:
+                    child.backoff_s = 0.5
+                continue
+            if child.next_start == 0.0:
+                child.next_start = now + child.backoff_s
+                log.warning(
+                    "%s died (%s); restarting in %.1f s",
+                    child.name,
+                    describe_exit(code),
+                    child.backoff_s,
+                )
+            elif now >= child.next_start:
+                child.next_start = 0.0
+                child.backoff_s = min(child.backoff_s * 2, self.MAX_BACKOFF_S)
+                child.restarts += 1
+                child.start()
+                log.info("restarted %s (pid %d, restart %d)", child.name, child.pid, child.restarts)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.running):
+            child.stop(self.stop_timeout)
+            log.info("stopped %s", child.name)
+        self.running.clear()

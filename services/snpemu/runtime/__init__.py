@@ -1,0 +1,1 @@
+"""What every snpemu service process shares: config, logs, metrics, the gRPC server bootstrap."""

@@ -1,0 +1,115 @@
+"""Configuration of one service process, from environment variables, checked at start.
+
+| variable                  | meaning                                    | default                    |
+|---------------------------|--------------------------------------------|----------------------------|
+| SNPEMU_BIND               | address the gRPC and metrics servers bind  | 127.0.0.1                  |
+| SNPEMU_GRPC_PORT          | gRPC port (0 = any free port)              | this service's port, .env  |
+| SNPEMU_METRICS_PORT       | Prometheus /metrics port (0 = any)         | this service's port, .env  |
+| SNPEMU_INSTANCE           | instance name (guest-0, ...) for logs      | the service name           |
+| SNPEMU_LOG_LEVEL          | DEBUG, INFO, WARNING or ERROR              | INFO                       |
+| SNPEMU_SHUTDOWN_GRACE_S   | seconds in-flight RPCs get on SIGTERM      | 5                          |
+| SNPEMU_{RMP,PSP,KVM,NETD}_ADDR | host:port of a peer service           | 127.0.0.1:<its .env port>  |
+| SNPEMU_HOST_CREDENTIAL    | secret host services share (launcher-made) | unset                      |
+| SNPEMU_DATA_DIR           | where persistent state lives (psp)         | ./.snpemu/data/<instance>  |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from snpemu.hostconfig import HOST_COMPONENTS, ConfigError, layered_env, port
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{name}={raw!r}: expected host:port")
+    port({name: port_text}, name)
+    return raw
+
+
+def _grace(env: Mapping[str, str]) -> float:
+    raw = env.get("SNPEMU_SHUTDOWN_GRACE_S", "5")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"SNPEMU_SHUTDOWN_GRACE_S={raw!r}: not a number of seconds") from None
+    if not 0 <= value <= 300:
+        raise ConfigError(f"SNPEMU_SHUTDOWN_GRACE_S={raw!r}: must be in 0..300")
+    return value
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    service: str
+    instance: str
+    bind: str
+    grpc_port: int
+    metrics_port: int
+    log_level: str
+    shutdown_grace_s: float
+    peers: Mapping[str, str]
+    host_credential: str | None
+    data_dir: Path
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
+        env = dict(os.environ if env is None else env)
+        layout = layered_env(env)
+        key = service.upper()
+        if service == "guest":
+            default_grpc, default_metrics = (
+                "SNPEMU_GUEST_GRPC_PORT_BASE",
+                "SNPEMU_GUEST_METRICS_PORT_BASE",
+            )
+        else:
+            default_grpc, default_metrics = f"SNPEMU_{key}_GRPC_PORT", f"SNPEMU_{key}_METRICS_PORT"
+        grpc_port = port(
+            {"SNPEMU_GRPC_PORT": env.get("SNPEMU_GRPC_PORT") or layout.get(default_grpc, "")},
+            "SNPEMU_GRPC_PORT",
+            allow_zero=True,
+        )
+        metrics_port = port(
+            {
+                "SNPEMU_METRICS_PORT": env.get("SNPEMU_METRICS_PORT")
+                or layout.get(default_metrics, "")
+            },
+            "SNPEMU_METRICS_PORT",
+            allow_zero=True,
+        )
+        level = env.get("SNPEMU_LOG_LEVEL", "INFO").upper()
+        if level not in LOG_LEVELS:
+            raise ConfigError(
+                f"SNPEMU_LOG_LEVEL={env['SNPEMU_LOG_LEVEL']!r}: must be one of {', '.join(LOG_LEVELS)}"
+            )
+        bind = env.get("SNPEMU_BIND", "127.0.0.1")
+        if not bind or any(c.isspace() for c in bind):
+            raise ConfigError(f"SNPEMU_BIND={bind!r}: not an address")
+        peers = {
+            c: _address(
+                env,
+                f"SNPEMU_{c.upper()}_ADDR",
+                f"127.0.0.1:{layout.get(f'SNPEMU_{c.upper()}_GRPC_PORT', '')}",
+            )
+            for c in HOST_COMPONENTS
+        }
+        instance = env.get("SNPEMU_INSTANCE") or service
+        data_dir = Path(env.get("SNPEMU_DATA_DIR") or Path(".snpemu") / "data" / instance)
+        return cls(
+            service=service,
+            instance=instance,
+            bind=bind,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            log_level=level,
+            shutdown_grace_s=_grace(env),
+            peers=peers,
+            host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
+            data_dir=data_dir,
+        )

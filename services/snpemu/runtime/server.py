@@ -1,0 +1,192 @@
+"""The bootstrap every snpemu service runs: grpc.aio on uvloop, health, reflection, metrics.
+
+Life of a service process:
+  1. config from the environment, checked (a bad value exits 2 with the variable named);
+  2. gRPC server bound with SO_REUSEPORT off, so a busy port fails loudly instead of
+     silently sharing traffic with another process;
+  3. health NOT_SERVING, metrics HTTP endpoint up, server started, start-up work run;
+  4. health SERVING for "" and the service name;
+  5. on SIGTERM/SIGINT: health NOT_SERVING (enter_graceful_shutdown), then in-flight RPCs get
+     SNPEMU_SHUTDOWN_GRACE_S to finish, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import uvloop
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from snpemu.hostconfig import ConfigError
+from snpemu.runtime import logs
+from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.metrics import GrpcServerMetrics, rpc_type
+from snpemu.runtime.servicer import build_handler
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    # A second process binding the same port must fail, not share it (STYLE: traps).
+    ("grpc.so_reuseport", 0),
+]
+
+
+class StartupError(RuntimeError):
+    """The service could not start (busy port, failed start-up work)."""
+
+
+@dataclass
+class ServiceSpec:
+    """What a service brings to the shared bootstrap."""
+
+    name: str  # rmp, psp, kvm, netd, guest
+    descriptor: ServiceDescriptor
+    # Builds the implementation from config and the metrics registry; None = nothing built yet.
+    make_impl: Callable[[ServiceConfig, CollectorRegistry], object | None] = (
+        lambda _config, _registry: None
+    )
+    # Start-up work done before health turns SERVING (e.g. kvm's host bring-up).
+    startup: Callable[[object | None], Awaitable[None]] | None = None
+    shutdown: Callable[[object | None], Awaitable[None]] | None = None
+    extra_services: list[str] = field(default_factory=list)
+
+
+class ServiceRuntime:
+    """One running service: usable in-process (tests, port 0) and by `run_service`."""
+
+    def __init__(self, spec: ServiceSpec, config: ServiceConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = GrpcServerMetrics(self.registry)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.impl: object | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_http: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.bind}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        spec, config = self.spec, self.config
+        service_names = [
+            spec.descriptor.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+            *spec.extra_services,
+        ]
+        self.impl = spec.make_impl(config, self.registry)
+        server = grpc.aio.server(
+            interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS
+        )
+        server.add_generic_rpc_handlers((build_handler(spec.name, spec.descriptor, self.impl),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(service_names, server)
+        for name in ("", spec.descriptor.full_name):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.initialise(self._all_methods())
+
+        try:
+            self.grpc_port = server.add_insecure_port(f"{config.bind}:{config.grpc_port}")
+        except RuntimeError as e:
+            raise StartupError(
+                f"cannot listen for gRPC on {config.bind}:{config.grpc_port}: {e} "
+                "(is another process using the port?)"
+            ) from e
+        if self.grpc_port == 0:
+            raise StartupError(f"cannot listen for gRPC on {config.bind}:{config.grpc_port}")
+        try:
+            self._metrics_http = start_http_server(
+                config.metrics_port, addr=config.bind, registry=self.registry
+            )
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen for metrics on {config.bind}:{config.metrics_port}: {e}"
+            ) from e
+        self.metrics_port = self._metrics_http[0].server_port
+        self.server = server
+        await server.start()
+        if spec.startup is not None:
+            await spec.startup(self.impl)
+        for name in ("", spec.descriptor.full_name):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _all_methods(self) -> list[tuple[str, str, str]]:
+        services = [
+            self.spec.descriptor,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        ]
+        return [
+            (rpc_type(m.client_streaming, m.server_streaming), s.full_name, m.name)
+            for s in services
+            for m in s.methods
+        ]
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.shutdown_grace_s)
+        if self.spec.shutdown is not None:
+            await self.spec.shutdown(self.impl)
+        if self._metrics_http is not None:
+            httpd, thread = self._metrics_http
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+            self._metrics_http = None
+
+
+async def _serve(spec: ServiceSpec, config: ServiceConfig) -> int:
+    runtime = ServiceRuntime(spec, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+    except StartupError as e:
+        log.error(str(e), extra={"event": "startup_failed"})
+        await runtime.stop()
+        return 1
+    log.info(
+        "serving",
+        extra={
+            "event": "serving",
+            "grpc_address": runtime.address,
+            "grpc_port": runtime.grpc_port,
+            "metrics_port": runtime.metrics_port,
+            "service_name": spec.descriptor.full_name,
+        },
+    )
+    await stop.wait()
+    log.info("stopping", extra={"event": "stopping", "grace_s": config.shutdown_grace_s})
+    await runtime.stop()
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+def run_service(spec: ServiceSpec, argv: list[str] | None = None) -> None:
+    """Entry point of `python -m snpemu.<service>`; exits the process."""
+    del argv  # configuration comes from the environment only
+    try:
+        config = ServiceConfig.from_env(spec.name)
+    except ConfigError as e:
+        logs.configure(spec.name, spec.name)
+        log.error(f"bad configuration: {e.message}", extra={"event": "bad_config"})
+        sys.exit(2)
+    logs.configure(spec.name, config.instance, config.log_level)
+    sys.exit(uvloop.run(_serve(spec, config)))

@@ -1,0 +1,103 @@
+"""Turn a proto service descriptor and a plain implementation object into gRPC handlers.
+
+The implementation is any object with `async def Method(self, request, context)` (or an async
+generator for server-streaming RPCs) per RPC it has built. Every RPC it lacks answers
+UNIMPLEMENTED with ErrorInfo reason NOT_BUILT, so the whole API is visible through reflection
+from day one and clients get a clear answer for the parts still to come. SnpemuError raised
+by an implementation becomes its gRPC status here, in one place.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from snpemu import errors
+from snpemu.runtime.status import to_status
+
+
+def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.NotBuilt:
+    return errors.NotBuilt(
+        f"{service.full_name}/{method.name} is not built yet in this version of snpemu "
+        "(the README lists what is built)",
+        metadata={"method": f"{service.full_name}/{method.name}"},
+    )
+
+
+def _behavior(
+    short_name: str, service: ServiceDescriptor, method: MethodDescriptor, impl: object | None
+) -> Callable[..., Any]:
+    fn = getattr(impl, method.name, None) if impl is not None else None
+
+    async def abort(context: grpc.aio.ServicerContext, err: errors.SnpemuError) -> None:
+        status = to_status(err, short_name)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    if fn is None:
+        err = _not_built(service, method)
+        if method.server_streaming:
+
+            async def missing_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await abort(context, err)
+                yield  # pragma: no cover - abort raises
+
+            return missing_stream
+
+        async def missing(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort(context, err)
+
+        return missing
+
+    if inspect.isasyncgenfunction(fn):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except errors.SnpemuError as e:
+                await abort(context, e)
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except errors.SnpemuError as e:
+            await abort(context, e)
+
+    return unary
+
+
+def method_kinds(service: ServiceDescriptor) -> list[tuple[bool, bool, str]]:
+    return [(m.client_streaming, m.server_streaming, m.name) for m in service.methods]
+
+
+def build_handler(
+    short_name: str, service: ServiceDescriptor, impl: object | None
+) -> grpc.GenericRpcHandler:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{service.full_name}/{method.name}: client streaming is not used")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            _behavior(short_name, service, method, impl),
+            request_deserializer=request_cls.FromString,
+            response_serializer=response_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def built_methods(service: ServiceDescriptor, impl: object | None) -> list[str]:
+    return [m.name for m in service.methods if impl is not None and hasattr(impl, m.name)]

@@ -1,0 +1,54 @@
+"""Map snpemu errors to gRPC status, with google.rpc.ErrorInfo details (grpcio-status)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from snpemu import errors
+
+# One table, so every service maps the same way (STYLE: one hierarchy, mapped in one place).
+_CODES: dict[type[errors.SnpemuError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotBuilt: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+DOMAIN = "snpemu"
+
+
+def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(err: errors.SnpemuError, service: str) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=f"{service}.{DOMAIN}", metadata=err.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code = grpc_code(err)
+    proto = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    return rpc_status.to_status(proto)
+
+
+def error_info(call_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of a failed call, if the server attached one (client side)."""
+    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
