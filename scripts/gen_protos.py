@@ -49,8 +49,12 @@ def generate(dest: Path) -> None:
 
 def same_tree(a: Path, b: Path) -> list[str]:
     diffs: list[str] = []
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files_a = {
+        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    files_b = {
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     diffs += [f"missing: {p}" for p in sorted(files_a - files_b)]
     diffs += [f"extra: {p}" for p in sorted(files_b - files_a)]
     diffs += [

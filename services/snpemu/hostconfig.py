@@ -7,6 +7,7 @@ compose interpolation, a variable set in the process environment wins over the f
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from snpemu.errors import InvalidArgument
 # Host-side components in start order; guests come after them.
 HOST_COMPONENTS = ("rmp", "psp", "kvm", "netd")
 MAX_GUESTS = 64
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(InvalidArgument):
@@ -37,7 +39,7 @@ def parse_env_file(text: str, origin: str = ".env") -> dict[str, str]:
             line = line[len("export ") :].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not key.replace("_", "").isalnum() or key[0].isdigit():
+        if not sep or not _KEY.fullmatch(key):
             raise ConfigError(f"{origin}:{lineno}: expected KEY=VALUE, got {raw!r}")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -126,7 +128,10 @@ class HostConfig:
         grpc_base = port(values, "SNPEMU_GUEST_GRPC_PORT_BASE")
         metrics_base = port(values, "SNPEMU_GUEST_METRICS_PORT_BASE")
         for i in range(guests):
-            grpc_name, metrics_name = f"SNPEMU_GUEST_{i}_GRPC_PORT", f"SNPEMU_GUEST_{i}_METRICS_PORT"
+            grpc_name, metrics_name = (
+                f"SNPEMU_GUEST_{i}_GRPC_PORT",
+                f"SNPEMU_GUEST_{i}_METRICS_PORT",
+            )
             endpoints.append(
                 Endpoint(
                     f"guest-{i}",

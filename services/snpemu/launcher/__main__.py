@@ -118,11 +118,15 @@ def _banner(config: HostConfig, sup: Supervisor, state: Path) -> str:
         rows.append("  prometheus not started (no `prometheus` binary; make install adds it)")
     rmp, kvm = config.endpoint("rmp"), config.endpoint("kvm")
     guest = config.guests[0] if config.guests else kvm
-    g = os.path.relpath(grpcurl) if os.path.isabs(grpcurl) and grpcurl.startswith(os.getcwd()) else grpcurl
+    g = (
+        os.path.relpath(grpcurl)
+        if os.path.isabs(grpcurl) and grpcurl.startswith(os.getcwd())
+        else grpcurl
+    )
     tries = [
         f"{g} -plaintext 127.0.0.1:{rmp.grpc_port} list",
         f"{g} -plaintext 127.0.0.1:{kvm.grpc_port} describe snp.kvm.v1.KvmService",
-        f"{g} -plaintext -d '{{\"service\":\"snp.rmp.v1.RmpService\"}}' "
+        f'{g} -plaintext -d \'{{"service":"snp.rmp.v1.RmpService"}}\' '
         f"127.0.0.1:{rmp.grpc_port} grpc.health.v1.Health/Check",
         f"{g} -plaintext 127.0.0.1:{guest.grpc_port} list",
     ]

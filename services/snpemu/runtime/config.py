@@ -1,16 +1,14 @@
 """Configuration of one service process, from environment variables, checked at start.
 
-| variable                  | meaning                                    | default                    |
-|---------------------------|--------------------------------------------|----------------------------|
-| SNPEMU_BIND               | address the gRPC and metrics servers bind  | 127.0.0.1                  |
-| SNPEMU_GRPC_PORT          | gRPC port (0 = any free port)              | this service's port, .env  |
-| SNPEMU_METRICS_PORT       | Prometheus /metrics port (0 = any)         | this service's port, .env  |
-| SNPEMU_INSTANCE           | instance name (guest-0, ...) for logs      | the service name           |
-| SNPEMU_LOG_LEVEL          | DEBUG, INFO, WARNING or ERROR              | INFO                       |
-| SNPEMU_SHUTDOWN_GRACE_S   | seconds in-flight RPCs get on SIGTERM      | 5                          |
-| SNPEMU_{RMP,PSP,KVM,NETD}_ADDR | host:port of a peer service           | 127.0.0.1:<its .env port>  |
-| SNPEMU_HOST_CREDENTIAL    | secret host services share (launcher-made) | unset                      |
-| SNPEMU_DATA_DIR           | where persistent state lives (psp)         | ./.snpemu/data/<instance>  |
+SNPEMU_BIND              address the gRPC and metrics servers bind (127.0.0.1)
+SNPEMU_GRPC_PORT         gRPC port, 0 = any free port (default: this service's port in .env)
+SNPEMU_METRICS_PORT      Prometheus /metrics port, 0 = any (default: from .env)
+SNPEMU_INSTANCE          instance name for logs, e.g. guest-0 (default: the service name)
+SNPEMU_LOG_LEVEL         DEBUG, INFO, WARNING or ERROR (INFO)
+SNPEMU_SHUTDOWN_GRACE_S  seconds in-flight RPCs get after SIGTERM (5)
+SNPEMU_<PEER>_ADDR       host:port of rmp, psp, kvm, netd (127.0.0.1:<its port in .env>)
+SNPEMU_HOST_CREDENTIAL   secret shared by host services, made by the launcher (unset)
+SNPEMU_DATA_DIR          persistent state, e.g. psp's identity (./.snpemu/data/<instance>)
 """
 
 from __future__ import annotations
@@ -85,9 +83,8 @@ class ServiceConfig:
         )
         level = env.get("SNPEMU_LOG_LEVEL", "INFO").upper()
         if level not in LOG_LEVELS:
-            raise ConfigError(
-                f"SNPEMU_LOG_LEVEL={env['SNPEMU_LOG_LEVEL']!r}: must be one of {', '.join(LOG_LEVELS)}"
-            )
+            choices = ", ".join(LOG_LEVELS)
+            raise ConfigError(f"SNPEMU_LOG_LEVEL={level!r}: must be one of {choices}")
         bind = env.get("SNPEMU_BIND", "127.0.0.1")
         if not bind or any(c.isspace() for c in bind):
             raise ConfigError(f"SNPEMU_BIND={bind!r}: not an address")

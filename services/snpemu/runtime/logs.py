@@ -1,8 +1,8 @@
 """JSON logs: one object per line on stderr, so `jq` and log shippers read them as they are.
 
-    log.info("serving", extra={"grpc_port": 50071})
-    -> {"ts": "2026-11-26T04:14:10.123Z", "level": "INFO", "service": "rmp",
-        "instance": "rmp", "logger": "snpemu.runtime.server", "msg": "serving", "grpc_port": 50071}
+log.info("serving", extra={"grpc_port": 50071})
+-> {"ts": "2026-11-26T04:14:10.123Z", "level": "INFO", "service": "rmp",
+    "instance": "rmp", "logger": "snpemu.runtime.server", "msg": "serving", "grpc_port": 50071}
 """
 
 from __future__ import annotations

@@ -27,8 +27,24 @@ def go_code_name(code: grpc.StatusCode) -> str:
 
 
 # Local RPCs take tens of microseconds; the default buckets would start at 5 ms.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-           1.0, 2.5, 5.0, 10.0)
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 def rpc_type(client_streaming: bool, server_streaming: bool) -> str:
@@ -127,7 +143,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         if inspect.isasyncgenfunction(behavior):
 
-            async def wrapped_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def wrapped_gen(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 metrics.start(method, kind)
                 began = time.perf_counter()
                 code = grpc.StatusCode.OK
@@ -138,7 +156,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     code = grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    metrics.record(method, kind, _final_code(context, code), time.perf_counter() - began)
+                    metrics.record(
+                        method, kind, _final_code(context, code), time.perf_counter() - began
+                    )
 
             wrapped: Any = wrapped_gen
         else:
@@ -153,7 +173,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     code = grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    metrics.record(method, kind, _final_code(context, code), time.perf_counter() - began)
+                    metrics.record(
+                        method, kind, _final_code(context, code), time.perf_counter() - began
+                    )
 
             wrapped = wrapped_call
 

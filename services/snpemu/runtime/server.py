@@ -89,9 +89,7 @@ class ServiceRuntime:
             *spec.extra_services,
         ]
         self.impl = spec.make_impl(config, self.registry)
-        server = grpc.aio.server(
-            interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS
-        )
+        server = grpc.aio.server(interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((build_handler(spec.name, spec.descriptor, self.impl),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(service_names, server)

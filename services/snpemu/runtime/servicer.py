@@ -42,7 +42,9 @@ def _behavior(
         err = _not_built(service, method)
         if method.server_streaming:
 
-            async def missing_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def missing_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 await abort(context, err)
                 yield  # pragma: no cover - abort raises
 
