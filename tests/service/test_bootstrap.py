@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client import CollectorRegistry
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
-
 from snpemu import errors, guest, kvm, netd, psp, rmp
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime, ServiceSpec, StartupError
@@ -28,7 +27,12 @@ SPECS = {"rmp": rmp.SPEC, "psp": psp.SPEC, "kvm": kvm.SPEC, "netd": netd.SPEC, "
 def _config(service: str, **env: str) -> ServiceConfig:
     return ServiceConfig.from_env(
         service,
-        {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0", "SNPEMU_SHUTDOWN_GRACE_S": "2", **env},
+        {
+            "SNPEMU_GRPC_PORT": "0",
+            "SNPEMU_METRICS_PORT": "0",
+            "SNPEMU_SHUTDOWN_GRACE_S": "2",
+            **env,
+        },
     )
 
 
@@ -37,7 +41,9 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 async def _with_runtime(
-    spec: ServiceSpec, body: Callable[[ServiceRuntime, grpc.aio.Channel], Awaitable[Any]], **env: str
+    spec: ServiceSpec,
+    body: Callable[[ServiceRuntime, grpc.aio.Channel], Awaitable[Any]],
+    **env: str,
 ) -> Any:
     runtime = ServiceRuntime(spec, _config(spec.name, **env))
     await runtime.start()
@@ -111,7 +117,9 @@ def test_unbuilt_rpcs_answer_unimplemented_with_reason() -> None:
         reg = runtime.registry
         assert reg.get_sample_value("grpc_server_started_total", labels) == 1
         assert (
-            reg.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "Unimplemented"})
+            reg.get_sample_value(
+                "grpc_server_handled_total", {**labels, "grpc_code": "Unimplemented"}
+            )
             == 1
         )
         stream_labels = {**labels, "grpc_type": "server_stream", "grpc_method": "StreamTraceEvents"}
@@ -151,9 +159,7 @@ class _FakeKvm:
 
 
 def _fake_spec(impl: _FakeKvm) -> ServiceSpec:
-    return ServiceSpec(
-        name="kvm", descriptor=kvm.SPEC.descriptor, make_impl=lambda _c, _r: impl
-    )
+    return ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor, make_impl=lambda _c, _r: impl)
 
 
 def test_built_rpcs_and_error_mapping() -> None:
@@ -178,27 +184,44 @@ def test_built_rpcs_and_error_mapping() -> None:
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         reg = runtime.registry
         base = {"grpc_service": "snp.kvm.v1.KvmService"}
-        assert reg.get_sample_value(
-            "grpc_server_handled_total",
-            {**base, "grpc_type": "unary", "grpc_method": "ListVms", "grpc_code": "OK"},
-        ) == 1
-        assert reg.get_sample_value(
-            "grpc_server_handled_total",
-            {**base, "grpc_type": "unary", "grpc_method": "GetVm", "grpc_code": "InvalidArgument"},
-        ) == 1
-        assert reg.get_sample_value(
-            "grpc_server_handled_total",
-            {
-                **base,
-                "grpc_type": "server_stream",
-                "grpc_method": "StreamTraceEvents",
-                "grpc_code": "FailedPrecondition",
-            },
-        ) == 1
-        assert reg.get_sample_value(
-            "grpc_server_handling_seconds_count",
-            {**base, "grpc_type": "unary", "grpc_method": "ListVms"},
-        ) == 1
+        assert (
+            reg.get_sample_value(
+                "grpc_server_handled_total",
+                {**base, "grpc_type": "unary", "grpc_method": "ListVms", "grpc_code": "OK"},
+            )
+            == 1
+        )
+        assert (
+            reg.get_sample_value(
+                "grpc_server_handled_total",
+                {
+                    **base,
+                    "grpc_type": "unary",
+                    "grpc_method": "GetVm",
+                    "grpc_code": "InvalidArgument",
+                },
+            )
+            == 1
+        )
+        assert (
+            reg.get_sample_value(
+                "grpc_server_handled_total",
+                {
+                    **base,
+                    "grpc_type": "server_stream",
+                    "grpc_method": "StreamTraceEvents",
+                    "grpc_code": "FailedPrecondition",
+                },
+            )
+            == 1
+        )
+        assert (
+            reg.get_sample_value(
+                "grpc_server_handling_seconds_count",
+                {**base, "grpc_type": "unary", "grpc_method": "ListVms"},
+            )
+            == 1
+        )
 
     run(_with_runtime(_fake_spec(impl), body))
 
@@ -231,9 +254,7 @@ def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
             watch = health.Watch(health_pb2.HealthCheckRequest(service="snp.kvm.v1.KvmService"))
             first = await watch.read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
-            in_flight = asyncio.ensure_future(
-                stub.GetVm(kvm_pb2.GetVmRequest(vm={"id": "vm-1"}))
-            )
+            in_flight = asyncio.ensure_future(stub.GetVm(kvm_pb2.GetVmRequest(vm={"id": "vm-1"})))
             await asyncio.sleep(0.2)
             stopping = asyncio.ensure_future(runtime.stop())
             second = await watch.read()
@@ -260,7 +281,9 @@ def test_busy_grpc_port_fails_loudly() -> None:
         await first.start()
         try:
             second = ServiceRuntime(rmp.SPEC, _config("rmp", SNPEMU_GRPC_PORT=str(first.grpc_port)))
-            with pytest.raises(StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}"):
+            with pytest.raises(
+                StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}"
+            ):
                 await second.start()
             await second.stop()
         finally:

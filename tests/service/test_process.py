@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from snpemu.launcher.supervisor import grpc_health
+
 from tests.conftest import free_ports
 
 

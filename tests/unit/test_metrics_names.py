@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-
 from snpemu.runtime.metrics import GrpcServerMetrics, go_code_name, rpc_type
 
 
@@ -35,7 +34,13 @@ def test_initialise_creates_zero_series() -> None:
     registry = CollectorRegistry()
     metrics = GrpcServerMetrics(registry)
     metrics.initialise([("unary", "snp.kvm.v1.KvmService", "ListVms")])
-    labels = {"grpc_type": "unary", "grpc_service": "snp.kvm.v1.KvmService", "grpc_method": "ListVms"}
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "snp.kvm.v1.KvmService",
+        "grpc_method": "ListVms",
+    }
     assert registry.get_sample_value("grpc_server_started_total", labels) == 0
-    assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 0
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 0
+    )
     assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 0

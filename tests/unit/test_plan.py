@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from snpemu.hostconfig import HostConfig
 from snpemu.launcher import prometheus
 from snpemu.launcher.plan import plan

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from snpemu.hostconfig import ConfigError
 from snpemu.runtime.config import ServiceConfig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-
 from snpemu import errors
 from snpemu.runtime.status import grpc_code, to_status
 
@@ -41,7 +40,7 @@ def test_status_carries_error_info() -> None:
     status = to_status(err, "psp")
     assert status.code == grpc.StatusCode.FAILED_PRECONDITION
     assert status.details == "SNP is not initialised"
-    (key, blob), = status.trailing_metadata
+    ((key, blob),) = status.trailing_metadata
     assert key == "grpc-status-details-bin"
     proto = status_pb2.Status.FromString(blob)
     info = error_details_pb2.ErrorInfo()

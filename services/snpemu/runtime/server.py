@@ -31,6 +31,7 @@ from snpemu.hostconfig import ConfigError
 from snpemu.runtime import logs
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.metrics import GrpcServerMetrics, rpc_type
+from snpemu.runtime.reflection_pool import ReflectionPool
 from snpemu.runtime.servicer import build_handler
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ServiceRuntime:
         server = grpc.aio.server(interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((build_handler(spec.name, spec.descriptor, self.impl),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(service_names, server)
+        reflection.enable_server_reflection(service_names, server, pool=ReflectionPool())
         for name in ("", spec.descriptor.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics.initialise(self._all_methods())

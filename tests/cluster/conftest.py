@@ -1,0 +1,124 @@
+"""The cluster fixture: the real launcher starting every service as a real process.
+
+cluster -> (tests drive it with grpcurl and a real Prometheus) -> stopped, nothing left.
+Each launch gets free ports (every port of .env overridden) and a marker variable that every
+child inherits, so a test can find any process the launch left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from snpemu.hostconfig import HostConfig
+
+from tests.conftest import free_ports
+
+MARKER = "SNPEMU_TEST_RUN"
+
+
+def processes_with_marker(value: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"{MARKER}={value}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen[str]
+    env: dict[str, str]
+    state_dir: Path
+    config: HostConfig
+    marker: str
+    output: list[str] = field(default_factory=list)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.config.endpoint(name).grpc_port}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.prometheus_port}"
+
+    def state(self) -> dict:  # type: ignore[type-arg]
+        return json.loads((self.state_dir / "launcher.json").read_text())
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.output.append(out)
+        return self.proc.returncode
+
+
+def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
+    ports = free_ports(15)
+    names = [
+        "SNPEMU_RMP_GRPC_PORT", "SNPEMU_PSP_GRPC_PORT", "SNPEMU_KVM_GRPC_PORT",
+        "SNPEMU_NETD_GRPC_PORT", "SNPEMU_GUEST_0_GRPC_PORT", "SNPEMU_GUEST_1_GRPC_PORT",
+        "SNPEMU_RMP_METRICS_PORT", "SNPEMU_PSP_METRICS_PORT", "SNPEMU_KVM_METRICS_PORT",
+        "SNPEMU_NETD_METRICS_PORT", "SNPEMU_GUEST_0_METRICS_PORT", "SNPEMU_GUEST_1_METRICS_PORT",
+        "SNPEMU_PROMETHEUS_PORT", "SNPEMU_GRAFANA_PORT", "SNPEMU_GUEST_GRPC_PORT_BASE",
+    ]  # fmt: skip
+    env = {**os.environ, **dict(zip(names, map(str, ports), strict=True))}
+    env["SNPEMU_GUEST_METRICS_PORT_BASE"] = env["SNPEMU_GUEST_0_METRICS_PORT"]
+    env["SNPEMU_GUEST_GRPC_PORT_BASE"] = env["SNPEMU_GUEST_0_GRPC_PORT"]
+    env["SNPEMU_STATE_DIR"] = str(tmp / "state")
+    env["SNPEMU_GUESTS"] = "2"
+    env[MARKER] = uuid.uuid4().hex
+    env.update(extra)
+    return env
+
+
+def start_launcher(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "snpemu.launcher", "up", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = launch_env(tmp)
+    proc = start_launcher(env)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail("launcher exited during start-up:\n" + "".join(lines))
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    else:
+        proc.kill()
+        pytest.fail("launcher not up in 120 s:\n" + "".join(lines))
+    cluster = Cluster(
+        proc, env, Path(env["SNPEMU_STATE_DIR"]), HostConfig.load(env), env[MARKER], lines
+    )
+    yield cluster
+    if proc.poll() is None:
+        cluster.stop()
+    for pid in processes_with_marker(cluster.marker):
+        os.kill(pid, signal.SIGKILL)

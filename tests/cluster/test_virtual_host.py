@@ -1,0 +1,199 @@
+"""The whole virtual host as real processes, driven with the real grpcurl and Prometheus."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from snpemu.launcher.plan import SERVICE_NAMES
+from snpemu.launcher.supervisor import grpc_health
+
+from tests.cluster.conftest import (
+    Cluster,
+    launch_env,
+    processes_with_marker,
+    start_launcher,
+)
+from tests.conftest import tool
+from tests.style.readme import not_built_from_readme
+
+pytestmark = pytest.mark.cluster
+
+NAMES = ["rmp", "psp", "kvm", "netd", "guest-0", "guest-1"]
+
+
+def service_of(name: str) -> str:
+    return SERVICE_NAMES["guest" if name.startswith("guest-") else name]
+
+
+def grpcurl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [tool("grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=30
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"grpcurl {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def test_banner_names_every_service_and_commands_to_try(cluster: Cluster) -> None:
+    text = "".join(cluster.output)
+    assert "snpemu virtual host is up: 6 services" in text
+    for name in NAMES:
+        assert f"  {name:<10} {cluster.address(name)}" in text
+    assert f"prometheus http://127.0.0.1:{cluster.config.prometheus_port}" in text
+    assert f"-plaintext {cluster.address('rmp')} list" in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grpcurl_list_shows_service_health_and_reflection(cluster: Cluster, name: str) -> None:
+    listed = grpcurl(cluster.address(name), "list").stdout.split()
+    assert sorted(listed) == sorted(
+        [service_of(name), "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grpcurl_health_check_is_serving(cluster: Cluster, name: str) -> None:
+    for service in ("", service_of(name)):
+        out = grpcurl(
+            "-d", json.dumps({"service": service}), cluster.address(name),
+            "grpc.health.v1.Health/Check",
+        ).stdout  # fmt: skip
+        assert json.loads(out) == {"status": "SERVING"}
+
+
+def test_grpcurl_describe_uses_reflection(cluster: Cluster) -> None:
+    out = grpcurl(cluster.address("kvm"), "describe", "snp.kvm.v1.KvmService.CreateVm").stdout
+    assert (
+        "rpc CreateVm ( .snp.kvm.v1.CreateVmRequest ) returns ( .snp.kvm.v1.CreateVmResponse )"
+        in out
+    )
+    out = grpcurl(cluster.address("rmp"), "describe", "snp.rmp.v1.RmpEntry").stdout
+    assert "bytes raw = 13;" in out
+    out = grpcurl(
+        cluster.address("rmp"), "describe", "snp.rmp.v1.ViolationPolicy.VIOLATION_POLICY_GMEM"
+    ).stdout
+    assert "VIOLATION_POLICY_GMEM = 4;" in out
+
+
+def test_every_rpc_the_readme_lists_as_not_built_answers_unimplemented(cluster: Cluster) -> None:
+    not_built = not_built_from_readme()
+    assert not_built, "README lists nothing as not built"
+    for name in ("rmp", "psp", "kvm", "netd", "guest-0"):
+        service = service_of(name)
+        for method in not_built[service]:
+            result = grpcurl("-d", "{}", cluster.address(name), f"{service}/{method}", check=False)
+            assert result.returncode != 0, f"{service}/{method} answered: {result.stdout}"
+            assert "Code: Unimplemented" in result.stderr, (service, method, result.stderr)
+            assert '"reason":"NOT_BUILT"' in result.stderr, (service, method, result.stderr)
+
+
+def _query(cluster: Cluster, expr: str) -> list[dict]:  # type: ignore[type-arg]
+    url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success"
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def test_prometheus_scrapes_every_service(cluster: Cluster) -> None:
+    expected = {
+        (
+            ("guest" if n.startswith("guest-") else n),
+            f"127.0.0.1:{cluster.config.endpoint(n).metrics_port}",
+        )
+        for n in NAMES
+    }
+    deadline = time.monotonic() + 60
+    seen: dict[tuple[str, str], str] = {}
+    while time.monotonic() < deadline:
+        seen = {
+            (r["metric"]["job"], r["metric"]["instance"]): r["value"][1]
+            for r in _query(cluster, "up")
+        }
+        if set(seen) == expected and all(v == "1" for v in seen.values()):
+            break
+        time.sleep(1)
+    assert set(seen) == expected
+    assert all(v == "1" for v in seen.values()), seen
+    # The standard gRPC families reach Prometheus from every service.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = {r["metric"]["job"] for r in _query(cluster, "grpc_server_handled_total")}
+        if jobs == {"rmp", "psp", "kvm", "netd", "guest"}:
+            break
+        time.sleep(1)
+    assert jobs == {"rmp", "psp", "kvm", "netd", "guest"}
+
+
+def test_status_command_reports_every_service(cluster: Cluster) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snpemu.launcher", "status"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [*NAMES, "prometheus"]
+    assert all(" SERVING " in line for line in lines)
+
+
+def test_a_service_that_dies_is_restarted(cluster: Cluster) -> None:
+    before = {c["name"]: c for c in cluster.state()["children"]}
+    os.kill(before["netd"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    after = before
+    while time.monotonic() < deadline:
+        after = {c["name"]: c for c in cluster.state()["children"]}
+        if (
+            after["netd"]["restarts"] == 1
+            and grpc_health(cluster.address("netd"), "snp.netd.v1.NetdService") == "SERVING"
+        ):
+            break
+        time.sleep(0.2)
+    assert after["netd"]["restarts"] == 1
+    assert after["netd"]["pid"] != before["netd"]["pid"]
+    assert grpc_health(cluster.address("netd"), "snp.netd.v1.NetdService") == "SERVING"
+    # Nobody else was touched.
+    for name in ("rmp", "psp", "kvm", "guest-0", "guest-1", "prometheus"):
+        assert after[name]["pid"] == before[name]["pid"] and after[name]["restarts"] == 0
+
+
+def test_stop_leaves_no_process_behind(cluster: Cluster) -> None:
+    pids = processes_with_marker(cluster.marker)
+    # launcher + 6 services + prometheus
+    assert len(pids) == 8, pids
+    assert cluster.stop() == 0
+    text = "".join(cluster.output)
+    assert "SIGTERM received: stopping every service" in text
+    assert processes_with_marker(cluster.marker) == []
+    assert not (cluster.state_dir / "launcher.json").exists()
+    for name in NAMES:
+        assert grpc_health(cluster.address(name), service_of(name), timeout=0.5) == "UNREACHABLE"
+
+
+def test_busy_port_fails_startup_clearly_and_cleans_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    env = launch_env(tmp_path)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", int(env["SNPEMU_KVM_GRPC_PORT"])))
+    blocker.listen()
+    try:
+        proc = start_launcher(env, "--no-prometheus")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        blocker.close()
+    assert proc.returncode == 1, out
+    assert "start-up failed: kvm exited with exit code 1" in out
+    assert f"cannot listen for gRPC on 127.0.0.1:{env['SNPEMU_KVM_GRPC_PORT']}" in out
+    assert processes_with_marker(env["SNPEMU_TEST_RUN"]) == []
