@@ -197,3 +197,32 @@ def test_busy_port_fails_startup_clearly_and_cleans_up(tmp_path) -> None:  # typ
     assert "start-up failed: kvm exited with exit code 1" in out
     assert f"cannot listen for gRPC on 127.0.0.1:{env['SNPEMU_KVM_GRPC_PORT']}" in out
     assert processes_with_marker(env["SNPEMU_TEST_RUN"]) == []
+
+
+def test_busy_prometheus_port_leaves_the_host_running_without_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    env = launch_env(tmp_path, SNPEMU_GUESTS="0")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", int(env["SNPEMU_PROMETHEUS_PORT"])))
+    blocker.listen()
+    proc = start_launcher(env)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        assert "snpemu virtual host is up: 4 services" in text, text
+        assert "Prometheus did not start" in text
+        assert "prometheus not started (it failed to start" in text
+        rmp = f"127.0.0.1:{env['SNPEMU_RMP_GRPC_PORT']}"
+        assert grpc_health(rmp, "snp.rmp.v1.RmpService") == "SERVING"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        blocker.close()
+    assert proc.returncode == 0
+    assert processes_with_marker(env["SNPEMU_TEST_RUN"]) == []

@@ -101,7 +101,7 @@ def _write_state(path: Path, config: HostConfig, sup: Supervisor) -> None:
     tmp.replace(path)
 
 
-def _banner(config: HostConfig, sup: Supervisor, state: Path) -> str:
+def _banner(config: HostConfig, sup: Supervisor, state: Path, why_no_prometheus: str) -> str:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(grpcurl).exists():
         grpcurl = "grpcurl"
@@ -115,7 +115,7 @@ def _banner(config: HostConfig, sup: Supervisor, state: Path) -> str:
     if any(c.name == "prometheus" for c in sup.running):
         rows.append(f"  {'prometheus':<10} http://127.0.0.1:{config.prometheus_port}")
     else:
-        rows.append("  prometheus not started (no `prometheus` binary; make install adds it)")
+        rows.append(f"  prometheus not started ({why_no_prometheus})")
     rmp, kvm = config.endpoint("rmp"), config.endpoint("kvm")
     guest = config.guests[0] if config.guests else kvm
     g = (
@@ -162,10 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     children = {s.name: _grpc_child(s, state / "logs") for s in specs}
     groups: list[list[Child]] = [[children[s.name]] for s in specs if s.is_host_side]
     groups.append([children[s.name] for s in specs if not s.is_host_side])
-    if not args.no_prometheus:
-        prom = _prometheus_child(config, state)
-        if prom is not None:
-            groups.append([prom])
+    prom = None if args.no_prometheus else _prometheus_child(config, state)
     sup = Supervisor([c for g in groups for c in g])
 
     stopping = False
@@ -182,8 +179,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0
     try:
         sup.start_all(args.ready_timeout, [g for g in groups if g])
+        why_no_prometheus = (
+            "--no-prometheus given"
+            if args.no_prometheus
+            else ("no `prometheus` binary; make install adds it")
+        )
+        if prom is not None:
+            # Monitoring is optional: a busy port (say, a system Prometheus on 9090) must
+            # not keep the virtual host from starting.
+            failure = sup.start_optional(prom, args.ready_timeout)
+            if failure:
+                log.warning("Prometheus did not start: %s", failure)
+                why_no_prometheus = (
+                    f"it failed to start, see {os.path.relpath(prom.log_path)}; "
+                    "is SNPEMU_PROMETHEUS_PORT free?"
+                )
         _write_state(state_file, config, sup)
-        print(_banner(config, sup, state), flush=True)
+        print(_banner(config, sup, state, why_no_prometheus), flush=True)
         restarts = 0
         while True:
             sup.poll()

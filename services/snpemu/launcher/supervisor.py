@@ -156,6 +156,19 @@ class Supervisor:
                 child.wait_ready(ready_timeout)
                 log.info("%s is ready", child.name)
 
+    def start_optional(self, child: Child, ready_timeout: float) -> str | None:
+        """Start a child the host can do without; on failure stop it and say why."""
+        child.start()
+        self.running.append(child)
+        try:
+            child.wait_ready(ready_timeout)
+        except LaunchError as e:
+            self.running.remove(child)
+            child.stop(self.stop_timeout)
+            return str(e)
+        log.info("%s is ready", child.name)
+        return None
+
     def poll(self) -> None:
         now = time.monotonic()
         for child in self.running:
