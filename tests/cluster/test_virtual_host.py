@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from snpemu.launcher.plan import SERVICE_NAMES
+from snpemu.launcher.plan import service_name_of
 from snpemu.launcher.supervisor import grpc_health
 
 from tests.cluster.conftest import (
@@ -27,10 +27,6 @@ from tests.style.readme import not_built_from_readme
 pytestmark = pytest.mark.cluster
 
 NAMES = ["rmp", "psp", "kvm", "netd", "guest-0", "guest-1"]
-
-
-def service_of(name: str) -> str:
-    return SERVICE_NAMES["guest" if name.startswith("guest-") else name]
 
 
 def grpcurl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -55,13 +51,13 @@ def test_banner_names_every_service_and_commands_to_try(cluster: Cluster) -> Non
 def test_grpcurl_list_shows_service_health_and_reflection(cluster: Cluster, name: str) -> None:
     listed = grpcurl(cluster.address(name), "list").stdout.split()
     assert sorted(listed) == sorted(
-        [service_of(name), "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+        [service_name_of(name), "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
     )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grpcurl_health_check_is_serving(cluster: Cluster, name: str) -> None:
-    for service in ("", service_of(name)):
+    for service in ("", service_name_of(name)):
         out = grpcurl(
             "-d", json.dumps({"service": service}), cluster.address(name),
             "grpc.health.v1.Health/Check",
@@ -87,7 +83,7 @@ def test_every_rpc_the_readme_lists_as_not_built_answers_unimplemented(cluster: 
     not_built = not_built_from_readme()
     assert not_built, "README lists nothing as not built"
     for name in ("rmp", "psp", "kvm", "netd", "guest-0"):
-        service = service_of(name)
+        service = service_name_of(name)
         for method in not_built[service]:
             result = grpcurl("-d", "{}", cluster.address(name), f"{service}/{method}", check=False)
             assert result.returncode != 0, f"{service}/{method} answered: {result.stdout}"
@@ -178,7 +174,9 @@ def test_stop_leaves_no_process_behind(cluster: Cluster) -> None:
     assert processes_with_marker(cluster.marker) == []
     assert not (cluster.state_dir / "launcher.json").exists()
     for name in NAMES:
-        assert grpc_health(cluster.address(name), service_of(name), timeout=0.5) == "UNREACHABLE"
+        assert (
+            grpc_health(cluster.address(name), service_name_of(name), timeout=0.5) == "UNREACHABLE"
+        )
 
 
 def test_busy_port_fails_startup_clearly_and_cleans_up(tmp_path) -> None:  # type: ignore[no-untyped-def]

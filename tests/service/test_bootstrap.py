@@ -334,3 +334,25 @@ def test_each_service_gets_its_own_registry() -> None:
     a = ServiceRuntime(rmp.SPEC, _config("rmp"))
     b = ServiceRuntime(rmp.SPEC, _config("rmp"))
     assert isinstance(a.registry, CollectorRegistry) and a.registry is not b.registry
+
+
+def test_cancelled_calls_are_counted_as_canceled() -> None:
+    impl = _FakeKvm()
+
+    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+        call = kvm_pb2_grpc.KvmServiceStub(channel).GetVm(kvm_pb2.GetVmRequest(vm={"id": "v"}))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        labels = {
+            "grpc_type": "unary",
+            "grpc_service": "snp.kvm.v1.KvmService",
+            "grpc_method": "GetVm",
+            "grpc_code": "Canceled",
+        }
+        for _ in range(50):
+            if runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1
+
+    run(_with_runtime(_fake_spec(impl), body))

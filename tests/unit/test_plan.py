@@ -37,3 +37,10 @@ def test_prometheus_config_has_every_target() -> None:
         "netd": ["127.0.0.1:9474"],
         "guest": ["127.0.0.1:9481", "127.0.0.1:9482"],
     }
+
+
+def test_service_name_of_instances() -> None:
+    from snpemu.launcher.plan import service_name_of
+
+    assert service_name_of("rmp") == "snp.rmp.v1.RmpService"
+    assert service_name_of("guest-12") == "snp.guest.v1.GuestService"

@@ -23,7 +23,7 @@ from types import FrameType
 
 from snpemu.hostconfig import ConfigError, HostConfig
 from snpemu.launcher import prometheus
-from snpemu.launcher.plan import ProcessSpec, plan
+from snpemu.launcher.plan import ProcessSpec, plan, service_name_of
 from snpemu.launcher.supervisor import Child, LaunchError, Supervisor, grpc_health, http_ready
 
 log = logging.getLogger("snpemu")
@@ -145,11 +145,17 @@ def _banner(config: HostConfig, sup: Supervisor, state: Path, why_no_prometheus:
     )
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _load_config() -> HostConfig | None:
     try:
-        config = HostConfig.load()
+        return HostConfig.load()
     except ConfigError as e:
         print(f"snpemu: bad configuration: {e.message}", file=sys.stderr)
+        return None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _load_config()
+    if config is None:
         return 2
     state = state_dir()
     (state / "logs").mkdir(parents=True, exist_ok=True)
@@ -224,13 +230,10 @@ def cmd_status(_args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"snpemu: not running (no {state_file})")
         return 3
-    from snpemu.launcher.plan import SERVICE_NAMES
-
     worst = 0
     for child in data["children"]:
         if "grpc" in child:
-            component = "guest" if child["name"].startswith("guest-") else child["name"]
-            status = grpc_health(child["grpc"], SERVICE_NAMES[component])
+            status = grpc_health(child["grpc"], service_name_of(child["name"]))
             where = child["grpc"]
         else:
             status = "SERVING" if http_ready(child["url"] + "/-/ready") else "UNREACHABLE"
@@ -241,10 +244,8 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
-    try:
-        config = HostConfig.load()
-    except ConfigError as e:
-        print(f"snpemu: bad configuration: {e.message}", file=sys.stderr)
+    config = _load_config()
+    if config is None:
         return 2
     if args.compose:
         text = prometheus.render(config.endpoints, lambda e: e.name)

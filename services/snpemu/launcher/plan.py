@@ -23,6 +23,11 @@ SERVICE_NAMES = {
 }
 
 
+def service_name_of(instance: str) -> str:
+    """The gRPC service an instance serves: "guest-1" -> snp.guest.v1.GuestService."""
+    return SERVICE_NAMES[instance.split("-", 1)[0]]
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     endpoint: Endpoint

@@ -8,9 +8,11 @@ grpc_type, grpc_service, grpc_method and (for handled) grpc_code in Go's spellin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -141,41 +143,38 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
+        @contextlib.contextmanager
+        def observed(context: grpc.aio.ServicerContext) -> Iterator[None]:
+            metrics.start(method, kind)
+            began = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                elapsed = time.perf_counter() - began
+                metrics.record(method, kind, _final_code(context, code), elapsed)
+
         if inspect.isasyncgenfunction(behavior):
 
             async def wrapped_gen(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                metrics.start(method, kind)
-                began = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
+                with observed(context):
                     async for item in behavior(request, context):
                         yield item
-                except BaseException:
-                    code = grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    metrics.record(
-                        method, kind, _final_code(context, code), time.perf_counter() - began
-                    )
 
             wrapped: Any = wrapped_gen
         else:
 
             async def wrapped_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                metrics.start(method, kind)
-                began = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
+                with observed(context):
                     return await behavior(request, context)
-                except BaseException:
-                    code = grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    metrics.record(
-                        method, kind, _final_code(context, code), time.perf_counter() - began
-                    )
 
             wrapped = wrapped_call
 
