@@ -101,10 +101,20 @@ def _write_state(path: Path, config: HostConfig, sup: Supervisor) -> None:
     tmp.replace(path)
 
 
+def _grpcurl_command() -> str:
+    """How the user should type grpcurl: from PATH, else the one in this virtualenv."""
+    if shutil.which("grpcurl"):
+        return "grpcurl"
+    beside = Path(sys.executable).parent / "grpcurl"
+    if not beside.exists():
+        return "grpcurl"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def _banner(config: HostConfig, sup: Supervisor, state: Path, why_no_prometheus: str) -> str:
-    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-    if not Path(grpcurl).exists():
-        grpcurl = "grpcurl"
     rows = [f"  {'service':<10} {'gRPC':<17} {'metrics':<31} log"]
     for e in config.endpoints:
         rows.append(
@@ -118,11 +128,7 @@ def _banner(config: HostConfig, sup: Supervisor, state: Path, why_no_prometheus:
         rows.append(f"  prometheus not started ({why_no_prometheus})")
     rmp, kvm = config.endpoint("rmp"), config.endpoint("kvm")
     guest = config.guests[0] if config.guests else kvm
-    g = (
-        os.path.relpath(grpcurl)
-        if os.path.isabs(grpcurl) and grpcurl.startswith(os.getcwd())
-        else grpcurl
-    )
+    g = _grpcurl_command()
     tries = [
         f"{g} -plaintext 127.0.0.1:{rmp.grpc_port} list",
         f"{g} -plaintext 127.0.0.1:{kvm.grpc_port} describe snp.kvm.v1.KvmService",
@@ -169,7 +175,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     groups: list[list[Child]] = [[children[s.name]] for s in specs if s.is_host_side]
     groups.append([children[s.name] for s in specs if not s.is_host_side])
     prom = None if args.no_prometheus else _prometheus_child(config, state)
-    sup = Supervisor([c for g in groups for c in g])
+    sup = Supervisor()
 
     stopping = False
 
@@ -188,7 +194,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         why_no_prometheus = (
             "--no-prometheus given"
             if args.no_prometheus
-            else ("no `prometheus` binary; make install adds it")
+            else "no `prometheus` binary; make install adds it"
         )
         if prom is not None:
             # Monitoring is optional: a busy port (say, a system Prometheus on 9090) must

@@ -140,8 +140,7 @@ class Supervisor:
     MAX_BACKOFF_S = 10.0
     HEALTHY_RESET_S = 30.0
 
-    def __init__(self, children: Sequence[Child], stop_timeout: float = 10.0) -> None:
-        self.children = list(children)
+    def __init__(self, stop_timeout: float = 10.0) -> None:
         self.stop_timeout = stop_timeout
         self.running: list[Child] = []
 
