@@ -159,6 +159,7 @@ class Supervisor:
         """Start a child the host can do without; on failure stop it and say why."""
         child.start()
         self.running.append(child)
+        log.info("started %s (pid %d)", child.name, child.pid)
         try:
             child.wait_ready(ready_timeout)
         except LaunchError as e:
