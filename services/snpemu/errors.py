@@ -9,6 +9,7 @@ Models raise these; `snpemu.runtime.status` maps them to gRPC status codes in on
     +-- Aborted              ABORTED             lost a race (e.g. FAIL_INUSE); retry may succeed
     +-- Unavailable          UNAVAILABLE         a peer service is down
     +-- PermissionDenied     PERMISSION_DENIED   caller lacks the identity the operation needs
+    +-- Unauthenticated      UNAUTHENTICATED     a host-only RPC called without the host credential
     +-- NotBuilt             UNIMPLEMENTED       an RPC of the API that is not built yet
 
 Each carries a `reason` (UPPER_SNAKE: the SEV status name such as INVALID_PLATFORM_STATE, a
@@ -61,6 +62,10 @@ class Unavailable(SnpemuError):
 
 class PermissionDenied(SnpemuError):
     default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(SnpemuError):
+    default_reason = "UNAUTHENTICATED"
 
 
 class NotBuilt(SnpemuError):

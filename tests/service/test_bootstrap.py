@@ -159,7 +159,7 @@ class _FakeKvm:
 
 
 def _fake_spec(impl: _FakeKvm) -> ServiceSpec:
-    return ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor, make_impl=lambda _c, _r: impl)
+    return ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor, make_impl=lambda _rt: impl)
 
 
 def test_built_rpcs_and_error_mapping() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
 from snpemu import guest, kvm, netd, psp, rmp
 from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.servicer import built_methods
 
 from tests.style.readme import not_built_from_readme
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.style
 def test_readme_lists_exactly_the_unbuilt_rpcs() -> None:
     expected = {}
     for spec in (rmp.SPEC, psp.SPEC, kvm.SPEC, netd.SPEC, guest.SPEC):
-        impl = spec.make_impl(ServiceConfig.from_env(spec.name, {}), CollectorRegistry())
+        impl = spec.make_impl(ServiceRuntime(spec, ServiceConfig.from_env(spec.name, {})))
         built = set(built_methods(spec.descriptor, impl))
         missing = [m.name for m in spec.descriptor.methods if m.name not in built]
         if missing:

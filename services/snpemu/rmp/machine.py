@@ -335,16 +335,28 @@ class RmpMachine:
         return codes, fault
 
     def rmpadjust(
-        self, ident: Identity, gpa: int, *, size_2m: bool, target_vmpl: int, perms: int,
+        self,
+        ident: Identity,
+        gpa: int,
+        *,
+        size_2m: bool,
+        target_vmpl: int,
+        perms: int,
         vmsa: bool,
-    ) -> Code | Fault:  # fmt: skip
+    ) -> Code | Fault:
         pfn = self.translate(ident, gpa)
         if pfn is None:
             return npf(gpa, "GPA not mapped in the nested page table")
         result = self.table.rmpadjust(
-            pfn, gpa=gpa, asid=ident.asid, vmpl=ident.vmpl, size_2m=size_2m,
-            target_vmpl=target_vmpl, perms=perms, vmsa=vmsa,
-        )  # fmt: skip
+            pfn,
+            gpa=gpa,
+            asid=ident.asid,
+            vmpl=ident.vmpl,
+            size_2m=size_2m,
+            target_vmpl=target_vmpl,
+            perms=perms,
+            vmsa=vmsa,
+        )
         self.count("rmpadjust", int(result) if isinstance(result, Code) else -1)
         return result
 
@@ -441,7 +453,7 @@ class RmpMachine:
 
     async def host_write(
         self, spa: int, data: bytes, origin: Origin, writer: str
-    ) -> tuple[Outcome, Entry | None]:
+    ) -> tuple[Outcome, Entry | None, list[str]]:
         """A host write. A write to an assigned page is an RMP violation: the policy decides."""
         self.check_alive()
         if not data or (spa & (PAGE_SIZE - 1)) + len(data) > PAGE_SIZE:
@@ -450,7 +462,7 @@ class RmpMachine:
         lo = self.table.effective(pfn)[0]
         if not lo & ASSIGNED:
             self.frames.write(pfn, spa & (PAGE_SIZE - 1), data)
-            return Outcome.NONE, None
+            return Outcome.NONE, None, []
         entry = self.entry(pfn)
         dump = dump_entry(self.table, pfn)
         outcome = await self._violation(pfn, lo, origin)
@@ -470,7 +482,7 @@ class RmpMachine:
         )
         if outcome == Outcome.PANIC:
             await self.panic(f"RMP violation by a kernel write to PFN 0x{pfn:x}", dump)
-        return outcome, entry
+        return outcome, entry, dump
 
     async def _violation(self, pfn: int, lo: int, origin: Origin) -> Outcome:
         policy = self.policy
@@ -529,8 +541,11 @@ class RmpMachine:
             return
         self.panicked = reason
         self.counters.panics += 1
-        log.critical("Kernel panic - not syncing: %s", reason, extra={"event": "host_panic",
-                     "rmp_dump": dump})  # fmt: skip
+        log.critical(
+            "Kernel panic - not syncing: %s",
+            reason,
+            extra={"event": "host_panic", "rmp_dump": dump},
+        )
         if self.on_panic is not None:
             await self.on_panic(reason)
 

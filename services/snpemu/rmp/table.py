@@ -71,8 +71,15 @@ class Fault:
     cause: str
 
 
-def npf(gpa: int, cause: str, *, write: bool = False, enc: bool = True, sizem: bool = False,
-        vmpl: bool = False) -> Fault:  # fmt: skip
+def npf(
+    gpa: int,
+    cause: str,
+    *,
+    write: bool = False,
+    enc: bool = True,
+    sizem: bool = False,
+    vmpl: bool = False,
+) -> Fault:
     code = PFERR_GUEST_RMP | PFERR_GUEST_FINAL | PFERR_PRESENT | PFERR_USER
     code |= (PFERR_WRITE if write else 0) | (PFERR_GUEST_ENC if enc else 0)
     code |= (PFERR_GUEST_SIZEM if sizem else 0) | (PFERR_GUEST_VMPL if vmpl else 0)
@@ -464,9 +471,13 @@ class RmpTable:
         if wrong.any():
             stop = int(np.argmax(wrong))
             first = self.pvalidate(
-                int(pfns[stop]), gpa=int(gpas[stop]), asid=asid, vmpl=vmpl, size_2m=False,
+                int(pfns[stop]),
+                gpa=int(gpas[stop]),
+                asid=asid,
+                vmpl=vmpl,
+                size_2m=False,
                 validate=validate,
-            )  # fmt: skip
+            )
             # INVARIANT: the scalar path agrees that this entry faults.
             assert isinstance(first, Fault), first
             fault = first

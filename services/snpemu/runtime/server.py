@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,10 +53,14 @@ class ServiceSpec:
 
     name: str  # rmp, psp, kvm, netd, guest
     descriptor: ServiceDescriptor
-    # Builds the implementation from config and the metrics registry; None = nothing built yet.
-    make_impl: Callable[[ServiceConfig, CollectorRegistry], object | None] = (
-        lambda _config, _registry: None
-    )
+    # Builds the implementation from the runtime (config, metrics registry, health);
+    # None = nothing built yet.
+    make_impl: Callable[[ServiceRuntime], object | None] = lambda _runtime: None
+    # Which RPCs only the host may call (guest agents never hold the host credential).
+    host_only: Callable[[str], bool] = lambda _name: True
+    # Service-specific settings from the environment, checked at start like ServiceConfig
+    # (a ConfigError exits 2 naming the variable).
+    options: Callable[[Mapping[str, str]], Any] = lambda _env: None
     # Start-up work done before health turns SERVING (e.g. kvm's host bring-up).
     startup: Callable[[object | None], Awaitable[None]] | None = None
     shutdown: Callable[[object | None], Awaitable[None]] | None = None
@@ -65,9 +70,10 @@ class ServiceSpec:
 class ServiceRuntime:
     """One running service: usable in-process (tests, port 0) and by `run_service`."""
 
-    def __init__(self, spec: ServiceSpec, config: ServiceConfig) -> None:
+    def __init__(self, spec: ServiceSpec, config: ServiceConfig, options: Any = None) -> None:
         self.spec = spec
         self.config = config
+        self.options = options if options is not None else spec.options({})
         self.registry = CollectorRegistry()
         self.metrics = GrpcServerMetrics(self.registry)
         self.health = health.aio.HealthServicer()
@@ -89,9 +95,16 @@ class ServiceRuntime:
             reflection.SERVICE_NAME,
             *spec.extra_services,
         ]
-        self.impl = spec.make_impl(config, self.registry)
+        self.impl = spec.make_impl(self)
         server = grpc.aio.server(interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((build_handler(spec.name, spec.descriptor, self.impl),))
+        handler = build_handler(
+            spec.name,
+            spec.descriptor,
+            self.impl,
+            host_only=spec.host_only,
+            credential=config.host_credential,
+        )
+        server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(service_names, server, pool=ReflectionPool())
         for name in ("", spec.descriptor.full_name):
@@ -149,8 +162,8 @@ class ServiceRuntime:
             self._metrics_http = None
 
 
-async def _serve(spec: ServiceSpec, config: ServiceConfig) -> int:
-    runtime = ServiceRuntime(spec, config)
+async def _serve(spec: ServiceSpec, config: ServiceConfig, options: Any) -> int:
+    runtime = ServiceRuntime(spec, config, options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,9 +196,10 @@ def run_service(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     del argv  # configuration comes from the environment only
     try:
         config = ServiceConfig.from_env(spec.name)
+        options = spec.options(os.environ)
     except ConfigError as e:
         logs.configure(spec.name, spec.name)
         log.error(f"bad configuration: {e.message}", extra={"event": "bad_config"})
         sys.exit(2)
     logs.configure(spec.name, config.instance, config.log_level)
-    sys.exit(uvloop.run(_serve(spec, config)))
+    sys.exit(uvloop.run(_serve(spec, config, options)))

@@ -9,6 +9,7 @@ by an implementation becomes its gRPC status here, in one place.
 
 from __future__ import annotations
 
+import hmac
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,8 +30,28 @@ def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.N
     )
 
 
+# gRPC metadata key carrying the host credential (DESIGN 3: host-only RPCs require it).
+CREDENTIAL_HEADER = "x-snpemu-host-credential"
+
+
+def _check_credential(context: grpc.aio.ServicerContext, credential: str) -> None:
+    given = dict(context.invocation_metadata() or ()).get(CREDENTIAL_HEADER)
+    if given is None:
+        raise errors.Unauthenticated(
+            f"host-only RPC: send the host credential in the {CREDENTIAL_HEADER} header "
+            "(the launcher writes it to .snpemu/host-credential)",
+            reason="HOST_CREDENTIAL_MISSING",
+        )
+    if not hmac.compare_digest(str(given).encode(), credential.encode()):
+        raise errors.PermissionDenied("wrong host credential", reason="HOST_CREDENTIAL_WRONG")
+
+
 def _behavior(
-    short_name: str, service: ServiceDescriptor, method: MethodDescriptor, impl: object | None
+    short_name: str,
+    service: ServiceDescriptor,
+    method: MethodDescriptor,
+    impl: object | None,
+    credential: str | None,
 ) -> Callable[..., Any]:
     fn = getattr(impl, method.name, None) if impl is not None else None
 
@@ -59,6 +80,8 @@ def _behavior(
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
+                if credential is not None:
+                    _check_credential(context, credential)
                 async for item in fn(request, context):
                     yield item
             except errors.SnpemuError as e:
@@ -68,6 +91,8 @@ def _behavior(
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if credential is not None:
+                _check_credential(context, credential)
             return await fn(request, context)
         except errors.SnpemuError as e:
             await abort(context, e)
@@ -80,8 +105,15 @@ def method_kinds(service: ServiceDescriptor) -> list[tuple[bool, bool, str]]:
 
 
 def build_handler(
-    short_name: str, service: ServiceDescriptor, impl: object | None
+    short_name: str,
+    service: ServiceDescriptor,
+    impl: object | None,
+    *,
+    host_only: Callable[[str], bool] = lambda _name: False,
+    credential: str | None = None,
 ) -> grpc.GenericRpcHandler:
+    """Handlers for every RPC. With a credential, RPCs for which host_only(name) is true
+    require it; without one (a service started by hand), they are open."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         if method.client_streaming:
@@ -94,7 +126,13 @@ def build_handler(
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = factory(
-            _behavior(short_name, service, method, impl),
+            _behavior(
+                short_name,
+                service,
+                method,
+                impl,
+                credential if credential and host_only(method.name) else None,
+            ),
             request_deserializer=request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )

@@ -17,6 +17,7 @@ _CODES: dict[type[errors.SnpemuError], grpc.StatusCode] = {
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.NotBuilt: grpc.StatusCode.UNIMPLEMENTED,
 }
 

@@ -321,6 +321,9 @@ class GetPlatformInfoResponse(_message.Message):
     IOMMU_MODE_FIELD_NUMBER: _builtins.int
     SNP_CAPABLE_FIELD_NUMBER: _builtins.int
     VIOLATION_POLICY_FIELD_NUMBER: _builtins.int
+    FREE_PAGES_FIELD_NUMBER: _builtins.int
+    LEAKED_PAGES_FIELD_NUMBER: _builtins.int
+    RESIDENT_PAGES_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     max_pfn: _builtins.int
     rmp_covered_bytes: _builtins.int
@@ -329,6 +332,10 @@ class GetPlatformInfoResponse(_message.Message):
     snp_capable: _builtins.bool
     """IOMMU on, not passthrough, and the RMP covering all memory."""
     violation_policy: Global___ViolationPolicy.ValueType
+    free_pages: _builtins.int
+    leaked_pages: _builtins.int
+    resident_pages: _builtins.int
+    """Frames whose contents have been written (memory actually used)."""
     def __init__(
         self,
         *,
@@ -338,10 +345,13 @@ class GetPlatformInfoResponse(_message.Message):
         iommu_mode: Global___IommuMode.ValueType = ...,
         snp_capable: _builtins.bool = ...,
         violation_policy: Global___ViolationPolicy.ValueType = ...,
+        free_pages: _builtins.int = ...,
+        leaked_pages: _builtins.int = ...,
+        resident_pages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iommu_mode", b"iommu_mode", "max_pfn", b"max_pfn", "memory_bytes", b"memory_bytes", "rmp_covered_bytes", b"rmp_covered_bytes", "snp_capable", b"snp_capable", "violation_policy", b"violation_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_pages", b"free_pages", "iommu_mode", b"iommu_mode", "leaked_pages", b"leaked_pages", "max_pfn", b"max_pfn", "memory_bytes", b"memory_bytes", "resident_pages", b"resident_pages", "rmp_covered_bytes", b"rmp_covered_bytes", "snp_capable", b"snp_capable", "violation_policy", b"violation_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,15 +547,19 @@ class RmpUpdateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    EAX_FIELD_NUMBER: _builtins.int
     result: Global___RmpResult.ValueType
+    eax: _builtins.int
+    """The hardware result code (EAX)."""
     def __init__(
         self,
         *,
         result: Global___RmpResult.ValueType = ...,
+        eax: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eax", b"eax", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,17 +569,20 @@ Global___RmpUpdateResponse: _TypeAlias = RmpUpdateResponse  # noqa: Y015
 class RmpUpdateBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    UPDATES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RmpUpdateRequest]: ...
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    entries: _builtins.bytes
+    """Packed array of {u64 spa; struct rmp_state} (24 bytes each, little-endian), struct
+    rmp_state exactly as RCX points to it: {u64 gpa; u8 assigned; u8 pagesize; u8 immutable;
+    u8 rsvd; u32 asid}. KERNEL: arch/x86/include/asm/sev.h struct rmp_state
+    """
     def __init__(
         self,
         *,
-        updates: _abc.Iterable[Global___RmpUpdateRequest] | None = ...,
+        entries: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -575,19 +592,17 @@ Global___RmpUpdateBatchRequest: _TypeAlias = RmpUpdateBatchRequest  # noqa: Y015
 class RmpUpdateBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def results(self) -> _containers.RepeatedScalarFieldContainer[Global___RmpResult.ValueType]:
-        """One result per update, in order."""
-
+    CODES_FIELD_NUMBER: _builtins.int
+    codes: _builtins.bytes
+    """One hardware result code (EAX, one byte) per entry, in order."""
     def __init__(
         self,
         *,
-        results: _abc.Iterable[Global___RmpResult.ValueType] | None = ...,
+        codes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -618,15 +633,18 @@ class PsmashResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    EAX_FIELD_NUMBER: _builtins.int
     result: Global___RmpResult.ValueType
+    eax: _builtins.int
     def __init__(
         self,
         *,
         result: Global___RmpResult.ValueType = ...,
+        eax: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eax", b"eax", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,15 +759,24 @@ class PvalidateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    EAX_FIELD_NUMBER: _builtins.int
+    FAULT_FIELD_NUMBER: _builtins.int
     result: Global___RmpResult.ValueType
+    eax: _builtins.int
+    @_builtins.property
+    def fault(self) -> Global___GuestFault:
+        """Set when the instruction faulted (#NPF to kvm, e.g. size mismatch) instead of completing."""
+
     def __init__(
         self,
         *,
         result: Global___RmpResult.ValueType = ...,
+        eax: _builtins.int = ...,
+        fault: Global___GuestFault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eax", b"eax", "fault", b"fault", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -761,25 +788,24 @@ class PvalidateBatchRequest(_message.Message):
 
     IDENTITY_FIELD_NUMBER: _builtins.int
     GPAS_FIELD_NUMBER: _builtins.int
-    PAGE_SIZE_FIELD_NUMBER: _builtins.int
     VALIDATE_FIELD_NUMBER: _builtins.int
-    page_size: _types_pb2.PageSize.ValueType
     validate: _builtins.bool
     @_builtins.property
     def identity(self) -> _handles_pb2.VcpuIdentity: ...
     @_builtins.property
-    def gpas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def gpas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """4 KiB pages, validated in order."""
+
     def __init__(
         self,
         *,
         identity: _handles_pb2.VcpuIdentity | None = ...,
         gpas: _abc.Iterable[_builtins.int] | None = ...,
-        page_size: _types_pb2.PageSize.ValueType = ...,
         validate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpas", b"gpas", "identity", b"identity", "page_size", b"page_size", "validate", b"validate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpas", b"gpas", "identity", b"identity", "validate", b"validate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,17 +815,23 @@ Global___PvalidateBatchRequest: _TypeAlias = PvalidateBatchRequest  # noqa: Y015
 class PvalidateBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    FAULT_FIELD_NUMBER: _builtins.int
+    codes: _builtins.bytes
+    """One hardware result code per page executed; fewer than asked when a page faulted."""
     @_builtins.property
-    def results(self) -> _containers.RepeatedScalarFieldContainer[Global___RmpResult.ValueType]: ...
+    def fault(self) -> Global___GuestFault:
+        """The fault that stopped the loop, if any."""
+
     def __init__(
         self,
         *,
-        results: _abc.Iterable[Global___RmpResult.ValueType] | None = ...,
+        codes: _builtins.bytes = ...,
+        fault: Global___GuestFault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "fault", b"fault"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -848,15 +880,22 @@ class RmpAdjustResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    EAX_FIELD_NUMBER: _builtins.int
+    FAULT_FIELD_NUMBER: _builtins.int
     result: Global___RmpResult.ValueType
+    eax: _builtins.int
+    @_builtins.property
+    def fault(self) -> Global___GuestFault: ...
     def __init__(
         self,
         *,
         result: Global___RmpResult.ValueType = ...,
+        eax: _builtins.int = ...,
+        fault: Global___GuestFault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eax", b"eax", "fault", b"fault", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -899,7 +938,9 @@ class UpdateNestedPageTableRequest(_message.Message):
     UNMAP_FIELD_NUMBER: _builtins.int
     asid: _builtins.int
     @_builtins.property
-    def vm(self) -> _handles_pb2.VmHandle: ...
+    def vm(self) -> _handles_pb2.VmHandle:
+        """For logs; mappings are per ASID, as the hardware walk is."""
+
     @_builtins.property
     def map(self) -> _containers.RepeatedCompositeFieldContainer[Global___NptMapping]: ...
     @_builtins.property
@@ -1148,49 +1189,83 @@ class HostWriteResponse(_message.Message):
 
     OUTCOME_FIELD_NUMBER: _builtins.int
     ENTRY_FIELD_NUMBER: _builtins.int
+    RMP_DUMP_FIELD_NUMBER: _builtins.int
     outcome: Global___ViolationOutcome.ValueType
     @_builtins.property
     def entry(self) -> Global___RmpEntry:
         """The RMP entry before the write, when there was a violation."""
+
+    @_builtins.property
+    def rmp_dump(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The entry as the kernel dumps it (snp_dump_hva_rmpentry), when there was a violation."""
 
     def __init__(
         self,
         *,
         outcome: Global___ViolationOutcome.ValueType = ...,
         entry: Global___RmpEntry | None = ...,
+        rmp_dump: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "outcome", b"outcome", "rmp_dump", b"rmp_dump"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostWriteResponse: _TypeAlias = HostWriteResponse  # noqa: Y015
 
 @_typing.final
-class MapHostPageRequest(_message.Message):
+class GuestPageAddress(_message.Message):
+    """A guest page named as the guest knows it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    VM_FIELD_NUMBER: _builtins.int
+    ASID_FIELD_NUMBER: _builtins.int
     GPA_FIELD_NUMBER: _builtins.int
-    HOLDER_FIELD_NUMBER: _builtins.int
+    asid: _builtins.int
     gpa: _builtins.int
-    holder: _builtins.str
-    """Who holds the mapping (reported when maps leak)."""
-    @_builtins.property
-    def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
         self,
         *,
-        vm: _handles_pb2.VmHandle | None = ...,
+        asid: _builtins.int = ...,
         gpa: _builtins.int = ...,
-        holder: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpa", b"gpa", "holder", b"holder", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "gpa", b"gpa"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestPageAddress: _TypeAlias = GuestPageAddress  # noqa: Y015
+
+@_typing.final
+class MapHostPageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GUEST_FIELD_NUMBER: _builtins.int
+    SPA_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    spa: _builtins.int
+    holder: _builtins.str
+    """Who holds the mapping (reported when maps leak)."""
+    @_builtins.property
+    def guest(self) -> Global___GuestPageAddress:
+        """Through the ASID's nested page table, as post_map_gfn() takes a GFN."""
+
+    def __init__(
+        self,
+        *,
+        guest: Global___GuestPageAddress | None = ...,
+        spa: _builtins.int = ...,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest", "page", b"page", "spa", b"spa"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest", "holder", b"holder", "page", b"page", "spa", b"spa"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_page: _TypeAlias = _typing.Literal["guest", "spa"]  # noqa: Y015
+    _WhichOneofArgType_page: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_page) -> _WhichOneofReturnType_page | None: ...
 
 Global___MapHostPageRequest: _TypeAlias = MapHostPageRequest  # noqa: Y015
 
@@ -1250,6 +1325,75 @@ class UnmapHostPageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnmapHostPageResponse: _TypeAlias = UnmapHostPageResponse  # noqa: Y015
+
+@_typing.final
+class ListHostMapsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHostMapsRequest: _TypeAlias = ListHostMapsRequest  # noqa: Y015
+
+@_typing.final
+class HostMap(_message.Message):
+    """One host mapping."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAP_ID_FIELD_NUMBER: _builtins.int
+    PFN_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    HELD_SECONDS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    map_id: _builtins.str
+    pfn: _builtins.int
+    holder: _builtins.str
+    held_seconds: _builtins.float
+    stale: _builtins.bool
+    """Held longer than the leak threshold: a map without its unmap."""
+    def __init__(
+        self,
+        *,
+        map_id: _builtins.str = ...,
+        pfn: _builtins.int = ...,
+        holder: _builtins.str = ...,
+        held_seconds: _builtins.float = ...,
+        stale: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_seconds", b"held_seconds", "holder", b"holder", "map_id", b"map_id", "pfn", b"pfn", "stale", b"stale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostMap: _TypeAlias = HostMap  # noqa: Y015
+
+@_typing.final
+class ListHostMapsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostMap]: ...
+    def __init__(
+        self,
+        *,
+        maps: _abc.Iterable[Global___HostMap] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["maps", b"maps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHostMapsResponse: _TypeAlias = ListHostMapsResponse  # noqa: Y015
 
 @_typing.final
 class RegisterVcpuIdentityRequest(_message.Message):

@@ -135,6 +135,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageResponse.FromString,
                 _registered_method=True)
+        self.ListHostMaps = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/ListHostMaps',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsResponse.FromString,
+                _registered_method=True)
         self.RegisterVcpuIdentity = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/RegisterVcpuIdentity',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RegisterVcpuIdentityRequest.SerializeToString,
@@ -342,6 +347,13 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHostMaps(self, request, context):
+        """Mappings held now; those held longer than the leak threshold are flagged stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterVcpuIdentity(self, request, context):
         """--- Identities and keys -----------------------------------------------------------------
 
@@ -506,6 +518,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.UnmapHostPage,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageResponse.SerializeToString,
+            ),
+            'ListHostMaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHostMaps,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsResponse.SerializeToString,
             ),
             'RegisterVcpuIdentity': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterVcpuIdentity,
@@ -1089,6 +1106,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/UnmapHostPage',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.UnmapHostPageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHostMaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/ListHostMaps',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.ListHostMapsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -112,6 +112,8 @@ class RmpServiceStub:
     """
     UnmapHostPage: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.UnmapHostPageRequest, _rmp_pb2.UnmapHostPageResponse]
     """Release a mapping taken by MapHostPage. From the SNP host series v5 post_unmap_gfn()."""
+    ListHostMaps: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.ListHostMapsRequest, _rmp_pb2.ListHostMapsResponse]
+    """Mappings held now; those held longer than the leak threshold are flagged stale."""
     RegisterVcpuIdentity: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.RegisterVcpuIdentityRequest, _rmp_pb2.RegisterVcpuIdentityResponse]
     """--- Identities and keys -----------------------------------------------------------------
 
@@ -217,6 +219,8 @@ class RmpServiceAsyncStub(RmpServiceStub):
     """
     UnmapHostPage: _aio.UnaryUnaryMultiCallable[_rmp_pb2.UnmapHostPageRequest, _rmp_pb2.UnmapHostPageResponse]  # type: ignore[assignment]
     """Release a mapping taken by MapHostPage. From the SNP host series v5 post_unmap_gfn()."""
+    ListHostMaps: _aio.UnaryUnaryMultiCallable[_rmp_pb2.ListHostMapsRequest, _rmp_pb2.ListHostMapsResponse]  # type: ignore[assignment]
+    """Mappings held now; those held longer than the leak threshold are flagged stale."""
     RegisterVcpuIdentity: _aio.UnaryUnaryMultiCallable[_rmp_pb2.RegisterVcpuIdentityRequest, _rmp_pb2.RegisterVcpuIdentityResponse]  # type: ignore[assignment]
     """--- Identities and keys -----------------------------------------------------------------
 
@@ -439,6 +443,14 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rmp_pb2.UnmapHostPageResponse, _abc.Awaitable[_rmp_pb2.UnmapHostPageResponse]]:
         """Release a mapping taken by MapHostPage. From the SNP host series v5 post_unmap_gfn()."""
+
+    @_abc_1.abstractmethod
+    def ListHostMaps(
+        self,
+        request: _rmp_pb2.ListHostMapsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.ListHostMapsResponse, _abc.Awaitable[_rmp_pb2.ListHostMapsResponse]]:
+        """Mappings held now; those held longer than the leak threshold are flagged stale."""
 
     @_abc_1.abstractmethod
     def RegisterVcpuIdentity(
