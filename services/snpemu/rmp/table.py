@@ -362,10 +362,9 @@ class RmpTable:
             return npf(gpa, "4K operation on a 2M RMP entry", write=write, sizem=True), pfn
         if (lo & GPA_MASK) != (gpa & GPA_MASK):
             return npf(gpa, "GPA does not match the RMP entry", write=write), pfn
-        entry_pfn = pfn & ALIGN_MASK if huge else pfn
-        if self.busy(entry_pfn):
-            return Code.FAIL_INUSE, entry_pfn
-        return None, entry_pfn
+        # The per-entry lock only makes host instructions (RMPUPDATE, PSMASH) fail: a guest's
+        # own instructions run one after another on its vCPUs.
+        return None, pfn & ALIGN_MASK if huge else pfn
 
     def pvalidate(
         self, pfn: int, *, gpa: int, asid: int, vmpl: int, size_2m: bool, validate: bool

@@ -1,0 +1,565 @@
+"""The rmp service over real gRPC, in-process on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from snp.common.v1 import handles_pb2, types_pb2
+from snp.rmp.v1 import rmp_pb2 as pb
+from snp.rmp.v1 import rmp_pb2_grpc
+
+from snpemu import rmp
+from snpemu.rmp.options import RmpOptions
+from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.server import ServiceRuntime
+from snpemu.runtime.status import error_info
+
+CRED = "test-credential-0123456789"
+HOST = (("x-snpemu-host-credential", CRED),)
+ASID = 7
+KEY = bytes(range(64))
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def with_rmp(
+    body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]], **env: str
+) -> Any:
+    config = ServiceConfig.from_env(
+        "rmp",
+        {
+            "SNPEMU_GRPC_PORT": "0",
+            "SNPEMU_METRICS_PORT": "0",
+            "SNPEMU_HOST_CREDENTIAL": CRED,
+            "SNPEMU_SHUTDOWN_GRACE_S": "0",
+        },
+    )
+    options = RmpOptions.from_env({"SNPEMU_RMP_MEMORY": "64M", **env})
+    runtime = ServiceRuntime(rmp.SPEC, config, options)
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            return await body(rmp_pb2_grpc.RmpServiceStub(channel), runtime)
+    finally:
+        await runtime.stop()
+
+
+def identity(
+    vcpu: int = 0, asid: int = ASID, vm: str = "vm-a", vmpl: int = 0
+) -> handles_pb2.VcpuIdentity:
+    return handles_pb2.VcpuIdentity(
+        vcpu=handles_pb2.VcpuHandle(vm=handles_pb2.VmHandle(id=vm), vcpu_id=vcpu),
+        asid=asid,
+        vmpl=vmpl,
+        token=(vm.encode() + bytes(32))[:32],
+    )
+
+
+async def guest_setup(
+    stub: rmp_pb2_grpc.RmpServiceStub, pages: int = 8, asid: int = ASID, vm: str = "vm-a"
+) -> tuple[list[int], handles_pb2.VcpuIdentity]:
+    """What kvm and psp do before a guest runs: frames, NPT, key, identity, private pages."""
+    pfns = list(
+        (
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=pages, placement=pb.PLACEMENT_ANY), metadata=HOST
+            )
+        ).pfns
+    )
+    # INVARIANT: ANY placement hands out consecutive frames on a fresh host
+    assert pfns == list(range(pfns[0], pfns[0] + pages))
+    await stub.UpdateNestedPageTable(
+        pb.UpdateNestedPageTableRequest(
+            asid=asid, map=[pb.NptMapping(gpa=0, first_pfn=pfns[0], npages=pages)]
+        ),
+        metadata=HOST,
+    )
+    key = bytes((b + asid) % 256 for b in KEY)
+    await stub.InstallMemoryKey(pb.InstallMemoryKeyRequest(asid=asid, key=key), metadata=HOST)
+    ident = identity(asid=asid, vm=vm)
+    await stub.RegisterVcpuIdentity(pb.RegisterVcpuIdentityRequest(identity=ident), metadata=HOST)
+    for i, pfn in enumerate(pfns):
+        r = await stub.RmpUpdate(
+            pb.RmpUpdateRequest(
+                spa=pfn << 12,
+                state=pb.RmpState(
+                    gpa=i << 12, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=asid
+                ),
+            ),
+            metadata=HOST,
+        )
+        assert r.result == pb.RMP_RESULT_SUCCESS
+    return pfns, ident
+
+
+def test_host_only_rpcs_need_the_credential() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetPlatformInfo(
+                pb.GetPlatformInfoRequest(), metadata=(("x-snpemu-host-credential", "nope"),)
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info_reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
+        assert info_reply.memory_bytes == 64 << 20 and info_reply.snp_capable
+        assert info_reply.violation_policy == pb.VIOLATION_POLICY_GMEM
+        # guest RPCs need no credential but a registered identity
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GuestRead(
+                pb.GuestReadRequest(identity=identity(), gpa=0, length=8, private=True)
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        detail = error_info(info.value)
+        assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
+
+    run(with_rmp(body))
+
+
+def test_iommu_passthrough_is_not_snp_capable() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
+        assert reply.iommu_mode == pb.IOMMU_MODE_PASSTHROUGH and not reply.snp_capable
+
+    run(with_rmp(body, SNPEMU_RMP_IOMMU="passthrough"))
+
+
+def test_private_memory_is_encrypted_and_owned() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub)
+        # Not validated yet: #VC
+        r = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+        )
+        assert r.fault.vc and r.fault.cause == "page not validated"
+        v = await stub.PvalidateBatch(
+            pb.PvalidateBatchRequest(
+                identity=ident, gpas=[i << 12 for i in range(8)], validate=True
+            )
+        )
+        assert v.codes == bytes(8) and not v.HasField("fault")
+        secret = b"the same secret!" * 4
+        for gpa in (0x1000, 0x2000):
+            w = await stub.GuestWrite(
+                pb.GuestWriteRequest(identity=ident, gpa=gpa, data=secret, private=True)
+            )
+            assert not w.HasField("fault")
+        back = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+        )
+        assert back.data == secret
+        c1 = (
+            await stub.HostRead(pb.HostReadRequest(spa=pfns[1] << 12, length=64), metadata=HOST)
+        ).data
+        c2 = (
+            await stub.HostRead(pb.HostReadRequest(spa=pfns[2] << 12, length=64), metadata=HOST)
+        ).data
+        assert c1 != secret and c2 != secret and c1 != c2  # ciphertext, tweaked by address
+        # Shared (C=0) access to a private page is an RMP #NPF
+        s = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=False)
+        )
+        assert s.fault.npf and s.fault.error_code & (1 << 31) and not s.fault.error_code & (1 << 34)
+        # Another guest can neither read nor validate these pages
+        _, other = await guest_setup(stub, pages=2, asid=ASID + 1, vm="vm-b")
+        await stub.UpdateNestedPageTable(
+            pb.UpdateNestedPageTableRequest(
+                asid=ASID + 1, map=[pb.NptMapping(gpa=0x100000, first_pfn=pfns[1], npages=1)]
+            ),
+            metadata=HOST,
+        )
+        r = await stub.GuestRead(
+            pb.GuestReadRequest(identity=other, gpa=0x100000, length=4, private=True)
+        )
+        assert r.fault.npf and r.fault.cause == "page not owned by this guest" and r.data == b""
+        p = await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=other, gpa=0x100000, page_size=types_pb2.PAGE_SIZE_4K, validate=False
+            )
+        )
+        assert p.fault.npf
+        # The owner's data is intact
+        back = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+        )
+        assert back.data == secret
+
+    run(with_rmp(body))
+
+
+def test_entries_decoded_and_raw() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=2)
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
+        assert (e.assigned, e.asid, e.gpa, e.validated, e.state) == (
+            True,
+            ASID,
+            0x1000,
+            True,
+            types_pb2.PAGE_STATE_GUEST_VALID,
+        )
+        lo, hi = struct.unpack("<QQ", e.raw)
+        assert lo == 1 | 0x1000 | ASID << 51 | 1 << 62 and hi == 0
+        listed = await stub.ListRmpEntries(
+            pb.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True), metadata=HOST
+        )
+        assert [x.pfn for x in listed.entries] == pfns
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run(with_rmp(body))
+
+
+def test_batch_rmpupdate_packed_entries() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns = list(
+            (
+                await stub.AllocatePages(
+                    pb.AllocatePagesRequest(count=4, placement=pb.PLACEMENT_ANY), metadata=HOST
+                )
+            ).pfns
+        )
+        entries = b"".join(
+            struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
+        )
+        entries += struct.pack("<QQBBBBI", (pfns[0] << 12) | 1, 0, 0, 0, 0, 0, 0)  # misaligned SPA
+        r = await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries), metadata=HOST)
+        assert list(r.codes) == [0, 0, 0, 0, 1]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries[:-1]), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
+        assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
+
+    run(with_rmp(body))
+
+
+class Kvm:
+    """A test subscriber standing in for kvm's side of the MMU-notifier stream."""
+
+    def __init__(self, stub: rmp_pb2_grpc.RmpServiceStub, ack: bool = True) -> None:
+        self.stub, self.ack, self.seen = stub, ack, []
+        self.call = stub.WatchMmuNotifications(pb.WatchMmuNotificationsRequest(), metadata=HOST)
+        self.task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        async for note in self.call:
+            self.seen.append(note)
+            if self.ack:
+                await self.stub.AcknowledgeMmuNotification(
+                    pb.AcknowledgeMmuNotificationRequest(sequence=note.sequence), metadata=HOST
+                )
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+async def write(stub: rmp_pb2_grpc.RmpServiceStub, spa: int, origin: int) -> pb.HostWriteResponse:
+    return await stub.HostWrite(
+        pb.HostWriteRequest(spa=spa, data=b"host data", origin=origin, writer="test"), metadata=HOST
+    )
+
+
+def test_convert_policy_converts_and_the_guest_is_told() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub)
+        await stub.PvalidateBatch(
+            pb.PvalidateBatchRequest(
+                identity=ident, gpas=[i << 12 for i in range(8)], validate=True
+            )
+        )
+        r = await write(stub, pfns[3] << 12, pb.ACCESS_ORIGIN_USER)
+        assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED
+        assert r.entry.asid == ASID and r.rmp_dump[0].startswith(f"PFN 0x{pfns[3]:x}, RMP entry: [")
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
+        assert e.state == types_pb2.PAGE_STATE_HYPERVISOR
+        # the guest's next private access faults; once kvm makes it private again: #VC
+        g = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x3000, length=4, private=True)
+        )
+        assert g.fault.npf and g.fault.cause == "private access to a shared page"
+        await stub.RmpUpdate(
+            pb.RmpUpdateRequest(
+                spa=pfns[3] << 12,
+                state=pb.RmpState(
+                    gpa=0x3000, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=ASID
+                ),
+            ),
+            metadata=HOST,
+        )
+        g = await stub.GuestRead(
+            pb.GuestReadRequest(identity=ident, gpa=0x3000, length=4, private=True)
+        )
+        assert g.fault.vc and g.fault.error_code == 0x404
+        # a VMSA page needs kvm to kick the vCPUs; with nobody subscribed the user writer gets SIGBUS
+        await stub.RmpAdjust(
+            pb.RmpAdjustRequest(
+                identity=ident,
+                gpa=0x4000,
+                page_size=types_pb2.PAGE_SIZE_4K,
+                target_vmpl=1,
+                vmsa=True,
+            )
+        )
+        r = await write(stub, pfns[4] << 12, pb.ACCESS_ORIGIN_USER)
+        assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
+        kvm = Kvm(stub)
+        await asyncio.sleep(0.1)
+        r = await write(stub, pfns[4] << 12, pb.ACCESS_ORIGIN_USER)
+        assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED
+        assert [(n.asid, n.pfn, n.terminate) for n in kvm.seen] == [(ASID, pfns[4], False)]
+        kvm.close()
+        reg = rt.registry
+        assert (
+            reg.get_sample_value(
+                "snp_rmp_violations_total",
+                {"origin": "user", "policy": "convert", "outcome": "converted"},
+            )
+            == 2
+        )
+        assert (
+            reg.get_sample_value(
+                "snp_rmp_violations_total",
+                {"origin": "user", "policy": "convert", "outcome": "sigbus"},
+            )
+            == 1
+        )
+
+    run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1"))
+
+
+def test_convert_kill_asks_kvm_to_terminate() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, _ = await guest_setup(stub, pages=2)
+        kvm = Kvm(stub)
+        await asyncio.sleep(0.1)
+        r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
+        assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED
+        await asyncio.sleep(0.1)
+        assert [(n.asid, n.terminate) for n in kvm.seen] == [(ASID, True)]
+        kvm.close()
+
+    run(with_rmp(body, SNPEMU_RMP_POLICY="convert-kill"))
+
+
+def test_rmpadjust_race_is_ended_by_the_kick() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=2)
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        # The guest holds the entry (instruction in flight for 1 s here)
+        a = await stub.RmpAdjust(
+            pb.RmpAdjustRequest(
+                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, target_vmpl=1, perms=1
+            )
+        )
+        assert a.result == pb.RMP_RESULT_SUCCESS
+        u = await stub.RmpUpdate(
+            pb.RmpUpdateRequest(
+                spa=pfns[1] << 12, state=pb.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
+            ),
+            metadata=HOST,
+        )
+        assert u.result == pb.RMP_RESULT_FAIL_INUSE and u.eax == 3
+        kvm = Kvm(stub)
+        await asyncio.sleep(0.1)
+        r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
+        assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED  # retried after the kick
+        assert kvm.seen and kvm.seen[0].reason == "RMPUPDATE in use"
+        kvm.close()
+
+    run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000"))
+
+
+def test_sigbus_policy_kernel_write_panics_the_host() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+        pfns, _ = await guest_setup(stub, pages=2)
+        r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
+        assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
+        before = (
+            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=9), metadata=HOST)
+        ).data
+        assert before != b"host data"  # the write did not happen
+        r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
+        assert r.outcome == pb.VIOLATION_OUTCOME_PANIC
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        detail = error_info(info.value)
+        assert detail is not None and detail.reason == "HOST_PANIC"
+        async with grpc.aio.insecure_channel(rt.address) as ch:
+            h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert rt.registry.get_sample_value("snp_host_panics_total") == 1
+
+    run(with_rmp(body, SNPEMU_RMP_POLICY="sigbus"))
+
+
+def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=1)
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        await stub.GuestWrite(
+            pb.GuestWriteRequest(identity=ident, gpa=0, data=b"mine", private=True)
+        )
+        before = (
+            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+        ).data
+        r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
+        assert r.outcome == pb.VIOLATION_OUTCOME_REFUSED
+        after = (
+            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+        ).data
+        assert after == before
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
+        assert e.state == types_pb2.PAGE_STATE_GUEST_VALID
+        g = await stub.GuestRead(pb.GuestReadRequest(identity=ident, gpa=0, length=4, private=True))
+        assert g.data == b"mine"
+        # kernel writers map (and so check) first: a private page cannot be mapped
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.MapHostPage(
+                pb.MapHostPageRequest(spa=pfns[0] << 12, holder="kvm"), metadata=HOST
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    run(with_rmp(body))
+
+
+def test_host_map_lock_blocks_conversion_to_private() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns = list(
+            (
+                await stub.AllocatePages(
+                    pb.AllocatePagesRequest(count=1, placement=pb.PLACEMENT_ANY), metadata=HOST
+                )
+            ).pfns
+        )
+        await stub.UpdateNestedPageTable(
+            pb.UpdateNestedPageTableRequest(
+                asid=ASID, map=[pb.NptMapping(gpa=0x5000, first_pfn=pfns[0], npages=1)]
+            ),
+            metadata=HOST,
+        )
+        m = await stub.MapHostPage(
+            pb.MapHostPageRequest(guest=pb.GuestPageAddress(asid=ASID, gpa=0x5000), holder="netd"),
+            metadata=HOST,
+        )
+        assert m.spa == pfns[0] << 12
+        to_private = pb.RmpUpdateRequest(
+            spa=m.spa,
+            state=pb.RmpState(
+                gpa=0x5000, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=ASID
+            ),
+        )
+        assert (await stub.RmpUpdate(to_private, metadata=HOST)).result == pb.RMP_RESULT_FAIL_INUSE
+        await asyncio.sleep(0.3)
+        maps = (await stub.ListHostMaps(pb.ListHostMapsRequest(), metadata=HOST)).maps
+        assert [(x.holder, x.stale) for x in maps] == [("netd", True)]
+        await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
+        assert (await stub.RmpUpdate(to_private, metadata=HOST)).result == pb.RMP_RESULT_SUCCESS
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(with_rmp(body, SNPEMU_RMP_MAP_LEAK_S="0.2"))
+
+
+def test_leaked_pages_are_never_reused_and_counted() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+        pfns, _ = await guest_setup(stub, pages=2)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.FreePages(pb.FreePagesRequest(pfns=pfns), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await stub.LeakPages(pb.LeakPagesRequest(pfns=pfns, reason="reclaim failed"), metadata=HOST)
+        assert (
+            list((await stub.ListLeakedPages(pb.ListLeakedPagesRequest(), metadata=HOST)).pfns)
+            == pfns
+        )
+        got = (
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=16384 - 2, placement=pb.PLACEMENT_ANY), metadata=HOST
+            )
+        ).pfns
+        assert not set(got) & set(pfns)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=1, placement=pb.PLACEMENT_ANY), metadata=HOST
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert rt.registry.get_sample_value("snp_rmp_leaked_pages_total") == 2
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
+        assert e.leaked
+
+    run(with_rmp(body))
+
+
+def test_allocation_placements() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        tmr = (
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+            )
+        ).pfns
+        assert tmr[0] % 512 == 0 and list(tmr) == list(range(tmr[0], tmr[0] + 512))
+        safe = (
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=2000, placement=pb.PLACEMENT_SNP_SAFE), metadata=HOST
+            )
+        ).pfns
+        assert all(p % 512 for p in safe)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.AllocatePages(
+                pb.AllocatePagesRequest(count=3, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run(with_rmp(body))
+
+
+def test_metrics_are_exported() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=3)
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        url = f"http://127.0.0.1:{rt.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+        total = (64 << 20) // 4096
+        assert f'snp_rmp_pages{{state="hypervisor"}} {float(total - 3)}' in text
+        assert 'snp_rmp_pages{state="guest_invalid"} 2.0' in text
+        assert 'snp_rmp_pages{state="guest_valid"} 1.0' in text
+        assert 'snp_rmp_updates_total{instruction="rmpupdate",result="success"} 3.0' in text
+        assert 'snp_rmp_updates_total{instruction="pvalidate",result="success"} 1.0' in text
+        assert 'snp_rmp_updates_total{instruction="psmash",result="fail_inuse"} 0.0' in text
+        assert (
+            'snp_rmp_violations_total{origin="kernel",outcome="panic",policy="sigbus"} 0.0' in text
+        )
+        assert 'snp_rmp_violation_policy{policy="gmem"} 1.0' in text
+        assert "snp_rmp_leaked_pages_total 0.0" in text and "snp_host_panics_total 0.0" in text
+
+    run(with_rmp(body))
