@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snp.common.v1 import handles_pb2, types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
-
 from snpemu import rmp
 from snpemu.rmp.options import RmpOptions
 from snpemu.runtime.config import ServiceConfig
@@ -307,7 +306,7 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
             pb.GuestReadRequest(identity=ident, gpa=0x3000, length=4, private=True)
         )
         assert g.fault.vc and g.fault.error_code == 0x404
-        # a VMSA page needs kvm to kick the vCPUs; with nobody subscribed the user writer gets SIGBUS
+        # a VMSA page needs kvm to kick the vCPUs; with nobody subscribed: SIGBUS
         await stub.RmpAdjust(
             pb.RmpAdjustRequest(
                 identity=ident,
@@ -541,7 +540,7 @@ def test_allocation_placements() -> None:
 
 def test_metrics_are_exported() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
-        pfns, ident = await guest_setup(stub, pages=3)
+        _, ident = await guest_setup(stub, pages=3)
         await stub.Pvalidate(
             pb.PvalidateRequest(
                 identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
