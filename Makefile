@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-unit test-cluster lint protos protos-check clean
+.PHONY: install up test test-unit test-cluster lint bench protos protos-check clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -26,6 +26,9 @@ test-cluster: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m pytest -m style
+
+bench: $(STAMP)
+	$(PY) bench/rmp_bench.py
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -218,9 +218,10 @@ class RmpMachine:
         if isinstance(codes, int):
             self.counters.updates[(instruction, codes)] += 1
             return
-        values, counts = np.unique(np.asarray(codes, dtype=np.int64), return_counts=True)
-        for v, c in zip(values, counts, strict=True):
-            self.counters.updates[(instruction, int(v))] += int(c)
+        # Codes are hardware EAX values 0..255: one bincount instead of a sort.
+        tally = np.bincount(np.asarray(codes, dtype=np.uint8), minlength=256)
+        for v in np.flatnonzero(tally):
+            self.counters.updates[(instruction, int(v))] += int(tally[v])
 
     # --- host instructions ----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from snpemu.rmp.entry import (
     Kind,
     PageState,
     encode,
+    page_state,
 )
 
 U64 = np.uint64
@@ -86,25 +87,43 @@ def npf(
     return Fault(vc=False, error_code=code, gpa=gpa, cause=cause)
 
 
+def _state_lut() -> npt.NDArray[np.int64]:
+    """Page state for every combination of the bits that decide it, so that the vectorised
+    state is one table lookup. Key: assigned | immutable << 1 | validated << 2 |
+    (asid != 0) << 3 | kind << 4."""
+    lut = np.zeros(1 << 7, dtype=np.int64)
+    for key in range(1 << 7):
+        assigned, immutable, validated = key & 1, key >> 1 & 1, key >> 2 & 1
+        asid = 1 if key >> 3 & 1 else 0
+        kind = key >> 4
+        if kind > max(Kind):
+            continue
+        lo = encode(
+            assigned=bool(assigned), immutable=bool(immutable), asid=asid, validated=bool(validated)
+        )
+        lut[key] = page_state(lo, kind)
+    return lut
+
+
+_LUT = _state_lut()
+
+
+def _distinct(pfns: npt.NDArray[np.int64]) -> bool:
+    # PSC batches are usually ascending runs: check that in O(n) before sorting.
+    if len(pfns) < 2 or bool(np.all(pfns[1:] > pfns[:-1])):
+        return True
+    return len(np.unique(pfns)) == len(pfns)
+
+
 def _states(lo: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
     """Vectorised entry.page_state()."""
-    assigned = (lo & U64(ASSIGNED)) != 0
-    immutable = (lo & U64(IMMUTABLE)) != 0
-    asid = (lo & U64(ASID_MASK)) >> U64(ASID_SHIFT)
-    validated = (lo & U64(VALIDATED)) != 0
-    firmware = np.select(
-        [kind == Kind.CONTEXT, kind == Kind.METADATA, (kind == Kind.RECLAIM) | ~immutable],
-        [PageState.CONTEXT, PageState.METADATA, PageState.RECLAIM],
-        PageState.FIRMWARE,
+    # ASSIGNED is bit 0, IMMUTABLE bit 2 -> key bit 1, VALIDATED bit 62 -> key bit 2
+    key = ((lo & U64(ASSIGNED)) | ((lo >> U64(1)) & U64(2)) | ((lo >> U64(60)) & U64(4))).astype(
+        np.int64
     )
-    guest = np.where(
-        immutable,
-        PageState.PRE_GUEST,
-        np.where(validated, PageState.GUEST_VALID, PageState.GUEST_INVALID),
-    )
-    owned = np.where(asid == 0, firmware, guest)
-    shared = np.where(immutable, PageState.HYPERVISOR_FIXED, PageState.HYPERVISOR)
-    return np.where(assigned, owned, shared).astype(np.int64)
+    key |= ((lo & U64(ASID_MASK)) != 0).astype(np.int64) << 3
+    key |= kind.astype(np.int64) << 4
+    return _LUT[key]
 
 
 class RmpTable:
@@ -179,10 +198,11 @@ class RmpTable:
     # --- bookkeeping ------------------------------------------------------------------------
 
     def _recount(self, pfns: npt.NDArray[np.int64], before: npt.NDArray[np.int64]) -> None:
-        after = self.state_of(pfns)
+        self._count(before, self.state_of(pfns))
+
+    def _count(self, before: npt.NDArray[np.int64], after: npt.NDArray[np.int64]) -> None:
         size = len(self.counts)
-        self.counts -= np.bincount(before, minlength=size)
-        self.counts += np.bincount(after, minlength=size)
+        self.counts += np.bincount(after, minlength=size) - np.bincount(before, minlength=size)
 
     @staticmethod
     def _kind_for(assigned: bool, immutable: bool, asid: int) -> int:
@@ -261,8 +281,7 @@ class RmpTable:
         path with the same checks as rmpupdate(); anything else runs entry by entry.
         """
         n = len(pfns)
-        unique = len(np.unique(pfns)) == n
-        if n == 0 or size_2m.any() or not unique:
+        if n == 0 or size_2m.any() or not _distinct(pfns):
             return np.array(
                 [
                     self.rmpupdate(
@@ -284,8 +303,9 @@ class RmpTable:
         p = np.where(bad, 0, pfns)
         a = p & ALIGN_MASK
         alo = self.lo[a]
+        lo_p = self.lo[p]
         huge = ((alo & U64(PAGESIZE)) != 0) & ((alo & U64(ASSIGNED)) != 0)
-        eff_imm = np.where(huge, alo, self.lo[p]) & U64(IMMUTABLE)
+        eff_imm = np.where(huge, alo, lo_p) & U64(IMMUTABLE)
         codes[(codes == 0) & (eff_imm != 0)] = Code.FAIL_PERMISSION
         if self._busy or self.pinned:
             inuse = np.fromiter(
@@ -300,19 +320,22 @@ class RmpTable:
         codes[(codes == 0) & huge] = Code.FAIL_OVERLAP
         ok = codes == 0
         target = p[ok]
-        before = self.state_of(target)
+        # INVARIANT: no entry that passed lies in a 2M page (those fail with FAIL_OVERLAP), so
+        # its own entry is the effective one and its state comes from what was read above.
+        before = _states(lo_p[ok], self.kind[target])
         new = (
             np.where(assigned[ok], U64(ASSIGNED), U64(0))
             | np.where(immutable[ok], U64(IMMUTABLE), U64(0))
             | (gpas[ok] & U64(GPA_MASK))
             | ((asids[ok].astype(np.uint64) << U64(ASID_SHIFT)) & U64(ASID_MASK))
         )
+        kinds = np.where(
+            assigned[ok] & immutable[ok] & (asids[ok] == 0), Kind.FIRMWARE, Kind.NONE
+        ).astype(np.uint8)
         self.lo[target] = new
         self.hi[target] = 0
-        self.kind[target] = np.where(
-            assigned[ok] & immutable[ok] & (asids[ok] == 0), Kind.FIRMWARE, Kind.NONE
-        )
-        self._recount(target, before)
+        self.kind[target] = kinds
+        self._count(before, _states(new, kinds))
         return codes
 
     # --- PSMASH -----------------------------------------------------------------------------
@@ -441,7 +464,7 @@ class RmpTable:
         n = len(pfns)
         if vmpl != 0:
             return np.full(min(n, 1), Code.FAIL_PERMISSION, dtype=np.uint8), None
-        if n == 0 or self.hold_s > 0 or self._busy or len(np.unique(pfns)) != n:
+        if n == 0 or self.hold_s > 0 or self._busy or not _distinct(pfns):
             codes: list[int] = []
             for i in range(n):
                 r = self.pvalidate(
