@@ -30,11 +30,11 @@ def test_generated_code_is_current() -> None:
 
 
 def test_ruff_check() -> None:
-    _run(tool("ruff"), "check", "services", "scripts", "tests")
+    _run(tool("ruff"), "check", "services", "scripts", "tests", "bench")
 
 
 def test_ruff_format() -> None:
-    _run(tool("ruff"), "format", "--check", "services", "scripts", "tests")
+    _run(tool("ruff"), "format", "--check", "services", "scripts", "tests", "bench")
 
 
 def test_mypy_strict() -> None:
