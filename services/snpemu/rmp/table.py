@@ -123,7 +123,8 @@ def _states(lo: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint8]) -> npt.NDAr
     )
     key |= ((lo & U64(ASID_MASK)) != 0).astype(np.int64) << 3
     key |= kind.astype(np.int64) << 4
-    return _LUT[key]
+    states: npt.NDArray[np.int64] = _LUT[key]
+    return states
 
 
 class RmpTable:
