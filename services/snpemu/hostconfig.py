@@ -86,6 +86,18 @@ def count(env: Mapping[str, str], name: str, low: int, high: int) -> int:
     return value
 
 
+def number(env: Mapping[str, str], name: str, default: str, high: float) -> float:
+    """A non-negative number of seconds, microseconds, ... at most high."""
+    raw = env.get(name, default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not a number") from None
+    if not 0 <= value <= high:
+        raise ConfigError(f"{name}={raw!r}: must be in 0..{high:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where one service process listens."""

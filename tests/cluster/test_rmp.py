@@ -142,6 +142,19 @@ def run_writer(cluster: Cluster, spa: int) -> subprocess.CompletedProcess[str]:
     )
 
 
+def make_private(
+    stub: rmp_pb2_grpc.RmpServiceStub, host: tuple[tuple[str, str], ...], spa: int
+) -> None:
+    r = stub.RmpUpdate(
+        pb.RmpUpdateRequest(
+            spa=spa,
+            state=pb.RmpState(gpa=0, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=ASID),
+        ),
+        metadata=host,
+    )
+    assert r.result == pb.RMP_RESULT_SUCCESS
+
+
 def set_policy(
     stub: rmp_pb2_grpc.RmpServiceStub, host: tuple[tuple[str, str], ...], policy: int
 ) -> None:
@@ -232,13 +245,7 @@ def test_convert_and_convert_kill_across_processes(
     )
     assert notes == []  # a plain guest page needs no kick
     # make it private again (as kvm would on the guest's next fault) and try convert-kill
-    stub.RmpUpdate(
-        pb.RmpUpdateRequest(
-            spa=private_page,
-            state=pb.RmpState(gpa=0, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=ASID),
-        ),
-        metadata=host,
-    )
+    make_private(stub, host, private_page)
     set_policy(stub, host, pb.VIOLATION_POLICY_CONVERT_KILL)
     result = run_writer(cluster, private_page)
     assert result.returncode == 0 and result.stdout.strip() == "wrote", result
@@ -256,13 +263,7 @@ def test_kernel_write_under_sigbus_panics_the_host(
     private_page: int,
 ) -> None:
     # the convert tests left the page shared: make it the guest's again
-    stub.RmpUpdate(
-        pb.RmpUpdateRequest(
-            spa=private_page,
-            state=pb.RmpState(gpa=0, assigned=True, page_size=types_pb2.PAGE_SIZE_4K, asid=ASID),
-        ),
-        metadata=host,
-    )
+    make_private(stub, host, private_page)
     set_policy(stub, host, pb.VIOLATION_POLICY_SIGBUS)
     r = stub.HostWrite(
         pb.HostWriteRequest(

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from snpemu.errors import InvalidArgument
-from snpemu.hostconfig import ConfigError
+from snpemu.hostconfig import ConfigError, number
 from snpemu.rmp.machine import IommuMode, Policy
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -30,17 +30,6 @@ def parse_size(name: str, raw: str) -> int:
     value = int(m[1]) * _UNITS[m[2].upper()]
     if value <= 0 or value % (2 << 20) or value > MAX_MEMORY:
         raise ConfigError(f"{name}={raw!r}: must be a multiple of 2 MiB, at most 1 TiB")
-    return value
-
-
-def _number(env: Mapping[str, str], name: str, default: str, high: float) -> float:
-    raw = env.get(name, default)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: not a number") from None
-    if not 0 <= value <= high:
-        raise ConfigError(f"{name}={raw!r}: must be in 0..{high:g}")
     return value
 
 
@@ -70,7 +59,7 @@ class RmpOptions:
             memory_bytes=parse_size("SNPEMU_RMP_MEMORY", env.get("SNPEMU_RMP_MEMORY", "8G")),
             iommu=iommu,
             policy=policy,
-            hold_s=_number(env, "SNPEMU_RMP_INSN_HOLD_US", "0", 1e6) / 1e6,
-            kick_timeout_s=_number(env, "SNPEMU_RMP_KICK_TIMEOUT_S", "2", 60),
-            map_leak_s=_number(env, "SNPEMU_RMP_MAP_LEAK_S", "30", 86400),
+            hold_s=number(env, "SNPEMU_RMP_INSN_HOLD_US", "0", 1e6) / 1e6,
+            kick_timeout_s=number(env, "SNPEMU_RMP_KICK_TIMEOUT_S", "2", 60),
+            map_leak_s=number(env, "SNPEMU_RMP_MAP_LEAK_S", "30", 86400),
         )

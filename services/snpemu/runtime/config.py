@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from snpemu.hostconfig import HOST_COMPONENTS, ConfigError, layered_env, port
+from snpemu.hostconfig import HOST_COMPONENTS, ConfigError, layered_env, number, port
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -30,17 +30,6 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
         raise ConfigError(f"{name}={raw!r}: expected host:port")
     port({name: port_text}, name)
     return raw
-
-
-def _grace(env: Mapping[str, str]) -> float:
-    raw = env.get("SNPEMU_SHUTDOWN_GRACE_S", "5")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"SNPEMU_SHUTDOWN_GRACE_S={raw!r}: not a number of seconds") from None
-    if not 0 <= value <= 300:
-        raise ConfigError(f"SNPEMU_SHUTDOWN_GRACE_S={raw!r}: must be in 0..300")
-    return value
 
 
 @dataclass(frozen=True)
@@ -105,7 +94,7 @@ class ServiceConfig:
             grpc_port=grpc_port,
             metrics_port=metrics_port,
             log_level=level,
-            shutdown_grace_s=_grace(env),
+            shutdown_grace_s=number(env, "SNPEMU_SHUTDOWN_GRACE_S", "5", 300),
             peers=peers,
             host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
             data_dir=data_dir,
