@@ -619,3 +619,54 @@ class RmpMachine:
 
     def leaked(self) -> list[int]:
         return [int(p) for p in np.flatnonzero(self.allocator.leaked)]
+
+    # --- the firmware's own access (the AMD-SP writes memory and the RMP directly) ------------
+
+    FW_OPS = ("context", "firmware", "reclaim", "finish", "vmsa", "hv_fixed", "unsmash")
+
+    def fw_transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+        self.check_alive()
+        if op not in self.FW_OPS:
+            raise InvalidArgument(f"unknown firmware transition {op!r}")
+        return [
+            not spa & (PAGE_SIZE - 1) and self.table.fw_transition(spa >> PAGE_SHIFT, op, asid)
+            for spa in spas
+        ]
+
+    def _fw_pages(self, spa: int, length: int) -> list[tuple[int, int, int]]:
+        self.check_alive()
+        if not 0 < length <= MAX_ACCESS:
+            raise InvalidArgument(f"length must be in 1..{MAX_ACCESS}")
+        self._pfn(spa)
+        self._pfn(spa + length - 1)
+        out, pos, end = [], spa, spa + length
+        while pos < end:
+            offset = pos & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - offset, end - pos)
+            out.append((pos >> PAGE_SHIFT, offset, n))
+            pos += n
+        return out
+
+    def fw_read(self, spa: int, length: int, asid: int = 0) -> bytes:
+        """Read as the firmware: with asid, decrypt with that guest's key."""
+        out = bytearray()
+        for pfn, offset, n in self._fw_pages(spa, length):
+            page = self.frames.read(pfn)
+            if asid:
+                page = self.keys.decrypt(asid, pfn << PAGE_SHIFT, page)
+            out += page[offset : offset + n]
+        return bytes(out)
+
+    def fw_write(self, spa: int, data: bytes, asid: int = 0) -> None:
+        """Write as the firmware: with asid, encrypt with that guest's key (e.g. LAUNCH_UPDATE)."""
+        done = 0
+        for pfn, offset, n in self._fw_pages(spa, len(data)):
+            chunk = data[done : done + n]
+            done += n
+            if asid:
+                base = pfn << PAGE_SHIFT
+                page = bytearray(self.keys.decrypt(asid, base, self.frames.read(pfn)))
+                page[offset : offset + n] = chunk
+                self.frames.replace(pfn, self.keys.encrypt(asid, base, bytes(page)))
+            else:
+                self.frames.write(pfn, offset, chunk)

@@ -373,6 +373,26 @@ class RmpServicer:
         self.m.keys.remove(request.asid)
         return pb.RemoveMemoryKeyResponse()
 
+    # --- the firmware's own access ----------------------------------------------------------
+
+    async def FirmwareTransition(self, request: Any, context: Any) -> pb.FirmwareTransitionResponse:
+        if request.op == pb.FIRMWARE_OP_UNSPECIFIED:
+            raise InvalidArgument("op is required")
+        op = pb.FirmwareOp.Name(request.op).removeprefix("FIRMWARE_OP_").lower()
+        changed = self.m.fw_transition(list(request.spas), op, request.asid)
+        return pb.FirmwareTransitionResponse(changed=changed)
+
+    async def FirmwareRead(self, request: Any, context: Any) -> pb.FirmwareReadResponse:
+        return pb.FirmwareReadResponse(
+            data=self.m.fw_read(request.spa, request.length, request.asid)
+        )
+
+    async def FirmwareWrite(self, request: Any, context: Any) -> pb.FirmwareWriteResponse:
+        if not request.data:
+            raise InvalidArgument("data is required")
+        self.m.fw_write(request.spa, request.data, request.asid)
+        return pb.FirmwareWriteResponse()
+
     # --- policy and notifications ----------------------------------------------------------------
 
     async def GetViolationPolicy(self, request: Any, context: Any) -> pb.GetViolationPolicyResponse:

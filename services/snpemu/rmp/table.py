@@ -520,3 +520,67 @@ class RmpTable:
         """The ASID's vCPUs left guest mode (kicked): their in-flight instructions are done."""
         for pfn in [p for p in self._busy if (int(self.lo[p]) & ASID_MASK) >> ASID_SHIFT == asid]:
             del self._busy[pfn]
+
+    # --- firmware-side transitions ----------------------------------------------------------
+    # The AMD-SP writes the RMP directly; these are the changes its commands make. Each checks
+    # the page's current state and returns False (nothing changed) when it is not the one the
+    # command needs, which the firmware reports as INVALID_PAGE_STATE.
+
+    def fw_transition(self, pfn: int, op: str, asid: int = 0) -> bool:
+        if not 0 <= pfn < self.npages:
+            return False
+        lo, _, _ = self.effective(pfn)
+        state = self.entry(pfn).state
+        own = pfn if not (lo & PAGESIZE) else pfn & ALIGN_MASK
+        pfns = np.arange(own, own + (PAGES_PER_2M if lo & PAGESIZE else 1), dtype=np.int64)
+        before = self.state_of(pfns)
+        if op == "context" and state == PageState.FIRMWARE:
+            self.kind[own] = Kind.CONTEXT
+        elif op == "firmware" and state in (PageState.CONTEXT, PageState.METADATA):
+            self.kind[own] = Kind.FIRMWARE
+        elif op == "reclaim" and state in (
+            PageState.FIRMWARE,
+            PageState.CONTEXT,
+            PageState.METADATA,
+            PageState.PRE_GUEST,
+        ):
+            self.lo[own] = U64(encode(assigned=True, page_size_2m=bool(lo & PAGESIZE)))
+            self.hi[own] = 0
+            self.kind[own] = Kind.RECLAIM
+        elif op == "finish" and state == PageState.PRE_GUEST and self._asid(lo) == asid:
+            # LAUNCH_FINISH: launched pages become guest-owned, mutable and validated.
+            self.lo[own] = U64((int(self.lo[own]) & ~IMMUTABLE) | VALIDATED)
+        elif op == "vmsa" and state == PageState.PRE_GUEST and self._asid(lo) == asid:
+            self.lo[own] = U64(int(self.lo[own]) | VMSA)
+        elif op == "hv_fixed" and state in (PageState.HYPERVISOR, PageState.FIRMWARE):
+            self.lo[own] = U64(IMMUTABLE)
+            self.kind[own] = Kind.NONE
+        elif op == "unsmash" and pfn % PAGES_PER_2M == 0 and not lo & PAGESIZE:
+            return self._unsmash(pfn)
+        else:
+            return False
+        self._recount(pfns, before)
+        return True
+
+    @staticmethod
+    def _asid(lo: int) -> int:
+        return (lo & ASID_MASK) >> ASID_SHIFT
+
+    def _unsmash(self, a: int) -> bool:
+        """SNP_PAGE_UNSMASH: 512 4K entries describing one 2M page become one 2M entry."""
+        lo = self.lo[a : a + PAGES_PER_2M]
+        first = int(lo[0])
+        if not first & ASSIGNED or (first & GPA_MASK) % (PAGE_SIZE * PAGES_PER_2M):
+            return False
+        expect = U64(first & ~GPA_MASK) | (
+            (U64(first & GPA_MASK) + np.arange(PAGES_PER_2M, dtype=np.uint64) * U64(PAGE_SIZE))
+            & U64(GPA_MASK)
+        )
+        if not np.array_equal(lo, expect) or np.any(self.hi[a : a + PAGES_PER_2M] != self.hi[a]):
+            return False
+        pfns = np.arange(a, a + PAGES_PER_2M, dtype=np.int64)
+        before = self.state_of(pfns)
+        self.lo[a + 1 : a + PAGES_PER_2M] = U64(ASSIGNED)
+        self.lo[a] = U64(first | PAGESIZE)
+        self._recount(pfns, before)
+        return True

@@ -200,6 +200,48 @@ VIOLATION_OUTCOME_REFUSED: ViolationOutcome.ValueType  # 5
 """The write was refused cleanly; nothing changed (gmem, user writer)."""
 Global___ViolationOutcome: _TypeAlias = ViolationOutcome  # noqa: Y015
 
+class _FirmwareOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FirmwareOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FirmwareOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FIRMWARE_OP_UNSPECIFIED: _FirmwareOp.ValueType  # 0
+    FIRMWARE_OP_CONTEXT: _FirmwareOp.ValueType  # 1
+    """Firmware -> Context (SNP_GCTX_CREATE)"""
+    FIRMWARE_OP_FIRMWARE: _FirmwareOp.ValueType  # 2
+    """Context/Metadata -> Firmware (SNP_DECOMMISSION)"""
+    FIRMWARE_OP_RECLAIM: _FirmwareOp.ValueType  # 3
+    """Firmware/Context/Metadata/Pre-Guest -> Reclaim (SNP_PAGE_RECLAIM)"""
+    FIRMWARE_OP_FINISH: _FirmwareOp.ValueType  # 4
+    """Pre-Guest of asid -> Guest-Valid (SNP_LAUNCH_FINISH)"""
+    FIRMWARE_OP_VMSA: _FirmwareOp.ValueType  # 5
+    """set the VMSA bit of a Pre-Guest page of asid (SNP_LAUNCH_UPDATE type VMSA)"""
+    FIRMWARE_OP_HV_FIXED: _FirmwareOp.ValueType  # 6
+    """Hypervisor/Firmware -> Hypervisor-Fixed (SNP_INIT_EX range list)"""
+    FIRMWARE_OP_UNSMASH: _FirmwareOp.ValueType  # 7
+    """512 matching 4K entries -> one 2M entry (SNP_PAGE_UNSMASH)"""
+
+class FirmwareOp(_FirmwareOp, metaclass=_FirmwareOpEnumTypeWrapper):
+    """Page-state changes the firmware makes."""
+
+FIRMWARE_OP_UNSPECIFIED: FirmwareOp.ValueType  # 0
+FIRMWARE_OP_CONTEXT: FirmwareOp.ValueType  # 1
+"""Firmware -> Context (SNP_GCTX_CREATE)"""
+FIRMWARE_OP_FIRMWARE: FirmwareOp.ValueType  # 2
+"""Context/Metadata -> Firmware (SNP_DECOMMISSION)"""
+FIRMWARE_OP_RECLAIM: FirmwareOp.ValueType  # 3
+"""Firmware/Context/Metadata/Pre-Guest -> Reclaim (SNP_PAGE_RECLAIM)"""
+FIRMWARE_OP_FINISH: FirmwareOp.ValueType  # 4
+"""Pre-Guest of asid -> Guest-Valid (SNP_LAUNCH_FINISH)"""
+FIRMWARE_OP_VMSA: FirmwareOp.ValueType  # 5
+"""set the VMSA bit of a Pre-Guest page of asid (SNP_LAUNCH_UPDATE type VMSA)"""
+FIRMWARE_OP_HV_FIXED: FirmwareOp.ValueType  # 6
+"""Hypervisor/Firmware -> Hypervisor-Fixed (SNP_INIT_EX range list)"""
+FIRMWARE_OP_UNSMASH: FirmwareOp.ValueType  # 7
+"""512 matching 4K entries -> one 2M entry (SNP_PAGE_UNSMASH)"""
+Global___FirmwareOp: _TypeAlias = FirmwareOp  # noqa: Y015
+
 @_typing.final
 class RmpEntry(_message.Message):
     """An RMP entry, decoded. Layout of the raw form: reference 3.1 (Zen3/Zen4 PPR)."""
@@ -1536,6 +1578,139 @@ class RemoveMemoryKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveMemoryKeyResponse: _TypeAlias = RemoveMemoryKeyResponse  # noqa: Y015
+
+@_typing.final
+class FirmwareTransitionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPAS_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    ASID_FIELD_NUMBER: _builtins.int
+    op: Global___FirmwareOp.ValueType
+    asid: _builtins.int
+    @_builtins.property
+    def spas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        spas: _abc.Iterable[_builtins.int] | None = ...,
+        op: Global___FirmwareOp.ValueType = ...,
+        asid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "op", b"op", "spas", b"spas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareTransitionRequest: _TypeAlias = FirmwareTransitionRequest  # noqa: Y015
+
+@_typing.final
+class FirmwareTransitionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per page: true when the page was in a state the operation applies to and was changed."""
+
+    def __init__(
+        self,
+        *,
+        changed: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareTransitionResponse: _TypeAlias = FirmwareTransitionResponse  # noqa: Y015
+
+@_typing.final
+class FirmwareReadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPA_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    ASID_FIELD_NUMBER: _builtins.int
+    spa: _builtins.int
+    length: _builtins.int
+    asid: _builtins.int
+    """0: raw bytes; else decrypt with this ASID's key."""
+    def __init__(
+        self,
+        *,
+        spa: _builtins.int = ...,
+        length: _builtins.int = ...,
+        asid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "length", b"length", "spa", b"spa"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareReadRequest: _TypeAlias = FirmwareReadRequest  # noqa: Y015
+
+@_typing.final
+class FirmwareReadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareReadResponse: _TypeAlias = FirmwareReadResponse  # noqa: Y015
+
+@_typing.final
+class FirmwareWriteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPA_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ASID_FIELD_NUMBER: _builtins.int
+    spa: _builtins.int
+    data: _builtins.bytes
+    asid: _builtins.int
+    def __init__(
+        self,
+        *,
+        spa: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        asid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "data", b"data", "spa", b"spa"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareWriteRequest: _TypeAlias = FirmwareWriteRequest  # noqa: Y015
+
+@_typing.final
+class FirmwareWriteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareWriteResponse: _TypeAlias = FirmwareWriteResponse  # noqa: Y015
 
 @_typing.final
 class GetViolationPolicyRequest(_message.Message):

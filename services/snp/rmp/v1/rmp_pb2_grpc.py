@@ -160,6 +160,21 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.FromString,
                 _registered_method=True)
+        self.FirmwareTransition = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/FirmwareTransition',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionResponse.FromString,
+                _registered_method=True)
+        self.FirmwareRead = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/FirmwareRead',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadResponse.FromString,
+                _registered_method=True)
+        self.FirmwareWrite = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/FirmwareWrite',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.FromString,
+                _registered_method=True)
         self.GetViolationPolicy = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/GetViolationPolicy',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetViolationPolicyRequest.SerializeToString,
@@ -385,6 +400,31 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FirmwareTransition(self, request, context):
+        """--- The firmware's own access ---------------------------------------------------------
+
+        RMP changes the AMD-SP makes itself (it writes the RMP directly): a firmware page becomes a
+        context page (SNP_GCTX_CREATE), pages move to reclaim (SNP_PAGE_RECLAIM), launched pages
+        become guest-valid (SNP_LAUNCH_FINISH), ... Firmware only. SPEC: SNP ABI ch. 5
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FirmwareRead(self, request, context):
+        """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FirmwareWrite(self, request, context):
+        """Write memory as the firmware, encrypting with a guest's key when asid is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetViolationPolicy(self, request, context):
         """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -543,6 +583,21 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.RemoveMemoryKey,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.SerializeToString,
+            ),
+            'FirmwareTransition': grpc.unary_unary_rpc_method_handler(
+                    servicer.FirmwareTransition,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionResponse.SerializeToString,
+            ),
+            'FirmwareRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.FirmwareRead,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadResponse.SerializeToString,
+            ),
+            'FirmwareWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.FirmwareWrite,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.SerializeToString,
             ),
             'GetViolationPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetViolationPolicy,
@@ -1241,6 +1296,87 @@ class RmpService:
             '/snp.rmp.v1.RmpService/RemoveMemoryKey',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirmwareTransition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/FirmwareTransition',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirmwareRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/FirmwareRead',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirmwareWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/FirmwareWrite',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.FromString,
             options,
             channel_credentials,
             insecure,

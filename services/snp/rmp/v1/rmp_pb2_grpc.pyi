@@ -127,6 +127,17 @@ class RmpServiceStub:
     """
     RemoveMemoryKey: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.RemoveMemoryKeyRequest, _rmp_pb2.RemoveMemoryKeyResponse]
     """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+    FirmwareTransition: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]
+    """--- The firmware's own access ---------------------------------------------------------
+
+    RMP changes the AMD-SP makes itself (it writes the RMP directly): a firmware page becomes a
+    context page (SNP_GCTX_CREATE), pages move to reclaim (SNP_PAGE_RECLAIM), launched pages
+    become guest-valid (SNP_LAUNCH_FINISH), ... Firmware only. SPEC: SNP ABI ch. 5
+    """
+    FirmwareRead: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareReadRequest, _rmp_pb2.FirmwareReadResponse]
+    """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set."""
+    FirmwareWrite: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWriteRequest, _rmp_pb2.FirmwareWriteResponse]
+    """Write memory as the firmware, encrypting with a guest's key when asid is set."""
     GetViolationPolicy: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -234,6 +245,17 @@ class RmpServiceAsyncStub(RmpServiceStub):
     """
     RemoveMemoryKey: _aio.UnaryUnaryMultiCallable[_rmp_pb2.RemoveMemoryKeyRequest, _rmp_pb2.RemoveMemoryKeyResponse]  # type: ignore[assignment]
     """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+    FirmwareTransition: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]  # type: ignore[assignment]
+    """--- The firmware's own access ---------------------------------------------------------
+
+    RMP changes the AMD-SP makes itself (it writes the RMP directly): a firmware page becomes a
+    context page (SNP_GCTX_CREATE), pages move to reclaim (SNP_PAGE_RECLAIM), launched pages
+    become guest-valid (SNP_LAUNCH_FINISH), ... Firmware only. SPEC: SNP ABI ch. 5
+    """
+    FirmwareRead: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareReadRequest, _rmp_pb2.FirmwareReadResponse]  # type: ignore[assignment]
+    """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set."""
+    FirmwareWrite: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWriteRequest, _rmp_pb2.FirmwareWriteResponse]  # type: ignore[assignment]
+    """Write memory as the firmware, encrypting with a guest's key when asid is set."""
     GetViolationPolicy: _aio.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]  # type: ignore[assignment]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -488,6 +510,35 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rmp_pb2.RemoveMemoryKeyResponse, _abc.Awaitable[_rmp_pb2.RemoveMemoryKeyResponse]]:
         """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+
+    @_abc_1.abstractmethod
+    def FirmwareTransition(
+        self,
+        request: _rmp_pb2.FirmwareTransitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.FirmwareTransitionResponse, _abc.Awaitable[_rmp_pb2.FirmwareTransitionResponse]]:
+        """--- The firmware's own access ---------------------------------------------------------
+
+        RMP changes the AMD-SP makes itself (it writes the RMP directly): a firmware page becomes a
+        context page (SNP_GCTX_CREATE), pages move to reclaim (SNP_PAGE_RECLAIM), launched pages
+        become guest-valid (SNP_LAUNCH_FINISH), ... Firmware only. SPEC: SNP ABI ch. 5
+        """
+
+    @_abc_1.abstractmethod
+    def FirmwareRead(
+        self,
+        request: _rmp_pb2.FirmwareReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.FirmwareReadResponse, _abc.Awaitable[_rmp_pb2.FirmwareReadResponse]]:
+        """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set."""
+
+    @_abc_1.abstractmethod
+    def FirmwareWrite(
+        self,
+        request: _rmp_pb2.FirmwareWriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.FirmwareWriteResponse, _abc.Awaitable[_rmp_pb2.FirmwareWriteResponse]]:
+        """Write memory as the firmware, encrypting with a guest's key when asid is set."""
 
     @_abc_1.abstractmethod
     def GetViolationPolicy(
