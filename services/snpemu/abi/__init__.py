@@ -1,0 +1,1 @@
+"""Byte layouts shared by more than one service (the guest and the firmware both speak them)."""

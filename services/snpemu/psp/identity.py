@@ -1,0 +1,216 @@
+"""The emulated chip's identity: CHIP_ID, chip secret, the VCEK per TCB, and the emulated AMD
+key chain (ARK -> ASK -> VCEK) with AMD's certificate formats. Persisted in the data directory
+so a restart keeps the same chip, keys and certificates, as fused secrets do.
+
+Formats follow what AMD KDS serves (reference 5.5, 6): ARK and ASK are RSA-4096 and sign with
+RSASSA-PSS/SHA-384 (MGF1 SHA-384, salt 48); the VCEK is ECDSA P-384 and its certificate carries
+the 1.3.6.1.4.1.3704.1 extensions (struct version, product name, SPLs, hwID = CHIP_ID as raw
+bytes). SPEC: go-sev-guest kds/kds.go
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+from snpemu.psp.tcb import PRODUCTS, Product, Tcb
+
+AMD_OID = "1.3.6.1.4.1.3704.1"
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+P384_ORDER = int(
+    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+    16,
+)
+_EPOCH = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+_VALID = datetime.timedelta(days=25 * 365)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Engineering"),
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
+            x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Advanced Micro Devices"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _der_int(value: int) -> bytes:
+    body = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big")
+    return b"\x02" + bytes([len(body)]) + body
+
+
+def _der_ia5(text: str) -> bytes:
+    data = text.encode("ascii")
+    return b"\x16" + bytes([len(data)]) + data
+
+
+def _ext(oid: str, value: bytes) -> x509.UnrecognizedExtension:
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{AMD_OID}.{oid}"), value)
+
+
+def _ca_cert(subject: str, issuer: str, key: rsa.RSAPrivateKey, signer: rsa.RSAPrivateKey,
+             serial: int) -> x509.Certificate:  # fmt: skip
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(_EPOCH)
+        .not_valid_after(_EPOCH + _VALID)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(signer, hashes.SHA384(), rsa_padding=PSS)
+    )
+
+
+@dataclass
+class ChipIdentity:
+    product: Product
+    chip_id: bytes
+    chip_secret: bytes
+    ark_key: rsa.RSAPrivateKey
+    ask_key: rsa.RSAPrivateKey
+    ark_cert: x509.Certificate
+    ask_cert: x509.Certificate
+    data_dir: Path
+
+    # --- creation and persistence -----------------------------------------------------------
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path, product_name: str) -> ChipIdentity:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        meta_path = data_dir / "chip.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta["product"] != product_name:
+                raise ValueError(
+                    f"{data_dir} holds a {meta['product']} chip, not {product_name}: use "
+                    "another SNPEMU_DATA_DIR"
+                )
+
+            def key(name: str) -> rsa.RSAPrivateKey:
+                k = serialization.load_pem_private_key((data_dir / name).read_bytes(), None)
+                assert isinstance(k, rsa.RSAPrivateKey)
+                return k
+
+            return cls(
+                product=PRODUCTS[product_name],
+                chip_id=bytes.fromhex(meta["chip_id"]),
+                chip_secret=bytes.fromhex(meta["chip_secret"]),
+                ark_key=key("ark.key"),
+                ask_key=key("ask.key"),
+                ark_cert=x509.load_pem_x509_certificate((data_dir / "ark.pem").read_bytes()),
+                ask_cert=x509.load_pem_x509_certificate((data_dir / "ask.pem").read_bytes()),
+                data_dir=data_dir,
+            )
+        product = PRODUCTS[product_name]
+        ark_key = rsa.generate_private_key(65537, 4096)
+        ask_key = rsa.generate_private_key(65537, 4096)
+        ark = _ca_cert(f"ARK-{product.name}", f"ARK-{product.name}", ark_key, ark_key, 1)
+        ask = _ca_cert(f"SEV-{product.name}", f"ARK-{product.name}", ask_key, ark_key, 2)
+        ident = cls(product, secrets.token_bytes(64), secrets.token_bytes(32), ark_key, ask_key,
+                    ark, ask, data_dir)  # fmt: skip
+        ident._save(meta_path)
+        return ident
+
+    def _save(self, meta_path: Path) -> None:
+        pem = serialization.Encoding.PEM
+        for name, k in (("ark.key", self.ark_key), ("ask.key", self.ask_key)):
+            path = self.data_dir / name
+            path.write_bytes(
+                k.private_bytes(
+                    pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            os.chmod(path, 0o600)
+        (self.data_dir / "ark.pem").write_bytes(self.ark_cert.public_bytes(pem))
+        (self.data_dir / "ask.pem").write_bytes(self.ask_cert.public_bytes(pem))
+        meta = {"product": self.product.name, "chip_id": self.chip_id.hex(),
+                "chip_secret": self.chip_secret.hex()}  # fmt: skip
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.chmod(tmp, 0o600)
+        tmp.replace(meta_path)
+
+    # --- the VCEK --------------------------------------------------------------------------
+
+    def vcek_key(self, tcb: Tcb) -> ec.EllipticCurvePrivateKey:
+        """Derived from the chip secret and the TCB, as the AMD-SP derives it: the same chip
+        and TCB always give the same key; another TCB gives another."""
+        okm = HKDF(hashes.SHA384(), 64, salt=b"snpemu VCEK", info=tcb.raw.to_bytes(8, "little")
+                   ).derive(self.chip_secret)  # fmt: skip
+        scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
+        return ec.derive_private_key(scalar, ec.SECP384R1())
+
+    def vcek_cert(self, tcb: Tcb) -> x509.Certificate:
+        path = self.data_dir / f"vcek-{tcb.raw:016x}.der"
+        if path.exists():
+            return x509.load_der_x509_certificate(path.read_bytes())
+        exts = [
+            _ext("1", _der_int(1)),
+            _ext("2", _der_ia5(self.product.stepping_name)),
+            _ext("3.1", _der_int(tcb.boot_loader)),
+            _ext("3.2", _der_int(tcb.tee)),
+            _ext("3.3", _der_int(tcb.snp)),
+            *(_ext(f"3.{i}", _der_int(0)) for i in range(4, 8)),
+            _ext("3.8", _der_int(tcb.microcode)),
+            # hwID: the 64-byte CHIP_ID as raw bytes (KDS omits the OCTET STRING tag)
+            _ext("4", self.chip_id),
+        ]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name("SEV-VCEK"))
+            .issuer_name(self.ask_cert.subject)
+            .public_key(self.vcek_key(tcb).public_key())
+            .serial_number(int.from_bytes(self.chip_id[:8], "big") ^ tcb.raw | 1)
+            .not_valid_before(_EPOCH)
+            .not_valid_after(_EPOCH + _VALID)
+        )
+        for ext in exts:
+            builder = builder.add_extension(ext, critical=False)
+        cert = builder.sign(self.ask_key, hashes.SHA384(), rsa_padding=PSS)
+        path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+        return cert
+
+    def crl(self) -> x509.CertificateRevocationList:
+        """An empty CRL signed by the ARK (nothing revoked)."""
+        path = self.data_dir / "crl.der"
+        if path.exists():
+            return x509.load_der_x509_crl(path.read_bytes())
+        crl = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.ark_cert.subject)
+            .last_update(_EPOCH)
+            .next_update(_EPOCH + _VALID)
+            .sign(self.ark_key, hashes.SHA384(), rsa_padding=PSS)
+        )
+        path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+        return crl
