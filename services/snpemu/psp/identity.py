@@ -62,8 +62,9 @@ def _ext(oid: str, value: bytes) -> x509.UnrecognizedExtension:
     return x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{AMD_OID}.{oid}"), value)
 
 
-def _ca_cert(subject: str, issuer: str, key: rsa.RSAPrivateKey, signer: rsa.RSAPrivateKey,
-             serial: int) -> x509.Certificate:  # fmt: skip
+def _ca_cert(
+    subject: str, issuer: str, key: rsa.RSAPrivateKey, signer: rsa.RSAPrivateKey, serial: int
+) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -136,8 +137,16 @@ class ChipIdentity:
         ask_key = rsa.generate_private_key(65537, 4096)
         ark = _ca_cert(f"ARK-{product.name}", f"ARK-{product.name}", ark_key, ark_key, 1)
         ask = _ca_cert(f"SEV-{product.name}", f"ARK-{product.name}", ask_key, ark_key, 2)
-        ident = cls(product, secrets.token_bytes(64), secrets.token_bytes(32), ark_key, ask_key,
-                    ark, ask, data_dir)  # fmt: skip
+        ident = cls(
+            product,
+            secrets.token_bytes(64),
+            secrets.token_bytes(32),
+            ark_key,
+            ask_key,
+            ark,
+            ask,
+            data_dir,
+        )
         ident._save(meta_path)
         return ident
 
@@ -153,8 +162,11 @@ class ChipIdentity:
             os.chmod(path, 0o600)
         (self.data_dir / "ark.pem").write_bytes(self.ark_cert.public_bytes(pem))
         (self.data_dir / "ask.pem").write_bytes(self.ask_cert.public_bytes(pem))
-        meta = {"product": self.product.name, "chip_id": self.chip_id.hex(),
-                "chip_secret": self.chip_secret.hex()}  # fmt: skip
+        meta = {
+            "product": self.product.name,
+            "chip_id": self.chip_id.hex(),
+            "chip_secret": self.chip_secret.hex(),
+        }
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta))
         os.chmod(tmp, 0o600)
@@ -165,8 +177,9 @@ class ChipIdentity:
     def vcek_key(self, tcb: Tcb) -> ec.EllipticCurvePrivateKey:
         """Derived from the chip secret and the TCB, as the AMD-SP derives it: the same chip
         and TCB always give the same key; another TCB gives another."""
-        okm = HKDF(hashes.SHA384(), 64, salt=b"snpemu VCEK", info=tcb.raw.to_bytes(8, "little")
-                   ).derive(self.chip_secret)  # fmt: skip
+        okm = HKDF(
+            hashes.SHA384(), 64, salt=b"snpemu VCEK", info=tcb.raw.to_bytes(8, "little")
+        ).derive(self.chip_secret)
         scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
         return ec.derive_private_key(scalar, ec.SECP384R1())
 

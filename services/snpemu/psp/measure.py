@@ -51,9 +51,12 @@ class LaunchDigest:
         *,
         vmpl_perms: tuple[int, int, int] = (0, 0, 0),
     ) -> bytes:
-        contents = hashlib.sha384(page).digest() if page_type in MEASURED_TYPES else bytes(LD_SIZE)
-        if page_type in MEASURED_TYPES and page is None:
-            raise ValueError("measured page types need the page contents")
+        if page_type in MEASURED_TYPES:
+            if page is None:
+                raise ValueError("measured page types need the page contents")
+            contents = hashlib.sha384(page).digest()
+        else:
+            contents = bytes(LD_SIZE)
         info = page_info(
             self.value,
             contents,

@@ -1,0 +1,132 @@
+"""How the firmware reaches memory and the RMP: only through rmp, as the AMD-SP does by DMA.
+
+`RmpPort` is what the firmware model needs; `GrpcRmp` talks to the rmp service; tests may use
+`LocalRmp` over an in-process RmpMachine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from snp.rmp.v1 import rmp_pb2 as pb
+from snp.rmp.v1 import rmp_pb2_grpc
+
+from snpemu.errors import Unavailable
+from snpemu.rmp.entry import PageState
+from snpemu.rmp.machine import RmpMachine
+from snpemu.runtime.servicer import CREDENTIAL_HEADER
+
+
+@dataclass(frozen=True)
+class Page:
+    state: PageState
+    asid: int
+    gpa: int
+    size_2m: bool
+    vmsa: bool
+
+
+@dataclass(frozen=True)
+class Platform:
+    memory_bytes: int
+    rmp_covered_bytes: int
+    snp_capable: bool
+
+
+class RmpPort(Protocol):
+    async def platform(self) -> Platform: ...
+    async def page(self, spa: int) -> Page: ...
+    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]: ...
+    async def read(self, spa: int, length: int, asid: int = 0) -> bytes: ...
+    async def write(self, spa: int, data: bytes, asid: int = 0) -> None: ...
+    async def install_key(self, asid: int, key: bytes) -> None: ...
+    async def remove_key(self, asid: int) -> None: ...
+
+
+_OPS = {
+    "context": pb.FIRMWARE_OP_CONTEXT,
+    "firmware": pb.FIRMWARE_OP_FIRMWARE,
+    "reclaim": pb.FIRMWARE_OP_RECLAIM,
+    "finish": pb.FIRMWARE_OP_FINISH,
+    "vmsa": pb.FIRMWARE_OP_VMSA,
+    "hv_fixed": pb.FIRMWARE_OP_HV_FIXED,
+    "unsmash": pb.FIRMWARE_OP_UNSMASH,
+}
+
+
+class GrpcRmp:
+    def __init__(self, address: str, credential: str | None) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = rmp_pb2_grpc.RmpServiceStub(self.channel)
+        self.md = ((CREDENTIAL_HEADER, credential),) if credential else ()
+
+    async def _call(self, method: str, request: object) -> object:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.md, timeout=30)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"rmp is unreachable: {e.details()}") from None
+            raise
+
+    async def platform(self) -> Platform:
+        r = await self._call("GetPlatformInfo", pb.GetPlatformInfoRequest())
+        return Platform(r.memory_bytes, r.rmp_covered_bytes, r.snp_capable)  # type: ignore[attr-defined]
+
+    async def page(self, spa: int) -> Page:
+        e = (await self._call("ReadRmpEntry", pb.ReadRmpEntryRequest(pfn=spa >> 12))).entry  # type: ignore[attr-defined]
+        return Page(PageState(e.state), e.asid, e.gpa, e.page_size == 2, e.vmsa)
+
+    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+        r = await self._call(
+            "FirmwareTransition", pb.FirmwareTransitionRequest(spas=spas, op=_OPS[op], asid=asid)
+        )
+        return list(r.changed)  # type: ignore[attr-defined]
+
+    async def read(self, spa: int, length: int, asid: int = 0) -> bytes:
+        r = await self._call(
+            "FirmwareRead", pb.FirmwareReadRequest(spa=spa, length=length, asid=asid)
+        )
+        return bytes(r.data)  # type: ignore[attr-defined]
+
+    async def write(self, spa: int, data: bytes, asid: int = 0) -> None:
+        await self._call("FirmwareWrite", pb.FirmwareWriteRequest(spa=spa, data=data, asid=asid))
+
+    async def install_key(self, asid: int, key: bytes) -> None:
+        await self._call("InstallMemoryKey", pb.InstallMemoryKeyRequest(asid=asid, key=key))
+
+    async def remove_key(self, asid: int) -> None:
+        await self._call("RemoveMemoryKey", pb.RemoveMemoryKeyRequest(asid=asid))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class LocalRmp:
+    """The same port over an in-process RmpMachine (unit tests of the firmware model)."""
+
+    def __init__(self, machine: RmpMachine) -> None:
+        self.m = machine
+
+    async def platform(self) -> Platform:
+        return Platform(self.m.memory_bytes, self.m.memory_bytes, self.m.snp_capable)
+
+    async def page(self, spa: int) -> Page:
+        e = self.m.entry(spa >> 12)
+        return Page(e.state, e.asid, e.gpa, e.page_size_2m, e.vmsa)
+
+    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+        return self.m.fw_transition(spas, op, asid)
+
+    async def read(self, spa: int, length: int, asid: int = 0) -> bytes:
+        return self.m.fw_read(spa, length, asid)
+
+    async def write(self, spa: int, data: bytes, asid: int = 0) -> None:
+        self.m.fw_write(spa, data, asid)
+
+    async def install_key(self, asid: int, key: bytes) -> None:
+        self.m.keys.install(asid, key)
+
+    async def remove_key(self, asid: int) -> None:
+        self.m.keys.remove(asid)
