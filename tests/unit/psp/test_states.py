@@ -1,0 +1,356 @@
+"""Every (platform state or guest state, command) pair answers the expected firmware status and
+a failing command leaves the firmware and the RMP exactly as they were."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snpemu.abi import guest_message as gm
+from snpemu.psp.firmware import PageType
+from snpemu.psp.status import FirmwareError, SevStatus
+from snpemu.psp.tcb import Tcb
+from snpemu.rmp.memory import Placement
+from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+
+OK = SevStatus.SUCCESS
+IPS = SevStatus.INVALID_PLATFORM_STATE
+IGS = SevStatus.INVALID_GUEST_STATE
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chip")
+
+
+def snapshot(h: Host) -> tuple[object, ...]:
+    guests = {g: (c.state, c.asid, c.digest.value, tuple(c.seqnos)) for g, c in h.fw.guests.items()}
+    return (
+        h.fw.status_bytes(),
+        guests,
+        copy.copy(h.fw.unflushed),
+        h.fw.legacy_initialized,
+        h.rmp.table.lo.copy(),
+        h.rmp.table.kind.copy(),
+    )
+
+
+async def expect(h: Host, cmd: Callable[[], Awaitable[object]], status: SevStatus) -> None:
+    before = snapshot(h)
+    try:
+        await cmd()
+    except FirmwareError as e:
+        assert e.status == status, f"got {e.status.name}, expected {status.name}: {e.message}"
+        after = snapshot(h)
+        for a, b in zip(before, after, strict=True):
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, "state changed"
+        return
+    assert status == OK, f"succeeded, expected {status.name}"
+
+
+def tmr(h: Host) -> tuple[int, int]:
+    pfns = h.rmp.allocate(512, Placement.ALIGNED_2M)
+    for p in pfns:
+        h.rmp.rmpupdate(p << 12, gpa=0, assigned=True, size_2m=False, immutable=True, asid=0)
+    return pfns[0] << 12, 2 << 20
+
+
+Command = Callable[[], Awaitable[object]]
+# name -> prepare(host) -> command: pages the command needs are made before the snapshot.
+PLATFORM_COMMANDS: dict[str, Callable[[Host], Command]] = {
+    "SNP_INIT": lambda h: h.fw.snp_init,
+    "SNP_INIT_EX": lambda h: (
+        lambda p=h.shared_page(): h.fw.snp_init_ex(init_rmp=True, hv_fixed=[(p, 1)])
+    ),
+    "SNP_DF_FLUSH": lambda h: h.fw.df_flush,
+    "SNP_SHUTDOWN": lambda h: h.fw.snp_shutdown,
+    "SNP_SHUTDOWN_EX": lambda h: lambda: h.fw.snp_shutdown_ex(iommu=True, x86=False),
+    "SNP_CONFIG": lambda h: (
+        lambda: h.fw.config(reported_tcb=Tcb(1, 0, 1, 1), mask_chip_id=True, mask_chip_key=False)
+    ),
+    "SNP_COMMIT": lambda h: h.fw.commit,
+    "SNP_PLATFORM_STATUS": lambda h: lambda p=h.firmware_page(): h.fw.platform_status(p),
+    "SNP_FEATURE_INFO": lambda h: lambda: h.fw.feature_info(0),
+    "SNP_GCTX_CREATE": lambda h: lambda p=h.firmware_page(): h.fw.gctx_create(p),
+    "SNP_PAGE_RECLAIM": lambda h: lambda p=h.firmware_page(): h.fw.page_reclaim(p, False),
+    "SEV_INIT": lambda h: lambda t=tmr(h): h.fw.sev_init(*t),
+}
+
+# command -> status in platform state UNINIT, INIT (no guest), WORKING (a guest exists)
+PLATFORM_TABLE = {
+    "SNP_INIT": (OK, IPS, IPS),
+    "SNP_INIT_EX": (OK, IPS, IPS),
+    "SNP_DF_FLUSH": (IPS, OK, OK),
+    "SNP_SHUTDOWN": (IPS, OK, IPS),
+    "SNP_SHUTDOWN_EX": (IPS, OK, IPS),
+    "SNP_CONFIG": (IPS, OK, OK),
+    "SNP_COMMIT": (IPS, OK, OK),
+    "SNP_PLATFORM_STATUS": (OK, OK, OK),
+    "SNP_FEATURE_INFO": (OK, OK, OK),
+    "SNP_GCTX_CREATE": (IPS, OK, OK),
+    "SNP_PAGE_RECLAIM": (IPS, OK, OK),
+    "SEV_INIT": (OK, OK, OK),
+}
+
+
+@pytest.mark.parametrize("platform", ["UNINIT", "INIT", "WORKING"])
+@pytest.mark.parametrize("name", sorted(PLATFORM_TABLE))
+def test_platform_state_command_pairs(tmp: Path, platform: str, name: str) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        if platform != "UNINIT":
+            await h.fw.snp_init()
+        if platform == "WORKING":
+            await h.fw.gctx_create(h.firmware_page())
+        column = ("UNINIT", "INIT", "WORKING").index(platform)
+        await expect(h, PLATFORM_COMMANDS[name](h), PLATFORM_TABLE[name][column])
+
+    run(body())
+
+
+async def _to_state(h: Host, state: str) -> None:
+    await h.fw.snp_init()
+    h.gctx = h.firmware_page()
+    await h.fw.gctx_create(h.gctx)
+    if state == "INIT":
+        return
+    await h.fw.launch_start(h.gctx, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
+    if state == "LAUNCH":
+        return
+    await h.fw.activate(h.gctx, 7)
+    h.asid = 7
+    if state == "LAUNCH_ACTIVE":
+        return
+    await h.place(0x5000, None, PageType.SECRETS)
+    h.secrets_gpa = 0x5000
+    await h.fw.launch_finish(
+        h.gctx,
+        id_block=b"",
+        id_auth=b"",
+        id_block_en=False,
+        auth_key_en=False,
+        vcek_disabled=False,
+        host_data=b"",
+    )
+
+
+def _launch_update(h: Host) -> Command:
+    spa = h.shared_page()
+    h.rmp.rmpupdate(spa, gpa=0x9000, assigned=True, size_2m=False, immutable=True, asid=h.asid or 7)
+    return lambda: h.fw.launch_update(
+        h.gctx,
+        address=spa,
+        page_type=PageType.NORMAL,
+        size_2m=False,
+        imi=False,
+        vmpl_perms=(0, 0, 0),
+    )
+
+
+def _guest_request(h: Host) -> Command:
+    req, res = h.shared_page(), h.firmware_page()
+    key = h.vmpck(0) if h.secrets_gpa else bytes(32)
+    hdr = gm.Header(seqno=1, msg_type=gm.MsgType.REPORT_REQ, msg_version=1, msg_sz=96, vmpck=0)
+    h.rmp.frames.replace(req >> 12, gm.seal(key, hdr, report_request()))
+    return lambda: h.fw.guest_request(h.gctx, req, res)
+
+
+GUEST_COMMANDS: dict[str, Callable[[Host], Command]] = {
+    "SNP_LAUNCH_START": lambda h: (
+        lambda: h.fw.launch_start(h.gctx, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
+    ),
+    "SNP_ACTIVATE": lambda h: lambda: h.fw.activate(h.gctx, 8),
+    "SNP_LAUNCH_UPDATE": _launch_update,
+    "SNP_LAUNCH_FINISH": lambda h: (
+        lambda: h.fw.launch_finish(
+            h.gctx,
+            id_block=b"",
+            id_auth=b"",
+            id_block_en=False,
+            auth_key_en=False,
+            vcek_disabled=False,
+            host_data=b"",
+        )
+    ),
+    "SNP_GUEST_REQUEST": _guest_request,
+    "SNP_GUEST_STATUS": lambda h: lambda: h.fw.guest_status(h.gctx),
+    "SNP_DBG_DECRYPT": lambda h: (
+        lambda s=h.shared_page(), d=h.firmware_page(): h.fw.dbg_decrypt(h.gctx, s, d)
+    ),
+    "SNP_DECOMMISSION": lambda h: lambda: h.fw.decommission(h.gctx),
+    "SNP_PAGE_RECLAIM(live context)": lambda h: lambda: h.fw.page_reclaim(h.gctx, False),
+}
+
+PF = SevStatus.POLICY_FAILURE
+INACTIVE = SevStatus.INACTIVE
+ACTIVE = SevStatus.ACTIVE
+PSTATE = SevStatus.INVALID_PAGE_STATE
+# command -> status in guest state INIT, LAUNCH (no ASID), LAUNCH (activated), RUNNING
+GUEST_TABLE = {
+    "SNP_LAUNCH_START": (OK, IGS, IGS, IGS),
+    "SNP_ACTIVATE": (IGS, OK, ACTIVE, ACTIVE),
+    "SNP_LAUNCH_UPDATE": (IGS, INACTIVE, OK, IGS),
+    "SNP_LAUNCH_FINISH": (IGS, INACTIVE, OK, IGS),
+    "SNP_GUEST_REQUEST": (IGS, IGS, IGS, OK),
+    "SNP_GUEST_STATUS": (OK, OK, OK, OK),
+    "SNP_DBG_DECRYPT": (IGS, PF, PF, PF),
+    "SNP_DECOMMISSION": (OK, OK, OK, OK),
+    "SNP_PAGE_RECLAIM(live context)": (PSTATE, PSTATE, PSTATE, PSTATE),
+}
+GUEST_STATES = ["INIT", "LAUNCH", "LAUNCH_ACTIVE", "RUNNING"]
+
+
+@pytest.mark.parametrize("state", GUEST_STATES)
+@pytest.mark.parametrize("name", sorted(GUEST_TABLE))
+def test_guest_state_command_pairs(tmp: Path, state: str, name: str) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, state)
+        await expect(h, GUEST_COMMANDS[name](h), GUEST_TABLE[name][GUEST_STATES.index(state)])
+
+    run(body())
+
+
+def test_asid_rules(tmp: Path) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, "LAUNCH_ACTIVE")
+        other = h.firmware_page()
+        await h.fw.gctx_create(other)
+        await h.fw.launch_start(other, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
+        await expect(h, lambda: h.fw.activate(other, 7), SevStatus.ASID_OWNED)
+        await expect(h, lambda: h.fw.activate(other, 0), SevStatus.INVALID_ASID)
+        await expect(h, lambda: h.fw.activate(other, 100), SevStatus.INVALID_ASID)
+        await h.fw.decommission(h.gctx)
+        await expect(h, lambda: h.fw.activate(other, 7), SevStatus.DFFLUSH_REQUIRED)
+        await expect(h, lambda: h.fw.snp_shutdown(), IPS)
+        await h.fw.df_flush()
+        await expect(h, lambda: h.fw.activate(other, 7), OK)
+
+    run(body())
+
+
+def test_shutdown_needs_df_flush_after_decommission(tmp: Path) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, "LAUNCH_ACTIVE")
+        await h.fw.decommission(h.gctx)
+        await expect(
+            h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), SevStatus.DFFLUSH_REQUIRED
+        )
+        await h.fw.df_flush()
+        await expect(h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), OK)
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("policy", "status"),
+    [
+        (0x10000, SevStatus.POLICY_FAILURE),  # bit 17 clear
+        (0x20000, SevStatus.POLICY_FAILURE),  # SMT not allowed on an SMT host
+        (0x30000 | 2 << 8, SevStatus.POLICY_FAILURE),  # needs ABI 2.0
+        (0x30000 | 1 << 18, SevStatus.POLICY_FAILURE),  # migration agent
+        (0x30000 | 1 << 40, SevStatus.INVALID_PARAM),  # reserved bit
+        (0x30000 | 1 << 8 | 55, OK),  # ABI 1.55 is this firmware's
+    ],
+)
+def test_launch_start_policy_checks(tmp: Path, policy: int, status: SevStatus) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, "INIT")
+        await expect(
+            h,
+            lambda: h.fw.launch_start(h.gctx, policy=policy, gosvw=b"", ma_en=False, imi_en=False),
+            status,
+        )
+
+    run(body())
+
+
+def test_page_state_errors(tmp: Path) -> None:
+    async def body() -> None:
+        h = make_host(tmp)
+        await h.fw.snp_init()
+        # the context page and the status page must be firmware pages
+        await expect(h, lambda: h.fw.gctx_create(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
+        await expect(h, lambda: h.fw.platform_status(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
+        await expect(h, lambda: h.fw.gctx_create(h.shared_page() | 8), SevStatus.INVALID_ADDRESS)
+        await _to_state_after_init(h)
+        # a page that is not pre-guest, or belongs to another ASID
+        spa = h.shared_page()
+        await expect(
+            h,
+            lambda: h.fw.launch_update(
+                h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+            ),
+            SevStatus.INVALID_PAGE_STATE,
+        )
+        h.rmp.rmpupdate(spa, gpa=0, assigned=True, size_2m=False, immutable=True, asid=9)
+        await expect(
+            h,
+            lambda: h.fw.launch_update(
+                h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+            ),
+            SevStatus.INVALID_PAGE_OWNER,
+        )
+        await expect(
+            h,
+            lambda: h.fw.launch_update(
+                h.gctx, address=spa, page_type=7, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+            ),
+            SevStatus.INVALID_PARAM,
+        )
+
+    run(body())
+
+
+async def _to_state_after_init(h: Host) -> None:
+    h.gctx = h.firmware_page()
+    await h.fw.gctx_create(h.gctx)
+    await h.fw.launch_start(h.gctx, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
+    await h.fw.activate(h.gctx, 7)
+    h.asid = 7
+
+
+def test_cpuid_page_is_validated_and_corrected(tmp: Path) -> None:
+    import struct
+
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, "LAUNCH_ACTIVE")
+        table = bytearray(4096)
+        struct.pack_into("<I", table, 0, 2)
+        struct.pack_into("<IIQQIIIIQ", table, 16, 0x8000001F, 0, 0, 0, 0xFFFFFFFF, 0x33, 0, 0, 0)
+        struct.pack_into("<IIQQIIIIQ", table, 64, 0x1, 0, 0, 0, 0x00A00F11, 0, 0, 0, 0)
+        spa = h.shared_page()
+        h.rmp.frames.write(spa >> 12, 0, bytes(table))
+        h.rmp.rmpupdate(spa, gpa=0x6000, assigned=True, size_2m=False, immutable=True, asid=7)
+        with pytest.raises(FirmwareError) as info:
+            await h.fw.launch_update(
+                h.gctx,
+                address=spa,
+                page_type=PageType.CPUID,
+                size_2m=False,
+                imi=False,
+                vmpl_perms=(0, 0, 0),
+            )
+        assert info.value.status == SevStatus.INVALID_PARAM
+        back = h.rmp.host_read(spa, 4096)  # corrected and left unencrypted
+        assert struct.unpack_from("<I", back, 16 + 24)[0] == 0x0001DFFF
+        assert back[64:112] == table[64:112]
+        # the host fixes the table as told and retries
+        await h.fw.launch_update(
+            h.gctx,
+            address=spa,
+            page_type=PageType.CPUID,
+            size_2m=False,
+            imi=False,
+            vmpl_perms=(0, 0, 0),
+        )
+
+    run(body())
