@@ -113,6 +113,7 @@ class HostConfig:
     endpoints: tuple[Endpoint, ...]
     prometheus_port: int
     grafana_port: int
+    kds_port: int
 
     @property
     def guests(self) -> tuple[Endpoint, ...]:
@@ -156,6 +157,7 @@ class HostConfig:
             endpoints=tuple(endpoints),
             prometheus_port=port(values, "SNPEMU_PROMETHEUS_PORT"),
             grafana_port=port(values, "SNPEMU_GRAFANA_PORT"),
+            kds_port=port(values, "SNPEMU_KDS_PORT"),
         )
         config._check_distinct()
         return config
@@ -167,6 +169,7 @@ class HostConfig:
             *((f"{e.name} metrics", e.metrics_port) for e in self.endpoints),
             ("prometheus", self.prometheus_port),
             ("grafana", self.grafana_port),
+            ("psp KDS", self.kds_port),
         ]:
             if p in seen:
                 raise ConfigError(f"port {p} is given to both {seen[p]} and {owner}")

@@ -68,7 +68,7 @@ class Cluster:
 
 
 def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
-    ports = free_ports(15)
+    ports = free_ports(16)
     names = [
         "SNPEMU_RMP_GRPC_PORT",
         "SNPEMU_PSP_GRPC_PORT",

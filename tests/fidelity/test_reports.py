@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-
 from snpemu.abi import guest_message as gm
 from snpemu.psp.firmware import PageType
+
 from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
 
 pytestmark = pytest.mark.fidelity

@@ -74,7 +74,12 @@ def test_compose_runs_the_launchers_services_ports_and_commands(compose: dict[st
             assert env[f"SNPEMU_{peer.upper()}_ADDR"] == f"{peer}:{config.endpoint(peer).grpc_port}"
         assert ("SNPEMU_HOST_CREDENTIAL" in env) == s.is_host_side
         g, m = s.endpoint.grpc_port, s.endpoint.metrics_port
-        assert svc["ports"] == [f"127.0.0.1:{g}:{g}", f"127.0.0.1:{m}:{m}"]
+        ports = [f"127.0.0.1:{g}:{g}", f"127.0.0.1:{m}:{m}"]
+        if s.name == "psp":
+            k = config.kds_port
+            ports.append(f"127.0.0.1:{k}:{k}")
+            assert env["SNPEMU_KDS_PORT"] == str(k) == s.env["SNPEMU_KDS_PORT"]
+        assert svc["ports"] == ports
         assert svc["image"] == "snpemu:latest" and svc["build"] == "."
         assert svc["init"] is True and svc["restart"] == "unless-stopped"
         # A real gRPC health check, with no spaces in any argument.

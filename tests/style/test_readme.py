@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from snpemu import guest, kvm, netd, psp, rmp
 from snpemu.runtime.config import ServiceConfig
@@ -13,10 +15,12 @@ from tests.style.readme import not_built_from_readme
 pytestmark = pytest.mark.style
 
 
-def test_readme_lists_exactly_the_unbuilt_rpcs() -> None:
+def test_readme_lists_exactly_the_unbuilt_rpcs(tmp_path: Path) -> None:
     expected = {}
+    env = {"SNPEMU_DATA_DIR": str(tmp_path), "SNPEMU_KDS_PORT": "0", "SNPEMU_RMP_MEMORY": "64M"}
     for spec in (rmp.SPEC, psp.SPEC, kvm.SPEC, netd.SPEC, guest.SPEC):
-        impl = spec.make_impl(ServiceRuntime(spec, ServiceConfig.from_env(spec.name, {})))
+        config = ServiceConfig.from_env(spec.name, env)
+        impl = spec.make_impl(ServiceRuntime(spec, config, spec.options(env)))
         built = set(built_methods(spec.descriptor, impl))
         missing = [m.name for m in spec.descriptor.methods if m.name not in built]
         if missing:

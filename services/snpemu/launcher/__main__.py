@@ -122,6 +122,7 @@ def _banner(config: HostConfig, sup: Supervisor, state: Path, why_no_prometheus:
             f"{f'http://127.0.0.1:{e.metrics_port}/metrics':<31} "
             f"{os.path.relpath(state / 'logs' / (e.name + '.log'))}"
         )
+    rows.append(f"  {'psp KDS':<10} http://127.0.0.1:{config.kds_port}/vcek/v1/<product>/...")
     if any(c.name == "prometheus" for c in sup.running):
         rows.append(f"  {'prometheus':<10} http://127.0.0.1:{config.prometheus_port}")
     else:

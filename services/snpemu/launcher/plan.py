@@ -79,6 +79,8 @@ def plan(
             **peers,
         }
         component = e.module.rsplit(".", 1)[-1]
+        if component == "psp":
+            env["SNPEMU_KDS_PORT"] = str(config.kds_port)
         if component in HOST_COMPONENTS:
             # DESIGN 3: host-only RPCs require the credential the launcher provisions;
             # guest agents never get it.

@@ -1,7 +1,72 @@
 """The `psp` service: the AMD Secure Processor firmware."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from snp.psp.v1.psp_pb2 import DESCRIPTOR as _FILE
 
 from snpemu.runtime.server import ServiceSpec
 
-SPEC = ServiceSpec(name="psp", descriptor=_FILE.services_by_name["PspService"])
+if TYPE_CHECKING:
+    from snpemu.runtime.server import ServiceRuntime
+
+_SERVICE = _FILE.services_by_name["PspService"]
+
+
+class _Psp:
+    """The servicer plus what lives beside it (the KDS endpoint, the rmp channel)."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        from snpemu.psp.firmware import Firmware
+        from snpemu.psp.identity import ChipIdentity
+        from snpemu.psp.kds import KdsServer
+        from snpemu.psp.metrics import register
+        from snpemu.psp.rmp_port import GrpcRmp
+        from snpemu.psp.servicer import PspServicer
+
+        config, opts = runtime.config, runtime.options
+        identity = ChipIdentity.load_or_create(config.data_dir, opts.product)
+        self.rmp = GrpcRmp(config.peers["rmp"], config.host_credential)
+        self.fw = Firmware(identity, self.rmp)
+        register(self.fw, runtime.registry)
+        self.servicer = PspServicer(self.fw)
+        self.kds = KdsServer(identity, config.bind, opts.kds_port)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.servicer, name)
+
+
+async def _startup(impl: object | None) -> None:
+    from snpemu.runtime.server import StartupError
+
+    assert isinstance(impl, _Psp)
+    try:
+        impl.kds.start()
+    except OSError as e:
+        raise StartupError(
+            f"cannot listen for the KDS endpoint on port {impl.kds.requested_port}: {e}"
+        ) from e
+
+
+async def _shutdown(impl: object | None) -> None:
+    if isinstance(impl, _Psp):
+        impl.kds.stop()
+        await impl.rmp.close()
+
+
+def _options(env: Mapping[str, str]) -> object:
+    from snpemu.psp.options import PspOptions
+
+    return PspOptions.from_env(env)
+
+
+SPEC = ServiceSpec(
+    name="psp",
+    descriptor=_SERVICE,
+    make_impl=_Psp,
+    options=_options,
+    startup=_startup,
+    shutdown=_shutdown,
+)

@@ -172,7 +172,17 @@ class Firmware:
         await self._init(hv_fixed=[])
 
     @command("SNP_INIT_EX")
-    async def snp_init_ex(self, *, init_rmp: bool, hv_fixed: list[tuple[int, int]]) -> None:
+    async def snp_init_ex(
+        self,
+        *,
+        init_rmp: bool,
+        hv_fixed: list[tuple[int, int]],
+        rapl_dis: bool = False,
+        ciphertext_hiding: bool = False,
+    ) -> None:
+        if rapl_dis or ciphertext_hiding:
+            # SNP_FEATURE_INFO reports neither RAPL_DISABLE nor ciphertext hiding.
+            raise fail(SevStatus.INVALID_PARAM, "RAPL_DIS and CIPHERTEXT_HIDING are not supported")
         if not init_rmp:
             raise fail(SevStatus.RMP_INIT_REQUIRED, "INIT_RMP must be set on first initialisation")
         await self._init(hv_fixed=hv_fixed)
@@ -254,8 +264,15 @@ class Firmware:
         return data
 
     @command("SNP_CONFIG")
-    async def config(self, *, reported_tcb: Tcb, mask_chip_id: bool, mask_chip_key: bool) -> None:
+    async def config(
+        self, *, reported_tcb: Tcb | int, mask_chip_id: bool, mask_chip_key: bool
+    ) -> None:
         self._need_snp()
+        if isinstance(reported_tcb, int):
+            raw = reported_tcb
+            reported_tcb = Tcb.from_raw(raw)
+            if reported_tcb.raw != raw:
+                raise fail(SevStatus.INVALID_PARAM, "reported TCB has non-zero reserved bytes 2-5")
         if not reported_tcb.le(self.current_tcb):
             raise fail(SevStatus.INVALID_PARAM, "reported TCB above the current TCB")
         self.reported_tcb = reported_tcb
@@ -272,6 +289,11 @@ class Firmware:
         if ecx_in != 0:
             raise fail(SevStatus.INVALID_PARAM, "only ECX_IN 0 is defined")
         return FEATURE_INFO
+
+    def legacy_status(self) -> tuple[int, int, int, int, int, int]:
+        """struct sev_user_data_status: api major/minor, state, flags, build, guest count."""
+        state = 1 if self.legacy_initialized else 0
+        return (API_MAJOR, API_MINOR, state, 0x100, BUILD, 0)  # SEV_STATUS_FLAGS_CONFIG_ES
 
     @command("SNP_SET_EXT_CONFIG")
     async def set_ext_config(self, certs_blob: bytes) -> None:

@@ -58,11 +58,14 @@ _OPS = {
 
 class GrpcRmp:
     def __init__(self, address: str, credential: str | None) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
-        self.stub = rmp_pb2_grpc.RmpServiceStub(self.channel)
+        self.address = address
+        self.channel: grpc.aio.Channel | None = None  # made on first use, in the serving loop
         self.md = ((CREDENTIAL_HEADER, credential),) if credential else ()
 
     async def _call(self, method: str, request: object) -> object:
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.address)
+            self.stub = rmp_pb2_grpc.RmpServiceStub(self.channel)
         try:
             return await getattr(self.stub, method)(request, metadata=self.md, timeout=30)
         except grpc.aio.AioRpcError as e:
@@ -100,7 +103,8 @@ class GrpcRmp:
         await self._call("RemoveMemoryKey", pb.RemoveMemoryKeyRequest(asid=asid))
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
 
 class LocalRmp:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from snpemu.abi import guest_message as gm
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 from snpemu.psp.tcb import Tcb
 from snpemu.rmp.memory import Placement
+
 from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
 
 OK = SevStatus.SUCCESS
@@ -63,8 +64,8 @@ Command = Callable[[], Awaitable[object]]
 # name -> prepare(host) -> command: pages the command needs are made before the snapshot.
 PLATFORM_COMMANDS: dict[str, Callable[[Host], Command]] = {
     "SNP_INIT": lambda h: h.fw.snp_init,
-    "SNP_INIT_EX": lambda h: (
-        lambda p=h.shared_page(): h.fw.snp_init_ex(init_rmp=True, hv_fixed=[(p, 1)])
+    "SNP_INIT_EX": lambda h: partial(
+        h.fw.snp_init_ex, init_rmp=True, hv_fixed=[(h.shared_page(), 1)]
     ),
     "SNP_DF_FLUSH": lambda h: h.fw.df_flush,
     "SNP_SHUTDOWN": lambda h: h.fw.snp_shutdown,
@@ -73,11 +74,11 @@ PLATFORM_COMMANDS: dict[str, Callable[[Host], Command]] = {
         lambda: h.fw.config(reported_tcb=Tcb(1, 0, 1, 1), mask_chip_id=True, mask_chip_key=False)
     ),
     "SNP_COMMIT": lambda h: h.fw.commit,
-    "SNP_PLATFORM_STATUS": lambda h: lambda p=h.firmware_page(): h.fw.platform_status(p),
+    "SNP_PLATFORM_STATUS": lambda h: partial(h.fw.platform_status, h.firmware_page()),
     "SNP_FEATURE_INFO": lambda h: lambda: h.fw.feature_info(0),
-    "SNP_GCTX_CREATE": lambda h: lambda p=h.firmware_page(): h.fw.gctx_create(p),
-    "SNP_PAGE_RECLAIM": lambda h: lambda p=h.firmware_page(): h.fw.page_reclaim(p, False),
-    "SEV_INIT": lambda h: lambda t=tmr(h): h.fw.sev_init(*t),
+    "SNP_GCTX_CREATE": lambda h: partial(h.fw.gctx_create, h.firmware_page()),
+    "SNP_PAGE_RECLAIM": lambda h: partial(h.fw.page_reclaim, h.firmware_page(), False),
+    "SEV_INIT": lambda h: partial(h.fw.sev_init, *tmr(h)),
 }
 
 # command -> status in platform state UNINIT, INIT (no guest), WORKING (a guest exists)
@@ -178,8 +179,8 @@ GUEST_COMMANDS: dict[str, Callable[[Host], Command]] = {
     ),
     "SNP_GUEST_REQUEST": _guest_request,
     "SNP_GUEST_STATUS": lambda h: lambda: h.fw.guest_status(h.gctx),
-    "SNP_DBG_DECRYPT": lambda h: (
-        lambda s=h.shared_page(), d=h.firmware_page(): h.fw.dbg_decrypt(h.gctx, s, d)
+    "SNP_DBG_DECRYPT": lambda h: partial(
+        h.fw.dbg_decrypt, h.gctx, h.shared_page(), h.firmware_page()
     ),
     "SNP_DECOMMISSION": lambda h: lambda: h.fw.decommission(h.gctx),
     "SNP_PAGE_RECLAIM(live context)": lambda h: lambda: h.fw.page_reclaim(h.gctx, False),

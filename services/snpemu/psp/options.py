@@ -1,0 +1,29 @@
+"""psp settings from the environment (and .env), checked at start.
+
+SNPEMU_PSP_PRODUCT   Milan | Genoa: the emulated chip (default Milan)
+SNPEMU_KDS_PORT      port of the KDS-shaped certificate endpoint (from .env; 0 = any)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from snpemu.hostconfig import ConfigError, layered_env, port
+from snpemu.psp.tcb import PRODUCTS
+
+
+@dataclass(frozen=True)
+class PspOptions:
+    product: str
+    kds_port: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PspOptions:
+        values = layered_env(env)
+        product = values.get("SNPEMU_PSP_PRODUCT", "Milan")
+        if product not in PRODUCTS:
+            raise ConfigError(
+                f"SNPEMU_PSP_PRODUCT={product!r}: one of {', '.join(sorted(PRODUCTS))}"
+            )
+        return cls(product=product, kds_port=port(values, "SNPEMU_KDS_PORT", allow_zero=True))

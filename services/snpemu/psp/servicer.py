@@ -1,0 +1,225 @@
+"""gRPC adapter of the firmware model: one RPC per firmware command."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from snp.common.v1 import handles_pb2, types_pb2
+from snp.psp.v1 import psp_pb2 as pb
+
+from snpemu.errors import InvalidArgument
+from snpemu.psp.firmware import Firmware
+from snpemu.psp.tcb import Tcb
+
+
+def tcb_pb(tcb: Tcb) -> types_pb2.TcbVersion:
+    return types_pb2.TcbVersion(
+        raw=tcb.raw, boot_loader=tcb.boot_loader, tee=tcb.tee, snp=tcb.snp, microcode=tcb.microcode
+    )
+
+
+def _gctx(handle: Any) -> int:
+    if not handle.gctx_paddr:
+        raise InvalidArgument("gctx.gctx_paddr is required")
+    return int(handle.gctx_paddr)
+
+
+def _size_2m(size: int) -> bool:
+    if size not in (types_pb2.PAGE_SIZE_4K, types_pb2.PAGE_SIZE_2M):
+        raise InvalidArgument("page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M")
+    return size == types_pb2.PAGE_SIZE_2M
+
+
+class PspServicer:
+    def __init__(self, fw: Firmware) -> None:
+        self.fw = fw
+
+    # --- platform ------------------------------------------------------------------------
+
+    async def SnpInit(self, request: Any, context: Any) -> pb.SnpInitResponse:
+        await self.fw.snp_init()
+        return pb.SnpInitResponse()
+
+    async def SnpInitEx(self, request: Any, context: Any) -> pb.SnpInitExResponse:
+        await self.fw.snp_init_ex(
+            init_rmp=request.init_rmp,
+            hv_fixed=[(r.base, r.page_count) for r in request.hv_fixed_ranges],
+            rapl_dis=request.rapl_dis,
+            ciphertext_hiding=request.ciphertext_hiding,
+        )
+        return pb.SnpInitExResponse()
+
+    async def SnpDfFlush(self, request: Any, context: Any) -> pb.SnpDfFlushResponse:
+        await self.fw.df_flush()
+        return pb.SnpDfFlushResponse()
+
+    async def SnpShutdown(self, request: Any, context: Any) -> pb.SnpShutdownResponse:
+        await self.fw.snp_shutdown()
+        return pb.SnpShutdownResponse()
+
+    async def SnpShutdownEx(self, request: Any, context: Any) -> pb.SnpShutdownExResponse:
+        await self.fw.snp_shutdown_ex(
+            iommu=request.iommu_snp_shutdown, x86=request.x86_snp_shutdown
+        )
+        return pb.SnpShutdownExResponse()
+
+    async def SnpPlatformStatus(self, request: Any, context: Any) -> pb.SnpPlatformStatusResponse:
+        raw = await self.fw.platform_status(request.status_paddr)
+        major, minor, state, rmp_init, build, flags, guests, cur, rep = struct.unpack(
+            "<BBBBIIIQQ", raw
+        )
+        return pb.SnpPlatformStatusResponse(
+            api_major=major,
+            api_minor=minor,
+            state=pb.PlatformState.ValueType(state + 1),
+            is_rmp_initialized=bool(rmp_init & 1),
+            build_id=build,
+            mask_chip_id=bool(flags & 1),
+            mask_chip_key=bool(flags & 2),
+            vlek_en=bool(flags & 4),
+            feature_info=bool(flags & 8),
+            rapl_dis=bool(flags & 16),
+            ciphertext_hiding_cap=bool(flags & 32),
+            ciphertext_hiding_en=bool(flags & 64),
+            guest_count=guests,
+            current_tcb=tcb_pb(Tcb.from_raw(cur)),
+            reported_tcb=tcb_pb(Tcb.from_raw(rep)),
+            raw=raw,
+        )
+
+    async def SnpConfig(self, request: Any, context: Any) -> pb.SnpConfigResponse:
+        await self.fw.config(
+            reported_tcb=int(request.reported_tcb.raw),
+            mask_chip_id=request.mask_chip_id,
+            mask_chip_key=request.mask_chip_key,
+        )
+        return pb.SnpConfigResponse()
+
+    async def SnpCommit(self, request: Any, context: Any) -> pb.SnpCommitResponse:
+        await self.fw.commit()
+        return pb.SnpCommitResponse()
+
+    async def SnpFeatureInfo(self, request: Any, context: Any) -> pb.SnpFeatureInfoResponse:
+        eax, ebx, ecx, edx = await self.fw.feature_info(request.ecx_in)
+        return pb.SnpFeatureInfoResponse(eax=eax, ebx=ebx, ecx=ecx, edx=edx)
+
+    async def SetExtendedConfig(self, request: Any, context: Any) -> pb.SetExtendedConfigResponse:
+        await self.fw.set_ext_config(request.certs_blob)
+        return pb.SetExtendedConfigResponse()
+
+    async def GetExtendedConfig(self, request: Any, context: Any) -> pb.GetExtendedConfigResponse:
+        return pb.GetExtendedConfigResponse(
+            certs_blob=self.fw.certs_blob, reported_tcb=tcb_pb(self.fw.reported_tcb)
+        )
+
+    async def SevInit(self, request: Any, context: Any) -> pb.SevInitResponse:
+        await self.fw.sev_init(request.tmr_paddr, request.tmr_len)
+        return pb.SevInitResponse()
+
+    async def SevShutdown(self, request: Any, context: Any) -> pb.SevShutdownResponse:
+        await self.fw.sev_shutdown()
+        return pb.SevShutdownResponse()
+
+    async def SevPlatformStatus(self, request: Any, context: Any) -> pb.SevPlatformStatusResponse:
+        major, minor, state, flags, build, guests = self.fw.legacy_status()
+        return pb.SevPlatformStatusResponse(
+            api_major=major,
+            api_minor=minor,
+            state=pb.PlatformState.ValueType(state + 1),
+            flags=flags,
+            build=build,
+            guest_count=guests,
+        )
+
+    # --- guests -------------------------------------------------------------------------------
+
+    async def GctxCreate(self, request: Any, context: Any) -> pb.GctxCreateResponse:
+        await self.fw.gctx_create(request.gctx_paddr)
+        return pb.GctxCreateResponse(
+            gctx=handles_pb2.GuestContextHandle(gctx_paddr=request.gctx_paddr)
+        )
+
+    async def Activate(self, request: Any, context: Any) -> pb.ActivateResponse:
+        await self.fw.activate(_gctx(request.gctx), request.asid)
+        return pb.ActivateResponse()
+
+    async def LaunchStart(self, request: Any, context: Any) -> pb.LaunchStartResponse:
+        await self.fw.launch_start(
+            _gctx(request.gctx),
+            policy=request.policy,
+            gosvw=request.gosvw,
+            ma_en=request.ma_en,
+            imi_en=request.imi_en,
+        )
+        return pb.LaunchStartResponse()
+
+    async def LaunchUpdate(self, request: Any, context: Any) -> pb.LaunchUpdateResponse:
+        digest = await self.fw.launch_update(
+            _gctx(request.gctx),
+            address=request.address,
+            page_type=request.page_type,
+            size_2m=_size_2m(request.page_size),
+            imi=request.imi_page,
+            vmpl_perms=(request.vmpl1_perms, request.vmpl2_perms, request.vmpl3_perms),
+        )
+        return pb.LaunchUpdateResponse(launch_digest=digest)
+
+    async def LaunchFinish(self, request: Any, context: Any) -> pb.LaunchFinishResponse:
+        measurement = await self.fw.launch_finish(
+            _gctx(request.gctx),
+            id_block=request.id_block,
+            id_auth=request.id_auth,
+            id_block_en=request.id_block_en,
+            auth_key_en=request.auth_key_en,
+            vcek_disabled=request.vcek_disabled,
+            host_data=request.host_data,
+        )
+        return pb.LaunchFinishResponse(measurement=measurement)
+
+    async def GuestStatus(self, request: Any, context: Any) -> pb.GuestStatusResponse:
+        ctx = await self.fw.guest_status(_gctx(request.gctx))
+        return pb.GuestStatusResponse(
+            policy=ctx.policy,
+            asid=ctx.asid,
+            state=pb.GuestState.ValueType(int(ctx.state)),
+            vcek_dis=int(ctx.vcek_disabled),
+        )
+
+    async def Decommission(self, request: Any, context: Any) -> pb.DecommissionResponse:
+        await self.fw.decommission(_gctx(request.gctx))
+        return pb.DecommissionResponse()
+
+    async def PageReclaim(self, request: Any, context: Any) -> pb.PageReclaimResponse:
+        await self.fw.page_reclaim(request.paddr, _size_2m(request.page_size))
+        return pb.PageReclaimResponse()
+
+    async def PageUnsmash(self, request: Any, context: Any) -> pb.PageUnsmashResponse:
+        await self.fw.page_unsmash(request.paddr)
+        return pb.PageUnsmashResponse()
+
+    async def DbgDecrypt(self, request: Any, context: Any) -> pb.DbgDecryptResponse:
+        await self.fw.dbg_decrypt(_gctx(request.gctx), request.src_addr, request.dst_addr)
+        return pb.DbgDecryptResponse()
+
+    async def DbgEncrypt(self, request: Any, context: Any) -> pb.DbgEncryptResponse:
+        await self.fw.dbg_encrypt(_gctx(request.gctx), request.src_addr, request.dst_addr)
+        return pb.DbgEncryptResponse()
+
+    async def GuestRequest(self, request: Any, context: Any) -> pb.GuestRequestResponse:
+        await self.fw.guest_request(_gctx(request.gctx), request.req_paddr, request.res_paddr)
+        return pb.GuestRequestResponse()
+
+    async def GetCertificates(self, request: Any, context: Any) -> pb.GetCertificatesResponse:
+        ident = self.fw.id
+        tcb = Tcb.from_raw(request.tcb.raw) if request.HasField("tcb") else self.fw.reported_tcb
+        der = Encoding.DER
+        return pb.GetCertificatesResponse(
+            ark_der=ident.ark_cert.public_bytes(der),
+            ask_der=ident.ask_cert.public_bytes(der),
+            vcek_der=ident.vcek_cert(tcb).public_bytes(der),
+            crl_der=ident.crl().public_bytes(der),
+            product_name=ident.product.stepping_name,
+            chip_id=ident.chip_id,
+        )
