@@ -1,0 +1,88 @@
+"""The pages a VMM launches for an SNP guest, in order, with their page types.
+
+QEMU target/i386/sev.c (snp_launch_update_data, snp_populate_metadata_pages) and KVM's
+LAUNCH_FINISH (one VMSA per vCPU): the order the launch digest depends on (reference 2.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from dataclasses import dataclass
+
+from snpemu.vmm import vmsa
+from snpemu.vmm.ovmf import Ovmf, SectionType
+
+NORMAL, VMSA, ZERO, UNMEASURED, SECRETS, CPUID = 1, 2, 3, 4, 5, 6
+VMSA_GPA = 0xFFFFFFFFF000
+
+# SEV hash table GUIDs (QEMU target/i386/sev.c; reference 2.2)
+HASH_TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
+KERNEL_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
+INITRD_GUID = uuid.UUID("44baf731-3a2f-4bd7-9af1-41e29169781d")
+CMDLINE_GUID = uuid.UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
+
+
+@dataclass(frozen=True)
+class LaunchPage:
+    gpa: int
+    page_type: int
+    data: bytes | None  # contents the VMM places (None: the firmware fills or zeroes it)
+
+
+def kernel_hashes_table(kernel: bytes, initrd: bytes, cmdline: str) -> bytes:
+    """QEMU's SevHashTable {GUID, u16 len, entries[cmdline, initrd, kernel]} padded to 16."""
+
+    def entry(guid: uuid.UUID, data: bytes) -> bytes:
+        return guid.bytes_le + struct.pack("<H", 16 + 2 + 32) + hashlib.sha256(data).digest()
+
+    entries = (
+        entry(CMDLINE_GUID, cmdline.encode() + b"\0")  # the command line is hashed with its NUL
+        + entry(INITRD_GUID, initrd)
+        + entry(KERNEL_GUID, kernel)
+    )
+    table = HASH_TABLE_GUID.bytes_le + struct.pack("<H", 16 + 2 + len(entries)) + entries
+    return table + bytes(-len(table) % 16)
+
+
+def plan(
+    ovmf: Ovmf,
+    *,
+    vcpus: int,
+    vcpu_signature: int,
+    sev_features: int = 0x1,
+    kernel_hashes: bytes | None = None,
+    cpuid_page: bytes | None = None,
+) -> list[LaunchPage]:
+    if vcpus < 1:
+        raise ValueError("a guest has at least one vCPU")
+    pages = [
+        LaunchPage(ovmf.gpa + off, NORMAL, ovmf.data[off : off + 4096])
+        for off in range(0, len(ovmf.data), 4096)
+    ]
+    if kernel_hashes is not None and not any(
+        s.kind == SectionType.SNP_KERNEL_HASHES for s in ovmf.sections
+    ):
+        raise ValueError("a kernel was given but the firmware has no SNP_KERNEL_HASHES section")
+    for s in ovmf.sections:
+        gpas = range(s.gpa, s.gpa + s.size, 4096)
+        if s.kind in (SectionType.SNP_SEC_MEM, SectionType.SVSM_CAA):
+            pages += [LaunchPage(g, ZERO, None) for g in gpas]
+        elif s.kind == SectionType.SNP_SECRETS:
+            pages.append(LaunchPage(s.gpa, SECRETS, None))
+        elif s.kind == SectionType.CPUID:
+            pages.append(LaunchPage(s.gpa, CPUID, cpuid_page or bytes(4096)))
+        elif kernel_hashes is None:
+            pages += [LaunchPage(g, ZERO, None) for g in gpas]
+        else:
+            page = bytearray(s.size)
+            offset = ovmf.hashes_table_gpa & 0xFFF
+            page[offset : offset + len(kernel_hashes)] = kernel_hashes
+            pages += [
+                LaunchPage(g, NORMAL, bytes(page[g - s.gpa : g - s.gpa + 4096])) for g in gpas
+            ]
+    bsp = vmsa.build(vmsa.BSP_EIP, vcpu_signature, sev_features)
+    ap = vmsa.build(ovmf.reset_eip, vcpu_signature, sev_features) if vcpus > 1 else bsp
+    pages += [LaunchPage(VMSA_GPA, VMSA, bsp if i == 0 else ap) for i in range(vcpus)]
+    return pages

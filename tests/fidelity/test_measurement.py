@@ -1,0 +1,75 @@
+"""The launch measurement of Debian's OVMF pushed through the psp service, page by page the way
+a VMM launches a guest, equals what the `sev-snp-measure --mode snp` CLI predicts."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+from snp.common.v1 import types_pb2
+from snp.psp.v1 import psp_pb2
+from snpemu.vmm.launch_plan import VMSA, plan
+from snpemu.vmm.ovmf import Ovmf
+from snpemu.vmm.vmsa import VCPU_SIGNATURES
+
+from tests.conftest import tool
+from tests.service.host_pair import HOST, rmp_and_psp
+
+pytestmark = pytest.mark.fidelity
+
+OVMF = Path("/usr/share/OVMF/OVMF_CODE.fd")
+
+
+def predicted(vcpus: int, vcpu_type: str) -> str:
+    out = subprocess.run(
+        [
+            tool("sev-snp-measure"),
+            "--mode",
+            "snp",
+            "--vcpus",
+            str(vcpus),
+            "--vcpu-type",
+            vcpu_type,
+            "--ovmf",
+            str(OVMF),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("vcpus", "vcpu_type"), [(1, "EPYC-Milan"), (2, "EPYC-Genoa"), (4, "EPYC")]
+)
+def test_debian_ovmf_measurement_matches_sev_snp_measure(
+    tmp_path: Path, vcpus: int, vcpu_type: str
+) -> None:
+    assert OVMF.exists(), "Debian's ovmf package is not installed (make install installs it)"
+    pages = plan(Ovmf.load(OVMF), vcpus=vcpus, vcpu_signature=VCPU_SIGNATURES[vcpu_type])
+
+    async def launch() -> bytes:
+        async with rmp_and_psp(tmp_path) as pair:
+            await pair.psp.SnpInit(psp_pb2.SnpInitRequest(), metadata=HOST)
+            gctx = await pair.start_guest(asid=1)
+            spas = await pair.alloc(len(pages), placement=1)
+            for page, spa in zip(pages, spas, strict=True):
+                await pair.pre_guest(spa, page.gpa, 1, page.data)
+                await pair.psp.LaunchUpdate(
+                    psp_pb2.LaunchUpdateRequest(
+                        gctx=gctx,
+                        address=spa,
+                        page_type=page.page_type,
+                        page_size=types_pb2.PAGE_SIZE_4K,
+                    ),
+                    metadata=HOST,
+                )
+            r = await pair.psp.LaunchFinish(psp_pb2.LaunchFinishRequest(gctx=gctx), metadata=HOST)
+            return bytes(r.measurement)
+
+    assert sum(p.page_type == VMSA for p in pages) == vcpus
+    assert asyncio.run(launch()).hex() == predicted(vcpus, vcpu_type)
