@@ -68,7 +68,6 @@ class Cluster:
 
 
 def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
-    ports = free_ports(16)
     names = [
         "SNPEMU_RMP_GRPC_PORT",
         "SNPEMU_PSP_GRPC_PORT",
@@ -84,8 +83,9 @@ def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
         "SNPEMU_GUEST_1_METRICS_PORT",
         "SNPEMU_PROMETHEUS_PORT",
         "SNPEMU_GRAFANA_PORT",
-        "SNPEMU_GUEST_GRPC_PORT_BASE",
+        "SNPEMU_KDS_PORT",
     ]
+    ports = free_ports(len(names))
     env = {**os.environ, **dict(zip(names, map(str, ports), strict=True))}
     env["SNPEMU_GUEST_METRICS_PORT_BASE"] = env["SNPEMU_GUEST_0_METRICS_PORT"]
     env["SNPEMU_GUEST_GRPC_PORT_BASE"] = env["SNPEMU_GUEST_0_GRPC_PORT"]

@@ -1,0 +1,99 @@
+"""psp across real processes: grpcurl firmware commands with their status codes, the KDS
+endpoint, and an identity that survives the process being killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+from cryptography import x509
+from snp.psp.v1 import psp_pb2, psp_pb2_grpc
+from snpemu.launcher.supervisor import grpc_health
+from snpemu.rmp.client import credential_metadata, read_credential
+
+from tests.cluster.conftest import Cluster
+from tests.conftest import tool
+
+pytestmark = pytest.mark.cluster
+
+
+def grpcurl(
+    cluster: Cluster, method: str, body: dict[str, object] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cred = read_credential(cluster.state_dir)
+    return subprocess.run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-H",
+            f"x-snpemu-host-credential: {cred}",
+            "-d",
+            json.dumps(body or {}),
+            cluster.address("psp"),
+            f"snp.psp.v1.PspService/{method}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_grpcurl_drives_firmware_commands(cluster: Cluster) -> None:
+    before = grpcurl(cluster, "GctxCreate", {"gctx_paddr": 4096})
+    assert before.returncode != 0
+    assert (
+        "Code: FailedPrecondition" in before.stderr
+        and "INVALID_PLATFORM_STATE (0x01)" in before.stderr
+    )
+    assert '"fw_status":"0x0001"' in before.stderr
+    assert grpcurl(cluster, "SnpInit").returncode == 0
+    again = grpcurl(cluster, "SnpInit")
+    assert "INVALID_PLATFORM_STATE" in again.stderr
+    status = json.loads(grpcurl(cluster, "SevPlatformStatus").stdout)
+    assert status["api_major"] == 1 and status["api_minor"] == 55
+    # a context page must be a firmware page: page 1 is a hypervisor page
+    bad = grpcurl(cluster, "GctxCreate", {"gctx_paddr": 4096})
+    assert "INVALID_PAGE_STATE (0x1a)" in bad.stderr and '"fw_status":"0x001a"' in bad.stderr
+    info = json.loads(grpcurl(cluster, "SnpFeatureInfo").stdout or "{}")
+    assert info == {}  # no optional feature is emulated
+
+
+def test_kds_serves_the_chain(cluster: Cluster) -> None:
+    url = f"http://127.0.0.1:{cluster.config.kds_port}/vcek/v1/Milan/cert_chain"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        chain = x509.load_pem_x509_certificates(reply.read())
+    assert len(chain) == 2
+
+
+def test_identity_survives_a_psp_restart(cluster: Cluster) -> None:
+    md = credential_metadata(read_credential(cluster.state_dir))
+    with grpc.insecure_channel(cluster.address("psp")) as ch:
+        before = psp_pb2_grpc.PspServiceStub(ch).GetCertificates(
+            psp_pb2.GetCertificatesRequest(), metadata=md
+        )
+    state = {c["name"]: c for c in cluster.state()["children"]}
+    os.kill(state["psp"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        restarted = {c["name"]: c for c in cluster.state()["children"]}["psp"]
+        if (
+            restarted["restarts"] == 1
+            and grpc_health(cluster.address("psp"), "snp.psp.v1.PspService") == "SERVING"
+        ):
+            break
+        time.sleep(0.2)
+    with grpc.insecure_channel(cluster.address("psp")) as ch:
+        after = psp_pb2_grpc.PspServiceStub(ch).GetCertificates(
+            psp_pb2.GetCertificatesRequest(), metadata=md
+        )
+    assert (after.chip_id, after.ark_der, after.vcek_der) == (
+        before.chip_id,
+        before.ark_der,
+        before.vcek_der,
+    )
