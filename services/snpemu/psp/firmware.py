@@ -550,9 +550,9 @@ class Firmware:
         ctx = self._guest(gctx_paddr, GuestState.RUNNING)
         _page(req_paddr, "request page")
         _page(res_paddr, "response page")
-        await self._expect(req_paddr, PageState.HYPERVISOR, what="request page")
-        await self._expect(res_paddr, PageState.FIRMWARE, what="response page")
-        page = await self.rmp.read(req_paddr, 4096)
+        # The request comes from a hypervisor page, the response goes to a firmware page
+        # (KVM's bounce pages); each state is checked in the same step as the access.
+        page = await self.rmp.read(req_paddr, 4096, expect=(PageState.HYPERVISOR,))
         try:
             hdr = gm.parse_header(page)
         except gm.MessageError as e:
@@ -592,7 +592,7 @@ class Firmware:
             msg_sz=len(reply),
             vmpck=hdr.vmpck,
         )
-        await self.rmp.write(res_paddr, gm.seal(key, rsp_hdr, reply))
+        await self.rmp.write(res_paddr, gm.seal(key, rsp_hdr, reply), expect=(PageState.FIRMWARE,))
         ctx.seqnos[hdr.vmpck] += 2
 
     def _report_reply(self, ctx: GuestContext, msg_vmpl: int, req: bytes) -> bytes:

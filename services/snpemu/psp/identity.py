@@ -11,6 +11,7 @@ bytes). SPEC: go-sev-guest kds/kds.go
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import secrets
@@ -90,6 +91,15 @@ def _ca_cert(
         )
         .sign(signer, hashes.SHA384(), rsa_padding=PSS)
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _vcek_key(chip_secret: bytes, tcb: Tcb) -> ec.EllipticCurvePrivateKey:
+    okm = HKDF(hashes.SHA384(), 64, salt=b"snpemu VCEK", info=tcb.raw.to_bytes(8, "little")).derive(
+        chip_secret
+    )
+    scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, ec.SECP384R1())
 
 
 @dataclass
@@ -177,11 +187,7 @@ class ChipIdentity:
     def vcek_key(self, tcb: Tcb) -> ec.EllipticCurvePrivateKey:
         """Derived from the chip secret and the TCB, as the AMD-SP derives it: the same chip
         and TCB always give the same key; another TCB gives another."""
-        okm = HKDF(
-            hashes.SHA384(), 64, salt=b"snpemu VCEK", info=tcb.raw.to_bytes(8, "little")
-        ).derive(self.chip_secret)
-        scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
-        return ec.derive_private_key(scalar, ec.SECP384R1())
+        return _vcek_key(self.chip_secret, tcb)
 
     def vcek_cert(self, tcb: Tcb) -> x509.Certificate:
         path = self.data_dir / f"vcek-{tcb.raw:016x}.der"

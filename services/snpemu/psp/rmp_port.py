@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 
-from snpemu.errors import Unavailable
+from snpemu.errors import Unavailable, WrongState
+from snpemu.psp.status import SevStatus, fail
 from snpemu.rmp.entry import PageState
 from snpemu.rmp.machine import RmpMachine
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
+from snpemu.runtime.status import error_info
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,12 @@ class RmpPort(Protocol):
     async def platform(self) -> Platform: ...
     async def page(self, spa: int) -> Page: ...
     async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]: ...
-    async def read(self, spa: int, length: int, asid: int = 0) -> bytes: ...
-    async def write(self, spa: int, data: bytes, asid: int = 0) -> None: ...
+    async def read(
+        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> bytes: ...
+    async def write(
+        self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> None: ...
     async def install_key(self, asid: int, key: bytes) -> None: ...
     async def remove_key(self, asid: int) -> None: ...
 
@@ -54,6 +61,11 @@ _OPS = {
     "hv_fixed": pb.FIRMWARE_OP_HV_FIXED,
     "unsmash": pb.FIRMWARE_OP_UNSMASH,
 }
+
+
+def _states(expect: tuple[PageState, ...]) -> list[types_pb2.PageState.ValueType]:
+    # entry.PageState values are snp.common.v1.PageState's
+    return [types_pb2.PageState.ValueType(int(s)) for s in expect]
 
 
 class GrpcRmp:
@@ -71,6 +83,9 @@ class GrpcRmp:
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"rmp is unreachable: {e.details()}") from None
+            info = error_info(e)
+            if info is not None and info.reason == "PAGE_STATE_MISMATCH":
+                raise fail(SevStatus.INVALID_PAGE_STATE, e.details() or "page state") from None
             raise
 
     async def platform(self) -> Platform:
@@ -87,14 +102,20 @@ class GrpcRmp:
         )
         return list(r.changed)  # type: ignore[attr-defined]
 
-    async def read(self, spa: int, length: int, asid: int = 0) -> bytes:
-        r = await self._call(
-            "FirmwareRead", pb.FirmwareReadRequest(spa=spa, length=length, asid=asid)
+    async def read(
+        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> bytes:
+        req = pb.FirmwareReadRequest(
+            spa=spa, length=length, asid=asid, expect_states=_states(expect)
         )
+        r = await self._call("FirmwareRead", req)
         return bytes(r.data)  # type: ignore[attr-defined]
 
-    async def write(self, spa: int, data: bytes, asid: int = 0) -> None:
-        await self._call("FirmwareWrite", pb.FirmwareWriteRequest(spa=spa, data=data, asid=asid))
+    async def write(
+        self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> None:
+        req = pb.FirmwareWriteRequest(spa=spa, data=data, asid=asid, expect_states=_states(expect))
+        await self._call("FirmwareWrite", req)
 
     async def install_key(self, asid: int, key: bytes) -> None:
         await self._call("InstallMemoryKey", pb.InstallMemoryKeyRequest(asid=asid, key=key))
@@ -123,11 +144,21 @@ class LocalRmp:
     async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
         return self.m.fw_transition(spas, op, asid)
 
-    async def read(self, spa: int, length: int, asid: int = 0) -> bytes:
-        return self.m.fw_read(spa, length, asid)
+    async def read(
+        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> bytes:
+        try:
+            return self.m.fw_read(spa, length, asid, expect)
+        except WrongState as e:
+            raise fail(SevStatus.INVALID_PAGE_STATE, e.message) from None
 
-    async def write(self, spa: int, data: bytes, asid: int = 0) -> None:
-        self.m.fw_write(spa, data, asid)
+    async def write(
+        self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> None:
+        try:
+            self.m.fw_write(spa, data, asid, expect)
+        except WrongState as e:
+            raise fail(SevStatus.INVALID_PAGE_STATE, e.message) from None
 
     async def install_key(self, asid: int, key: bytes) -> None:
         self.m.keys.install(asid, key)

@@ -39,6 +39,7 @@ from snpemu.rmp.entry import (
     VMSA,
     Code,
     Entry,
+    PageState,
 )
 from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
 from snpemu.rmp.npt import NestedPageTable
@@ -633,7 +634,9 @@ class RmpMachine:
             for spa in spas
         ]
 
-    def _fw_pages(self, spa: int, length: int) -> list[tuple[int, int, int]]:
+    def _fw_pages(
+        self, spa: int, length: int, expect: tuple[PageState, ...] = ()
+    ) -> list[tuple[int, int, int]]:
         self.check_alive()
         if not 0 < length <= MAX_ACCESS:
             raise InvalidArgument(f"length must be in 1..{MAX_ACCESS}")
@@ -645,22 +648,36 @@ class RmpMachine:
             n = min(PAGE_SIZE - offset, end - pos)
             out.append((pos >> PAGE_SHIFT, offset, n))
             pos += n
+        if expect:
+            for pfn, _, _ in out:
+                state = self.table.entry(pfn).state
+                if state not in expect:
+                    raise WrongState(
+                        f"PFN 0x{pfn:x} is {state.name}, not {' or '.join(s.name for s in expect)}",
+                        reason="PAGE_STATE_MISMATCH",
+                        metadata={"pfn": f"0x{pfn:x}", "state": state.name},
+                    )
         return out
 
-    def fw_read(self, spa: int, length: int, asid: int = 0) -> bytes:
-        """Read as the firmware: with asid, decrypt with that guest's key."""
+    def fw_read(
+        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> bytes:
+        """Read as the firmware: with asid, decrypt with that guest's key; with expect, only
+        from pages in those states (checked in the same step as the read)."""
         out = bytearray()
-        for pfn, offset, n in self._fw_pages(spa, length):
+        for pfn, offset, n in self._fw_pages(spa, length, expect):
             page = self.frames.read(pfn)
             if asid:
                 page = self.keys.decrypt(asid, pfn << PAGE_SHIFT, page)
             out += page[offset : offset + n]
         return bytes(out)
 
-    def fw_write(self, spa: int, data: bytes, asid: int = 0) -> None:
+    def fw_write(
+        self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
+    ) -> None:
         """Write as the firmware: with asid, encrypt with that guest's key (e.g. LAUNCH_UPDATE)."""
         done = 0
-        for pfn, offset, n in self._fw_pages(spa, len(data)):
+        for pfn, offset, n in self._fw_pages(spa, len(data), expect):
             chunk = data[done : done + n]
             done += n
             if asid:

@@ -14,7 +14,7 @@ from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
 from snpemu.errors import InvalidArgument, NotFound
-from snpemu.rmp.entry import PAGE_SHIFT, RMP_STATE, Entry
+from snpemu.rmp.entry import PAGE_SHIFT, RMP_STATE, Entry, PageState
 from snpemu.rmp.machine import Identity, Origin, Policy, RmpMachine
 from snpemu.rmp.memory import Placement
 from snpemu.rmp.table import Fault
@@ -383,14 +383,16 @@ class RmpServicer:
         return pb.FirmwareTransitionResponse(changed=changed)
 
     async def FirmwareRead(self, request: Any, context: Any) -> pb.FirmwareReadResponse:
+        expect = tuple(PageState(s) for s in request.expect_states)
         return pb.FirmwareReadResponse(
-            data=self.m.fw_read(request.spa, request.length, request.asid)
+            data=self.m.fw_read(request.spa, request.length, request.asid, expect)
         )
 
     async def FirmwareWrite(self, request: Any, context: Any) -> pb.FirmwareWriteResponse:
         if not request.data:
             raise InvalidArgument("data is required")
-        self.m.fw_write(request.spa, request.data, request.asid)
+        expect = tuple(PageState(s) for s in request.expect_states)
+        self.m.fw_write(request.spa, request.data, request.asid, expect)
         return pb.FirmwareWriteResponse()
 
     # --- policy and notifications ----------------------------------------------------------------

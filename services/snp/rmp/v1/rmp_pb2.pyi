@@ -1634,20 +1634,28 @@ class FirmwareReadRequest(_message.Message):
     SPA_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     ASID_FIELD_NUMBER: _builtins.int
+    EXPECT_STATES_FIELD_NUMBER: _builtins.int
     spa: _builtins.int
     length: _builtins.int
     asid: _builtins.int
     """0: raw bytes; else decrypt with this ASID's key."""
+    @_builtins.property
+    def expect_states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.PageState.ValueType]:
+        """When set, every page read must be in one of these states, checked atomically with the
+        access (FAILED_PRECONDITION, reason PAGE_STATE_MISMATCH, otherwise).
+        """
+
     def __init__(
         self,
         *,
         spa: _builtins.int = ...,
         length: _builtins.int = ...,
         asid: _builtins.int = ...,
+        expect_states: _abc.Iterable[_types_pb2.PageState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "length", b"length", "spa", b"spa"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "expect_states", b"expect_states", "length", b"length", "spa", b"spa"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1679,19 +1687,25 @@ class FirmwareWriteRequest(_message.Message):
     SPA_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     ASID_FIELD_NUMBER: _builtins.int
+    EXPECT_STATES_FIELD_NUMBER: _builtins.int
     spa: _builtins.int
     data: _builtins.bytes
     asid: _builtins.int
+    @_builtins.property
+    def expect_states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.PageState.ValueType]:
+        """As in FirmwareReadRequest."""
+
     def __init__(
         self,
         *,
         spa: _builtins.int = ...,
         data: _builtins.bytes = ...,
         asid: _builtins.int = ...,
+        expect_states: _abc.Iterable[_types_pb2.PageState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "data", b"data", "spa", b"spa"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "data", b"data", "expect_states", b"expect_states", "spa", b"spa"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
