@@ -244,3 +244,23 @@ def test_kds_endpoint_and_a_persistent_identity(tmp_path: Path) -> None:
     first = run(body())
     second = run(body())  # a new psp on the same data directory: the same chip and chain
     assert first == second
+
+
+def test_guest_request_needs_a_firmware_response_page(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with rmp_and_psp(tmp_path) as pair:
+            report, _ = await launch_and_report(pair, bytes(64))
+            gctx = handles_pb2.GuestContextHandle(
+                gctx_paddr=next(iter(pair.psp_rt.impl.fw.guests))  # type: ignore[union-attr]
+            )
+            req, res = await pair.alloc(2)  # the response page is a hypervisor page: refused
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pair.psp.GuestRequest(
+                    psp_pb2.GuestRequestRequest(gctx=gctx, req_paddr=req, res_paddr=res),
+                    metadata=HOST,
+                )
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(info.value).reason == "INVALID_PAGE_STATE"  # type: ignore[union-attr]
+            assert len(report) == 0x4A0
+
+    run(body())

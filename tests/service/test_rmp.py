@@ -562,3 +562,45 @@ def test_metrics_are_exported() -> None:
         assert "snp_rmp_leaked_pages_total 0.0" in text and "snp_host_panics_total 0.0" in text
 
     run(with_rmp(body))
+
+
+def test_firmware_session_answers_in_order_and_survives_errors() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns = list(
+            (
+                await stub.AllocatePages(
+                    pb.AllocatePagesRequest(count=1, placement=pb.PLACEMENT_ANY), metadata=HOST
+                )
+            ).pfns
+        )
+        spa = pfns[0] << 12
+        session = stub.FirmwareSession(metadata=HOST)
+        await session.write(
+            pb.FirmwareSessionRequest(write=pb.FirmwareWriteRequest(spa=spa, data=b"abc"))
+        )
+        assert (await session.read()).WhichOneof("result") == "write"
+        # expects a firmware page: this one is a hypervisor page
+        await session.write(
+            pb.FirmwareSessionRequest(
+                read=pb.FirmwareReadRequest(
+                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_FIRMWARE]
+                )
+            )
+        )
+        err = (await session.read()).error
+        assert (err.reason, err.metadata["state"], err.code) == (
+            "PAGE_STATE_MISMATCH",
+            "HYPERVISOR",
+            9,
+        )
+        await session.write(
+            pb.FirmwareSessionRequest(
+                read=pb.FirmwareReadRequest(
+                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_HYPERVISOR]
+                )
+            )
+        )
+        assert (await session.read()).read.data == b"abc"
+        await session.done_writing()
+
+    run(with_rmp(body))

@@ -552,7 +552,12 @@ class Firmware:
         _page(res_paddr, "response page")
         # The request comes from a hypervisor page, the response goes to a firmware page
         # (KVM's bounce pages); each state is checked in the same step as the access.
-        page = await self.rmp.read(req_paddr, 4096, expect=(PageState.HYPERVISOR,))
+        page = await self.rmp.read(
+            req_paddr,
+            4096,
+            expect=(PageState.HYPERVISOR,),
+            checks=((res_paddr, (PageState.FIRMWARE,)),),
+        )
         try:
             hdr = gm.parse_header(page)
         except gm.MessageError as e:

@@ -6,15 +6,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 
-from snpemu.errors import Unavailable, WrongState
+from snpemu.errors import SnpemuError, Unavailable, WrongState
 from snpemu.psp.status import SevStatus, fail
 from snpemu.rmp.entry import PageState
 from snpemu.rmp.machine import RmpMachine
@@ -43,7 +44,12 @@ class RmpPort(Protocol):
     async def page(self, spa: int) -> Page: ...
     async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]: ...
     async def read(
-        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+        self,
+        spa: int,
+        length: int,
+        asid: int = 0,
+        expect: tuple[PageState, ...] = (),
+        checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes: ...
     async def write(
         self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
@@ -73,11 +79,16 @@ class GrpcRmp:
         self.address = address
         self.channel: grpc.aio.Channel | None = None  # made on first use, in the serving loop
         self.md = ((CREDENTIAL_HEADER, credential),) if credential else ()
+        self._session: Any = None
+        self._session_lock = asyncio.Lock()
 
-    async def _call(self, method: str, request: object) -> object:
+    def _ensure_channel(self) -> None:
         if self.channel is None:
             self.channel = grpc.aio.insecure_channel(self.address)
             self.stub = rmp_pb2_grpc.RmpServiceStub(self.channel)
+
+    async def _call(self, method: str, request: object) -> object:
+        self._ensure_channel()
         try:
             return await getattr(self.stub, method)(request, metadata=self.md, timeout=30)
         except grpc.aio.AioRpcError as e:
@@ -102,20 +113,56 @@ class GrpcRmp:
         )
         return list(r.changed)  # type: ignore[attr-defined]
 
+    async def _session_call(self, op: pb.FirmwareSessionRequest) -> pb.FirmwareSessionResponse:
+        """One access on the FirmwareSession stream (opened on first use, reopened if lost)."""
+        async with self._session_lock:
+            for attempt in (1, 2):
+                if self._session is None:
+                    self._ensure_channel()
+                    self._session = self.stub.FirmwareSession(metadata=self.md)
+                try:
+                    await self._session.write(op)
+                    reply = await self._session.read()
+                except grpc.aio.AioRpcError as e:
+                    self._session = None
+                    if attempt == 2:
+                        raise Unavailable(f"rmp is unreachable: {e.details()}") from None
+                    continue
+                if reply is grpc.aio.EOF:
+                    self._session = None
+                    continue
+                break
+            else:
+                raise Unavailable("rmp closed the firmware session")
+        if reply.WhichOneof("result") == "error":
+            err = reply.error
+            if err.reason == "PAGE_STATE_MISMATCH":
+                raise fail(SevStatus.INVALID_PAGE_STATE, err.message)
+            raise SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+        return reply  # type: ignore[no-any-return]
+
     async def read(
-        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+        self,
+        spa: int,
+        length: int,
+        asid: int = 0,
+        expect: tuple[PageState, ...] = (),
+        checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes:
         req = pb.FirmwareReadRequest(
-            spa=spa, length=length, asid=asid, expect_states=_states(expect)
+            spa=spa,
+            length=length,
+            asid=asid,
+            expect_states=_states(expect),
+            checks=[pb.PageCheck(spa=c, expect_states=_states(st)) for c, st in checks],
         )
-        r = await self._call("FirmwareRead", req)
-        return bytes(r.data)  # type: ignore[attr-defined]
+        return bytes((await self._session_call(pb.FirmwareSessionRequest(read=req))).read.data)
 
     async def write(
         self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
     ) -> None:
         req = pb.FirmwareWriteRequest(spa=spa, data=data, asid=asid, expect_states=_states(expect))
-        await self._call("FirmwareWrite", req)
+        await self._session_call(pb.FirmwareSessionRequest(write=req))
 
     async def install_key(self, asid: int, key: bytes) -> None:
         await self._call("InstallMemoryKey", pb.InstallMemoryKeyRequest(asid=asid, key=key))
@@ -124,6 +171,8 @@ class GrpcRmp:
         await self._call("RemoveMemoryKey", pb.RemoveMemoryKeyRequest(asid=asid))
 
     async def close(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
         if self.channel is not None:
             await self.channel.close()
 
@@ -145,10 +194,15 @@ class LocalRmp:
         return self.m.fw_transition(spas, op, asid)
 
     async def read(
-        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+        self,
+        spa: int,
+        length: int,
+        asid: int = 0,
+        expect: tuple[PageState, ...] = (),
+        checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes:
         try:
-            return self.m.fw_read(spa, length, asid, expect)
+            return self.m.fw_read(spa, length, asid, expect, checks)
         except WrongState as e:
             raise fail(SevStatus.INVALID_PAGE_STATE, e.message) from None
 

@@ -650,20 +650,33 @@ class RmpMachine:
             pos += n
         if expect:
             for pfn, _, _ in out:
-                state = self.table.entry(pfn).state
-                if state not in expect:
-                    raise WrongState(
-                        f"PFN 0x{pfn:x} is {state.name}, not {' or '.join(s.name for s in expect)}",
-                        reason="PAGE_STATE_MISMATCH",
-                        metadata={"pfn": f"0x{pfn:x}", "state": state.name},
-                    )
+                self.check_state(pfn, expect)
         return out
 
+    def check_state(self, pfn: int, expect: tuple[PageState, ...]) -> None:
+        """WrongState(PAGE_STATE_MISMATCH) unless the page is in one of the states."""
+        if not 0 <= pfn < self.npages:
+            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
+        state = self.table.entry(pfn).state
+        if state not in expect:
+            raise WrongState(
+                f"PFN 0x{pfn:x} is {state.name}, not {' or '.join(s.name for s in expect)}",
+                reason="PAGE_STATE_MISMATCH",
+                metadata={"pfn": f"0x{pfn:x}", "state": state.name},
+            )
+
     def fw_read(
-        self, spa: int, length: int, asid: int = 0, expect: tuple[PageState, ...] = ()
+        self,
+        spa: int,
+        length: int,
+        asid: int = 0,
+        expect: tuple[PageState, ...] = (),
+        checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes:
         """Read as the firmware: with asid, decrypt with that guest's key; with expect, only
-        from pages in those states (checked in the same step as the read)."""
+        from pages in those states; checks: other pages' states, in the same step."""
+        for other, states in checks:
+            self.check_state(other >> PAGE_SHIFT, states)
         out = bytearray()
         for pfn, offset, n in self._fw_pages(spa, length, expect):
             page = self.frames.read(pfn)

@@ -13,11 +13,12 @@ from grpc_health.v1 import health_pb2
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
-from snpemu.errors import InvalidArgument, NotFound
+from snpemu.errors import InvalidArgument, NotFound, SnpemuError
 from snpemu.rmp.entry import PAGE_SHIFT, RMP_STATE, Entry, PageState
 from snpemu.rmp.machine import Identity, Origin, Policy, RmpMachine
 from snpemu.rmp.memory import Placement
 from snpemu.rmp.table import Fault
+from snpemu.runtime.status import grpc_code
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +385,11 @@ class RmpServicer:
 
     async def FirmwareRead(self, request: Any, context: Any) -> pb.FirmwareReadResponse:
         expect = tuple(PageState(s) for s in request.expect_states)
+        checks = tuple(
+            (c.spa, tuple(PageState(s) for s in c.expect_states)) for c in request.checks
+        )
         return pb.FirmwareReadResponse(
-            data=self.m.fw_read(request.spa, request.length, request.asid, expect)
+            data=self.m.fw_read(request.spa, request.length, request.asid, expect, checks)
         )
 
     async def FirmwareWrite(self, request: Any, context: Any) -> pb.FirmwareWriteResponse:
@@ -394,6 +398,30 @@ class RmpServicer:
         expect = tuple(PageState(s) for s in request.expect_states)
         self.m.fw_write(request.spa, request.data, request.asid, expect)
         return pb.FirmwareWriteResponse()
+
+    async def FirmwareSession(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[pb.FirmwareSessionResponse]:
+        async for op in requests:
+            which = op.WhichOneof("op")
+            try:
+                if which == "read":
+                    yield pb.FirmwareSessionResponse(read=await self.FirmwareRead(op.read, context))
+                elif which == "write":
+                    yield pb.FirmwareSessionResponse(
+                        write=await self.FirmwareWrite(op.write, context)
+                    )
+                else:
+                    raise InvalidArgument("a session request is a read or a write")
+            except SnpemuError as e:
+                yield pb.FirmwareSessionResponse(
+                    error=pb.SessionError(
+                        code=grpc_code(e).value[0],
+                        message=e.message,
+                        reason=e.reason,
+                        metadata=e.metadata,
+                    )
+                )
 
     # --- policy and notifications ----------------------------------------------------------------
 

@@ -116,15 +116,16 @@ def build_handler(
     require it; without one (a service started by hand), they are open."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
-        if method.client_streaming:
+        if method.client_streaming and not method.server_streaming:
             raise ValueError(f"{service.full_name}/{method.name}: client streaming is not used")
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        if method.client_streaming:
+            factory = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            factory = grpc.unary_stream_rpc_method_handler
+        else:
+            factory = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(
             _behavior(
                 short_name,

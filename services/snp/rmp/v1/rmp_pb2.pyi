@@ -1635,6 +1635,7 @@ class FirmwareReadRequest(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     ASID_FIELD_NUMBER: _builtins.int
     EXPECT_STATES_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     spa: _builtins.int
     length: _builtins.int
     asid: _builtins.int
@@ -1645,6 +1646,10 @@ class FirmwareReadRequest(_message.Message):
         access (FAILED_PRECONDITION, reason PAGE_STATE_MISMATCH, otherwise).
         """
 
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PageCheck]:
+        """Other pages whose state the command depends on, checked in the same step."""
+
     def __init__(
         self,
         *,
@@ -1652,14 +1657,40 @@ class FirmwareReadRequest(_message.Message):
         length: _builtins.int = ...,
         asid: _builtins.int = ...,
         expect_states: _abc.Iterable[_types_pb2.PageState.ValueType] | None = ...,
+        checks: _abc.Iterable[Global___PageCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "expect_states", b"expect_states", "length", b"length", "spa", b"spa"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "checks", b"checks", "expect_states", b"expect_states", "length", b"length", "spa", b"spa"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FirmwareReadRequest: _TypeAlias = FirmwareReadRequest  # noqa: Y015
+
+@_typing.final
+class PageCheck(_message.Message):
+    """A page that must be in one of the given states."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPA_FIELD_NUMBER: _builtins.int
+    EXPECT_STATES_FIELD_NUMBER: _builtins.int
+    spa: _builtins.int
+    @_builtins.property
+    def expect_states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.PageState.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        spa: _builtins.int = ...,
+        expect_states: _abc.Iterable[_types_pb2.PageState.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expect_states", b"expect_states", "spa", b"spa"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PageCheck: _TypeAlias = PageCheck  # noqa: Y015
 
 @_typing.final
 class FirmwareReadResponse(_message.Message):
@@ -1725,6 +1756,115 @@ class FirmwareWriteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FirmwareWriteResponse: _TypeAlias = FirmwareWriteResponse  # noqa: Y015
+
+@_typing.final
+class FirmwareSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___FirmwareReadRequest: ...
+    @_builtins.property
+    def write(self) -> Global___FirmwareWriteRequest: ...
+    def __init__(
+        self,
+        *,
+        read: Global___FirmwareReadRequest | None = ...,
+        write: Global___FirmwareWriteRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___FirmwareSessionRequest: _TypeAlias = FirmwareSessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionError(_message.Message):
+    """Why one access of a session failed (what a unary call would carry as its status)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code number."""
+    message: _builtins.str
+    reason: _builtins.str
+    """google.rpc.ErrorInfo reason, e.g. PAGE_STATE_MISMATCH."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionError: _TypeAlias = SessionError  # noqa: Y015
+
+@_typing.final
+class FirmwareSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___FirmwareReadResponse: ...
+    @_builtins.property
+    def write(self) -> Global___FirmwareWriteResponse: ...
+    @_builtins.property
+    def error(self) -> Global___SessionError: ...
+    def __init__(
+        self,
+        *,
+        read: Global___FirmwareReadResponse | None = ...,
+        write: Global___FirmwareWriteResponse | None = ...,
+        error: Global___SessionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___FirmwareSessionResponse: _TypeAlias = FirmwareSessionResponse  # noqa: Y015
 
 @_typing.final
 class GetViolationPolicyRequest(_message.Message):

@@ -175,6 +175,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.FromString,
                 _registered_method=True)
+        self.FirmwareSession = channel.stream_stream(
+                '/snp.rmp.v1.RmpService/FirmwareSession',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.FromString,
+                _registered_method=True)
         self.GetViolationPolicy = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/GetViolationPolicy',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetViolationPolicyRequest.SerializeToString,
@@ -425,6 +430,15 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FirmwareSession(self, request_iterator, context):
+        """FirmwareRead and FirmwareWrite on one stream, answered in order: the firmware's hot path
+        (guest requests) without a call's set-up cost per access. A failed access answers with an
+        error and the session goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetViolationPolicy(self, request, context):
         """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -598,6 +612,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.FirmwareWrite,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.SerializeToString,
+            ),
+            'FirmwareSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.FirmwareSession,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.SerializeToString,
             ),
             'GetViolationPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetViolationPolicy,
@@ -1377,6 +1396,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/FirmwareWrite',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirmwareSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snp.rmp.v1.RmpService/FirmwareSession',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -138,6 +138,11 @@ class RmpServiceStub:
     """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set."""
     FirmwareWrite: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWriteRequest, _rmp_pb2.FirmwareWriteResponse]
     """Write memory as the firmware, encrypting with a guest's key when asid is set."""
+    FirmwareSession: _grpc.StreamStreamMultiCallable[_rmp_pb2.FirmwareSessionRequest, _rmp_pb2.FirmwareSessionResponse]
+    """FirmwareRead and FirmwareWrite on one stream, answered in order: the firmware's hot path
+    (guest requests) without a call's set-up cost per access. A failed access answers with an
+    error and the session goes on.
+    """
     GetViolationPolicy: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -256,6 +261,11 @@ class RmpServiceAsyncStub(RmpServiceStub):
     """Read memory as the firmware (DMA), decrypting with a guest's key when asid is set."""
     FirmwareWrite: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWriteRequest, _rmp_pb2.FirmwareWriteResponse]  # type: ignore[assignment]
     """Write memory as the firmware, encrypting with a guest's key when asid is set."""
+    FirmwareSession: _aio.StreamStreamMultiCallable[_rmp_pb2.FirmwareSessionRequest, _rmp_pb2.FirmwareSessionResponse]  # type: ignore[assignment]
+    """FirmwareRead and FirmwareWrite on one stream, answered in order: the firmware's hot path
+    (guest requests) without a call's set-up cost per access. A failed access answers with an
+    error and the session goes on.
+    """
     GetViolationPolicy: _aio.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]  # type: ignore[assignment]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -539,6 +549,17 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rmp_pb2.FirmwareWriteResponse, _abc.Awaitable[_rmp_pb2.FirmwareWriteResponse]]:
         """Write memory as the firmware, encrypting with a guest's key when asid is set."""
+
+    @_abc_1.abstractmethod
+    def FirmwareSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rmp_pb2.FirmwareSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rmp_pb2.FirmwareSessionResponse], _abc.AsyncIterator[_rmp_pb2.FirmwareSessionResponse]]:
+        """FirmwareRead and FirmwareWrite on one stream, answered in order: the firmware's hot path
+        (guest requests) without a call's set-up cost per access. A failed access answers with an
+        error and the session goes on.
+        """
 
     @_abc_1.abstractmethod
     def GetViolationPolicy(
