@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2, psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
-
 from snpemu.abi import guest_message as gm
 from snpemu.launcher.supervisor import grpc_health
 
@@ -206,7 +205,7 @@ def main() -> int:
         f"p99 {pct(fw_only, 0.99):.3f} ms   target p50 < 2 ms (hardware ~8 ms)"
     )
     print(
-        f"KVM path (write request page, GuestRequest, read response): p50 {pct(whole, 0.5):.3f} ms, "
+        f"KVM path (write request, GuestRequest, read response): p50 {pct(whole, 0.5):.3f} ms, "
         f"p99 {pct(whole, 0.99):.3f} ms, {1 / statistics.mean(whole):.0f} reports/s"
     )
     print(f"ratio GuestRequest p50 / crypto floor p50: {pct(fw_only, 0.5) / pct(floor, 0.5):.1f}")
