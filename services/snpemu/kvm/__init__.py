@@ -1,7 +1,115 @@
 """The `kvm` service: KVM/SVM and the VMM's launch control."""
 
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from snp.kvm.v1.kvm_pb2 import DESCRIPTOR as _FILE
 
 from snpemu.runtime.server import ServiceSpec
 
-SPEC = ServiceSpec(name="kvm", descriptor=_FILE.services_by_name["KvmService"])
+if TYPE_CHECKING:
+    from snpemu.runtime.server import ServiceRuntime
+
+log = logging.getLogger(__name__)
+_SERVICE = _FILE.services_by_name["KvmService"]
+# Exits come from a guest's vCPUs (with their identity); everything else is host control.
+GUEST_RPCS = frozenset({"VmgexitMsr", "Vmgexit", "NestedPageFault"})
+
+
+class _Kvm:
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        from snpemu.kvm.machine import Kvm
+        from snpemu.kvm.metrics import register
+        from snpemu.kvm.peers import psp_peer, rmp_peer
+        from snpemu.kvm.servicer import KvmServicer
+
+        config, opts = runtime.config, runtime.options
+        self.kvm = Kvm(
+            rmp_peer(config.peers["rmp"], config.host_credential),
+            psp_peer(config.peers["psp"], config.host_credential),
+            snp=opts.snp,
+            firmware=opts.firmware,
+            throttle_ms=opts.throttle_ms,
+            throttle_burst=opts.throttle_burst,
+        )
+        register(self.kvm, runtime.registry)
+        self.servicer = KvmServicer(self.kvm)
+        self.kicks: asyncio.Task[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.servicer, name)
+
+    async def follow_kicks(self) -> None:
+        """Subscribe to rmp's MMU notifications: kick (or terminate) the ASID's vCPUs, ack."""
+        from snp.rmp.v1 import rmp_pb2
+
+        from snpemu.errors import Unavailable
+
+        delay = 0.5
+        while True:
+            try:
+                stub = self.kvm.rmp.ensure()
+                call = stub.WatchMmuNotifications(
+                    rmp_pb2.WatchMmuNotificationsRequest(), metadata=self.kvm.rmp.md
+                )
+                async for note in call:
+                    self.servicer.exits.kick(note.asid, note.terminate, note.reason)
+                    await self.kvm.rmp.call(
+                        "AcknowledgeMmuNotification",
+                        rmp_pb2.AcknowledgeMmuNotificationRequest(sequence=note.sequence),
+                    )
+                    delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except (Unavailable, Exception) as e:  # rmp restarted or unreachable: resubscribe
+                log.warning("MMU notification stream lost (%s); resubscribing", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _startup(impl: object | None) -> None:
+    from snpemu.errors import Unavailable
+
+    assert isinstance(impl, _Kvm)
+    for attempt in range(60):
+        try:
+            await impl.kvm.bring_up()
+            break
+        except Unavailable as e:
+            if attempt == 59:
+                raise
+            log.info("waiting for rmp and psp: %s", e.message)
+            await asyncio.sleep(0.5)
+    impl.kicks = asyncio.ensure_future(impl.follow_kicks())
+
+
+async def _shutdown(impl: object | None) -> None:
+    if isinstance(impl, _Kvm):
+        if impl.kicks is not None:
+            impl.kicks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await impl.kicks
+        await impl.kvm.rmp.close()
+        await impl.kvm.psp.close()
+
+
+def _options(env: Mapping[str, str]) -> object:
+    from snpemu.kvm.options import KvmOptions
+
+    return KvmOptions.from_env(env)
+
+
+SPEC = ServiceSpec(
+    name="kvm",
+    descriptor=_SERVICE,
+    make_impl=_Kvm,
+    options=_options,
+    startup=_startup,
+    shutdown=_shutdown,
+    host_only=lambda name: name not in GUEST_RPCS,
+)

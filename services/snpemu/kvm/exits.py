@@ -1,0 +1,523 @@
+"""What kvm does when a vCPU leaves guest mode: VMGEXIT (MSR protocol or GHCB) and #NPF.
+
+KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(), sev_handle_vmgexit_msr_protocol(),
+sev_es_validate_vmgexit(), snp_begin_psc(), snp_handle_guest_req(), sev_snp_ap_creation(),
+sev_handle_rmp_fault(); arch/x86/kvm/svm/svm.c npf_interception().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from snp.common.v1 import handles_pb2, types_pb2
+from snp.psp.v1 import psp_pb2
+from snp.rmp.v1 import rmp_pb2
+
+from snpemu.errors import PermissionDenied, Unavailable, WrongState
+from snpemu.kvm import ghcb as g
+from snpemu.kvm import msr_protocol as msr
+from snpemu.kvm import psc
+from snpemu.kvm.machine import CBIT, Kvm
+from snpemu.kvm.peers import PeerError
+from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
+from snpemu.vmm import vmsa
+
+log = logging.getLogger(__name__)
+
+# exitinfo2 of a guest request: vmm_error << 32 | fw_error (KERNEL: include/uapi/linux/sev-guest.h)
+VMM_ERR_INVALID_LEN = 1
+VMM_ERR_BUSY = 2
+VMM_ERR_GENERIC = 1 << 31
+PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
+AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY = 0, 1, 2
+# Reason recorded when kvm terminates a guest on rmp's request (convert-kill). Not a GHCB code:
+# set 0xF is outside the GHCB spec's sets (0 general, 1 Linux).
+TERM_SET_HOST, TERM_HOST_CONVERTED = 0xF, 1
+
+
+@dataclass
+class ExitResult:
+    sw_exit_info_1: int = 0
+    sw_exit_info_2: int = 0
+    terminated: bool = False
+
+
+class Exits:
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.request_locks: dict[str, asyncio.Lock] = {}
+
+    # --- who is exiting ------------------------------------------------------------------------
+
+    def vcpu(self, ident: Any) -> tuple[Vm, Vcpu]:
+        vm = self.kvm.vm(ident.vcpu.vm.id)
+        vcpu = vm.vcpus.get(ident.vcpu.vcpu_id)
+        if vcpu is None or vcpu.token != ident.token or ident.asid != vm.asid:
+            raise PermissionDenied(
+                "exits need the vCPU identity kvm issued", reason="BAD_VCPU_IDENTITY"
+            )
+        if vm.state == VmState.TERMINATED:
+            raise WrongState(f"{vm.vm_id} has terminated", reason="VM_TERMINATED")
+        if vm.state != VmState.RUNNING:
+            raise WrongState(f"{vm.vm_id} is {vm.state.name}: launch it first", reason="VM_STATE")
+        return vm, vcpu
+
+    def _spa(self, vm: Vm, gpa: int) -> int | None:
+        return vm.memslots.translate(gpa)
+
+    async def _host_read(self, spa: int, length: int = PAGE) -> bytes:
+        r = await self.kvm.rmp.call("HostRead", rmp_pb2.HostReadRequest(spa=spa, length=length))
+        return bytes(r.data)
+
+    async def _host_write(self, spa: int, data: bytes) -> int:
+        """A kernel write into guest memory: an RMP violation if the guest made it private."""
+        r = await self.kvm.rmp.call(
+            "HostWrite",
+            rmp_pb2.HostWriteRequest(
+                spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_KERNEL, writer="kvm"
+            ),
+        )
+        return int(r.outcome)
+
+    async def _rmpupdate(
+        self, spa: int, *, private: bool, vm: Vm, gpa: int, size_2m: bool = False
+    ) -> int:
+        r = await self.kvm.rmp.call(
+            "RmpUpdate",
+            rmp_pb2.RmpUpdateRequest(
+                spa=spa,
+                state=rmp_pb2.RmpState(
+                    gpa=gpa if private else 0,
+                    assigned=private,
+                    asid=vm.asid if private else 0,
+                    page_size=types_pb2.PAGE_SIZE_2M if size_2m else types_pb2.PAGE_SIZE_4K,
+                ),
+            ),
+        )
+        return int(r.eax)
+
+    # --- MSR protocol ---------------------------------------------------------------------------
+
+    async def msr_exit(self, ident: Any, value: int) -> tuple[int, bool]:
+        vm, vcpu = self.vcpu(ident)
+        info = value & msr.INFO_MASK
+        self.kvm.counters.vmgexits["msr_protocol"] += 1
+        self.kvm.trace.emit("kvm_vmgexit_msr_protocol_enter", vm, vcpu.vcpu_id, ghcb_msr=value)
+        out, terminated = await self._msr(vm, vcpu, info, value)
+        self.kvm.trace.emit("kvm_vmgexit_msr_protocol_exit", vm, vcpu.vcpu_id, ghcb_msr=out)
+        return out, terminated
+
+    async def _msr(self, vm: Vm, vcpu: Vcpu, info: int, value: int) -> tuple[int, bool]:
+        if info == msr.SEV_INFO_REQ:
+            return msr.sev_info(CBIT), False
+        if info == msr.CPUID_REQ:
+            fn, reg = msr.cpuid_request(value)
+            regs = cpuid(vm, fn, 0)
+            return msr.cpuid_response(reg, regs[reg]), False
+        if info == msr.AP_RESET_HOLD_REQ:
+            # The AP is woken once an AP creation event gave it a VMSA.
+            return (1 if vcpu.vmsa_gpa else 0) << 12 | msr.AP_RESET_HOLD_RESP, False
+        if info == msr.PREF_GPA_REQ:
+            return msr.PREF_GPA_NONE << 12 | msr.PREF_GPA_RESP, False
+        if info == msr.REG_GPA_REQ:
+            gfn = msr.gfn_of(value)
+            if self._spa(vm, gfn << 12) is None:
+                return (2**52 - 1) << 12 | msr.REG_GPA_RESP, False  # refused: all-ones GFN
+            vcpu.ghcb_gpa = gfn << 12
+            return gfn << 12 | msr.REG_GPA_RESP, False
+        if info == msr.PSC_REQ:
+            gfn, op = msr.psc_request(value)
+            ok = await self._psc_one(vm, gfn, op)
+            self.kvm.counters.psc_requests[("msr", "success" if ok else "generic")] += 1
+            return (msr.PSC_RESP if ok else msr.PSC_GENERIC_ERROR), False
+        if info == msr.HV_FT_REQ:
+            return msr.HV_FEATURES << 12 | msr.HV_FT_RESP, False
+        if info == msr.TERM_REQ:
+            self._terminate(vm, *msr.term_reason(value))
+            return value, True
+        # Unknown requests (VMPL_REQ included: only VMPL0 runs here): KVM leaves the MSR as is.
+        return value, False
+
+    async def _psc_one(self, vm: Vm, gfn: int, op: int) -> bool:
+        spa = self._spa(vm, gfn << 12)
+        if spa is None or op not in (psc.Op.PRIVATE, psc.Op.SHARED):
+            return False
+        eax = await self._rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gfn << 12)
+        if eax == 0:
+            self.kvm.counters.psc_pages[(psc.Op(op).name.lower(), "4k")] += 1
+        return eax == 0
+
+    def _terminate(self, vm: Vm, reason_set: int, code: int) -> None:
+        vm.state = VmState.TERMINATED
+        vm.term_reason = (reason_set, code)
+        log.warning(
+            "%s terminated: reason set %d code %d",
+            vm.vm_id,
+            reason_set,
+            code,
+            extra={"event": "vm_terminated"},
+        )
+
+    # --- full GHCB ------------------------------------------------------------------------------
+
+    async def ghcb_exit(self, ident: Any) -> ExitResult:
+        vm, vcpu = self.vcpu(ident)
+        if vcpu.ghcb_gpa is None:
+            # KVM fails the vCPU run: an SNP guest must register its GHCB first.
+            raise WrongState(
+                "no GHCB registered (GHCB MSR protocol REG_GPA first)", reason="GHCB_NOT_REGISTERED"
+            )
+        spa = self._spa(vm, vcpu.ghcb_gpa)
+        assert spa is not None  # INVARIANT: registration checked the memslot
+        page = await self._host_read(spa)
+        ghcb = g.Ghcb.decode(page)
+        code = ghcb.get("sw_exit_code")
+        name = g.EXIT_NAMES.get(code, "unknown")
+        self.kvm.counters.vmgexits[name] += 1
+        self.kvm.trace.emit(
+            "kvm_vmgexit_enter",
+            vm,
+            vcpu.vcpu_id,
+            exit_code=code,
+            info1=ghcb.get("sw_exit_info_1"),
+            info2=ghcb.get("sw_exit_info_2"),
+        )
+        result, regs, shared = await self._dispatch(vm, vcpu, ghcb)
+        self.kvm.trace.emit(
+            "kvm_vmgexit_exit",
+            vm,
+            vcpu.vcpu_id,
+            exit_code=code,
+            info1=result.sw_exit_info_1,
+            info2=result.sw_exit_info_2,
+        )
+        out = bytearray(page)
+        out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = bytes(16)  # KVM clears the guest's bitmap
+        struct.pack_into(
+            "<QQ",
+            out,
+            g.OFFSETS["sw_exit_info_1"],
+            result.sw_exit_info_1 & (2**64 - 1),
+            result.sw_exit_info_2 & (2**64 - 1),
+        )
+        for reg, value in regs.items():
+            struct.pack_into("<Q", out, g.OFFSETS[reg], value & (2**64 - 1))
+        if shared is not None:
+            out[g.SHARED_BUFFER : g.SHARED_BUFFER + len(shared)] = shared
+        if not result.terminated:
+            await self._host_write(spa, bytes(out))
+        return result
+
+    @staticmethod
+    def _malformed(err: int) -> tuple[ExitResult, dict[str, int], None]:
+        return ExitResult(g.RESP_MALFORMED_INPUT, err), {}, None
+
+    async def _dispatch(
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb
+    ) -> tuple[ExitResult, dict[str, int], bytearray | None]:
+        if ghcb.usage != 0:
+            return self._malformed(g.ERR_INVALID_USAGE)
+        if not all(ghcb.is_valid(f) for f in ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")):
+            return self._malformed(g.ERR_MISSING_INPUT)
+        code, info1, info2 = (
+            ghcb.get("sw_exit_code"),
+            ghcb.get("sw_exit_info_1"),
+            ghcb.get("sw_exit_info_2"),
+        )
+        if code == g.EXIT_CPUID:
+            if not (ghcb.is_valid("rax") and ghcb.is_valid("rcx")):
+                return self._malformed(g.ERR_MISSING_INPUT)
+            eax, ebx, ecx, edx = cpuid(
+                vm, ghcb.get("rax") & 0xFFFFFFFF, ghcb.get("rcx") & 0xFFFFFFFF
+            )
+            return ExitResult(), {"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx}, None
+        if code == g.EXIT_PSC:
+            return await self._psc(vm, vcpu, ghcb)
+        if code in (g.EXIT_GUEST_REQUEST, g.EXIT_EXT_GUEST_REQUEST):
+            return await self._guest_request(vm, ghcb, code, info1, info2)
+        if code == g.EXIT_AP_CREATION:
+            return self._ap_creation(vm, ghcb, info1, info2)
+        if code == g.EXIT_AP_JUMP_TABLE:
+            if info1 == 0:
+                vm.ap_jump_table = info2
+                return ExitResult(), {}, None
+            if info1 == 1:
+                return ExitResult(0, vm.ap_jump_table), {}, None
+            return self._malformed(g.ERR_INVALID_INPUT)
+        if code == g.EXIT_HV_FEATURES:
+            return ExitResult(0, msr.HV_FEATURES), {}, None
+        if code == g.EXIT_TERM_REQUEST:
+            self._terminate(vm, info1 & 0xF, info1 >> 4 & 0xFF)
+            return ExitResult(terminated=True), {}, None
+        if code in (g.EXIT_NMI_COMPLETE, g.EXIT_MMIO_READ, g.EXIT_MMIO_WRITE):
+            return ExitResult(), {}, None  # no NMI source or MMIO device is emulated
+        if code == g.EXIT_AP_HLT_LOOP:
+            return ExitResult(0, 1), {}, None  # woken at once
+        if code == g.EXIT_UNSUPPORTED_EVENT:
+            raise WrongState("the guest reported an unsupported event", reason="UNSUPPORTED_EVENT")
+        return self._malformed(g.ERR_INVALID_EVENT)
+
+    # --- page state change ----------------------------------------------------------------------
+
+    async def _psc(
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb
+    ) -> tuple[ExitResult, dict[str, int], bytearray | None]:
+        if not ghcb.is_valid("sw_scratch"):
+            return self._malformed(g.ERR_MISSING_INPUT)
+        scratch = ghcb.get("sw_scratch")
+        base = (vcpu.ghcb_gpa or 0) + g.SHARED_BUFFER
+        if not base <= scratch < base + g.SHARED_BUFFER_SIZE - psc.HDR.size:
+            # UNVERIFIED scope: KVM also accepts a scratch area in guest memory outside the GHCB
+            # (up to 16 pages); snpemu takes the descriptor in the shared buffer only.
+            return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
+        off = scratch - base
+        buf = bytearray(ghcb.shared)
+        desc = psc.Descriptor.decode(bytes(buf[off:]))
+        result = await self.apply_psc(vm, desc)
+        view = bytearray(buf[off:])
+        desc.encode_into(view)
+        buf[off:] = view[: len(buf) - off]
+        self.kvm.counters.psc_requests[("ghcb", _psc_result_name(result))] += 1
+        return ExitResult(0, result), {}, buf
+
+    async def apply_psc(self, vm: Vm, desc: psc.Descriptor) -> int:
+        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor."""
+        if not psc.check_header(desc):
+            return psc.PSC_ERROR_INVALID_HDR
+        last = min(desc.end_entry, len(desc.entries) - 1)
+        work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
+        for idx in range(desc.cur_entry, last + 1):
+            e = desc.entries[idx]
+            if not psc.check_entry(e):
+                desc.cur_entry = idx
+                return await self._run_psc(vm, desc, work, psc.PSC_ERROR_INVALID_ENTRY)
+            if e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
+                continue  # KVM marks these complete without acting
+            gpa = e.gfn << 12
+            if e.size_2m and e.cur_page == 0:
+                spa2m = vm.memslots.contiguous_2m(gpa)
+                if spa2m is not None:
+                    eax = await self._rmpupdate(
+                        spa2m, private=e.op == psc.Op.PRIVATE, vm=vm, gpa=gpa, size_2m=True
+                    )
+                    if eax == 0:
+                        e.cur_page = 512
+                        self.kvm.counters.psc_pages[(psc.Op(e.op).name.lower(), "2m")] += 1
+                        continue
+            for page in range(e.cur_page, e.npages):
+                spa = vm.memslots.translate(gpa + page * PAGE)
+                if spa is None:
+                    desc.cur_entry = idx
+                    return await self._run_psc(vm, desc, work, psc.PSC_ERROR_GENERIC)
+                work.append((idx, page, spa, gpa + page * PAGE, e.op == psc.Op.PRIVATE))
+        result = await self._run_psc(vm, desc, work, 0)
+        if result == 0:
+            desc.cur_entry = last + 1
+        return result
+
+    async def _run_psc(
+        self,
+        vm: Vm,
+        desc: psc.Descriptor,
+        work: list[tuple[int, int, int, int, bool]],
+        stop_result: int,
+    ) -> int:
+        """One batched RMPUPDATE for the 4K work, then progress up to the first failure."""
+        codes: bytes = b""
+        if work:
+            entries = b"".join(
+                struct.pack(
+                    "<QQBBBBI", spa, gpa if priv else 0, int(priv), 0, 0, 0, vm.asid if priv else 0
+                )
+                for _, _, spa, gpa, priv in work
+            )
+            codes = bytes(
+                (
+                    await self.kvm.rmp.call(
+                        "RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=entries)
+                    )
+                ).codes
+            )
+        done_entries: set[int] = set()
+        for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
+            e = desc.entries[idx]
+            if code != 0:
+                # Progress stops at the first page that failed; the guest resumes from here.
+                # Later pages of this batch were changed too: redoing them is harmless.
+                e.cur_page = page
+                desc.cur_entry = idx
+                return psc.PSC_ERROR_GENERIC
+            e.cur_page = page + 1
+            done_entries.add(idx)
+            self.kvm.counters.psc_pages[("private" if priv else "shared", "4k")] += 1
+        for idx in range(desc.cur_entry, len(desc.entries)):
+            e = desc.entries[idx]
+            if idx in done_entries or e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
+                e.cur_page = e.npages
+        return stop_result
+
+    # --- guest requests --------------------------------------------------------------------------
+
+    async def _guest_request(
+        self, vm: Vm, ghcb: g.Ghcb, code: int, req_gpa: int, res_gpa: int
+    ) -> tuple[ExitResult, dict[str, int], None]:
+        if req_gpa % PAGE or res_gpa % PAGE or req_gpa == res_gpa:
+            return self._malformed(g.ERR_MISSING_INPUT)
+        req_spa, res_spa = self._spa(vm, req_gpa), self._spa(vm, res_gpa)
+        if req_spa is None or res_spa is None:
+            return self._malformed(g.ERR_INVALID_INPUT)
+        ext = code == g.EXIT_EXT_GUEST_REQUEST
+        if ext and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
+            return self._malformed(g.ERR_MISSING_INPUT)
+        lock = self.request_locks.setdefault(vm.vm_id, asyncio.Lock())
+        async with lock:  # one request in flight per VM, as KVM's mutex
+            started = time.perf_counter()
+            request = await self._host_read(req_spa)
+            kind = {5: "report", 3: "key"}.get(request[0x34], "other")
+            regs: dict[str, int] = {}
+            if not vm.throttle.allow():
+                self.kvm.counters.throttled += 1
+                self.kvm.counters.guest_requests[(kind, "busy")] += 1
+                return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+            if ext and kind == "report":
+                certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
+                blob = self.kvm.certs_blob or bytes(24)
+                need = -(-len(blob) // PAGE)
+                if certs_gpa % PAGE:
+                    return self._malformed(g.ERR_INVALID_INPUT)
+                if npages < need:
+                    self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
+                    return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
+                for i in range(need):
+                    spa = self._spa(vm, certs_gpa + i * PAGE)
+                    if spa is None:
+                        return self._malformed(g.ERR_INVALID_INPUT)
+                    await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
+            await self._host_write(vm.bounce_req, request)
+            try:
+                await self.kvm.psp.call(
+                    "GuestRequest",
+                    psp_pb2.GuestRequestRequest(
+                        gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
+                        req_paddr=vm.bounce_req,
+                        res_paddr=vm.bounce_res,
+                    ),
+                )
+            except PeerError as e:
+                self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
+                return ExitResult(0, e.fw_status or VMM_ERR_GENERIC << 32), regs, None
+            except Unavailable:
+                # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
+                self.kvm.counters.guest_requests[(kind, "busy")] += 1
+                return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+            response = await self._host_read(vm.bounce_res)
+            await self._host_write(res_spa, response)
+            self.kvm.counters.guest_requests[(kind, "success")] += 1
+            self.kvm.counters.observe_request(time.perf_counter() - started)
+            return ExitResult(0, 0), regs, None
+
+    # --- AP creation ----------------------------------------------------------------------------
+
+    def _ap_creation(
+        self, vm: Vm, ghcb: g.Ghcb, info1: int, vmsa_gpa: int
+    ) -> tuple[ExitResult, dict[str, int], None]:
+        op, apic_id = info1 & 0xFFFFFFFF, info1 >> 32
+        target = vm.vcpus.get(apic_id)
+        if target is None or op not in (AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY):
+            return self._malformed(g.ERR_INVALID_INPUT)
+        if op == AP_DESTROY:
+            target.vmsa_gpa, target.runnable = None, False
+            return ExitResult(), {}, None
+        if not ghcb.is_valid("rax"):
+            return self._malformed(g.ERR_MISSING_INPUT)
+        if ghcb.get("rax") != vm.sev_features:
+            return self._malformed(g.ERR_INVALID_INPUT)  # SEV_FEATURES must match the VM's
+        # A 2M-aligned VMSA can take a spurious RMP #PF (erratum): KVM refuses it.
+        if vmsa_gpa % PAGE or vmsa_gpa % (2 << 20) == 0 or self._spa(vm, vmsa_gpa) is None:
+            return self._malformed(g.ERR_INVALID_INPUT)
+        target.vmsa_gpa = vmsa_gpa
+        target.runnable = op == AP_CREATE
+        return ExitResult(), {}, None
+
+    # --- nested page faults -----------------------------------------------------------------------
+
+    async def npf(self, ident: Any, gpa: int, error_code: int) -> tuple[str, bool]:
+        vm, vcpu = self.vcpu(ident)
+        self.kvm.trace.emit("kvm_page_fault", vm, vcpu.vcpu_id, gpa=gpa, error_code=error_code)
+        spa = self._spa(vm, gpa & ~0xFFF)
+        if spa is None:
+            return "no_memslot", False
+        if error_code & PFERR_GUEST_SIZEM:
+            head = spa & ~((2 << 20) - 1)
+            for _ in range(8):
+                r = await self.kvm.rmp.call("Psmash", rmp_pb2.PsmashRequest(spa=head))
+                if r.eax != 3:
+                    break
+            return "psmash", True
+        if error_code & PFERR_GUEST_RMP:
+            entry = (
+                await self.kvm.rmp.call("ReadRmpEntry", rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12))
+            ).entry
+            private = bool(error_code & PFERR_GUEST_ENC)
+            if private and not entry.assigned:
+                # KVM_EXIT_MEMORY_FAULT: the VMM makes the GPA private (guest-invalid); the
+                # guest's retry then takes #VC, as the page is not validated.
+                await self._rmpupdate(spa, private=True, vm=vm, gpa=gpa & ~0xFFF)
+                return "convert_private", True
+            if not private and entry.assigned and entry.asid == vm.asid:
+                await self._rmpupdate(spa, private=False, vm=vm, gpa=0)
+                return "convert_shared", True
+        return "spurious", True
+
+    # --- kicks from rmp ------------------------------------------------------------------------
+
+    def kick(self, asid: int, terminate: bool, reason: str) -> bool:
+        for vm in self.kvm.vms.values():
+            if vm.asid != asid:
+                continue
+            for vcpu in vm.vcpus.values():
+                vcpu.kicks += 1
+            if terminate and vm.state == VmState.RUNNING:
+                self._terminate(vm, TERM_SET_HOST, TERM_HOST_CONVERTED)
+            log.info("kicked the vCPUs of %s: %s", vm.vm_id, reason, extra={"event": "kick"})
+            return True
+        return False
+
+
+def _psc_result_name(result: int) -> str:
+    return {
+        0: "success",
+        psc.PSC_ERROR_INVALID_HDR: "invalid_hdr",
+        psc.PSC_ERROR_INVALID_ENTRY: "invalid_entry",
+    }.get(result, "generic")
+
+
+def cpuid(vm: Vm, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    """The few CPUID leaves a booting SNP guest asks the hypervisor for (the rest are zero)."""
+    cfg: Any = vm.config
+    sig = vmsa.VCPU_SIGNATURES.get(
+        {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}.get(
+            cfg.vcpu_type or 3, "EPYC-Milan"
+        ),
+        0,
+    )
+    if leaf == 0x0:
+        return 0x10, 0x68747541, 0x444D4163, 0x69746E65  # max leaf, "AuthenticAMD"
+    if leaf == 0x1:
+        return sig, len(vm.vcpus) << 16, 1 << 31, 0x178BFBFF  # ECX bit 31: hypervisor present
+    if leaf == 0x8000_0000:
+        return 0x8000_001F, 0x68747541, 0x444D4163, 0x69746E65
+    if leaf == 0x8000_001F:
+        # SEV, SEV-ES, SNP, VMPL supported; C-bit 51, 1 bit of address reduction, 4 VMPLs
+        return 0x0001_003A | 0x2, CBIT | 1 << 6 | 4 << 12, 99, 100
+    return 0, 0, 0, 0
+
+
+def sev_status(vm: Vm) -> int:
+    """MSR_AMD64_SEV (0xC0010131): SEV | SEV-ES | SNP, then SEV_FEATURES bits shifted by 2."""
+    return 0b111 | (vm.sev_features >> 1) << 3

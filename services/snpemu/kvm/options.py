@@ -1,0 +1,36 @@
+"""kvm settings from the environment, checked at start.
+
+SNPEMU_KVM_SNP             1 | 0: enable SNP (like kvm_amd's sev_snp parameter; default 1)
+SNPEMU_KVM_FIRMWARE        default guest firmware (Debian ovmf: /usr/share/OVMF/OVMF_CODE.fd)
+SNPEMU_KVM_THROTTLE_MS     default per-VM guest-request interval in ms, 0 = none (default 0)
+SNPEMU_KVM_THROTTLE_BURST  default burst (default 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from snpemu.hostconfig import ConfigError, count
+from snpemu.kvm.machine import DEFAULT_FIRMWARE
+
+
+@dataclass(frozen=True)
+class KvmOptions:
+    snp: bool
+    firmware: str
+    throttle_ms: int
+    throttle_burst: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KvmOptions:
+        env = {"SNPEMU_KVM_THROTTLE_MS": "0", "SNPEMU_KVM_THROTTLE_BURST": "1", **env}
+        snp = env.get("SNPEMU_KVM_SNP", "1")
+        if snp not in ("0", "1"):
+            raise ConfigError(f"SNPEMU_KVM_SNP={snp!r}: 1 or 0")
+        return cls(
+            snp=snp == "1",
+            firmware=env.get("SNPEMU_KVM_FIRMWARE", DEFAULT_FIRMWARE),
+            throttle_ms=count(env, "SNPEMU_KVM_THROTTLE_MS", 0, 3_600_000),
+            throttle_burst=count(env, "SNPEMU_KVM_THROTTLE_BURST", 1, 1000),
+        )

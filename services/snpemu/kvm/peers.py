@@ -1,0 +1,67 @@
+"""kvm's connections to rmp and psp, with the host credential, and firmware errors decoded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from snp.psp.v1 import psp_pb2_grpc
+from snp.rmp.v1 import rmp_pb2_grpc
+
+from snpemu.errors import SnpemuError, Unavailable
+from snpemu.runtime.servicer import CREDENTIAL_HEADER
+from snpemu.runtime.status import error_info
+
+
+class PeerError(SnpemuError):
+    """A peer answered with an error; fw_status is set when it was a firmware status."""
+
+    def __init__(self, service: str, method: str, err: grpc.aio.AioRpcError) -> None:
+        info = error_info(err)
+        self.code = err.code()
+        self.fw_status = (
+            int(info.metadata["fw_status"], 16) if info and "fw_status" in info.metadata else None
+        )
+        super().__init__(
+            f"{service} {method}: {err.details()}",
+            reason=info.reason if info else self.code.name,
+            metadata=dict(info.metadata) if info else {},
+        )
+
+
+class Peer:
+    """Calls with the credential; UNAVAILABLE becomes Unavailable, other errors PeerError."""
+
+    def __init__(self, name: str, address: str, credential: str | None, stub_cls: Any) -> None:
+        self.name, self.address, self.stub_cls = name, address, stub_cls
+        self.md = ((CREDENTIAL_HEADER, credential),) if credential else ()
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: Any = None
+
+    def ensure(self) -> Any:
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.address)
+            self.stub = self.stub_cls(self.channel)
+        return self.stub
+
+    async def call(self, method: str, request: Any, timeout: float = 30) -> Any:
+        stub = self.ensure()
+        try:
+            return await getattr(stub, method)(request, metadata=self.md, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"{self.name} is unreachable: {e.details()}") from None
+            raise PeerError(self.name, method, e) from None
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+
+def rmp_peer(address: str, credential: str | None) -> Peer:
+    return Peer("rmp", address, credential, rmp_pb2_grpc.RmpServiceStub)
+
+
+def psp_peer(address: str, credential: str | None) -> Peer:
+    return Peer("psp", address, credential, psp_pb2_grpc.PspServiceStub)

@@ -1,0 +1,94 @@
+"""The Page State Change descriptor in the GHCB shared buffer, and KVM's rules for it.
+
+KERNEL: arch/x86/include/asm/sev-common.h struct psc_hdr / psc_entry; arch/x86/kvm/svm/sev.c
+snp_begin_psc() (reference 4.5):
+    psc_hdr (8 B): u16 cur_entry; u16 end_entry (inclusive); u32 reserved
+    psc_entry (u64): 11:0 cur_page, 51:12 gfn, 55:52 operation, 56 pagesize, 63:57 reserved
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+MAX_ENTRIES = 253  # VMGEXIT_PSC_MAX_COUNT: 8 + 253 * 8 = 2032, the shared buffer
+HDR = struct.Struct("<HHI")
+# sw_exit_info_2 results (KERNEL: arch/x86/include/asm/sev-common.h)
+PSC_ERROR_INVALID_HDR = (1 << 32) | 1
+PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
+PSC_ERROR_GENERIC = 0x100 << 32
+
+
+class Op(enum.IntEnum):
+    PRIVATE = 1
+    SHARED = 2
+    PSMASH = 3
+    UNSMASH = 4
+
+
+@dataclass
+class Entry:
+    cur_page: int
+    gfn: int
+    op: int
+    size_2m: bool
+    reserved: int = 0
+
+    @classmethod
+    def decode(cls, raw: int) -> Entry:
+        return cls(
+            raw & 0xFFF,
+            raw >> 12 & ((1 << 40) - 1),
+            raw >> 52 & 0xF,
+            bool(raw >> 56 & 1),
+            raw >> 57,
+        )
+
+    def encode(self) -> int:
+        return (
+            self.cur_page & 0xFFF
+            | (self.gfn & ((1 << 40) - 1)) << 12
+            | (self.op & 0xF) << 52
+            | int(self.size_2m) << 56
+            | self.reserved << 57
+        )
+
+    @property
+    def npages(self) -> int:
+        return 512 if self.size_2m else 1
+
+
+@dataclass
+class Descriptor:
+    cur_entry: int
+    end_entry: int
+    reserved: int
+    entries: list[Entry]
+
+    @classmethod
+    def decode(cls, buf: bytes) -> Descriptor:
+        cur, end, rsvd = HDR.unpack_from(buf, 0)
+        count = min(MAX_ENTRIES, (len(buf) - HDR.size) // 8)
+        raws = struct.unpack_from(f"<{count}Q", buf, HDR.size)
+        return cls(cur, end, rsvd, [Entry.decode(r) for r in raws])
+
+    def encode_into(self, buf: bytearray) -> None:
+        HDR.pack_into(buf, 0, self.cur_entry, self.end_entry, self.reserved)
+        for i, e in enumerate(self.entries):
+            struct.pack_into("<Q", buf, HDR.size + 8 * i, e.encode())
+
+
+def check_header(d: Descriptor) -> bool:
+    """KVM refuses end_entry >= 253 (and a cur_entry beyond end_entry has nothing to do)."""
+    return d.end_entry < MAX_ENTRIES
+
+
+def check_entry(e: Entry) -> bool:
+    """KVM: cur_page beyond the entry's pages, a 2M GFN not 512-aligned, an unknown operation
+    or reserved bits are an INVALID_ENTRY."""
+    if e.op not in (Op.PRIVATE, Op.SHARED, Op.PSMASH, Op.UNSMASH) or e.reserved:
+        return False
+    if e.cur_page > e.npages:
+        return False
+    return not (e.size_2m and e.gfn % 512)

@@ -1,0 +1,121 @@
+"""gRPC adapter of kvm: VM control (KVM ioctls, the VMM's launch) and vCPU exits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from snp.common.v1 import handles_pb2
+from snp.kvm.v1 import kvm_pb2 as pb
+
+from snpemu.errors import InvalidArgument
+from snpemu.kvm.exits import Exits
+from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
+from snpemu.kvm.msr_protocol import HV_FEATURES
+from snpemu.kvm.throttle import Throttle
+from snpemu.kvm.vm import Vm
+
+
+def vm_info(vm: Vm) -> pb.VmInfo:
+    return pb.VmInfo(
+        vm=handles_pb2.VmHandle(id=vm.vm_id),
+        state=pb.VmState.ValueType(int(vm.state)),
+        asid=vm.asid,
+        config=vm.config,  # type: ignore[arg-type]
+        gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
+        measurement=vm.measurement,
+        term_reason_set=vm.term_reason[0],
+        term_reason_code=vm.term_reason[1],
+    )
+
+
+class KvmServicer:
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.exits = Exits(kvm)
+
+    def _vm(self, handle: Any) -> Vm:
+        if not handle.id:
+            raise InvalidArgument("vm.id is required")
+        return self.kvm.vm(handle.id)
+
+    async def GetCapabilities(self, request: Any, context: Any) -> pb.GetCapabilitiesResponse:
+        k = self.kvm
+        return pb.GetCapabilitiesResponse(
+            snp_enabled=k.snp_enabled,
+            min_sev_asid=MAX_SNP_ASID + 1,
+            max_sev_asid=MAX_SNP_ASID + 1,
+            firmware_api_major=k.api[0],
+            firmware_api_minor=k.api[1],
+            supported_vm_types=[4] if k.snp_enabled else [],
+            hv_features=HV_FEATURES,
+            cbit_position=CBIT,
+        )
+
+    async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
+        vm = await self.kvm.create_vm(request.config)
+        return pb.CreateVmResponse(vm=handles_pb2.VmHandle(id=vm.vm_id), asid=vm.asid)
+
+    async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
+        vm = self._vm(request.vm)
+        measurement = await self.kvm.launch_vm(vm)
+        return pb.LaunchVmResponse(
+            measurement=measurement, vcpus=[self.kvm.identity(vm, i) for i in sorted(vm.vcpus)]
+        )
+
+    async def GetVm(self, request: Any, context: Any) -> pb.GetVmResponse:
+        return pb.GetVmResponse(vm=vm_info(self._vm(request.vm)))
+
+    async def ListVms(self, request: Any, context: Any) -> pb.ListVmsResponse:
+        return pb.ListVmsResponse(vms=[vm_info(v) for v in self.kvm.vms.values()])
+
+    async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
+        return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(self._vm(request.vm)))
+
+    async def SetGuestRequestThrottle(
+        self, request: Any, context: Any
+    ) -> pb.SetGuestRequestThrottleResponse:
+        vm = self._vm(request.vm)
+        t = request.throttle
+        if t.interval_ms > 3_600_000 or (t.interval_ms and not 1 <= t.burst <= 1000):
+            raise InvalidArgument("interval_ms 0..3600000 and burst 1..1000")
+        vm.throttle = Throttle(t.interval_ms, t.burst or 1)
+        return pb.SetGuestRequestThrottleResponse()
+
+    async def KickVcpus(self, request: Any, context: Any) -> pb.KickVcpusResponse:
+        vm = self._vm(request.vm)
+        for vcpu in vm.vcpus.values():
+            vcpu.kicks += 1
+        return pb.KickVcpusResponse(kicked=len(vm.vcpus))
+
+    async def VmgexitMsr(self, request: Any, context: Any) -> pb.VmgexitMsrResponse:
+        value, terminated = await self.exits.msr_exit(request.identity, request.ghcb_msr)
+        return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
+
+    async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
+        r = await self.exits.ghcb_exit(request.identity)
+        return pb.VmgexitResponse(
+            sw_exit_info_1=r.sw_exit_info_1,
+            sw_exit_info_2=r.sw_exit_info_2,
+            terminated=r.terminated,
+        )
+
+    async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:
+        action, retry = await self.exits.npf(request.identity, request.gpa, request.error_code)
+        return pb.NestedPageFaultResponse(action=action, retry=retry)
+
+    async def StreamTraceEvents(
+        self, request: Any, context: Any
+    ) -> AsyncIterator[pb.StreamTraceEventsResponse]:
+        only = request.vm.id
+        async for ev in self.kvm.trace.subscribe():
+            if only and ev.vm_id != only:
+                continue
+            yield pb.StreamTraceEventsResponse(
+                name=ev.name,
+                vcpu=handles_pb2.VcpuHandle(
+                    vm=handles_pb2.VmHandle(id=ev.vm_id), vcpu_id=ev.vcpu_id
+                ),
+                timestamp_ns=ev.timestamp_ns,
+                **ev.fields,  # type: ignore[arg-type]
+            )

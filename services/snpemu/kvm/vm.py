@@ -1,0 +1,109 @@
+"""What kvm keeps per VM and per vCPU (the parts of struct kvm / kvm_sev_info it models)."""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+from snpemu.kvm.throttle import Throttle
+
+PAGE = 4096
+
+
+class VmState(enum.IntEnum):
+    """Values match snp.kvm.v1.VmState."""
+
+    CREATED = 1
+    LAUNCHING = 2
+    RUNNING = 3
+    TERMINATED = 4
+    DESTROYED = 5
+
+
+@dataclass(frozen=True)
+class Run:
+    """npages 4K frames from first_pfn back GPAs from gpa (one piece of a memslot)."""
+
+    gpa: int
+    first_pfn: int
+    npages: int
+
+
+class Memslots:
+    """GPA -> host frame, as KVM memslots plus guest_memfd back a VM's memory."""
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+        self._starts: list[int] = []
+
+    def add(self, gpa: int, pfns: list[int]) -> list[Run]:
+        """Map consecutive GPAs from gpa to these frames; returns the runs added."""
+        added: list[Run] = []
+        start = 0
+        for i in range(1, len(pfns) + 1):
+            if i == len(pfns) or pfns[i] != pfns[i - 1] + 1:
+                added.append(Run(gpa + start * PAGE, pfns[start], i - start))
+                start = i
+        for r in added:
+            j = bisect.bisect_left(self._starts, r.gpa)
+            self._starts.insert(j, r.gpa)
+            self.runs.insert(j, r)
+        return added
+
+    def translate(self, gpa: int) -> int | None:
+        """The SPA backing gpa, or None outside every memslot."""
+        j = bisect.bisect_right(self._starts, gpa) - 1
+        if j < 0:
+            return None
+        r = self.runs[j]
+        if gpa >= r.gpa + r.npages * PAGE:
+            return None
+        return (r.first_pfn << 12) + (gpa - r.gpa)
+
+    def pfns(self) -> list[int]:
+        return [r.first_pfn + i for r in self.runs for i in range(r.npages)]
+
+    def contiguous_2m(self, gpa: int) -> int | None:
+        """The 2M-aligned SPA backing a 2M-aligned GPA range, if it is one contiguous piece."""
+        spa = self.translate(gpa)
+        last = self.translate(gpa + 511 * PAGE)
+        if spa is None or last is None or spa % (2 << 20) or last != spa + 511 * PAGE:
+            return None
+        return spa
+
+
+@dataclass
+class Vcpu:
+    vcpu_id: int
+    token: bytes
+    ghcb_gpa: int | None = None  # registered with GHCB_MSR_REG_GPA_REQ
+    vmsa_gpa: int | None = None  # AP creation
+    runnable: bool = False
+    kicks: int = 0
+
+
+@dataclass
+class Vm:
+    vm_id: str
+    asid: int
+    config: object  # kvm_pb2.VmConfig
+    throttle: Throttle
+    state: VmState = VmState.CREATED
+    memslots: Memslots = field(default_factory=Memslots)
+    vcpus: dict[int, Vcpu] = field(default_factory=dict)
+    gctx: int = 0
+    vmsa_pages: list[int] = field(default_factory=list)
+    measurement: bytes = b""
+    term_reason: tuple[int, int] = (0, 0)
+    ap_jump_table: int = 0
+    # guest-request bounce pages: request (hypervisor page), response (firmware page)
+    bounce_req: int = 0
+    bounce_res: int = 0
+    sev_features: int = 1
+
+
+def new_vm_id() -> str:
+    # Unique across kvm restarts: rmp keeps vCPU identities by VM id.
+    return f"vm-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,157 @@
+"""rmp, psp and kvm as real gRPC servers in one process (port 0), each reaching the others over
+gRPC; and a stand-in for the guest kernel's side of the exits (the guest agent is not built)."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from snp.common.v1 import handles_pb2, types_pb2
+from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+from snp.psp.v1 import psp_pb2_grpc
+from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
+
+from snpemu import kvm, psp, rmp
+from snpemu.abi import guest_message as gm
+from snpemu.kvm import ghcb as g
+from snpemu.kvm import msr_protocol as msr
+from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.server import ServiceRuntime
+from snpemu.vmm import tiny_firmware
+
+CRED = "stack-credential-0123456789"
+HOST = (("x-snpemu-host-credential", CRED),)
+
+
+@dataclass
+class Stack:
+    rmp: rmp_pb2_grpc.RmpServiceStub
+    psp: psp_pb2_grpc.PspServiceStub
+    kvm: kvm_pb2_grpc.KvmServiceStub
+    runtimes: dict[str, ServiceRuntime]
+    firmware: Path
+
+    async def launch(self, memory: int = 64 << 20, vcpus: int = 1, **config: object) -> Guest:
+        cfg = kvm_pb2.VmConfig(memory_bytes=memory, vcpus=vcpus, firmware_path=str(self.firmware), **config)  # type: ignore[arg-type]
+        vm = (await self.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=HOST)).vm
+        r = await self.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=HOST)
+        return Guest(self, vm, list(r.vcpus), bytes(r.measurement))
+
+
+@dataclass
+class Guest:
+    """What the guest kernel does through its vCPU: memory access via rmp, exits to kvm."""
+
+    stack: Stack
+    vm: handles_pb2.VmHandle
+    vcpus: list[handles_pb2.VcpuIdentity]
+    measurement: bytes
+    ghcb_gpa: int = 0
+    seqno: int = 1
+    vmpck0: bytes = field(default=b"")
+
+    @property
+    def ident(self) -> handles_pb2.VcpuIdentity:
+        return self.vcpus[0]
+
+    async def msr(self, value: int) -> kvm_pb2.VmgexitMsrResponse:
+        return await self.stack.kvm.VmgexitMsr(kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value))
+
+    async def read(self, gpa: int, length: int, private: bool) -> rmp_pb2.GuestReadResponse:
+        return await self.stack.rmp.GuestRead(rmp_pb2.GuestReadRequest(identity=self.ident, gpa=gpa, length=length, private=private))
+
+    async def write(self, gpa: int, data: bytes, private: bool) -> rmp_pb2.GuestWriteResponse:
+        return await self.stack.rmp.GuestWrite(rmp_pb2.GuestWriteRequest(identity=self.ident, gpa=gpa, data=data, private=private))
+
+    async def pvalidate(self, gpa: int, validate: bool = True) -> rmp_pb2.PvalidateResponse:
+        return await self.stack.rmp.Pvalidate(rmp_pb2.PvalidateRequest(
+            identity=self.ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=validate))
+
+    async def register_ghcb(self, gpa: int = 0x100000) -> None:
+        r = await self.msr(gpa | msr.REG_GPA_REQ)
+        assert r.ghcb_msr == gpa | msr.REG_GPA_RESP, hex(r.ghcb_msr)
+        self.ghcb_gpa = gpa
+
+    async def vmgexit(self, ghcb: g.Ghcb) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb]:
+        """Write the GHCB (shared page), VMGEXIT, read the GHCB back."""
+        await self.write(self.ghcb_gpa, ghcb.encode(), private=False)
+        r = await self.stack.kvm.Vmgexit(kvm_pb2.VmgexitRequest(identity=self.ident))
+        back = await self.read(self.ghcb_gpa, 4096, private=False)
+        return r, g.Ghcb.decode(back.data)
+
+    async def secrets(self) -> bytes:
+        r = await self.read(tiny_firmware.SECRETS_GPA, 4096, private=True)
+        assert not r.HasField("fault"), r.fault
+        return bytes(r.data)
+
+    async def guest_request(self, payload: bytes, msg_type: int = gm.MsgType.REPORT_REQ, *,
+                            ext_pages: int | None = None, certs_gpa: int = 0x140000,
+                            seqno: int | None = None) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb, bytes | None]:
+        """sev-guest's request: seal with VMPCK0, VMGEXIT, open the response."""
+        if not self.vmpck0:
+            self.vmpck0 = (await self.secrets())[0x20:0x40]
+        seq = self.seqno if seqno is None else seqno
+        req_gpa, res_gpa = 0x120000, 0x121000
+        hdr = gm.Header(seqno=seq, msg_type=msg_type, msg_version=1, msg_sz=len(payload), vmpck=0)
+        await self.write(req_gpa, gm.seal(self.vmpck0, hdr, payload), private=False)
+        ghcb = g.Ghcb()
+        code = g.EXIT_GUEST_REQUEST if ext_pages is None else g.EXIT_EXT_GUEST_REQUEST
+        ghcb.set("sw_exit_code", code)
+        ghcb.set("sw_exit_info_1", req_gpa)
+        ghcb.set("sw_exit_info_2", res_gpa)
+        if ext_pages is not None:
+            ghcb.set("rax", certs_gpa)
+            ghcb.set("rbx", ext_pages)
+        r, back = await self.vmgexit(ghcb)
+        if r.sw_exit_info_2 != 0:
+            return r, back, None
+        page = (await self.read(res_gpa, 4096, private=False)).data
+        rh = gm.parse_header(page)
+        assert rh.seqno == seq + 1
+        if seqno is None:
+            self.seqno += 2
+        return r, back, gm.open_payload(self.vmpck0, rh, page)
+
+
+@contextlib.asynccontextmanager
+async def host_stack(tmp: Path, *, memory: str = "512M", policy: str = "gmem", **kvm_env: str) -> AsyncIterator[Stack]:
+    common = {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0", "SNPEMU_HOST_CREDENTIAL": CRED,
+              "SNPEMU_SHUTDOWN_GRACE_S": "0"}
+    started: list[ServiceRuntime] = []
+    try:
+        r = ServiceRuntime(rmp.SPEC, ServiceConfig.from_env("rmp", common),
+                           rmp.SPEC.options({"SNPEMU_RMP_MEMORY": memory, "SNPEMU_RMP_POLICY": policy,
+                                             "SNPEMU_RMP_KICK_TIMEOUT_S": "2"}))
+        await r.start()
+        started.append(r)
+        p = ServiceRuntime(psp.SPEC, ServiceConfig.from_env("psp", {**common, "SNPEMU_RMP_ADDR": r.address,
+                                                                     "SNPEMU_DATA_DIR": str(tmp / "psp")}),
+                           psp.SPEC.options({"SNPEMU_KDS_PORT": "0"}))
+        await p.start()
+        started.append(p)
+        k = ServiceRuntime(kvm.SPEC, ServiceConfig.from_env("kvm", {**common, "SNPEMU_RMP_ADDR": r.address,
+                                                                     "SNPEMU_PSP_ADDR": p.address}),
+                           kvm.SPEC.options(kvm_env))
+        await k.start()
+        started.append(k)
+        fw = tmp / "tiny.fd"
+        fw.write_bytes(tiny_firmware.build())
+        async with grpc.aio.insecure_channel(r.address) as rc, grpc.aio.insecure_channel(p.address) as pc, \
+                grpc.aio.insecure_channel(k.address) as kc:
+            yield Stack(rmp_pb2_grpc.RmpServiceStub(rc), psp_pb2_grpc.PspServiceStub(pc),
+                        kvm_pb2_grpc.KvmServiceStub(kc), {"rmp": r, "psp": p, "kvm": k}, fw)
+    finally:
+        for rt in reversed(started):
+            await rt.stop()
+
+
+def psc_buffer(entries: list[int], cur: int = 0, end: int | None = None) -> bytearray:
+    buf = bytearray(g.SHARED_BUFFER_SIZE)
+    struct.pack_into("<HHI", buf, 0, cur, len(entries) - 1 if end is None else end, 0)
+    for i, e in enumerate(entries):
+        struct.pack_into("<Q", buf, 8 + 8 * i, e)
+    return buf
