@@ -14,7 +14,6 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 from snp.psp.v1 import psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
-
 from snpemu import kvm, psp, rmp
 from snpemu.abi import guest_message as gm
 from snpemu.kvm import ghcb as g
@@ -36,7 +35,8 @@ class Stack:
     firmware: Path
 
     async def launch(self, memory: int = 64 << 20, vcpus: int = 1, **config: object) -> Guest:
-        cfg = kvm_pb2.VmConfig(memory_bytes=memory, vcpus=vcpus, firmware_path=str(self.firmware), **config)  # type: ignore[arg-type]
+        config.setdefault("firmware_path", str(self.firmware))
+        cfg = kvm_pb2.VmConfig(memory_bytes=memory, vcpus=vcpus, **config)  # type: ignore[arg-type]
         vm = (await self.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=HOST)).vm
         r = await self.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=HOST)
         return Guest(self, vm, list(r.vcpus), bytes(r.measurement))
@@ -59,17 +59,26 @@ class Guest:
         return self.vcpus[0]
 
     async def msr(self, value: int) -> kvm_pb2.VmgexitMsrResponse:
-        return await self.stack.kvm.VmgexitMsr(kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value))
+        return await self.stack.kvm.VmgexitMsr(
+            kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value)
+        )
 
     async def read(self, gpa: int, length: int, private: bool) -> rmp_pb2.GuestReadResponse:
-        return await self.stack.rmp.GuestRead(rmp_pb2.GuestReadRequest(identity=self.ident, gpa=gpa, length=length, private=private))
+        return await self.stack.rmp.GuestRead(
+            rmp_pb2.GuestReadRequest(identity=self.ident, gpa=gpa, length=length, private=private)
+        )
 
     async def write(self, gpa: int, data: bytes, private: bool) -> rmp_pb2.GuestWriteResponse:
-        return await self.stack.rmp.GuestWrite(rmp_pb2.GuestWriteRequest(identity=self.ident, gpa=gpa, data=data, private=private))
+        return await self.stack.rmp.GuestWrite(
+            rmp_pb2.GuestWriteRequest(identity=self.ident, gpa=gpa, data=data, private=private)
+        )
 
     async def pvalidate(self, gpa: int, validate: bool = True) -> rmp_pb2.PvalidateResponse:
-        return await self.stack.rmp.Pvalidate(rmp_pb2.PvalidateRequest(
-            identity=self.ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=validate))
+        return await self.stack.rmp.Pvalidate(
+            rmp_pb2.PvalidateRequest(
+                identity=self.ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=validate
+            )
+        )
 
     async def register_ghcb(self, gpa: int = 0x100000) -> None:
         r = await self.msr(gpa | msr.REG_GPA_REQ)
@@ -88,9 +97,15 @@ class Guest:
         assert not r.HasField("fault"), r.fault
         return bytes(r.data)
 
-    async def guest_request(self, payload: bytes, msg_type: int = gm.MsgType.REPORT_REQ, *,
-                            ext_pages: int | None = None, certs_gpa: int = 0x140000,
-                            seqno: int | None = None) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb, bytes | None]:
+    async def guest_request(
+        self,
+        payload: bytes,
+        msg_type: int = gm.MsgType.REPORT_REQ,
+        *,
+        ext_pages: int | None = None,
+        certs_gpa: int = 0x140000,
+        seqno: int | None = None,
+    ) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb, bytes | None]:
         """sev-guest's request: seal with VMPCK0, VMGEXIT, open the response."""
         if not self.vmpck0:
             self.vmpck0 = (await self.secrets())[0x20:0x40]
@@ -118,32 +133,62 @@ class Guest:
 
 
 @contextlib.asynccontextmanager
-async def host_stack(tmp: Path, *, memory: str = "512M", policy: str = "gmem", **kvm_env: str) -> AsyncIterator[Stack]:
-    common = {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0", "SNPEMU_HOST_CREDENTIAL": CRED,
-              "SNPEMU_SHUTDOWN_GRACE_S": "0"}
+async def host_stack(
+    tmp: Path, *, memory: str = "512M", policy: str = "gmem", **kvm_env: str
+) -> AsyncIterator[Stack]:
+    common = {
+        "SNPEMU_GRPC_PORT": "0",
+        "SNPEMU_METRICS_PORT": "0",
+        "SNPEMU_HOST_CREDENTIAL": CRED,
+        "SNPEMU_SHUTDOWN_GRACE_S": "0",
+    }
     started: list[ServiceRuntime] = []
     try:
-        r = ServiceRuntime(rmp.SPEC, ServiceConfig.from_env("rmp", common),
-                           rmp.SPEC.options({"SNPEMU_RMP_MEMORY": memory, "SNPEMU_RMP_POLICY": policy,
-                                             "SNPEMU_RMP_KICK_TIMEOUT_S": "2"}))
+        r = ServiceRuntime(
+            rmp.SPEC,
+            ServiceConfig.from_env("rmp", common),
+            rmp.SPEC.options(
+                {
+                    "SNPEMU_RMP_MEMORY": memory,
+                    "SNPEMU_RMP_POLICY": policy,
+                    "SNPEMU_RMP_KICK_TIMEOUT_S": "2",
+                }
+            ),
+        )
         await r.start()
         started.append(r)
-        p = ServiceRuntime(psp.SPEC, ServiceConfig.from_env("psp", {**common, "SNPEMU_RMP_ADDR": r.address,
-                                                                     "SNPEMU_DATA_DIR": str(tmp / "psp")}),
-                           psp.SPEC.options({"SNPEMU_KDS_PORT": "0"}))
+        p = ServiceRuntime(
+            psp.SPEC,
+            ServiceConfig.from_env(
+                "psp", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_DATA_DIR": str(tmp / "psp")}
+            ),
+            psp.SPEC.options({"SNPEMU_KDS_PORT": "0"}),
+        )
         await p.start()
         started.append(p)
-        k = ServiceRuntime(kvm.SPEC, ServiceConfig.from_env("kvm", {**common, "SNPEMU_RMP_ADDR": r.address,
-                                                                     "SNPEMU_PSP_ADDR": p.address}),
-                           kvm.SPEC.options(kvm_env))
+        k = ServiceRuntime(
+            kvm.SPEC,
+            ServiceConfig.from_env(
+                "kvm", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_PSP_ADDR": p.address}
+            ),
+            kvm.SPEC.options(kvm_env),
+        )
         await k.start()
         started.append(k)
         fw = tmp / "tiny.fd"
         fw.write_bytes(tiny_firmware.build())
-        async with grpc.aio.insecure_channel(r.address) as rc, grpc.aio.insecure_channel(p.address) as pc, \
-                grpc.aio.insecure_channel(k.address) as kc:
-            yield Stack(rmp_pb2_grpc.RmpServiceStub(rc), psp_pb2_grpc.PspServiceStub(pc),
-                        kvm_pb2_grpc.KvmServiceStub(kc), {"rmp": r, "psp": p, "kvm": k}, fw)
+        async with (
+            grpc.aio.insecure_channel(r.address) as rc,
+            grpc.aio.insecure_channel(p.address) as pc,
+            grpc.aio.insecure_channel(k.address) as kc,
+        ):
+            yield Stack(
+                rmp_pb2_grpc.RmpServiceStub(rc),
+                psp_pb2_grpc.PspServiceStub(pc),
+                kvm_pb2_grpc.KvmServiceStub(kc),
+                {"rmp": r, "psp": p, "kvm": k},
+                fw,
+            )
     finally:
         for rt in reversed(started):
             await rt.stop()

@@ -1,0 +1,54 @@
+"""A guest launched by kvm from Debian's OVMF (kvm doing what QEMU does) has the measurement
+`sev-snp-measure --mode snp` predicts, at 1, 2 and 4 vCPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+from snp.kvm.v1 import kvm_pb2
+
+from tests.conftest import tool
+from tests.service.host_stack import host_stack
+
+pytestmark = pytest.mark.fidelity
+OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
+
+
+def test_debian_ovmf_launch_through_kvm(tmp_path: Path) -> None:
+    assert Path(OVMF).exists(), "Debian's ovmf package is not installed (make install installs it)"
+
+    async def body() -> list[bytes]:
+        async with host_stack(tmp_path, memory="1G") as s:
+            out = []
+            for vcpus in (1, 2, 4):
+                g = await s.launch(
+                    memory=256 << 20,
+                    vcpus=vcpus,
+                    firmware_path=OVMF,
+                    vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_MILAN,
+                )
+                out.append(g.measurement)
+            return out
+
+    got = asyncio.run(body())
+    for vcpus, measurement in zip((1, 2, 4), got, strict=True):
+        expected = subprocess.run(
+            [
+                tool("sev-snp-measure"),
+                "--mode",
+                "snp",
+                "--vcpus",
+                str(vcpus),
+                "--vcpu-type",
+                "EPYC-Milan",
+                "--ovmf",
+                OVMF,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert measurement.hex() == expected, vcpus

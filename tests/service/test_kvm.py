@@ -1,0 +1,530 @@
+"""kvm over real gRPC with real rmp and psp services (all in-process, port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from snp.kvm.v1 import kvm_pb2
+from snp.psp.v1 import psp_pb2
+from snp.rmp.v1 import rmp_pb2
+from snpemu.kvm import ghcb as g
+from snpemu.kvm import msr_protocol as msr
+from snpemu.kvm import psc
+from snpemu.psp import report as rpt
+from snpemu.runtime.status import error_info
+
+from tests.conftest import tool
+from tests.service.host_stack import HOST, host_stack, psc_buffer
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def report_req(data: bytes = bytes(64)) -> bytes:
+    return data + bytes(32)
+
+
+def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"kernel" * 1000)
+    initrd.write_bytes(b"initrd" * 500)
+
+    async def body() -> tuple[bytes, bytes, Path]:
+        async with host_stack(tmp_path) as s:
+            status = await s.psp.SevPlatformStatus(
+                psp_pb2.SevPlatformStatusRequest(), metadata=HOST
+            )
+            assert status.state == psp_pb2.PLATFORM_STATE_INIT  # legacy SEV INIT after SNP
+            plain = await s.launch(vcpus=2, vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_MILAN)
+            hashed = await s.launch(
+                vcpus=1,
+                vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_GENOA,
+                kernel_path=str(kernel),
+                initrd_path=str(initrd),
+                cmdline="console=ttyS0",
+            )
+            return plain.measurement, hashed.measurement, s.firmware
+
+    plain, hashed, fw = run(body())
+
+    def predicted(*args: str) -> str:
+        return subprocess.run(
+            [tool("sev-snp-measure"), "--mode", "snp", "--ovmf", str(fw), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert plain.hex() == predicted("--vcpus", "2", "--vcpu-type", "EPYC-Milan")
+    assert hashed.hex() == predicted(
+        "--vcpus",
+        "1",
+        "--vcpu-type",
+        "EPYC-Genoa",
+        "--kernel",
+        str(kernel),
+        "--initrd",
+        str(initrd),
+        "--append",
+        "console=ttyS0",
+    )
+
+
+def test_create_vm_validates_its_config(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            bad = [
+                {"memory_bytes": 1 << 20, "vcpus": 1},
+                {"memory_bytes": 64 << 20, "vcpus": 0},
+                {"memory_bytes": 64 << 20, "vcpus": 1, "policy": 0x10000},  # bit 17 clear
+                {
+                    "memory_bytes": 64 << 20,
+                    "vcpus": 1,
+                    "policy": 0x30000 | 1 << 20,
+                },  # single socket
+                {"memory_bytes": 64 << 20, "vcpus": 1, "firmware_path": "/nonexistent"},
+                {"memory_bytes": 64 << 20, "vcpus": 1, "host_data": b"short"},
+            ]
+            for cfg in bad:
+                cfg.setdefault("firmware_path", str(s.firmware))
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await s.kvm.CreateVm(
+                        kvm_pb2.CreateVmRequest(config=kvm_pb2.VmConfig(**cfg)), metadata=HOST
+                    )  # type: ignore[arg-type]
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, cfg
+            assert not (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+
+    run(body())
+
+
+def test_msr_protocol(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            assert (await guest.msr(msr.SEV_INFO_REQ)).ghcb_msr == 0x0002000133000001
+            leaf1_eax = (await guest.msr(0x1 << 32 | 0 << 30 | msr.CPUID_REQ)).ghcb_msr
+            assert leaf1_eax == 0x00A00F11 << 32 | msr.CPUID_RESP
+            assert (
+                await guest.msr(msr.PREF_GPA_REQ)
+            ).ghcb_msr == 0xFFFFFFFFFFFFF << 12 | msr.PREF_GPA_RESP
+            assert (await guest.msr(msr.HV_FT_REQ)).ghcb_msr == 3 << 12 | msr.HV_FT_RESP
+            # a GHCB outside guest memory is refused; inside, echoed
+            assert (await guest.msr(0x7FFF0000 | msr.REG_GPA_REQ)).ghcb_msr >> 12 == 2**52 - 1
+            await guest.register_ghcb(0x100000)
+            # unknown requests leave the MSR as it was
+            assert (await guest.msr(0xABC)).ghcb_msr == 0xABC
+            # PSC: one page private, then shared
+            gfn = 0x200
+            r = await guest.msr(1 << 52 | gfn << 12 | msr.PSC_REQ)
+            assert r.ghcb_msr == msr.PSC_RESP
+            assert (await guest.pvalidate(gfn << 12)).result == rmp_pb2.RMP_RESULT_SUCCESS
+            r = await guest.msr(2 << 52 | gfn << 12 | msr.PSC_REQ)
+            assert r.ghcb_msr == msr.PSC_RESP
+            r = await guest.msr(2 << 52 | 0x80000 << 12 | msr.PSC_REQ)  # outside memory
+            assert r.ghcb_msr == msr.PSC_GENERIC_ERROR
+            # termination: set 0, code 2 (GHCB_SNP_UNSUPPORTED)
+            r = await guest.msr(0x20100)
+            assert r.terminated
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
+            assert (vm.state, vm.term_reason_set, vm.term_reason_code) == (
+                kvm_pb2.VM_STATE_TERMINATED,
+                0,
+                2,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await guest.msr(msr.SEV_INFO_REQ)
+            assert error_info(info.value).reason == "VM_TERMINATED"  # type: ignore[union-attr]
+
+    run(body())
+
+
+def test_ghcb_protocol_errors_and_simple_events(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch(vcpus=2)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await s.kvm.Vmgexit(kvm_pb2.VmgexitRequest(identity=guest.ident))
+            assert error_info(info.value).reason == "GHCB_NOT_REGISTERED"  # type: ignore[union-attr]
+            await guest.register_ghcb()
+
+            def ghcb(code: int, info1: int = 0, info2: int = 0, **regs: int) -> g.Ghcb:
+                x = g.Ghcb()
+                x.set("sw_exit_code", code)
+                x.set("sw_exit_info_1", info1)
+                x.set("sw_exit_info_2", info2)
+                for k, v in regs.items():
+                    x.set(k, v)
+                return x
+
+            bad_usage = ghcb(g.EXIT_HV_FEATURES)
+            bad_usage.usage = 1
+            r, back = await guest.vmgexit(bad_usage)
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                g.RESP_MALFORMED_INPUT,
+                g.ERR_INVALID_USAGE,
+            )
+            assert back.valid == 0  # KVM clears the bitmap
+            missing = g.Ghcb()
+            missing.set("sw_exit_code", g.EXIT_HV_FEATURES)
+            r, _ = await guest.vmgexit(missing)
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_MISSING_INPUT)
+            r, _ = await guest.vmgexit(ghcb(0x8000_0FFF))
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_INVALID_EVENT)
+            r, back = await guest.vmgexit(ghcb(g.EXIT_HV_FEATURES))
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (0, 3)
+            assert back.get("sw_exit_info_2") == 3
+            r, back = await guest.vmgexit(ghcb(g.EXIT_CPUID, rax=0x8000001F, rcx=0))
+            assert back.get("rbx") & 0x3F == 51
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_CPUID, rax=1))  # RCX not valid
+            assert r.sw_exit_info_2 == g.ERR_MISSING_INPUT
+            # AP jump table: set, get, bad sub-function
+            await guest.vmgexit(ghcb(g.EXIT_AP_JUMP_TABLE, 0, 0x9000))
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_AP_JUMP_TABLE, 1))
+            assert r.sw_exit_info_2 == 0x9000
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_AP_JUMP_TABLE, 7))
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_INVALID_INPUT)
+            # AP creation: CREATE needs matching SEV_FEATURES and a VMSA GPA that is not 2M aligned
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_AP_CREATION, 1 << 32 | 1, 0x301000, rax=1))
+            assert r.sw_exit_info_1 == 0
+            assert (
+                await guest.msr(msr.AP_RESET_HOLD_REQ)
+            ).ghcb_msr >> 12 == 0  # BSP has no VMSA set
+            for info1, gpa, rax in (
+                (1 << 32 | 1, 0x400000, 1),
+                (1 << 32 | 1, 0x301000, 5),
+                (9 << 32 | 1, 0x301000, 1),
+                (1 << 32 | 7, 0x301000, 1),
+            ):
+                r, _ = await guest.vmgexit(ghcb(g.EXIT_AP_CREATION, info1, gpa, rax=rax))
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_INVALID_INPUT), hex(info1)
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_AP_CREATION, 1 << 32 | 2))  # DESTROY
+            assert r.sw_exit_info_1 == 0
+            r, _ = await guest.vmgexit(ghcb(g.EXIT_TERM_REQUEST, 1 | 4 << 4))
+            assert r.terminated
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
+            assert (vm.term_reason_set, vm.term_reason_code) == (1, 4)
+
+    run(body())
+
+
+def entry(gfn: int, op: int, size_2m: bool = False, cur_page: int = 0) -> int:
+    return psc.Entry(cur_page, gfn, op, size_2m).encode()
+
+
+async def psc_exit(guest, entries: list[int], **kw: int) -> tuple[int, psc.Descriptor]:  # type: ignore[no-untyped-def]
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_PSC)
+    x.set("sw_exit_info_1", 0)
+    x.set("sw_exit_info_2", 0)
+    x.set("sw_scratch", guest.ghcb_gpa + g.SHARED_BUFFER)
+    x.shared = psc_buffer(entries, **kw)
+    r, back = await guest.vmgexit(x)
+    assert r.sw_exit_info_1 == 0  # PSC always answers NO_ACTION
+    return r.sw_exit_info_2, psc.Descriptor.decode(bytes(back.shared))
+
+
+def test_page_state_change(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch(memory=128 << 20)
+            await guest.register_ghcb()
+            base = 0x1000  # gfn 0x1000 = 16 MiB
+            result, desc = await psc_exit(
+                guest, [entry(base + i, psc.Op.PRIVATE) for i in range(253)]
+            )
+            assert (
+                result == 0
+                and desc.cur_entry == 253
+                and all(e.cur_page == 1 for e in desc.entries[:253])
+            )
+            assert (await guest.pvalidate((base + 252) << 12)).result == rmp_pb2.RMP_RESULT_SUCCESS
+            result, _ = await psc_exit(guest, [entry(base + i, psc.Op.SHARED) for i in range(253)])
+            assert result == 0
+            # a 2M entry backed by a 2M-aligned run: one 2M RMPUPDATE
+            result, desc = await psc_exit(
+                guest, [entry(0x2000, psc.Op.PRIVATE, True), entry(0x2200, psc.Op.PSMASH, True)]
+            )
+            assert (
+                result == 0 and desc.entries[0].cur_page == 512 and desc.entries[1].cur_page == 512
+            )
+            assert (await guest.pvalidate(0x2000 << 12)).fault.error_code & (
+                1 << 35
+            )  # 4K on 2M: SIZEM
+            # errors
+            result, _ = await psc_exit(guest, [entry(base, 1)], end=253)
+            assert result == psc.PSC_ERROR_INVALID_HDR
+            result, desc = await psc_exit(
+                guest, [entry(base, 1), entry(0x2001, 1, True), entry(base + 1, 1)]
+            )
+            assert result == psc.PSC_ERROR_INVALID_ENTRY and desc.cur_entry == 1
+            assert desc.entries[0].cur_page == 1  # the entry before the bad one was done
+            result, _ = await psc_exit(guest, [entry(base, 5)])
+            assert result == psc.PSC_ERROR_INVALID_ENTRY
+            result, _ = await psc_exit(guest, [entry(0x80000, 1)])  # outside memory
+            assert result == psc.PSC_ERROR_GENERIC
+            # a page the host holds mapped cannot become private: progress stops there
+            spa = await s.rmp.MapHostPage(
+                rmp_pb2.MapHostPageRequest(
+                    guest=rmp_pb2.GuestPageAddress(
+                        asid=(
+                            await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)
+                        ).vm.asid,
+                        gpa=(base + 2) << 12,
+                    ),
+                    holder="netd",
+                ),
+                metadata=HOST,
+            )
+            result, desc = await psc_exit(guest, [entry(base + i, 1) for i in range(4)])
+            assert (
+                result == psc.PSC_ERROR_GENERIC
+                and desc.cur_entry == 2
+                and desc.entries[2].cur_page == 0
+            )
+            await s.rmp.UnmapHostPage(
+                rmp_pb2.UnmapHostPageRequest(map_id=spa.map_id), metadata=HOST
+            )
+            # the guest resumes from cur_entry
+            x = psc_buffer([entry(base + i, 1) for i in range(4)], cur=2)
+            xg = g.Ghcb()
+            for k, v in (
+                ("sw_exit_code", g.EXIT_PSC),
+                ("sw_exit_info_1", 0),
+                ("sw_exit_info_2", 0),
+                ("sw_scratch", guest.ghcb_gpa + g.SHARED_BUFFER),
+            ):
+                xg.set(k, v)
+            xg.shared = x
+            r, back = await guest.vmgexit(xg)
+            assert (
+                r.sw_exit_info_2 == 0 and psc.Descriptor.decode(bytes(back.shared)).cur_entry == 4
+            )
+            # scratch outside the shared buffer
+            bad = g.Ghcb()
+            for k, v in (
+                ("sw_exit_code", g.EXIT_PSC),
+                ("sw_exit_info_1", 0),
+                ("sw_exit_info_2", 0),
+                ("sw_scratch", 0x5000),
+            ):
+                bad.set(k, v)
+            r, _ = await guest.vmgexit(bad)
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_INVALID_SCRATCH_AREA)
+            reg = s.runtimes["kvm"].registry
+            assert (
+                reg.get_sample_value(
+                    "snp_psc_pages_total", {"operation": "private", "page_size": "2m"}
+                )
+                == 1
+            )
+            assert (
+                reg.get_sample_value(
+                    "snp_psc_requests_total", {"protocol": "ghcb", "result": "invalid_entry"}
+                )
+                == 2
+            )
+
+    run(body())
+
+
+def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch(host_data=bytes(range(32)))
+            await guest.register_ghcb()
+            r, _, payload = await guest.guest_request(report_req(b"N" * 64))
+            assert r.sw_exit_info_2 == 0 and payload is not None
+            report = payload[0x20 : 0x20 + 0x4A0]
+            assert report[0x90:0xC0] == guest.measurement and report[0xC0:0xE0] == bytes(range(32))
+            certs = await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
+            assert rpt.verify(report, x509.load_der_x509_certificate(certs.vcek_der).public_key())  # type: ignore[arg-type]
+            # extended request: too small a buffer answers INVALID_LEN with the page count in RBX
+            r, back, _ = await guest.guest_request(report_req(), ext_pages=0, seqno=guest.seqno)
+            assert r.sw_exit_info_2 == 1 << 32 and back.get("rbx") >= 1
+            need = back.get("rbx")
+            r, _, payload = await guest.guest_request(report_req(), ext_pages=need)
+            assert r.sw_exit_info_2 == 0 and payload is not None
+            table = (await guest.read(0x140000, need * 4096, private=False)).data
+            guids = [table[i : i + 16].hex() for i in range(0, 72, 24)]
+            assert guids == [
+                "63da758de6644564adc5f4b93be8accd",
+                "4ab7b379bbac4fe4a02f05aef327c782",
+                "c0b406a4a803495297433fb6014cd0ae",
+            ]
+            off, length = struct.unpack_from("<II", table, 16)
+            assert table[off : off + length] == certs.vcek_der and table[72:96] == bytes(24)
+            # throttle: 1 per 10 s: the next request is BUSY without reaching the firmware
+            await s.kvm.SetGuestRequestThrottle(
+                kvm_pb2.SetGuestRequestThrottleRequest(
+                    vm=guest.vm, throttle=kvm_pb2.GuestRequestThrottle(interval_ms=10000, burst=1)
+                ),
+                metadata=HOST,
+            )
+            r, _, _ = await guest.guest_request(report_req())
+            assert r.sw_exit_info_2 == 0
+            before = s.runtimes["psp"].registry.get_sample_value(
+                "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": "SUCCESS"}
+            )
+            r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno)
+            assert r.sw_exit_info_2 == 2 << 32  # VMM BUSY
+            after = s.runtimes["psp"].registry.get_sample_value(
+                "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": "SUCCESS"}
+            )
+            assert after == before
+            assert (
+                s.runtimes["kvm"].registry.get_sample_value("snp_guest_request_throttled_total")
+                == 1
+            )
+            await s.kvm.SetGuestRequestThrottle(
+                kvm_pb2.SetGuestRequestThrottleRequest(
+                    vm=guest.vm, throttle=kvm_pb2.GuestRequestThrottle()
+                ),
+                metadata=HOST,
+            )
+            # a wrong sequence number: the firmware's error lands in exitinfo2 (vmm 0, fw code)
+            r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno + 2)
+            assert r.sw_exit_info_2 == 0x16
+            # same page for request and response
+            x = g.Ghcb()
+            for k, v in (
+                ("sw_exit_code", g.EXIT_GUEST_REQUEST),
+                ("sw_exit_info_1", 0x120000),
+                ("sw_exit_info_2", 0x120000),
+            ):
+                x.set(k, v)
+            r, _ = await guest.vmgexit(x)
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_MISSING_INPUT)
+
+    run(body())
+
+
+def test_npf_psmash_and_conversion(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch(memory=64 << 20)
+            await guest.register_ghcb()
+            await psc_exit(guest, [entry(0x2000, psc.Op.PRIVATE, True)])
+            p = await guest.pvalidate(0x2003 << 12)
+            r = await s.kvm.NestedPageFault(
+                kvm_pb2.NestedPageFaultRequest(
+                    identity=guest.ident, gpa=0x2003 << 12, error_code=p.fault.error_code
+                )
+            )
+            assert (r.action, r.retry) == ("psmash", True)
+            assert (await guest.pvalidate(0x2003 << 12)).result == rmp_pb2.RMP_RESULT_SUCCESS
+            # a private access to a shared page: kvm makes it private; the retry takes #VC
+            rd = await guest.read(0x3000 << 12, 8, private=True)
+            assert rd.fault.npf
+            r = await s.kvm.NestedPageFault(
+                kvm_pb2.NestedPageFaultRequest(
+                    identity=guest.ident, gpa=0x3000 << 12, error_code=rd.fault.error_code
+                )
+            )
+            assert r.action == "convert_private"
+            rd = await guest.read(0x3000 << 12, 8, private=True)
+            assert rd.fault.vc and rd.fault.cause == "page not validated"
+
+    run(body())
+
+
+def test_convert_kill_terminates_through_the_kick_stream(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path, policy="convert-kill") as s:
+            guest = await s.launch()
+            secrets = await guest.secrets()
+            assert len(secrets) == 4096
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
+            # the host (a daemon) writes the guest's secrets page
+            entries = (
+                await s.rmp.ListRmpEntries(
+                    rmp_pb2.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True),
+                    metadata=HOST,
+                )
+            ).entries
+            target = next(e for e in entries if e.asid == vm.asid and e.gpa == 0x803000)
+            w = await s.rmp.HostWrite(
+                rmp_pb2.HostWriteRequest(
+                    spa=target.pfn << 12,
+                    data=b"x",
+                    origin=rmp_pb2.ACCESS_ORIGIN_USER,
+                    writer="daemon",
+                ),
+                metadata=HOST,
+            )
+            assert w.outcome == rmp_pb2.VIOLATION_OUTCOME_CONVERTED
+            for _ in range(50):
+                vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
+                if vm.state == kvm_pb2.VM_STATE_TERMINATED:
+                    break
+                await asyncio.sleep(0.05)
+            assert vm.state == kvm_pb2.VM_STATE_TERMINATED and vm.term_reason_set == 0xF
+
+    run(body())
+
+
+def test_teardown_returns_every_page(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            before = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+            guest = await s.launch(memory=64 << 20, vcpus=2)
+            await guest.register_ghcb()
+            await psc_exit(
+                guest, [entry(0x2000, psc.Op.PRIVATE, True), entry(0x1000, psc.Op.PRIVATE)]
+            )
+            await guest.guest_request(report_req())
+            r = await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=guest.vm), metadata=HOST)
+            assert r.leaked_pages == 0
+            after = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+            assert after.free_pages == before.free_pages
+            left = []
+            for first in range(0, after.max_pfn + 1, 4096):
+                entries = (
+                    await s.rmp.ListRmpEntries(
+                        rmp_pb2.ListRmpEntriesRequest(
+                            first_pfn=first, count=4096, non_default_only=True
+                        ),
+                        metadata=HOST,
+                    )
+                ).entries
+                left += [e for e in entries if e.asid]
+            assert left == []
+            assert not (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+            # the ASID is reusable after the DF_FLUSH teardown issued
+            again = await s.launch()
+            assert again.measurement
+
+    run(body())
+
+
+def test_trace_events_stream(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            call = s.kvm.StreamTraceEvents(
+                kvm_pb2.StreamTraceEventsRequest(vm=guest.vm), metadata=HOST
+            )
+            seen: list[kvm_pb2.StreamTraceEventsResponse] = []
+
+            async def follow() -> None:
+                async for ev in call:
+                    seen.append(ev)
+
+            task = asyncio.ensure_future(follow())
+            await asyncio.sleep(0.2)
+            await guest.msr(msr.SEV_INFO_REQ)
+            await guest.register_ghcb()
+            await asyncio.sleep(0.2)
+            call.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            names = [e.name for e in seen]
+            assert names[:2] == ["kvm_vmgexit_msr_protocol_enter", "kvm_vmgexit_msr_protocol_exit"]
+            assert seen[0].ghcb_msr == msr.SEV_INFO_REQ and seen[1].ghcb_msr == 0x0002000133000001
+
+    run(body())
