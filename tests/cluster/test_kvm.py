@@ -1,0 +1,138 @@
+"""kvm across real processes: bring-up at start, a VM created and launched with grpcurl from
+Debian's OVMF, a guest request through kvm, psp and rmp, teardown, and Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+from snp.psp.v1 import psp_pb2_grpc
+from snp.rmp.v1 import rmp_pb2_grpc
+from snpemu.rmp.client import read_credential
+
+from tests.cluster.conftest import Cluster
+from tests.conftest import tool
+from tests.service.host_stack import Guest, Stack
+
+pytestmark = pytest.mark.cluster
+OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
+
+
+def grpcurl(
+    cluster: Cluster, method: str, body: dict[str, object] | None = None
+) -> dict[str, object]:
+    cred = read_credential(cluster.state_dir)
+    out = subprocess.run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-H",
+            f"x-snpemu-host-credential: {cred}",
+            "-d",
+            json.dumps(body or {}),
+            cluster.address("kvm"),
+            f"snp.kvm.v1.KvmService/{method}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
+
+
+def test_host_came_up_with_snp(cluster: Cluster) -> None:
+    caps = grpcurl(cluster, "GetCapabilities")
+    assert caps["snp_enabled"] is True and caps["firmware_api_minor"] == 55
+
+
+def test_launch_with_grpcurl_measures_like_sev_snp_measure(cluster: Cluster) -> None:
+    vm = grpcurl(
+        cluster,
+        "CreateVm",
+        {
+            "config": {
+                "memory_bytes": str(256 << 20),
+                "vcpus": 2,
+                "vcpu_type": "VCPU_TYPE_EPYC_MILAN",
+            }
+        },
+    )["vm"]
+    launched = grpcurl(cluster, "LaunchVm", {"vm": vm})
+    expected = subprocess.run(
+        [
+            tool("sev-snp-measure"),
+            "--mode",
+            "snp",
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC-Milan",
+            "--ovmf",
+            OVMF,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert base64.b64decode(launched["measurement"]).hex() == expected  # type: ignore[arg-type]
+    info = grpcurl(cluster, "GetVm", {"vm": vm})["vm"]
+    assert info["state"] == "VM_STATE_RUNNING"  # type: ignore[index]
+    assert grpcurl(cluster, "DestroyVm", {"vm": vm}) == {}
+
+
+def test_guest_request_across_processes(cluster: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from snpemu.vmm import tiny_firmware
+
+    fw = tmp_path / "tiny.fd"
+    fw.write_bytes(tiny_firmware.build())
+    cred = read_credential(cluster.state_dir)
+
+    async def body() -> tuple[bytes, bytes]:
+        md = (("x-snpemu-host-credential", cred),)
+        async with (
+            grpc.aio.insecure_channel(cluster.address("rmp")) as rc,
+            grpc.aio.insecure_channel(cluster.address("psp")) as pc,
+            grpc.aio.insecure_channel(cluster.address("kvm")) as kc,
+        ):
+            stack = Stack(
+                rmp_pb2_grpc.RmpServiceStub(rc),
+                psp_pb2_grpc.PspServiceStub(pc),
+                kvm_pb2_grpc.KvmServiceStub(kc),
+                {},
+                fw,
+            )
+            cfg = kvm_pb2.VmConfig(memory_bytes=64 << 20, vcpus=1, firmware_path=str(fw))
+            vm = (await stack.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=md)).vm
+            r = await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=md)
+            guest = Guest(stack, vm, list(r.vcpus), bytes(r.measurement))
+            await guest.register_ghcb()
+            res, _, payload = await guest.guest_request(b"Z" * 64 + bytes(32))
+            assert res.sw_exit_info_2 == 0 and payload is not None
+            await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=md)
+            return payload[0x20 + 0x90 : 0x20 + 0xC0], guest.measurement
+
+    reported, measured = asyncio.run(body())
+    assert reported == measured
+    # Prometheus scraped kvm's exit counters
+    deadline = time.monotonic() + 60
+    value = "0"
+    while time.monotonic() < deadline:
+        url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": 'snp_guest_requests_total{msg_type="report",result="success"}'}
+        )
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            result = json.loads(reply.read())["data"]["result"]
+        value = result[0]["value"][1] if result else "0"
+        if value == "1":
+            break
+        time.sleep(1)
+    assert value == "1"
