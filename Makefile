@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/rmp_bench.py
 	$(PY) bench/psp_bench.py
+	$(PY) bench/kvm_bench.py
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -94,6 +94,7 @@ async def _shutdown(impl: object | None) -> None:
             impl.kicks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await impl.kicks
+        await impl.kvm.host.close()
         await impl.kvm.rmp.close()
         await impl.kvm.psp.close()
 

@@ -71,18 +71,15 @@ class Exits:
         return vm.memslots.translate(gpa)
 
     async def _host_read(self, spa: int, length: int = PAGE) -> bytes:
-        r = await self.kvm.rmp.call("HostRead", rmp_pb2.HostReadRequest(spa=spa, length=length))
+        r = await self.kvm.host.call("read", rmp_pb2.HostReadRequest(spa=spa, length=length))
         return bytes(r.data)
 
     async def _host_write(self, spa: int, data: bytes) -> int:
         """A kernel write into guest memory: an RMP violation if the guest made it private."""
-        r = await self.kvm.rmp.call(
-            "HostWrite",
-            rmp_pb2.HostWriteRequest(
-                spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_KERNEL, writer="kvm"
-            ),
+        request = rmp_pb2.HostWriteRequest(
+            spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_KERNEL, writer="kvm"
         )
-        return int(r.outcome)
+        return int((await self.kvm.host.call("write", request)).outcome)
 
     async def _rmpupdate(
         self, spa: int, *, private: bool, vm: Vm, gpa: int, size_2m: bool = False
@@ -336,13 +333,8 @@ class Exits:
                 )
                 for _, _, spa, gpa, priv in work
             )
-            codes = bytes(
-                (
-                    await self.kvm.rmp.call(
-                        "RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=entries)
-                    )
-                ).codes
-            )
+            batch = rmp_pb2.RmpUpdateBatchRequest(entries=entries)
+            codes = bytes((await self.kvm.host.call("rmp_update_batch", batch)).codes)
         done_entries: set[int] = set()
         for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
             e = desc.entries[idx]

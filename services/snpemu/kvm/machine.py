@@ -21,7 +21,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
-from snpemu.kvm.peers import Peer, PeerError
+from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState, new_vm_id
 from snpemu.vmm import launch_plan, vmsa
@@ -112,6 +112,7 @@ class Kvm:
         throttle_burst: int = 1,
     ) -> None:
         self.rmp, self.psp = rmp, psp
+        self.host = SessionPool(rmp)
         self.snp_requested = snp
         self.snp_enabled = False
         self.api: tuple[int, int] = (0, 0)
@@ -381,24 +382,30 @@ class Kvm:
             "LaunchStart", psp_pb2.LaunchStartRequest(gctx=gctx, policy=cfg.policy or 0x30000)
         )
         await self.psp.call("Activate", psp_pb2.ActivateRequest(gctx=gctx, asid=vm.asid))
+        vmsa_count = sum(p.page_type == launch_plan.VMSA for p in pages)
+        vm.vmsa_pages = [
+            int(pfn) << 12
+            for pfn in (
+                await self.rmp.call(
+                    "AllocatePages",
+                    rmp_pb2.AllocatePagesRequest(
+                        count=vmsa_count, placement=rmp_pb2.PLACEMENT_SNP_SAFE
+                    ),
+                )
+            ).pfns
+        ]
+        vmsas = iter(vm.vmsa_pages)
+        spas: list[int] = []
         for page in pages:
-            if page.page_type == launch_plan.VMSA:
-                (pfn,) = (
-                    await self.rmp.call(
-                        "AllocatePages",
-                        rmp_pb2.AllocatePagesRequest(count=1, placement=rmp_pb2.PLACEMENT_SNP_SAFE),
-                    )
-                ).pfns
-                spa = int(pfn) << 12
-                vm.vmsa_pages.append(spa)
-            else:
-                translated = vm.memslots.translate(page.gpa)
-                if translated is None:
-                    raise InvalidArgument(
-                        f"launch page at GPA {page.gpa:#x} is outside guest memory"
-                    )
-                spa = translated
-            await self._place(vm, spa, page)
+            spa = (
+                next(vmsas)
+                if page.page_type == launch_plan.VMSA
+                else vm.memslots.translate(page.gpa)
+            )
+            if spa is None:
+                raise InvalidArgument(f"launch page at GPA {page.gpa:#x} is outside guest memory")
+            spas.append(spa)
+        await self._place_all(vm, pages, spas)
         fin = await self.psp.call(
             "LaunchFinish",
             psp_pb2.LaunchFinishRequest(
@@ -430,33 +437,46 @@ class Kvm:
         )
         return [int(p) << 12 for p in r.pfns]
 
-    async def _place(self, vm: Vm, spa: int, page: launch_plan.LaunchPage) -> None:
-        """Check the page is shared, write its contents, make it pre-guest, SNP_LAUNCH_UPDATE."""
-        e = (await self.rmp.call("ReadRmpEntry", rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12))).entry
-        if e.state != types_pb2.PAGE_STATE_HYPERVISOR:
+    async def _place_all(
+        self, vm: Vm, pages: list[launch_plan.LaunchPage], spas: list[int]
+    ) -> None:
+        """Check every page is shared, write the contents, make them pre-guest, then
+        SNP_LAUNCH_UPDATE each in launch order (the order the digest depends on)."""
+        taken = await self._assigned_entries([s >> 12 for s in spas])
+        if taken:
+            pfn, state = next(iter(taken.items()))
+            name = types_pb2.PageState.Name(types_pb2.PageState.ValueType(state))
             raise WrongState(
-                f"page {spa:#x} is not shared ({types_pb2.PageState.Name(e.state)})",
-                reason="PAGE_NOT_SHARED",
+                f"page {pfn << 12:#x} is not shared ({name})", reason="PAGE_NOT_SHARED"
             )
-        if page.data:
-            await self.rmp.call(
-                "HostWrite",
-                rmp_pb2.HostWriteRequest(
-                    spa=spa, data=page.data, origin=rmp_pb2.ACCESS_ORIGIN_USER, writer="vmm"
+        for page, spa in zip(pages, spas, strict=True):
+            if page.data:
+                await self.rmp.call(
+                    "HostWrite",
+                    rmp_pb2.HostWriteRequest(
+                        spa=spa, data=page.data, origin=rmp_pb2.ACCESS_ORIGIN_USER, writer="vmm"
+                    ),
+                )
+        entries = b"".join(
+            struct.pack("<QQBBBBI", spa, page.gpa, 1, 0, 1, 0, vm.asid)
+            for page, spa in zip(pages, spas, strict=True)
+        )
+        codes = (
+            await self.rmp.call("RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=entries))
+        ).codes
+        if any(codes):
+            raise Unavailable(f"RMPUPDATE to pre-guest failed: codes {sorted(set(codes))}")
+        gctx = handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
+        for page, spa in zip(pages, spas, strict=True):
+            await self.psp.call(
+                "LaunchUpdate",
+                psp_pb2.LaunchUpdateRequest(
+                    gctx=gctx,
+                    address=spa,
+                    page_type=psp_pb2.PageType.ValueType(page.page_type),
+                    page_size=types_pb2.PAGE_SIZE_4K,
                 ),
             )
-        eax = await self._rmpupdate(spa, gpa=page.gpa, assigned=True, asid=vm.asid, immutable=True)
-        if eax:
-            raise Unavailable(f"RMPUPDATE of {spa:#x} to pre-guest failed: {eax}")
-        await self.psp.call(
-            "LaunchUpdate",
-            psp_pb2.LaunchUpdateRequest(
-                gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
-                address=spa,
-                page_type=psp_pb2.PageType.ValueType(page.page_type),
-                page_size=types_pb2.PAGE_SIZE_4K,
-            ),
-        )
 
     async def destroy_vm(self, vm: Vm) -> int:
         """sev_vm_destroy(): DECOMMISSION, reclaim, every page back to hypervisor state, frames
@@ -525,15 +545,11 @@ class Kvm:
                 return False
         return await self._make_shared(spa >> 12)
 
-    async def _make_shared(self, pfn: int) -> bool:
-        return not await self._all_shared([pfn])
-
-    async def _all_shared(self, pfns: list[int]) -> list[int]:
-        """RMPUPDATE every assigned page among pfns back to shared (PSMASH 2M entries first);
-        returns the pages that would not go back."""
-        assigned: list[int] = []
-        heads: set[int] = set()
-        for first, count in _ranges(sorted(pfns)):
+    async def _assigned_entries(self, pfns: list[int], sizes: bool = False) -> dict[int, int]:
+        """The pages among pfns not in hypervisor state: pfn -> state (or page size)."""
+        out: dict[int, int] = {}
+        wanted = set(pfns)
+        for first, count in _ranges(sorted(wanted)):
             for off in range(0, count, 4096):
                 r = await self.rmp.call(
                     "ListRmpEntries",
@@ -542,11 +558,19 @@ class Kvm:
                     ),
                 )
                 for e in r.entries:
-                    if e.state == types_pb2.PAGE_STATE_HYPERVISOR:
-                        continue
-                    if e.page_size == types_pb2.PAGE_SIZE_2M:
-                        heads.add(e.pfn & ~511)
-                    assigned.append(e.pfn)
+                    if e.state != types_pb2.PAGE_STATE_HYPERVISOR and e.pfn in wanted:
+                        out[e.pfn] = e.page_size if sizes else e.state
+        return out
+
+    async def _make_shared(self, pfn: int) -> bool:
+        return not await self._all_shared([pfn])
+
+    async def _all_shared(self, pfns: list[int]) -> list[int]:
+        """RMPUPDATE every assigned page among pfns back to shared (PSMASH 2M entries first);
+        returns the pages that would not go back."""
+        sizes = await self._assigned_entries(pfns, sizes=True)
+        assigned = sorted(sizes)
+        heads = {p & ~511 for p, size in sizes.items() if size == types_pb2.PAGE_SIZE_2M}
         for head in sorted(heads):
             for _ in range(8):
                 r = await self.rmp.call("Psmash", rmp_pb2.PsmashRequest(spa=head << 12))
@@ -555,9 +579,9 @@ class Kvm:
         failed: list[int] = []
         for i in range(0, len(assigned), 65536):
             chunk = assigned[i : i + 65536]
-            entries = b"".join(struct.pack("<QQBBBBI", p << 12, 0, 0, 0, 0, 0, 0) for p in chunk)
+            packed = b"".join(struct.pack("<QQBBBBI", p << 12, 0, 0, 0, 0, 0, 0) for p in chunk)
             reply = await self.rmp.call(
-                "RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=entries)
+                "RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=packed)
             )
             failed += [p for p, c in zip(chunk, reply.codes, strict=True) if c]
         return failed

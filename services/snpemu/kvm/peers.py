@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -65,3 +66,59 @@ def rmp_peer(address: str, credential: str | None) -> Peer:
 
 def psp_peer(address: str, credential: str | None) -> Peer:
     return Peer("psp", address, credential, psp_pb2_grpc.PspServiceStub)
+
+
+class SessionPool:
+    """Streams of rmp's HostSession (one op in flight on each), reused across exits so that an
+    exit's GHCB read, RMPUPDATE and GHCB write each cost one message, not one call."""
+
+    def __init__(self, peer: Peer, size: int = 8) -> None:
+        self.peer = peer
+        self.idle: list[Any] = []
+        self.size = size
+        self.opened = 0
+        self.free = asyncio.Condition()
+
+    async def call(self, op: str, request: Any) -> Any:
+        from snp.rmp.v1 import rmp_pb2
+
+        stream = await self._acquire()
+        try:
+            await stream.write(rmp_pb2.HostSessionRequest(**{op: request}))
+            reply = await stream.read()
+        except grpc.aio.AioRpcError as e:
+            await self._discard(stream)
+            raise Unavailable(f"rmp session lost: {e.details()}") from None
+        if reply is grpc.aio.EOF:
+            await self._discard(stream)
+            raise Unavailable("rmp closed the session")
+        await self._release(stream)
+        if reply.WhichOneof("result") == "error":
+            err = reply.error
+            raise SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+        return getattr(reply, op)
+
+    async def _acquire(self) -> Any:
+        async with self.free:
+            while not self.idle and self.opened >= self.size:
+                await self.free.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.opened += 1
+        return self.peer.ensure().HostSession(metadata=self.peer.md)
+
+    async def _release(self, stream: Any) -> None:
+        async with self.free:
+            self.idle.append(stream)
+            self.free.notify()
+
+    async def _discard(self, stream: Any) -> None:
+        stream.cancel()
+        async with self.free:
+            self.opened -= 1
+            self.free.notify()
+
+    async def close(self) -> None:
+        for stream in self.idle:
+            stream.cancel()
+        self.idle.clear()

@@ -399,22 +399,18 @@ class RmpServicer:
         self.m.fw_write(request.spa, request.data, request.asid, expect)
         return pb.FirmwareWriteResponse()
 
-    async def FirmwareSession(
-        self, requests: Any, context: Any
-    ) -> AsyncIterator[pb.FirmwareSessionResponse]:
+    async def _session(
+        self, requests: Any, context: Any, response_cls: Any, handlers: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Run each op of a session stream through its unary handler; errors stay in-band."""
         async for op in requests:
             which = op.WhichOneof("op")
             try:
-                if which == "read":
-                    yield pb.FirmwareSessionResponse(read=await self.FirmwareRead(op.read, context))
-                elif which == "write":
-                    yield pb.FirmwareSessionResponse(
-                        write=await self.FirmwareWrite(op.write, context)
-                    )
-                else:
-                    raise InvalidArgument("a session request is a read or a write")
+                if which not in handlers:
+                    raise InvalidArgument(f"a session request is one of {', '.join(handlers)}")
+                yield response_cls(**{which: await handlers[which](getattr(op, which), context)})
             except SnpemuError as e:
-                yield pb.FirmwareSessionResponse(
+                yield response_cls(
                     error=pb.SessionError(
                         code=grpc_code(e).value[0],
                         message=e.message,
@@ -422,6 +418,24 @@ class RmpServicer:
                         metadata=e.metadata,
                     )
                 )
+
+    async def FirmwareSession(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[pb.FirmwareSessionResponse]:
+        handlers = {"read": self.FirmwareRead, "write": self.FirmwareWrite}
+        async for reply in self._session(requests, context, pb.FirmwareSessionResponse, handlers):
+            yield reply
+
+    async def HostSession(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[pb.HostSessionResponse]:
+        handlers = {
+            "read": self.HostRead,
+            "write": self.HostWrite,
+            "rmp_update_batch": self.RmpUpdateBatch,
+        }
+        async for reply in self._session(requests, context, pb.HostSessionResponse, handlers):
+            yield reply
 
     # --- policy and notifications ----------------------------------------------------------------
 

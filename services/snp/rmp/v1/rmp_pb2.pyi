@@ -1758,6 +1758,70 @@ class FirmwareWriteResponse(_message.Message):
 Global___FirmwareWriteResponse: _TypeAlias = FirmwareWriteResponse  # noqa: Y015
 
 @_typing.final
+class HostSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___HostReadRequest: ...
+    @_builtins.property
+    def write(self) -> Global___HostWriteRequest: ...
+    @_builtins.property
+    def rmp_update_batch(self) -> Global___RmpUpdateBatchRequest: ...
+    def __init__(
+        self,
+        *,
+        read: Global___HostReadRequest | None = ...,
+        write: Global___HostWriteRequest | None = ...,
+        rmp_update_batch: Global___RmpUpdateBatchRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___HostSessionRequest: _TypeAlias = HostSessionRequest  # noqa: Y015
+
+@_typing.final
+class HostSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___HostReadResponse: ...
+    @_builtins.property
+    def write(self) -> Global___HostWriteResponse: ...
+    @_builtins.property
+    def rmp_update_batch(self) -> Global___RmpUpdateBatchResponse: ...
+    @_builtins.property
+    def error(self) -> Global___SessionError: ...
+    def __init__(
+        self,
+        *,
+        read: Global___HostReadResponse | None = ...,
+        write: Global___HostWriteResponse | None = ...,
+        rmp_update_batch: Global___RmpUpdateBatchResponse | None = ...,
+        error: Global___SessionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___HostSessionResponse: _TypeAlias = HostSessionResponse  # noqa: Y015
+
+@_typing.final
 class FirmwareSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

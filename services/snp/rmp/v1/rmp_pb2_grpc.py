@@ -160,6 +160,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.FromString,
                 _registered_method=True)
+        self.HostSession = channel.stream_stream(
+                '/snp.rmp.v1.RmpService/HostSession',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.FromString,
+                _registered_method=True)
         self.FirmwareTransition = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/FirmwareTransition',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionRequest.SerializeToString,
@@ -405,6 +410,14 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HostSession(self, request_iterator, context):
+        """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
+        (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FirmwareTransition(self, request, context):
         """--- The firmware's own access ---------------------------------------------------------
 
@@ -597,6 +610,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.RemoveMemoryKey,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.SerializeToString,
+            ),
+            'HostSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.HostSession,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.SerializeToString,
             ),
             'FirmwareTransition': grpc.unary_unary_rpc_method_handler(
                     servicer.FirmwareTransition,
@@ -1315,6 +1333,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/RemoveMemoryKey',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.RemoveMemoryKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HostSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snp.rmp.v1.RmpService/HostSession',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

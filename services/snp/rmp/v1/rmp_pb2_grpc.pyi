@@ -127,6 +127,10 @@ class RmpServiceStub:
     """
     RemoveMemoryKey: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.RemoveMemoryKeyRequest, _rmp_pb2.RemoveMemoryKeyResponse]
     """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+    HostSession: _grpc.StreamStreamMultiCallable[_rmp_pb2.HostSessionRequest, _rmp_pb2.HostSessionResponse]
+    """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
+    (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+    """
     FirmwareTransition: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]
     """--- The firmware's own access ---------------------------------------------------------
 
@@ -250,6 +254,10 @@ class RmpServiceAsyncStub(RmpServiceStub):
     """
     RemoveMemoryKey: _aio.UnaryUnaryMultiCallable[_rmp_pb2.RemoveMemoryKeyRequest, _rmp_pb2.RemoveMemoryKeyResponse]  # type: ignore[assignment]
     """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+    HostSession: _aio.StreamStreamMultiCallable[_rmp_pb2.HostSessionRequest, _rmp_pb2.HostSessionResponse]  # type: ignore[assignment]
+    """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
+    (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+    """
     FirmwareTransition: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]  # type: ignore[assignment]
     """--- The firmware's own access ---------------------------------------------------------
 
@@ -520,6 +528,16 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rmp_pb2.RemoveMemoryKeyResponse, _abc.Awaitable[_rmp_pb2.RemoveMemoryKeyResponse]]:
         """Remove the key of an ASID (firmware only), as SNP_DECOMMISSION does."""
+
+    @_abc_1.abstractmethod
+    def HostSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rmp_pb2.HostSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rmp_pb2.HostSessionResponse], _abc.AsyncIterator[_rmp_pb2.HostSessionResponse]]:
+        """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
+        (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+        """
 
     @_abc_1.abstractmethod
     def FirmwareTransition(
