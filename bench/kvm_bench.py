@@ -194,7 +194,7 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
             gm.open_payload(key, gm.parse_header(page), page)
             lat.append(time.perf_counter() - t)
         print(
-            f"guest request end to end (guest write, VMGEXIT, guest read): p50 {pct(lat, 0.5) * 1e3:.2f} ms, "
+            f"guest request, guest write + VMGEXIT + guest read: p50 {pct(lat, 0.5) * 1e3:.2f} ms, "
             f"p99 {pct(lat, 0.99) * 1e3:.2f} ms"
         )
 
