@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ def _config(service: str, **env: str) -> ServiceConfig:
             "SNPEMU_GRPC_PORT": "0",
             "SNPEMU_METRICS_PORT": "0",
             "SNPEMU_SHUTDOWN_GRACE_S": "2",
+            "SNPEMU_DATA_DIR": tempfile.mkdtemp(prefix="snpemu-test-"),
             **env,
         },
     )
@@ -45,7 +47,9 @@ async def _with_runtime(
     body: Callable[[ServiceRuntime, grpc.aio.Channel], Awaitable[Any]],
     **env: str,
 ) -> Any:
-    runtime = ServiceRuntime(spec, _config(spec.name, **env))
+    # kvm's start-up waits for rmp and psp, which these tests do not run
+    options = spec.options({"SNPEMU_KVM_PEER_WAIT_S": "0", "SNPEMU_KDS_PORT": "0"})
+    runtime = ServiceRuntime(spec, _config(spec.name, **env), options)
     await runtime.start()
     try:
         async with grpc.aio.insecure_channel(runtime.address) as channel:
@@ -130,7 +134,8 @@ def test_unbuilt_rpcs_answer_unimplemented_with_reason() -> None:
             == 1
         )
 
-    run(_with_runtime(kvm.SPEC, body))
+    # kvm's API with nothing built behind it
+    run(_with_runtime(ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor), body))
 
 
 class _FakeKvm:

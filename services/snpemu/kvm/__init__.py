@@ -40,6 +40,7 @@ class _Kvm:
         register(self.kvm, runtime.registry)
         self.servicer = KvmServicer(self.kvm)
         self.kicks: asyncio.Task[None] | None = None
+        self.wait_s = opts.peer_wait_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.servicer, name)
@@ -73,16 +74,25 @@ class _Kvm:
 
 
 async def _startup(impl: object | None) -> None:
+    import time
+
     from snpemu.errors import Unavailable
 
     assert isinstance(impl, _Kvm)
-    for attempt in range(60):
+    deadline = time.monotonic() + impl.wait_s
+    while True:
         try:
             await impl.kvm.bring_up()
             break
         except Unavailable as e:
-            if attempt == 59:
-                raise
+            if time.monotonic() >= deadline:
+                # kvm_amd loads with SNP off when the firmware cannot be reached.
+                log.error(
+                    "SNP unavailable: %s; kvm runs with SNP disabled",
+                    e.message,
+                    extra={"event": "snp_off"},
+                )
+                break
             log.info("waiting for rmp and psp: %s", e.message)
             await asyncio.sleep(0.5)
     impl.kicks = asyncio.ensure_future(impl.follow_kicks())

@@ -4,6 +4,8 @@ SNPEMU_KVM_SNP             1 | 0: enable SNP (like kvm_amd's sev_snp parameter; 
 SNPEMU_KVM_FIRMWARE        default guest firmware (Debian ovmf: /usr/share/OVMF/OVMF_CODE.fd)
 SNPEMU_KVM_THROTTLE_MS     default per-VM guest-request interval in ms, 0 = none (default 0)
 SNPEMU_KVM_THROTTLE_BURST  default burst (default 1)
+SNPEMU_KVM_PEER_WAIT_S     how long start-up waits for rmp and psp before coming up with SNP
+                           off, as kvm_amd does when the firmware is unavailable (default 30)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from snpemu.hostconfig import ConfigError, count
+from snpemu.hostconfig import ConfigError, count, number
 from snpemu.kvm.machine import DEFAULT_FIRMWARE
 
 
@@ -21,6 +23,7 @@ class KvmOptions:
     firmware: str
     throttle_ms: int
     throttle_burst: int
+    peer_wait_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KvmOptions:
@@ -33,4 +36,5 @@ class KvmOptions:
             firmware=env.get("SNPEMU_KVM_FIRMWARE", DEFAULT_FIRMWARE),
             throttle_ms=count(env, "SNPEMU_KVM_THROTTLE_MS", 0, 3_600_000),
             throttle_burst=count(env, "SNPEMU_KVM_THROTTLE_BURST", 1, 1000),
+            peer_wait_s=number(env, "SNPEMU_KVM_PEER_WAIT_S", "30", 3600),
         )
