@@ -138,6 +138,7 @@ def test_msr_protocol(tmp_path: Path) -> None:
                 0,
                 2,
             )
+            assert vm.sev_status == 0b111  # SEV | SEV-ES | SNP; SEV_FEATURES = SNP_ACTIVE only
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await guest.msr(msr.SEV_INFO_REQ)
             assert error_info(info.value).reason == "VM_TERMINATED"  # type: ignore[union-attr]

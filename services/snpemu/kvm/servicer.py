@@ -9,7 +9,7 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
 from snpemu.errors import InvalidArgument
-from snpemu.kvm.exits import Exits
+from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
 from snpemu.kvm.msr_protocol import HV_FEATURES
 from snpemu.kvm.throttle import Throttle
@@ -26,6 +26,7 @@ def vm_info(vm: Vm) -> pb.VmInfo:
         measurement=vm.measurement,
         term_reason_set=vm.term_reason[0],
         term_reason_code=vm.term_reason[1],
+        sev_status=sev_status(vm),
     )
 
 

@@ -241,12 +241,15 @@ class VmInfo(_message.Message):
     MEASUREMENT_FIELD_NUMBER: _builtins.int
     TERM_REASON_SET_FIELD_NUMBER: _builtins.int
     TERM_REASON_CODE_FIELD_NUMBER: _builtins.int
+    SEV_STATUS_FIELD_NUMBER: _builtins.int
     state: Global___VmState.ValueType
     asid: _builtins.int
     measurement: _builtins.bytes
     term_reason_set: _builtins.int
     """TERM_REQUEST reason set/code when terminated."""
     term_reason_code: _builtins.int
+    sev_status: _builtins.int
+    """What the guest reads from MSR_AMD64_SEV (0xC0010131): SEV, SEV-ES, SNP, then SEV_FEATURES."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     @_builtins.property
@@ -264,10 +267,11 @@ class VmInfo(_message.Message):
         measurement: _builtins.bytes = ...,
         term_reason_set: _builtins.int = ...,
         term_reason_code: _builtins.int = ...,
+        sev_status: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "gctx", b"gctx", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "gctx", b"gctx", "measurement", b"measurement", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "gctx", b"gctx", "measurement", b"measurement", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
