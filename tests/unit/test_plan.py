@@ -12,7 +12,7 @@ from snpemu.launcher.plan import plan
 
 def test_plan_order_commands_and_credentials(tmp_path: Path) -> None:
     config = HostConfig.load({})
-    specs = plan(config, state_dir=tmp_path, host_credential="c", python="py")
+    specs = plan(config, state_dir=tmp_path, host_credential="c", vmm_credential="v", python="py")
     assert [s.name for s in specs] == ["rmp", "psp", "kvm", "netd", "guest-0", "guest-1"]
     assert specs[0].argv == ("py", "-m", "snpemu.rmp")
     assert specs[4].argv == ("py", "-m", "snpemu.guest")
@@ -23,6 +23,7 @@ def test_plan_order_commands_and_credentials(tmp_path: Path) -> None:
         assert s.env["SNPEMU_KVM_ADDR"] == "127.0.0.1:50073"
         # DESIGN 3: guests never hold the host credential
         assert ("SNPEMU_HOST_CREDENTIAL" in s.env) == s.is_host_side
+        assert s.env["SNPEMU_VMM_CREDENTIAL"] == "v"
     assert [s.service_name for s in specs][-1] == "snp.guest.v1.GuestService"
 
 

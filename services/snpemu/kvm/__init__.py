@@ -123,4 +123,6 @@ SPEC = ServiceSpec(
     startup=_startup,
     shutdown=_shutdown,
     host_only=lambda name: name not in GUEST_RPCS,
+    # what QEMU asks of KVM for its own VM; the guest agent plays QEMU for its VM
+    vmm_rpcs=frozenset({"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "SetGuestRequestThrottle"}),
 )

@@ -20,6 +20,7 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
+from snpemu.abi import cert_table
 from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
@@ -37,20 +38,6 @@ TMR_PAGES = 512
 DEFAULT_FIRMWARE = "/usr/share/OVMF/OVMF_CODE.fd"
 VCPU_TYPES = {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}
 SNP_POLICY_MASK_VALID = 0xFF | 0xFF << 8 | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 20
-# Certificate table GUIDs (reference 5.8)
-GUID_VCEK = bytes.fromhex("63da758de6644564adc5f4b93be8accd")
-GUID_ASK = bytes.fromhex("4ab7b379bbac4fe4a02f05aef327c782")
-GUID_ARK = bytes.fromhex("c0b406a4a803495297433fb6014cd0ae")
-
-
-def cert_table(entries: list[tuple[bytes, bytes]]) -> bytes:
-    """{GUID[16]; u32 offset; u32 length} entries, a zero entry, then the certificates."""
-    header = 24 * (len(entries) + 1)
-    table, blobs = b"", b""
-    for guid, der in entries:
-        table += guid + (header + len(blobs)).to_bytes(4, "little") + len(der).to_bytes(4, "little")
-        blobs += der
-    return table + bytes(24) + blobs
 
 
 @dataclass
@@ -181,8 +168,12 @@ class Kvm:
     async def _publish_certificates(self) -> None:
         """The certificate table extended guest requests return (VCEK, ASK, ARK)."""
         c = await self.psp.call("GetCertificates", psp_pb2.GetCertificatesRequest())
-        self.certs_blob = cert_table(
-            [(GUID_VCEK, c.vcek_der), (GUID_ASK, c.ask_der), (GUID_ARK, c.ark_der)]
+        self.certs_blob = cert_table.build(
+            [
+                (cert_table.VCEK, c.vcek_der),
+                (cert_table.ASK, c.ask_der),
+                (cert_table.ARK, c.ark_der),
+            ]
         )
         await self.psp.call(
             "SetExtendedConfig", psp_pb2.SetExtendedConfigRequest(certs_blob=self.certs_blob)

@@ -171,7 +171,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     cred_file.touch(mode=0o600)
     cred_file.write_text(credential)
 
-    specs = plan(config, state_dir=state, host_credential=credential)
+    specs = plan(
+        config, state_dir=state, host_credential=credential, vmm_credential=secrets.token_hex(32)
+    )
     children = {s.name: _grpc_child(s, state / "logs") for s in specs}
     groups: list[list[Child]] = [[children[s.name]] for s in specs if s.is_host_side]
     groups.append([children[s.name] for s in specs if not s.is_host_side])

@@ -60,6 +60,7 @@ def plan(
     *,
     state_dir: Path,
     host_credential: str,
+    vmm_credential: str = "",
     bind: str = "127.0.0.1",
     python: str = sys.executable,
 ) -> list[ProcessSpec]:
@@ -76,6 +77,8 @@ def plan(
             "SNPEMU_METRICS_PORT": str(e.metrics_port),
             "SNPEMU_INSTANCE": e.name,
             "SNPEMU_DATA_DIR": str(state_dir / "data" / e.name),
+            # a guest's VMM side creates and launches its own VM with this one
+            "SNPEMU_VMM_CREDENTIAL": vmm_credential,
             **peers,
         }
         component = e.module.rsplit(".", 1)[-1]

@@ -8,6 +8,7 @@ SNPEMU_LOG_LEVEL         DEBUG, INFO, WARNING or ERROR (INFO)
 SNPEMU_SHUTDOWN_GRACE_S  seconds in-flight RPCs get after SIGTERM (5)
 SNPEMU_<PEER>_ADDR       host:port of rmp, psp, kvm, netd (127.0.0.1:<its port in .env>)
 SNPEMU_HOST_CREDENTIAL   secret shared by host services, made by the launcher (unset)
+SNPEMU_VMM_CREDENTIAL    secret a guest's VMM side uses to create and launch its VM (unset)
 SNPEMU_DATA_DIR          persistent state, e.g. psp's identity (./.snpemu/data/<instance>)
 """
 
@@ -43,6 +44,7 @@ class ServiceConfig:
     shutdown_grace_s: float
     peers: Mapping[str, str]
     host_credential: str | None
+    vmm_credential: str | None
     data_dir: Path
 
     @classmethod
@@ -97,5 +99,6 @@ class ServiceConfig:
             shutdown_grace_s=number(env, "SNPEMU_SHUTDOWN_GRACE_S", "5", 300),
             peers=peers,
             host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
+            vmm_credential=env.get("SNPEMU_VMM_CREDENTIAL") or None,
             data_dir=data_dir,
         )

@@ -58,6 +58,8 @@ class ServiceSpec:
     make_impl: Callable[[ServiceRuntime], object | None] = lambda _runtime: None
     # Which RPCs only the host may call (guest agents never hold the host credential).
     host_only: Callable[[str], bool] = lambda _name: True
+    # Host-only RPCs that a guest's VMM side may also call with the VMM credential.
+    vmm_rpcs: frozenset[str] = frozenset()
     # Service-specific settings from the environment, checked at start like ServiceConfig
     # (a ConfigError exits 2 naming the variable).
     options: Callable[[Mapping[str, str]], Any] = lambda _env: None
@@ -103,6 +105,8 @@ class ServiceRuntime:
             self.impl,
             host_only=spec.host_only,
             credential=config.host_credential,
+            vmm_rpcs=spec.vmm_rpcs,
+            vmm_credential=config.vmm_credential,
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -34,7 +34,7 @@ def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.N
 CREDENTIAL_HEADER = "x-snpemu-host-credential"
 
 
-def _check_credential(context: grpc.aio.ServicerContext, credential: str) -> None:
+def _check_credential(context: grpc.aio.ServicerContext, credentials: tuple[str, ...]) -> None:
     given = dict(context.invocation_metadata() or ()).get(CREDENTIAL_HEADER)
     if given is None:
         raise errors.Unauthenticated(
@@ -42,7 +42,7 @@ def _check_credential(context: grpc.aio.ServicerContext, credential: str) -> Non
             "(the launcher writes it to .snpemu/host-credential)",
             reason="HOST_CREDENTIAL_MISSING",
         )
-    if not hmac.compare_digest(str(given).encode(), credential.encode()):
+    if not any(hmac.compare_digest(str(given).encode(), c.encode()) for c in credentials):
         raise errors.PermissionDenied("wrong host credential", reason="HOST_CREDENTIAL_WRONG")
 
 
@@ -51,7 +51,7 @@ def _behavior(
     service: ServiceDescriptor,
     method: MethodDescriptor,
     impl: object | None,
-    credential: str | None,
+    credential: tuple[str, ...] | None,
 ) -> Callable[..., Any]:
     fn = getattr(impl, method.name, None) if impl is not None else None
 
@@ -111,6 +111,8 @@ def build_handler(
     *,
     host_only: Callable[[str], bool] = lambda _name: False,
     credential: str | None = None,
+    vmm_rpcs: frozenset[str] = frozenset(),
+    vmm_credential: str | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every RPC. With a credential, RPCs for which host_only(name) is true
     require it; without one (a service started by hand), they are open."""
@@ -132,12 +134,28 @@ def build_handler(
                 service,
                 method,
                 impl,
-                credential if credential and host_only(method.name) else None,
+                _accepted(method.name, host_only, credential, vmm_rpcs, vmm_credential),
             ),
             request_deserializer=request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _accepted(
+    name: str,
+    host_only: Callable[[str], bool],
+    credential: str | None,
+    vmm_rpcs: frozenset[str],
+    vmm_credential: str | None,
+) -> tuple[str, ...] | None:
+    """The credentials a method accepts: None = open. The VMM credential (a guest's VMM side,
+    creating and launching its own VM) opens only the methods in vmm_rpcs."""
+    if not credential or not host_only(name):
+        return None
+    if name in vmm_rpcs and vmm_credential:
+        return (credential, vmm_credential)
+    return (credential,)
 
 
 def built_methods(service: ServiceDescriptor, impl: object | None) -> list[str]:
