@@ -23,6 +23,7 @@ from snpemu.runtime.server import ServiceRuntime
 from snpemu.vmm import tiny_firmware
 
 CRED = "stack-credential-0123456789"
+VMM = "stack-vmm-credential-0123456"
 HOST = (("x-snpemu-host-credential", CRED),)
 
 
@@ -140,6 +141,7 @@ async def host_stack(
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
         "SNPEMU_HOST_CREDENTIAL": CRED,
+        "SNPEMU_VMM_CREDENTIAL": VMM,
         "SNPEMU_SHUTDOWN_GRACE_S": "0",
     }
     started: list[ServiceRuntime] = []

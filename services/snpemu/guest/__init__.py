@@ -1,7 +1,131 @@
-"""The `guest` service: the guest agent of one SNP VM."""
+"""The `guest` service: the guest agent of one SNP VM (its guest kernel, and its VMM's launch)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from snp.guest.v1.guest_pb2 import DESCRIPTOR as _FILE
 
 from snpemu.runtime.server import ServiceSpec
 
-SPEC = ServiceSpec(name="guest", descriptor=_FILE.services_by_name["GuestService"])
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+    from snpemu.runtime.server import ServiceRuntime
+
+log = logging.getLogger(__name__)
+_SERVICE = _FILE.services_by_name["GuestService"]
+
+
+class _Guest:
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.registry import Collector
+        from snp.kvm.v1 import kvm_pb2_grpc
+        from snp.rmp.v1 import rmp_pb2_grpc
+
+        from snpemu.guest.driver import Driver
+        from snpemu.guest.kernel import BootState, GuestKernel
+        from snpemu.guest.servicer import GuestServicer
+        from snpemu.kvm.machine import DEFAULT_FIRMWARE
+        from snpemu.kvm.peers import Peer
+
+        config, opts = runtime.config, runtime.options
+        # guest-mode access needs no credential (the vCPU identity is checked); the VMM side
+        # creates its VM with the VMM credential, never the host's
+        rmp = Peer("rmp", config.peers["rmp"], None, rmp_pb2_grpc.RmpServiceStub)
+        kvm = Peer("kvm", config.peers["kvm"], config.vmm_credential, kvm_pb2_grpc.KvmServiceStub)
+        self.kernel = GuestKernel(config.instance, opts, rmp, kvm, DEFAULT_FIRMWARE)
+        self.servicer = GuestServicer(self.kernel, Driver(self.kernel))
+        self.boot_task: asyncio.Task[None] | None = None
+        kernel, servicer = self.kernel, self.servicer
+
+        class AgentCollector(Collector):
+            def collect(self) -> Iterator[Metric]:
+                reqs = CounterMetricFamily(
+                    "snp_guest_agent_requests",
+                    "Guest messages sent, by type and result.",
+                    labels=["msg_type", "result"],
+                )
+                for t in ("report", "key"):
+                    for r in ("success", "firmware_status", "error"):
+                        reqs.add_metric([t, r], float(servicer.requests.get((t, r), 0)))
+                yield reqs
+                yield CounterMetricFamily(
+                    "snp_guest_agent_vc",
+                    "#VC exceptions the guest took.",
+                    value=float(sum(e.kind == "vc" for e in kernel.events)),
+                )
+                yield CounterMetricFamily(
+                    "snp_guest_agent_boots",
+                    "Boots completed.",
+                    value=float(sum(e.kind == "boot" for e in kernel.events)),
+                )
+                state = GaugeMetricFamily(
+                    "snp_guest_agent_state", "1 for the guest's state.", labels=["state"]
+                )
+                for s in BootState:
+                    state.add_metric([s.name.lower()], 1.0 if kernel.state == s else 0.0)
+                yield state
+
+        runtime.registry.register(AgentCollector())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.servicer, name)
+
+    async def run_boot(self) -> None:
+        try:
+            await self.kernel.boot()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the guest cannot boot: say so in its state and log
+            log.error("boot failed: %s", e, extra={"event": "boot_failed"})
+            from snpemu.guest.kernel import BootState
+
+            self.kernel.state = BootState.TERMINATED
+            self.kernel.event("terminated", detail=f"boot failed: {e}")
+
+
+async def _startup(impl: object | None) -> None:
+    assert isinstance(impl, _Guest)
+    if impl.kernel.opts.boot:
+        # SERVING at once; the boot shows in GetStatus (launching, booting, running)
+        impl.boot_task = asyncio.ensure_future(impl.run_boot())
+
+
+async def _shutdown(impl: object | None) -> None:
+    if not isinstance(impl, _Guest):
+        return
+    if impl.boot_task is not None:
+        impl.boot_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await impl.boot_task
+    k = impl.kernel
+    if k.vm is not None:  # the VMM exits: its VM goes
+        from snp.kvm.v1 import kvm_pb2
+
+        with contextlib.suppress(Exception):
+            await k.kvm.call("DestroyVm", kvm_pb2.DestroyVmRequest(vm=k.vm))
+    await k.kvm.close()
+    await k.rmp.close()
+
+
+def _options(env: Mapping[str, str]) -> object:
+    from snpemu.guest.options import GuestOptions
+
+    return GuestOptions.from_env(env)
+
+
+SPEC = ServiceSpec(
+    name="guest",
+    descriptor=_SERVICE,
+    make_impl=_Guest,
+    options=_options,
+    startup=_startup,
+    shutdown=_shutdown,
+    host_only=lambda _name: False,
+)
