@@ -58,12 +58,12 @@ class _Guest:
                 yield CounterMetricFamily(
                     "snp_guest_agent_vc",
                     "#VC exceptions the guest took.",
-                    value=float(sum(e.kind == "vc" for e in kernel.events)),
+                    value=float(kernel.event_counts.get("vc", 0)),
                 )
                 yield CounterMetricFamily(
                     "snp_guest_agent_boots",
                     "Boots completed.",
-                    value=float(sum(e.kind == "boot" for e in kernel.events)),
+                    value=float(kernel.event_counts.get("boot", 0)),
                 )
                 state = GaugeMetricFamily(
                     "snp_guest_agent_state", "1 for the guest's state.", labels=["state"]

@@ -79,12 +79,17 @@ class GuestKernel:
         self.state = BootState.CREATED
         self.term_reason = (0, 0)
         self.events: list[Event] = []
+        # totals survive the trimming of `events` (Prometheus counters never go down)
+        self.event_counts: dict[str, int] = {}
         self.vm: handles_pb2.VmHandle | None = None
         self.vcpus: list[handles_pb2.VcpuIdentity] = []
         self.measurement = b""
         self.secrets_gpa = 0
         npages = opts.memory_bytes // PAGE
-        self.accepted = np.zeros(npages, dtype=bool)
+        self.accepted = np.zeros(npages, dtype=bool)  # validated by this guest
+        # Never touched yet (Linux's unaccepted-memory bitmap): only these are accepted on first
+        # touch; a page the guest converted to shared stays shared until converted back.
+        self.unaccepted = np.ones(npages, dtype=bool)
         self.vmpcks: list[bytes] = [bytes(32)] * 4
         self.disabled: set[int] = set()
         self.counters = [0, 0, 0, 0]  # last sequence number used per VMPCK (the OS area's copy)
@@ -97,6 +102,7 @@ class GuestKernel:
 
     def event(self, kind: str, gpa: int = 0, detail: str = "") -> None:
         self.events.append(Event(kind, gpa, detail))
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         del self.events[:-1000]
         log.info(
             "%s: %s %s", kind, hex(gpa) if gpa else "", detail, extra={"event": f"guest_{kind}"}
@@ -184,6 +190,9 @@ class GuestKernel:
         launched = [s for s in ovmf.sections if s.gpa + s.size <= self.opts.memory_bytes]
         for s in launched:  # pages the firmware launched are private and validated already
             self.accepted[s.gpa // PAGE : (s.gpa + s.size) // PAGE] = True
+            self.unaccepted[s.gpa // PAGE : (s.gpa + s.size) // PAGE] = False
+        for gpa in SHARED_GPAS:
+            self.unaccepted[gpa // PAGE] = False
         secrets = next((s for s in ovmf.sections if s.kind == SectionType.SNP_SECRETS), None)
         if secrets is None:
             return await self.terminate(TERM_LINUX, LINUX_SECRETS_PAGE, "no secrets page")
@@ -193,10 +202,12 @@ class GuestKernel:
         self.counters = [
             int.from_bytes(page[0xA0 + 4 * i : 0xA4 + 4 * i], "little") for i in range(4)
         ]
-        self.state = BootState.RUNNING
         if self.opts.eager:
             await self.accept(0, self.opts.memory_bytes)
         await self.start_aps(ovmf)
+        if self.state == BootState.TERMINATED:
+            return
+        self.state = BootState.RUNNING
         self.event(
             "boot",
             detail=f"{len(self.vcpus)} vCPUs, {'eager' if self.opts.eager else 'lazy'} acceptance",
@@ -332,11 +343,13 @@ class GuestKernel:
                 await self.pvalidate([(h + i) * PAGE for i in range(512)], True)
         await self.pvalidate([p * PAGE for p in small], True)
         self.accepted[pages] = True
+        self.unaccepted[pages] = False
         return len(pages)
 
     async def convert(self, gpa: int, size: int, private: bool, size_2m: bool) -> int:
         """set_memory_encrypted()/set_memory_decrypted(): PVALIDATE around a PSC."""
         pages = list(self._pages(gpa, size))
+        self.unaccepted[pages] = False
         if size_2m and (gpa % (2 << 20) or size % (2 << 20)):
             raise WrongState("2M conversions take 2 MiB-aligned ranges", reason="BAD_RANGE")
         step = 512 if size_2m else 1
@@ -361,10 +374,12 @@ class GuestKernel:
         self, op: str, gpa: int, *, private: bool, data: bytes = b"", length: int = 0
     ) -> bytes:
         if private and not self.opts.eager:
-            first, last = gpa // PAGE * PAGE, (gpa + max(length, len(data)) - 1) // PAGE * PAGE
-            await self.accept(
-                first, last - first + PAGE
-            )  # unaccepted memory: accept on first touch
+            # Unaccepted memory: accept on first touch, page by page, so a
+            # page already accepted is never PVALIDATEd twice.
+            first, last = gpa // PAGE, (gpa + max(length, len(data)) - 1) // PAGE
+            for p in range(first, min(last + 1, len(self.unaccepted))):
+                if self.unaccepted[p]:
+                    await self.accept(p * PAGE, PAGE)
         for _ in range(4):
             if op == "read":
                 r = await self.rmp.call(

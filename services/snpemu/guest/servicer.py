@@ -87,11 +87,6 @@ class GuestServicer:
             raise InvalidArgument("certs_pages is at most 16")
         raw, certs = await self._report(request, ext=True, pages=pages)
         entries = cert_table.parse(certs)
-        end = max(
-            (off for off in range(0, len(certs), 24) if certs[off : off + 24] == bytes(24)),
-            default=0,
-        )
-        del end
         return pb.GetExtendedReportResponse(
             report=raw,
             fields=fields_pb(raw),
