@@ -16,6 +16,7 @@ import pytest
 
 from tests.cluster.conftest import Cluster
 from tests.conftest import tool
+from tests.fidelity.verifiers import secretvm
 
 pytestmark = pytest.mark.cluster
 
@@ -112,6 +113,29 @@ def test_guests_boot_and_their_reports_verify(cluster: Cluster, tmp_path: Path) 
     bad = verify("tampered.bin")
     assert bad.returncode == 1
     assert "FAIL: report signature verifies with the VCEK" in bad.stdout
+
+    # a third-party verifier agrees (secretvm-verify, pinned to the emulated ARK and fed the
+    # certificates the guest got and the CRL psp's KDS endpoint serves)
+    evidence = {
+        str(c["guid"]): base64.b64decode(c["der"])
+        for c in ext["certificates"]  # type: ignore[attr-defined]
+    }
+    with urllib.request.urlopen(kds.replace("cert_chain", "crl"), timeout=10) as reply:
+        evidence["crl"] = reply.read()
+    ok, res = secretvm(evidence, report, tmp_path / "secretvm")
+    assert ok, res
+    # the measurement is sev-snp-measure's prediction for the guest's config (the launcher's
+    # defaults: Debian's OVMF, 2 EPYC-Milan vCPUs)
+    expected = subprocess.run(
+        [
+            *(tool("sev-snp-measure"), "--mode", "snp", "--vcpus", "2"),
+            *("--vcpu-type", "EPYC-Milan", "--ovmf", "/usr/share/OVMF/OVMF_CODE.fd"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert base64.b64decode(fields["measurement"]).hex() == expected
 
     # the two guests are different VMs: different ASID-bound keys, same firmware measurement
     other = grpcurl(cluster, "guest-1", "GetReport", {"report_data": ""})["fields"]

@@ -3,7 +3,6 @@ ARK: omne-attest and secretvm-verify (PyPI), and the OpenSSL command line for th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from snpemu.abi import guest_message as gm
 from snpemu.psp.firmware import PageType
 
+from tests.fidelity.verifiers import omne, secretvm
 from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
 
 pytestmark = pytest.mark.fidelity
@@ -76,19 +76,6 @@ def flipped(report: bytes, offset: int) -> bytes:
 SIGNED_OFFSETS = [0x000, 0x008, 0x050, 0x090, 0x0C0, 0x180, 0x1A0, 0x29F]
 
 
-def omne(ev: dict[str, bytes], report: bytes) -> None:
-    from omne_attest import Policy, verify
-
-    verify(
-        report,
-        ev["vcek"],
-        ev["ask"],
-        ev["ark"],
-        hashlib.sha256(ev["ark"]).digest(),
-        Policy(max_vmpl=0, reject_debug=True),
-    )
-
-
 def test_omne_attest_accepts_the_report(evidence: dict[str, bytes]) -> None:
     omne(evidence, evidence["report"])
 
@@ -101,26 +88,6 @@ def test_omne_attest_rejects_any_flipped_signed_byte(
 
     with pytest.raises(Fail):
         omne(evidence, flipped(evidence["report"], offset))
-
-
-def secretvm(ev: dict[str, bytes], report: bytes, tmp: Path) -> tuple[bool, object]:
-    os.environ["SECRETVM_VERIFY_CACHE_DIR"] = str(tmp)
-    from secretvm.verify import _kds_cache, amd
-
-    def pem(d: bytes) -> bytes:
-        return x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM)
-
-    chip = report[0x1A0:0x1E0]
-    tcb = amd._amd_parse_tcb(report[0x180:0x188])
-    _kds_cache.put("vcek", amd._vcek_cache_key("Milan", chip, tcb), ev["vcek"], 86400)
-    _kds_cache.put("cert_chain", "Milan", pem(ev["ask"]) + pem(ev["ark"]), 86400)
-    _kds_cache.put("crl", "Milan", ev["crl"], 86400)
-    # The verifier pins AMD's real ARK in a module table; pin the emulated one instead.
-    amd._PINNED_ARK_SPKI_SHA256["Milan"] = amd._amd_spki_sha256_hex(
-        x509.load_der_x509_certificate(ev["ark"])
-    )
-    res = amd.check_sev_cpu_attestation(report.hex(), product="Milan", strict=True)
-    return bool(res.valid), res
 
 
 def test_secretvm_verify_accepts_the_report(evidence: dict[str, bytes], tmp_path: Path) -> None:
