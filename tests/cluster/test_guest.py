@@ -145,3 +145,24 @@ def test_guests_boot_and_their_reports_verify(cluster: Cluster, tmp_path: Path) 
     assert prometheus(cluster, 'sum(snp_guest_agent_state{state="running"})', "2") == "2"
     query = 'sum(snp_guest_agent_requests_total{msg_type="report",result="success"})'
     assert prometheus(cluster, query, "2") == "2"
+
+
+def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Cluster) -> None:
+    for guest in ("guest-0", "guest-1"):
+        wait_running(cluster, guest)
+    r = grpcurl(cluster, "guest-1", "TamperSequenceNumber", {"offset": 5})
+    assert "refused" in str(r["outcome"]) and "VMPCK0 wiped" in str(r["outcome"])
+    refused = subprocess.run(
+        [
+            *(tool("grpcurl"), "-plaintext", "-d", "{}", cluster.address("guest-1")),
+            "snp.guest.v1.GuestService/GetReport",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "VMPCK0 is disabled" in refused.stderr
+    assert grpcurl(cluster, "guest-1", "GetStatus", {})["disabled_vmpcks"] == [0]
+    # the other guest is untouched
+    assert "report" in grpcurl(cluster, "guest-0", "GetReport", {})
+    assert "disabled_vmpcks" not in grpcurl(cluster, "guest-0", "GetStatus", {})

@@ -135,7 +135,7 @@ class Guest:
 
 @contextlib.asynccontextmanager
 async def host_stack(
-    tmp: Path, *, memory: str = "512M", policy: str = "gmem", **kvm_env: str
+    tmp: Path, *, memory: str = "512M", policy: str = "gmem", hold_us: int = 0, **kvm_env: str
 ) -> AsyncIterator[Stack]:
     common = {
         "SNPEMU_GRPC_PORT": "0",
@@ -154,6 +154,7 @@ async def host_stack(
                     "SNPEMU_RMP_MEMORY": memory,
                     "SNPEMU_RMP_POLICY": policy,
                     "SNPEMU_RMP_KICK_TIMEOUT_S": "2",
+                    "SNPEMU_RMP_INSN_HOLD_US": str(hold_us),
                 }
             ),
         )

@@ -26,12 +26,12 @@ from tests.service.host_stack import HOST, VMM, Stack, host_stack
 
 @contextlib.asynccontextmanager
 async def agent(
-    s: Stack, **opts: str
+    s: Stack, name: str = "guest-t", **opts: str
 ) -> AsyncIterator[tuple[guest_pb2_grpc.GuestServiceStub, ServiceRuntime]]:
     env = {
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
-        "SNPEMU_INSTANCE": "guest-t",
+        "SNPEMU_INSTANCE": name,
         "SNPEMU_VMM_CREDENTIAL": VMM,
         "SNPEMU_SHUTDOWN_GRACE_S": "0",
         **{f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm")},
@@ -267,5 +267,98 @@ def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
             st = await g.GetStatus(guest_pb2.GetStatusRequest())
             shared_pages = 3 + 16  # GHCB, request, response, certificate pages
             assert st.accepted_bytes == (64 << 20) - shared_pages * 4096
+
+    run(body())
+
+
+def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with host_stack(tmp_path) as s, agent(s) as (g, _):
+            # nothing to replay yet: refused before anything is sent, nothing changes
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-1))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=0))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
+            r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
+            assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
+            st = await g.GetStatus(guest_pb2.GetStatusRequest())
+            assert list(st.disabled_vmpcks) == [0]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await g.GetReport(guest_pb2.GetReportRequest())
+            assert error_info(info.value).reason == "VMPCK_DISABLED"  # type: ignore[union-attr]
+
+    run(body())
+
+
+def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (
+            host_stack(tmp_path) as s,
+            agent(
+                s,
+                "guest-a",
+                SNPEMU_GUEST_THROTTLE_MS="200",
+                SNPEMU_GUEST_RETRY_DELAY_S="0.05",
+            ) as (flooder, _),
+            agent(s, "guest-b") as (other, _),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest())
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            flood = asyncio.ensure_future(
+                flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest(duration_ms=1000))
+            )
+            # the other guest is served during the flood, never told BUSY
+            for _ in range(5):
+                await other.GetReport(guest_pb2.GetReportRequest())
+            r = await flood
+            # at most one report per 200 ms window (burst 1), plus the one in flight
+            assert 1 <= r.completed <= 7 and r.busy >= 1
+            st = await other.GetStatus(guest_pb2.GetStatusRequest())
+            assert "busy_retry" not in [e.kind for e in st.events]
+            assert not st.disabled_vmpcks
+            assert not (await flooder.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
+
+    run(body())
+
+
+def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path) -> None:
+    """The guest loops RMPADJUST on a private page (each holding the entry 1 ms) while the host
+    RMPUPDATEs the page to hypervisor state: the host gets FAIL_INUSE while an RMPADJUST holds
+    the entry and retries; once it wins, the guest's next RMPADJUST faults (#NPF to kvm), so
+    the guest is told, never silently left with a page that is no longer its own."""
+    from snp.common.v1 import types_pb2
+    from snp.rmp.v1 import rmp_pb2
+
+    async def body() -> None:
+        async with host_stack(tmp_path, hold_us=1000) as s, agent(s) as (g, rt):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=0x300001, iterations=1))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            gpa = 0x300000
+            vm_id = rt.impl.kernel.vm.id  # type: ignore[union-attr]
+            spa = s.runtimes["kvm"].impl.kvm.vms[vm_id].memslots.translate(gpa)  # type: ignore[union-attr]
+            race = asyncio.ensure_future(
+                g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=1500))
+            )
+            await asyncio.sleep(0.3)
+            attempts: list[int] = []
+            while not attempts or attempts[-1] != rmp_pb2.RMP_RESULT_SUCCESS:
+                r = await s.rmp.RmpUpdate(
+                    rmp_pb2.RmpUpdateRequest(
+                        spa=spa, state=rmp_pb2.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
+                    ),
+                    metadata=HOST,
+                )
+                attempts.append(r.result)
+                assert r.result in (rmp_pb2.RMP_RESULT_SUCCESS, rmp_pb2.RMP_RESULT_FAIL_INUSE)
+            assert not race.done()  # the host won while the guest was still looping
+            result = await race
+            assert "npf" in result.outcome and "SUCCESS" in result.outcome, result.outcome
+            events = (await g.GetStatus(guest_pb2.GetStatusRequest())).events
+            assert any(e.kind == "npf" and e.gpa == gpa for e in events)
 
     run(body())

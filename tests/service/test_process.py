@@ -51,6 +51,7 @@ def test_sigterm_stops_cleanly_with_json_logs() -> None:
         SNPEMU_GRPC_PORT=str(grpc_port),
         SNPEMU_METRICS_PORT=str(metrics_port),
         SNPEMU_INSTANCE="guest-7",
+        SNPEMU_GUEST_BOOT="0",  # no kvm here: this is about the process, not the boot
     )
     _wait_serving(f"127.0.0.1:{grpc_port}", "snp.guest.v1.GuestService", proc)
     proc.send_signal(signal.SIGTERM)

@@ -312,6 +312,46 @@ class GuestKernel:
             raise WrongState("range must be page aligned and inside guest RAM", reason="BAD_RANGE")
         return range(gpa // PAGE, (gpa + size) // PAGE)
 
+    async def race_rmpadjust(self, gpa: int, iterations: int) -> dict[str, int]:
+        """RMPADJUST (VMPL1 permissions toggled) on one page in a loop, as a guest racing the
+        host's conversion of that page. Faults go to kvm like any #NPF and the loop goes on;
+        returns how each attempt ended, by RmpResult name or "npf"."""
+        if not self.opts.eager and self.unaccepted[gpa // PAGE]:
+            await self.accept(gpa, PAGE)
+        outcomes: dict[str, int] = {}
+        for i in range(iterations):
+            self.check_running()
+            r = await self.rmp.call(
+                "RmpAdjust",
+                rmp_pb2.RmpAdjustRequest(
+                    identity=self.ident,
+                    gpa=gpa,
+                    page_size=types_pb2.PAGE_SIZE_4K,
+                    target_vmpl=1,
+                    perms=0x3 if i % 2 else 0x1,  # read, then read+write
+                ),
+            )
+            if r.HasField("fault") and r.fault.vc:
+                kind = "vc"
+                self.event("vc", r.fault.gpa, f"RMPADJUST: {r.fault.cause}")
+                if self.opts.terminate_on_vc:
+                    await self.terminate(TERM_GEN, GEN_REQ, f"#VC in RMPADJUST at {gpa:#x}")
+                    outcomes[kind] = outcomes.get(kind, 0) + 1
+                    break
+            elif r.HasField("fault"):
+                kind = "npf"
+                self.event("npf", r.fault.gpa, f"RMPADJUST: {r.fault.cause}")
+                await self.kvm.call(
+                    "NestedPageFault",
+                    kvm_pb2.NestedPageFaultRequest(
+                        identity=self.ident, gpa=r.fault.gpa, error_code=r.fault.error_code
+                    ),
+                )
+            else:
+                kind = rmp_pb2.RmpResult.Name(r.result).removeprefix("RMP_RESULT_")
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        return outcomes
+
     async def accept(self, gpa: int, size: int) -> int:
         """accept_memory(): PSC to private, then PVALIDATE; 2M at a time where it can."""
         pages = [

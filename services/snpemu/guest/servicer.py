@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from snp.guest.v1 import guest_pb2 as pb
@@ -10,7 +11,7 @@ from snp.guest.v1 import guest_pb2 as pb
 from snpemu.abi import cert_table, report
 from snpemu.abi import guest_message as gm
 from snpemu.errors import InvalidArgument
-from snpemu.guest.driver import Driver, key_request, report_request
+from snpemu.guest.driver import Driver, RequestFailed, key_request, report_request
 from snpemu.guest.kernel import GuestKernel
 
 GUID_NAMES = {
@@ -149,4 +150,73 @@ class GuestServicer:
             raise InvalidArgument("length is 1..1048576")
         return pb.ReadMemoryResponse(
             data=await self.k.read(request.gpa, request.length, request.shared)
+        )
+
+    # --- Misbehaviour on purpose (DESIGN.md section 2) ------------------------------------------
+
+    async def TamperSequenceNumber(
+        self, request: Any, context: Any
+    ) -> pb.TamperSequenceNumberResponse:
+        """A report request sealed with a replayed or skipped sequence number. The IV is the
+        sequence number, so the firmware must refuse it; the driver then wipes VMPCK0, as
+        snp_send_guest_request() does on any unexpected host error."""
+        k = self.k
+        k.check_running()
+        offset = int(request.offset)
+        if offset == 0:
+            raise InvalidArgument("offset 0 is an honest request: use GetReport")
+        if offset < 0 and k.counters[0] + 1 + offset < 1:
+            raise InvalidArgument(
+                f"no earlier sequence number to replay {-offset} back (the next is "
+                f"{k.counters[0] + 1})"
+            )
+        seqno = k.counters[0] + 1 + offset
+        try:
+            await self.driver.request(
+                gm.MsgType.REPORT_REQ, report_request(b"", 0), seqno_offset=offset
+            )
+        except RequestFailed as e:
+            self._count("report", "error")
+            wiped = "; VMPCK0 wiped" if 0 in k.disabled else ""
+            return pb.TamperSequenceNumberResponse(
+                outcome=f"sequence number {seqno} refused: {e}{wiped}"
+            )
+        self._count("report", "success")
+        # a firmware that accepted it would be reusing an IV: say so loudly
+        return pb.TamperSequenceNumberResponse(
+            outcome=f"sequence number {seqno} ACCEPTED by the host (AES-GCM IV reuse)"
+        )
+
+    async def FloodReportRequests(
+        self, request: Any, context: Any
+    ) -> pb.FloodReportRequestsResponse:
+        """Report requests back to back for `duration_ms`; the host's answer to a flood is VMM
+        BUSY (kvm's per-VM throttle), which the driver retries after its delay."""
+        if not 0 < request.duration_ms <= 60_000:
+            raise InvalidArgument("duration_ms is 1..60000")
+        self.k.check_running()
+        busy_before = self.k.event_counts.get("busy_retry", 0)
+        completed = 0
+        deadline = time.monotonic() + request.duration_ms / 1000
+        while time.monotonic() < deadline:
+            await self._report(pb.GetReportRequest(), ext=False)
+            completed += 1
+        return pb.FloodReportRequestsResponse(
+            completed=completed, busy=self.k.event_counts.get("busy_retry", 0) - busy_before
+        )
+
+    async def RaceRmpAdjust(self, request: Any, context: Any) -> pb.RaceRmpAdjustResponse:
+        """RMPADJUST in a loop on a private page while the host converts it (drive the host
+        side with rmp's RmpUpdate or a HostWrite under the convert policies)."""
+        k = self.k
+        if request.gpa % 4096 or request.gpa >= k.opts.memory_bytes:
+            raise InvalidArgument("gpa is a page-aligned address in guest RAM")
+        if not 0 < request.iterations <= 100_000:
+            raise InvalidArgument("iterations is 1..100000")
+        k.check_running()
+        outcomes = await k.race_rmpadjust(request.gpa, request.iterations)
+        summary = ", ".join(f"{kind} {n}" for kind, n in sorted(outcomes.items()))
+        return pb.RaceRmpAdjustResponse(
+            inuse_failures=outcomes.get("FAIL_INUSE", 0),
+            outcome=f"{sum(outcomes.values())} RMPADJUSTs: {summary}",
         )
