@@ -325,13 +325,21 @@ def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
     run(body())
 
 
-def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("iterations", [300, 1])  # 1: the host's turn comes after the loop
+def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: int) -> None:
     """The guest loops RMPADJUST on a private page (each holding the entry 1 ms) while the host
-    RMPUPDATEs the page to hypervisor state: the host gets FAIL_INUSE while an RMPADJUST holds
-    the entry and retries; once it wins, the guest's next RMPADJUST faults (#NPF to kvm), so
-    the guest is told, never silently left with a page that is no longer its own."""
+    RMPUPDATEs the page to hypervisor state, retrying on FAIL_INUSE. Whenever the host wins
+    (during the loop or after it), no RMPADJUST succeeds on the page afterwards: the first one
+    faults to kvm (#NPF), which gives the guest back a private page that is not validated
+    (FAIL_PERMISSION), so the guest is told, never silently left using a page it lost."""
     from snp.common.v1 import types_pb2
     from snp.rmp.v1 import rmp_pb2
+
+    def counts(outcome: str) -> dict[str, int]:
+        total, _, rest = outcome.partition(" RMPADJUSTs: ")
+        parts = dict(p.split(" ") for p in rest.split(", "))
+        assert sum(map(int, parts.values())) == int(total)
+        return {k: int(v) for k, v in parts.items()}
 
     async def body() -> None:
         async with host_stack(tmp_path, hold_us=1000) as s, agent(s) as (g, rt):
@@ -341,24 +349,39 @@ def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path) -> None:
             gpa = 0x300000
             vm_id = rt.impl.kernel.vm.id  # type: ignore[union-attr]
             spa = s.runtimes["kvm"].impl.kvm.vms[vm_id].memslots.translate(gpa)  # type: ignore[union-attr]
+            await g.AcceptMemory(guest_pb2.AcceptMemoryRequest(gpa=gpa, size=0x1000))
             race = asyncio.ensure_future(
-                g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=1500))
+                g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=iterations))
             )
-            await asyncio.sleep(0.3)
-            attempts: list[int] = []
-            while not attempts or attempts[-1] != rmp_pb2.RMP_RESULT_SUCCESS:
+            if iterations == 1:
+                await asyncio.wait([race])
+            else:
+                await asyncio.sleep(0.1)
+            while True:
                 r = await s.rmp.RmpUpdate(
                     rmp_pb2.RmpUpdateRequest(
                         spa=spa, state=rmp_pb2.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
                     ),
                     metadata=HOST,
                 )
-                attempts.append(r.result)
                 assert r.result in (rmp_pb2.RMP_RESULT_SUCCESS, rmp_pb2.RMP_RESULT_FAIL_INUSE)
-            assert not race.done()  # the host won while the guest was still looping
-            result = await race
-            assert "npf" in result.outcome and "SUCCESS" in result.outcome, result.outcome
+                if r.result == rmp_pb2.RMP_RESULT_SUCCESS:
+                    break
+            won_during_loop = not race.done()
+            first = counts((await race).outcome)
+            assert set(first) <= {"SUCCESS", "npf", "FAIL_PERMISSION"}, first
+            after = counts(
+                (
+                    await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=3))
+                ).outcome
+            )
+            if won_during_loop:
+                assert first.get("npf") == 1, first
+                assert after == {"FAIL_PERMISSION": 3}, after
+            else:
+                assert first == {"SUCCESS": iterations}, first  # the page was still the guest's
+                assert after == {"npf": 1, "FAIL_PERMISSION": 2}, after
             events = (await g.GetStatus(guest_pb2.GetStatusRequest())).events
-            assert any(e.kind == "npf" and e.gpa == gpa for e in events)
+            assert [e.gpa for e in events if e.kind == "npf"] == [gpa]
 
     run(body())
