@@ -300,7 +300,7 @@ def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
             agent(
                 s,
                 "guest-a",
-                SNPEMU_GUEST_THROTTLE_MS="200",
+                SNPEMU_GUEST_THROTTLE_MS="500",
                 SNPEMU_GUEST_RETRY_DELAY_S="0.05",
             ) as (flooder, _),
             agent(s, "guest-b") as (other, _),
@@ -315,8 +315,8 @@ def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
             for _ in range(5):
                 await other.GetReport(guest_pb2.GetReportRequest())
             r = await flood
-            # at most one report per 200 ms window (burst 1), plus the one in flight
-            assert 1 <= r.completed <= 7 and r.busy >= 1
+            # at most one report per 500 ms window (burst 1), plus the one in flight
+            assert 1 <= r.completed <= 4 and r.busy >= 1
             st = await other.GetStatus(guest_pb2.GetStatusRequest())
             assert "busy_retry" not in [e.kind for e in st.events]
             assert not st.disabled_vmpcks
