@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/rmp_bench.py
 	$(PY) bench/psp_bench.py
 	$(PY) bench/kvm_bench.py
+	$(PY) bench/guest_bench.py
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
