@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -13,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
 from tests.conftest import tool
@@ -166,3 +169,38 @@ def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Clust
     # the other guest is untouched
     assert "report" in grpcurl(cluster, "guest-0", "GetReport", {})
     assert "disabled_vmpcks" not in grpcurl(cluster, "guest-0", "GetStatus", {})
+
+
+def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
+    """SIGKILL a guest agent (no DestroyVm): its HoldVm stream closes and kvm destroys the VM;
+    the launcher restarts the agent, which boots a new VM. No VM is left behind."""
+    cred = read_credential(cluster.state_dir)
+
+    def vm_ids() -> set[str]:
+        out = subprocess.run(
+            [
+                *(tool("grpcurl"), "-plaintext", "-H", f"x-snpemu-host-credential: {cred}"),
+                *(cluster.address("kvm"), "snp.kvm.v1.KvmService/ListVms"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return {v["vm"]["id"] for v in json.loads(out.stdout or "{}").get("vms", [])}
+
+    for guest in ("guest-0", "guest-1"):
+        wait_running(cluster, guest)
+    before = vm_ids()
+    assert len(before) == 2
+    state = {c["name"]: c for c in cluster.state()["children"]}
+    os.kill(state["guest-1"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        restarted = {c["name"]: c for c in cluster.state()["children"]}["guest-1"]
+        if restarted["restarts"] == 1 and len(vm_ids() - before) == 1:
+            break
+        time.sleep(0.5)
+    wait_running(cluster, "guest-1")
+    after = vm_ids()
+    assert len(after) == 2 and len(after & before) == 1, (before, after)

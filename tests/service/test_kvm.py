@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
@@ -500,6 +501,49 @@ def test_teardown_returns_every_page(tmp_path: Path) -> None:
             # the ASID is reusable after the DF_FLUSH teardown issued
             again = await s.launch()
             assert again.measurement
+
+    run(body())
+
+
+def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
+    """HoldVm is the VM fd: closing the last one without DestroyVm (the VMM died) destroys the
+    VM and frees its memory; a VM destroyed first is left alone when its hold closes."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            before = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                call = s.kvm.HoldVm(
+                    kvm_pb2.HoldVmRequest(vm=handles_pb2.VmHandle(id="vm-nope")), metadata=HOST
+                )
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            guest = await s.launch(memory=64 << 20, vcpus=2)
+            holds = [s.kvm.HoldVm(kvm_pb2.HoldVmRequest(vm=guest.vm), metadata=HOST) for _ in "ab"]
+            for h in holds:
+                assert (await h.read()).vm.id == guest.vm.id
+            holds[0].cancel()  # one fd closed, another still open: the VM stays
+            await asyncio.sleep(0.3)
+            assert (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm.asid
+            holds[1].cancel()
+            for _ in range(100):
+                if not (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms:
+                    break
+                await asyncio.sleep(0.05)
+            assert not (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+            after = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+            assert after.free_pages == before.free_pages
+            # destroyed first, then the hold closes: nothing more happens
+            other = await s.launch(memory=64 << 20)
+            hold = s.kvm.HoldVm(kvm_pb2.HoldVmRequest(vm=other.vm), metadata=HOST)
+            await hold.read()
+            await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=other.vm), metadata=HOST)
+            hold.cancel()
+            await asyncio.sleep(0.3)
+            third = await s.launch(memory=64 << 20)
+            assert [
+                v.vm.id for v in (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+            ] == [third.vm.id]
 
     run(body())
 

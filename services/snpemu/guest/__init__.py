@@ -110,6 +110,8 @@ async def _shutdown(impl: object | None) -> None:
 
         with contextlib.suppress(Exception):
             await k.kvm.call("DestroyVm", kvm_pb2.DestroyVmRequest(vm=k.vm))
+    if k.hold is not None:
+        k.hold.cancel()
     await k.kvm.close()
     await k.rmp.close()
 

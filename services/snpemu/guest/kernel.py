@@ -82,6 +82,7 @@ class GuestKernel:
         # totals survive the trimming of `events` (Prometheus counters never go down)
         self.event_counts: dict[str, int] = {}
         self.vm: handles_pb2.VmHandle | None = None
+        self.hold: Any = None  # the HoldVm stream
         self.vcpus: list[handles_pb2.VcpuIdentity] = []
         self.measurement = b""
         self.secrets_gpa = 0
@@ -168,6 +169,11 @@ class GuestKernel:
             ),
         )
         self.vm = (await self.kvm.call("CreateVm", kvm_pb2.CreateVmRequest(config=cfg))).vm
+        # Hold the VM as a VMM holds its VM fd: if this process dies, kvm destroys the VM.
+        self.hold = self.kvm.ensure().HoldVm(
+            kvm_pb2.HoldVmRequest(vm=self.vm), metadata=self.kvm.md
+        )
+        await self.hold.read()
         r = await self.kvm.call("LaunchVm", kvm_pb2.LaunchVmRequest(vm=self.vm), timeout=300)
         self.vcpus, self.measurement = list(r.vcpus), bytes(r.measurement)
         self.event("launched", detail=self.measurement.hex())

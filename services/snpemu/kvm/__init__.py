@@ -124,5 +124,7 @@ SPEC = ServiceSpec(
     shutdown=_shutdown,
     host_only=lambda name: name not in GUEST_RPCS,
     # what QEMU asks of KVM for its own VM; the guest agent plays QEMU for its VM
-    vmm_rpcs=frozenset({"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "SetGuestRequestThrottle"}),
+    vmm_rpcs=frozenset(
+        {"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "HoldVm", "SetGuestRequestThrottle"}
+    ),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,8 @@ from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
 from snpemu.kvm.msr_protocol import HV_FEATURES
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
+
+log = logging.getLogger(__name__)
 
 
 def vm_info(vm: Vm) -> pb.VmInfo:
@@ -34,6 +38,8 @@ class KvmServicer:
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
         self.exits = Exits(kvm)
+        self.holds: dict[str, int] = {}  # open HoldVm streams per VM (its open "fds")
+        self.releases: set[asyncio.Task[None]] = set()
 
     def _vm(self, handle: Any) -> Vm:
         if not handle.id:
@@ -72,6 +78,36 @@ class KvmServicer:
 
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
         return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(self._vm(request.vm)))
+
+    async def HoldVm(self, request: Any, context: Any) -> AsyncIterator[pb.HoldVmResponse]:
+        vm = self._vm(request.vm)
+        self.holds[vm.vm_id] = self.holds.get(vm.vm_id, 0) + 1
+        try:
+            yield pb.HoldVmResponse(vm=handles_pb2.VmHandle(id=vm.vm_id))
+            await asyncio.Event().wait()  # until the VMM goes away: the call is cancelled
+        finally:
+            self.holds[vm.vm_id] -= 1
+            if not self.holds[vm.vm_id]:
+                del self.holds[vm.vm_id]
+                if self.kvm.vms.get(vm.vm_id) is vm:  # not destroyed by DestroyVm first
+                    task = asyncio.ensure_future(self._release(vm))
+                    self.releases.add(task)
+                    task.add_done_callback(self.releases.discard)
+
+    async def _release(self, vm: Vm) -> None:
+        """kvm_vm_release(): the last fd closed, the VM goes as DestroyVm would take it."""
+        log.warning(
+            "the VMM of %s went away without destroying it: destroying it",
+            vm.vm_id,
+            extra={"event": "vm_released", "vm": vm.vm_id},
+        )
+        try:
+            leaked = await self.kvm.destroy_vm(vm)
+        except Exception as e:  # peers gone at host shutdown: say so, nothing else to do
+            log.error("releasing %s failed: %s", vm.vm_id, e, extra={"event": "vm_release_failed"})
+            return
+        if leaked:
+            log.warning("%s released with %d leaked pages", vm.vm_id, leaked)
 
     async def SetGuestRequestThrottle(
         self, request: Any, context: Any

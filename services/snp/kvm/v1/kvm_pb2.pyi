@@ -730,6 +730,48 @@ class DestroyVmResponse(_message.Message):
 Global___DestroyVmResponse: _TypeAlias = DestroyVmResponse  # noqa: Y015
 
 @_typing.final
+class HoldVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldVmRequest: _TypeAlias = HoldVmRequest  # noqa: Y015
+
+@_typing.final
+class HoldVmResponse(_message.Message):
+    """Sent once when the hold is in place; the stream then stays open until either side ends it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldVmResponse: _TypeAlias = HoldVmResponse  # noqa: Y015
+
+@_typing.final
 class SetGuestRequestThrottleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -90,6 +90,11 @@ class KvmServiceStub:
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmRequest.SerializeToString,
                 response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmResponse.FromString,
                 _registered_method=True)
+        self.HoldVm = channel.unary_stream(
+                '/snp.kvm.v1.KvmService/HoldVm',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmRequest.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmResponse.FromString,
+                _registered_method=True)
         self.SetGuestRequestThrottle = channel.unary_unary(
                 '/snp.kvm.v1.KvmService/SetGuestRequestThrottle',
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetGuestRequestThrottleRequest.SerializeToString,
@@ -218,6 +223,15 @@ class KvmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldVm(self, request, context):
+        """The VM file descriptor: the VMM keeps this stream open for as long as it runs; when it
+        closes without DestroyVm (the VMM process died), kvm destroys the VM, as closing the last
+        VM fd does. KERNEL: virt/kvm/kvm_main.c kvm_vm_release() -> kvm_destroy_vm()
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetGuestRequestThrottle(self, request, context):
         """Per-VM guest-request throttle (interval, burst), answered with VMM BUSY when exceeded.
         From "kvm: sev: Add SNP guest request throttling" v5 KVM_SEV_SNP_SET_REQUEST_THROTTLE_RATE.
@@ -335,6 +349,11 @@ def add_KvmServiceServicer_to_server(servicer, server):
                     servicer.DestroyVm,
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmRequest.FromString,
                     response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmResponse.SerializeToString,
+            ),
+            'HoldVm': grpc.unary_stream_rpc_method_handler(
+                    servicer.HoldVm,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmRequest.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmResponse.SerializeToString,
             ),
             'SetGuestRequestThrottle': grpc.unary_unary_rpc_method_handler(
                     servicer.SetGuestRequestThrottle,
@@ -670,6 +689,33 @@ class KvmService:
             '/snp.kvm.v1.KvmService/DestroyVm',
             snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmRequest.SerializeToString,
             snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/HoldVm',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmRequest.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.HoldVmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,11 @@ class KvmServiceStub:
     """Destroy a VM: DECOMMISSION, reclaim, every page back to hypervisor state, ASID freed.
     KERNEL: arch/x86/kvm/svm/sev.c sev_vm_destroy(), snp_decommission_context()
     """
+    HoldVm: _grpc.UnaryStreamMultiCallable[_kvm_pb2.HoldVmRequest, _kvm_pb2.HoldVmResponse]
+    """The VM file descriptor: the VMM keeps this stream open for as long as it runs; when it
+    closes without DestroyVm (the VMM process died), kvm destroys the VM, as closing the last
+    VM fd does. KERNEL: virt/kvm/kvm_main.c kvm_vm_release() -> kvm_destroy_vm()
+    """
     SetGuestRequestThrottle: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SetGuestRequestThrottleRequest, _kvm_pb2.SetGuestRequestThrottleResponse]
     """Per-VM guest-request throttle (interval, burst), answered with VMM BUSY when exceeded.
     From "kvm: sev: Add SNP guest request throttling" v5 KVM_SEV_SNP_SET_REQUEST_THROTTLE_RATE.
@@ -155,6 +160,11 @@ class KvmServiceAsyncStub(KvmServiceStub):
     DestroyVm: _aio.UnaryUnaryMultiCallable[_kvm_pb2.DestroyVmRequest, _kvm_pb2.DestroyVmResponse]  # type: ignore[assignment]
     """Destroy a VM: DECOMMISSION, reclaim, every page back to hypervisor state, ASID freed.
     KERNEL: arch/x86/kvm/svm/sev.c sev_vm_destroy(), snp_decommission_context()
+    """
+    HoldVm: _aio.UnaryStreamMultiCallable[_kvm_pb2.HoldVmRequest, _kvm_pb2.HoldVmResponse]  # type: ignore[assignment]
+    """The VM file descriptor: the VMM keeps this stream open for as long as it runs; when it
+    closes without DestroyVm (the VMM process died), kvm destroys the VM, as closing the last
+    VM fd does. KERNEL: virt/kvm/kvm_main.c kvm_vm_release() -> kvm_destroy_vm()
     """
     SetGuestRequestThrottle: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SetGuestRequestThrottleRequest, _kvm_pb2.SetGuestRequestThrottleResponse]  # type: ignore[assignment]
     """Per-VM guest-request throttle (interval, burst), answered with VMM BUSY when exceeded.
@@ -295,6 +305,17 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kvm_pb2.DestroyVmResponse, _abc.Awaitable[_kvm_pb2.DestroyVmResponse]]:
         """Destroy a VM: DECOMMISSION, reclaim, every page back to hypervisor state, ASID freed.
         KERNEL: arch/x86/kvm/svm/sev.c sev_vm_destroy(), snp_decommission_context()
+        """
+
+    @_abc_1.abstractmethod
+    def HoldVm(
+        self,
+        request: _kvm_pb2.HoldVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kvm_pb2.HoldVmResponse], _abc.AsyncIterator[_kvm_pb2.HoldVmResponse]]:
+        """The VM file descriptor: the VMM keeps this stream open for as long as it runs; when it
+        closes without DestroyVm (the VMM process died), kvm destroys the VM, as closing the last
+        VM fd does. KERNEL: virt/kvm/kvm_main.c kvm_vm_release() -> kvm_destroy_vm()
         """
 
     @_abc_1.abstractmethod
