@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,25 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed: run `make install`")
     return found
+
+
+OVMF = "/usr/share/OVMF/OVMF_CODE.fd"  # Debian's ovmf package
+
+
+def sev_snp_measure(
+    *args: str, ovmf: str = OVMF, vcpus: int = 2, vcpu_type: str = "EPYC-Milan"
+) -> str:
+    """The launch digest the independent `sev-snp-measure` CLI predicts, as hex."""
+    return subprocess.run(
+        [
+            *(tool("sev-snp-measure"), "--mode", "snp", "--ovmf", str(ovmf)),
+            *("--vcpus", str(vcpus), "--vcpu-type", vcpu_type, *args),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
 
 
 def free_ports(n: int) -> list[int]:

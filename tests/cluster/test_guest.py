@@ -18,7 +18,7 @@ import pytest
 from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import tool
+from tests.conftest import sev_snp_measure, tool
 from tests.fidelity.verifiers import secretvm
 
 pytestmark = pytest.mark.cluster
@@ -129,15 +129,7 @@ def test_guests_boot_and_their_reports_verify(cluster: Cluster, tmp_path: Path) 
     assert ok, res
     # the measurement is sev-snp-measure's prediction for the guest's config (the launcher's
     # defaults: Debian's OVMF, 2 EPYC-Milan vCPUs)
-    expected = subprocess.run(
-        [
-            *(tool("sev-snp-measure"), "--mode", "snp", "--vcpus", "2"),
-            *("--vcpu-type", "EPYC-Milan", "--ovmf", "/usr/share/OVMF/OVMF_CODE.fd"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    expected = sev_snp_measure()
     assert base64.b64decode(fields["measurement"]).hex() == expected
 
     # the two guests are different VMs: different ASID-bound keys, same firmware measurement

@@ -19,7 +19,7 @@ from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import tool
+from tests.conftest import sev_snp_measure, tool
 from tests.service.host_stack import Guest, Stack
 
 pytestmark = pytest.mark.cluster
@@ -67,22 +67,7 @@ def test_launch_with_grpcurl_measures_like_sev_snp_measure(cluster: Cluster) -> 
         },
     )["vm"]
     launched = grpcurl(cluster, "LaunchVm", {"vm": vm})
-    expected = subprocess.run(
-        [
-            tool("sev-snp-measure"),
-            "--mode",
-            "snp",
-            "--vcpus",
-            "2",
-            "--vcpu-type",
-            "EPYC-Milan",
-            "--ovmf",
-            OVMF,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    expected = sev_snp_measure()
     assert base64.b64decode(launched["measurement"]).hex() == expected  # type: ignore[arg-type]
     info = grpcurl(cluster, "GetVm", {"vm": vm})["vm"]
     assert info["state"] == "VM_STATE_RUNNING"  # type: ignore[index]

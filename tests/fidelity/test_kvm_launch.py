@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import pytest
 from snp.kvm.v1 import kvm_pb2
 
-from tests.conftest import tool
+from tests.conftest import sev_snp_measure
 from tests.service.host_stack import host_stack
 
 pytestmark = pytest.mark.fidelity
@@ -35,20 +34,5 @@ def test_debian_ovmf_launch_through_kvm(tmp_path: Path) -> None:
 
     got = asyncio.run(body())
     for vcpus, measurement in zip((1, 2, 4), got, strict=True):
-        expected = subprocess.run(
-            [
-                tool("sev-snp-measure"),
-                "--mode",
-                "snp",
-                "--vcpus",
-                str(vcpus),
-                "--vcpu-type",
-                "EPYC-Milan",
-                "--ovmf",
-                OVMF,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        expected = sev_snp_measure(ovmf=OVMF, vcpus=vcpus)
         assert measurement.hex() == expected, vcpus

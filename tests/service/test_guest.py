@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
-from tests.conftest import tool
+from tests.conftest import sev_snp_measure
 from tests.service.host_stack import HOST, VMM, Stack, host_stack
 
 
@@ -73,22 +72,7 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
             return ext, ark, s.firmware
 
     ext, ark, fw = run(body())
-    predicted = subprocess.run(
-        [
-            tool("sev-snp-measure"),
-            "--mode",
-            "snp",
-            "--vcpus",
-            "2",
-            "--vcpu-type",
-            "EPYC-Milan",
-            "--ovmf",
-            str(fw),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    predicted = sev_snp_measure(ovmf=str(fw))
     assert ext.fields.measurement.hex() == predicted
     assert [c.guid for c in ext.certificates] == ["vcek", "ask", "ark"]
     (tmp_path / "r").write_bytes(ext.report)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,7 @@ from snpemu.kvm import psc
 from snpemu.psp import report as rpt
 from snpemu.runtime.status import error_info
 
-from tests.conftest import tool
+from tests.conftest import sev_snp_measure
 from tests.service.host_stack import HOST, host_stack, psc_buffer
 
 
@@ -55,26 +54,12 @@ def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path)
 
     plain, hashed, fw = run(body())
 
-    def predicted(*args: str) -> str:
-        return subprocess.run(
-            [tool("sev-snp-measure"), "--mode", "snp", "--ovmf", str(fw), *args],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    assert plain.hex() == predicted("--vcpus", "2", "--vcpu-type", "EPYC-Milan")
-    assert hashed.hex() == predicted(
-        "--vcpus",
-        "1",
-        "--vcpu-type",
-        "EPYC-Genoa",
-        "--kernel",
-        str(kernel),
-        "--initrd",
-        str(initrd),
-        "--append",
-        "console=ttyS0",
+    assert plain.hex() == sev_snp_measure(ovmf=str(fw))
+    assert hashed.hex() == sev_snp_measure(
+        *("--kernel", str(kernel), "--initrd", str(initrd), "--append", "console=ttyS0"),
+        ovmf=str(fw),
+        vcpus=1,
+        vcpu_type="EPYC-Genoa",
     )
 
 

@@ -226,16 +226,7 @@ class GuestKernel:
             await self.accept(gpa, PAGE)
             page = vmsa.build(ovmf.reset_eip, 0, 1)
             await self.write_private(gpa, page)
-            r = await self.rmp.call(
-                "RmpAdjust",
-                rmp_pb2.RmpAdjustRequest(
-                    identity=self.ident,
-                    gpa=gpa,
-                    page_size=types_pb2.PAGE_SIZE_4K,
-                    target_vmpl=1,
-                    vmsa=True,
-                ),
-            )
+            r = await self.rmpadjust(gpa, vmsa=True)
             if r.eax:
                 return await self.terminate(
                     TERM_GEN, GEN_REQ, f"RMPADJUST of the AP VMSA failed: {r.eax}"
@@ -318,6 +309,20 @@ class GuestKernel:
             raise WrongState("range must be page aligned and inside guest RAM", reason="BAD_RANGE")
         return range(gpa // PAGE, (gpa + size) // PAGE)
 
+    async def rmpadjust(self, gpa: int, perms: int = 0, vmsa: bool = False) -> Any:
+        """RMPADJUST of a 4K page for VMPL1 (the guest runs at VMPL0)."""
+        return await self.rmp.call(
+            "RmpAdjust",
+            rmp_pb2.RmpAdjustRequest(
+                identity=self.ident,
+                gpa=gpa,
+                page_size=types_pb2.PAGE_SIZE_4K,
+                target_vmpl=1,
+                perms=perms,
+                vmsa=vmsa,
+            ),
+        )
+
     async def race_rmpadjust(self, gpa: int, iterations: int) -> dict[str, int]:
         """RMPADJUST (VMPL1 permissions toggled) on one page in a loop, as a guest racing the
         host's conversion of that page. Faults go to kvm like any #NPF and the loop goes on;
@@ -327,16 +332,7 @@ class GuestKernel:
         outcomes: dict[str, int] = {}
         for i in range(iterations):
             self.check_running()
-            r = await self.rmp.call(
-                "RmpAdjust",
-                rmp_pb2.RmpAdjustRequest(
-                    identity=self.ident,
-                    gpa=gpa,
-                    page_size=types_pb2.PAGE_SIZE_4K,
-                    target_vmpl=1,
-                    perms=0x3 if i % 2 else 0x1,  # read, then read+write
-                ),
-            )
+            r = await self.rmpadjust(gpa, perms=0x3 if i % 2 else 0x1)  # read, then read+write
             if r.HasField("fault") and r.fault.vc:
                 kind = "vc"
                 self.event("vc", r.fault.gpa, f"RMPADJUST: {r.fault.cause}")

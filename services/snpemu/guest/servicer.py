@@ -58,24 +58,35 @@ class GuestServicer:
             raise InvalidArgument("vmpl is 0..3")
         return bytes(request.report_data), int(request.vmpl)
 
-    async def _report(self, request: Any, ext: bool, pages: int = 0) -> tuple[bytes, bytes]:
-        data, vmpl = self._report_args(request)
+    async def _exchange(self, kind: str, msg_type: int, payload: bytes, **kw: Any) -> Any:
+        """One guest message, its result counted; a firmware status in the response (MSG_*_RSP
+        status field) is INVALID_ARGUMENT with reason REPORT_STATUS or KEY_STATUS."""
         try:
-            reply = await self.driver.request(
-                gm.MsgType.REPORT_REQ, report_request(data, vmpl), ext=ext, certs_pages=pages
-            )
+            reply = await self.driver.request(msg_type, payload, **kw)
         except Exception:
-            self._count("report", "error")
+            self._count(kind, "error")
             raise
-        status, size = struct.unpack_from("<II", reply.payload, 0)
+        status = struct.unpack_from("<I", reply.payload, 0)[0]
         if status:
-            self._count("report", "firmware_status")
+            self._count(kind, "firmware_status")
             raise InvalidArgument(
-                f"the firmware refused the report: status {status:#x}",
-                reason="REPORT_STATUS",
+                f"the firmware refused the {kind}: status {status:#x}",
+                reason=f"{kind.upper()}_STATUS",
                 metadata={"status": hex(status)},
             )
-        self._count("report", "success")
+        self._count(kind, "success")
+        return reply
+
+    async def _report(self, request: Any, ext: bool, pages: int = 0) -> tuple[bytes, bytes]:
+        data, vmpl = self._report_args(request)
+        reply = await self._exchange(
+            "report",
+            gm.MsgType.REPORT_REQ,
+            report_request(data, vmpl),
+            ext=ext,
+            certs_pages=pages,
+        )
+        size = struct.unpack_from("<I", reply.payload, 4)[0]
         return reply.payload[0x20 : 0x20 + size], reply.certs
 
     async def GetReport(self, request: Any, context: Any) -> pb.GetReportResponse:
@@ -107,16 +118,7 @@ class GuestServicer:
             request.guest_svn,
             request.tcb_version,
         )
-        reply = await self.driver.request(gm.MsgType.KEY_REQ, req)
-        status = struct.unpack_from("<I", reply.payload, 0)[0]
-        if status:
-            self._count("key", "firmware_status")
-            raise InvalidArgument(
-                f"the firmware refused the key: status {status:#x}",
-                reason="KEY_STATUS",
-                metadata={"status": hex(status)},
-            )
-        self._count("key", "success")
+        reply = await self._exchange("key", gm.MsgType.KEY_REQ, req)
         return pb.GetDerivedKeyResponse(key=reply.payload[0x20:0x40])
 
     async def ConvertMemory(self, request: Any, context: Any) -> pb.ConvertMemoryResponse:
