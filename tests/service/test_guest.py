@@ -53,6 +53,15 @@ async def agent(
         await rt.stop()
 
 
+async def assert_vmpck0_wiped(g: guest_pb2_grpc.GuestServiceStub) -> None:
+    """VMPCK0 is listed as disabled and a later request is refused without being sent."""
+    st = await g.GetStatus(guest_pb2.GetStatusRequest())
+    assert list(st.disabled_vmpcks) == [0]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.GetReport(guest_pb2.GetReportRequest())
+    assert error_info(info.value).reason == "VMPCK_DISABLED"  # type: ignore[union-attr]
+
+
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
@@ -142,11 +151,7 @@ def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> N
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await g.GetReport(guest_pb2.GetReportRequest())
                 assert "ETIMEDOUT" in (info.value.details() or "")
-                st = await g.GetStatus(guest_pb2.GetStatusRequest())
-                assert list(st.disabled_vmpcks) == [0]
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await g.GetReport(guest_pb2.GetReportRequest())
-                assert error_info(info.value).reason == "VMPCK_DISABLED"  # type: ignore[union-attr]
+                await assert_vmpck0_wiped(g)
 
     run(body())
 
@@ -268,11 +273,7 @@ def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path
             await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
             r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
             assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            assert list(st.disabled_vmpcks) == [0]
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.GetReport(guest_pb2.GetReportRequest())
-            assert error_info(info.value).reason == "VMPCK_DISABLED"  # type: ignore[union-attr]
+            await assert_vmpck0_wiped(g)
 
     run(body())
 
