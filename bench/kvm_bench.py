@@ -21,10 +21,10 @@ import grpc
 import uvloop
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
+from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import msr_protocol as msr
-from snpemu.kvm import psc
+from snpemu.abi import msr_protocol as msr
+from snpemu.abi import psc
 from snpemu.launcher.supervisor import grpc_health
 from snpemu.vmm import tiny_firmware
 

@@ -15,9 +15,9 @@ from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 from snp.psp.v1 import psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 from snpemu import kvm, psp, rmp
+from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import msr_protocol as msr
+from snpemu.abi import msr_protocol as msr
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.vmm import tiny_firmware

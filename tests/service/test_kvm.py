@@ -13,9 +13,9 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import msr_protocol as msr
-from snpemu.kvm import psc
+from snpemu.abi import ghcb as g
+from snpemu.abi import msr_protocol as msr
+from snpemu.abi import psc
 from snpemu.psp import report as rpt
 from snpemu.runtime.status import error_info
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from snp.kvm.v1 import kvm_pb2
 from snp.rmp.v1 import rmp_pb2
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import psc
+from snpemu.abi import ghcb as g
+from snpemu.abi import psc
 
 from tests.service.host_stack import HOST, Guest, Stack, host_stack
 

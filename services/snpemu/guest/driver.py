@@ -15,10 +15,10 @@ import struct
 import time
 from dataclasses import dataclass
 
+from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.errors import WrongState
 from snpemu.guest.kernel import CERTS_GPA, CERTS_PAGES, PAGE, REQ_GPA, RESP_GPA, GuestKernel
-from snpemu.kvm import ghcb as g
 
 VMM_ERR_INVALID_LEN, VMM_ERR_BUSY = 1, 2
 SEQNO_MAX = 2**32 - 1  # the OS area keeps u32 counters

@@ -22,10 +22,10 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.rmp.v1 import rmp_pb2
 
+from snpemu.abi import ghcb as g
+from snpemu.abi import msr_protocol as msr
+from snpemu.abi import psc
 from snpemu.errors import WrongState
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import msr_protocol as msr
-from snpemu.kvm import psc
 from snpemu.kvm.peers import Peer
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType

@@ -18,10 +18,10 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
+from snpemu.abi import ghcb as g
+from snpemu.abi import msr_protocol as msr
+from snpemu.abi import psc
 from snpemu.errors import PermissionDenied, Unavailable, WrongState
-from snpemu.kvm import ghcb as g
-from snpemu.kvm import msr_protocol as msr
-from snpemu.kvm import psc
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState

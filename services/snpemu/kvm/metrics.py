@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from snpemu.kvm.ghcb import EXIT_NAMES
+from snpemu.abi.ghcb import EXIT_NAMES
 from snpemu.kvm.machine import Kvm
 from snpemu.kvm.vm import VmState
 

@@ -10,10 +10,10 @@ from typing import Any
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
+from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
-from snpemu.kvm.msr_protocol import HV_FEATURES
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
 
