@@ -11,7 +11,7 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from snpemu.abi import cert_table
 from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
-from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState, new_vm_id
+from snpemu.kvm.vm import PAGE, Run, Vcpu, Vm, VmState, new_vm_id
 from snpemu.vmm import launch_plan, vmsa
 from snpemu.vmm.ovmf import Ovmf
 
@@ -210,6 +210,26 @@ class Kvm:
         )
         return int(r.eax)
 
+    async def _npt(
+        self, vm: Vm, map_runs: Sequence[Run] = (), unmap_runs: Sequence[Run] = ()
+    ) -> None:
+        """Program the VM's nested page table in rmp (memslot runs mapped or unmapped)."""
+
+        def mappings(runs: Sequence[Run]) -> list[rmp_pb2.NptMapping]:
+            return [
+                rmp_pb2.NptMapping(gpa=r.gpa, first_pfn=r.first_pfn, npages=r.npages) for r in runs
+            ]
+
+        await self.rmp.call(
+            "UpdateNestedPageTable",
+            rmp_pb2.UpdateNestedPageTableRequest(
+                vm=handles_pb2.VmHandle(id=vm.vm_id),
+                asid=vm.asid,
+                map=mappings(map_runs),
+                unmap=mappings(unmap_runs),
+            ),
+        )
+
     async def _to_firmware(self, pfns: list[int]) -> None:
         for pfn in pfns:
             eax = await self._rmpupdate(pfn << 12, assigned=True, immutable=True)
@@ -279,17 +299,7 @@ class Kvm:
                 ).pfns
             )
             runs = vm.memslots.add(0, ram)
-            await self.rmp.call(
-                "UpdateNestedPageTable",
-                rmp_pb2.UpdateNestedPageTableRequest(
-                    vm=handles_pb2.VmHandle(id=vm.vm_id),
-                    asid=asid,
-                    map=[
-                        rmp_pb2.NptMapping(gpa=r.gpa, first_pfn=r.first_pfn, npages=r.npages)
-                        for r in runs
-                    ],
-                ),
-            )
+            await self._npt(vm, map_runs=runs)
             for i in range(vcpus):
                 vm.vcpus[i] = Vcpu(i, secrets.token_bytes(32), runnable=(i == 0))
                 await self.rmp.call(
@@ -343,16 +353,7 @@ class Kvm:
             ).pfns
         )
         runs = vm.memslots.add(ovmf.gpa, fw_pfns)
-        await self.rmp.call(
-            "UpdateNestedPageTable",
-            rmp_pb2.UpdateNestedPageTableRequest(
-                asid=vm.asid,
-                map=[
-                    rmp_pb2.NptMapping(gpa=r.gpa, first_pfn=r.first_pfn, npages=r.npages)
-                    for r in runs
-                ],
-            ),
-        )
+        await self._npt(vm, map_runs=runs)
         kernel_hashes = None
         if cfg.kernel_path:
             kernel = Path(cfg.kernel_path).read_bytes()
@@ -495,16 +496,7 @@ class Kvm:
         failed_set = set(failed)
         free = [p for p in pfns if p not in failed_set]
         free += [s >> 12 for s in firmware_pages if s >> 12 not in leaked]
-        await self.rmp.call(
-            "UpdateNestedPageTable",
-            rmp_pb2.UpdateNestedPageTableRequest(
-                asid=vm.asid,
-                unmap=[
-                    rmp_pb2.NptMapping(gpa=r.gpa, first_pfn=r.first_pfn, npages=r.npages)
-                    for r in vm.memslots.runs
-                ],
-            ),
-        )
+        await self._npt(vm, unmap_runs=vm.memslots.runs)
         for vcpu_id in vm.vcpus:
             await self.rmp.call(
                 "RevokeVcpuIdentity",
