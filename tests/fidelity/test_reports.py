@@ -40,15 +40,7 @@ def evidence(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         await h.place(0x1000, os.urandom(4096), PageType.NORMAL)
         await h.place(0x5000, None, PageType.SECRETS)
         h.secrets_gpa = 0x5000
-        await h.fw.launch_finish(
-            h.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=bytes(32),
-        )
+        await h.finish(bytes(32))
         _, payload = await h.request(
             gm.MsgType.REPORT_REQ, report_request(b"nonce" * 12 + b"xyzw"), seqno=1
         )

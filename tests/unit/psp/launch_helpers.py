@@ -55,6 +55,18 @@ class Host:
         await self.fw.activate(self.gctx, asid)
         self.asid = asid
 
+    async def finish(self, host_data: bytes = b"") -> bytes:
+        """SNP_LAUNCH_FINISH without an ID block: the measurement."""
+        return await self.fw.launch_finish(
+            self.gctx,
+            id_block=b"",
+            id_auth=b"",
+            id_block_en=False,
+            auth_key_en=False,
+            vcek_disabled=False,
+            host_data=host_data,
+        )
+
     async def place(self, gpa: int, data: bytes | None, page_type: int) -> bytes:
         """Host-write the plaintext, make the page pre-guest, SNP_LAUNCH_UPDATE it."""
         spa = self.shared_page()

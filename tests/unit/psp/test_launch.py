@@ -62,15 +62,7 @@ def test_launch_digest_equals_sev_snp_measure(tmp: Path, ops: list[tuple[int, in
                 await host.place(gpa, None, PageType.SECRETS)
                 ref.update_secrets_page(gpa)
                 secrets_done = True
-        measurement = await host.fw.launch_finish(
-            host.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=b"",
-        )
+        measurement = await host.finish()
         assert measurement == ref.ld()
 
     run(body())
@@ -86,15 +78,7 @@ def test_launched_pages_are_encrypted_and_become_guest_valid(tmp: Path) -> None:
         spa = host.pages[0x1000]
         assert host.rmp.entry(spa >> 12).state == PageState.PRE_GUEST
         assert host.rmp.host_read(spa, 4096) != code  # encrypted in place
-        await host.fw.launch_finish(
-            host.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=b"",
-        )
+        await host.finish()
         assert host.rmp.entry(spa >> 12).state == PageState.GUEST_VALID
         data, fault = host.rmp.guest_read(host.guest(), 0x1000, 4096, private=True)
         assert fault is None and data == code
@@ -112,15 +96,7 @@ def test_report_from_live_state_is_signed_by_the_vcek(tmp: Path) -> None:
         await host.place(0x5000, None, PageType.SECRETS)
         host.secrets_gpa = 0x5000
         host_data = bytes(range(32))
-        measurement = await host.fw.launch_finish(
-            host.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=host_data,
-        )
+        measurement = await host.finish(host_data)
         user = os.urandom(64)
         rh, payload = await host.request(
             gm.MsgType.REPORT_REQ, report_request(user, vmpl=1), seqno=1
@@ -167,15 +143,7 @@ def test_derived_keys_follow_the_selected_fields(tmp: Path) -> None:
         await host.start()
         await host.place(0x5000, None, PageType.SECRETS)
         host.secrets_gpa = 0x5000
-        await host.fw.launch_finish(
-            host.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=b"",
-        )
+        await host.finish()
         seq = iter(range(1, 200, 2))
 
         async def key(select: int, vmpl: int = 0, svn: int = 0, tcb: int = 0) -> tuple[int, bytes]:

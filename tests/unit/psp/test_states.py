@@ -128,15 +128,7 @@ async def _to_state(h: Host, state: str) -> None:
         return
     await h.place(0x5000, None, PageType.SECRETS)
     h.secrets_gpa = 0x5000
-    await h.fw.launch_finish(
-        h.gctx,
-        id_block=b"",
-        id_auth=b"",
-        id_block_en=False,
-        auth_key_en=False,
-        vcek_disabled=False,
-        host_data=b"",
-    )
+    await h.finish()
 
 
 def _launch_update(h: Host) -> Command:
@@ -166,17 +158,7 @@ GUEST_COMMANDS: dict[str, Callable[[Host], Command]] = {
     ),
     "SNP_ACTIVATE": lambda h: lambda: h.fw.activate(h.gctx, 8),
     "SNP_LAUNCH_UPDATE": _launch_update,
-    "SNP_LAUNCH_FINISH": lambda h: (
-        lambda: h.fw.launch_finish(
-            h.gctx,
-            id_block=b"",
-            id_auth=b"",
-            id_block_en=False,
-            auth_key_en=False,
-            vcek_disabled=False,
-            host_data=b"",
-        )
-    ),
+    "SNP_LAUNCH_FINISH": lambda h: lambda: h.finish(),
     "SNP_GUEST_REQUEST": _guest_request,
     "SNP_GUEST_STATUS": lambda h: lambda: h.fw.guest_status(h.gctx),
     "SNP_DBG_DECRYPT": lambda h: partial(
