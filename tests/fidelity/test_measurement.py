@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from snp.common.v1 import types_pb2
 from snp.psp.v1 import psp_pb2
 from snpemu.vmm.launch_plan import VMSA, plan
 from snpemu.vmm.ovmf import Ovmf
@@ -58,16 +57,7 @@ def test_debian_ovmf_measurement_matches_sev_snp_measure(
             gctx = await pair.start_guest(asid=1)
             spas = await pair.alloc(len(pages), placement=1)
             for page, spa in zip(pages, spas, strict=True):
-                await pair.pre_guest(spa, page.gpa, 1, page.data)
-                await pair.psp.LaunchUpdate(
-                    psp_pb2.LaunchUpdateRequest(
-                        gctx=gctx,
-                        address=spa,
-                        page_type=page.page_type,
-                        page_size=types_pb2.PAGE_SIZE_4K,
-                    ),
-                    metadata=HOST,
-                )
+                await pair.launch_update(gctx, spa, page.gpa, 1, page.data, page.page_type)
             r = await pair.psp.LaunchFinish(psp_pb2.LaunchFinishRequest(gctx=gctx), metadata=HOST)
             return bytes(r.measurement)
 

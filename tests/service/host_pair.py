@@ -71,6 +71,24 @@ class Pair:
         )
         assert r.result == rmp_pb2.RMP_RESULT_SUCCESS
 
+    async def launch_update(
+        self,
+        gctx: handles_pb2.GuestContextHandle,
+        spa: int,
+        gpa: int,
+        asid: int,
+        data: bytes | None,
+        page_type: int = psp_pb2.PAGE_TYPE_NORMAL,
+    ) -> None:
+        """The page made pre-guest, then SNP_LAUNCH_UPDATE'd (4 KiB)."""
+        await self.pre_guest(spa, gpa, asid, data)
+        await self.psp.LaunchUpdate(
+            psp_pb2.LaunchUpdateRequest(
+                gctx=gctx, address=spa, page_type=page_type, page_size=types_pb2.PAGE_SIZE_4K
+            ),
+            metadata=HOST,
+        )
+
     async def start_guest(self, asid: int, policy: int = 0x30000) -> handles_pb2.GuestContextHandle:
         gctx = (
             await self.psp.GctxCreate(

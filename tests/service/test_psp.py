@@ -105,26 +105,8 @@ async def launch_and_report(pair: Pair, user_data: bytes) -> tuple[bytes, bytes]
     asid = 3
     gctx = await pair.start_guest(asid)
     code, secrets_spa = await pair.alloc(2)
-    await pair.pre_guest(code, 0x1000, asid, os.urandom(4096))
-    await pair.psp.LaunchUpdate(
-        psp_pb2.LaunchUpdateRequest(
-            gctx=gctx,
-            address=code,
-            page_type=psp_pb2.PAGE_TYPE_NORMAL,
-            page_size=types_pb2.PAGE_SIZE_4K,
-        ),
-        metadata=HOST,
-    )
-    await pair.pre_guest(secrets_spa, 0x2000, asid, None)
-    await pair.psp.LaunchUpdate(
-        psp_pb2.LaunchUpdateRequest(
-            gctx=gctx,
-            address=secrets_spa,
-            page_type=psp_pb2.PAGE_TYPE_SECRETS,
-            page_size=types_pb2.PAGE_SIZE_4K,
-        ),
-        metadata=HOST,
-    )
+    await pair.launch_update(gctx, code, 0x1000, asid, os.urandom(4096))
+    await pair.launch_update(gctx, secrets_spa, 0x2000, asid, None, psp_pb2.PAGE_TYPE_SECRETS)
     fin = await pair.psp.LaunchFinish(
         psp_pb2.LaunchFinishRequest(gctx=gctx, host_data=bytes(range(32))), metadata=HOST
     )
