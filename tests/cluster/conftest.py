@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 from snpemu.hostconfig import HostConfig
+from snpemu.rmp.client import read_credential
+from snpemu.runtime.servicer import CREDENTIAL_HEADER
 
-from tests.conftest import free_ports
+from tests.conftest import free_ports, tool
 
 MARKER = "SNPEMU_TEST_RUN"
 
@@ -58,6 +60,18 @@ class Cluster:
 
     def state(self) -> dict:  # type: ignore[type-arg]
         return json.loads((self.state_dir / "launcher.json").read_text())
+
+    def grpcurl(
+        self, *args: str, host: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """The real grpcurl, plaintext, with the host credential unless host=False."""
+        header = ["-H", f"{CREDENTIAL_HEADER}: {read_credential(self.state_dir)}"] if host else []
+        return subprocess.run(
+            [tool("grpcurl"), "-plaintext", *header, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

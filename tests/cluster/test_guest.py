@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
 from tests.conftest import sev_snp_measure, tool
@@ -28,18 +27,10 @@ def grpcurl(
     cluster: Cluster, guest: str, method: str, body: dict[str, object]
 ) -> dict[str, object]:
     # the guest agent's RPCs are the guest's own: no host credential
-    out = subprocess.run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-d",
-            json.dumps(body),
-            cluster.address(guest),
-            f"snp.guest.v1.GuestService/{method}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = cluster.grpcurl(
+        *("-d", json.dumps(body), cluster.address(guest)),
+        f"snp.guest.v1.GuestService/{method}",
+        host=False,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
@@ -147,14 +138,8 @@ def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Clust
         wait_running(cluster, guest)
     r = grpcurl(cluster, "guest-1", "TamperSequenceNumber", {"offset": 5})
     assert "refused" in str(r["outcome"]) and "VMPCK0 wiped" in str(r["outcome"])
-    refused = subprocess.run(
-        [
-            *(tool("grpcurl"), "-plaintext", "-d", "{}", cluster.address("guest-1")),
-            "snp.guest.v1.GuestService/GetReport",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    refused = cluster.grpcurl(
+        "-d", "{}", cluster.address("guest-1"), "snp.guest.v1.GuestService/GetReport", host=False
     )
     assert refused.returncode != 0 and "VMPCK0 is disabled" in refused.stderr
     assert grpcurl(cluster, "guest-1", "GetStatus", {})["disabled_vmpcks"] == [0]
@@ -166,19 +151,10 @@ def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Clust
 def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     """SIGKILL a guest agent (no DestroyVm): its HoldVm stream closes and kvm destroys the VM;
     the launcher restarts the agent, which boots a new VM. No VM is left behind."""
-    cred = read_credential(cluster.state_dir)
 
     def vm_ids() -> set[str]:
-        out = subprocess.run(
-            [
-                *(tool("grpcurl"), "-plaintext", "-H", f"x-snpemu-host-credential: {cred}"),
-                *(cluster.address("kvm"), "snp.kvm.v1.KvmService/ListVms"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        out = cluster.grpcurl(cluster.address("kvm"), "snp.kvm.v1.KvmService/ListVms")
+        assert out.returncode == 0, out.stderr
         return {v["vm"]["id"] for v in json.loads(out.stdout or "{}").get("vms", [])}
 
     for guest in ("guest-0", "guest-1"):

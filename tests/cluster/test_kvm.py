@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -19,7 +18,7 @@ from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import sev_snp_measure, tool
+from tests.conftest import sev_snp_measure
 from tests.service.host_stack import Guest, Stack
 
 pytestmark = pytest.mark.cluster
@@ -29,21 +28,8 @@ OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
 def grpcurl(
     cluster: Cluster, method: str, body: dict[str, object] | None = None
 ) -> dict[str, object]:
-    cred = read_credential(cluster.state_dir)
-    out = subprocess.run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-H",
-            f"x-snpemu-host-credential: {cred}",
-            "-d",
-            json.dumps(body or {}),
-            cluster.address("kvm"),
-            f"snp.kvm.v1.KvmService/{method}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = cluster.grpcurl(
+        *("-d", json.dumps(body or {}), cluster.address("kvm")), f"snp.kvm.v1.KvmService/{method}"
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]

@@ -18,7 +18,6 @@ from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.client import credential_metadata, read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import tool
 
 pytestmark = pytest.mark.cluster
 
@@ -26,20 +25,9 @@ pytestmark = pytest.mark.cluster
 def grpcurl(
     cluster: Cluster, method: str, body: dict[str, object] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    cred = read_credential(cluster.state_dir)
-    return subprocess.run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-H",
-            f"x-snpemu-host-credential: {cred}",
-            "-d",
-            json.dumps(body or {}),
-            cluster.address("psp"),
-            f"snp.psp.v1.PspService/{method}",
-        ],
-        capture_output=True,
-        text=True,
+    return cluster.grpcurl(
+        *("-d", json.dumps(body or {}), cluster.address("psp")),
+        f"snp.psp.v1.PspService/{method}",
         timeout=30,
     )
 

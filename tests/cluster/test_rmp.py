@@ -23,7 +23,7 @@ from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.client import credential_metadata, read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import free_ports, tool
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.cluster
 
@@ -31,15 +31,7 @@ ASID = 9
 
 
 def grpcurl(cluster: Cluster, *args: str, cred: bool = True) -> subprocess.CompletedProcess[str]:
-    header = (
-        ["-H", f"x-snpemu-host-credential: {read_credential(cluster.state_dir)}"] if cred else []
-    )
-    return subprocess.run(
-        [tool("grpcurl"), "-plaintext", *header, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return cluster.grpcurl(*args, host=cred, timeout=30)
 
 
 @pytest.fixture(scope="module")
