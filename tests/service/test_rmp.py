@@ -30,6 +30,14 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
+    """count frames anywhere (PLACEMENT_ANY)."""
+    r = await stub.AllocatePages(
+        pb.AllocatePagesRequest(count=count, placement=pb.PLACEMENT_ANY), metadata=HOST
+    )
+    return list(r.pfns)
+
+
 async def with_rmp(
     body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]], **env: str
 ) -> Any:
@@ -67,13 +75,7 @@ async def guest_setup(
     stub: rmp_pb2_grpc.RmpServiceStub, pages: int = 8, asid: int = ASID, vm: str = "vm-a"
 ) -> tuple[list[int], handles_pb2.VcpuIdentity]:
     """What kvm and psp do before a guest runs: frames, NPT, key, identity, private pages."""
-    pfns = list(
-        (
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=pages, placement=pb.PLACEMENT_ANY), metadata=HOST
-            )
-        ).pfns
-    )
+    pfns = await alloc(stub, pages)
     # INVARIANT: ANY placement hands out consecutive frames on a fresh host
     assert pfns == list(range(pfns[0], pfns[0] + pages))
     await stub.UpdateNestedPageTable(
@@ -227,13 +229,7 @@ def test_entries_decoded_and_raw() -> None:
 
 def test_batch_rmpupdate_packed_entries() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns = list(
-            (
-                await stub.AllocatePages(
-                    pb.AllocatePagesRequest(count=4, placement=pb.PLACEMENT_ANY), metadata=HOST
-                )
-            ).pfns
-        )
+        pfns = await alloc(stub, 4)
         entries = b"".join(
             struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
         )
@@ -449,13 +445,7 @@ def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
 
 def test_host_map_lock_blocks_conversion_to_private() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns = list(
-            (
-                await stub.AllocatePages(
-                    pb.AllocatePagesRequest(count=1, placement=pb.PLACEMENT_ANY), metadata=HOST
-                )
-            ).pfns
-        )
+        pfns = await alloc(stub, 1)
         await stub.UpdateNestedPageTable(
             pb.UpdateNestedPageTableRequest(
                 asid=ASID, map=[pb.NptMapping(gpa=0x5000, first_pfn=pfns[0], npages=1)]
@@ -566,13 +556,7 @@ def test_metrics_are_exported() -> None:
 
 def test_firmware_session_answers_in_order_and_survives_errors() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns = list(
-            (
-                await stub.AllocatePages(
-                    pb.AllocatePagesRequest(count=1, placement=pb.PLACEMENT_ANY), metadata=HOST
-                )
-            ).pfns
-        )
+        pfns = await alloc(stub, 1)
         spa = pfns[0] << 12
         session = stub.FirmwareSession(metadata=HOST)
         await session.write(
