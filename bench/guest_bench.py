@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import grpc
-from kvm_bench import MD, OVMF, free_port, pct, start
+from kvm_bench import MD, OVMF
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+
+from services import free_port, pct, start
 
 CRED, VMM = MD[0][1], "bench-vmm-credential-0123456789"
 MEMORY = 256 << 20

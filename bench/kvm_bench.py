@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,35 +23,13 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
-from snpemu.launcher.supervisor import grpc_health
 from snpemu.vmm import tiny_firmware
+
+from services import free_port, pct, start
 
 CRED = "bench-credential-0123456789"
 MD = (("x-snpemu-host-credential", CRED),)
 OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(module: str, env: dict[str, str], port: int, service: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module], env={**os.environ, **env}, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while grpc_health(f"127.0.0.1:{port}", service) != "SERVING":
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{module} did not start")
-        time.sleep(0.1)
-    return proc
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 class Guest:

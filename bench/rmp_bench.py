@@ -32,18 +32,14 @@ from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.entry import PAGES_PER_2M
 from snpemu.rmp.table import RmpTable
 
+from services import free_port
+
 BATCH = 253  # a full GHCB PSC descriptor (VMGEXIT_PSC_MAX_COUNT)
 REPEATS = 5
 CONCURRENCY = 4
 SECONDS = 2.0
 POOL = 1 << 18  # pages cycled through (1 GiB)
 ASID = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def median_rate(fn: Callable[[], float]) -> tuple[float, float, float]:
