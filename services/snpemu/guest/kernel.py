@@ -327,8 +327,7 @@ class GuestKernel:
         """RMPADJUST (VMPL1 permissions toggled) on one page in a loop, as a guest racing the
         host's conversion of that page. Faults go to kvm like any #NPF and the loop goes on;
         returns how each attempt ended, by RmpResult name or "npf"."""
-        if not self.opts.eager and self.unaccepted[gpa // PAGE]:
-            await self.accept(gpa, PAGE)
+        await self.accept_on_touch(gpa, PAGE)
         outcomes: dict[str, int] = {}
         for i in range(iterations):
             self.check_running()
@@ -353,6 +352,18 @@ class GuestKernel:
                 kind = rmp_pb2.RmpResult.Name(r.result).removeprefix("RMP_RESULT_")
             outcomes[kind] = outcomes.get(kind, 0) + 1
         return outcomes
+
+    async def accept_on_touch(self, gpa: int, size: int) -> None:
+        """Linux's unaccepted memory (lazy mode): pages never touched are accepted on first use,
+        each run of them in one accept; a page accepted once (even if made shared since) is
+        never accepted again here, so a later private access to it still takes #VC."""
+        if self.opts.eager:
+            return
+        first, end = gpa // PAGE, min((gpa + size - 1) // PAGE + 1, len(self.unaccepted))
+        todo = np.flatnonzero(self.unaccepted[first:end]) + first
+        for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
+            if len(run):
+                await self.accept(int(run[0]) * PAGE, len(run) * PAGE)
 
     async def accept(self, gpa: int, size: int) -> int:
         """accept_memory(): PSC to private, then PVALIDATE; 2M at a time where it can."""
@@ -415,13 +426,8 @@ class GuestKernel:
     async def _access(
         self, op: str, gpa: int, *, private: bool, data: bytes = b"", length: int = 0
     ) -> bytes:
-        if private and not self.opts.eager:
-            # Unaccepted memory: accept on first touch, page by page, so a
-            # page already accepted is never PVALIDATEd twice.
-            first, last = gpa // PAGE, (gpa + max(length, len(data)) - 1) // PAGE
-            for p in range(first, min(last + 1, len(self.unaccepted))):
-                if self.unaccepted[p]:
-                    await self.accept(p * PAGE, PAGE)
+        if private:
+            await self.accept_on_touch(gpa, max(length, len(data)))
         for _ in range(4):
             if op == "read":
                 r = await self.rmp.call(
