@@ -52,6 +52,10 @@ class NotFound(SnpemuError):
     default_reason = "NOT_FOUND"
 
 
+class AlreadyExists(SnpemuError):
+    default_reason = "ALREADY_EXISTS"
+
+
 class Aborted(SnpemuError):
     default_reason = "ABORTED"
 

@@ -1,4 +1,4 @@
-"""rmp, psp and kvm as real gRPC servers in one process (port 0), each reaching the others over
+"""rmp, psp, kvm and netd as real gRPC servers in one process (port 0), each reaching the others over
 gRPC; and a stand-in for the guest kernel's side of the exits (the guest agent is not built)."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import grpc
 from snp.common.v1 import handles_pb2, types_pb2
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+from snp.netd.v1 import netd_pb2_grpc
 from snp.psp.v1 import psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
-from snpemu import kvm, psp, rmp
+from snpemu import kvm, netd, psp, rmp
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
@@ -32,6 +33,7 @@ class Stack:
     rmp: rmp_pb2_grpc.RmpServiceStub
     psp: psp_pb2_grpc.PspServiceStub
     kvm: kvm_pb2_grpc.KvmServiceStub
+    netd: netd_pb2_grpc.NetdServiceStub
     runtimes: dict[str, ServiceRuntime]
     firmware: Path
 
@@ -135,7 +137,13 @@ class Guest:
 
 @contextlib.asynccontextmanager
 async def host_stack(
-    tmp: Path, *, memory: str = "512M", policy: str = "gmem", hold_us: int = 0, **kvm_env: str
+    tmp: Path,
+    *,
+    memory: str = "512M",
+    policy: str = "gmem",
+    hold_us: int = 0,
+    netd_env: dict[str, str] | None = None,
+    **kvm_env: str,
 ) -> AsyncIterator[Stack]:
     common = {
         "SNPEMU_GRPC_PORT": "0",
@@ -178,18 +186,35 @@ async def host_stack(
         )
         await k.start()
         started.append(k)
+        n = ServiceRuntime(
+            netd.SPEC,
+            ServiceConfig.from_env(
+                "netd",
+                {
+                    **common,
+                    "SNPEMU_RMP_ADDR": r.address,
+                    "SNPEMU_KVM_ADDR": k.address,
+                    "SNPEMU_DATA_DIR": str(tmp / "netd"),
+                },
+            ),
+            netd.SPEC.options(netd_env or {}),
+        )
+        await n.start()
+        started.append(n)
         fw = tmp / "tiny.fd"
         fw.write_bytes(tiny_firmware.build())
         async with (
             grpc.aio.insecure_channel(r.address) as rc,
             grpc.aio.insecure_channel(p.address) as pc,
             grpc.aio.insecure_channel(k.address) as kc,
+            grpc.aio.insecure_channel(n.address) as nc,
         ):
             yield Stack(
                 rmp_pb2_grpc.RmpServiceStub(rc),
                 psp_pb2_grpc.PspServiceStub(pc),
                 kvm_pb2_grpc.KvmServiceStub(kc),
-                {"rmp": r, "psp": p, "kvm": k},
+                netd_pb2_grpc.NetdServiceStub(nc),
+                {"rmp": r, "psp": p, "kvm": k, "netd": n},
                 fw,
             )
     finally:

@@ -33,7 +33,9 @@ async def agent(
         "SNPEMU_INSTANCE": name,
         "SNPEMU_VMM_CREDENTIAL": VMM,
         "SNPEMU_SHUTDOWN_GRACE_S": "0",
-        **{f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm")},
+        **{
+            f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm", "netd")
+        },
     }
     options = {"SNPEMU_GUEST_FIRMWARE": str(s.firmware), "SNPEMU_GUEST_MEMORY": "64M", **opts}
     rt = ServiceRuntime(

@@ -26,10 +26,12 @@ class _Guest:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         from prometheus_client.registry import Collector
         from snp.kvm.v1 import kvm_pb2_grpc
+        from snp.netd.v1 import netd_pb2_grpc
         from snp.rmp.v1 import rmp_pb2_grpc
 
         from snpemu.guest.driver import Driver
         from snpemu.guest.kernel import BootState, GuestKernel
+        from snpemu.guest.net_rpcs import NetRpcs
         from snpemu.guest.servicer import GuestServicer
         from snpemu.kvm.machine import DEFAULT_FIRMWARE
         from snpemu.kvm.peers import Peer
@@ -39,8 +41,14 @@ class _Guest:
         # creates its VM with the VMM credential, never the host's
         rmp = Peer("rmp", config.peers["rmp"], None, rmp_pb2_grpc.RmpServiceStub)
         kvm = Peer("kvm", config.peers["kvm"], config.vmm_credential, kvm_pb2_grpc.KvmServiceStub)
+        # netd: the VMM's vhost-user connection and the guest's doorbells
+        self.netd = Peer(
+            "netd", config.peers["netd"], config.vmm_credential, netd_pb2_grpc.NetdServiceStub
+        )
         self.kernel = GuestKernel(config.instance, opts, rmp, kvm, DEFAULT_FIRMWARE)
-        self.servicer = GuestServicer(self.kernel, Driver(self.kernel))
+        driver = Driver(self.kernel)
+        self.net = NetRpcs(self.kernel, driver, self.netd)
+        self.servicer = GuestServicer(self.kernel, driver, self.net)
         self.boot_task: asyncio.Task[None] | None = None
         kernel, servicer = self.kernel, self.servicer
 
@@ -75,6 +83,8 @@ class _Guest:
         runtime.registry.register(AgentCollector())
 
     def __getattr__(self, name: str) -> Any:
+        if hasattr(self.net, name):
+            return getattr(self.net, name)
         return getattr(self.servicer, name)
 
     async def run_boot(self) -> None:
@@ -110,6 +120,9 @@ async def _shutdown(impl: object | None) -> None:
 
         with contextlib.suppress(Exception):
             await k.kvm.call("DestroyVm", kvm_pb2.DestroyVmRequest(vm=k.vm))
+    if impl.net.dev is not None:
+        await impl.net.dev.close()
+    await impl.netd.close()
     if k.hold is not None:
         k.hold.cancel()
     await k.kvm.close()

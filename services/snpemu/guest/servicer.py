@@ -13,6 +13,7 @@ from snpemu.abi import guest_message as gm
 from snpemu.errors import InvalidArgument
 from snpemu.guest.driver import Driver, RequestFailed, key_request, report_request
 from snpemu.guest.kernel import GuestKernel
+from snpemu.guest.net_rpcs import NetRpcs
 
 GUID_NAMES = {
     cert_table.VCEK: "vcek",
@@ -27,8 +28,8 @@ def fields_pb(raw: bytes) -> pb.ReportFields:
 
 
 class GuestServicer:
-    def __init__(self, kernel: GuestKernel, driver: Driver) -> None:
-        self.k, self.driver = kernel, driver
+    def __init__(self, kernel: GuestKernel, driver: Driver, net: NetRpcs | None = None) -> None:
+        self.k, self.driver, self.net = kernel, driver, net
         self.requests: dict[tuple[str, str], int] = {}
 
     def _count(self, kind: str, result: str) -> None:
@@ -36,7 +37,11 @@ class GuestServicer:
 
     async def GetStatus(self, request: Any, context: Any) -> pb.GetStatusResponse:
         k = self.k
+        dev = self.net.dev if self.net is not None else None
         return pb.GetStatusResponse(
+            net_sent=dev.stats.sent if dev else {},
+            net_received=dev.stats.received if dev else {},
+            net_reconnects=dev.stats.reconnects if dev else 0,
             name=k.name,
             state=pb.BootState.ValueType(int(k.state)),
             term_reason_set=k.term_reason[0],

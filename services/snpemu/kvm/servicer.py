@@ -76,6 +76,16 @@ class KvmServicer:
     async def ListVms(self, request: Any, context: Any) -> pb.ListVmsResponse:
         return pb.ListVmsResponse(vms=[vm_info(v) for v in self.kvm.vms.values()])
 
+    async def GetMemoryMap(self, request: Any, context: Any) -> pb.GetMemoryMapResponse:
+        vm = self._vm(request.vm)
+        return pb.GetMemoryMapResponse(
+            asid=vm.asid,
+            regions=[
+                pb.MemoryRegion(gpa=r.gpa, spa=r.first_pfn << 12, size=r.npages << 12)
+                for r in vm.memslots.runs
+            ],
+        )
+
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
         return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(self._vm(request.vm)))
 

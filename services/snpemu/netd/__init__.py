@@ -1,7 +1,85 @@
 """The `netd` service: the host-wide device daemon."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from snp.netd.v1.netd_pb2 import DESCRIPTOR as _FILE
 
 from snpemu.runtime.server import ServiceSpec
 
-SPEC = ServiceSpec(name="netd", descriptor=_FILE.services_by_name["NetdService"])
+if TYPE_CHECKING:
+    from snpemu.runtime.server import ServiceRuntime
+
+_SERVICE = _FILE.services_by_name["NetdService"]
+
+
+def count_start(data_dir: Path) -> int:
+    """Starts before this one with this data directory: a restarted daemon knows it was."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "starts"
+    try:
+        before = int(path.read_text())
+    except (OSError, ValueError):
+        before = 0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(before + 1))
+    tmp.replace(path)
+    return before
+
+
+class _Netd:
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        from snp.kvm.v1 import kvm_pb2_grpc
+        from snp.rmp.v1 import rmp_pb2_grpc
+
+        from snpemu.kvm.peers import Peer
+        from snpemu.netd.daemon import NetDaemon
+        from snpemu.netd.metrics import register
+        from snpemu.netd.ports import KvmVmm, RmpMemory
+        from snpemu.netd.servicer import NetdServicer
+
+        config, opts = runtime.config, runtime.options
+        cred = config.host_credential
+        self.rmp = Peer("rmp", config.peers["rmp"], cred, rmp_pb2_grpc.RmpServiceStub)
+        self.kvm = Peer("kvm", config.peers["kvm"], cred, kvm_pb2_grpc.KvmServiceStub)
+        daemon = NetDaemon(
+            RmpMemory(self.rmp),
+            KvmVmm(self.kvm),
+            copy_chunk=opts.copy_chunk,
+            copy_delay_s=opts.copy_delay_s,
+        )
+        restarts = count_start(config.data_dir)
+        register(daemon, restarts, runtime.registry)
+        self.servicer = NetdServicer(daemon, restarts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.servicer, name)
+
+
+async def _shutdown(impl: object | None) -> None:
+    if isinstance(impl, _Netd):
+        await impl.rmp.close()
+        await impl.kvm.close()
+
+
+def _options(env: Mapping[str, str]) -> object:
+    from snpemu.netd.options import NetdOptions
+
+    return NetdOptions.from_env(env)
+
+
+SPEC = ServiceSpec(
+    name="netd",
+    descriptor=_SERVICE,
+    make_impl=_Netd,
+    options=_options,
+    shutdown=_shutdown,
+    # the guest's VMM attaches its device (the vhost-user socket) and its guest rings the
+    # doorbell (ioeventfd); only the host lists every device
+    vmm_rpcs=frozenset(
+        {"RegisterDevice", "HoldDevice", "UnregisterDevice", "NotifyQueue", "GetDeviceStats"}
+    ),
+)

@@ -117,6 +117,46 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class NetSentEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NetReceivedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TERM_REASON_SET_FIELD_NUMBER: _builtins.int
@@ -126,6 +166,9 @@ class GetStatusResponse(_message.Message):
     ACCEPTED_BYTES_FIELD_NUMBER: _builtins.int
     DISABLED_VMPCKS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    NET_SENT_FIELD_NUMBER: _builtins.int
+    NET_RECEIVED_FIELD_NUMBER: _builtins.int
+    NET_RECONNECTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___BootState.ValueType
     term_reason_set: _builtins.int
@@ -134,12 +177,24 @@ class GetStatusResponse(_message.Message):
     vcpus: _builtins.int
     memory_bytes: _builtins.int
     accepted_bytes: _builtins.int
+    net_reconnects: _builtins.int
+    """Times the VMM re-registered the device after netd went away."""
     @_builtins.property
     def disabled_vmpcks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """VMPCKs wiped by the driver's rules (index 0..3)."""
 
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestEvent]: ...
+    @_builtins.property
+    def net_sent(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The network device: packets sent by what became of them (netd's PacketResult in lower
+        case, or "lost" when netd was not there to take them) and packets received by how the
+        driver took them ("ok", "rx_error" for a buffer netd gave back empty, "vc" for a #VC while
+        reading it, "bad_frame").
+        """
+
+    @_builtins.property
+    def net_received(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -152,10 +207,13 @@ class GetStatusResponse(_message.Message):
         accepted_bytes: _builtins.int = ...,
         disabled_vmpcks: _abc.Iterable[_builtins.int] | None = ...,
         events: _abc.Iterable[Global___GuestEvent] | None = ...,
+        net_sent: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        net_received: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        net_reconnects: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_bytes", b"accepted_bytes", "disabled_vmpcks", b"disabled_vmpcks", "events", b"events", "memory_bytes", b"memory_bytes", "name", b"name", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_bytes", b"accepted_bytes", "disabled_vmpcks", b"disabled_vmpcks", "events", b"events", "memory_bytes", b"memory_bytes", "name", b"name", "net_received", b"net_received", "net_reconnects", b"net_reconnects", "net_sent", b"net_sent", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -662,12 +720,19 @@ Global___SendPacketRequest: _TypeAlias = SendPacketRequest  # noqa: Y015
 class SendPacketResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESULT_FIELD_NUMBER: _builtins.int
+    result: _builtins.str
+    """What netd did with it: "delivered", "converted", "no_route", "no_buffer", "refused",
+    "bad_frame", or "lost" when netd was not there to take it.
+    """
     def __init__(
         self,
+        *,
+        result: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,14 +803,23 @@ Global___ReceivePacketsResponse: _TypeAlias = ReceivePacketsResponse  # noqa: Y0
 
 @_typing.final
 class SkipDmaConversionRequest(_message.Message):
+    """Attach the network device (again) with its RX buffers left private."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    MAC_FIELD_NUMBER: _builtins.int
+    RING_ENTRIES_FIELD_NUMBER: _builtins.int
+    mac: _builtins.str
+    ring_entries: _builtins.int
     def __init__(
         self,
+        *,
+        mac: _builtins.str = ...,
+        ring_entries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mac", b"mac", "ring_entries", b"ring_entries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,14 +846,23 @@ Global___SkipDmaConversionResponse: _TypeAlias = SkipDmaConversionResponse  # no
 
 @_typing.final
 class FlipBufferDuringCopyRequest(_message.Message):
+    """Wait for netd to begin copying a packet into the next RX buffer, then flip that buffer's
+    page to private. Send this guest a packet meanwhile.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    timeout_ms: _builtins.int
+    """How long to wait for the copy to begin (default 10000)."""
     def __init__(
         self,
+        *,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +1065,40 @@ class RaceRmpAdjustRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RaceRmpAdjustRequest: _TypeAlias = RaceRmpAdjustRequest  # noqa: Y015
+
+@_typing.final
+class FlipResponsePageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlipResponsePageRequest: _TypeAlias = FlipResponsePageRequest  # noqa: Y015
+
+@_typing.final
+class FlipResponsePageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    outcome: _builtins.str
+    def __init__(
+        self,
+        *,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlipResponsePageResponse: _TypeAlias = FlipResponsePageResponse  # noqa: Y015
 
 @_typing.final
 class RaceRmpAdjustResponse(_message.Message):

@@ -125,6 +125,11 @@ class GuestServiceStub:
                 request_serializer=snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustRequest.SerializeToString,
                 response_deserializer=snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustResponse.FromString,
                 _registered_method=True)
+        self.FlipResponsePage = channel.unary_unary(
+                '/snp.guest.v1.GuestService/FlipResponsePage',
+                request_serializer=snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageRequest.SerializeToString,
+                response_deserializer=snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageResponse.FromString,
+                _registered_method=True)
 
 
 class GuestServiceServicer:
@@ -269,6 +274,14 @@ class GuestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlipResponsePage(self, request, context):
+        """Flip the guest-request response page to private, then send a request: kvm (kernel mode)
+        must write the response into a page the RMP now gives the guest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -361,6 +374,11 @@ def add_GuestServiceServicer_to_server(servicer, server):
                     servicer.RaceRmpAdjust,
                     request_deserializer=snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustRequest.FromString,
                     response_serializer=snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustResponse.SerializeToString,
+            ),
+            'FlipResponsePage': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlipResponsePage,
+                    request_deserializer=snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageRequest.FromString,
+                    response_serializer=snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -850,6 +868,33 @@ class GuestService:
             '/snp.guest.v1.GuestService/RaceRmpAdjust',
             snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustRequest.SerializeToString,
             snp_dot_guest_dot_v1_dot_guest__pb2.RaceRmpAdjustResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlipResponsePage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.guest.v1.GuestService/FlipResponsePage',
+            snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageRequest.SerializeToString,
+            snp_dot_guest_dot_v1_dot_guest__pb2.FlipResponsePageResponse.FromString,
             options,
             channel_credentials,
             insecure,

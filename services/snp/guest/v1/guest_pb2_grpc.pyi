@@ -92,6 +92,10 @@ class GuestServiceStub:
     """Mark a page VMSA with RMPADJUST and get the host to write it."""
     RaceRmpAdjust: _grpc.UnaryUnaryMultiCallable[_guest_pb2.RaceRmpAdjustRequest, _guest_pb2.RaceRmpAdjustResponse]
     """Run RMPADJUST in a loop on a page while the host converts it."""
+    FlipResponsePage: _grpc.UnaryUnaryMultiCallable[_guest_pb2.FlipResponsePageRequest, _guest_pb2.FlipResponsePageResponse]
+    """Flip the guest-request response page to private, then send a request: kvm (kernel mode)
+    must write the response into a page the RMP now gives the guest.
+    """
 
 @_typing.type_check_only
 class GuestServiceAsyncStub(GuestServiceStub):
@@ -152,6 +156,10 @@ class GuestServiceAsyncStub(GuestServiceStub):
     """Mark a page VMSA with RMPADJUST and get the host to write it."""
     RaceRmpAdjust: _aio.UnaryUnaryMultiCallable[_guest_pb2.RaceRmpAdjustRequest, _guest_pb2.RaceRmpAdjustResponse]  # type: ignore[assignment]
     """Run RMPADJUST in a loop on a page while the host converts it."""
+    FlipResponsePage: _aio.UnaryUnaryMultiCallable[_guest_pb2.FlipResponsePageRequest, _guest_pb2.FlipResponsePageResponse]  # type: ignore[assignment]
+    """Flip the guest-request response page to private, then send a request: kvm (kernel mode)
+    must write the response into a page the RMP now gives the guest.
+    """
 
 class GuestServiceServicer(metaclass=_abc_1.ABCMeta):
     """--- State ------------------------------------------------------------------------------"""
@@ -317,5 +325,15 @@ class GuestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_guest_pb2.RaceRmpAdjustResponse, _abc.Awaitable[_guest_pb2.RaceRmpAdjustResponse]]:
         """Run RMPADJUST in a loop on a page while the host converts it."""
+
+    @_abc_1.abstractmethod
+    def FlipResponsePage(
+        self,
+        request: _guest_pb2.FlipResponsePageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.FlipResponsePageResponse, _abc.Awaitable[_guest_pb2.FlipResponsePageResponse]]:
+        """Flip the guest-request response page to private, then send a request: kvm (kernel mode)
+        must write the response into a page the RMP now gives the guest.
+        """
 
 def add_GuestServiceServicer_to_server(servicer: GuestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -690,6 +690,76 @@ class ListVmsResponse(_message.Message):
 Global___ListVmsResponse: _TypeAlias = ListVmsResponse  # noqa: Y015
 
 @_typing.final
+class GetMemoryMapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemoryMapRequest: _TypeAlias = GetMemoryMapRequest  # noqa: Y015
+
+@_typing.final
+class MemoryRegion(_message.Message):
+    """size bytes of guest memory from gpa are host frames from spa on (one memslot piece)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPA_FIELD_NUMBER: _builtins.int
+    SPA_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    gpa: _builtins.int
+    spa: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        gpa: _builtins.int = ...,
+        spa: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpa", b"gpa", "size", b"size", "spa", b"spa"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryRegion: _TypeAlias = MemoryRegion  # noqa: Y015
+
+@_typing.final
+class GetMemoryMapResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASID_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    asid: _builtins.int
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRegion]: ...
+    def __init__(
+        self,
+        *,
+        asid: _builtins.int = ...,
+        regions: _abc.Iterable[Global___MemoryRegion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemoryMapResponse: _TypeAlias = GetMemoryMapResponse  # noqa: Y015
+
+@_typing.final
 class DestroyVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -85,6 +85,11 @@ class KvmServiceStub:
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsRequest.SerializeToString,
                 response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsResponse.FromString,
                 _registered_method=True)
+        self.GetMemoryMap = channel.unary_unary(
+                '/snp.kvm.v1.KvmService/GetMemoryMap',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapRequest.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapResponse.FromString,
+                _registered_method=True)
         self.DestroyVm = channel.unary_unary(
                 '/snp.kvm.v1.KvmService/DestroyVm',
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.DestroyVmRequest.SerializeToString,
@@ -210,6 +215,14 @@ class KvmServiceServicer:
 
     def ListVms(self, request, context):
         """Every VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMemoryMap(self, request, context):
+        """The VM's memory as a device backend maps it: GPA ranges and the host frames behind them.
+        vhost-user VHOST_USER_SET_MEM_TABLE (the VMM hands its backend the guest memory regions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -344,6 +357,11 @@ def add_KvmServiceServicer_to_server(servicer, server):
                     servicer.ListVms,
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsRequest.FromString,
                     response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsResponse.SerializeToString,
+            ),
+            'GetMemoryMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemoryMap,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapRequest.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapResponse.SerializeToString,
             ),
             'DestroyVm': grpc.unary_unary_rpc_method_handler(
                     servicer.DestroyVm,
@@ -662,6 +680,33 @@ class KvmService:
             '/snp.kvm.v1.KvmService/ListVms',
             snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsRequest.SerializeToString,
             snp_dot_kvm_dot_v1_dot_kvm__pb2.ListVmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemoryMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/GetMemoryMap',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapRequest.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.GetMemoryMapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,10 @@ class KvmServiceStub:
     """One VM's state."""
     ListVms: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.ListVmsRequest, _kvm_pb2.ListVmsResponse]
     """Every VM."""
+    GetMemoryMap: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.GetMemoryMapRequest, _kvm_pb2.GetMemoryMapResponse]
+    """The VM's memory as a device backend maps it: GPA ranges and the host frames behind them.
+    vhost-user VHOST_USER_SET_MEM_TABLE (the VMM hands its backend the guest memory regions).
+    """
     DestroyVm: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.DestroyVmRequest, _kvm_pb2.DestroyVmResponse]
     """Destroy a VM: DECOMMISSION, reclaim, every page back to hypervisor state, ASID freed.
     KERNEL: arch/x86/kvm/svm/sev.c sev_vm_destroy(), snp_decommission_context()
@@ -157,6 +161,10 @@ class KvmServiceAsyncStub(KvmServiceStub):
     """One VM's state."""
     ListVms: _aio.UnaryUnaryMultiCallable[_kvm_pb2.ListVmsRequest, _kvm_pb2.ListVmsResponse]  # type: ignore[assignment]
     """Every VM."""
+    GetMemoryMap: _aio.UnaryUnaryMultiCallable[_kvm_pb2.GetMemoryMapRequest, _kvm_pb2.GetMemoryMapResponse]  # type: ignore[assignment]
+    """The VM's memory as a device backend maps it: GPA ranges and the host frames behind them.
+    vhost-user VHOST_USER_SET_MEM_TABLE (the VMM hands its backend the guest memory regions).
+    """
     DestroyVm: _aio.UnaryUnaryMultiCallable[_kvm_pb2.DestroyVmRequest, _kvm_pb2.DestroyVmResponse]  # type: ignore[assignment]
     """Destroy a VM: DECOMMISSION, reclaim, every page back to hypervisor state, ASID freed.
     KERNEL: arch/x86/kvm/svm/sev.c sev_vm_destroy(), snp_decommission_context()
@@ -296,6 +304,16 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.ListVmsResponse, _abc.Awaitable[_kvm_pb2.ListVmsResponse]]:
         """Every VM."""
+
+    @_abc_1.abstractmethod
+    def GetMemoryMap(
+        self,
+        request: _kvm_pb2.GetMemoryMapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvm_pb2.GetMemoryMapResponse, _abc.Awaitable[_kvm_pb2.GetMemoryMapResponse]]:
+        """The VM's memory as a device backend maps it: GPA ranges and the host frames behind them.
+        vhost-user VHOST_USER_SET_MEM_TABLE (the VMM hands its backend the guest memory regions).
+        """
 
     @_abc_1.abstractmethod
     def DestroyVm(

@@ -43,6 +43,48 @@ QUEUE_RX: Queue.ValueType  # 1
 QUEUE_TX: Queue.ValueType  # 2
 Global___Queue: _TypeAlias = Queue  # noqa: Y015
 
+class _PacketResult:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PacketResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PacketResult.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PACKET_RESULT_UNSPECIFIED: _PacketResult.ValueType  # 0
+    PACKET_RESULT_DELIVERED: _PacketResult.ValueType  # 1
+    """Written into the destination's RX buffer and its used ring."""
+    PACKET_RESULT_CONVERTED: _PacketResult.ValueType  # 2
+    """Delivered, but only after the host converted the destination's private buffer to shared
+    (policy convert or convert-kill): the destination is told by #VC when it reads it.
+    """
+    PACKET_RESULT_NO_ROUTE: _PacketResult.ValueType  # 3
+    """No device has the destination MAC."""
+    PACKET_RESULT_NO_BUFFER: _PacketResult.ValueType  # 4
+    """The destination offered no RX buffer."""
+    PACKET_RESULT_REFUSED: _PacketResult.ValueType  # 5
+    """The write into the destination's buffer was refused (policy gmem): dropped, counted."""
+    PACKET_RESULT_BAD_FRAME: _PacketResult.ValueType  # 6
+    """The TX descriptor or frame broke the virtio rules."""
+
+class PacketResult(_PacketResult, metaclass=_PacketResultEnumTypeWrapper):
+    """What became of one TX packet (the label of snp_netd_packets_total)."""
+
+PACKET_RESULT_UNSPECIFIED: PacketResult.ValueType  # 0
+PACKET_RESULT_DELIVERED: PacketResult.ValueType  # 1
+"""Written into the destination's RX buffer and its used ring."""
+PACKET_RESULT_CONVERTED: PacketResult.ValueType  # 2
+"""Delivered, but only after the host converted the destination's private buffer to shared
+(policy convert or convert-kill): the destination is told by #VC when it reads it.
+"""
+PACKET_RESULT_NO_ROUTE: PacketResult.ValueType  # 3
+"""No device has the destination MAC."""
+PACKET_RESULT_NO_BUFFER: PacketResult.ValueType  # 4
+"""The destination offered no RX buffer."""
+PACKET_RESULT_REFUSED: PacketResult.ValueType  # 5
+"""The write into the destination's buffer was refused (policy gmem): dropped, counted."""
+PACKET_RESULT_BAD_FRAME: PacketResult.ValueType  # 6
+"""The TX descriptor or frame broke the virtio rules."""
+Global___PacketResult: _TypeAlias = PacketResult  # noqa: Y015
+
 @_typing.final
 class DeviceHandle(_message.Message):
     """A registered device. Made only by RegisterDevice."""
@@ -107,15 +149,21 @@ class DeviceStats(_message.Message):
     DROPPED_PACKETS_FIELD_NUMBER: _builtins.int
     RX_BYTES_FIELD_NUMBER: _builtins.int
     TX_BYTES_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    RMP_VIOLATIONS_FIELD_NUMBER: _builtins.int
     mac: _builtins.str
     rx_packets: _builtins.int
     tx_packets: _builtins.int
     dropped_packets: _builtins.int
-    """Dropped with a cause, never silently: no buffer, write refused, daemon restart."""
+    """Packets to this device dropped with a cause, never silently: no buffer, write refused."""
     rx_bytes: _builtins.int
     tx_bytes: _builtins.int
+    rmp_violations: _builtins.int
+    """Host writes into this device's memory that hit a guest-private page."""
     @_builtins.property
     def device(self) -> Global___DeviceHandle: ...
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
         self,
         *,
@@ -126,10 +174,12 @@ class DeviceStats(_message.Message):
         dropped_packets: _builtins.int = ...,
         rx_bytes: _builtins.int = ...,
         tx_bytes: _builtins.int = ...,
+        vm: _handles_pb2.VmHandle | None = ...,
+        rmp_violations: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dropped_packets", b"dropped_packets", "mac", b"mac", "rx_bytes", b"rx_bytes", "rx_packets", b"rx_packets", "tx_bytes", b"tx_bytes", "tx_packets", b"tx_packets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dropped_packets", b"dropped_packets", "mac", b"mac", "rmp_violations", b"rmp_violations", "rx_bytes", b"rx_bytes", "rx_packets", b"rx_packets", "tx_bytes", b"tx_bytes", "tx_packets", b"tx_packets", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,6 +236,52 @@ class RegisterDeviceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterDeviceResponse: _TypeAlias = RegisterDeviceResponse  # noqa: Y015
+
+@_typing.final
+class HoldDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device(self) -> Global___DeviceHandle: ...
+    def __init__(
+        self,
+        *,
+        device: Global___DeviceHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldDeviceRequest: _TypeAlias = HoldDeviceRequest  # noqa: Y015
+
+@_typing.final
+class HoldDeviceResponse(_message.Message):
+    """Sent once when the hold is in place; the stream then stays open until either side ends it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DAEMON_BOOT_ID_FIELD_NUMBER: _builtins.int
+    daemon_boot_id: _builtins.str
+    """Changes each time netd starts (a restarted daemon has a new one)."""
+    @_builtins.property
+    def device(self) -> Global___DeviceHandle: ...
+    def __init__(
+        self,
+        *,
+        device: Global___DeviceHandle | None = ...,
+        daemon_boot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_boot_id", b"daemon_boot_id", "device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldDeviceResponse: _TypeAlias = HoldDeviceResponse  # noqa: Y015
 
 @_typing.final
 class UnregisterDeviceRequest(_message.Message):
@@ -250,16 +346,22 @@ class NotifyQueueResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROCESSED_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     processed: _builtins.int
     """Packets moved by this doorbell."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedScalarFieldContainer[Global___PacketResult.ValueType]:
+        """One per TX packet, in ring order."""
+
     def __init__(
         self,
         *,
         processed: _builtins.int = ...,
+        results: _abc.Iterable[Global___PacketResult.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed", b"processed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed", b"processed", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,16 +427,24 @@ class ListDevicesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: _builtins.int
+    DAEMON_BOOT_ID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    daemon_boot_id: _builtins.str
+    """Changes each time netd starts."""
+    restarts: _builtins.int
+    """Times netd started before this one with the same data directory (deaths it came back from)."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceStats]: ...
     def __init__(
         self,
         *,
         devices: _abc.Iterable[Global___DeviceStats] | None = ...,
+        daemon_boot_id: _builtins.str = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_boot_id", b"daemon_boot_id", "devices", b"devices", "restarts", b"restarts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

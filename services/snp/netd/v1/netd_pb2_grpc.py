@@ -39,6 +39,11 @@ class NetdServiceStub:
                 request_serializer=snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceRequest.SerializeToString,
                 response_deserializer=snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceResponse.FromString,
                 _registered_method=True)
+        self.HoldDevice = channel.unary_stream(
+                '/snp.netd.v1.NetdService/HoldDevice',
+                request_serializer=snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceRequest.SerializeToString,
+                response_deserializer=snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceResponse.FromString,
+                _registered_method=True)
         self.UnregisterDevice = channel.unary_unary(
                 '/snp.netd.v1.NetdService/UnregisterDevice',
                 request_serializer=snp_dot_netd_dot_v1_dot_netd__pb2.UnregisterDeviceRequest.SerializeToString,
@@ -67,6 +72,15 @@ class NetdServiceServicer:
     def RegisterDevice(self, request, context):
         """Attach a guest's device: ring and buffer GPAs in its shared memory.
         virtio spec 1.2, 2.7 "Split Virtqueues"; vhost-user VHOST_USER_SET_VRING_ADDR
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldDevice(self, request, context):
+        """The vhost-user socket: the guest's VMM keeps this stream open while its device is attached.
+        When it closes (the VMM died) netd drops the device; when netd dies the stream breaks and
+        the VMM reconnects and registers again (QEMU's vhost-user "reconnect").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +121,11 @@ def add_NetdServiceServicer_to_server(servicer, server):
                     servicer.RegisterDevice,
                     request_deserializer=snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceRequest.FromString,
                     response_serializer=snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceResponse.SerializeToString,
+            ),
+            'HoldDevice': grpc.unary_stream_rpc_method_handler(
+                    servicer.HoldDevice,
+                    request_deserializer=snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceRequest.FromString,
+                    response_serializer=snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceResponse.SerializeToString,
             ),
             'UnregisterDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.UnregisterDevice,
@@ -156,6 +175,33 @@ class NetdService:
             '/snp.netd.v1.NetdService/RegisterDevice',
             snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceRequest.SerializeToString,
             snp_dot_netd_dot_v1_dot_netd__pb2.RegisterDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/snp.netd.v1.NetdService/HoldDevice',
+            snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceRequest.SerializeToString,
+            snp_dot_netd_dot_v1_dot_netd__pb2.HoldDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class NetdServiceStub:
     """Attach a guest's device: ring and buffer GPAs in its shared memory.
     virtio spec 1.2, 2.7 "Split Virtqueues"; vhost-user VHOST_USER_SET_VRING_ADDR
     """
+    HoldDevice: _grpc.UnaryStreamMultiCallable[_netd_pb2.HoldDeviceRequest, _netd_pb2.HoldDeviceResponse]
+    """The vhost-user socket: the guest's VMM keeps this stream open while its device is attached.
+    When it closes (the VMM died) netd drops the device; when netd dies the stream breaks and
+    the VMM reconnects and registers again (QEMU's vhost-user "reconnect").
+    """
     UnregisterDevice: _grpc.UnaryUnaryMultiCallable[_netd_pb2.UnregisterDeviceRequest, _netd_pb2.UnregisterDeviceResponse]
     """Detach a device."""
     NotifyQueue: _grpc.UnaryUnaryMultiCallable[_netd_pb2.NotifyQueueRequest, _netd_pb2.NotifyQueueResponse]
@@ -55,6 +60,11 @@ class NetdServiceAsyncStub(NetdServiceStub):
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_netd_pb2.RegisterDeviceRequest, _netd_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Attach a guest's device: ring and buffer GPAs in its shared memory.
     virtio spec 1.2, 2.7 "Split Virtqueues"; vhost-user VHOST_USER_SET_VRING_ADDR
+    """
+    HoldDevice: _aio.UnaryStreamMultiCallable[_netd_pb2.HoldDeviceRequest, _netd_pb2.HoldDeviceResponse]  # type: ignore[assignment]
+    """The vhost-user socket: the guest's VMM keeps this stream open while its device is attached.
+    When it closes (the VMM died) netd drops the device; when netd dies the stream breaks and
+    the VMM reconnects and registers again (QEMU's vhost-user "reconnect").
     """
     UnregisterDevice: _aio.UnaryUnaryMultiCallable[_netd_pb2.UnregisterDeviceRequest, _netd_pb2.UnregisterDeviceResponse]  # type: ignore[assignment]
     """Detach a device."""
@@ -74,6 +84,17 @@ class NetdServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_netd_pb2.RegisterDeviceResponse, _abc.Awaitable[_netd_pb2.RegisterDeviceResponse]]:
         """Attach a guest's device: ring and buffer GPAs in its shared memory.
         virtio spec 1.2, 2.7 "Split Virtqueues"; vhost-user VHOST_USER_SET_VRING_ADDR
+        """
+
+    @_abc_1.abstractmethod
+    def HoldDevice(
+        self,
+        request: _netd_pb2.HoldDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_netd_pb2.HoldDeviceResponse], _abc.AsyncIterator[_netd_pb2.HoldDeviceResponse]]:
+        """The vhost-user socket: the guest's VMM keeps this stream open while its device is attached.
+        When it closes (the VMM died) netd drops the device; when netd dies the stream breaks and
+        the VMM reconnects and registers again (QEMU's vhost-user "reconnect").
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,152 @@
+"""The guest agent's network RPCs and the misbehaviours that involve a host writer.
+
+Each misbehaviour sets the trap and returns; the host's writer (netd, or kvm for the response
+page) springs it, and the guest's status (#VC events, termination, net counters) shows what
+happened. The lab drives these across every violation policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from snp.guest.v1 import guest_pb2 as pb
+
+from snpemu.abi import guest_message as gm
+from snpemu.errors import InvalidArgument, SnpemuError, WrongState
+from snpemu.guest.driver import Driver, report_request
+from snpemu.guest.kernel import RESP_GPA, GuestFault, GuestKernel, Terminated
+from snpemu.guest.netdev import PAGE, NetDevice
+from snpemu.kvm.peers import Peer
+
+DEFAULT_ENTRIES = 16
+
+
+def _mac_for(name: str) -> str:
+    """A locally administered MAC from the instance number: guest-3 -> 02:00:00:00:00:04."""
+    n = int(name.rsplit("-", 1)[-1]) + 1 if name.rsplit("-", 1)[-1].isdigit() else 1
+    return "02:00:00:00:" + f"{n >> 8 & 0xFF:02x}:{n & 0xFF:02x}"
+
+
+class NetRpcs:
+    def __init__(self, kernel: GuestKernel, driver: Driver, netd: Peer) -> None:
+        self.k, self.driver, self.netd = kernel, driver, netd
+        self.dev: NetDevice | None = None
+
+    def _device(self) -> NetDevice:
+        if self.dev is None:
+            raise WrongState("no network device: call AttachNetDevice", reason="NO_DEVICE")
+        return self.dev
+
+    async def _attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
+        self.k.check_running()
+        entries = entries or DEFAULT_ENTRIES
+        if entries > 64 or entries & (entries - 1):
+            raise InvalidArgument("ring_entries is a power of two up to 64")
+        mac = mac or _mac_for(self.k.name)
+        if self.dev is not None:  # detach first, as a driver reload does
+            old, self.dev = self.dev, None
+            await old.close()
+            with contextlib.suppress(SnpemuError):
+                from snp.netd.v1 import netd_pb2
+
+                await self.netd.call(
+                    "UnregisterDevice",
+                    netd_pb2.UnregisterDeviceRequest(
+                        device=netd_pb2.DeviceHandle(id=old.device_id)
+                    ),
+                )
+        dev = NetDevice(self.k, self.netd, mac, entries)
+        await dev.attach(skip_rx_conversion=skip)
+        self.dev = dev
+        return dev
+
+    async def AttachNetDevice(self, request: Any, context: Any) -> pb.AttachNetDeviceResponse:
+        dev = await self._attach(request.mac, request.ring_entries, skip=False)
+        return pb.AttachNetDeviceResponse(device_id=dev.device_id)
+
+    async def SendPacket(self, request: Any, context: Any) -> pb.SendPacketResponse:
+        if not request.destination_mac:
+            raise InvalidArgument("destination_mac is required")
+        result = await self._device().send(request.destination_mac, bytes(request.payload))
+        return pb.SendPacketResponse(result=result)
+
+    async def ReceivePackets(self, request: Any, context: Any) -> pb.ReceivePacketsResponse:
+        got = await self._device().receive(request.max_packets or 64)
+        return pb.ReceivePacketsResponse(
+            packets=[pb.Packet(source_mac=p.source_mac, payload=p.payload) for p in got]
+        )
+
+    # --- misbehaviour ---------------------------------------------------------------------
+
+    async def SkipDmaConversion(self, request: Any, context: Any) -> pb.SkipDmaConversionResponse:
+        """Buggy driver: the RX buffers are handed to netd while still private."""
+        dev = await self._attach(request.mac, request.ring_entries, skip=True)
+        lay = dev.layout
+        return pb.SkipDmaConversionResponse(
+            outcome=f"device {dev.device_id} attached with RX buffers "
+            f"{lay.rx_buffers:#x}-{lay.tx_buffers - 1:#x} left private; netd will write them"
+        )
+
+    async def FlipBufferDuringCopy(
+        self, request: Any, context: Any
+    ) -> pb.FlipBufferDuringCopyResponse:
+        """Malicious: once netd's copy into the next RX buffer has begun, make its page
+        private (PSC to private, then PVALIDATE) so the rest of the copy hits a guest page."""
+        dev = self._device()
+        self.k.check_running()
+        timeout = (request.timeout_ms or 10_000) / 1000
+        if timeout > 60:
+            raise InvalidArgument("timeout_ms is at most 60000")
+        gpa = await dev.next_rx_buffer()
+        head = await dev.wait_copy_start(gpa, timeout)
+        page = gpa & ~(PAGE - 1)
+        await self.k.convert(page, PAGE, private=True, size_2m=False)
+        dev.private_rx.add(page)
+        return pb.FlipBufferDuringCopyResponse(
+            outcome=f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
+            "to private mid-copy"
+        )
+
+    async def ExposeVmsaPage(self, request: Any, context: Any) -> pb.ExposeVmsaPageResponse:
+        """Make the page of the next RX buffer private, mark it a VMSA (RMPADJUST VMSA=1 for
+        VMPL1) and leave it offered to netd: the host's next write hits a VMSA page while this
+        guest's vCPUs run."""
+        dev = self._device()
+        self.k.check_running()
+        gpa = await dev.next_rx_buffer()
+        page = gpa & ~(PAGE - 1)
+        if page not in dev.private_rx:
+            await self.k.convert(page, PAGE, private=True, size_2m=False)
+            dev.private_rx.add(page)
+        r = await self.k.rmpadjust(page, vmsa=True)
+        if r.HasField("fault") or r.eax:
+            raise WrongState(
+                f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})", reason="RMPADJUST_FAILED"
+            )
+        return pb.ExposeVmsaPageResponse(
+            outcome=f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
+        )
+
+    async def FlipResponsePage(self, request: Any, context: Any) -> pb.FlipResponsePageResponse:
+        """The response page made private (with a private marker written into it), then a
+        report request: kvm writes the response there in kernel mode. Afterwards the guest
+        reads its marker back privately, which tells whether the host converted the page."""
+        k = self.k
+        k.check_running()
+        await k.convert(RESP_GPA, PAGE, private=True, size_2m=False)
+        marker = b"private response page".ljust(32, b".")
+        await k.write_private(RESP_GPA, marker)
+        try:
+            await self.driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0))
+            request_outcome = "request completed"
+        except SnpemuError as e:
+            request_outcome = f"request failed: {e.message}"
+        try:
+            back = await k.read_private(RESP_GPA, len(marker))
+            page_outcome = (
+                "marker intact" if back == marker else "marker CHANGED without a #VC (corrupt)"
+            )
+        except (GuestFault, Terminated) as e:
+            page_outcome = f"reading it back: {e.message}"
+        return pb.FlipResponsePageResponse(outcome=f"{request_outcome}; {page_outcome}")

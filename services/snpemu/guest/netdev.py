@@ -1,0 +1,315 @@
+"""The guest's virtio-net driver and the VMM's vhost-user side of it, against netd.
+
+Rings and buffers live in a device window of guest RAM that the driver converts to shared
+(set_memory_decrypted, as virtio's DMA API does under SNP) before it hands it to netd. The VMM
+keeps the device held (the vhost-user socket); when netd dies the hold breaks and the VMM
+reconnects and registers again, as QEMU's vhost-user `reconnect` does.
+KERNEL: drivers/net/virtio_net.c (start_xmit, receive_buf), drivers/virtio/virtio_ring.c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from snp.netd.v1 import netd_pb2
+
+from snpemu.abi import virtio
+from snpemu.errors import InvalidArgument, SnpemuError, Unavailable, WrongState
+from snpemu.kvm.peers import Peer, PeerError
+
+if TYPE_CHECKING:
+    from snpemu.guest.kernel import GuestKernel
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+WINDOW_GPA = 0x100_0000  # 16 MiB: above the firmware's metadata pages, below anything else used
+BUFFER_SIZE = 2048  # a virtio_net_hdr and a 1514-byte frame fit
+RESULT_NAMES = {
+    v: k.removeprefix("PACKET_RESULT_").lower() for k, v in netd_pb2.PacketResult.items()
+}
+
+
+@dataclass
+class Layout:
+    entries: int
+
+    @property
+    def rx_ring(self) -> int:
+        return WINDOW_GPA
+
+    @property
+    def tx_ring(self) -> int:
+        return WINDOW_GPA + PAGE
+
+    @property
+    def rx_buffers(self) -> int:
+        return WINDOW_GPA + 2 * PAGE
+
+    @property
+    def tx_buffers(self) -> int:
+        return self.rx_buffers + -(-self.entries * BUFFER_SIZE // PAGE) * PAGE
+
+    @property
+    def end(self) -> int:
+        return self.tx_buffers + -(-self.entries * BUFFER_SIZE // PAGE) * PAGE
+
+    def rx_buffer(self, slot: int) -> int:
+        return self.rx_buffers + slot * BUFFER_SIZE
+
+    def tx_buffer(self, slot: int) -> int:
+        return self.tx_buffers + slot * BUFFER_SIZE
+
+
+@dataclass
+class Received:
+    source_mac: str
+    payload: bytes
+
+
+@dataclass
+class NetStats:
+    sent: dict[str, int] = field(default_factory=dict)  # by netd result, or "lost"
+    received: dict[str, int] = field(default_factory=dict)  # ok, rx_error, vc, bad_frame
+    reconnects: int = 0
+
+    def add(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+class NetDevice:
+    def __init__(self, kernel: GuestKernel, netd: Peer, mac: str, entries: int) -> None:
+        self.k, self.netd, self.mac = kernel, netd, mac
+        self.layout = Layout(entries)
+        self.ring = virtio.Layout(entries)
+        self.device_id = ""
+        self.boot_id = ""
+        self.lock = asyncio.Lock()
+        self.stats = NetStats()
+        self.private_rx: set[int] = set()  # RX buffer pages this driver reads as private
+        self.pending: list[Received] = []
+        self.rx_seen = 0  # used idx the driver has consumed up to
+        self.rx_avail = 0  # avail idx the driver has published
+        self.tx_next = 0
+        self.hold: Any = None
+        self.watch: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.closed = False
+
+    # --- set-up: what the virtio-net probe and QEMU's vhost-user start do ------------------
+
+    async def attach(self, *, skip_rx_conversion: bool = False) -> None:
+        k, lay = self.k, self.layout
+        if lay.end > k.opts.memory_bytes:
+            raise InvalidArgument("guest RAM is too small for the device window")
+        if skip_rx_conversion:  # the buggy driver: RX buffers stay private (and get accepted)
+            await k.convert(lay.rx_ring, 2 * PAGE, private=False, size_2m=False)
+            await k.convert(lay.tx_buffers, lay.end - lay.tx_buffers, private=False, size_2m=False)
+            rx_pages = range(lay.rx_buffers, lay.tx_buffers, PAGE)
+            await k.accept_on_touch(lay.rx_buffers, lay.tx_buffers - lay.rx_buffers)
+            for gpa in rx_pages:  # shared from an earlier attach: private again, as first found
+                if not k.accepted[gpa // PAGE]:
+                    await k.convert(gpa, PAGE, private=True, size_2m=False)
+            self.private_rx = set(rx_pages)
+        else:
+            await k.convert(WINDOW_GPA, lay.end - WINDOW_GPA, private=False, size_2m=False)
+            self.private_rx = set()
+        await self._register()
+        self.watch = asyncio.ensure_future(self._keep_connected())
+
+    async def _reset_rings(self) -> None:
+        """Fresh rings with every RX buffer offered (virtio 3.1: the driver sets the queues up)."""
+        lay, n = self.layout, self.layout.entries
+        rx = bytearray(virtio.empty_ring(n, lay.rx_buffers, BUFFER_SIZE, device_writes=True))
+        for i in range(n):
+            virtio.U16.pack_into(rx, self.ring.avail_slot(i), i)
+        virtio.U16.pack_into(rx, self.ring.avail_idx, n)
+        await self.k.write(lay.rx_ring, bytes(rx), shared=True)
+        tx = virtio.empty_ring(n, lay.tx_buffers, BUFFER_SIZE, device_writes=False)
+        await self.k.write(lay.tx_ring, tx, shared=True)
+        self.rx_seen, self.rx_avail, self.tx_next = 0, n, 0
+
+    async def _register(self) -> None:
+        lay, n = self.layout, self.layout.entries
+        await self._reset_rings()
+        assert self.k.vm is not None
+        r = await self.netd.call(
+            "RegisterDevice",
+            netd_pb2.RegisterDeviceRequest(
+                vm=self.k.vm,
+                mac=self.mac,
+                rx=netd_pb2.Ring(
+                    ring_gpa=lay.rx_ring,
+                    buffers_gpa=lay.rx_buffers,
+                    entries=n,
+                    buffer_size=BUFFER_SIZE,
+                ),
+                tx=netd_pb2.Ring(
+                    ring_gpa=lay.tx_ring,
+                    buffers_gpa=lay.tx_buffers,
+                    entries=n,
+                    buffer_size=BUFFER_SIZE,
+                ),
+            ),
+        )
+        self.device_id = r.device.id
+        self.hold = self.netd.ensure().HoldDevice(
+            netd_pb2.HoldDeviceRequest(device=r.device), metadata=self.netd.md
+        )
+        first = await self.hold.read()
+        self.boot_id = first.daemon_boot_id
+        self.connected.set()
+        self.k.event("net_attached", detail=f"{self.mac} device {self.device_id}")
+
+    async def _keep_connected(self) -> None:
+        """When netd goes away the hold breaks: keep what was received, reconnect, register."""
+        while not self.closed:
+            with contextlib.suppress(Exception):
+                await self.hold.read()  # returns only when the stream ends
+            if self.closed:
+                return
+            self.connected.clear()
+            self.k.event("net_disconnected", detail="netd went away")
+            delay = 0.1
+            while not self.closed:
+                await asyncio.sleep(delay)
+                try:
+                    async with self.lock:
+                        await self._drain()
+                        await self._register()
+                    self.stats.reconnects += 1
+                    break
+                except (Unavailable, PeerError) as e:
+                    log.info("netd not back yet: %s", e)
+                    delay = min(delay * 2, 2.0)
+                except SnpemuError as e:  # the guest itself cannot go on (terminated)
+                    log.warning("cannot reattach: %s", e)
+                    return
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.hold is not None:
+            self.hold.cancel()
+        if self.watch is not None:
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.watch
+
+    # --- data path ------------------------------------------------------------------------
+
+    async def send(self, dst: str, payload: bytes) -> str:
+        """start_xmit: the frame into the next TX buffer, offer it, ring the doorbell. Returns
+        what netd did with it, or "lost" when netd was not there to take it."""
+        try:
+            raw = virtio.frame(dst, self.mac, payload)
+        except virtio.VirtioError as e:
+            raise InvalidArgument(str(e)) from None
+        self.k.check_running()
+        async with self.lock:
+            if not self.connected.is_set():
+                self.stats.add(self.stats.sent, "lost")
+                return "lost"
+            lay, n = self.layout, self.layout.entries
+            slot = self.tx_next % n
+            await self.k.write(lay.tx_buffer(slot), raw, shared=True)
+            desc = virtio.Desc(lay.tx_buffer(slot), len(raw), 0, 0).encode()
+            await self.k.write(lay.tx_ring + self.ring.desc(slot), desc, shared=True)
+            await self.k.write(
+                lay.tx_ring + self.ring.avail_slot(self.tx_next), virtio.U16.pack(slot), shared=True
+            )
+            self.tx_next = (self.tx_next + 1) & 0xFFFF
+            await self.k.write(
+                lay.tx_ring + self.ring.avail_idx, virtio.U16.pack(self.tx_next), shared=True
+            )
+            try:
+                r = await self.netd.call(
+                    "NotifyQueue",
+                    netd_pb2.NotifyQueueRequest(
+                        device=netd_pb2.DeviceHandle(id=self.device_id), queue=netd_pb2.QUEUE_TX
+                    ),
+                )
+            except (Unavailable, PeerError) as e:
+                # netd died with the packet (or forgot the device): lost, and counted
+                self.k.event("net_lost", detail=str(e))
+                self.stats.add(self.stats.sent, "lost")
+                return "lost"
+            result = RESULT_NAMES.get(r.results[-1], "unspecified") if r.results else "lost"
+            self.stats.add(self.stats.sent, result)
+            return result
+
+    async def _drain(self) -> None:
+        """receive_buf for every used RX buffer since the last look; each is offered again."""
+        lay, ring = self.layout, self.ring
+        page = await self.k.read(lay.rx_ring, PAGE, shared=True)
+        used = virtio.U16.unpack_from(page, ring.used_idx)[0]
+        while self.rx_seen != used:
+            slot, length = virtio.USED_ELEM.unpack_from(page, ring.used_slot(self.rx_seen))
+            self.rx_seen = (self.rx_seen + 1) & 0xFFFF
+            if slot < lay.entries:
+                await self._receive_one(slot, length)
+                await self.k.write(
+                    lay.rx_ring + ring.avail_slot(self.rx_avail), virtio.U16.pack(slot), shared=True
+                )
+                self.rx_avail = (self.rx_avail + 1) & 0xFFFF
+        await self.k.write(
+            lay.rx_ring + ring.avail_idx, virtio.U16.pack(self.rx_avail), shared=True
+        )
+
+    async def _receive_one(self, slot: int, length: int) -> None:
+        from snpemu.guest.kernel import GuestFault
+
+        if length < virtio.NET_HDR.size + virtio.ETH_HDR.size or length > BUFFER_SIZE:
+            self.stats.add(self.stats.received, "rx_error")  # "rx error: len too short"
+            return
+        gpa = self.layout.rx_buffer(slot)
+        private = gpa & ~(PAGE - 1) in self.private_rx
+        try:
+            raw = await self.k.read(gpa, length, shared=not private)
+        except GuestFault:  # #VC, logged by the kernel: the guest was told
+            self.stats.add(self.stats.received, "vc")
+            return
+        try:
+            f = virtio.parse_frame(raw)
+        except virtio.VirtioError:
+            self.stats.add(self.stats.received, "bad_frame")
+            return
+        self.stats.add(self.stats.received, "ok")
+        self.pending.append(Received(virtio.mac_text(f.src), f.payload))
+
+    async def receive(self, max_packets: int) -> list[Received]:
+        self.k.check_running()
+        async with self.lock:
+            if self.connected.is_set():
+                await self._drain()
+            out, self.pending = self.pending[:max_packets], self.pending[max_packets:]
+            return out
+
+    # --- misbehaviour helpers ---------------------------------------------------------------
+
+    async def next_rx_buffer(self) -> int:
+        """The GPA of the RX buffer netd will fill next (the oldest one offered)."""
+        page = await self.k.read(self.layout.rx_ring, PAGE, shared=True)
+        used = virtio.U16.unpack_from(page, self.ring.used_idx)[0]
+        slot = virtio.U16.unpack_from(page, self.ring.avail_slot(used))[0]
+        if slot >= self.layout.entries:
+            raise WrongState("the RX ring is corrupt", reason="BAD_RING")
+        return self.layout.rx_buffer(slot)
+
+    async def wait_copy_start(self, gpa: int, timeout_s: float) -> bytes:
+        """Poll a buffer (cleared first) until netd's copy into it has begun."""
+        blank = bytes(virtio.NET_HDR.size)
+        await self.k.write(gpa, blank, shared=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            head = await self.k.read(gpa, virtio.NET_HDR.size, shared=True)
+            if head != blank:
+                return head
+            await asyncio.sleep(0.002)
+        raise WrongState(
+            f"no copy into {gpa:#x} began within {timeout_s:g} s (send this guest a packet)",
+            reason="NO_COPY",
+        )

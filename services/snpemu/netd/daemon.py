@@ -1,0 +1,312 @@
+"""netd's model: guest devices, their virtqueues, and the copy between guests (no gRPC here).
+
+A host-wide userspace daemon, as a vhost-user net backend: every access to guest memory is a
+host user-mode read or write of the frame behind a GPA (the VMM's memory table), checked by the
+RMP. A write that hits a guest-private page goes through the host's violation policy: the
+daemon may be told to die of SIGBUS, have the write refused, or find the page converted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import enum
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from snpemu.abi import virtio
+from snpemu.errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+
+
+class WriteOutcome(enum.Enum):
+    """What the host MMU did with one user-mode write (rmp's ViolationOutcome)."""
+
+    NONE = "none"  # the page was not assigned: an ordinary write
+    CONVERTED = "converted"  # the host made the page shared, then wrote
+    REFUSED = "refused"  # gmem: the page is not mappable; nothing written
+    SIGBUS = "sigbus"  # the writer must die
+
+
+class Result(enum.IntEnum):
+    """Values match snp.netd.v1.PacketResult."""
+
+    DELIVERED = 1
+    CONVERTED = 2
+    NO_ROUTE = 3
+    NO_BUFFER = 4
+    REFUSED = 5
+    BAD_FRAME = 6
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Memory(Protocol):
+    """Host user-mode access to system physical memory."""
+
+    async def read(self, spa: int, length: int) -> bytes: ...
+
+    async def write(self, spa: int, data: bytes) -> WriteOutcome: ...
+
+
+class Vmm(Protocol):
+    async def memory_map(self, vm_id: str) -> list[tuple[int, int, int]]:
+        """(gpa, spa, size) regions of the VM's memory."""
+        ...
+
+
+class Sigbus(Exception):
+    """The host delivered SIGBUS: the daemon must die now (the caller raises the signal)."""
+
+
+@dataclass(frozen=True)
+class Ring:
+    ring_gpa: int
+    buffers_gpa: int
+    entries: int
+    buffer_size: int
+
+    def check(self, name: str) -> None:
+        try:
+            virtio.check_queue_size(self.entries)
+        except virtio.VirtioError as e:
+            raise InvalidArgument(f"{name}: {e}") from None
+        if self.ring_gpa % PAGE:
+            raise InvalidArgument(f"{name}: ring_gpa {self.ring_gpa:#x} is not page aligned")
+        if not 64 <= self.buffer_size <= PAGE:
+            raise InvalidArgument(f"{name}: buffer_size must be 64..4096")
+
+
+class MemoryMap:
+    def __init__(self, regions: list[tuple[int, int, int]]) -> None:
+        self.regions = sorted(regions)
+        self._starts = [r[0] for r in self.regions]
+
+    def spa(self, gpa: int, length: int) -> int:
+        """The SPA of gpa, when [gpa, gpa+length) lies in one region (else the guest lied)."""
+        j = bisect.bisect_right(self._starts, gpa) - 1
+        if j >= 0:
+            start, spa, size = self.regions[j]
+            if gpa + length <= start + size:
+                return spa + gpa - start
+        raise virtio.VirtioError(f"GPA range {gpa:#x}+{length} is outside the guest's memory")
+
+
+@dataclass
+class Counters:
+    rx_packets: int = 0
+    tx_packets: int = 0
+    dropped: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    violations: int = 0
+
+
+@dataclass
+class Device:
+    device_id: str
+    vm_id: str
+    mac: bytes
+    rx: Ring
+    tx: Ring
+    memory: MemoryMap
+    counters: Counters = field(default_factory=Counters)
+    # device-side ring positions (virtio 2.7.13: last_avail_idx, and our used idx)
+    rx_avail: int = 0
+    rx_used: int = 0
+    tx_avail: int = 0
+    tx_used: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class NetDaemon:
+    def __init__(
+        self,
+        memory: Memory,
+        vmm: Vmm,
+        *,
+        copy_chunk: int = PAGE,
+        copy_delay_s: float = 0.0,
+        on_result: Callable[[Result], None] | None = None,
+    ) -> None:
+        self.memory, self.vmm = memory, vmm
+        self.copy_chunk, self.copy_delay_s = copy_chunk, copy_delay_s
+        self.devices: dict[str, Device] = {}
+        self.by_mac: dict[bytes, Device] = {}
+        self.results: dict[Result, int] = dict.fromkeys(Result, 0)
+        self.on_result = on_result
+        self.boot_id = uuid.uuid4().hex
+
+    # --- registration ---------------------------------------------------------------------
+
+    async def register(self, vm_id: str, mac: str, rx: Ring, tx: Ring) -> Device:
+        try:
+            raw_mac = virtio.mac_bytes(mac)
+        except virtio.VirtioError as e:
+            raise InvalidArgument(str(e)) from None
+        rx.check("rx")
+        tx.check("tx")
+        if raw_mac in self.by_mac:
+            raise AlreadyExists(f"MAC {mac} is already registered", reason="MAC_IN_USE")
+        memory = MemoryMap(await self.vmm.memory_map(vm_id))
+        for name, ring in (("rx", rx), ("tx", tx)):
+            try:
+                memory.spa(ring.ring_gpa, PAGE)
+                memory.spa(ring.buffers_gpa, ring.entries * ring.buffer_size)
+            except virtio.VirtioError as e:
+                raise InvalidArgument(f"{name}: {e}") from None
+        if raw_mac in self.by_mac:  # registered while we asked kvm
+            raise AlreadyExists(f"MAC {mac} is already registered", reason="MAC_IN_USE")
+        dev = Device(uuid.uuid4().hex[:16], vm_id, raw_mac, rx, tx, memory)
+        self.devices[dev.device_id] = dev
+        self.by_mac[raw_mac] = dev
+        log.info("registered %s for %s", mac, vm_id, extra={"event": "device_registered"})
+        return dev
+
+    def device(self, device_id: str) -> Device:
+        dev = self.devices.get(device_id)
+        if dev is None:
+            raise NotFound(f"no device {device_id!r} (netd restarted?)", reason="UNKNOWN_DEVICE")
+        return dev
+
+    def unregister(self, device_id: str) -> None:
+        dev = self.device(device_id)
+        del self.devices[device_id]
+        self.by_mac.pop(dev.mac, None)
+        log.info("unregistered %s", virtio.mac_text(dev.mac), extra={"event": "device_gone"})
+
+    # --- guest memory, as the daemon touches it -------------------------------------------
+
+    async def _read(self, dev: Device, gpa: int, length: int) -> bytes:
+        return await self.memory.read(dev.memory.spa(gpa, length), length)
+
+    async def _write(self, dev: Device, gpa: int, data: bytes) -> WriteOutcome:
+        """A copy into guest memory, page by page and chunk by chunk as memcpy goes; the worst
+        outcome wins. SIGBUS ends the copy at once (the process dies mid-copy)."""
+        worst = WriteOutcome.NONE
+        pos = 0
+        while pos < len(data):
+            room = PAGE - ((gpa + pos) % PAGE)
+            n = min(room, self.copy_chunk, len(data) - pos)
+            if pos and self.copy_delay_s:
+                await asyncio.sleep(self.copy_delay_s)
+            outcome = await self.memory.write(dev.memory.spa(gpa + pos, n), data[pos : pos + n])
+            if outcome != WriteOutcome.NONE:
+                dev.counters.violations += 1
+            if outcome == WriteOutcome.SIGBUS:
+                raise Sigbus(f"SIGBUS writing {dev.vm_id} GPA {gpa + pos:#x}")
+            if outcome == WriteOutcome.REFUSED:
+                return outcome
+            if outcome == WriteOutcome.CONVERTED:
+                worst = outcome
+            pos += n
+        return worst
+
+    async def _u16(self, dev: Device, gpa: int, value: int) -> WriteOutcome:
+        return await self._write(dev, gpa, virtio.U16.pack(value & 0xFFFF))
+
+    # --- the data path ----------------------------------------------------------------------
+
+    async def notify_tx(self, device_id: str) -> list[Result]:
+        """The TX doorbell: every descriptor the driver made available since the last one."""
+        dev = self.device(device_id)
+        results: list[Result] = []
+        async with dev.lock:
+            layout = virtio.Layout(dev.tx.entries)
+            ring = await self._read(dev, dev.tx.ring_gpa, PAGE)
+            avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
+            while dev.tx_avail != avail:
+                slot = virtio.U16.unpack_from(ring, layout.avail_slot(dev.tx_avail))[0]
+                length = 0
+                if slot >= dev.tx.entries:
+                    result = Result.BAD_FRAME
+                else:
+                    desc = virtio.Desc.decode(
+                        ring[layout.desc(slot) : layout.desc(slot) + virtio.DESC.size]
+                    )
+                    length = desc.length
+                    result = await self._send(dev, desc)
+                results.append(self._count(result))
+                # return the buffer: used element, then used idx (2.7.8.2: the idx last)
+                elem = virtio.USED_ELEM.pack(slot, length)
+                await self._write(dev, dev.tx.ring_gpa + layout.used_slot(dev.tx_used), elem)
+                dev.tx_used = (dev.tx_used + 1) & 0xFFFF
+                dev.tx_avail = (dev.tx_avail + 1) & 0xFFFF
+                await self._u16(dev, dev.tx.ring_gpa + layout.used_idx, dev.tx_used)
+        return results
+
+    def _count(self, result: Result) -> Result:
+        self.results[result] += 1
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    async def _send(self, src: Device, desc: virtio.Desc) -> Result:
+        if (
+            desc.length > virtio.NET_HDR.size + virtio.ETH_MAX
+            or desc.flags & virtio.VRING_DESC_F_NEXT
+        ):
+            src.counters.dropped += 1
+            return Result.BAD_FRAME
+        try:
+            raw = await self._read(src, desc.addr, desc.length)
+            frame = virtio.parse_frame(raw)
+        except virtio.VirtioError as e:
+            log.warning("bad TX frame from %s: %s", src.vm_id, e, extra={"event": "bad_frame"})
+            src.counters.dropped += 1
+            return Result.BAD_FRAME
+        if frame.src != src.mac:
+            src.counters.dropped += 1  # spoofed source: a bridge with port security drops it
+            return Result.BAD_FRAME
+        src.counters.tx_packets += 1
+        src.counters.tx_bytes += len(frame.payload)
+        dst = self.by_mac.get(frame.dst)
+        if dst is None:
+            return Result.NO_ROUTE
+        return await self._deliver(dst, raw)
+
+    async def _deliver(self, dst: Device, raw: bytes) -> Result:
+        """Into the destination's next offered RX buffer, then its used ring."""
+        async with dst.lock:
+            layout = virtio.Layout(dst.rx.entries)
+            ring = await self._read(dst, dst.rx.ring_gpa, PAGE)
+            avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
+            if dst.rx_avail == avail:
+                dst.counters.dropped += 1
+                return Result.NO_BUFFER
+            slot = virtio.U16.unpack_from(ring, layout.avail_slot(dst.rx_avail))[0]
+            dst.rx_avail = (dst.rx_avail + 1) & 0xFFFF
+            if slot >= dst.rx.entries:
+                dst.counters.dropped += 1
+                return Result.BAD_FRAME
+            desc = virtio.Desc.decode(
+                ring[layout.desc(slot) : layout.desc(slot) + virtio.DESC.size]
+            )
+            if not desc.flags & virtio.VRING_DESC_F_WRITE or desc.length < len(raw):
+                dst.counters.dropped += 1
+                return Result.BAD_FRAME
+            try:
+                outcome = await self._write(dst, desc.addr, raw)
+            except virtio.VirtioError:
+                dst.counters.dropped += 1
+                return Result.BAD_FRAME
+            # every buffer goes back through the used ring; a refused one with length 0, which
+            # the driver counts as an RX error (virtnet receive_buf: "rx error: len too short")
+            done = 0 if outcome == WriteOutcome.REFUSED else len(raw)
+            elem = virtio.USED_ELEM.pack(slot, done)
+            await self._write(dst, dst.rx.ring_gpa + layout.used_slot(dst.rx_used), elem)
+            dst.rx_used = (dst.rx_used + 1) & 0xFFFF
+            await self._u16(dst, dst.rx.ring_gpa + layout.used_idx, dst.rx_used)
+            if outcome == WriteOutcome.REFUSED:
+                dst.counters.dropped += 1
+                return Result.REFUSED
+            dst.counters.rx_packets += 1
+            dst.counters.rx_bytes += len(raw) - virtio.NET_HDR.size - virtio.ETH_HDR.size
+            return Result.CONVERTED if outcome == WriteOutcome.CONVERTED else Result.DELIVERED
