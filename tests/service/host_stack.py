@@ -1,5 +1,5 @@
-"""rmp, psp, kvm and netd as real gRPC servers in one process (port 0), each reaching the others over
-gRPC; and a stand-in for the guest kernel's side of the exits (the guest agent is not built)."""
+"""rmp, psp, kvm and netd as real gRPC servers in one process (port 0), each reaching the others
+over gRPC; and a stand-in for the guest kernel's side of the exits, for tests below the agent."""
 
 from __future__ import annotations
 
