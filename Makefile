@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-unit test-cluster lint bench protos protos-check clean
+.PHONY: install up test test-unit test-cluster lint bench lab protos protos-check clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	$(PY) bench/psp_bench.py
 	$(PY) bench/kvm_bench.py
 	$(PY) bench/guest_bench.py
+
+# every lab scenario under every violation policy, each on a fresh virtual host (about 5 min);
+# the table, docs/lab/results.json, docs/lab/results.png and docs/lab-results.md
+lab: $(STAMP)
+	$(PY) -m snpemu.lab --out docs/lab --doc docs/lab-results.md
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -34,6 +34,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[dev]'
+"$VENV/bin/python" -m pip install -q -e '.[dev,lab]'
 touch "$VENV/.installed"
 echo "install: done ($("$VENV/bin/python" --version), $(command -v prometheus || echo 'no prometheus'))"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from snpemu.hostconfig import free_ports  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,17 +41,3 @@ def sev_snp_measure(
         check=True,
         timeout=120,
     ).stdout.strip()
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound then released together)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

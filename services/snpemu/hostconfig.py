@@ -176,3 +176,19 @@ class HostConfig:
             if p > 65535:
                 raise ConfigError(f"{owner} port {p} is above 65535")
             seen[p] = owner
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct local ports that were free a moment ago (bound then released together)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -148,6 +148,34 @@ def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Clust
     assert "disabled_vmpcks" not in grpcurl(cluster, "guest-0", "GetStatus", {})
 
 
+def test_guests_talk_through_netd_with_grpcurl(cluster: Cluster) -> None:
+    for guest in ("guest-0", "guest-1"):
+        wait_running(cluster, guest)
+        assert grpcurl(cluster, guest, "AttachNetDevice", {})["device_id"]
+    payload = b"hello from guest-0"
+    sent = grpcurl(
+        cluster,
+        "guest-0",
+        "SendPacket",
+        {"destination_mac": "02:00:00:00:00:02", "payload": base64.b64encode(payload).decode()},
+    )
+    assert sent == {"result": "delivered"}
+    got = grpcurl(cluster, "guest-1", "ReceivePackets", {})["packets"]
+    assert got == [
+        {"source_mac": "02:00:00:00:00:01", "payload": base64.b64encode(payload).decode()}
+    ]
+    listed = cluster.grpcurl(
+        "-d", "{}", cluster.address("netd"), "snp.netd.v1.NetdService/ListDevices"
+    )
+    assert listed.returncode == 0, listed.stderr
+    devices = {d["mac"]: d for d in json.loads(listed.stdout)["devices"]}
+    assert devices["02:00:00:00:00:02"]["rx_packets"] == "1"  # uint64 as a JSON string
+    query = 'sum(snp_netd_packets_total{result="delivered"})'
+    assert prometheus(cluster, query, "1") == "1"
+    query = 'sum(snp_guest_agent_packets_total{direction="received",result="ok"})'
+    assert prometheus(cluster, query, "1") == "1"
+
+
 def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     """SIGKILL a guest agent (no DestroyVm): its HoldVm stream closes and kvm destroys the VM;
     the launcher restarts the agent, which boots a new VM. No VM is left behind."""

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _SERVICE = _FILE.services_by_name["GuestService"]
+# bounded label values of snp_guest_agent_packets_total, every one exported from the start
+NET_RESULTS = {
+    "sent": ("delivered", "converted", "no_route", "no_buffer", "refused", "bad_frame", "lost"),
+    "received": ("ok", "rx_error", "vc", "bad_frame"),
+}
 
 
 class _Guest:
@@ -50,7 +55,7 @@ class _Guest:
         self.net = NetRpcs(self.kernel, driver, self.netd)
         self.servicer = GuestServicer(self.kernel, driver, self.net)
         self.boot_task: asyncio.Task[None] | None = None
-        kernel, servicer = self.kernel, self.servicer
+        kernel, servicer, net = self.kernel, self.servicer, self.net
 
         class AgentCollector(Collector):
             def collect(self) -> Iterator[Metric]:
@@ -73,6 +78,17 @@ class _Guest:
                     "Boots completed.",
                     value=float(kernel.event_counts.get("boot", 0)),
                 )
+                packets = CounterMetricFamily(
+                    "snp_guest_agent_packets",
+                    "Network packets by direction and what became of them.",
+                    labels=["direction", "result"],
+                )
+                dev = net.dev
+                for direction, results in NET_RESULTS.items():
+                    seen = getattr(dev.stats, direction) if dev is not None else {}
+                    for r in results:
+                        packets.add_metric([direction, r], float(seen.get(r, 0)))
+                yield packets
                 state = GaugeMetricFamily(
                     "snp_guest_agent_state", "1 for the guest's state.", labels=["state"]
                 )

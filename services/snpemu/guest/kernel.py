@@ -26,7 +26,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.errors import WrongState
-from snpemu.kvm.peers import Peer
+from snpemu.kvm.peers import Peer, PeerError
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 
@@ -118,8 +118,21 @@ class GuestKernel:
                 f"the guest is {self.state.name.lower()}, not running", reason="GUEST_NOT_RUNNING"
             )
 
+    async def _exit(self, method: str, request: Any) -> Any:
+        """A VMGEXIT. A VM the host terminated (convert-kill) never runs again: note why."""
+        try:
+            return await self.kvm.call(method, request)
+        except PeerError as e:
+            if e.reason == "VM_TERMINATED" and self.state != BootState.TERMINATED:
+                with contextlib.suppress(Exception):
+                    info = (await self.kvm.call("GetVm", kvm_pb2.GetVmRequest(vm=self.vm))).vm
+                    self.term_reason = (info.term_reason_set, info.term_reason_code)
+                self.state = BootState.TERMINATED
+                self.event("terminated", detail=f"by the host: {e.message}")
+            raise
+
     async def msr_exit(self, value: int) -> int:
-        r = await self.kvm.call(
+        r = await self._exit(
             "VmgexitMsr", kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value)
         )
         return int(r.ghcb_msr)
@@ -139,7 +152,7 @@ class GuestKernel:
                 identity=self.ident, gpa=GHCB_GPA, data=ghcb.encode(), private=False
             ),
         )
-        r = await self.kvm.call("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
+        r = await self._exit("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
         back = await self.rmp.call(
             "GuestRead",
             rmp_pb2.GuestReadRequest(identity=self.ident, gpa=GHCB_GPA, length=PAGE, private=False),

@@ -42,6 +42,7 @@ class GuestServicer:
             net_sent=dev.stats.sent if dev else {},
             net_received=dev.stats.received if dev else {},
             net_reconnects=dev.stats.reconnects if dev else 0,
+            vm_id=k.vm.id if k.vm is not None else "",
             name=k.name,
             state=pb.BootState.ValueType(int(k.state)),
             term_reason_set=k.term_reason[0],

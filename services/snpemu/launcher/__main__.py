@@ -2,6 +2,7 @@
 
     python -m snpemu.launcher up       # start, wait until healthy, supervise; Ctrl-C stops
     python -m snpemu.launcher status   # health of every service of a running host
+    python -m snpemu.launcher lab      # the RMP-policy lab, each run on a fresh virtual host
 
 Ports come from `.env` (overridable by environment variables); state (logs, psp data,
 Prometheus data, launcher.json) goes to SNPEMU_STATE_DIR, default ./.snpemu.
@@ -277,6 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     prom.add_argument(
         "--compose", action="store_true", help="targets by compose service name (deploy/)"
     )
+    sub.add_parser(
+        "lab",
+        help="the RMP-policy lab (python -m snpemu.lab --help for its options)",
+        add_help=False,
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:
+        from snpemu.lab.__main__ import main as lab_main
+
+        return lab_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="snpemu: %(message)s", stream=sys.stdout)
     if args.command in (None, "up"):

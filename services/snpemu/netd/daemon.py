@@ -123,7 +123,10 @@ class Device:
     rx_used: int = 0
     tx_avail: int = 0
     tx_used: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # one lock per queue: a TX doorbell holds its own TX queue while it fills other devices'
+    # RX queues, so taking TX locks before RX locks (never the other way) cannot deadlock
+    tx_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    rx_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class NetDaemon:
@@ -218,10 +221,17 @@ class NetDaemon:
         """The TX doorbell: every descriptor the driver made available since the last one."""
         dev = self.device(device_id)
         results: list[Result] = []
-        async with dev.lock:
+        async with dev.tx_lock:
             layout = virtio.Layout(dev.tx.entries)
             ring = await self._read(dev, dev.tx.ring_gpa, PAGE)
             avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
+            if (avail - dev.tx_avail) & 0xFFFF > dev.tx.entries:
+                # vhost's "Guest moved avail index from %u to %u": a broken driver, ignored
+                raise InvalidArgument(
+                    f"avail idx moved from {dev.tx_avail} to {avail}, more than the "
+                    f"{dev.tx.entries} entries of the queue",
+                    reason="BROKEN_RING",
+                )
             while dev.tx_avail != avail:
                 slot = virtio.U16.unpack_from(ring, layout.avail_slot(dev.tx_avail))[0]
                 length = 0
@@ -274,13 +284,16 @@ class NetDaemon:
 
     async def _deliver(self, dst: Device, raw: bytes) -> Result:
         """Into the destination's next offered RX buffer, then its used ring."""
-        async with dst.lock:
+        async with dst.rx_lock:
             layout = virtio.Layout(dst.rx.entries)
             ring = await self._read(dst, dst.rx.ring_gpa, PAGE)
             avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
             if dst.rx_avail == avail:
                 dst.counters.dropped += 1
                 return Result.NO_BUFFER
+            if (avail - dst.rx_avail) & 0xFFFF > dst.rx.entries:
+                dst.counters.dropped += 1
+                return Result.BAD_FRAME
             slot = virtio.U16.unpack_from(ring, layout.avail_slot(dst.rx_avail))[0]
             dst.rx_avail = (dst.rx_avail + 1) & 0xFFFF
             if slot >= dst.rx.entries:

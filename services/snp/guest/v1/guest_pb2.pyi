@@ -169,6 +169,7 @@ class GetStatusResponse(_message.Message):
     NET_SENT_FIELD_NUMBER: _builtins.int
     NET_RECEIVED_FIELD_NUMBER: _builtins.int
     NET_RECONNECTS_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___BootState.ValueType
     term_reason_set: _builtins.int
@@ -179,6 +180,8 @@ class GetStatusResponse(_message.Message):
     accepted_bytes: _builtins.int
     net_reconnects: _builtins.int
     """Times the VMM re-registered the device after netd went away."""
+    vm_id: _builtins.str
+    """kvm's id of this guest's VM (empty before launch)."""
     @_builtins.property
     def disabled_vmpcks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """VMPCKs wiped by the driver's rules (index 0..3)."""
@@ -210,10 +213,11 @@ class GetStatusResponse(_message.Message):
         net_sent: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         net_received: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         net_reconnects: _builtins.int = ...,
+        vm_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_bytes", b"accepted_bytes", "disabled_vmpcks", b"disabled_vmpcks", "events", b"events", "memory_bytes", b"memory_bytes", "name", b"name", "net_received", b"net_received", "net_reconnects", b"net_reconnects", "net_sent", b"net_sent", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_bytes", b"accepted_bytes", "disabled_vmpcks", b"disabled_vmpcks", "events", b"events", "memory_bytes", b"memory_bytes", "name", b"name", "net_received", b"net_received", "net_reconnects", b"net_reconnects", "net_sent", b"net_sent", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vcpus", b"vcpus", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""The RMP-policy lab (DESIGN.md section 2): scenarios x violation policies, measured."""
