@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.psp.v1 import psp_pb2
 from snpemu import guest
@@ -370,5 +371,50 @@ def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: 
                 assert after == {"npf": 1, "FAIL_PERMISSION": 2}, after
             events = (await g.GetStatus(guest_pb2.GetStatusRequest())).events
             assert [e.gpa for e in events if e.kind == "npf"] == [gpa]
+
+    run(body())
+
+
+def test_a_guest_cannot_reach_another_guests_memory(tmp_path: Path) -> None:
+    from snp.kvm.v1 import kvm_pb2
+    from snp.rmp.v1 import rmp_pb2
+
+    async def body() -> None:
+        async with (
+            host_stack(tmp_path) as s,
+            agent(s, "guest-0") as (a, _),
+            agent(s, "guest-1") as (b, _),
+        ):
+            marker = b"guest-1 private data".ljust(64, b".")
+            gpa = 0x300000
+            await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker))
+            st_b = await b.GetStatus(guest_pb2.GetStatusRequest())
+            mm = await s.kvm.GetMemoryMap(
+                kvm_pb2.GetMemoryMapRequest(vm=handles_pb2.VmHandle(id=st_b.vm_id)), metadata=HOST
+            )
+            region = next(r for r in mm.regions if r.gpa <= gpa < r.gpa + r.size)
+            spa = region.spa + gpa - region.gpa
+            assert spa >= 64 << 20, "the frame lies beyond guest-0's 64 MiB of GPA space"
+            before = await s.rmp.ReadRmpEntry(
+                rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST
+            )
+            for op in ("read", "validate", "adjust"):
+                r = await a.AccessForeignMemory(
+                    guest_pb2.AccessForeignMemoryRequest(spa=spa, operation=op, asid=mm.asid)
+                )
+                own, forged = r.outcome.split("; as ASID")
+                assert "#NPF" in own and "no_memslot" in own and "not retried" in own, r.outcome
+                assert "refused by rmp (BAD_VCPU_IDENTITY" in forged, r.outcome
+            after = await s.rmp.ReadRmpEntry(
+                rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST
+            )
+            assert after.entry == before.entry
+            back = await b.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=gpa, length=64))
+            assert back.data == marker
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await a.AccessForeignMemory(
+                    guest_pb2.AccessForeignMemoryRequest(spa=spa, operation="write")
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     run(body())

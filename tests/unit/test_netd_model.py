@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -267,3 +268,11 @@ def test_a_garbage_tx_ring_never_crashes_the_daemon(area: bytes, avail: int) -> 
         assert len(results) == struct.unpack_from("<H", page, a.lay.avail_idx)[0]
 
     run(body())
+
+
+def test_starts_are_counted_in_the_data_dir(tmp_path: Path) -> None:
+    from snpemu.netd import count_start
+
+    assert [count_start(tmp_path / "netd") for _ in range(3)] == [0, 1, 2]
+    (tmp_path / "file").write_text("")
+    assert count_start(tmp_path / "file" / "netd") == 0  # cannot be written: logged, not fatal

@@ -118,8 +118,9 @@ class GuestKernel:
                 f"the guest is {self.state.name.lower()}, not running", reason="GUEST_NOT_RUNNING"
             )
 
-    async def _exit(self, method: str, request: Any) -> Any:
-        """A VMGEXIT. A VM the host terminated (convert-kill) never runs again: note why."""
+    async def vmexit(self, method: str, request: Any) -> Any:
+        """A VMGEXIT or #NPF exit. A VM the host terminated (convert-kill) never runs again:
+        note why, and answer as a terminated guest does."""
         try:
             return await self.kvm.call(method, request)
         except PeerError as e:
@@ -129,10 +130,15 @@ class GuestKernel:
                     self.term_reason = (info.term_reason_set, info.term_reason_code)
                 self.state = BootState.TERMINATED
                 self.event("terminated", detail=f"by the host: {e.message}")
+            if e.reason == "VM_TERMINATED":
+                rs, code = self.term_reason
+                raise Terminated(
+                    f"the host terminated this guest (reason set {rs}, code {code})"
+                ) from None
             raise
 
     async def msr_exit(self, value: int) -> int:
-        r = await self._exit(
+        r = await self.vmexit(
             "VmgexitMsr", kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value)
         )
         return int(r.ghcb_msr)
@@ -152,7 +158,7 @@ class GuestKernel:
                 identity=self.ident, gpa=GHCB_GPA, data=ghcb.encode(), private=False
             ),
         )
-        r = await self._exit("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
+        r = await self.vmexit("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
         back = await self.rmp.call(
             "GuestRead",
             rmp_pb2.GuestReadRequest(identity=self.ident, gpa=GHCB_GPA, length=PAGE, private=False),
@@ -306,7 +312,7 @@ class GuestKernel:
                     raise Terminated("PVALIDATE failed")
                 if r.HasField("fault"):
                     # e.g. a 4K PVALIDATE on a 2M entry: #NPF, kvm PSMASHes, the guest retries
-                    n = await self.kvm.call(
+                    n = await self.vmexit(
                         "NestedPageFault",
                         kvm_pb2.NestedPageFaultRequest(
                             identity=self.ident, gpa=r.fault.gpa, error_code=r.fault.error_code
@@ -355,7 +361,7 @@ class GuestKernel:
             elif r.HasField("fault"):
                 kind = "npf"
                 self.event("npf", r.fault.gpa, f"RMPADJUST: {r.fault.cause}")
-                await self.kvm.call(
+                await self.vmexit(
                     "NestedPageFault",
                     kvm_pb2.NestedPageFaultRequest(
                         identity=self.ident, gpa=r.fault.gpa, error_code=r.fault.error_code
@@ -465,7 +471,7 @@ class GuestKernel:
                     await self.terminate(TERM_GEN, GEN_REQ, f"#VC: {f.cause} at {f.gpa:#x}")
                     raise Terminated(f"#VC at {f.gpa:#x} ({f.cause}): the guest terminated")
                 raise GuestFault(f"#VC at {f.gpa:#x}: {f.cause}", metadata={"gpa": hex(f.gpa)})
-            n = await self.kvm.call(
+            n = await self.vmexit(
                 "NestedPageFault",
                 kvm_pb2.NestedPageFaultRequest(
                     identity=self.ident, gpa=f.gpa, error_code=f.error_code

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 import struct
 import time
 from typing import Any
 
+from snp.common.v1 import handles_pb2, types_pb2
 from snp.guest.v1 import guest_pb2 as pb
+from snp.kvm.v1 import kvm_pb2
+from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import cert_table, report
 from snpemu.abi import guest_message as gm
@@ -14,6 +18,7 @@ from snpemu.errors import InvalidArgument
 from snpemu.guest.driver import Driver, RequestFailed, key_request, report_request
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.net_rpcs import NetRpcs
+from snpemu.kvm.peers import PeerError
 
 GUID_NAMES = {
     cert_table.VCEK: "vcek",
@@ -212,6 +217,68 @@ class GuestServicer:
         return pb.FloodReportRequestsResponse(
             completed=completed, busy=self.k.event_counts.get("busy_retry", 0) - busy_before
         )
+
+    async def AccessForeignMemory(
+        self, request: Any, context: Any
+    ) -> pb.AccessForeignMemoryResponse:
+        """Reach for another guest's frame the only ways a guest has: the frame's address as a
+        GPA through its own nested page table, and the other guest's ASID presented with a
+        guessed vCPU token. Neither may reach the frame; the answer says what stopped each."""
+        op = request.operation
+        if op not in ("read", "validate", "adjust"):
+            raise InvalidArgument('operation is "read", "validate" or "adjust"')
+        if op != "read" and request.spa % 4096:
+            raise InvalidArgument("validate and adjust take a page-aligned address")
+        k = self.k
+        k.check_running()
+        spa = int(request.spa)
+        outcomes = [f"as itself at GPA {spa:#x}: {await self._foreign(op, k.ident, spa)}"]
+        if request.asid and request.asid != k.ident.asid:
+            forged = handles_pb2.VcpuIdentity(
+                vcpu=k.ident.vcpu, asid=request.asid, vmpl=0, token=secrets.token_bytes(32)
+            )
+            outcomes.append(f"as ASID {request.asid}: {await self._foreign(op, forged, spa)}")
+        return pb.AccessForeignMemoryResponse(outcome="; ".join(outcomes))
+
+    async def _foreign(self, op: str, ident: Any, gpa: int) -> str:
+        k = self.k
+        try:
+            if op == "read":
+                r = await k.rmp.call(
+                    "GuestRead",
+                    rmp_pb2.GuestReadRequest(identity=ident, gpa=gpa, length=64, private=True),
+                )
+            elif op == "validate":
+                r = await k.rmp.call(
+                    "Pvalidate",
+                    rmp_pb2.PvalidateRequest(
+                        identity=ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+                    ),
+                )
+            else:
+                r = await k.rmp.call(
+                    "RmpAdjust",
+                    rmp_pb2.RmpAdjustRequest(
+                        identity=ident,
+                        gpa=gpa,
+                        page_size=types_pb2.PAGE_SIZE_4K,
+                        target_vmpl=1,
+                        perms=1,
+                    ),
+                )
+        except PeerError as e:
+            return f"refused by rmp ({e.reason}: {e.message})"
+        if not r.HasField("fault"):
+            return "reached a page of its own (the address is inside its own guest RAM)"
+        f = r.fault
+        if f.vc:
+            return f"#VC ({f.cause})"
+        n = await k.vmexit(
+            "NestedPageFault",
+            kvm_pb2.NestedPageFaultRequest(identity=ident, gpa=f.gpa, error_code=f.error_code),
+        )
+        k.event("npf", f.gpa, f"{f.cause}: kvm {n.action}")
+        return f"#NPF ({f.cause}); kvm: {n.action}, {'retried' if n.retry else 'not retried'}"
 
     async def RaceRmpAdjust(self, request: Any, context: Any) -> pb.RaceRmpAdjustResponse:
         """RMPADJUST in a loop on a private page while the host converts it (drive the host

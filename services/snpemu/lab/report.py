@@ -75,6 +75,8 @@ def severity(row: dict[str, Any]) -> tuple[int, str]:
         return 2, "guest-0 killed" if row["guests_terminated"] == ["guest-0"] else "guests killed"
     if row["guests_with_vc"]:
         return 1, "#VC in " + ",".join(g.replace("guest-", "g") for g in row["guests_with_vc"])
+    if any(": refused" in t for t in row["trigger"]):
+        return 0, "guest-0's packet\nrefused (counted)"
     return 0, "nothing broke"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,20 +14,29 @@ from snpemu.runtime.server import ServiceSpec
 if TYPE_CHECKING:
     from snpemu.runtime.server import ServiceRuntime
 
+log = logging.getLogger(__name__)
 _SERVICE = _FILE.services_by_name["NetdService"]
 
 
 def count_start(data_dir: Path) -> int:
     """Starts before this one with this data directory: a restarted daemon knows it was."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "starts"
     try:
         before = int(path.read_text())
     except (OSError, ValueError):
         before = 0
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(before + 1))
-    tmp.replace(path)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(before + 1))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning(
+            "cannot count starts in %s (%s): snp_netd_restarts_total stays 0",
+            data_dir,
+            e,
+            extra={"event": "restart_count_unavailable"},
+        )
     return before
 
 

@@ -977,19 +977,23 @@ class AccessForeignMemoryRequest(_message.Message):
 
     SPA_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
+    ASID_FIELD_NUMBER: _builtins.int
     spa: _builtins.int
     """Host frame belonging to another guest."""
     operation: _builtins.str
     """"read", "validate" or "adjust"."""
+    asid: _builtins.int
+    """The other guest's ASID: the guest also tries presenting it with a guessed vCPU token."""
     def __init__(
         self,
         *,
         spa: _builtins.int = ...,
         operation: _builtins.str = ...,
+        asid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "spa", b"spa"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "operation", b"operation", "spa", b"spa"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
