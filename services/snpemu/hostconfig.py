@@ -179,15 +179,33 @@ class HostConfig:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct local ports that were free a moment ago (bound then released together)."""
+    """n distinct local ports that were free a moment ago (bound then released together).
+
+    Chosen below the kernel's ephemeral range, so that the source port of some outgoing
+    connection cannot take one between now and the moment a service binds it.
+    """
+    import random
     import socket
 
-    socks = []
     try:
-        for _ in range(n):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 2048)
+    socks: list[socket.socket] = []
+    try:
+        for port in random.sample(range(1024 + (low - 1024) // 4, low), k=min(4000, low // 2)):
+            if len(socks) == n:
+                break
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise OSError(f"found only {len(socks)} free ports below {low}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

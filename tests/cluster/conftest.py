@@ -141,6 +141,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster(
         proc, env, Path(env["SNPEMU_STATE_DIR"]), HostConfig.load(env), env[MARKER], lines
     )
+    if any("prometheus not started" in line for line in lines):
+        log = Path(env["SNPEMU_STATE_DIR"]) / "logs" / "prometheus.log"
+        tail = log.read_text()[-2000:] if log.exists() else "(no log)"
+        cluster.stop()
+        pytest.fail("the launcher came up without Prometheus:\n" + "".join(lines) + tail)
     yield cluster
     if proc.poll() is None:
         cluster.stop()

@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import pytest
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+from snp.netd.v1 import netd_pb2_grpc
 from snp.psp.v1 import psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.rmp.client import read_credential
@@ -73,11 +74,13 @@ def test_guest_request_across_processes(cluster: Cluster, tmp_path) -> None:  # 
             grpc.aio.insecure_channel(cluster.address("rmp")) as rc,
             grpc.aio.insecure_channel(cluster.address("psp")) as pc,
             grpc.aio.insecure_channel(cluster.address("kvm")) as kc,
+            grpc.aio.insecure_channel(cluster.address("netd")) as nc,
         ):
             stack = Stack(
                 rmp_pb2_grpc.RmpServiceStub(rc),
                 psp_pb2_grpc.PspServiceStub(pc),
                 kvm_pb2_grpc.KvmServiceStub(kc),
+                netd_pb2_grpc.NetdServiceStub(nc),
                 {},
                 fw,
             )

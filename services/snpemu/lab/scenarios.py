@@ -133,8 +133,9 @@ SCENARIOS = [
         "a malicious guest flips its RX buffer to private mid-copy",
         flip_mid_copy,
         "user",
-        # a slow copy (256-byte chunks, 40 ms apart) so the flip lands inside it
-        netd_env={"SNPEMU_NETD_COPY_CHUNK": "256", "SNPEMU_NETD_COPY_DELAY_MS": "40"},
+        # a slow copy (256-byte chunks, 100 ms apart) so the flip lands inside it, even on a
+        # loaded machine
+        netd_env={"SNPEMU_NETD_COPY_CHUNK": "256", "SNPEMU_NETD_COPY_DELAY_MS": "100"},
     ),
     Scenario(
         "kernel-write",
