@@ -226,3 +226,21 @@ def test_busy_prometheus_port_leaves_the_host_running_without_it(tmp_path) -> No
         blocker.close()
     assert proc.returncode == 0
     assert processes_with_marker(env["SNPEMU_TEST_RUN"]) == []
+
+
+def test_a_killed_launcher_takes_every_service_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL gives the launcher no chance to stop anything: each child dies with it
+    (PR_SET_PDEATHSIG, set before exec by the spawn shim)."""
+    env = launch_env(tmp_path, SNPEMU_GUESTS="1")
+    proc = start_launcher(env, "--no-prometheus")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("Ctrl-C"):
+            break
+    assert len(processes_with_marker(env["SNPEMU_TEST_RUN"])) >= 6  # launcher + 5 services
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while processes_with_marker(env["SNPEMU_TEST_RUN"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with_marker(env["SNPEMU_TEST_RUN"]) == []

@@ -24,6 +24,7 @@ from snp.netd.v1 import netd_pb2, netd_pb2_grpc
 
 from snpemu.hostconfig import HOST_COMPONENTS, HostConfig, free_ports
 from snpemu.rmp.client import credential_metadata, read_credential
+from snpemu.spawn import Spawned
 
 
 class LabHostError(RuntimeError):
@@ -55,7 +56,7 @@ class LabHost:
             self.env[f"SNPEMU_GUEST_{i}_GRPC_PORT"] = str(ports[len(names) + i])
             self.env[f"SNPEMU_GUEST_{i}_METRICS_PORT"] = str(ports[len(names) + guests + i])
         self.config = HostConfig.load(self.env)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Spawned | None = None
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.md: tuple[tuple[str, str], ...] = ()
 
@@ -84,15 +85,12 @@ class LabHost:
 
     async def start(self, timeout: float = 120) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.workdir / "launcher.log", "wb")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(
+        self.proc = Spawned(
             [sys.executable, "-m", "snpemu.launcher", "up", "--no-prometheus"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.env,
+            output=self.workdir / "launcher.log",
+            die_with_parent=True,
         )
-        log.close()
         state_file = self.state_dir / "launcher.json"
         deadline = time.monotonic() + timeout
         while not state_file.exists():

@@ -8,7 +8,6 @@ process outlives it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -22,15 +21,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from snpemu.spawn import Spawned
+
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class LaunchError(RuntimeError):
@@ -63,7 +56,7 @@ class Child:
     env: Mapping[str, str]
     log_path: Path
     ready: Callable[[], bool]
-    process: subprocess.Popen[bytes] | None = None
+    process: Spawned | None = None
     restarts: int = 0
     started_at: float = 0.0
     backoff_s: float = 0.5
@@ -72,16 +65,10 @@ class Child:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                list(self.argv),
-                env={**os.environ, **self.env},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+        # spawned, not forked: this process has used gRPC, whose at-fork handlers can hang
+        self.process = Spawned(
+            self.argv, {**os.environ, **self.env}, output=self.log_path, die_with_parent=True
+        )
         self.pids.append(self.process.pid)
         self.started_at = time.monotonic()
 
