@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 from snpemu.hostconfig import HostConfig, parse_env_file
 from snpemu.launcher import prometheus
 from snpemu.launcher.plan import SERVICE_NAMES, plan
+from snpemu.metrics_catalog import names
 
 from tests.conftest import ROOT, tool
 
@@ -126,7 +128,10 @@ def test_dockerfile_copies_what_the_image_needs() -> None:
 def test_compose_prometheus_config_is_the_launchers_rendering() -> None:
     config = HostConfig.load({"SNPEMU_CONFIG": str(ROOT / ".env")})
     committed = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
-    assert committed == prometheus.render(config.endpoints, lambda e: e.name), (
+    rendered = prometheus.render(
+        config.endpoints, lambda e: e.name, rule_files=prometheus.RULE_FILES
+    )
+    assert committed == rendered, (
         "regenerate with: python -m snpemu.launcher prometheus-config --compose "
         "> deploy/prometheus/prometheus.yml"
     )
@@ -151,27 +156,96 @@ def test_grafana_datasource_has_the_fixed_uid() -> None:
     assert source["uid"] == "snpemu-prometheus" and source["url"] == "http://prometheus:9090"
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "deploy/grafana/dashboards").glob("*.json")), ids=lambda p: p.name
-)
+DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+RULES = ROOT / "deploy/prometheus/rules/snpemu.yml"
+# a metric name inside PromQL: a word followed by {, [ or ) ... but not a function or label
+_NAME = re.compile(r"\b((?:snp|grpc_server)_[a-z0-9_]+|up)\b")
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    out = []
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                out.append((f"{path.name}: {panel['title']}", target["expr"]))
+    return out
+
+
+def rule_exprs() -> list[tuple[str, str]]:
+    rules = yaml.safe_load(RULES.read_text())
+    return [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+def test_dashboards_are_generated() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_dashboards.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_panels_are_complete(path: Path) -> None:
     dash = json.loads(path.read_text())
-    assert dash["uid"] and dash["title"]
-    exported = {"up", "grpc_server_started_total", "grpc_server_handled_total"} | {
-        f"grpc_server_handling_seconds_{s}" for s in ("bucket", "sum", "count")
-    }
+    assert dash["uid"] and dash["title"] and dash["description"]
     for panel in dash["panels"]:
         where = f"{path.name} panel {panel.get('title')!r}"
         assert panel.get("title") and panel.get("description"), where
         assert panel["fieldConfig"]["defaults"].get("unit"), where
         assert panel["datasource"] == {"type": "prometheus", "uid": "snpemu-prometheus"}, where
+        assert panel["targets"], where
         for target in panel["targets"]:
             expr = target["expr"]
             assert target["datasource"]["uid"] == "snpemu-prometheus", where
-            if "rate(" in expr:
-                assert "[$__rate_interval]" in expr, where
-            names = set(re.findall(r"\b([a-z_]+(?:_total|_bucket|_sum|_count)|up)\b", expr))
-            assert names and names <= exported, (where, names - exported)
+            for fn in ("rate(", "increase("):
+                if fn in expr:
+                    assert "[$__rate_interval]" in expr, where
+                    assert re.search(r"\[(?!\$__rate_interval)", expr) is None, where
+
+
+def test_every_query_names_only_cataloged_metrics() -> None:
+    known = names() | {"up"}
+    for where, expr in dashboard_exprs() + rule_exprs():
+        used = set(_NAME.findall(expr))
+        assert used, (where, expr)
+        assert used <= known, (where, sorted(used - known))
+
+
+def test_every_query_parses(tmp_path: Path) -> None:
+    """promtool parses each dashboard query (as a recording rule, $__rate_interval as 1m)."""
+    rules = [
+        {"record": f"snpemu:panel_{i}", "expr": expr.replace("$__rate_interval", "1m")}
+        for i, (_where, expr) in enumerate(dashboard_exprs())
+    ]
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_check_and_their_unit_tests_pass() -> None:
+    for args in (
+        ["check", "rules", str(RULES)],
+        ["test", "rules", str(RULES.with_name("snpemu_test.yml"))],
+    ):
+        result = subprocess.run(
+            [tool("promtool"), *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
+    tests = yaml.safe_load(RULES.with_name("snpemu_test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t["alert_rule_test"]]
+    for alert, _expr in rule_exprs():
+        mine = [c for c in cases if c["alertname"] == alert]
+        assert any(c["exp_alerts"] for c in mine), f"{alert}: no case where it fires"
+        assert any(not c["exp_alerts"] for c in mine), f"{alert}: no case where it stays quiet"
 
 
 def test_every_launcher_service_has_a_known_grpc_service() -> None:

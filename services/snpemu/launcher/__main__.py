@@ -57,7 +57,12 @@ def _prometheus_child(config: HostConfig, state: Path) -> Child | None:
     home = state / "prometheus"
     home.mkdir(parents=True, exist_ok=True)
     config_file = home / "prometheus.yml"
-    config_file.write_text(prometheus.render(config.endpoints, lambda _e: "127.0.0.1"))
+    rules = prometheus.install_rules(home)
+    if not rules:
+        log.warning("no alert rules at %s: Prometheus runs without them", prometheus.RULES_SOURCE)
+    config_file.write_text(
+        prometheus.render(config.endpoints, lambda _e: "127.0.0.1", rule_files=rules)
+    )
     port = config.prometheus_port
     return Child(
         name="prometheus",
@@ -258,7 +263,9 @@ def cmd_prometheus_config(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     if args.compose:
-        text = prometheus.render(config.endpoints, lambda e: e.name)
+        text = prometheus.render(
+            config.endpoints, lambda e: e.name, rule_files=prometheus.RULE_FILES
+        )
     else:
         text = prometheus.render(config.endpoints, lambda _e: "127.0.0.1")
     sys.stdout.write(text)

@@ -7,11 +7,28 @@ The same function renders both: the launcher scrapes 127.0.0.1:<port>; compose s
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from snpemu.hostconfig import Endpoint
 
 SCRAPE_INTERVAL = "5s"
+# The alert rules, relative to prometheus.yml (Prometheus resolves rule_files against the
+# config file's directory): deploy/prometheus/rules/ for compose, a copy next to the
+# launcher's rendering for the local host.
+RULE_FILES = ("rules/snpemu.yml",)
+RULES_SOURCE = Path(__file__).resolve().parents[3] / "deploy/prometheus/rules/snpemu.yml"
+
+
+def install_rules(home: Path) -> tuple[str, ...]:
+    """Copy the alert rules next to a rendered prometheus.yml; () when they are not here
+    (an installed package without the repository's deploy/ directory)."""
+    if not RULES_SOURCE.exists():
+        return ()
+    (home / "rules").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(RULES_SOURCE, home / "rules" / "snpemu.yml")
+    return RULE_FILES
 
 
 def job_name(endpoint: Endpoint) -> str:
