@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -41,3 +47,105 @@ def test_service_exports_exactly_its_catalog_families(cluster: Cluster, name: st
         # every labelled family has its series from the start (at zero until something happens)
         assert samples > 0, f"{fname} has no series yet"
         assert labels == set(family.labels), (fname, labels)
+
+
+def _guest(cluster: Cluster, guest: str, method: str, body: dict[str, object]) -> dict:  # type: ignore[type-arg]
+    out = cluster.grpcurl(
+        "-d",
+        json.dumps(body),
+        cluster.address(guest),
+        f"snp.guest.v1.GuestService/{method}",
+        host=False,
+    )
+    assert out.returncode == 0, (method, out.stderr)
+    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
+
+
+def _query(cluster: Cluster, expr: str) -> list[dict]:  # type: ignore[type-arg]
+    url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def test_after_a_workload_every_panel_has_data_and_top_sees_it(cluster: Cluster) -> None:
+    from tests.cluster.test_guest import wait_running
+    from tests.style.test_deploy import dashboard_exprs
+
+    for g in ("guest-0", "guest-1"):
+        wait_running(cluster, g)
+    # a rate needs a sample from before the workload: wait until Prometheus has scraped twice
+    deadline = time.monotonic() + 60
+    while not _query(cluster, "min(count_over_time(up[1m])) >= 2"):
+        assert time.monotonic() < deadline, "Prometheus is not scraping"
+        time.sleep(1)
+    for g in ("guest-0", "guest-1"):
+        _guest(cluster, g, "AttachNetDevice", {})
+    for i in range(5):
+        _guest(
+            cluster, "guest-0", "GetReport", {"report_data": base64.b64encode(b"%d" % i).decode()}
+        )
+        _guest(
+            cluster,
+            "guest-0",
+            "SendPacket",
+            {"destination_mac": "02:00:00:00:00:02", "payload": "aGk="},
+        )
+    # errors too, so the error panels have something: a refused RPC, a refused firmware call
+    bad = cluster.grpcurl(
+        "-d",
+        json.dumps({"report_data": base64.b64encode(bytes(65)).decode()}),
+        cluster.address("guest-0"),
+        "snp.guest.v1.GuestService/GetReport",
+        host=False,
+    )
+    assert "InvalidArgument" in bad.stderr, bad.stderr
+    assert "refused" in _guest(cluster, "guest-1", "TamperSequenceNumber", {"offset": 3})["outcome"]
+    for conversion in ("CONVERSION_TO_SHARED", "CONVERSION_TO_PRIVATE"):
+        _guest(
+            cluster,
+            "guest-1",
+            "ConvertMemory",
+            {
+                "gpa": 0x400000,
+                "size": 0x200000,
+                "conversion": conversion,
+                "page_size": "PAGE_SIZE_4K",
+            },
+        )
+    top = subprocess.run(
+        [sys.executable, "-m", "snpemu.launcher", "top", "--once", "--json", "--interval", "1"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert top.returncode == 0, top.stderr
+    view = json.loads(top.stdout)
+    assert set(view["services_up"]) == set(INSTANCES) | {"guest-1"}
+    assert view["rmp_pages"].get("hypervisor", 0) > 0
+    # Prometheus scrapes every 5 s and a rate needs two samples in its window: poll until every
+    # panel has data at once (or a minute has gone by), with a window that keeps the workload
+    # in view for all that time
+    deadline = time.monotonic() + 60
+    while True:
+        empty = []
+        for where, expr in dashboard_exprs():
+            result = _query(cluster, expr.replace("$__rate_interval", "3m"))
+            if not result or all(r["value"][1] == "NaN" for r in result):
+                empty.append((where, expr, result))
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    if empty:  # say what Prometheus and kvm hold, to tell a scrape problem from a code one
+        raw = _query(cluster, "snp_guest_request_duration_seconds_bucket")
+        port = cluster.config.endpoint("kvm").metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            kvm = [x for x in r.read().decode().splitlines() if "duration_seconds" in x]
+        pytest.fail(f"panels without data: {empty}\nPrometheus: {raw}\nkvm: {kvm}")
+    rules = json.loads(
+        urllib.request.urlopen(f"{cluster.prometheus_url}/api/v1/rules", timeout=10).read()
+    )["data"]["groups"]
+    loaded = [r for g in rules for r in g["rules"]]
+    assert len(loaded) == 7 and all(r["health"] == "ok" for r in loaded), loaded

@@ -14,10 +14,18 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from snpemu.lab.report import results_page, table, write_outputs
 from snpemu.lab.run import run_matrix
 from snpemu.lab.scenarios import POLICIES, SCENARIOS
+
+
+def _page(data: dict[str, Any], out: Path, doc: Path) -> None:
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    chart = os.path.relpath(out / "results.png", doc.parent)
+    doc.write_text(results_page(data["runs"], chart, data["generated"], data.get("machine", "")))
+    print(f"wrote {doc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, help="keep each run's state and logs here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: rewrite the chart and --doc from OUT/results.json",
+    )
     args = parser.parse_args(argv)
+    if args.render_only:
+        data = json.loads((args.out / "results.json").read_text())
+        write_outputs(data["runs"], args.out, data)
+        if args.doc:
+            _page(data, args.out, args.doc)
+        return 0
     if args.keep:
         results = asyncio.run(run_matrix(args.keep, args.scenario, args.policy))
     else:
@@ -43,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(rows, args.out)
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.png'}")
     if args.doc:
-        args.doc.parent.mkdir(parents=True, exist_ok=True)
-        generated = json.loads((args.out / "results.json").read_text())["generated"]
-        chart = os.path.relpath(args.out / "results.png", args.doc.parent)
-        args.doc.write_text(results_page(rows, chart, generated))
-        print(f"wrote {args.doc}")
+        _page(json.loads((args.out / "results.json").read_text()), args.out, args.doc)
     bad = sum(r.silent_corruptions + r.silently_lost for r in results)
     return 1 if bad else 0
 

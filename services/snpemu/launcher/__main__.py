@@ -3,6 +3,7 @@
     python -m snpemu.launcher up       # start, wait until healthy, supervise; Ctrl-C stops
     python -m snpemu.launcher status   # health of every service of a running host
     python -m snpemu.launcher lab      # the RMP-policy lab, each run on a fresh virtual host
+    python -m snpemu.launcher top      # a kvm_stat-like live view of a running host
 
 Ports come from `.env` (overridable by environment variables); state (logs, psp data,
 Prometheus data, launcher.json) goes to SNPEMU_STATE_DIR, default ./.snpemu.
@@ -290,11 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the RMP-policy lab (python -m snpemu.lab --help for its options)",
         add_help=False,
     )
+    sub.add_parser("top", help="a kvm_stat-like live view (snpemu top --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lab"]:
         from snpemu.lab.__main__ import main as lab_main
 
         return lab_main(argv[1:])
+    if argv[:1] == ["top"]:
+        from snpemu.launcher.top import main as top_main
+
+        return top_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="snpemu: %(message)s", stream=sys.stdout)
     if args.command in (None, "up"):
