@@ -588,3 +588,56 @@ def test_firmware_session_answers_in_order_and_survives_errors() -> None:
         await session.done_writing()
 
     run(with_rmp(body))
+
+
+def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
+    """No credential: the vCPU identity of each op is the check, as in the unary calls."""
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        _pfns, ident = await guest_setup(stub, pages=2)
+        session = stub.GuestSession()  # no host credential
+        ops = [
+            pb.GuestSessionRequest(
+                pvalidate_batch=pb.PvalidateBatchRequest(identity=ident, gpas=[0], validate=True)
+            ),
+            pb.GuestSessionRequest(
+                write=pb.GuestWriteRequest(identity=ident, gpa=0x10, data=b"secret", private=True)
+            ),
+            pb.GuestSessionRequest(
+                read=pb.GuestReadRequest(identity=ident, gpa=0x10, length=6, private=True)
+            ),
+            # another guest's identity (a forged token) is refused in-band ...
+            pb.GuestSessionRequest(
+                read=pb.GuestReadRequest(
+                    identity=handles_pb2.VcpuIdentity(
+                        vcpu=ident.vcpu, asid=ident.asid, vmpl=0, token=b"forged" * 4
+                    ),
+                    gpa=0x10,
+                    length=6,
+                    private=True,
+                )
+            ),
+            # ... and the stream goes on: an unvalidated page faults with #VC
+            pb.GuestSessionRequest(
+                read=pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+            ),
+        ]
+        replies = []
+        for op in ops:
+            await session.write(op)
+            replies.append(await session.read())
+        await session.done_writing()
+        assert [r.WhichOneof("result") for r in replies] == [
+            "pvalidate_batch",
+            "write",
+            "read",
+            "error",
+            "read",
+        ]
+        assert replies[0].pvalidate_batch.codes == bytes(1)  # one PVALIDATE, code 0
+        assert replies[2].read.data == b"secret"
+        assert replies[3].error.reason == "BAD_VCPU_IDENTITY"
+        assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert replies[4].read.fault.vc
+
+    run(with_rmp(body))

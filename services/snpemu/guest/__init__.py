@@ -141,6 +141,7 @@ async def _shutdown(impl: object | None) -> None:
     await impl.netd.close()
     if k.hold is not None:
         k.hold.cancel()
+    await k.mem.close()
     await k.kvm.close()
     await k.rmp.close()
 

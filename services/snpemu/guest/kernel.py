@@ -26,7 +26,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.errors import WrongState
-from snpemu.kvm.peers import Peer, PeerError
+from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 
@@ -75,6 +75,8 @@ class Terminated(WrongState):
 class GuestKernel:
     def __init__(self, name: str, opts: Any, rmp: Peer, kvm: Peer, default_firmware: str) -> None:
         self.name, self.opts, self.rmp, self.kvm = name, opts, rmp, kvm
+        # the vCPU's memory accesses and PVALIDATEs, as stream messages rather than calls
+        self.mem = SessionPool(rmp, size=4, method="GuestSession")
         self.firmware = opts.firmware or default_firmware
         self.state = BootState.CREATED
         self.term_reason = (0, 0)
@@ -152,15 +154,15 @@ class GuestKernel:
                 await self.msr_exit(code << 16 | reason_set << 12 | msr.TERM_REQ)
 
     async def ghcb_exit(self, ghcb: g.Ghcb) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb]:
-        await self.rmp.call(
-            "GuestWrite",
+        await self.mem.call(
+            "write",
             rmp_pb2.GuestWriteRequest(
                 identity=self.ident, gpa=GHCB_GPA, data=ghcb.encode(), private=False
             ),
         )
         r = await self.vmexit("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
-        back = await self.rmp.call(
-            "GuestRead",
+        back = await self.mem.call(
+            "read",
             rmp_pb2.GuestReadRequest(identity=self.ident, gpa=GHCB_GPA, length=PAGE, private=False),
         )
         if r.terminated:
@@ -299,8 +301,8 @@ class GuestKernel:
         for i in range(0, len(gpas), 4096):
             chunk = gpas[i : i + 4096]
             while chunk:
-                r = await self.rmp.call(
-                    "PvalidateBatch",
+                r = await self.mem.call(
+                    "pvalidate_batch",
                     rmp_pb2.PvalidateBatchRequest(
                         identity=self.ident, gpas=chunk, validate=validate
                     ),
@@ -449,15 +451,15 @@ class GuestKernel:
             await self.accept_on_touch(gpa, max(length, len(data)))
         for _ in range(4):
             if op == "read":
-                r = await self.rmp.call(
-                    "GuestRead",
+                r = await self.mem.call(
+                    "read",
                     rmp_pb2.GuestReadRequest(
                         identity=self.ident, gpa=gpa, length=length, private=private
                     ),
                 )
             else:
-                r = await self.rmp.call(
-                    "GuestWrite",
+                r = await self.mem.call(
+                    "write",
                     rmp_pb2.GuestWriteRequest(
                         identity=self.ident, gpa=gpa, data=data, private=private
                     ),

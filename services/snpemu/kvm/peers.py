@@ -69,22 +69,24 @@ def psp_peer(address: str, credential: str | None) -> Peer:
 
 
 class SessionPool:
-    """Streams of rmp's HostSession (one op in flight on each), reused across exits so that an
-    exit's GHCB read, RMPUPDATE and GHCB write each cost one message, not one call."""
+    """Streams of one of rmp's session RPCs (one op in flight on each), reused so that each
+    step costs one message, not one call: HostSession for kvm's exits (GHCB read, RMPUPDATE,
+    GHCB write), GuestSession for a guest's vCPU (its memory accesses and PVALIDATEs)."""
 
-    def __init__(self, peer: Peer, size: int = 8) -> None:
-        self.peer = peer
+    def __init__(self, peer: Peer, size: int = 8, method: str = "HostSession") -> None:
+        from snp.rmp.v1 import rmp_pb2
+
+        self.peer, self.method = peer, method
+        self.request_cls = getattr(rmp_pb2, f"{method}Request")
         self.idle: list[Any] = []
         self.size = size
         self.opened = 0
         self.free = asyncio.Condition()
 
     async def call(self, op: str, request: Any) -> Any:
-        from snp.rmp.v1 import rmp_pb2
-
         stream = await self._acquire()
         try:
-            await stream.write(rmp_pb2.HostSessionRequest(**{op: request}))
+            await stream.write(self.request_cls(**{op: request}))
             reply = await stream.read()
         except grpc.aio.AioRpcError as e:
             await self._discard(stream)
@@ -105,7 +107,7 @@ class SessionPool:
             if self.idle:
                 return self.idle.pop()
             self.opened += 1
-        return self.peer.ensure().HostSession(metadata=self.peer.md)
+        return getattr(self.peer.ensure(), self.method)(metadata=self.peer.md)
 
     async def _release(self, stream: Any) -> None:
         async with self.free:

@@ -23,7 +23,9 @@ from snpemu.runtime.status import grpc_code
 log = logging.getLogger(__name__)
 
 # RPCs a guest vCPU issues (with its identity); every other rmp RPC is host only.
-GUEST_RPCS = frozenset({"Pvalidate", "PvalidateBatch", "RmpAdjust", "GuestRead", "GuestWrite"})
+GUEST_RPCS = frozenset(
+    {"Pvalidate", "PvalidateBatch", "RmpAdjust", "GuestRead", "GuestWrite", "GuestSession"}
+)
 
 BATCH_ENTRY = np.dtype(
     [
@@ -435,6 +437,17 @@ class RmpServicer:
             "rmp_update_batch": self.RmpUpdateBatch,
         }
         async for reply in self._session(requests, context, pb.HostSessionResponse, handlers):
+            yield reply
+
+    async def GuestSession(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[pb.GuestSessionResponse]:
+        handlers = {
+            "read": self.GuestRead,
+            "write": self.GuestWrite,
+            "pvalidate_batch": self.PvalidateBatch,
+        }
+        async for reply in self._session(requests, context, pb.GuestSessionResponse, handlers):
             yield reply
 
     # --- policy and notifications ----------------------------------------------------------------

@@ -1822,6 +1822,70 @@ class HostSessionResponse(_message.Message):
 Global___HostSessionResponse: _TypeAlias = HostSessionResponse  # noqa: Y015
 
 @_typing.final
+class GuestSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    PVALIDATE_BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___GuestReadRequest: ...
+    @_builtins.property
+    def write(self) -> Global___GuestWriteRequest: ...
+    @_builtins.property
+    def pvalidate_batch(self) -> Global___PvalidateBatchRequest: ...
+    def __init__(
+        self,
+        *,
+        read: Global___GuestReadRequest | None = ...,
+        write: Global___GuestWriteRequest | None = ...,
+        pvalidate_batch: Global___PvalidateBatchRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "pvalidate_batch", b"pvalidate_batch", "read", b"read", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "pvalidate_batch", b"pvalidate_batch", "read", b"read", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "pvalidate_batch"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___GuestSessionRequest: _TypeAlias = GuestSessionRequest  # noqa: Y015
+
+@_typing.final
+class GuestSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    PVALIDATE_BATCH_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___GuestReadResponse: ...
+    @_builtins.property
+    def write(self) -> Global___GuestWriteResponse: ...
+    @_builtins.property
+    def pvalidate_batch(self) -> Global___PvalidateBatchResponse: ...
+    @_builtins.property
+    def error(self) -> Global___SessionError: ...
+    def __init__(
+        self,
+        *,
+        read: Global___GuestReadResponse | None = ...,
+        write: Global___GuestWriteResponse | None = ...,
+        pvalidate_batch: Global___PvalidateBatchResponse | None = ...,
+        error: Global___SessionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "pvalidate_batch", b"pvalidate_batch", "read", b"read", "result", b"result", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "pvalidate_batch", b"pvalidate_batch", "read", b"read", "result", b"result", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "pvalidate_batch", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___GuestSessionResponse: _TypeAlias = GuestSessionResponse  # noqa: Y015
+
+@_typing.final
 class FirmwareSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

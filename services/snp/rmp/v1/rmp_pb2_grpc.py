@@ -165,6 +165,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.FromString,
                 _registered_method=True)
+        self.GuestSession = channel.stream_stream(
+                '/snp.rmp.v1.RmpService/GuestSession',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionResponse.FromString,
+                _registered_method=True)
         self.FirmwareTransition = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/FirmwareTransition',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareTransitionRequest.SerializeToString,
@@ -418,6 +423,15 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GuestSession(self, request_iterator, context):
+        """GuestRead, GuestWrite and PvalidateBatch on one stream, answered in order: a vCPU's
+        guest-mode accesses without a call's set-up cost each. Every op carries and is checked
+        against its vCPU identity exactly as the unary call is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FirmwareTransition(self, request, context):
         """--- The firmware's own access ---------------------------------------------------------
 
@@ -615,6 +629,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.HostSession,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.SerializeToString,
+            ),
+            'GuestSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.GuestSession,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionResponse.SerializeToString,
             ),
             'FirmwareTransition': grpc.unary_unary_rpc_method_handler(
                     servicer.FirmwareTransition,
@@ -1360,6 +1379,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/HostSession',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.HostSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GuestSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snp.rmp.v1.RmpService/GuestSession',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.GuestSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -131,6 +131,11 @@ class RmpServiceStub:
     """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
     (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
     """
+    GuestSession: _grpc.StreamStreamMultiCallable[_rmp_pb2.GuestSessionRequest, _rmp_pb2.GuestSessionResponse]
+    """GuestRead, GuestWrite and PvalidateBatch on one stream, answered in order: a vCPU's
+    guest-mode accesses without a call's set-up cost each. Every op carries and is checked
+    against its vCPU identity exactly as the unary call is.
+    """
     FirmwareTransition: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]
     """--- The firmware's own access ---------------------------------------------------------
 
@@ -257,6 +262,11 @@ class RmpServiceAsyncStub(RmpServiceStub):
     HostSession: _aio.StreamStreamMultiCallable[_rmp_pb2.HostSessionRequest, _rmp_pb2.HostSessionResponse]  # type: ignore[assignment]
     """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
     (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+    """
+    GuestSession: _aio.StreamStreamMultiCallable[_rmp_pb2.GuestSessionRequest, _rmp_pb2.GuestSessionResponse]  # type: ignore[assignment]
+    """GuestRead, GuestWrite and PvalidateBatch on one stream, answered in order: a vCPU's
+    guest-mode accesses without a call's set-up cost each. Every op carries and is checked
+    against its vCPU identity exactly as the unary call is.
     """
     FirmwareTransition: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareTransitionRequest, _rmp_pb2.FirmwareTransitionResponse]  # type: ignore[assignment]
     """--- The firmware's own access ---------------------------------------------------------
@@ -537,6 +547,17 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_rmp_pb2.HostSessionResponse], _abc.AsyncIterator[_rmp_pb2.HostSessionResponse]]:
         """HostRead, HostWrite and RmpUpdateBatch on one stream, answered in order: kvm's exit path
         (GHCB in, RMPUPDATE, GHCB out) without a call's set-up cost per step. Host only.
+        """
+
+    @_abc_1.abstractmethod
+    def GuestSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rmp_pb2.GuestSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rmp_pb2.GuestSessionResponse], _abc.AsyncIterator[_rmp_pb2.GuestSessionResponse]]:
+        """GuestRead, GuestWrite and PvalidateBatch on one stream, answered in order: a vCPU's
+        guest-mode accesses without a call's set-up cost each. Every op carries and is checked
+        against its vCPU identity exactly as the unary call is.
         """
 
     @_abc_1.abstractmethod
