@@ -42,6 +42,19 @@ async def _m_reads(host: Any) -> str:
         return f"guest-0 could not receive: {e.code().name}"
 
 
+async def _while_armed(host: Any, trap: Any, delay_s: float, payload: bytes) -> list[str]:
+    """Start guest-0's misbehaviour, give it delay_s to get going, send it a packet, and report
+    how both ended."""
+    task = asyncio.ensure_future(trap)
+    await asyncio.sleep(delay_s)
+    sent = await _send_to_m(host, payload)
+    try:
+        outcome = (await task).outcome
+    except grpc.aio.AioRpcError as e:
+        outcome = f"the misbehaviour ended: {e.code().name} {e.details()}"
+    return [outcome, sent, await _m_reads(host)]
+
+
 async def buggy_dma(host: Any) -> list[str]:
     m = host.guest(M)
     r = await m.SkipDmaConversion(guest_pb2.SkipDmaConversionRequest(mac=mac(M)), timeout=60)
@@ -51,16 +64,10 @@ async def buggy_dma(host: Any) -> list[str]:
 async def flip_mid_copy(host: Any) -> list[str]:
     m = host.guest(M)
     await m.AttachNetDevice(guest_pb2.AttachNetDeviceRequest(mac=mac(M)), timeout=60)
-    flip = asyncio.ensure_future(
-        m.FlipBufferDuringCopy(guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=10_000), timeout=30)
+    flip = m.FlipBufferDuringCopy(
+        guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=10_000), timeout=30
     )
-    await asyncio.sleep(0.3)  # the flipper is watching its buffer
-    sent = await _send_to_m(host, BIG)
-    try:
-        outcome = (await flip).outcome
-    except grpc.aio.AioRpcError as e:
-        outcome = f"flip failed: {e.details()}"
-    return [outcome, sent, await _m_reads(host)]
+    return await _while_armed(host, flip, 0.3, BIG)  # 0.3 s: the flipper watches its buffer
 
 
 async def kernel_write(host: Any) -> list[str]:
@@ -82,16 +89,8 @@ async def rmpadjust_race(host: Any) -> list[str]:
     m = host.guest(M)
     await m.SkipDmaConversion(guest_pb2.SkipDmaConversionRequest(mac=mac(M)), timeout=60)
     page = Layout(16).rx_buffer(0) & ~(PAGE - 1)
-    race = asyncio.ensure_future(
-        m.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=page, iterations=300), timeout=120)
-    )
-    await asyncio.sleep(0.05)
-    sent = await _send_to_m(host)
-    try:
-        outcome = (await race).outcome
-    except grpc.aio.AioRpcError as e:
-        outcome = f"race ended: {e.code().name} {e.details()}"
-    return [outcome, sent, await _m_reads(host)]
+    race = m.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=page, iterations=300), timeout=120)
+    return await _while_armed(host, race, 0.05, b"for the misbehaving guest")
 
 
 async def psc_storm(host: Any) -> list[str]:
