@@ -641,3 +641,66 @@ def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
         assert replies[4].read.fault.vc
 
     run(with_rmp(body))
+
+
+def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
+        src, dst = await alloc(stub, 2)
+        await stub.HostWrite(
+            pb.HostWriteRequest(
+                spa=src << 12, data=b"header..body", origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
+            ),
+            metadata=HOST,
+        )
+        r = await stub.HostCopy(
+            pb.HostCopyRequest(
+                src_spa=src << 12,
+                dst_spa=dst << 12,
+                length=4096,
+                peek=6,
+                origin=pb.ACCESS_ORIGIN_KERNEL,
+                writer="t",
+            ),
+            metadata=HOST,
+        )
+        assert r.head == b"header" and r.write.outcome == pb.VIOLATION_OUTCOME_NONE
+        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+        assert got.data == b"header..body"
+        # into a guest-assigned page, from user mode, under gmem: refused, nothing written
+        before = await stub.HostRead(
+            pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST
+        )
+        r = await stub.HostCopy(
+            pb.HostCopyRequest(
+                src_spa=src << 12,
+                dst_spa=pfns[0] << 12,
+                length=64,
+                origin=pb.ACCESS_ORIGIN_USER,
+                writer="t",
+            ),
+            metadata=HOST,
+        )
+        assert r.write.outcome == pb.VIOLATION_OUTCOME_REFUSED
+        after = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
+        assert after.data == before.data
+        for bad in (
+            {"length": 0},
+            {"length": 4097},
+            {"length": 16, "peek": 32},
+            {"length": 16, "origin": pb.ACCESS_ORIGIN_UNSPECIFIED},
+        ):
+            fields = {"origin": pb.ACCESS_ORIGIN_KERNEL, "writer": "t", **bad}
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.HostCopy(
+                    pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, **fields),
+                    metadata=HOST,
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+        assert got.data == b"header..body"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
+
+    run(with_rmp(body))

@@ -81,6 +81,19 @@ class Exits:
         )
         return int((await self.kvm.host.call("write", request)).outcome)
 
+    async def _host_copy(self, src: int, dst: int, peek: int = 0) -> bytes:
+        """A kernel memcpy of one page (the write through the violation policy); returns the
+        first `peek` bytes copied."""
+        request = rmp_pb2.HostCopyRequest(
+            src_spa=src,
+            dst_spa=dst,
+            length=PAGE,
+            origin=rmp_pb2.ACCESS_ORIGIN_KERNEL,
+            writer="kvm",
+            peek=peek,
+        )
+        return bytes((await self.kvm.host.call("copy", request)).head)
+
     async def _rmpupdate(
         self, spa: int, *, private: bool, vm: Vm, gpa: int, size_2m: bool = False
     ) -> int:
@@ -369,8 +382,10 @@ class Exits:
         lock = self.request_locks.setdefault(vm.vm_id, asyncio.Lock())
         async with lock:  # one request in flight per VM, as KVM's mutex
             started = time.perf_counter()
-            request = await self._host_read(req_spa)
-            kind = {5: "report", 3: "key"}.get(request[0x34], "other")
+            # the request goes straight into the firmware's bounce page; kvm looks only at
+            # the header (MSG_TYPE at 0x34) for its counters
+            header = await self._host_copy(req_spa, vm.bounce_req, peek=0x40)
+            kind = {5: "report", 3: "key"}.get(header[0x34], "other")
             regs: dict[str, int] = {}
             if not vm.throttle.allow():
                 self.kvm.counters.throttled += 1
@@ -390,7 +405,6 @@ class Exits:
                     if spa is None:
                         return self._malformed(g.ERR_INVALID_INPUT)
                     await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
-            await self._host_write(vm.bounce_req, request)
             try:
                 await self.kvm.psp.call(
                     "GuestRequest",
@@ -407,8 +421,7 @@ class Exits:
                 # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
                 self.kvm.counters.guest_requests[(kind, "busy")] += 1
                 return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
-            response = await self._host_read(vm.bounce_res)
-            await self._host_write(res_spa, response)
+            await self._host_copy(vm.bounce_res, res_spa)
             self.kvm.counters.guest_requests[(kind, "success")] += 1
             self.kvm.counters.observe_request(time.perf_counter() - started)
             return ExitResult(0, 0), regs, None

@@ -299,6 +299,18 @@ class RmpServicer:
     async def HostRead(self, request: Any, context: Any) -> pb.HostReadResponse:
         return pb.HostReadResponse(data=self.m.host_read(request.spa, request.length))
 
+    async def HostCopy(self, request: Any, context: Any) -> pb.HostCopyResponse:
+        if not 0 < request.length <= 4096 or request.peek > min(256, request.length):
+            raise InvalidArgument("length is 1..4096 and peek at most 256 and at most length")
+        data = self.m.host_read(request.src_spa, request.length)
+        write = await self.HostWrite(
+            pb.HostWriteRequest(
+                spa=request.dst_spa, data=data, origin=request.origin, writer=request.writer
+            ),
+            context,
+        )
+        return pb.HostCopyResponse(write=write, head=data[: request.peek])
+
     async def HostWrite(self, request: Any, context: Any) -> pb.HostWriteResponse:
         if request.origin == pb.ACCESS_ORIGIN_UNSPECIFIED:
             raise InvalidArgument("origin is required: ACCESS_ORIGIN_USER or ACCESS_ORIGIN_KERNEL")
@@ -435,6 +447,7 @@ class RmpServicer:
             "read": self.HostRead,
             "write": self.HostWrite,
             "rmp_update_batch": self.RmpUpdateBatch,
+            "copy": self.HostCopy,
         }
         async for reply in self._session(requests, context, pb.HostSessionResponse, handlers):
             yield reply

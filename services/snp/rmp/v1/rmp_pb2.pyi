@@ -1226,6 +1226,65 @@ class HostWriteRequest(_message.Message):
 Global___HostWriteRequest: _TypeAlias = HostWriteRequest  # noqa: Y015
 
 @_typing.final
+class HostCopyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SRC_SPA_FIELD_NUMBER: _builtins.int
+    DST_SPA_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    PEEK_FIELD_NUMBER: _builtins.int
+    src_spa: _builtins.int
+    dst_spa: _builtins.int
+    length: _builtins.int
+    """1..4096, within one page at each end."""
+    origin: Global___AccessOrigin.ValueType
+    writer: _builtins.str
+    peek: _builtins.int
+    """How many of the copied bytes to return too (at most 256): a header the copier looks at."""
+    def __init__(
+        self,
+        *,
+        src_spa: _builtins.int = ...,
+        dst_spa: _builtins.int = ...,
+        length: _builtins.int = ...,
+        origin: Global___AccessOrigin.ValueType = ...,
+        writer: _builtins.str = ...,
+        peek: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst_spa", b"dst_spa", "length", b"length", "origin", b"origin", "peek", b"peek", "src_spa", b"src_spa", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCopyRequest: _TypeAlias = HostCopyRequest  # noqa: Y015
+
+@_typing.final
+class HostCopyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    head: _builtins.bytes
+    @_builtins.property
+    def write(self) -> Global___HostWriteResponse: ...
+    def __init__(
+        self,
+        *,
+        write: Global___HostWriteResponse | None = ...,
+        head: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCopyResponse: _TypeAlias = HostCopyResponse  # noqa: Y015
+
+@_typing.final
 class HostWriteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1764,24 +1823,28 @@ class HostSessionRequest(_message.Message):
     READ_FIELD_NUMBER: _builtins.int
     WRITE_FIELD_NUMBER: _builtins.int
     RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
+    COPY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def read(self) -> Global___HostReadRequest: ...
     @_builtins.property
     def write(self) -> Global___HostWriteRequest: ...
     @_builtins.property
     def rmp_update_batch(self) -> Global___RmpUpdateBatchRequest: ...
+    @_builtins.property
+    def copy(self) -> Global___HostCopyRequest: ...
     def __init__(
         self,
         *,
         read: Global___HostReadRequest | None = ...,
         write: Global___HostWriteRequest | None = ...,
         rmp_update_batch: Global___RmpUpdateBatchRequest | None = ...,
+        copy: Global___HostCopyRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "copy"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -1795,6 +1858,7 @@ class HostSessionResponse(_message.Message):
     WRITE_FIELD_NUMBER: _builtins.int
     RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    COPY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def read(self) -> Global___HostReadResponse: ...
     @_builtins.property
@@ -1803,6 +1867,8 @@ class HostSessionResponse(_message.Message):
     def rmp_update_batch(self) -> Global___RmpUpdateBatchResponse: ...
     @_builtins.property
     def error(self) -> Global___SessionError: ...
+    @_builtins.property
+    def copy(self) -> Global___HostCopyResponse: ...
     def __init__(
         self,
         *,
@@ -1810,12 +1876,13 @@ class HostSessionResponse(_message.Message):
         write: Global___HostWriteResponse | None = ...,
         rmp_update_batch: Global___RmpUpdateBatchResponse | None = ...,
         error: Global___SessionError | None = ...,
+        copy: Global___HostCopyResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "error", "copy"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

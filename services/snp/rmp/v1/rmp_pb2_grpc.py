@@ -125,6 +125,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteResponse.FromString,
                 _registered_method=True)
+        self.HostCopy = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/HostCopy',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyResponse.FromString,
+                _registered_method=True)
         self.MapHostPage = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/MapHostPage',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.MapHostPageRequest.SerializeToString,
@@ -362,6 +367,15 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HostCopy(self, request, context):
+        """A host memcpy from one page to another: the read as HostRead (no RMP check), the write as
+        HostWrite (the violation policy applies). KVM copies a guest request into the firmware's
+        bounce page and the response back this way (arch/x86/kvm/svm/sev.c snp_handle_guest_req).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MapHostPage(self, request, context):
         """Map a shared guest page for host access and hold its lock until UnmapHostPage, so the guest
         cannot make it private mid-access. From the SNP host series v5 post_map_gfn().
@@ -589,6 +603,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.HostWrite,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteResponse.SerializeToString,
+            ),
+            'HostCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.HostCopy,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyResponse.SerializeToString,
             ),
             'MapHostPage': grpc.unary_unary_rpc_method_handler(
                     servicer.MapHostPage,
@@ -1163,6 +1182,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/HostWrite',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.HostWriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HostCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/HostCopy',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.HostCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,6 +106,11 @@ class RmpServiceStub:
     """Host write by SPA from user or kernel mode; a write to an assigned page is an RMP violation
     and goes through the violation policy. KERNEL: arch/x86/mm/fault.c (X86_PF_RMP)
     """
+    HostCopy: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.HostCopyRequest, _rmp_pb2.HostCopyResponse]
+    """A host memcpy from one page to another: the read as HostRead (no RMP check), the write as
+    HostWrite (the violation policy applies). KVM copies a guest request into the firmware's
+    bounce page and the response back this way (arch/x86/kvm/svm/sev.c snp_handle_guest_req).
+    """
     MapHostPage: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.MapHostPageRequest, _rmp_pb2.MapHostPageResponse]
     """Map a shared guest page for host access and hold its lock until UnmapHostPage, so the guest
     cannot make it private mid-access. From the SNP host series v5 post_map_gfn().
@@ -237,6 +242,11 @@ class RmpServiceAsyncStub(RmpServiceStub):
     HostWrite: _aio.UnaryUnaryMultiCallable[_rmp_pb2.HostWriteRequest, _rmp_pb2.HostWriteResponse]  # type: ignore[assignment]
     """Host write by SPA from user or kernel mode; a write to an assigned page is an RMP violation
     and goes through the violation policy. KERNEL: arch/x86/mm/fault.c (X86_PF_RMP)
+    """
+    HostCopy: _aio.UnaryUnaryMultiCallable[_rmp_pb2.HostCopyRequest, _rmp_pb2.HostCopyResponse]  # type: ignore[assignment]
+    """A host memcpy from one page to another: the read as HostRead (no RMP check), the write as
+    HostWrite (the violation policy applies). KVM copies a guest request into the firmware's
+    bounce page and the response back this way (arch/x86/kvm/svm/sev.c snp_handle_guest_req).
     """
     MapHostPage: _aio.UnaryUnaryMultiCallable[_rmp_pb2.MapHostPageRequest, _rmp_pb2.MapHostPageResponse]  # type: ignore[assignment]
     """Map a shared guest page for host access and hold its lock until UnmapHostPage, so the guest
@@ -474,6 +484,17 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rmp_pb2.HostWriteResponse, _abc.Awaitable[_rmp_pb2.HostWriteResponse]]:
         """Host write by SPA from user or kernel mode; a write to an assigned page is an RMP violation
         and goes through the violation policy. KERNEL: arch/x86/mm/fault.c (X86_PF_RMP)
+        """
+
+    @_abc_1.abstractmethod
+    def HostCopy(
+        self,
+        request: _rmp_pb2.HostCopyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.HostCopyResponse, _abc.Awaitable[_rmp_pb2.HostCopyResponse]]:
+        """A host memcpy from one page to another: the read as HostRead (no RMP check), the write as
+        HostWrite (the violation policy applies). KVM copies a guest request into the firmware's
+        bounce page and the response back this way (arch/x86/kvm/svm/sev.c snp_handle_guest_req).
         """
 
     @_abc_1.abstractmethod
