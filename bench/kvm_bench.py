@@ -48,6 +48,15 @@ class Guest:
         )
         return await self.kvm.Vmgexit(kvm_pb2.VmgexitRequest(identity=self.ident))
 
+    async def vmpck0(self) -> bytes:
+        """VMPCK0, read privately from the secrets page as the guest kernel does."""
+        r = await self.rmp.GuestRead(
+            rmp_pb2.GuestReadRequest(
+                identity=self.ident, gpa=tiny_firmware.SECRETS_GPA, length=4096, private=True
+            )
+        )
+        return bytes(r.data[0x20:0x40])
+
     async def report(self, key: bytes, seq: int) -> float:
         """One report request as the guest driver makes it (seal, write, VMGEXIT, read, open);
         the seconds it took."""
@@ -86,6 +95,18 @@ async def launch(
     return vm, list(r.vcpus), time.perf_counter() - t
 
 
+async def running_guest(
+    rmp: rmp_pb2_grpc.RmpServiceStub, kvm: kvm_pb2_grpc.KvmServiceStub, firmware: str, memory: int
+) -> Guest:
+    """A one-vCPU VM launched, its GHCB registered at 1 MiB: ready for GHCB exits."""
+    vm, vcpus, _ = await launch(kvm, firmware, memory, 1)
+    guest = Guest(rmp, kvm, vm, vcpus[0])
+    await kvm.VmgexitMsr(
+        kvm_pb2.VmgexitMsrRequest(identity=guest.ident, ghcb_msr=0x100000 | msr.REG_GPA_REQ)
+    )
+    return guest
+
+
 async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
     async with grpc.aio.insecure_channel(rmp_addr) as rc, grpc.aio.insecure_channel(kvm_addr) as kc:
         rmp, kvm = rmp_pb2_grpc.RmpServiceStub(rc), kvm_pb2_grpc.KvmServiceStub(kc)
@@ -114,11 +135,7 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
 
         # 2. PSC throughput: GHCB PSCs of 253 4K entries, private then shared, from N guests
         async def psc_worker(seconds: float, size_2m: bool = False) -> int:
-            vm, vcpus, _ = await launch(kvm, tiny, 256 << 20, 1)
-            guest = Guest(rmp, kvm, vm, vcpus[0])
-            await kvm.VmgexitMsr(
-                kvm_pb2.VmgexitMsrRequest(identity=guest.ident, ghcb_msr=0x100000 | msr.REG_GPA_REQ)
-            )
+            guest = await running_guest(rmp, kvm, tiny, 256 << 20)
             pages, op, stop = 0, psc.Op.PRIVATE, time.perf_counter() + seconds
             while time.perf_counter() < stop:
                 # 4K: 253 pages from 64 MiB on; 2M: the 96 2 MiB ranges from 64 MiB to the
@@ -144,7 +161,7 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
                 assert r.sw_exit_info_2 == 0, hex(r.sw_exit_info_2)
                 pages += n * (512 if size_2m else 1)
                 op = psc.Op.SHARED if op == psc.Op.PRIVATE else psc.Op.PRIVATE
-            await kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=MD)
+            await kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=guest.vm), metadata=MD)
             return pages
 
         # each PSC: guest write + VMGEXIT, and inside kvm a GHCB read, a batch RMPUPDATE and a
@@ -170,19 +187,8 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
         )
 
         # 3. guest-request latency end to end (guest write, VMGEXIT, guest read)
-        vm, vcpus, _ = await launch(kvm, tiny, 64 << 20, 1)
-        guest = Guest(rmp, kvm, vm, vcpus[0])
-        await kvm.VmgexitMsr(
-            kvm_pb2.VmgexitMsrRequest(identity=guest.ident, ghcb_msr=0x100000 | msr.REG_GPA_REQ)
-        )
-        secrets = (
-            await rmp.GuestRead(
-                rmp_pb2.GuestReadRequest(
-                    identity=guest.ident, gpa=tiny_firmware.SECRETS_GPA, length=4096, private=True
-                )
-            )
-        ).data
-        key = secrets[0x20:0x40]
+        guest = await running_guest(rmp, kvm, tiny, 64 << 20)
+        key = await guest.vmpck0()
         lat = [await guest.report(key, 2 * i + 1) for i in range(300)]
         print(
             f"guest request, guest write + VMGEXIT + guest read: p50 {pct(lat, 0.5) * 1e3:.2f} ms, "
@@ -192,19 +198,8 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
         # 4. 64 guests, each asking for a report at the same moment: the slowest answer
         many = []
         for _ in range(64):
-            vm, vcpus, _ = await launch(kvm, tiny, 16 << 20, 1)
-            gst = Guest(rmp, kvm, vm, vcpus[0])
-            await kvm.VmgexitMsr(
-                kvm_pb2.VmgexitMsrRequest(identity=gst.ident, ghcb_msr=0x100000 | msr.REG_GPA_REQ)
-            )
-            sec = (
-                await rmp.GuestRead(
-                    rmp_pb2.GuestReadRequest(
-                        identity=gst.ident, gpa=tiny_firmware.SECRETS_GPA, length=4096, private=True
-                    )
-                )
-            ).data
-            many.append((gst, sec[0x20:0x40]))
+            gst = await running_guest(rmp, kvm, tiny, 16 << 20)
+            many.append((gst, await gst.vmpck0()))
         t = time.perf_counter()
         each = await asyncio.gather(*(gst.report(key, 1) for gst, key in many))
         wall = time.perf_counter() - t
