@@ -13,7 +13,6 @@ import bisect
 import enum
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -137,14 +136,12 @@ class NetDaemon:
         *,
         copy_chunk: int = PAGE,
         copy_delay_s: float = 0.0,
-        on_result: Callable[[Result], None] | None = None,
     ) -> None:
         self.memory, self.vmm = memory, vmm
         self.copy_chunk, self.copy_delay_s = copy_chunk, copy_delay_s
         self.devices: dict[str, Device] = {}
         self.by_mac: dict[bytes, Device] = {}
         self.results: dict[Result, int] = dict.fromkeys(Result, 0)
-        self.on_result = on_result
         self.boot_id = uuid.uuid4().hex
 
     # --- registration ---------------------------------------------------------------------
@@ -254,8 +251,6 @@ class NetDaemon:
 
     def _count(self, result: Result) -> Result:
         self.results[result] += 1
-        if self.on_result is not None:
-            self.on_result(result)
         return result
 
     async def _send(self, src: Device, desc: virtio.Desc) -> Result:
