@@ -13,16 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
-from snp.netd.v1 import netd_pb2, netd_pb2_grpc
 
 from snpemu.hostconfig import HOST_COMPONENTS, HostConfig, free_ports
+from snpemu.launcher.top import scrape, total
 from snpemu.rmp.client import credential_metadata, read_credential
 from snpemu.spawn import Spawned
 
@@ -79,10 +78,6 @@ class LabHost:
     def kvm(self) -> kvm_pb2_grpc.KvmServiceStub:
         return kvm_pb2_grpc.KvmServiceStub(self._channel("kvm"))
 
-    @property
-    def netd(self) -> netd_pb2_grpc.NetdServiceStub:
-        return netd_pb2_grpc.NetdServiceStub(self._channel("netd"))
-
     async def start(self, timeout: float = 120) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = Spawned(
@@ -131,24 +126,9 @@ class LabHost:
 
     def metric(self, name: str, family: str) -> float:
         """One sample from a service's /metrics (the sum over labels), or NaN if unreachable."""
-        url = f"http://127.0.0.1:{self.config.endpoint(name).metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return float("nan")
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(family) and line[len(family) : len(family) + 1] in ("{", " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        series = scrape(f"http://127.0.0.1:{self.config.endpoint(name).metrics_port}/metrics", 5)
+        return total(series, family).get("", 0.0) if series else float("nan")
 
     async def vms(self) -> list[kvm_pb2.VmInfo]:
         r = await self.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=self.md, timeout=10)
         return list(r.vms)
-
-    async def devices(self) -> netd_pb2.ListDevicesResponse:
-        r: netd_pb2.ListDevicesResponse = await self.netd.ListDevices(
-            netd_pb2.ListDevicesRequest(), metadata=self.md, timeout=10
-        )
-        return r
