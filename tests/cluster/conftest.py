@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +74,14 @@ class Cluster:
             text=True,
             timeout=timeout,
         )
+
+    def query(self, expr: str, timeout: float = 10) -> list[dict]:  # type: ignore[type-arg]
+        """An instant PromQL query against the launch's Prometheus; its result vector."""
+        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            body = json.loads(reply.read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]  # type: ignore[no-any-return]
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

@@ -49,44 +49,24 @@ def test_service_exports_exactly_its_catalog_families(cluster: Cluster, name: st
         assert labels == set(family.labels), (fname, labels)
 
 
-def _guest(cluster: Cluster, guest: str, method: str, body: dict[str, object]) -> dict:  # type: ignore[type-arg]
-    out = cluster.grpcurl(
-        "-d",
-        json.dumps(body),
-        cluster.address(guest),
-        f"snp.guest.v1.GuestService/{method}",
-        host=False,
-    )
-    assert out.returncode == 0, (method, out.stderr)
-    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
-
-
-def _query(cluster: Cluster, expr: str) -> list[dict]:  # type: ignore[type-arg]
-    url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        body = json.loads(reply.read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]  # type: ignore[no-any-return]
-
-
 def test_after_a_workload_every_panel_has_data_and_top_sees_it(cluster: Cluster) -> None:
-    from tests.cluster.test_guest import wait_running
+    from tests.cluster.test_guest import grpcurl, wait_running
     from tests.style.test_deploy import dashboard_exprs
 
     for g in ("guest-0", "guest-1"):
         wait_running(cluster, g)
     # a rate needs a sample from before the workload: wait until Prometheus has scraped twice
     deadline = time.monotonic() + 60
-    while not _query(cluster, "min(count_over_time(up[1m])) >= 2"):
+    while not cluster.query("min(count_over_time(up[1m])) >= 2"):
         assert time.monotonic() < deadline, "Prometheus is not scraping"
         time.sleep(1)
     for g in ("guest-0", "guest-1"):
-        _guest(cluster, g, "AttachNetDevice", {})
+        grpcurl(cluster, g, "AttachNetDevice", {})
     for i in range(5):
-        _guest(
+        grpcurl(
             cluster, "guest-0", "GetReport", {"report_data": base64.b64encode(b"%d" % i).decode()}
         )
-        _guest(
+        grpcurl(
             cluster,
             "guest-0",
             "SendPacket",
@@ -101,9 +81,11 @@ def test_after_a_workload_every_panel_has_data_and_top_sees_it(cluster: Cluster)
         host=False,
     )
     assert "InvalidArgument" in bad.stderr, bad.stderr
-    assert "refused" in _guest(cluster, "guest-1", "TamperSequenceNumber", {"offset": 3})["outcome"]
+    assert (
+        "refused" in grpcurl(cluster, "guest-1", "TamperSequenceNumber", {"offset": 3})["outcome"]
+    )
     for conversion in ("CONVERSION_TO_SHARED", "CONVERSION_TO_PRIVATE"):
-        _guest(
+        grpcurl(
             cluster,
             "guest-1",
             "ConvertMemory",
@@ -132,14 +114,14 @@ def test_after_a_workload_every_panel_has_data_and_top_sees_it(cluster: Cluster)
     while True:
         empty = []
         for where, expr in dashboard_exprs():
-            result = _query(cluster, expr.replace("$__rate_interval", "3m"))
+            result = cluster.query(expr.replace("$__rate_interval", "3m"))
             if not result or all(r["value"][1] == "NaN" for r in result):
                 empty.append((where, expr, result))
         if not empty or time.monotonic() > deadline:
             break
         time.sleep(2)
     if empty:  # say what Prometheus and kvm hold, to tell a scrape problem from a code one
-        raw = _query(cluster, "snp_guest_request_duration_seconds_bucket")
+        raw = cluster.query("snp_guest_request_duration_seconds_bucket")
         port = cluster.config.endpoint("kvm").metrics_port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             kvm = [x for x in r.read().decode().splitlines() if "duration_seconds" in x]

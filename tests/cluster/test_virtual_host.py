@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 from snpemu.launcher.plan import service_name_of
@@ -93,14 +91,6 @@ def test_every_rpc_the_readme_lists_as_not_built_answers_unimplemented(cluster: 
             assert '"reason":"NOT_BUILT"' in result.stderr, (service, method, result.stderr)
 
 
-def _query(cluster: Cluster, expr: str) -> list[dict]:  # type: ignore[type-arg]
-    url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        body = json.loads(reply.read())
-    assert body["status"] == "success"
-    return body["data"]["result"]  # type: ignore[no-any-return]
-
-
 def test_prometheus_scrapes_every_service(cluster: Cluster) -> None:
     expected = {
         (
@@ -114,7 +104,7 @@ def test_prometheus_scrapes_every_service(cluster: Cluster) -> None:
     while time.monotonic() < deadline:
         seen = {
             (r["metric"]["job"], r["metric"]["instance"]): r["value"][1]
-            for r in _query(cluster, "up")
+            for r in cluster.query("up", timeout=5)
         }
         if set(seen) == expected and all(v == "1" for v in seen.values()):
             break
@@ -124,7 +114,7 @@ def test_prometheus_scrapes_every_service(cluster: Cluster) -> None:
     # The standard gRPC families reach Prometheus from every service.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        jobs = {r["metric"]["job"] for r in _query(cluster, "grpc_server_handled_total")}
+        jobs = {r["metric"]["job"] for r in cluster.query("grpc_server_handled_total", timeout=5)}
         if jobs == {"rmp", "psp", "kvm", "netd", "guest"}:
             break
         time.sleep(1)
