@@ -52,9 +52,7 @@ def prometheus(cluster: Cluster, query: str, want: str) -> str:
     deadline = time.monotonic() + 60
     value = ""
     while time.monotonic() < deadline:
-        url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            result = json.loads(reply.read())["data"]["result"]
+        result = cluster.query(query, timeout=5)
         value = result[0]["value"][1] if result else ""
         if value == want:
             break
