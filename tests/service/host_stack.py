@@ -56,6 +56,7 @@ class Guest:
     ghcb_gpa: int = 0
     seqno: int = 1
     vmpck0: bytes = field(default=b"")
+    inline_ghcb: bool = False
 
     @property
     def ident(self) -> handles_pb2.VcpuIdentity:
@@ -89,9 +90,19 @@ class Guest:
         self.ghcb_gpa = gpa
 
     async def vmgexit(self, ghcb: g.Ghcb) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb]:
-        """Write the GHCB (shared page), VMGEXIT, read the GHCB back."""
+        """Write the GHCB (shared page), VMGEXIT, read the GHCB back. With `inline_ghcb` the
+        page goes with the exit and comes back in the reply, and must then equal the page in
+        guest memory."""
+        if self.inline_ghcb:
+            r = await self.stack.kvm.Vmgexit(
+                kvm_pb2.VmgexitRequest(identity=self.ident, ghcb=ghcb.encode())
+            )
+            back = await self.read(self.ghcb_gpa, 4096, private=False)
+            assert r.terminated or r.ghcb == back.data
+            return r, g.Ghcb.decode(back.data)
         await self.write(self.ghcb_gpa, ghcb.encode(), private=False)
         r = await self.stack.kvm.Vmgexit(kvm_pb2.VmgexitRequest(identity=self.ident))
+        assert not r.ghcb  # only an exit that carried the page gets it back
         back = await self.read(self.ghcb_gpa, 4096, private=False)
         return r, g.Ghcb.decode(back.data)
 

@@ -321,6 +321,72 @@ def test_page_state_change(tmp_path: Path) -> None:
     run(body())
 
 
+def test_ghcb_carried_with_the_exit(tmp_path: Path) -> None:
+    """VmgexitRequest.ghcb: the same answers as through memory, the page in memory as kvm wrote
+    it, and a PSC whose RMPUPDATE fails mid-batch (kvm's speculative GHCB write does not run)
+    still answers the truth and counts only the pages changed."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch(memory=128 << 20)
+            await guest.register_ghcb()
+            guest.inline_ghcb = True  # Guest.vmgexit checks the returned page == guest memory
+            base = 0x1000
+            result, desc = await psc_exit(
+                guest, [entry(base + i, psc.Op.PRIVATE) for i in range(253)]
+            )
+            assert result == 0 and desc.cur_entry == 253
+            reg = s.runtimes["kvm"].registry
+
+            def pages(operation: str) -> float:
+                v = reg.get_sample_value(
+                    "snp_psc_pages_total", {"operation": operation, "page_size": "4k"}
+                )
+                return v or 0.0
+
+            before = pages("shared")
+            result, _ = await psc_exit(guest, [entry(base + i, psc.Op.SHARED) for i in range(4)])
+            assert result == 0 and pages("shared") == before + 4
+            # shared -> private of a page the host holds mapped fails
+            asid = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm.asid
+            held = await s.rmp.MapHostPage(
+                rmp_pb2.MapHostPageRequest(
+                    guest=rmp_pb2.GuestPageAddress(asid=asid, gpa=(base + 2) << 12),
+                    holder="netd",
+                ),
+                metadata=HOST,
+            )
+            before = pages("private")
+            result, desc = await psc_exit(
+                guest, [entry(base + i, psc.Op.PRIVATE) for i in range(4)]
+            )
+            assert result == psc.PSC_ERROR_GENERIC and desc.cur_entry == 2
+            assert pages("private") == before + 2  # the two before the held page, counted once
+            assert desc.entries[2].cur_page == 0 and desc.entries[1].cur_page == 1
+            private = reg.get_sample_value(
+                "snp_psc_requests_total", {"protocol": "ghcb", "result": "generic"}
+            )
+            assert private == 1
+            await s.rmp.UnmapHostPage(
+                rmp_pb2.UnmapHostPageRequest(map_id=held.map_id), metadata=HOST
+            )
+            # a guest request: the response is in memory before the GHCB write says success
+            r, _, payload = await guest.guest_request(report_req(b"I" * 64))
+            assert r.sw_exit_info_2 == 0 and payload is not None
+            assert payload[0x20 + 0x50 : 0x20 + 0x90] == b"I" * 64
+            # a GHCB that is not a whole page is refused, and nothing is counted or written
+            exits = reg.get_sample_value("snp_vmgexit_total", {"exit_code": "psc"})
+            memory = (await guest.read(guest.ghcb_gpa, 4096, private=False)).data
+            for bad in (b"x", bytes(4097)):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await s.kvm.Vmgexit(kvm_pb2.VmgexitRequest(identity=guest.ident, ghcb=bad))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert reg.get_sample_value("snp_vmgexit_total", {"exit_code": "psc"}) == exits
+            assert (await guest.read(guest.ghcb_gpa, 4096, private=False)).data == memory
+
+    run(body())
+
+
 def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:

@@ -704,3 +704,63 @@ def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
 
     run(with_rmp(body))
+
+
+def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        a, b = await alloc(stub, 2)
+
+        def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
+            return pb.HostSessionRequest(
+                write=pb.HostWriteRequest(
+                    spa=pfn << 12, data=data, origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
+                )
+            )
+
+        def update(pfn: int, misaligned: bool = False) -> pb.HostSessionRequest:
+            entry = struct.pack("<QQBBBBI", pfn << 12 | misaligned, 0, 1, 0, 0, 0, ASID)
+            return pb.HostSessionRequest(rmp_update_batch=pb.RmpUpdateBatchRequest(entries=entry))
+
+        async def sequence(*ops: pb.HostSessionRequest) -> list[pb.HostSessionResponse]:
+            session = stub.HostSession(metadata=HOST)
+            await session.write(
+                pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=list(ops)))
+            )
+            reply = await session.read()
+            await session.done_writing()
+            if reply.WhichOneof("result") == "error":
+                return [reply]
+            return list(reply.sequence.results)
+
+        async def peek(pfn: int) -> bytes:
+            r = await stub.HostRead(pb.HostReadRequest(spa=pfn << 12, length=4), metadata=HOST)
+            return bytes(r.data)
+
+        # all run, in order: the second write wins
+        got = await sequence(write(a, b"one!"), update(b), write(a, b"two!"))
+        assert [r.WhichOneof("result") for r in got] == ["write", "rmp_update_batch", "write"]
+        assert await peek(a) == b"two!"
+        # an RMPUPDATE batch with a failing entry stops the sequence: the write after it never runs
+        got = await sequence(update(b, misaligned=True), write(a, b"3333"))
+        assert len(got) == 1 and list(got[0].rmp_update_batch.codes) == [1]
+        assert await peek(a) == b"two!"
+        # an op that fails with an error stops it too, and the error is the last result
+        bad_origin = pb.HostSessionRequest(write=pb.HostWriteRequest(spa=a << 12, data=b"x"))
+        got = await sequence(write(a, b"ok.."), bad_origin, write(a, b"4444"))
+        assert [r.WhichOneof("result") for r in got] == ["write", "error"]
+        assert got[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert await peek(a) == b"ok.."
+        # malformed sequences are refused before any op runs
+        nested = pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=[write(a, b"5555")]))
+        for ops in (
+            [],
+            [write(a, b"6666")] * 9,
+            [write(a, b"7777"), nested],
+            [write(a, b"8888"), pb.HostSessionRequest()],
+        ):
+            got = await sequence(*ops)
+            assert got[0].WhichOneof("result") == "error", ops
+            assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert await peek(a) == b"ok.."
+
+    run(with_rmp(body))

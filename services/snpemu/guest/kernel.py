@@ -154,20 +154,16 @@ class GuestKernel:
                 await self.msr_exit(code << 16 | reason_set << 12 | msr.TERM_REQ)
 
     async def ghcb_exit(self, ghcb: g.Ghcb) -> tuple[kvm_pb2.VmgexitResponse, g.Ghcb]:
-        await self.mem.call(
-            "write",
-            rmp_pb2.GuestWriteRequest(
-                identity=self.ident, gpa=GHCB_GPA, data=ghcb.encode(), private=False
-            ),
-        )
-        r = await self.vmexit("Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident))
-        back = await self.mem.call(
-            "read",
-            rmp_pb2.GuestReadRequest(identity=self.ident, gpa=GHCB_GPA, length=PAGE, private=False),
+        """Fill the GHCB and VMGEXIT. The page goes with the exit and comes back in the reply
+        (kvm.proto VmgexitRequest.ghcb): the guest's write to its shared GHCB page and its read
+        after the exit, without a round trip to memory each."""
+        r = await self.vmexit(
+            "Vmgexit", kvm_pb2.VmgexitRequest(identity=self.ident, ghcb=ghcb.encode())
         )
         if r.terminated:
             self.state = BootState.TERMINATED
-        return r, g.Ghcb.decode(bytes(back.data))
+            return r, ghcb
+        return r, g.Ghcb.decode(bytes(r.ghcb))
 
     # --- boot -------------------------------------------------------------------------------
 

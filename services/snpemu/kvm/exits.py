@@ -8,10 +8,12 @@ sev_handle_rmp_fault(); arch/x86/kvm/svm/svm.c npf_interception().
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from snp.common.v1 import handles_pb2, types_pb2
@@ -21,7 +23,7 @@ from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
-from snpemu.errors import PermissionDenied, Unavailable, WrongState
+from snpemu.errors import InvalidArgument, PermissionDenied, SnpemuError, Unavailable, WrongState
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
@@ -45,6 +47,25 @@ class ExitResult:
     sw_exit_info_1: int = 0
     sw_exit_info_2: int = 0
     terminated: bool = False
+
+
+@dataclass
+class ExitState:
+    """One GHCB exit on its way back to the guest. kvm's host accesses that must precede the
+    GHCB write go with that write in one rmp HostSequence message: `tail` (accesses whose
+    results the GHCB does not depend on, e.g. the response copy) and `batch` (a PSC's
+    RMPUPDATEs, answered here as if every page succeeded; if one did not, the sequence stops
+    before the write and the exit is handled again with the real codes in `codes`). `held`
+    keeps locks taken by the handler (a VM's guest-request mutex) until the GHCB is written."""
+
+    speculate: bool = True
+    tail: list[rmp_pb2.HostSessionRequest] = field(default_factory=list)
+    batch: rmp_pb2.RmpUpdateBatchRequest | None = None
+    codes: bytes | None = None
+    # page and request counts, added to kvm's counters once the GHCB is written
+    psc_pages: Counter[tuple[str, str]] = field(default_factory=Counter)
+    psc_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
 class Exits:
@@ -74,17 +95,21 @@ class Exits:
         r = await self.kvm.host.call("read", rmp_pb2.HostReadRequest(spa=spa, length=length))
         return bytes(r.data)
 
-    async def _host_write(self, spa: int, data: bytes) -> int:
+    @staticmethod
+    def _kernel_write(spa: int, data: bytes) -> rmp_pb2.HostWriteRequest:
         """A kernel write into guest memory: an RMP violation if the guest made it private."""
-        request = rmp_pb2.HostWriteRequest(
+        return rmp_pb2.HostWriteRequest(
             spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_KERNEL, writer="kvm"
         )
-        return int((await self.kvm.host.call("write", request)).outcome)
 
-    async def _host_copy(self, src: int, dst: int, peek: int = 0) -> bytes:
-        """A kernel memcpy of one page (the write through the violation policy); returns the
+    async def _host_write(self, spa: int, data: bytes) -> int:
+        return int((await self.kvm.host.call("write", self._kernel_write(spa, data))).outcome)
+
+    @staticmethod
+    def _kernel_copy(src: int, dst: int, peek: int = 0) -> rmp_pb2.HostCopyRequest:
+        """A kernel memcpy of one page (the write through the violation policy), answering the
         first `peek` bytes copied."""
-        request = rmp_pb2.HostCopyRequest(
+        return rmp_pb2.HostCopyRequest(
             src_spa=src,
             dst_spa=dst,
             length=PAGE,
@@ -92,7 +117,9 @@ class Exits:
             writer="kvm",
             peek=peek,
         )
-        return bytes((await self.kvm.host.call("copy", request)).head)
+
+    async def _host_copy(self, src: int, dst: int, peek: int = 0) -> bytes:
+        return bytes((await self.kvm.host.call("copy", self._kernel_copy(src, dst, peek))).head)
 
     async def _rmpupdate(
         self, spa: int, *, private: bool, vm: Vm, gpa: int, size_2m: bool = False
@@ -175,7 +202,12 @@ class Exits:
 
     # --- full GHCB ------------------------------------------------------------------------------
 
-    async def ghcb_exit(self, ident: Any) -> ExitResult:
+    async def ghcb_exit(self, ident: Any, inline: bytes = b"") -> tuple[ExitResult, bytes]:
+        """Handle a VMGEXIT; returns the result and the GHCB page as written back. `inline` is
+        the GHCB page carried with the exit (kvm.proto VmgexitRequest.ghcb) instead of read
+        from guest memory."""
+        if inline and len(inline) != PAGE:
+            raise InvalidArgument(f"ghcb is the whole {PAGE}-byte page, not {len(inline)} bytes")
         vm, vcpu = self.vcpu(ident)
         if vcpu.ghcb_gpa is None:
             # KVM fails the vCPU run: an SNP guest must register its GHCB first.
@@ -184,7 +216,7 @@ class Exits:
             )
         spa = self._spa(vm, vcpu.ghcb_gpa)
         assert spa is not None  # INVARIANT: registration checked the memslot
-        page = await self._host_read(spa)
+        page = inline or await self._host_read(spa)
         ghcb = g.Ghcb.decode(page)
         code = ghcb.get("sw_exit_code")
         name = g.EXIT_NAMES.get(code, "unknown")
@@ -197,7 +229,13 @@ class Exits:
             info1=ghcb.get("sw_exit_info_1"),
             info2=ghcb.get("sw_exit_info_2"),
         )
-        result, regs, shared = await self._dispatch(vm, vcpu, ghcb)
+        state = ExitState()
+        async with state.held:
+            result, out = await self._handle(vm, vcpu, ghcb, page, spa, state)
+            if state.codes is not None and any(state.codes):
+                # a page of the PSC failed: the GHCB write did not run; answer with the truth
+                state = ExitState(speculate=False, codes=state.codes, held=state.held)
+                result, out = await self._handle(vm, vcpu, ghcb, page, spa, state)
         self.kvm.trace.emit(
             "kvm_vmgexit_exit",
             vm,
@@ -206,6 +244,13 @@ class Exits:
             info1=result.sw_exit_info_1,
             info2=result.sw_exit_info_2,
         )
+        return result, b"" if result.terminated else out
+
+    async def _handle(
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, page: bytes, spa: int, state: ExitState
+    ) -> tuple[ExitResult, bytes]:
+        """Dispatch the exit, then write the GHCB back after the accesses that precede it."""
+        result, regs, shared = await self._dispatch(vm, vcpu, ghcb, state)
         out = bytearray(page)
         out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = bytes(16)  # KVM clears the guest's bitmap
         struct.pack_into(
@@ -219,16 +264,31 @@ class Exits:
             struct.pack_into("<Q", out, g.OFFSETS[reg], value & (2**64 - 1))
         if shared is not None:
             out[g.SHARED_BUFFER : g.SHARED_BUFFER + len(shared)] = shared
+        ops = list(state.tail)
+        if state.batch is not None:
+            ops.append(rmp_pb2.HostSessionRequest(rmp_update_batch=state.batch))
         if not result.terminated:
-            await self._host_write(spa, bytes(out))
-        return result
+            ops.append(rmp_pb2.HostSessionRequest(write=self._kernel_write(spa, bytes(out))))
+        if ops:
+            done = await self.kvm.host.call("sequence", rmp_pb2.HostSequenceRequest(ops=ops))
+            for r in done.results:
+                if r.WhichOneof("result") == "error":
+                    e = r.error
+                    raise SnpemuError(e.message, reason=e.reason, metadata=dict(e.metadata))
+            if state.batch is not None:
+                state.codes = bytes(done.results[len(state.tail)].rmp_update_batch.codes)
+                if any(state.codes):
+                    return result, bytes(out)  # speculated wrong: counted on the second pass
+        self.kvm.counters.psc_pages.update(state.psc_pages)
+        self.kvm.counters.psc_requests.update(state.psc_requests)
+        return result, bytes(out)
 
     @staticmethod
     def _malformed(err: int) -> tuple[ExitResult, dict[str, int], None]:
         return ExitResult(g.RESP_MALFORMED_INPUT, err), {}, None
 
     async def _dispatch(
-        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState
     ) -> tuple[ExitResult, dict[str, int], bytearray | None]:
         if ghcb.usage != 0:
             return self._malformed(g.ERR_INVALID_USAGE)
@@ -247,9 +307,9 @@ class Exits:
             )
             return ExitResult(), {"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx}, None
         if code == g.EXIT_PSC:
-            return await self._psc(vm, vcpu, ghcb)
+            return await self._psc(vm, vcpu, ghcb, state)
         if code in (g.EXIT_GUEST_REQUEST, g.EXIT_EXT_GUEST_REQUEST):
-            return await self._guest_request(vm, ghcb, code, info1, info2)
+            return await self._guest_request(vm, ghcb, code, info1, info2, state)
         if code == g.EXIT_AP_CREATION:
             return self._ap_creation(vm, ghcb, info1, info2)
         if code == g.EXIT_AP_JUMP_TABLE:
@@ -275,7 +335,7 @@ class Exits:
     # --- page state change ----------------------------------------------------------------------
 
     async def _psc(
-        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState
     ) -> tuple[ExitResult, dict[str, int], bytearray | None]:
         if not ghcb.is_valid("sw_scratch"):
             return self._malformed(g.ERR_MISSING_INPUT)
@@ -288,14 +348,16 @@ class Exits:
         off = scratch - base
         buf = bytearray(ghcb.shared)
         desc = psc.Descriptor.decode(bytes(buf[off:]))
-        result = await self.apply_psc(vm, desc)
+        # 2M entries take RMPUPDATEs of their own first; handling the exit twice would repeat them
+        state.speculate = state.speculate and not any(e.size_2m for e in desc.entries)
+        result = await self.apply_psc(vm, desc, state)
         view = bytearray(buf[off:])
         desc.encode_into(view)
         buf[off:] = view[: len(buf) - off]
-        self.kvm.counters.psc_requests[("ghcb", _psc_result_name(result))] += 1
+        state.psc_requests[("ghcb", _psc_result_name(result))] += 1
         return ExitResult(0, result), {}, buf
 
-    async def apply_psc(self, vm: Vm, desc: psc.Descriptor) -> int:
+    async def apply_psc(self, vm: Vm, desc: psc.Descriptor, state: ExitState) -> int:
         """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor."""
         if not psc.check_header(desc):
             return psc.PSC_ERROR_INVALID_HDR
@@ -305,7 +367,7 @@ class Exits:
             e = desc.entries[idx]
             if not psc.check_entry(e):
                 desc.cur_entry = idx
-                return await self._run_psc(vm, desc, work, psc.PSC_ERROR_INVALID_ENTRY)
+                return await self._run_psc(vm, desc, work, psc.PSC_ERROR_INVALID_ENTRY, state)
             if e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
                 continue  # KVM marks these complete without acting
             gpa = e.gfn << 12
@@ -317,15 +379,15 @@ class Exits:
                     )
                     if eax == 0:
                         e.cur_page = 512
-                        self.kvm.counters.psc_pages[(psc.Op(e.op).name.lower(), "2m")] += 1
+                        state.psc_pages[(psc.Op(e.op).name.lower(), "2m")] += 1
                         continue
             for page in range(e.cur_page, e.npages):
                 spa = vm.memslots.translate(gpa + page * PAGE)
                 if spa is None:
                     desc.cur_entry = idx
-                    return await self._run_psc(vm, desc, work, psc.PSC_ERROR_GENERIC)
+                    return await self._run_psc(vm, desc, work, psc.PSC_ERROR_GENERIC, state)
                 work.append((idx, page, spa, gpa + page * PAGE, e.op == psc.Op.PRIVATE))
-        result = await self._run_psc(vm, desc, work, 0)
+        result = await self._run_psc(vm, desc, work, 0, state)
         if result == 0:
             desc.cur_entry = last + 1
         return result
@@ -336,10 +398,15 @@ class Exits:
         desc: psc.Descriptor,
         work: list[tuple[int, int, int, int, bool]],
         stop_result: int,
+        state: ExitState,
     ) -> int:
-        """One batched RMPUPDATE for the 4K work, then progress up to the first failure."""
+        """One batched RMPUPDATE for the 4K work, then progress up to the first failure. When
+        the exit may speculate, the batch goes with the GHCB write and every page is taken to
+        have succeeded (see ExitState)."""
         codes: bytes = b""
-        if work:
+        if state.codes is not None:
+            codes = state.codes
+        elif work:
             entries = b"".join(
                 struct.pack(
                     "<QQBBBBI", spa, gpa if priv else 0, int(priv), 0, 0, 0, vm.asid if priv else 0
@@ -347,7 +414,10 @@ class Exits:
                 for _, _, spa, gpa, priv in work
             )
             batch = rmp_pb2.RmpUpdateBatchRequest(entries=entries)
-            codes = bytes((await self.kvm.host.call("rmp_update_batch", batch)).codes)
+            if state.speculate:
+                state.batch, codes = batch, bytes(len(work))
+            else:
+                codes = bytes((await self.kvm.host.call("rmp_update_batch", batch)).codes)
         done_entries: set[int] = set()
         for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
             e = desc.entries[idx]
@@ -359,7 +429,7 @@ class Exits:
                 return psc.PSC_ERROR_GENERIC
             e.cur_page = page + 1
             done_entries.add(idx)
-            self.kvm.counters.psc_pages[("private" if priv else "shared", "4k")] += 1
+            state.psc_pages[("private" if priv else "shared", "4k")] += 1
         for idx in range(desc.cur_entry, len(desc.entries)):
             e = desc.entries[idx]
             if idx in done_entries or e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
@@ -369,7 +439,7 @@ class Exits:
     # --- guest requests --------------------------------------------------------------------------
 
     async def _guest_request(
-        self, vm: Vm, ghcb: g.Ghcb, code: int, req_gpa: int, res_gpa: int
+        self, vm: Vm, ghcb: g.Ghcb, code: int, req_gpa: int, res_gpa: int, state: ExitState
     ) -> tuple[ExitResult, dict[str, int], None]:
         if req_gpa % PAGE or res_gpa % PAGE or req_gpa == res_gpa:
             return self._malformed(g.ERR_MISSING_INPUT)
@@ -380,51 +450,55 @@ class Exits:
         if ext and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
             return self._malformed(g.ERR_MISSING_INPUT)
         lock = self.request_locks.setdefault(vm.vm_id, asyncio.Lock())
-        async with lock:  # one request in flight per VM, as KVM's mutex
-            started = time.perf_counter()
-            # the request goes straight into the firmware's bounce page; kvm looks only at
-            # the header (MSG_TYPE at 0x34) for its counters
-            header = await self._host_copy(req_spa, vm.bounce_req, peek=0x40)
-            kind = {5: "report", 3: "key"}.get(header[0x34], "other")
-            regs: dict[str, int] = {}
-            if not vm.throttle.allow():
-                self.kvm.counters.throttled += 1
-                self.kvm.counters.guest_requests[(kind, "busy")] += 1
-                return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
-            if ext and kind == "report":
-                certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
-                blob = self.kvm.certs_blob or bytes(24)
-                need = -(-len(blob) // PAGE)
-                if certs_gpa % PAGE:
+        # one request in flight per VM, as KVM's mutex; held until the response is copied
+        await state.held.enter_async_context(lock)
+        started = time.perf_counter()
+        # the request goes straight into the firmware's bounce page; kvm looks only at
+        # the header (MSG_TYPE at 0x34) for its counters
+        header = await self._host_copy(req_spa, vm.bounce_req, peek=0x40)
+        kind = {5: "report", 3: "key"}.get(header[0x34], "other")
+        regs: dict[str, int] = {}
+        if not vm.throttle.allow():
+            self.kvm.counters.throttled += 1
+            self.kvm.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+        if ext and kind == "report":
+            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
+            blob = self.kvm.certs_blob or bytes(24)
+            need = -(-len(blob) // PAGE)
+            if certs_gpa % PAGE:
+                return self._malformed(g.ERR_INVALID_INPUT)
+            if npages < need:
+                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
+                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
+            for i in range(need):
+                spa = self._spa(vm, certs_gpa + i * PAGE)
+                if spa is None:
                     return self._malformed(g.ERR_INVALID_INPUT)
-                if npages < need:
-                    self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
-                    return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
-                for i in range(need):
-                    spa = self._spa(vm, certs_gpa + i * PAGE)
-                    if spa is None:
-                        return self._malformed(g.ERR_INVALID_INPUT)
-                    await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
-            try:
-                await self.kvm.psp.call(
-                    "GuestRequest",
-                    psp_pb2.GuestRequestRequest(
-                        gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
-                        req_paddr=vm.bounce_req,
-                        res_paddr=vm.bounce_res,
-                    ),
-                )
-            except PeerError as e:
-                self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
-                return ExitResult(0, e.fw_status or VMM_ERR_GENERIC << 32), regs, None
-            except Unavailable:
-                # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
-                self.kvm.counters.guest_requests[(kind, "busy")] += 1
-                return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
-            await self._host_copy(vm.bounce_res, res_spa)
-            self.kvm.counters.guest_requests[(kind, "success")] += 1
-            self.kvm.counters.observe_request(time.perf_counter() - started)
-            return ExitResult(0, 0), regs, None
+                await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
+        try:
+            await self.kvm.psp.call(
+                "GuestRequest",
+                psp_pb2.GuestRequestRequest(
+                    gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
+                    req_paddr=vm.bounce_req,
+                    res_paddr=vm.bounce_res,
+                ),
+            )
+        except PeerError as e:
+            self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
+            return ExitResult(0, e.fw_status or VMM_ERR_GENERIC << 32), regs, None
+        except Unavailable:
+            # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
+            self.kvm.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+        # the response copy goes with the GHCB write (ExitState)
+        state.tail.append(
+            rmp_pb2.HostSessionRequest(copy=self._kernel_copy(vm.bounce_res, res_spa))
+        )
+        self.kvm.counters.guest_requests[(kind, "success")] += 1
+        self.kvm.counters.observe_request(time.perf_counter() - started)
+        return ExitResult(0, 0), regs, None
 
     # --- AP creation ----------------------------------------------------------------------------
 

@@ -140,11 +140,12 @@ class KvmServicer:
         return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
 
     async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
-        r = await self.exits.ghcb_exit(request.identity)
+        r, page = await self.exits.ghcb_exit(request.identity, request.ghcb)
         return pb.VmgexitResponse(
             sw_exit_info_1=r.sw_exit_info_1,
             sw_exit_info_2=r.sw_exit_info_2,
             terminated=r.terminated,
+            ghcb=page if request.ghcb else b"",
         )
 
     async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:

@@ -40,6 +40,8 @@ BATCH_ENTRY = np.dtype(
 )
 assert BATCH_ENTRY.itemsize == 8 + RMP_STATE.size
 MAX_BATCH = 1 << 16
+# A kernel path between two guest entries is a handful of accesses (rmp.proto HostSequenceRequest).
+MAX_SEQUENCE = 8
 
 
 def _result(code: int) -> pb.RmpResult.ValueType:
@@ -424,14 +426,7 @@ class RmpServicer:
                     raise InvalidArgument(f"a session request is one of {', '.join(handlers)}")
                 yield response_cls(**{which: await handlers[which](getattr(op, which), context)})
             except SnpemuError as e:
-                yield response_cls(
-                    error=pb.SessionError(
-                        code=grpc_code(e).value[0],
-                        message=e.message,
-                        reason=e.reason,
-                        metadata=e.metadata,
-                    )
-                )
+                yield response_cls(error=session_error(e))
 
     async def FirmwareSession(
         self, requests: Any, context: Any
@@ -440,15 +435,38 @@ class RmpServicer:
         async for reply in self._session(requests, context, pb.FirmwareSessionResponse, handlers):
             yield reply
 
-    async def HostSession(
-        self, requests: Any, context: Any
-    ) -> AsyncIterator[pb.HostSessionResponse]:
-        handlers = {
+    def _host_handlers(self) -> dict[str, Any]:
+        return {
             "read": self.HostRead,
             "write": self.HostWrite,
             "rmp_update_batch": self.RmpUpdateBatch,
             "copy": self.HostCopy,
         }
+
+    async def _host_sequence(self, request: Any, context: Any) -> pb.HostSequenceResponse:
+        """A kernel path's accesses in order, up to the first that fails (see rmp.proto)."""
+        handlers = self._host_handlers()
+        if not 0 < len(request.ops) <= MAX_SEQUENCE:
+            raise InvalidArgument(f"a sequence has 1 to {MAX_SEQUENCE} ops")
+        kinds = [op.WhichOneof("op") for op in request.ops]
+        if any(k not in handlers for k in kinds):
+            raise InvalidArgument(f"each op of a sequence is one of {', '.join(handlers)}")
+        results = []
+        for op, kind in zip(request.ops, kinds, strict=True):
+            try:
+                result = await handlers[kind](getattr(op, kind), context)
+            except SnpemuError as e:
+                results.append(pb.HostSessionResponse(error=session_error(e)))
+                break
+            results.append(pb.HostSessionResponse(**{kind: result}))
+            if kind == "rmp_update_batch" and any(result.codes):
+                break
+        return pb.HostSequenceResponse(results=results)
+
+    async def HostSession(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[pb.HostSessionResponse]:
+        handlers = self._host_handlers() | {"sequence": self._host_sequence}
         async for reply in self._session(requests, context, pb.HostSessionResponse, handlers):
             yield reply
 
@@ -505,3 +523,10 @@ class RmpServicer:
 async def set_not_serving(health: Any, service_name: str) -> None:
     for name in ("", service_name):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def session_error(e: SnpemuError) -> pb.SessionError:
+    """What a unary call would carry as its status, in-band in a session reply."""
+    return pb.SessionError(
+        code=grpc_code(e).value[0], message=e.message, reason=e.reason, metadata=e.metadata
+    )

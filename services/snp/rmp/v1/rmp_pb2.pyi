@@ -1824,6 +1824,7 @@ class HostSessionRequest(_message.Message):
     WRITE_FIELD_NUMBER: _builtins.int
     RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
     COPY_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def read(self) -> Global___HostReadRequest: ...
     @_builtins.property
@@ -1832,6 +1833,8 @@ class HostSessionRequest(_message.Message):
     def rmp_update_batch(self) -> Global___RmpUpdateBatchRequest: ...
     @_builtins.property
     def copy(self) -> Global___HostCopyRequest: ...
+    @_builtins.property
+    def sequence(self) -> Global___HostSequenceRequest: ...
     def __init__(
         self,
         *,
@@ -1839,16 +1842,68 @@ class HostSessionRequest(_message.Message):
         write: Global___HostWriteRequest | None = ...,
         rmp_update_batch: Global___RmpUpdateBatchRequest | None = ...,
         copy: Global___HostCopyRequest | None = ...,
+        sequence: Global___HostSequenceRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "sequence", b"sequence", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "read", b"read", "rmp_update_batch", b"rmp_update_batch", "sequence", b"sequence", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "copy"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "copy", "sequence"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
 Global___HostSessionRequest: _TypeAlias = HostSessionRequest  # noqa: Y015
+
+@_typing.final
+class HostSequenceRequest(_message.Message):
+    """Several host accesses in one message, run in order until one fails: what a kernel path does
+    between two returns to the guest (KVM's PSC RMPUPDATEs then its GHCB write; the response copy
+    then the GHCB write). An op fails when it returns an error or, for an RMPUPDATE batch, when
+    any entry's code is not 0; the ops after it do not run. Ops are checked before any runs: at
+    most 8, none of them a sequence.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostSessionRequest]: ...
+    def __init__(
+        self,
+        *,
+        ops: _abc.Iterable[Global___HostSessionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostSequenceRequest: _TypeAlias = HostSequenceRequest  # noqa: Y015
+
+@_typing.final
+class HostSequenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostSessionResponse]:
+        """One result per op that ran, in order; when the sequence stopped early the last is the op
+        that failed.
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___HostSessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostSequenceResponse: _TypeAlias = HostSequenceResponse  # noqa: Y015
 
 @_typing.final
 class HostSessionResponse(_message.Message):
@@ -1859,6 +1914,7 @@ class HostSessionResponse(_message.Message):
     RMP_UPDATE_BATCH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     COPY_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def read(self) -> Global___HostReadResponse: ...
     @_builtins.property
@@ -1869,6 +1925,8 @@ class HostSessionResponse(_message.Message):
     def error(self) -> Global___SessionError: ...
     @_builtins.property
     def copy(self) -> Global___HostCopyResponse: ...
+    @_builtins.property
+    def sequence(self) -> Global___HostSequenceResponse: ...
     def __init__(
         self,
         *,
@@ -1877,12 +1935,13 @@ class HostSessionResponse(_message.Message):
         rmp_update_batch: Global___RmpUpdateBatchResponse | None = ...,
         error: Global___SessionError | None = ...,
         copy: Global___HostCopyResponse | None = ...,
+        sequence: Global___HostSequenceResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "sequence", b"sequence", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "error", b"error", "read", b"read", "result", b"result", "rmp_update_batch", b"rmp_update_batch", "sequence", b"sequence", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "error", "copy"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read", "write", "rmp_update_batch", "error", "copy", "sequence"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
