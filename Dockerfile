@@ -9,6 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SNPEMU_BIND=0.0.0.0
 
 WORKDIR /app
+# Debian's OVMF is kvm's default guest firmware (/usr/share/OVMF/OVMF_CODE.fd)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ovmf \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/snpemu
 COPY pyproject.toml README.md .env ./
 COPY services ./services

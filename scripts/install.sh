@@ -4,7 +4,10 @@
 #   - Debian packages, when missing and apt-get can be used (root, or sudo without a password):
 #     `prometheus` (Prometheus and promtool) and `ovmf` (the default guest firmware,
 #     /usr/share/OVMF/OVMF_CODE.fd). Without them the host still runs; the launcher starts no
-#     Prometheus, and the tests that need them say so and fail.
+#     Prometheus, and the tests that need them say so and fail;
+#   - Debian's kubectl (`kubernetes-client`), unpacked into $VENV/opt/kubernetes-client rather
+#     than installed, so it never replaces a kubectl the machine has: the Kubernetes manifest
+#     tests render deploy/k8s with its `kubectl kustomize`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +35,16 @@ fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
+fi
+KUBECTL="$VENV/opt/kubernetes-client/usr/bin/kubectl"
+if [ ! -x "$KUBECTL" ] && command -v apt-get >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null); then
+    dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$VENV/opt/kubernetes-client"
+  else
+    echo "install: could not download Debian's kubernetes-client; the k8s tests will fail" >&2
+  fi
+  rm -rf "$tmp"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[dev,lab]'

@@ -17,35 +17,14 @@ from snpemu.launcher.plan import SERVICE_NAMES, plan
 from snpemu.metrics_catalog import names
 
 from tests.conftest import ROOT, tool
+from tests.style.compose_file import compose_file
 
 pytestmark = pytest.mark.style
-
-_VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
-
-
-def _interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's ${VAR} / ${VAR:-default} interpolation, from .env as compose reads it."""
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            if m[1] in env:
-                return env[m[1]]
-            assert m[2] is not None, f"${{{m[1]}}} is not defined in .env"
-            return m[2]
-
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [_interpolate(v, env) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v, env) for k, v in value.items()}
-    return value
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    env = parse_env_file((ROOT / ".env").read_text())
-    return _interpolate(raw, env)  # type: ignore[no-any-return]
+    return compose_file()
 
 
 def test_compose_file_matches_compose_spec_schema() -> None:
@@ -121,6 +100,7 @@ def test_dockerfile_copies_what_the_image_needs() -> None:
     assert "COPY pyproject.toml README.md .env ./" in text
     assert "COPY services ./services" in text
     assert "SNPEMU_CONFIG=/app/.env" in text
+    assert "install -y --no-install-recommends ovmf" in text  # kvm's default firmware
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "services" not in ignored and ".env" not in ignored
 
