@@ -40,6 +40,7 @@ KUBECTL="$VENV/opt/kubernetes-client/usr/bin/kubectl"
 if [ ! -x "$KUBECTL" ] && command -v apt-get >/dev/null 2>&1; then
   tmp=$(mktemp -d)
   if (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null); then
+    mkdir -p "$VENV/opt/kubernetes-client"
     dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$VENV/opt/kubernetes-client"
   else
     echo "install: could not download Debian's kubernetes-client; the k8s tests will fail" >&2
