@@ -9,14 +9,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SNPEMU_BIND=0.0.0.0
 
 WORKDIR /app
-# Debian's OVMF is kvm's default guest firmware (/usr/share/OVMF/OVMF_CODE.fd)
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ovmf \
- && rm -rf /var/lib/apt/lists/*
+# Debian's OVMF is kvm's default guest firmware (/usr/share/OVMF/OVMF_CODE.fd); a base image
+# that has it already (the compose test's, built offline) needs no download
+RUN [ -f /usr/share/OVMF/OVMF_CODE.fd ] \
+ || (apt-get update \
+     && apt-get install -y --no-install-recommends ovmf \
+     && rm -rf /var/lib/apt/lists/*)
 RUN python3 -m venv /opt/snpemu
 COPY pyproject.toml README.md .env ./
 COPY services ./services
-RUN pip install --no-cache-dir . \
+# wheelhouse/ holds only its README in a checkout, and pip downloads from PyPI. With wheels in
+# it (from `pip download`, as the compose test does), the image builds with no network.
+COPY wheelhouse/ /tmp/wheelhouse/
+RUN if ls /tmp/wheelhouse/*.whl >/dev/null 2>&1; then \
+      pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse . ; \
+    else \
+      pip install --no-cache-dir . ; \
+    fi \
+ && rm -rf /tmp/wheelhouse \
  && useradd --system --uid 10001 --home-dir /var/lib/snpemu --create-home snpemu
 
 USER snpemu

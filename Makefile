@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-unit test-cluster lint bench lab protos protos-check clean
+.PHONY: install install-compose-test up test test-unit test-cluster test-compose lint bench lab protos protos-check clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -15,14 +15,22 @@ install: $(STAMP)
 up: $(STAMP)
 	$(PY) -m snpemu.launcher up
 
-test: $(STAMP)
+# every test, the compose test included (it runs podman as root)
+test: $(STAMP) install-compose-test
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -m "not cluster"
+	$(PY) -m pytest -m "not cluster and not compose"
 
 test-cluster: $(STAMP)
 	$(PY) -m pytest -m cluster
+
+# docker-compose.yml brought up under podman, driven from the host, brought down (root)
+test-compose: $(STAMP) install-compose-test
+	$(PY) -m pytest -m compose
+
+install-compose-test:
+	bash scripts/install-compose-test.sh
 
 lint: $(STAMP)
 	$(PY) -m pytest -m style
