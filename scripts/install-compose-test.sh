@@ -14,8 +14,9 @@ done
 [ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
-  echo "install-compose-test: missing ${need[*]}; run as root" >&2
-  exit 1
+  # the other tests can still run; the compose test fails, naming what is missing
+  echo "install-compose-test: ${need[*]} missing and installing them needs root; skipping" >&2
+  exit 0
 fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -45,17 +45,23 @@ def missing_tools() -> list[str]:
     return [t for t in NEEDED if t not in found]
 
 
+def _at_most(limit: int, most: int) -> int:
+    hard = resource.getrlimit(limit)[1]
+    return most if hard == resource.RLIM_INFINITY else min(hard, most)
+
+
 class Podman:
     def __init__(self, state: Path = STATE) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        cap = lambda hard, most: most if hard == resource.RLIM_INFINITY else min(hard, most)  # noqa: E731
+        # podman refuses to start a container whose ulimits exceed the caller's hard limits
+        nofile, nproc = (
+            _at_most(resource.RLIMIT_NOFILE, 20000),
+            _at_most(resource.RLIMIT_NPROC, 32768),
+        )
         (state / "containers.conf").write_text(
             "[containers]\n"
-            f'default_ulimits = ["nofile={cap(nofile, 20000)}:{cap(nofile, 20000)}", '
-            f'"nproc={cap(nproc, 32768)}:{cap(nproc, 32768)}"]\n'
+            f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
             "[engine]\n"
             'runtime = "runc"\n'
             'cgroup_manager = "cgroupfs"\n'

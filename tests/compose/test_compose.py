@@ -46,13 +46,13 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Host:
     podman: Podman
     workdir: Path
-    ports: dict[str, list[int]]  # service -> its published ports, as compose lists them
+    ports: dict[str, list[int]]  # service -> its container ports (published on the same numbers)
     addresses: dict[str, str] = field(default_factory=dict)  # service -> address on NETWORK
     down_done: bool = False
 
     def at(self, service: str, index: int = 0) -> str:
         """Where the host reaches a service's port: its address on the internal network (which
-        forwards no published port) and the port compose publishes."""
+        forwards no published port) and the container port compose publishes."""
         return f"{self.addresses[service]}:{self.ports[service][index]}"
 
     @staticmethod

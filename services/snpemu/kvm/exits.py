@@ -24,6 +24,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.errors import InvalidArgument, PermissionDenied, SnpemuError, Unavailable, WrongState
+from snpemu.kvm import psc_batch
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
@@ -347,6 +348,17 @@ class Exits:
             return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = scratch - base
         buf = bytearray(ghcb.shared)
+        if state.speculate and state.codes is None:
+            fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
+            if fast is not None:
+                # every page a 4K entry: the batch goes with the GHCB write (ExitState)
+                state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
+                for op, n in (("private", fast.private), ("shared", fast.shared)):
+                    if n:
+                        state.psc_pages[(op, "4k")] += n
+                state.psc_requests[("ghcb", _psc_result_name(0))] += 1
+                buf[off:] = fast.descriptor[: len(buf) - off]
+                return ExitResult(0, 0), {}, buf
         desc = psc.Descriptor.decode(bytes(buf[off:]))
         # 2M entries take RMPUPDATEs of their own first; handling the exit twice would repeat them
         state.speculate = state.speculate and not any(e.size_2m for e in desc.entries)

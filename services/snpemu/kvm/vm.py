@@ -7,6 +7,8 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from snpemu.kvm.throttle import Throttle
 
 PAGE = 4096
@@ -37,6 +39,8 @@ class Memslots:
     def __init__(self) -> None:
         self.runs: list[Run] = []
         self._starts: list[int] = []
+        empty = np.zeros(0, dtype=np.int64)
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = (empty, empty, empty)
 
     def add(self, gpa: int, pfns: list[int]) -> list[Run]:
         """Map consecutive GPAs from gpa to these frames; returns the runs added."""
@@ -50,7 +54,22 @@ class Memslots:
             j = bisect.bisect_left(self._starts, r.gpa)
             self._starts.insert(j, r.gpa)
             self.runs.insert(j, r)
+        self._arrays = (
+            np.array(self._starts, dtype=np.int64),
+            np.array([r.gpa + r.npages * PAGE for r in self.runs], dtype=np.int64),
+            np.array([r.first_pfn << 12 for r in self.runs], dtype=np.int64),
+        )
         return added
+
+    def translate_many(self, gpas: np.ndarray) -> np.ndarray:
+        """translate() of an array of GPAs: the SPAs, -1 outside every memslot."""
+        starts, ends, spas = self._arrays
+        if not len(starts):
+            return np.full(len(gpas), -1, dtype=np.int64)
+        j = np.searchsorted(starts, gpas, side="right") - 1
+        k = j.clip(0)
+        inside = (j >= 0) & (gpas < ends[k])
+        return np.where(inside, spas[k] + (gpas - starts[k]), -1)
 
     def translate(self, gpa: int) -> int | None:
         """The SPA backing gpa, or None outside every memslot."""
