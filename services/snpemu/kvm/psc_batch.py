@@ -15,19 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from snpemu.abi import psc
+from snpemu.abi.rmp_batch import BATCH_ENTRY
 
-# rmp's packed RMPUPDATE batch entry: {u64 spa; struct rmp_state} (rmp.proto RmpUpdateBatchRequest)
-BATCH_ENTRY = np.dtype(
-    [
-        ("spa", "<u8"),
-        ("gpa", "<u8"),
-        ("assigned", "u1"),
-        ("pagesize", "u1"),
-        ("immutable", "u1"),
-        ("rsvd", "u1"),
-        ("asid", "<u4"),
-    ]
-)
 GFN_MASK = (1 << 40) - 1
 
 

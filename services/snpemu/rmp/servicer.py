@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
+from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument, NotFound, SnpemuError
 from snpemu.rmp.entry import PAGE_SHIFT, RMP_STATE, Entry, PageState
 from snpemu.rmp.machine import Identity, Origin, Policy, RmpMachine
@@ -27,17 +28,6 @@ GUEST_RPCS = frozenset(
     {"Pvalidate", "PvalidateBatch", "RmpAdjust", "GuestRead", "GuestWrite", "GuestSession"}
 )
 
-BATCH_ENTRY = np.dtype(
-    [
-        ("spa", "<u8"),
-        ("gpa", "<u8"),
-        ("assigned", "u1"),
-        ("pagesize", "u1"),
-        ("immutable", "u1"),
-        ("rsvd", "u1"),
-        ("asid", "<u4"),
-    ]
-)
 assert BATCH_ENTRY.itemsize == 8 + RMP_STATE.size
 MAX_BATCH = 1 << 16
 # A kernel path between two guest entries is a handful of accesses (rmp.proto HostSequenceRequest).
