@@ -374,12 +374,15 @@ class Exits:
         if not psc.check_header(desc):
             return psc.PSC_ERROR_INVALID_HDR
         last = min(desc.end_entry, len(desc.entries) - 1)
+        first = desc.cur_entry
         work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
-        for idx in range(desc.cur_entry, last + 1):
+        for idx in range(first, last + 1):
             e = desc.entries[idx]
             if not psc.check_entry(e):
                 desc.cur_entry = idx
-                return await self._run_psc(vm, desc, work, psc.PSC_ERROR_INVALID_ENTRY, state)
+                return await self._run_psc(
+                    vm, desc, work, (first, idx), psc.PSC_ERROR_INVALID_ENTRY, state
+                )
             if e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
                 continue  # KVM marks these complete without acting
             gpa = e.gfn << 12
@@ -397,9 +400,11 @@ class Exits:
                 spa = vm.memslots.translate(gpa + page * PAGE)
                 if spa is None:
                     desc.cur_entry = idx
-                    return await self._run_psc(vm, desc, work, psc.PSC_ERROR_GENERIC, state)
+                    return await self._run_psc(
+                        vm, desc, work, (first, idx), psc.PSC_ERROR_GENERIC, state
+                    )
                 work.append((idx, page, spa, gpa + page * PAGE, e.op == psc.Op.PRIVATE))
-        result = await self._run_psc(vm, desc, work, 0, state)
+        result = await self._run_psc(vm, desc, work, (first, last + 1), 0, state)
         if result == 0:
             desc.cur_entry = last + 1
         return result
@@ -409,12 +414,17 @@ class Exits:
         vm: Vm,
         desc: psc.Descriptor,
         work: list[tuple[int, int, int, int, bool]],
+        span: tuple[int, int],
         stop_result: int,
         state: ExitState,
     ) -> int:
-        """One batched RMPUPDATE for the 4K work, then progress up to the first failure. When
-        the exit may speculate, the batch goes with the GHCB write and every page is taken to
-        have succeeded (see ExitState)."""
+        """One batched RMPUPDATE for the 4K work, then progress up to the first failure. `span`
+        is the entries the loop went through (first, end exclusive): those before the first
+        failure are marked complete, as KVM does range by range; entries past it, or past
+        end_entry, are left as the guest wrote them. When the exit may speculate, the batch
+        goes with the GHCB write and every page is taken to have succeeded (see ExitState)."""
+        first, bound = span
+        result = stop_result
         codes: bytes = b""
         if state.codes is not None:
             codes = state.codes
@@ -437,16 +447,17 @@ class Exits:
                 # Progress stops at the first page that failed; the guest resumes from here.
                 # Later pages of this batch were changed too: redoing them is harmless.
                 e.cur_page = page
-                desc.cur_entry = idx
-                return psc.PSC_ERROR_GENERIC
+                desc.cur_entry = bound = idx
+                result = psc.PSC_ERROR_GENERIC
+                break
             e.cur_page = page + 1
             done_entries.add(idx)
             state.psc_pages[("private" if priv else "shared", "4k")] += 1
-        for idx in range(desc.cur_entry, len(desc.entries)):
+        for idx in range(first, bound):
             e = desc.entries[idx]
             if idx in done_entries or e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
                 e.cur_page = e.npages
-        return stop_result
+        return result
 
     # --- guest requests --------------------------------------------------------------------------
 
