@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import uvloop
 from snp.common.v1 import handles_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
+from snpemu.abi import rmp_batch
 from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.entry import PAGES_PER_2M
 from snpemu.rmp.table import RmpTable
@@ -128,19 +128,13 @@ def update_batches() -> list[bytes]:
     out = []
     for assigned in (1, 0):
         for i in range(0, POOL, BATCH):
+            spas = [p << 12 for p in range(i, min(i + BATCH, POOL))]
             out.append(
-                b"".join(
-                    struct.pack(
-                        "<QQBBBBI",
-                        p << 12,
-                        (p << 12) if assigned else 0,
-                        assigned,
-                        0,
-                        0,
-                        0,
-                        ASID if assigned else 0,
-                    )
-                    for p in range(i, min(i + BATCH, POOL))
+                rmp_batch.pack(
+                    spas,
+                    gpa=spas if assigned else 0,
+                    assigned=bool(assigned),
+                    asid=ASID if assigned else 0,
                 )
             )
     return out

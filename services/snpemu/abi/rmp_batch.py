@@ -5,6 +5,8 @@ u8 immutable; u8 rsvd; u32 asid). kvm packs these; rmp unpacks them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 BATCH_ENTRY = np.dtype(
@@ -19,3 +21,18 @@ BATCH_ENTRY = np.dtype(
     ]
 )
 assert BATCH_ENTRY.itemsize == 24
+
+
+def pack(
+    spa: Any, gpa: Any = 0, assigned: Any = False, asid: Any = 0, immutable: Any = False
+) -> bytes:
+    """Batch entries for the SPAs in `spa`; each other field is one value for all entries or
+    one per entry (pagesize 4K: 2M pages go through the unary RmpUpdate)."""
+    spas = np.asarray(spa, dtype=np.uint64)
+    batch = np.zeros(spas.shape, dtype=BATCH_ENTRY)
+    batch["spa"] = spas
+    batch["gpa"] = gpa
+    batch["assigned"] = assigned
+    batch["immutable"] = immutable
+    batch["asid"] = asid
+    return batch.tobytes()

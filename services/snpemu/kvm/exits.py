@@ -22,11 +22,11 @@ from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
-from snpemu.abi import psc
-from snpemu.errors import InvalidArgument, PermissionDenied, SnpemuError, Unavailable, WrongState
+from snpemu.abi import psc, rmp_batch
+from snpemu.errors import InvalidArgument, PermissionDenied, Unavailable, WrongState
 from snpemu.kvm import psc_batch
 from snpemu.kvm.machine import CBIT, Kvm
-from snpemu.kvm.peers import PeerError
+from snpemu.kvm.peers import PeerError, session_error
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
 from snpemu.vmm import vmsa
 
@@ -274,8 +274,7 @@ class Exits:
             done = await self.kvm.host.call("sequence", rmp_pb2.HostSequenceRequest(ops=ops))
             for r in done.results:
                 if r.WhichOneof("result") == "error":
-                    e = r.error
-                    raise SnpemuError(e.message, reason=e.reason, metadata=dict(e.metadata))
+                    raise session_error(r.error)
             if state.batch is not None:
                 state.codes = bytes(done.results[len(state.tail)].rmp_update_batch.codes)
                 if any(state.codes):
@@ -348,7 +347,7 @@ class Exits:
             return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = scratch - base
         buf = bytearray(ghcb.shared)
-        if state.speculate and state.codes is None:
+        if state.speculate:
             fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
             if fast is not None:
                 # every page a 4K entry: the batch goes with the GHCB write (ExitState)
@@ -429,11 +428,11 @@ class Exits:
         if state.codes is not None:
             codes = state.codes
         elif work:
-            entries = b"".join(
-                struct.pack(
-                    "<QQBBBBI", spa, gpa if priv else 0, int(priv), 0, 0, 0, vm.asid if priv else 0
-                )
-                for _, _, spa, gpa, priv in work
+            entries = rmp_batch.pack(
+                spa=[spa for _, _, spa, _, _ in work],
+                gpa=[gpa if priv else 0 for _, _, _, gpa, priv in work],
+                assigned=[priv for *_, priv in work],
+                asid=[vm.asid if priv else 0 for *_, priv in work],
             )
             batch = rmp_pb2.RmpUpdateBatchRequest(entries=entries)
             if state.speculate:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,7 +19,7 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
-from snpemu.abi import cert_table
+from snpemu.abi import cert_table, rmp_batch
 from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
@@ -449,9 +448,8 @@ class Kvm:
                         spa=spa, data=page.data, origin=rmp_pb2.ACCESS_ORIGIN_USER, writer="vmm"
                     ),
                 )
-        entries = b"".join(
-            struct.pack("<QQBBBBI", spa, page.gpa, 1, 0, 1, 0, vm.asid)
-            for page, spa in zip(pages, spas, strict=True)
+        entries = rmp_batch.pack(
+            spas, gpa=[page.gpa for page in pages], assigned=True, asid=vm.asid, immutable=True
         )
         codes = (
             await self.rmp.call("RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=entries))
@@ -562,7 +560,7 @@ class Kvm:
         failed: list[int] = []
         for i in range(0, len(assigned), 65536):
             chunk = assigned[i : i + 65536]
-            packed = b"".join(struct.pack("<QQBBBBI", p << 12, 0, 0, 0, 0, 0, 0) for p in chunk)
+            packed = rmp_batch.pack([p << 12 for p in chunk])
             reply = await self.rmp.call(
                 "RmpUpdateBatch", rmp_pb2.RmpUpdateBatchRequest(entries=packed)
             )

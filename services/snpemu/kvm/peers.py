@@ -68,6 +68,12 @@ def psp_peer(address: str, credential: str | None) -> Peer:
     return Peer("psp", address, credential, psp_pb2_grpc.PspServiceStub)
 
 
+def session_error(err: Any) -> SnpemuError:
+    """The error an rmp session answered in-band (rmp.proto SessionError), as the exception a
+    unary call would have raised."""
+    return SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+
+
 class SessionPool:
     """Streams of one of rmp's session RPCs (one op in flight on each), reused so that each
     step costs one message, not one call: HostSession for kvm's exits (GHCB read, RMPUPDATE,
@@ -96,8 +102,7 @@ class SessionPool:
             raise Unavailable("rmp closed the session")
         await self._release(stream)
         if reply.WhichOneof("result") == "error":
-            err = reply.error
-            raise SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+            raise session_error(reply.error)
         return getattr(reply, op)
 
     async def _acquire(self) -> Any:

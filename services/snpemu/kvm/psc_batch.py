@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from snpemu.abi import psc
-from snpemu.abi.rmp_batch import BATCH_ENTRY
+from snpemu.abi import psc, rmp_batch
 
 GFN_MASK = (1 << 40) - 1
 
@@ -33,7 +32,7 @@ def plan_4k(
 ) -> Plan | None:
     """The RMPUPDATEs of a 4K-only PSC and the descriptor after them; None when the request is
     not of that kind. `translate` maps GPAs to SPAs (-1 outside the memslots)."""
-    cur, end, _ = psc.HDR.unpack_from(descriptor, 0)
+    cur, end, reserved = psc.HDR.unpack_from(descriptor, 0)
     count = min(psc.MAX_ENTRIES, (len(descriptor) - psc.HDR.size) // 8)
     last = min(end, count - 1)
     if end >= psc.MAX_ENTRIES or cur > last:
@@ -51,14 +50,12 @@ def plan_4k(
     if (spa < 0).any():
         return None
     private = op == psc.Op.PRIVATE
-    batch = np.zeros(len(raw), dtype=BATCH_ENTRY)
-    batch["spa"] = spa
-    batch["gpa"] = np.where(private, gpa, 0)
-    batch["assigned"] = private
-    batch["asid"] = np.where(private, asid, 0)
+    entries = rmp_batch.pack(
+        spa, gpa=np.where(private, gpa, 0), assigned=private, asid=np.where(private, asid, 0)
+    )
     out = bytearray(descriptor)
-    psc.HDR.pack_into(out, 0, last + 1, end, psc.HDR.unpack_from(descriptor, 0)[2])
+    psc.HDR.pack_into(out, 0, last + 1, end, reserved)
     done = np.frombuffer(out, dtype="<u8", count=count, offset=psc.HDR.size)
     done[cur : last + 1] = raw | np.uint64(1)  # cur_page = npages = 1
     n_private = int(private.sum())
-    return Plan(batch.tobytes(), n_private, len(raw) - n_private, bytes(out))
+    return Plan(entries, n_private, len(raw) - n_private, bytes(out))

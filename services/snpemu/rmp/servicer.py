@@ -113,6 +113,13 @@ class KickHub:
 class RmpServicer:
     def __init__(self, machine: RmpMachine, kick_timeout_s: float) -> None:
         self.m = machine
+        # a HostSession op (and a HostSequence step) by name
+        self.host_handlers: dict[str, Any] = {
+            "read": self.HostRead,
+            "write": self.HostWrite,
+            "rmp_update_batch": self.RmpUpdateBatch,
+            "copy": self.HostCopy,
+        }
         self.hub = KickHub(kick_timeout_s)
         machine.notifier = self.hub
 
@@ -425,17 +432,9 @@ class RmpServicer:
         async for reply in self._session(requests, context, pb.FirmwareSessionResponse, handlers):
             yield reply
 
-    def _host_handlers(self) -> dict[str, Any]:
-        return {
-            "read": self.HostRead,
-            "write": self.HostWrite,
-            "rmp_update_batch": self.RmpUpdateBatch,
-            "copy": self.HostCopy,
-        }
-
     async def _host_sequence(self, request: Any, context: Any) -> pb.HostSequenceResponse:
         """A kernel path's accesses in order, up to the first that fails (see rmp.proto)."""
-        handlers = self._host_handlers()
+        handlers = self.host_handlers
         if not 0 < len(request.ops) <= MAX_SEQUENCE:
             raise InvalidArgument(f"a sequence has 1 to {MAX_SEQUENCE} ops")
         kinds = [op.WhichOneof("op") for op in request.ops]
@@ -456,7 +455,7 @@ class RmpServicer:
     async def HostSession(
         self, requests: Any, context: Any
     ) -> AsyncIterator[pb.HostSessionResponse]:
-        handlers = self._host_handlers() | {"sequence": self._host_sequence}
+        handlers = self.host_handlers | {"sequence": self._host_sequence}
         async for reply in self._session(requests, context, pb.HostSessionResponse, handlers):
             yield reply
 
