@@ -142,12 +142,11 @@ async def scenario(rmp_addr: str, kvm_addr: str, tiny: str) -> None:
                 # guest's 256 MiB
                 n = 96 if size_2m else 253
                 buf = bytearray(g.SHARED_BUFFER_SIZE)
-                buf[0:8] = (0).to_bytes(2, "little") + (n - 1).to_bytes(2, "little") + bytes(4)
-                for i in range(n):
-                    gfn = 0x4000 + (512 * i if size_2m else i)
-                    buf[8 + 8 * i : 16 + 8 * i] = (
-                        psc.Entry(0, gfn, op, size_2m).encode().to_bytes(8, "little")
-                    )
+                entries = [
+                    psc.Entry(0, 0x4000 + (512 * i if size_2m else i), op, size_2m)
+                    for i in range(n)
+                ]
+                psc.Descriptor(0, n - 1, 0, entries).encode_into(buf)
                 x = g.Ghcb()
                 for k, v in (
                     ("sw_exit_code", g.EXIT_PSC),

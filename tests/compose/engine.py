@@ -19,7 +19,6 @@ import os
 import resource
 import shutil
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,8 +114,6 @@ class Podman:
             capture_output=True,
             timeout=900,
         )
-        with tarfile.open(rootfs) as t:  # INVARIANT: mmdebstrap wrote a root filesystem
-            assert "./usr/bin/dpkg" in t.getnames()
         args = [a for c in changes for a in ("--change", c)]
         self.run("import", *args, str(rootfs), ref)
         rootfs.unlink()
