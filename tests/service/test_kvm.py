@@ -363,10 +363,10 @@ def test_ghcb_carried_with_the_exit(tmp_path: Path) -> None:
             assert result == psc.PSC_ERROR_GENERIC and desc.cur_entry == 2
             assert pages("private") == before + 2  # the two before the held page, counted once
             assert desc.entries[2].cur_page == 0 and desc.entries[1].cur_page == 1
-            private = reg.get_sample_value(
+            generic = reg.get_sample_value(
                 "snp_psc_requests_total", {"protocol": "ghcb", "result": "generic"}
             )
-            assert private == 1
+            assert generic == 1
             await s.rmp.UnmapHostPage(
                 rmp_pb2.UnmapHostPageRequest(map_id=held.map_id), metadata=HOST
             )
