@@ -342,8 +342,9 @@ class Exits:
         scratch = ghcb.get("sw_scratch")
         base = (vcpu.ghcb_gpa or 0) + g.SHARED_BUFFER
         if not base <= scratch < base + g.SHARED_BUFFER_SIZE - psc.HDR.size:
-            # UNVERIFIED scope: KVM also accepts a scratch area in guest memory outside the GHCB
-            # (up to 16 pages); snpemu takes the descriptor in the shared buffer only.
+            # UNVERIFIED(psc-scratch-in-ghcb) scope: KVM also accepts a scratch area in guest
+            # memory outside the GHCB (up to 16 pages); snpemu takes the descriptor in the shared
+            # buffer only.
             return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = scratch - base
         buf = bytearray(ghcb.shared)

@@ -195,7 +195,8 @@ class Firmware:
             raise fail(SevStatus.INVALID_PLATFORM_STATE, "legacy SEV is initialised: SNP first")
         plat = await self.rmp.platform()
         if not plat.snp_capable:
-            # UNVERIFIED code: an IOMMU that is off or passthrough makes SNP unavailable.
+            # UNVERIFIED(iommu-status) code: an IOMMU that is off or passthrough makes SNP
+            # unavailable.
             raise fail(SevStatus.INVALID_CONFIG, "the IOMMU is off or in passthrough mode")
         if plat.rmp_covered_bytes < plat.memory_bytes:
             raise fail(SevStatus.RMP_INITIALIZATION_FAILED, "the RMP does not cover all memory")
@@ -387,7 +388,8 @@ class Firmware:
         except ValueError:
             raise fail(SevStatus.INVALID_PARAM, f"page type {page_type} is not 1..6") from None
         if size_2m:
-            # UNVERIFIED: the emulated firmware launches 4K pages only (as KVM issues them).
+            # UNVERIFIED(launch-4k-only): the emulated firmware launches 4K pages only (as KVM
+            # issues them).
             raise fail(SevStatus.INVALID_PAGE_SIZE, "only 4K pages can be launched here")
         if imi and not ctx.imi_en:
             raise fail(SevStatus.INVALID_PARAM, "IMI page in a guest launched without IMI_EN")
@@ -571,7 +573,8 @@ class Firmware:
             or hdr.msg_version == 0
         ):
             raise fail(SevStatus.INVALID_PARAM, "malformed message header")
-        # ABI >= 1.51: only the exact next sequence number is accepted. UNVERIFIED code.
+        # ABI >= 1.51: only the exact next sequence number is accepted.
+        # UNVERIFIED(msg-seqno-status) code.
         if hdr.seqno != ctx.seqnos[hdr.vmpck]:
             raise fail(
                 SevStatus.INVALID_PARAM,
@@ -632,7 +635,7 @@ class Firmware:
             id_key_digest=ctx.id_key_digest,
             author_key_digest=ctx.author_key_digest,
             report_id=ctx.report_id,
-            report_id_ma=b"\xff" * 32,  # no migration agent (UNVERIFIED value)
+            report_id_ma=b"\xff" * 32,  # no migration agent (UNVERIFIED(report-id-ma) value)
             reported_tcb=self.reported_tcb.raw,
             cpuid_fam=product.family,
             cpuid_mod=product.model,

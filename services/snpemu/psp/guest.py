@@ -83,7 +83,7 @@ def check_policy(policy: int, api: tuple[int, int]) -> None:
 
 # --- secrets page (reference 4.6, KERNEL: arch/x86/include/asm/sev.h struct snp_secrets_page) ---
 
-SECRETS_VERSION = 3  # UNVERIFIED: the version the firmware writes
+SECRETS_VERSION = 3  # UNVERIFIED(secrets-version): the version the firmware writes
 
 
 def cpuid_signature(product: Product) -> int:
@@ -115,7 +115,8 @@ CPUID_ENTRY = struct.Struct(
     "<IIQQIIIIQ"
 )  # eax_in, ecx_in, xcr0_in, xss_in, eax, ebx, ecx, edx, rsvd
 # Bits the emulated CPU may report per (leaf, register). Leaves not listed pass unchecked.
-# UNVERIFIED: the real firmware's CPUID policy is product specific; this is a model of it.
+# UNVERIFIED(cpuid-policy): the real firmware's CPUID policy is product specific; this is a
+# model of it.
 CPUID_ALLOWED = {
     (0x8000001F, "eax"): 0x0001_DFFF,  # SME..SNP, VMPL, ... (no bits above 16 but 16)
     (0x8000001F, "ebx"): 0x0000_FFFF,  # C-bit position, phys addr reduction, VMPL count

@@ -9,8 +9,9 @@ KERNEL: arch/x86/virt/svm/sev.c struct rmpentry_raw
     lo bits 60:51 ASID
     lo bit 61     VMSA
     lo bit 62     VALIDATED
-    hi            not decoded by Linux. UNVERIFIED: snpemu keeps the VMPL1..3 permission masks
-                  in hi bits 3:0, 11:8, 19:16 (one byte each, low nibble R/W/XU/XS).
+    hi            not decoded by Linux. UNVERIFIED(rmp-hi-permissions): snpemu keeps the
+                  VMPL1..3 permission masks in hi bits 3:0, 11:8, 19:16 (one byte each, low
+                  nibble R/W/XU/XS).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ ASID_MASK = MAX_ASID << ASID_SHIFT  # bits 60:51
 VMSA = 1 << 61
 VALIDATED = 1 << 62
 
-PERM_SHIFTS = (0, 8, 16)  # hi: VMPL1, VMPL2, VMPL3 (UNVERIFIED layout, see module doc)
+# hi: VMPL1, VMPL2, VMPL3 (UNVERIFIED(rmp-hi-permissions) layout, see the module doc)
+PERM_SHIFTS = (0, 8, 16)
 PERM_MASK = 0xF  # READ 1, WRITE 2, EXEC_USER 4, EXEC_SUPERVISOR 8 (reference 3.3)
 PERM_READ, PERM_WRITE = 1, 2
 
@@ -46,8 +48,8 @@ PERM_READ, PERM_WRITE = 1, 2
 class Kind(enum.IntEnum):
     """What the firmware keeps apart among its own pages (A=1, ASID=0); not in the raw entry.
 
-    UNVERIFIED: the hardware encodes these states in bits Linux does not decode; snpemu keeps
-    them beside the raw entry (one byte per frame).
+    UNVERIFIED(rmp-firmware-kinds): the hardware encodes these states in bits Linux does not
+    decode; snpemu keeps them beside the raw entry (one byte per frame).
     """
 
     NONE = 0

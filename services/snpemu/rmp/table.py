@@ -58,7 +58,7 @@ PFERR_GUEST_SIZEM = 1 << 35
 PFERR_GUEST_VMPL = 1 << 36
 
 # #VC error code for a private access to a page that is not validated.
-# UNVERIFIED: 0x404 as in the GHCB/APM #VC exit-code list ("page not validated").
+# UNVERIFIED(vc-not-validated): 0x404 as in the GHCB/APM #VC exit-code list ("page not validated").
 VC_PAGE_NOT_VALIDATED = 0x404
 
 
@@ -395,7 +395,7 @@ class RmpTable:
     ) -> Code | Fault:
         """PVALIDATE (F2 0F 01 FF). KERNEL: arch/x86/include/asm/sev.h pvalidate()"""
         if vmpl != 0:
-            # Only VMPL0 may validate. UNVERIFIED: reported as FAIL_PERMISSION.
+            # Only VMPL0 may validate. UNVERIFIED(pvalidate-vmpl): reported as FAIL_PERMISSION.
             return Code.FAIL_PERMISSION
         failure, entry_pfn = self._guest_check(pfn, gpa, asid, size_2m, write=True)
         if failure is not None:
@@ -434,7 +434,8 @@ class RmpTable:
             return failure
         lo, hi = int(self.lo[entry_pfn]), int(self.hi[entry_pfn])
         if not lo & VALIDATED:
-            # UNVERIFIED: RMPADJUST of a page the guest has not validated fails.
+            # UNVERIFIED(rmpadjust-unvalidated): RMPADJUST of a page the guest has not
+            # validated fails.
             return Code.FAIL_PERMISSION
         if vmpl > 0:
             own = (hi >> PERM_SHIFTS[vmpl - 1]) & PERM_MASK
