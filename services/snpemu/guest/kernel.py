@@ -9,10 +9,12 @@ wakeup_cpu_via_vmgexit), arch/x86/boot/compressed/sev.c (sev_enable: protocol, H
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,10 @@ class Terminated(WrongState):
 class GuestKernel:
     def __init__(self, name: str, opts: Any, rmp: Peer, kvm: Peer, default_firmware: str) -> None:
         self.name, self.opts, self.rmp, self.kvm = name, opts, rmp, kvm
+        # the guest's clock and delay (jiffies, schedule_timeout_killable()) for the
+        # guest-request retry loop; a test sets its own so nothing waits for real
+        self.clock: Callable[[], float] = time.monotonic
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         # the vCPU's memory accesses and PVALIDATEs, as stream messages rather than calls
         self.mem = SessionPool(rmp, size=4, method="GuestSession")
         self.firmware = opts.firmware or default_firmware
