@@ -1,18 +1,21 @@
 """The sev-guest driver's rules for guest messages (reference 5.6).
 
-KERNEL: arch/x86/coco/sev/core.c snp_send_guest_request(), verify_and_dec_payload();
-drivers/virt/coco/sev-guest/sev-guest.c. Sequence numbers are never reused; the VMPCK is wiped
-(and further requests refused) on a wrong response sequence number, type, version or size, a
-failed authentication, or any host error other than VMM BUSY (retried after a delay, the same
-message, until a timeout) and INVALID_LEN on an extended request (re-issued as a plain request
-to consume the sequence number, then the needed size is reported).
+KERNEL: arch/x86/coco/sev/core.c snp_send_guest_request(), __handle_guest_request(),
+snp_issue_guest_request(), verify_and_dec_payload(); drivers/virt/coco/sev-guest/sev-guest.c.
+Sequence numbers are never reused: once the sealed message is in shared memory with the host
+the sequence number is consumed (snp_inc_msg_seqno(), +2: the firmware counts the response
+too), whatever the host answers. VMM BUSY is retried, the same message, after a delay until a
+timeout; INVALID_LEN on an extended request re-sends the message as a plain request (through
+the same BUSY loop) and then reports the needed size. Any other host error, a timeout, or a
+response with the wrong sequence number, type, version or size or a failed authentication
+wipes the VMPCK (the secrets page copy too), and later requests under it are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import struct
-import time
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
@@ -20,7 +23,11 @@ from snpemu.abi import guest_message as gm
 from snpemu.errors import WrongState
 from snpemu.guest.kernel import CERTS_GPA, CERTS_PAGES, PAGE, REQ_GPA, RESP_GPA, GuestKernel
 
+# KERNEL: include/linux/sev-guest.h SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY,
+# SNP_GUEST_VMM_ERR(x) = x << 32 (the VMM's half of SW_EXITINFO2)
 VMM_ERR_INVALID_LEN, VMM_ERR_BUSY = 1, 2
+# KERNEL: include/uapi/linux/psp-sev.h SEV_RET_NO_FW_CALL (-1 in the u64 exitinfo2)
+SEV_RET_NO_FW_CALL = 2**64 - 1
 SEQNO_MAX = 2**32 - 1  # the OS area keeps u32 counters
 
 
@@ -30,6 +37,19 @@ class VmpckDisabled(WrongState):
 
 class RequestFailed(WrongState):
     default_reason = "GUEST_REQUEST_FAILED"
+
+
+class Issued(enum.Enum):
+    """What one VMGEXIT of a guest request came back with: snp_issue_guest_request()'s return
+    (0, -EAGAIN, -ENOSPC, -EIO, or sev_es_ghcb_hv_call()'s failure), and -ETIMEDOUT, which
+    __handle_guest_request() makes of a BUSY past the retry timeout."""
+
+    OK = "ok"
+    EAGAIN = "busy"
+    ENOSPC = "certificate buffer too small"
+    EIO = "host or firmware error"
+    HV_CALL = "GHCB call failed"
+    ETIMEDOUT = "busy past the retry timeout"
 
 
 @dataclass
@@ -44,7 +64,8 @@ class Driver:
         self.lock = asyncio.Lock()
 
     async def disable(self, vmpck: int, why: str) -> None:
-        """Wipe the key (the secrets page copy too) so the IV can never be reused."""
+        """snp_disable_vmpck(): wipe the key (the secrets page copy too) so the IV can never be
+        reused."""
         k = self.k
         k.vmpcks[vmpck] = bytes(32)
         k.disabled.add(vmpck)
@@ -73,6 +94,7 @@ class Driver:
         certs_pages: int,
         seqno_offset: int,
     ) -> Reply:
+        """snp_send_guest_request()."""
         k = self.k
         k.check_running()
         if vmpck in k.disabled or k.vmpcks[vmpck] == bytes(32):
@@ -84,57 +106,73 @@ class Driver:
         hdr = gm.Header(
             seqno=seqno, msg_type=msg_type, msg_version=1, msg_sz=len(payload), vmpck=vmpck
         )
-        await k.write(REQ_GPA, gm.seal(key, hdr, payload), shared=True)
-        started = time.monotonic()
-        while True:
-            info2, rbx = await self._exit(ext, certs_pages)
-            if info2 >> 32 == VMM_ERR_BUSY:
-                k.event("busy_retry", detail=f"seqno {seqno}")
-                if time.monotonic() - started >= k.opts.retry_timeout_s:
-                    await self.disable(vmpck, "VMM BUSY past the retry timeout")
-                    raise RequestFailed("the host stayed busy: giving up (ETIMEDOUT)")
-                await asyncio.sleep(k.opts.retry_delay_s)
-                continue  # the same encrypted message, the same sequence number
-            if ext and info2 >> 32 == VMM_ERR_INVALID_LEN:
-                # Consume the sequence number with a plain request, then report the size.
-                info2, _ = await self._exit(False, 0)
-                if info2 == 0:
-                    k.counters[vmpck] += 2
+        sealed = gm.seal(key, hdr, payload)
+        # KERNEL: snp_send_guest_request() clears the shared response page for the host
+        await k.write(RESP_GPA, bytes(PAGE), shared=True)
+        await k.write(REQ_GPA, sealed, shared=True)
+        rc, info2, needed = await self._handle(seqno, ext, certs_pages)
+        # INVARIANT: the host has seen the message sealed under this sequence number; it is
+        # never used again, whatever came back (snp_inc_msg_seqno() in __handle_guest_request())
+        # UNVERIFIED: snp_inc_msg_seqno() adds 2 in the secrets page's OS area itself; here the
+        # counters are read from it at boot and kept in the agent (a restarted agent re-boots)
+        k.counters[vmpck] += 2
+        if needed is not None:
+            # KERNEL: __handle_guest_request() reports INVALID_LEN whatever the plain re-send
+            # answered, and -EIO if it succeeded; snp_send_guest_request() keeps the VMPCK on
+            # -EIO with INVALID_LEN (a firmware error on the re-send included).
+            info2 = VMM_ERR_INVALID_LEN << 32
+            if rc in (Issued.OK, Issued.EIO):
                 raise RequestFailed(
-                    f"certificate buffer too small: {rbx} pages needed",
-                    metadata={"needed_pages": str(rbx)},
+                    f"certificate buffer too small: {needed} pages needed",
+                    metadata={"needed_pages": str(needed)},
                 )
-            break
-        if info2 != 0:
-            await self.disable(vmpck, f"host error exitinfo2={info2:#x}")
+        if rc is Issued.ETIMEDOUT:
+            await self.disable(vmpck, "VMM BUSY past the retry timeout")
+            raise RequestFailed("the host stayed busy: giving up (ETIMEDOUT)")
+        if rc is not Issued.OK:
+            await self.disable(vmpck, f"host error exitinfo2={info2:#x} ({rc.value})")
             raise RequestFailed(
-                f"the host answered exitinfo2={info2:#x}",
+                f"the host answered exitinfo2={info2:#x} ({rc.value})",
                 metadata={"fw_error": hex(info2 & 0xFFFFFFFF), "vmm_error": hex(info2 >> 32)},
             )
         page = await k.read(RESP_GPA, PAGE, shared=True)
-        rh = gm.parse_header(page)
-        why = ""
-        if rh.seqno != seqno + 1:
-            why = f"response sequence number {rh.seqno}, expected {seqno + 1}"
-        elif rh.msg_type != msg_type + 1 or rh.msg_version != hdr.msg_version:
-            why = "wrong response type or version"
-        elif rh.msg_sz + gm.AUTHTAG_LEN > gm.MAX_PAYLOAD:
-            why = "response larger than the buffer"
-        if not why:
-            try:
-                body = gm.open_payload(key, rh, page)
-            except gm.MessageError as e:
-                why = str(e)
-        if why:
-            await self.disable(vmpck, why)
-            raise RequestFailed(f"bad response: {why}")
-        k.counters[vmpck] += 2
+        try:
+            body = self._verify(key, hdr, page)
+        except gm.MessageError as e:
+            await self.disable(vmpck, str(e))
+            raise RequestFailed(f"bad response: {e}") from None
         certs = b""
         if ext:
             certs = await k.read(CERTS_GPA, certs_pages * PAGE, shared=True)
         return Reply(body, certs)
 
-    async def _exit(self, ext: bool, certs_pages: int) -> tuple[int, int]:
+    async def _handle(
+        self, seqno: int, ext: bool, certs_pages: int
+    ) -> tuple[Issued, int, int | None]:
+        """__handle_guest_request(): the VMGEXIT, retried on BUSY with the same message until
+        the timeout (counted from the first exit, the plain re-send included); INVALID_LEN on
+        an extended request becomes a plain request of the same message. Returns the outcome,
+        SW_EXITINFO2 and, after INVALID_LEN, the pages the host asked for."""
+        k = self.k
+        started = k.clock()
+        needed: int | None = None
+        while True:
+            rc, info2, rbx = await self._issue(ext, certs_pages)
+            if rc is Issued.ENOSPC:
+                needed, ext, certs_pages = rbx, False, 0
+                continue
+            if rc is Issued.EAGAIN:
+                k.event("busy_retry", detail=f"seqno {seqno}")
+                # KERNEL: jiffies - req_start > SNP_REQ_MAX_RETRY_DURATION (60 s; the delay,
+                # SNP_REQ_RETRY_DELAY, is 2 s): arch/x86/include/asm/sev.h
+                if k.clock() - started > k.opts.retry_timeout_s:
+                    return Issued.ETIMEDOUT, info2, needed
+                await k.sleep(k.opts.retry_delay_s)
+                continue  # the same encrypted message, the same sequence number
+            return rc, info2, needed
+
+    async def _issue(self, ext: bool, certs_pages: int) -> tuple[Issued, int, int]:
+        """snp_issue_guest_request(): one VMGEXIT; (outcome, SW_EXITINFO2, RBX)."""
         x = g.Ghcb()
         code = g.EXIT_EXT_GUEST_REQUEST if ext else g.EXIT_GUEST_REQUEST
         for name, value in (
@@ -147,9 +185,31 @@ class Driver:
             x.set("rax", CERTS_GPA)
             x.set("rbx", certs_pages)
         r, back = await self.k.ghcb_exit(x)
-        if r.sw_exit_info_1:
-            return (1 << 63) | r.sw_exit_info_2, 0
-        return int(r.sw_exit_info_2), back.get("rbx")
+        if int(r.sw_exit_info_1) & 0xFFFFFFFF:
+            # KERNEL: verify_exception_info(): sev_es_ghcb_hv_call() failed, no firmware call
+            return Issued.HV_CALL, SEV_RET_NO_FW_CALL, 0
+        info2 = int(r.sw_exit_info_2)
+        if info2 == 0:
+            return Issued.OK, 0, 0
+        if info2 == VMM_ERR_BUSY << 32:
+            return Issued.EAGAIN, info2, 0
+        if info2 == VMM_ERR_INVALID_LEN << 32 and ext:
+            return Issued.ENOSPC, info2, int(back.get("rbx"))
+        return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included
+
+    @staticmethod
+    def _verify(key: bytes, hdr: gm.Header, page: bytes) -> bytes:
+        """verify_and_dec_payload(); MessageError says what is wrong."""
+        rh = gm.parse_header(page)
+        if rh.seqno != hdr.seqno + 1:
+            raise gm.MessageError(f"response sequence number {rh.seqno}, expected {hdr.seqno + 1}")
+        if rh.msg_type != hdr.msg_type + 1 or rh.msg_version != hdr.msg_version:
+            raise gm.MessageError("wrong response type or version")
+        # UNVERIFIED: verify_and_dec_payload() bounds msg_sz + authsize by the caller's
+        # resp_sz (the MSG_*_RSP size plus the tag); here by the page's payload area
+        if rh.msg_sz + gm.AUTHTAG_LEN > gm.MAX_PAYLOAD:
+            raise gm.MessageError("response larger than the buffer")
+        return gm.open_payload(key, rh, page)
 
 
 def report_request(report_data: bytes, vmpl: int) -> bytes:

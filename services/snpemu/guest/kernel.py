@@ -9,10 +9,12 @@ wakeup_cpu_via_vmgexit), arch/x86/boot/compressed/sev.c (sev_enable: protocol, H
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,10 @@ class Terminated(WrongState):
 class GuestKernel:
     def __init__(self, name: str, opts: Any, rmp: Peer, kvm: Peer, default_firmware: str) -> None:
         self.name, self.opts, self.rmp, self.kvm = name, opts, rmp, kvm
+        # the guest's clock and delay (jiffies, schedule_timeout_killable()) for the
+        # guest-request retry loop; a test sets its own so nothing waits for real
+        self.clock: Callable[[], float] = time.monotonic
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         # the vCPU's memory accesses and PVALIDATEs, as stream messages rather than calls
         self.mem = SessionPool(rmp, size=4, method="GuestSession")
         self.firmware = opts.firmware or default_firmware
@@ -263,35 +269,57 @@ class GuestKernel:
     # --- page state and validation ---------------------------------------------------------
 
     async def psc(self, entries: list[psc.Entry]) -> None:
-        """GHCB PSC in batches of up to 253 entries, resuming from cur_entry as Linux does."""
+        """set_pages_state(): GHCB PSC in descriptors of up to 253 entries, each through
+        vmgexit_psc(); a failed one terminates the guest (reason set 1, GHCB_TERM_PSC), as
+        __set_pages_state() does."""
         for i in range(0, len(entries), PSC_BATCH):
             batch = entries[i : i + PSC_BATCH]
-            desc = psc.Descriptor(0, len(batch) - 1, 0, batch)
-            for _ in range(16):
-                buf = bytearray(g.SHARED_BUFFER_SIZE)
-                desc.encode_into(buf)
-                x = g.Ghcb()
-                for k, v in (
-                    ("sw_exit_code", g.EXIT_PSC),
-                    ("sw_exit_info_1", 0),
-                    ("sw_exit_info_2", 0),
-                    ("sw_scratch", GHCB_GPA + g.SHARED_BUFFER),
-                ):
-                    x.set(k, v)
-                x.shared = buf
-                r, back = await self.ghcb_exit(x)
-                desc = psc.Descriptor.decode(bytes(back.shared))
-                desc.entries = desc.entries[: len(batch)]
-                if r.sw_exit_info_2 == 0:
-                    break
-                if r.sw_exit_info_2 != psc.PSC_ERROR_GENERIC:
-                    await self.terminate(
-                        TERM_LINUX, LINUX_PSC, f"PSC refused: {r.sw_exit_info_2:#x}"
-                    )
-                    raise Terminated("page state change refused by the host")
-            else:
-                await self.terminate(TERM_LINUX, LINUX_PSC, "PSC made no progress")
-                raise Terminated("page state change made no progress")
+            buf = bytearray(g.SHARED_BUFFER_SIZE)
+            psc.Descriptor(0, len(batch) - 1, 0, batch).encode_into(buf)
+            why = await self.vmgexit_psc(buf)
+            if why:
+                await self.terminate(TERM_LINUX, LINUX_PSC, why)
+                raise Terminated(f"page state change failed: {why}")
+
+    async def vmgexit_psc(self, data: bytearray) -> str:
+        """KERNEL: arch/x86/coco/sev/core.c vmgexit_psc(). The descriptor in the GHCB shared
+        buffer goes to the host until its cur_entry passes its end_entry; the host may stop
+        early and is asked again, with no limit on how often. Any nonzero SW_EXITINFO2
+        (PSC_ERROR_GENERIC included) or failed GHCB call, a nonzero reserved field in the
+        header, or a header whose end_entry grew or whose cur_entry fell below where this
+        call started is a failure: returns why ("" when every entry is done)."""
+        cur_entry, end_entry, _ = psc.HDR.unpack_from(data, 0)
+        while True:
+            cur, end, _ = psc.HDR.unpack_from(data, 0)
+            if cur > end:
+                return ""
+            x = g.Ghcb()
+            for k, v in (
+                ("sw_exit_code", g.EXIT_PSC),
+                ("sw_exit_info_1", 0),
+                ("sw_exit_info_2", 0),
+                ("sw_scratch", GHCB_GPA + g.SHARED_BUFFER),
+            ):
+                x.set(k, v)
+            x.shared = data
+            r, back = await self.ghcb_exit(x)
+            if r.terminated:
+                raise Terminated("the host terminated this guest during a page state change")
+            info1, info2 = int(r.sw_exit_info_1) & 0xFFFFFFFF, int(r.sw_exit_info_2)
+            if info1 or info2:  # sev_es_ghcb_hv_call() failed, or the host's PSC error
+                return f"PSC failed: exit_info_1={info1:#x} exit_info_2={info2:#x}"
+            # the host advances the descriptor in the shared buffer; the next exit sends it on
+            data = bytearray(back.shared)
+            cur, end, reserved = psc.HDR.unpack_from(data, 0)
+            if reserved:
+                return "reserved field set in the PSC header"
+            # KERNEL: "entry processing is not going backwards": compared with the header as
+            # this call wrote it, not with the previous exit's
+            if end > end_entry or cur_entry > cur:
+                return (
+                    f"PSC processing going backward: end_entry {end_entry} (got {end}), "
+                    f"cur_entry {cur_entry} (got {cur})"
+                )
 
     async def pvalidate(self, gpas: list[int], validate: bool) -> None:
         for i in range(0, len(gpas), 4096):

@@ -1,0 +1,263 @@
+"""The guest driver's sequence-number rules, driven against a scripted host.
+
+The real Driver talks to a fake GuestKernel: it records every message the driver hands the
+host (the sealed page at REQ_GPA, seen at each guest-request VMGEXIT) and answers each exit
+from a hypothesis-drawn script. The rules come from arch/x86/coco/sev/core.c:
+snp_send_guest_request(), __handle_guest_request(), snp_issue_guest_request(),
+snp_inc_msg_seqno() and snp_disable_vmpck().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
+from snpemu.guest.driver import Driver, RequestFailed, VmpckDisabled, report_request
+from snpemu.guest.kernel import CERTS_GPA, REQ_GPA, RESP_GPA
+
+# include/linux/sev-guest.h: SNP_GUEST_VMM_ERR(x) = x << 32
+INVALID_LEN = 1 << 32  # SNP_GUEST_VMM_ERR_INVALID_LEN
+BUSY = 2 << 32  # SNP_GUEST_VMM_ERR_BUSY
+FW_ERROR = 0x16  # SEV_RET_INVALID_PARAM (include/uapi/linux/psp-sev.h), in the low half
+NEEDED_PAGES = 5
+SECRETS_GPA = 0x80_0000
+DELAY_S, TIMEOUT_S = 2.0, 60.0  # SNP_REQ_RETRY_DELAY, SNP_REQ_MAX_RETRY_DURATION (sev.h)
+
+OUTCOMES = (
+    "ok",  # exitinfo2 0 and a valid sealed response, seqno + 1
+    "busy",  # VMM BUSY
+    "invalid_len",  # VMM INVALID_LEN with the needed pages in RBX
+    "fw_error",  # a firmware error in the low half of exitinfo2
+    "timeout",  # BUSY on this and every later exit of the message, past the retry timeout
+    "hv_error",  # SW_EXITINFO1 nonzero: the GHCB call itself failed
+    "dropped",  # exitinfo2 0 but no response written
+    "bad_tag",  # a response whose tag does not authenticate
+    "wrong_seqno",  # an authentic response with a sequence number other than seqno + 1
+)
+
+
+@dataclass
+class Sent:
+    call: int
+    vmpck: int
+    seqno: int
+    page: bytes
+
+
+@dataclass
+class FakeKernel:
+    """What Driver uses of GuestKernel, with the host's side of a guest request scripted."""
+
+    script: list[str]
+    keys: list[bytes]
+    opts: Any = field(
+        default_factory=lambda: SimpleNamespace(retry_delay_s=DELAY_S, retry_timeout_s=TIMEOUT_S)
+    )
+    secrets_gpa: int = SECRETS_GPA
+    now: float = 0.0
+    call: int = 0
+    log: list[Sent | tuple[str, int]] = field(default_factory=list)
+    pages: dict[int, bytes] = field(default_factory=dict)
+    busy_forever: bool = False
+    exits: list[str] = field(default_factory=list)  # what this call's exits were answered
+
+    def __post_init__(self) -> None:
+        self.vmpcks = list(self.keys)
+        self.disabled: set[int] = set()
+        self.counters = [0, 0, 0, 0]
+        self.events: list[tuple[str, str]] = []
+
+    # --- the GuestKernel surface --------------------------------------------------------
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def check_running(self) -> None:
+        pass
+
+    def event(self, kind: str, gpa: int = 0, detail: str = "") -> None:
+        self.events.append((kind, detail))
+
+    async def write(self, gpa: int, data: bytes, shared: bool) -> None:
+        assert shared
+        if gpa == REQ_GPA:
+            self.busy_forever = False  # a new message
+        self.pages[gpa] = data
+
+    async def read(self, gpa: int, length: int, shared: bool) -> bytes:
+        assert shared
+        if gpa == CERTS_GPA:
+            return bytes(length)
+        return self.pages.get(gpa, bytes(length))
+
+    async def write_private(self, gpa: int, data: bytes) -> None:
+        vmpck = (gpa - SECRETS_GPA - 0x20) // 32
+        assert data == bytes(32) and gpa == SECRETS_GPA + 0x20 + 32 * vmpck
+        self.log.append(("wiped", vmpck))
+
+    async def ghcb_exit(self, x: g.Ghcb) -> tuple[Any, g.Ghcb]:
+        code = x.get("sw_exit_code")
+        assert code in (g.EXIT_GUEST_REQUEST, g.EXIT_EXT_GUEST_REQUEST)
+        assert (x.get("sw_exit_info_1"), x.get("sw_exit_info_2")) == (REQ_GPA, RESP_GPA)
+        page = self.pages[REQ_GPA]
+        hdr = gm.parse_header(page)
+        self.log.append(Sent(self.call, hdr.vmpck, hdr.seqno, page))
+        outcome = "timeout" if self.busy_forever else (self.script.pop(0) if self.script else "ok")
+        self.exits.append(outcome)
+        back = g.Ghcb()
+        info1, info2 = 0, 0
+        if outcome in ("busy", "timeout"):
+            self.busy_forever = outcome == "timeout"
+            info2 = BUSY
+        elif outcome == "invalid_len":
+            info2 = INVALID_LEN
+            back.set("rbx", NEEDED_PAGES)
+        elif outcome == "fw_error":
+            info2 = FW_ERROR
+        elif outcome == "hv_error":
+            info1, info2 = g.RESP_MALFORMED_INPUT, g.ERR_INVALID_INPUT
+        elif outcome != "dropped":
+            self._respond(hdr, outcome)
+        return SimpleNamespace(sw_exit_info_1=info1, sw_exit_info_2=info2, terminated=False), back
+
+    def _respond(self, req: gm.Header, outcome: str) -> None:
+        key = self.keys[req.vmpck]  # the firmware's copy, wiped or not in the guest
+        seqno = req.seqno + (3 if outcome == "wrong_seqno" else 1)
+        body = seqno.to_bytes(8, "little").ljust(32, b"\0")
+        hdr = gm.Header(seqno, req.msg_type + 1, req.msg_version, len(body), req.vmpck)
+        page = bytearray(gm.seal(key, hdr, body))
+        if outcome == "bad_tag":
+            page[0] ^= 1
+        self.pages[RESP_GPA] = bytes(page)
+
+
+@dataclass
+class Call:
+    ext: bool
+    vmpck: int
+
+
+def upstream(ext: bool, exits: list[str]) -> str:
+    """What snp_send_guest_request() makes of the answers its exits got (arch/x86/coco/sev/
+    core.c, written from __handle_guest_request() and snp_issue_guest_request()): "ok",
+    "invalid_len" (the caller is told the needed pages, the VMPCK is kept) or "disabled".
+    The retry timeout is the driver's to measure: a run of exits ending in BUSY timed out."""
+    override = False
+    rc = "etimedout"
+    for answer in exits:
+        if answer in ("busy", "timeout"):  # -EAGAIN: the same message again
+            continue
+        if answer == "invalid_len" and ext:  # -ENOSPC: the same message as a plain request
+            override, ext = True, False
+            continue
+        if answer == "hv_error":
+            rc = "hv_call"  # sev_es_ghcb_hv_call() failed
+        elif answer in ("invalid_len", "fw_error"):
+            rc = "eio"
+        else:
+            rc = "ok"  # exitinfo2 0, whatever the response page holds
+        break
+    if override and rc in ("ok", "eio"):
+        return "invalid_len"  # rc -EIO with exitinfo2 INVALID_LEN: returned, VMPCK kept
+    if rc != "ok":
+        return "disabled"
+    return "ok" if exits[-1] == "ok" else "disabled"  # verify_and_dec_payload()
+
+
+CALLS = st.lists(st.builds(Call, st.booleans(), st.integers(0, 1)), min_size=1, max_size=12)
+SCRIPT = st.lists(st.sampled_from(OUTCOMES), max_size=40)
+
+
+def _run(calls: list[Call], script: list[str]) -> FakeKernel:
+    keys = [os.urandom(32), os.urandom(32), bytes(32), bytes(32)]
+    k = FakeKernel(list(script), keys)
+    driver = Driver(k)  # type: ignore[arg-type]
+
+    async def body() -> None:
+        for i, c in enumerate(calls):
+            k.call, k.exits = i, []
+            payload = report_request(i.to_bytes(4, "little"), 0)  # a different message each
+            wiped_before, started = c.vmpck in k.disabled, k.now
+            try:
+                await driver.request(
+                    gm.MsgType.REPORT_REQ, payload, vmpck=c.vmpck, ext=c.ext, certs_pages=1
+                )
+                outcome = "ok"
+            except VmpckDisabled:
+                assert wiped_before
+                assert not k.exits, "a disabled VMPCK sent a message"
+                continue
+            except RequestFailed as e:
+                outcome = "disabled" if c.vmpck in k.disabled else "invalid_len"
+                if outcome == "invalid_len":
+                    assert e.metadata["needed_pages"] == str(NEEDED_PAGES)
+            assert outcome == upstream(c.ext, k.exits), (c, k.exits)
+            if k.exits[-1] in ("busy", "timeout"):  # gave up: only past the retry timeout
+                assert k.now - started > TIMEOUT_S
+            if outcome == "disabled":
+                assert k.vmpcks[c.vmpck] == bytes(32) and ("wiped", c.vmpck) in k.log
+
+    asyncio.run(body())
+    return k
+
+
+@settings(max_examples=300, deadline=None)
+@given(CALLS, SCRIPT)
+def test_no_sequence_number_is_ever_used_for_two_messages(
+    calls: list[Call], script: list[str]
+) -> None:
+    """Whatever the host answers at every step, the driver never seals two different messages
+    under one VMPCK with one sequence number (the AES-GCM IV), and once it wipes a VMPCK it
+    sends nothing more under it (snp_send_guest_request(), __handle_guest_request())."""
+    k = _run(calls, script)
+    pages: dict[tuple[int, int], bytes] = {}
+    callers: dict[tuple[int, int], int] = {}
+    wiped: set[int] = set()
+    for entry in k.log:
+        if isinstance(entry, tuple):
+            wiped.add(entry[1])
+            continue
+        assert entry.vmpck not in wiped, f"message sent under the wiped VMPCK{entry.vmpck}"
+        slot = (entry.vmpck, entry.seqno)
+        # the same ciphertext re-sent (BUSY, or the plain re-send after INVALID_LEN) is fine
+        assert pages.setdefault(slot, entry.page) == entry.page, f"IV reuse at {slot}"
+        assert callers.setdefault(slot, entry.call) == entry.call, f"seqno reused at {slot}"
+
+
+def _plain_resend_case(resend: list[str]) -> FakeKernel:
+    return _run([Call(True, 0), Call(False, 0)], ["invalid_len", *resend])
+
+
+@pytest.mark.parametrize("resend", [["busy", "ok"], ["busy", "fw_error"], ["fw_error"]])
+def test_plain_resend_after_invalid_len_consumes_the_sequence_number(resend: list[str]) -> None:
+    """__handle_guest_request(): -ENOSPC re-sends the message as a plain request through the
+    same BUSY loop; snp_inc_msg_seqno() then runs whatever it answered, and the caller is told
+    INVALID_LEN (snp_send_guest_request() keeps the VMPCK on -EIO with INVALID_LEN)."""
+    k = _plain_resend_case(resend)
+    sent = [e for e in k.log if isinstance(e, Sent)]
+    assert [e.seqno for e in sent if e.call == 0] == [1] * (1 + len(resend))
+    assert [e.seqno for e in sent if e.call == 1] == [3]  # 1 + 2: the firmware's count too
+    assert k.exits == ["ok"] and not k.disabled
+
+
+def test_plain_resend_timing_out_wipes_the_vmpck() -> None:
+    """-ETIMEDOUT on the plain re-send is not the INVALID_LEN answer: snp_send_guest_request()
+    wipes the VMPCK. The timeout counts from the first exit of the message (req_start) and is
+    passed only when more than SNP_REQ_MAX_RETRY_DURATION has gone by."""
+    k = _plain_resend_case(["timeout"])
+    assert k.disabled == {0}
+    sent = [e for e in k.log if isinstance(e, Sent)]
+    assert {e.call for e in sent} == {0}  # the second call is refused before it is sent
+    # exits at 0, 2, ..., 60 s are retried; the one at 62 s is past 60 s: 1 + 31 plain exits
+    assert len(sent) == 1 + 32 and k.now == TIMEOUT_S + DELAY_S
