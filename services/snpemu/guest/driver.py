@@ -113,8 +113,9 @@ class Driver:
         rc, info2, needed = await self._handle(seqno, ext, certs_pages)
         # INVARIANT: the host has seen the message sealed under this sequence number; it is
         # never used again, whatever came back (snp_inc_msg_seqno() in __handle_guest_request())
-        # UNVERIFIED: snp_inc_msg_seqno() adds 2 in the secrets page's OS area itself; here the
-        # counters are read from it at boot and kept in the agent (a restarted agent re-boots)
+        # UNVERIFIED(guest-seqno-store): snp_inc_msg_seqno() adds 2 in the secrets page's OS
+        # area itself; here the counters are read from it at boot and kept in the agent (a
+        # restarted agent re-boots)
         k.counters[vmpck] += 2
         if needed is not None:
             # KERNEL: __handle_guest_request() reports INVALID_LEN whatever the plain re-send
@@ -205,8 +206,8 @@ class Driver:
             raise gm.MessageError(f"response sequence number {rh.seqno}, expected {hdr.seqno + 1}")
         if rh.msg_type != hdr.msg_type + 1 or rh.msg_version != hdr.msg_version:
             raise gm.MessageError("wrong response type or version")
-        # UNVERIFIED: verify_and_dec_payload() bounds msg_sz + authsize by the caller's
-        # resp_sz (the MSG_*_RSP size plus the tag); here by the page's payload area
+        # UNVERIFIED(guest-resp-bound): verify_and_dec_payload() bounds msg_sz + authsize by
+        # the caller's resp_sz (the MSG_*_RSP size plus the tag); here by the page's payload area
         if rh.msg_sz + gm.AUTHTAG_LEN > gm.MAX_PAYLOAD:
             raise gm.MessageError("response larger than the buffer")
         return gm.open_payload(key, rh, page)
