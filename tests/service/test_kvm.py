@@ -70,11 +70,6 @@ def test_create_vm_validates_its_config(tmp_path: Path) -> None:
                 {"memory_bytes": 1 << 20, "vcpus": 1},
                 {"memory_bytes": 64 << 20, "vcpus": 0},
                 {"memory_bytes": 64 << 20, "vcpus": 1, "policy": 0x10000},  # bit 17 clear
-                {
-                    "memory_bytes": 64 << 20,
-                    "vcpus": 1,
-                    "policy": 0x30000 | 1 << 20,
-                },  # single socket
                 {"memory_bytes": 64 << 20, "vcpus": 1, "firmware_path": "/nonexistent"},
                 {"memory_bytes": 64 << 20, "vcpus": 1, "host_data": b"short"},
             ]

@@ -20,7 +20,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import cert_table, rmp_batch
-from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
+from snpemu.errors import InvalidArgument, NotFound, SnpemuError, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Run, Vcpu, Vm, VmState, new_vm_id
@@ -36,7 +36,13 @@ MAX_RAM = 3 << 30  # RAM sits below the 32-bit hole here; no memory above 4 GiB 
 TMR_PAGES = 512
 DEFAULT_FIRMWARE = "/usr/share/OVMF/OVMF_CODE.fd"
 VCPU_TYPES = {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}
-SNP_POLICY_MASK_VALID = 0xFF | 0xFF << 8 | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 20
+# KERNEL: arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_* and SNP_POLICY_MASK_VALID (API_MINOR,
+# API_MAJOR, SMT, RSVD_MBO, DEBUG, SINGLE_SOCKET)
+SNP_POLICY_MASK_RSVD_MBO = 1 << 17
+SNP_POLICY_MASK_VALID = 0xFF | 0xFF << 8 | 1 << 16 | SNP_POLICY_MASK_RSVD_MBO | 1 << 19 | 1 << 20
+# KERNEL: arch/x86/include/asm/svm.h SVM_SEV_FEAT_*
+SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
+SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
 
 
 @dataclass
@@ -110,6 +116,10 @@ class Kvm:
         self.counters = Counters()
         self.tmr_pfns: list[int] = []
         self.certs_blob = b""
+        # KERNEL: arch/x86/kvm/svm/sev.c sev_hardware_setup(): DEBUG_SWAP when SEV-ES is on,
+        # the debug_swap parameter is (default true) and the CPU has DEBUG_SWAP and
+        # NO_NESTED_DATA_BP. UNVERIFIED: the emulated CPU is taken to have both.
+        self.supported_vmsa_features = SVM_SEV_FEAT_DEBUG_SWAP
 
     # --- host bring-up ----------------------------------------------------------------------
 
@@ -261,14 +271,10 @@ class Kvm:
             raise InvalidArgument("memory_bytes must be a multiple of 2 MiB in 16 MiB..3 GiB")
         if not 1 <= vcpus <= 64:
             raise InvalidArgument("vcpus must be in 1..64")
-        policy = config.policy or 0x30000
-        if policy & ~SNP_POLICY_MASK_VALID or not policy & (1 << 16) or not policy & (1 << 17):
-            # KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() (SNP_POLICY_MASK_VALID, SMT, MBO)
-            raise InvalidArgument(
-                f"policy {policy:#x}: KVM requires SMT and bit 17 and no other bits"
-            )
-        if policy & (1 << 20):
-            raise InvalidArgument("policy SINGLE_SOCKET is not supported by KVM")
+        # UNVERIFIED: KVM checks the policy in snp_launch_start(); it is part of the VM's config
+        # here, so it is checked when the VM is made and a bad one creates nothing.
+        check_policy(config.policy or 0x30000)
+        vmsa_features = check_vmsa_features(config.guest_features, self.supported_vmsa_features)
         if config.vcpu_type and config.vcpu_type not in VCPU_TYPES:
             raise InvalidArgument(f"unknown vcpu_type {config.vcpu_type}")
         if config.host_data and len(config.host_data) != 32:
@@ -285,7 +291,14 @@ class Kvm:
             if t.interval_ms
             else Throttle(*self.default_throttle)
         )
-        vm = Vm(new_vm_id(), asid, config, throttle, sev_features=config.guest_features or 1)
+        # KERNEL: arch/x86/kvm/svm/sev.c __sev_guest_init(): SNP_ACTIVE ORed in for KVM_X86_SNP_VM
+        vm = Vm(
+            new_vm_id(),
+            asid,
+            config,
+            throttle,
+            sev_features=vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE,
+        )
         try:
             ram = list(
                 (
@@ -334,12 +347,20 @@ class Kvm:
         vm.state = VmState.LAUNCHING
         try:
             return await self._launch(vm)
+        except PeerError as e:
+            vm.state = VmState.CREATED
+            if e.fw_status is None:
+                raise
+            raise firmware_failure(e) from None
         except BaseException:
             vm.state = VmState.CREATED
             raise
 
     async def _launch(self, vm: Vm) -> bytes:
         cfg: Any = vm.config
+        # QEMU target/i386/sev.c sev_common_kvm_init(): launch_start comes before any guest
+        # memory is filled, so a policy the firmware refuses costs nothing else.
+        await self._launch_start(vm, cfg.policy or 0x30000)
         ovmf = Ovmf.load(cfg.firmware_path or self.default_firmware)
         fw_pfns = list(
             (
@@ -366,13 +387,6 @@ class Kvm:
             sev_features=vm.sev_features,
             kernel_hashes=kernel_hashes,
         )
-        vm.gctx = await self._firmware_page()
-        gctx = handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
-        await self.psp.call("GctxCreate", psp_pb2.GctxCreateRequest(gctx_paddr=vm.gctx))
-        await self.psp.call(
-            "LaunchStart", psp_pb2.LaunchStartRequest(gctx=gctx, policy=cfg.policy or 0x30000)
-        )
-        await self.psp.call("Activate", psp_pb2.ActivateRequest(gctx=gctx, asid=vm.asid))
         vmsa_count = sum(p.page_type == launch_plan.VMSA for p in pages)
         vm.vmsa_pages = [
             int(pfn) << 12
@@ -400,7 +414,7 @@ class Kvm:
         fin = await self.psp.call(
             "LaunchFinish",
             psp_pb2.LaunchFinishRequest(
-                gctx=gctx,
+                gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
                 id_block=cfg.id_block,
                 id_auth=cfg.id_auth,
                 id_block_en=bool(cfg.id_block),
@@ -420,6 +434,36 @@ class Kvm:
             extra={"event": "vm_launched"},
         )
         return vm.measurement
+
+    async def _launch_start(self, vm: Vm, policy: int) -> None:
+        """snp_launch_start(): a context page, SNP_GCTX_CREATE, SNP_LAUNCH_START, SNP_ACTIVATE;
+        if the firmware refuses either of the last two, the context is decommissioned and its
+        page freed (KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() e_free_context)."""
+        vm.gctx = await self._firmware_page()
+        gctx = handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
+        await self.psp.call("GctxCreate", psp_pb2.GctxCreateRequest(gctx_paddr=vm.gctx))
+        try:
+            await self.psp.call("LaunchStart", psp_pb2.LaunchStartRequest(gctx=gctx, policy=policy))
+            await self.psp.call("Activate", psp_pb2.ActivateRequest(gctx=gctx, asid=vm.asid))
+        except PeerError:
+            await self._decommission_context(vm)
+            raise
+
+    async def _decommission_context(self, vm: Vm) -> None:
+        """snp_decommission_context(): SNP_DECOMMISSION, then the context page back to the host
+        (snp_free_firmware_page() reclaims it; a page that will not come back is leaked)."""
+        await self.psp.call(
+            "Decommission",
+            psp_pb2.DecommissionRequest(gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)),
+        )
+        spa, vm.gctx = vm.gctx, 0
+        if await self._reclaim(spa):
+            await self.rmp.call("FreePages", rmp_pb2.FreePagesRequest(pfns=[spa >> 12]))
+        else:
+            await self.rmp.call(
+                "LeakPages",
+                rmp_pb2.LeakPagesRequest(pfns=[spa >> 12], reason=f"context of {vm.vm_id}"),
+            )
 
     async def _alloc(self, count: int) -> list[int]:
         r = await self.rmp.call(
@@ -566,6 +610,51 @@ class Kvm:
             )
             failed += [p for p, c in zip(chunk, reply.codes, strict=True) if c]
         return failed
+
+
+def check_policy(policy: int) -> None:
+    """The guest policy checks KVM makes before the firmware sees it; SMT and SINGLE_SOCKET
+    are the firmware's to refuse (SPEC: SNP ABI, SNP_LAUNCH_START and SNP_ACTIVATE).
+    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() (-EINVAL for either)."""
+    if policy & ~SNP_POLICY_MASK_VALID:
+        raise InvalidArgument(
+            f"policy {policy:#x} sets bits {policy & ~SNP_POLICY_MASK_VALID:#x} KVM does not "
+            f"support (SNP_POLICY_MASK_VALID is {SNP_POLICY_MASK_VALID:#x})",
+            reason="POLICY_UNSUPPORTED",
+        )
+    if not policy & SNP_POLICY_MASK_RSVD_MBO:
+        raise InvalidArgument(
+            f"policy {policy:#x}: bit 17 (reserved, must be one) is zero", reason="POLICY_MBO"
+        )
+
+
+def check_vmsa_features(requested: int, supported: int) -> int:
+    """KVM_SEV_INIT2's vmsa_features: the VM's SEV_FEATURES without SNP_ACTIVE.
+
+    A bit outside sev_supported_vmsa_features is -EINVAL (KERNEL: arch/x86/kvm/svm/sev.c
+    __sev_guest_init()). SNP_ACTIVE is not among them: QEMU clears it before the ioctl and
+    KVM sets it again (QEMU target/i386/sev.c sev_common_kvm_init()), so it is accepted here
+    and ignored.
+    """
+    features = requested & ~SVM_SEV_FEAT_SNP_ACTIVE
+    if features & ~supported:
+        raise InvalidArgument(
+            f"guest_features {requested:#x}: bits {features & ~supported:#x} are not in the "
+            f"VMSA features this host supports ({supported | SVM_SEV_FEAT_SNP_ACTIVE:#x})",
+            reason="VMSA_FEATURES_UNSUPPORTED",
+        )
+    return features
+
+
+def firmware_failure(e: PeerError) -> SnpemuError:
+    """A firmware command's failure as the caller's error: the SEV status name and fw_status
+    as the psp reported them, in the psp's category (KVM hands the firmware's status back in
+    kvm_sev_cmd.error; KERNEL: arch/x86/kvm/svm/sev.c __sev_issue_cmd())."""
+    cls: type[SnpemuError] = {
+        "INVALID_ARGUMENT": InvalidArgument,
+        "FAILED_PRECONDITION": WrongState,
+    }.get(e.code.name, SnpemuError)
+    return cls(e.message, reason=e.reason, metadata=e.metadata)
 
 
 def _ranges(pfns: list[int]) -> list[tuple[int, int]]:

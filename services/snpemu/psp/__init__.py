@@ -29,7 +29,7 @@ class _Psp:
         config, opts = runtime.config, runtime.options
         identity = ChipIdentity.load_or_create(config.data_dir, opts.product)
         self.rmp = GrpcRmp(config.peers["rmp"], config.host_credential)
-        self.fw = Firmware(identity, self.rmp)
+        self.fw = Firmware(identity, self.rmp, opts.topology)
         register(self.fw, runtime.registry)
         self.servicer = PspServicer(self.fw)
         self.kds = KdsServer(identity, config.bind, opts.kds_port)

@@ -25,6 +25,7 @@ from snpemu.psp.guest import (
     FIELD_GUEST_SVN,
     FIELD_TCB_VERSION,
     POLICY_DEBUG,
+    POLICY_SINGLE_SOCKET,
     GuestContext,
     GuestState,
     check_cpuid,
@@ -39,6 +40,7 @@ from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.rmp_port import RmpPort
 from snpemu.psp.status import FirmwareError, SevStatus, fail
 from snpemu.psp.tcb import Tcb
+from snpemu.psp.topology import Topology
 from snpemu.rmp.entry import VMSA_GPA, PageState
 
 P = ParamSpec("P")
@@ -112,9 +114,12 @@ def _page(spa: int, what: str = "address") -> int:
 
 
 class Firmware:
-    def __init__(self, identity: ChipIdentity, rmp: RmpPort) -> None:
+    def __init__(
+        self, identity: ChipIdentity, rmp: RmpPort, topology: Topology | None = None
+    ) -> None:
         self.id = identity
         self.rmp = rmp
+        self.topology = topology or Topology()
         self.lock = asyncio.Lock()
         self.stats = Stats()
         self.on_command: Callable[[str, str, float], None] | None = None
@@ -342,7 +347,7 @@ class Firmware:
             raise fail(SevStatus.INVALID_PARAM, "migration agents are not supported")
         if len(gosvw) not in (0, 16):
             raise fail(SevStatus.INVALID_PARAM, "GOSVW is 16 bytes")
-        check_policy(policy, (API_MAJOR, API_MINOR))
+        check_policy(policy, (API_MAJOR, API_MINOR), smt_enabled=self.topology.smt)
         ctx.policy = policy
         ctx.gosvw = gosvw or bytes(16)
         ctx.imi_en = imi_en
@@ -364,6 +369,14 @@ class Firmware:
             raise fail(SevStatus.ASID_OWNED, f"ASID {asid} belongs to another guest")
         if asid in self.unflushed:
             raise fail(SevStatus.DFFLUSH_REQUIRED, f"ASID {asid} needs SNP_DF_FLUSH before reuse")
+        if ctx.policy & POLICY_SINGLE_SOCKET and self.topology.sockets > 1:
+            # SPEC: SNP ABI, SNP_ACTIVATE: a SINGLE_SOCKET guest cannot be activated on every
+            # socket of a multi-socket system (SNP_ACTIVATE_EX names a subset; not emulated).
+            # UNVERIFIED: where this check sits among SNP_ACTIVATE's other checks.
+            raise fail(
+                SevStatus.POLICY_FAILURE,
+                f"policy is SINGLE_SOCKET and the system has {self.topology.sockets} sockets",
+            )
         await self.rmp.install_key(asid, secrets.token_bytes(64))
         ctx.asid = asid
         self.asids[asid] = gctx_paddr
@@ -625,7 +638,7 @@ class Firmware:
             image_id=ctx.image_id,
             vmpl=vmpl,
             current_tcb=self.current_tcb.raw,
-            platform_info=1,  # SMT_EN: the emulated host runs SMT
+            platform_info=int(self.topology.smt),  # bit 0 SMT_EN (SPEC: SNP ABI, PLATFORM_INFO)
             author_key_en=ctx.author_key_en,
             mask_chip_key=self.mask_chip_key,
             signing_key=signing,

@@ -62,14 +62,17 @@ class GuestContext:
     imi_en: bool = False
 
 
-def check_policy(policy: int, api: tuple[int, int]) -> None:
-    """SNP_LAUNCH_START policy checks (reference 1.7); POLICY_FAILURE on violation."""
+def check_policy(policy: int, api: tuple[int, int], *, smt_enabled: bool) -> None:
+    """SNP_LAUNCH_START policy checks (SPEC: SNP ABI, Guest Policy and SNP_LAUNCH_START);
+    POLICY_FAILURE when the policy asks for what this platform does not give. SINGLE_SOCKET is
+    checked at SNP_ACTIVATE (firmware.py)."""
     if policy & POLICY_RESERVED:
         raise fail(SevStatus.INVALID_PARAM, f"policy {policy:#x} sets reserved bits 63:26")
     if not policy & POLICY_RSVD_MBO:
         raise fail(SevStatus.POLICY_FAILURE, "policy bit 17 (reserved, must be one) is zero")
-    if not policy & POLICY_SMT:
-        # The emulated host runs with SMT enabled.
+    if not policy & POLICY_SMT and smt_enabled:
+        # SMT = 0 asks for a platform with SMT disabled in the BIOS; with SMT disabled, either
+        # value launches. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() no longer checks it.
         raise fail(SevStatus.POLICY_FAILURE, "policy forbids SMT but SMT is enabled")
     major, minor = policy >> 8 & 0xFF, policy & 0xFF
     if (major, minor) > api:

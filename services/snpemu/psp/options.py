@@ -2,21 +2,24 @@
 
 SNPEMU_PSP_PRODUCT   Milan | Genoa: the emulated chip (default Milan)
 SNPEMU_KDS_PORT      port of the KDS-shaped certificate endpoint (from .env; 0 = any)
+SNPEMU_HOST_SMT, SNPEMU_HOST_SOCKETS  the machine's SMT setting and sockets (psp/topology.py)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snpemu.hostconfig import ConfigError, layered_env, port
 from snpemu.psp.tcb import PRODUCTS
+from snpemu.psp.topology import Topology
 
 
 @dataclass(frozen=True)
 class PspOptions:
     product: str
     kds_port: int
+    topology: Topology = field(default_factory=Topology)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PspOptions:
@@ -26,4 +29,8 @@ class PspOptions:
             raise ConfigError(
                 f"SNPEMU_PSP_PRODUCT={product!r}: one of {', '.join(sorted(PRODUCTS))}"
             )
-        return cls(product=product, kds_port=port(values, "SNPEMU_KDS_PORT", allow_zero=True))
+        return cls(
+            product=product,
+            kds_port=port(values, "SNPEMU_KDS_PORT", allow_zero=True),
+            topology=Topology.from_env(values),
+        )
