@@ -118,7 +118,7 @@ class Kvm:
         self.certs_blob = b""
         # KERNEL: arch/x86/kvm/svm/sev.c sev_hardware_setup(): DEBUG_SWAP when SEV-ES is on,
         # the debug_swap parameter is (default true) and the CPU has DEBUG_SWAP and
-        # NO_NESTED_DATA_BP. UNVERIFIED: the emulated CPU is taken to have both.
+        # NO_NESTED_DATA_BP. UNVERIFIED(vmsa-features-cpu): the emulated CPU is taken to have both.
         self.supported_vmsa_features = SVM_SEV_FEAT_DEBUG_SWAP
 
     # --- host bring-up ----------------------------------------------------------------------
@@ -271,8 +271,9 @@ class Kvm:
             raise InvalidArgument("memory_bytes must be a multiple of 2 MiB in 16 MiB..3 GiB")
         if not 1 <= vcpus <= 64:
             raise InvalidArgument("vcpus must be in 1..64")
-        # UNVERIFIED: KVM checks the policy in snp_launch_start(); it is part of the VM's config
-        # here, so it is checked when the VM is made and a bad one creates nothing.
+        # UNVERIFIED(policy-at-create): KVM checks the policy in snp_launch_start(); it is part
+        # of the VM's config here, so it is checked when the VM is made and a bad one creates
+        # nothing.
         check_policy(config.policy or 0x30000)
         vmsa_features = check_vmsa_features(config.guest_features, self.supported_vmsa_features)
         if config.vcpu_type and config.vcpu_type not in VCPU_TYPES:

@@ -372,7 +372,8 @@ class Firmware:
         if ctx.policy & POLICY_SINGLE_SOCKET and self.topology.sockets > 1:
             # SPEC: SNP ABI, SNP_ACTIVATE: a SINGLE_SOCKET guest cannot be activated on every
             # socket of a multi-socket system (SNP_ACTIVATE_EX names a subset; not emulated).
-            # UNVERIFIED: where this check sits among SNP_ACTIVATE's other checks.
+            # UNVERIFIED(activate-single-socket): where this check sits among SNP_ACTIVATE's
+            # other checks.
             raise fail(
                 SevStatus.POLICY_FAILURE,
                 f"policy is SINGLE_SOCKET and the system has {self.topology.sockets} sockets",

@@ -175,7 +175,9 @@ class VmConfig(_message.Message):
     host_data: _builtins.bytes
     """32 bytes."""
     guest_features: _builtins.int
-    """VMSA SEV_FEATURES (default 0x1 SNP_ACTIVE)."""
+    """KVM_SEV_INIT2 vmsa_features: DEBUG_SWAP (0x20) is the only bit accepted besides SNP_ACTIVE
+    (0x1), which kvm always sets; any other bit is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def throttle(self) -> Global___GuestRequestThrottle: ...
     def __init__(
