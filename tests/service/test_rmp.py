@@ -390,6 +390,10 @@ def test_sigbus_policy_kernel_write_panics_the_host() -> None:
         pfns, _ = await guest_setup(stub, pages=2)
         r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
+        # KERNEL: arch/x86/virt/svm/sev.c dump_rmpentry(): an assigned entry is one line, the
+        # raw lo then hi; lo from struct rmpentry_raw: assigned bit 0, gpa 50:12, asid 60:51.
+        lo = 1 | 0 << 12 | ASID << 51
+        assert list(r.rmp_dump) == [f"PFN 0x{pfns[0]:x}, RMP entry: [0x{lo:016x} - 0x{0:016x}]"]
         before = (
             await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=9), metadata=HOST)
         ).data
