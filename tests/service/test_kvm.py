@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,14 +14,17 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
+from snpemu import kvm as kvm_service
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.psp import report as rpt
+from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
 from tests.conftest import sev_snp_measure
-from tests.service.host_stack import HOST, host_stack, psc_buffer
+from tests.service.host_stack import CRED, HOST, host_stack, psc_buffer
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -552,6 +556,58 @@ def test_teardown_returns_every_page(tmp_path: Path) -> None:
             # the ASID is reusable after the DF_FLUSH teardown issued
             again = await s.launch()
             assert again.measurement
+
+    run(body())
+
+
+# KERNEL: include/uapi/linux/psp-sev.h SEV_RET_WBINVD_REQUIRED = 0x000E
+SEV_RET_WBINVD_REQUIRED = 0x000E
+
+
+def test_vm_destroy_and_kvm_load_run_wbinvd_before_df_flush(tmp_path: Path) -> None:
+    """wbinvd_on_all_cpus() comes right before every SNP_DF_FLUSH: at VM destroy (KERNEL:
+    arch/x86/kvm/svm/sev.c sev_flush_asids()) and at load (drivers/crypto/ccp/sev-dev.c
+    __sev_snp_init_locked()), because DECOMMISSION clears the WBINVD indicator and the firmware
+    refuses a DF_FLUSH without it."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            r = await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=guest.vm), metadata=HOST)
+            assert r.leaked_pages == 0
+            # kvm dies right after a DECOMMISSION: the ASID awaits WBINVD and DF_FLUSH
+            other = await s.launch()
+            impl: Any = s.runtimes["kvm"].impl
+            gctx = impl.kvm.vms[other.vm.id].gctx
+            await s.psp.Decommission(
+                psp_pb2.DecommissionRequest(gctx=handles_pb2.GuestContextHandle(gctx_paddr=gctx)),
+                metadata=HOST,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await s.psp.SnpDfFlush(psp_pb2.SnpDfFlushRequest(), metadata=HOST)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            detail = error_info(info.value)
+            assert detail is not None and detail.reason == "WBINVD_REQUIRED"
+            assert int(detail.metadata["fw_status"], 16) == SEV_RET_WBINVD_REQUIRED
+            # the next kvm to load flushes it: WBINVD, SNP_INIT, WBINVD, SNP_DF_FLUSH
+            env = {
+                "SNPEMU_GRPC_PORT": "0",
+                "SNPEMU_METRICS_PORT": "0",
+                "SNPEMU_HOST_CREDENTIAL": CRED,
+                "SNPEMU_SHUTDOWN_GRACE_S": "0",
+                "SNPEMU_RMP_ADDR": s.runtimes["rmp"].address,
+                "SNPEMU_PSP_ADDR": s.runtimes["psp"].address,
+            }
+            again = ServiceRuntime(
+                kvm_service.SPEC, ServiceConfig.from_env("kvm", env), kvm_service.SPEC.options({})
+            )
+            try:
+                await again.start()
+                loaded: Any = again.impl
+                assert loaded.kvm.snp_enabled
+            finally:
+                await again.stop()
+            await s.psp.SnpDfFlush(psp_pb2.SnpDfFlushRequest(), metadata=HOST)  # nothing left
 
     run(body())
 

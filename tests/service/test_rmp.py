@@ -768,3 +768,28 @@ def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
         assert await peek(a) == b"ok.."
 
     run(with_rmp(body))
+
+
+def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
+    """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
+    firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
+    will clear the WBINVD indicator causing DF_FLUSH to fail")."""
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Wbinvd(pb.WbinvdRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        async def indicator(clear: bool) -> bool:
+            r = await stub.FirmwareWbinvdIndicator(
+                pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
+            )
+            return r.set
+
+        assert await indicator(clear=False)  # nothing deactivated since boot
+        assert await indicator(clear=True)  # read, then cleared
+        assert not await indicator(clear=False)
+        await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
+        assert await indicator(clear=False)
+
+    run(with_rmp(body))

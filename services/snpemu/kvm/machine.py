@@ -110,6 +110,11 @@ class Kvm:
         self.counters = Counters()
         self.tmr_pfns: list[int] = []
         self.certs_blob = b""
+        # DECOMMISSION clears the firmware's WBINVD indicator: it must not fall between the
+        # WBINVD and the DF_FLUSH of sev_flush_asids(). KERNEL: arch/x86/kvm/svm/sev.c
+        # sev_deactivate_lock, which snp_decommission_context() and sev_flush_asids() both
+        # take for writing.
+        self.deactivate_lock = asyncio.Lock()
 
     # --- host bring-up ----------------------------------------------------------------------
 
@@ -132,11 +137,16 @@ class Kvm:
         if self.api < MIN_API:
             log.warning("SNP unavailable: firmware API %d.%d < 1.51", *self.api)
             return
+        # WBINVD, SNP_INIT, WBINVD, SNP_DF_FLUSH: "the following sequence must be issued before
+        # launching the first SNP guest to ensure all dirty cache lines are flushed".
+        # KERNEL: drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
+        await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
         try:
             await self.psp.call("SnpInit", psp_pb2.SnpInitRequest())
         except PeerError as e:
             if e.reason != "INVALID_PLATFORM_STATE":  # already initialised (kvm restarted)
                 raise
+        await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
         await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
         await self._legacy_init()
         await self._publish_certificates()
@@ -474,12 +484,13 @@ class Kvm:
         leaked: list[int] = []
         if vm.gctx:
             try:
-                await self.psp.call(
-                    "Decommission",
-                    psp_pb2.DecommissionRequest(
-                        gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
-                    ),
-                )
+                async with self.deactivate_lock:
+                    await self.psp.call(
+                        "Decommission",
+                        psp_pb2.DecommissionRequest(
+                            gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
+                        ),
+                    )
             except PeerError as e:
                 log.warning("DECOMMISSION of %s failed: %s", vm.vm_id, e.message)
         firmware_pages = [p for p in (vm.gctx, vm.bounce_res) if p]
@@ -506,7 +517,13 @@ class Kvm:
             )
         for i in range(0, len(free), 65536):
             await self.rmp.call("FreePages", rmp_pb2.FreePagesRequest(pfns=free[i : i + 65536]))
-        await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
+        # wbinvd_on_all_cpus(), then SNP_DF_FLUSH, with no DECOMMISSION in between.
+        # KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(). UNVERIFIED: KVM flushes lazily,
+        # when sev_asid_new() finds no free ASID (__sev_recycle_asids()) and at module unload
+        # (sev_hardware_unsetup()); kvm here flushes at every VM destroy.
+        async with self.deactivate_lock:
+            await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
+            await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
         self.free_asids.append(vm.asid)
         vm.state = VmState.DESTROYED
         del self.vms[vm.vm_id]

@@ -192,6 +192,8 @@ class RmpMachine:
         self.notifier: Notifier = _NoSubscriber()
         self.panicked: str | None = None
         self.on_panic: Callable[[str], Awaitable[None]] | None = None
+        # Every core has executed WBINVD since the firmware last cleared this (see wbinvd()).
+        self.wbinvd_indicator = True
 
     # --- platform -------------------------------------------------------------------------
 
@@ -204,6 +206,30 @@ class RmpMachine:
     def check_alive(self) -> None:
         if self.panicked is not None:
             raise HostPanic(f"the virtual host panicked: {self.panicked}; restart rmp (a reboot)")
+
+    # --- caches ---------------------------------------------------------------------------
+
+    def wbinvd(self) -> None:
+        """WBINVD on every core, as wbinvd_on_all_cpus() runs it: sets the WBINVD indicator.
+
+        The model's memory has no caches to write back; what it keeps is the indicator the
+        firmware checks. DEACTIVATE (SNP: SNP_DECOMMISSION) clears it and SNP_DF_FLUSH needs it
+        set, which is why the kernel runs wbinvd_on_all_cpus() right before every DF_FLUSH.
+        KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+        indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
+        UNVERIFIED: one indicator for the whole host (on hardware each core executes WBINVD; a
+        host op here stands for all of them, as wbinvd_on_all_cpus() does).
+        """
+        self.check_alive()
+        self.wbinvd_indicator = True
+
+    def fw_wbinvd_indicator(self, clear: bool) -> bool:
+        """The firmware reads the WBINVD indicator, and clears it when asked (SNP_DECOMMISSION)."""
+        self.check_alive()
+        was = self.wbinvd_indicator
+        if clear:
+            self.wbinvd_indicator = False
+        return was
 
     def _pfn(self, spa: int) -> int:
         pfn = spa >> PAGE_SHIFT
