@@ -154,6 +154,7 @@ async def host_stack(
     policy: str = "gmem",
     hold_us: int = 0,
     netd_env: dict[str, str] | None = None,
+    psp_env: dict[str, str] | None = None,
     **kvm_env: str,
 ) -> AsyncIterator[Stack]:
     common = {
@@ -184,7 +185,7 @@ async def host_stack(
             ServiceConfig.from_env(
                 "psp", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_DATA_DIR": str(tmp / "psp")}
             ),
-            psp.SPEC.options({"SNPEMU_KDS_PORT": "0"}),
+            psp.SPEC.options({"SNPEMU_KDS_PORT": "0", **(psp_env or {})}),
         )
         await p.start()
         started.append(p)

@@ -20,6 +20,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import cert_table, rmp_batch
+from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument, NotFound, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
@@ -115,6 +116,8 @@ class Kvm:
         # sev_deactivate_lock, which snp_decommission_context() and sev_flush_asids() both
         # take for writing.
         self.deactivate_lock = asyncio.Lock()
+        # CPUID(1).EAX of the host processor, from the chip psp emulates (None until known)
+        self.host_signature: int | None = None
 
     # --- host bring-up ----------------------------------------------------------------------
 
@@ -177,6 +180,12 @@ class Kvm:
     async def _publish_certificates(self) -> None:
         """The certificate table extended guest requests return (VCEK, ASK, ARK)."""
         c = await self.psp.call("GetCertificates", psp_pb2.GetCertificatesRequest())
+        # The host CPU is the chip psp emulates, as the VCEK names it (productName, e.g.
+        # Milan-B1); a vCPU of the host's own model sees its stepping (vmsa.vcpu_signature).
+        try:
+            self.host_signature = Cpu.from_product_name(c.product_name).signature
+        except InvalidArgument as e:
+            log.warning("host CPU unknown (%s): vCPUs keep their models' signatures", e.message)
         self.certs_blob = cert_table.build(
             [
                 (cert_table.VCEK, c.vcek_der),
@@ -296,6 +305,9 @@ class Kvm:
             else Throttle(*self.default_throttle)
         )
         vm = Vm(new_vm_id(), asid, config, throttle, sev_features=config.guest_features or 1)
+        vm.cpuid_signature = vmsa.vcpu_signature(
+            VCPU_TYPES.get(config.vcpu_type or 3, "EPYC-Milan"), self.host_signature
+        )
         try:
             ram = list(
                 (
@@ -368,11 +380,10 @@ class Kvm:
             kernel = Path(cfg.kernel_path).read_bytes()
             initrd = Path(cfg.initrd_path).read_bytes() if cfg.initrd_path else b""
             kernel_hashes = launch_plan.kernel_hashes_table(kernel, initrd, cfg.cmdline)
-        vcpu_type = VCPU_TYPES.get(cfg.vcpu_type or 3, "EPYC-Milan")
         pages = launch_plan.plan(
             ovmf,
             vcpus=len(vm.vcpus),
-            vcpu_signature=vmsa.VCPU_SIGNATURES[vcpu_type],
+            vcpu_signature=vm.cpuid_signature,
             sev_features=vm.sev_features,
             kernel_hashes=kernel_hashes,
         )
