@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,14 +15,17 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
+from snpemu import kvm as kvm_service
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.psp import report as rpt
+from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
-from tests.conftest import sev_snp_measure
-from tests.service.host_stack import HOST, host_stack, psc_buffer
+from tests.conftest import sev_snp_measure, tool
+from tests.service.host_stack import CRED, HOST, host_stack, psc_buffer
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -61,6 +66,54 @@ def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path)
         vcpus=1,
         vcpu_type="EPYC-Genoa",
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "name", "eax"),
+    # go-sev-guest kds/kds.go steppingDecoder and its tests: Milan-B0 is CPUID(1).EAX
+    # 0x00a00f10, Milan-B1 0x00a00f11 (sev-snp-measure vcpu_types.py EPYC-Milan)
+    [("0", "Milan-B0", 0x00A00F10), (None, "Milan-B1", 0x00A00F11)],
+)
+def test_host_stepping_names_the_vcek_and_is_the_guests_cpuid(
+    tmp_path: Path, setting: str | None, name: str, eax: int
+) -> None:
+    """SNPEMU_CPU_STEPPING: the VCEK's productName, the report's CPUID_STEP, kvm's CPUID(1)
+    and the VMSA's RDX (so the launch measurement sev-snp-measure predicts for that signature)
+    all follow it."""
+
+    async def body() -> tuple[bytes, Path]:
+        env = {} if setting is None else {"SNPEMU_CPU_STEPPING": setting}
+        async with host_stack(tmp_path, psp_env=env) as s:
+            certs = await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
+            assert certs.product_name == name
+            vcek = x509.load_der_x509_certificate(certs.vcek_der)
+            ext = vcek.extensions.get_extension_for_oid(
+                x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.2")  # KDS productName, IA5String
+            )
+            assert ext.value.value == b"\x16" + bytes([len(name)]) + name.encode()  # type: ignore[attr-defined]
+            guest = await s.launch(vcpus=1, vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_MILAN)
+            leaf1_eax = (await guest.msr(0x1 << 32 | 0 << 30 | msr.CPUID_REQ)).ghcb_msr
+            assert leaf1_eax == eax << 32 | msr.CPUID_RESP
+            await guest.register_ghcb()
+            _, _, payload = await guest.guest_request(report_req())
+            assert payload is not None
+            # report version 3: CPUID_FAM_ID, CPUID_MOD_ID, CPUID_STEP at 0x188..0x18A
+            report = payload[0x20 : 0x20 + 0x4A0]
+            assert tuple(report[0x188:0x18B]) == (0x19, 0x01, eax & 0xF)
+            return guest.measurement, s.firmware
+
+    measurement, fw = run(body())
+    predicted = subprocess.run(
+        [
+            *(tool("sev-snp-measure"), "--mode", "snp", "--ovmf", str(fw), "--vcpus", "1"),
+            *("--vcpu-sig", hex(eax)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+    assert measurement.hex() == predicted
 
 
 def test_create_vm_validates_its_config(tmp_path: Path) -> None:
@@ -547,6 +600,58 @@ def test_teardown_returns_every_page(tmp_path: Path) -> None:
             # the ASID is reusable after the DF_FLUSH teardown issued
             again = await s.launch()
             assert again.measurement
+
+    run(body())
+
+
+# KERNEL: include/uapi/linux/psp-sev.h SEV_RET_WBINVD_REQUIRED = 0x000E
+SEV_RET_WBINVD_REQUIRED = 0x000E
+
+
+def test_vm_destroy_and_kvm_load_run_wbinvd_before_df_flush(tmp_path: Path) -> None:
+    """wbinvd_on_all_cpus() comes right before every SNP_DF_FLUSH: at VM destroy (KERNEL:
+    arch/x86/kvm/svm/sev.c sev_flush_asids()) and at load (drivers/crypto/ccp/sev-dev.c
+    __sev_snp_init_locked()), because DECOMMISSION clears the WBINVD indicator and the firmware
+    refuses a DF_FLUSH without it."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            r = await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=guest.vm), metadata=HOST)
+            assert r.leaked_pages == 0
+            # kvm dies right after a DECOMMISSION: the ASID awaits WBINVD and DF_FLUSH
+            other = await s.launch()
+            impl: Any = s.runtimes["kvm"].impl
+            gctx = impl.kvm.vms[other.vm.id].gctx
+            await s.psp.Decommission(
+                psp_pb2.DecommissionRequest(gctx=handles_pb2.GuestContextHandle(gctx_paddr=gctx)),
+                metadata=HOST,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await s.psp.SnpDfFlush(psp_pb2.SnpDfFlushRequest(), metadata=HOST)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            detail = error_info(info.value)
+            assert detail is not None and detail.reason == "WBINVD_REQUIRED"
+            assert int(detail.metadata["fw_status"], 16) == SEV_RET_WBINVD_REQUIRED
+            # the next kvm to load flushes it: WBINVD, SNP_INIT, WBINVD, SNP_DF_FLUSH
+            env = {
+                "SNPEMU_GRPC_PORT": "0",
+                "SNPEMU_METRICS_PORT": "0",
+                "SNPEMU_HOST_CREDENTIAL": CRED,
+                "SNPEMU_SHUTDOWN_GRACE_S": "0",
+                "SNPEMU_RMP_ADDR": s.runtimes["rmp"].address,
+                "SNPEMU_PSP_ADDR": s.runtimes["psp"].address,
+            }
+            again = ServiceRuntime(
+                kvm_service.SPEC, ServiceConfig.from_env("kvm", env), kvm_service.SPEC.options({})
+            )
+            try:
+                await again.start()
+                loaded: Any = again.impl
+                assert loaded.kvm.snp_enabled
+            finally:
+                await again.stop()
+            await s.psp.SnpDfFlush(psp_pb2.SnpDfFlushRequest(), metadata=HOST)  # nothing left
 
     run(body())
 

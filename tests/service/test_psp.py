@@ -163,7 +163,11 @@ def test_report_through_the_services_verifies_with_the_served_vcek(tmp_path: Pat
             certs = await pair.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
             vcek = x509.load_der_x509_certificate(certs.vcek_der).public_key()
             assert rpt.verify(report, vcek)  # type: ignore[arg-type]
-            assert certs.chip_id == report[0x1A0:0x1E0] and certs.product_name == "Milan-B0"
+            # Milan at its default stepping 1: productName Milan-B1 (go-sev-guest kds/kds.go
+            # steppingDecoder), and the report's CPUID_FAM_ID, CPUID_MOD_ID, CPUID_STEP (report
+            # version 3, offsets 0x188..0x18A) say family 0x19, model 0x01, stepping 1
+            assert certs.chip_id == report[0x1A0:0x1E0] and certs.product_name == "Milan-B1"
+            assert tuple(report[0x188:0x18B]) == (0x19, 0x01, 1)
             reg = pair.psp_rt.registry
             assert reg.get_sample_value("snp_guests", {"state": "running"}) == 1
             assert (

@@ -390,6 +390,10 @@ def test_sigbus_policy_kernel_write_panics_the_host() -> None:
         pfns, _ = await guest_setup(stub, pages=2)
         r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
+        # KERNEL: arch/x86/virt/svm/sev.c dump_rmpentry(): an assigned entry is one line, the
+        # raw lo then hi; lo from struct rmpentry_raw: assigned bit 0, gpa 50:12, asid 60:51.
+        lo = 1 | 0 << 12 | ASID << 51
+        assert list(r.rmp_dump) == [f"PFN 0x{pfns[0]:x}, RMP entry: [0x{lo:016x} - 0x{0:016x}]"]
         before = (
             await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=9), metadata=HOST)
         ).data
@@ -762,5 +766,30 @@ def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
             assert got[0].WhichOneof("result") == "error", ops
             assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert await peek(a) == b"ok.."
+
+    run(with_rmp(body))
+
+
+def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
+    """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
+    firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
+    will clear the WBINVD indicator causing DF_FLUSH to fail")."""
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Wbinvd(pb.WbinvdRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        async def indicator(clear: bool) -> bool:
+            r = await stub.FirmwareWbinvdIndicator(
+                pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
+            )
+            return r.set
+
+        assert await indicator(clear=False)  # nothing deactivated since boot
+        assert await indicator(clear=True)  # read, then cleared
+        assert not await indicator(clear=False)
+        await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
+        assert await indicator(clear=False)
 
     run(with_rmp(body))

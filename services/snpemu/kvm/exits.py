@@ -28,7 +28,6 @@ from snpemu.kvm import psc_batch
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError, session_error
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
-from snpemu.vmm import vmsa
 
 log = logging.getLogger(__name__)
 
@@ -601,13 +600,7 @@ def _psc_result_name(result: int) -> str:
 
 def cpuid(vm: Vm, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     """The few CPUID leaves a booting SNP guest asks the hypervisor for (the rest are zero)."""
-    cfg: Any = vm.config
-    sig = vmsa.VCPU_SIGNATURES.get(
-        {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}.get(
-            cfg.vcpu_type or 3, "EPYC-Milan"
-        ),
-        0,
-    )
+    sig = vm.cpuid_signature  # vmsa.vcpu_signature(), fixed at creation: the VMSA's RDX
     if leaf == 0x0:
         return 0x10, 0x68747541, 0x444D4163, 0x69746E65  # max leaf, "AuthenticAMD"
     if leaf == 0x1:

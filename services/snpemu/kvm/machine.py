@@ -20,6 +20,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import cert_table, rmp_batch
+from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument, NotFound, SnpemuError, Unavailable, WrongState
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
@@ -120,6 +121,13 @@ class Kvm:
         # the debug_swap parameter is (default true) and the CPU has DEBUG_SWAP and
         # NO_NESTED_DATA_BP. UNVERIFIED(vmsa-features-cpu): the emulated CPU is taken to have both.
         self.supported_vmsa_features = SVM_SEV_FEAT_DEBUG_SWAP
+        # DECOMMISSION clears the firmware's WBINVD indicator: it must not fall between the
+        # WBINVD and the DF_FLUSH of sev_flush_asids(). KERNEL: arch/x86/kvm/svm/sev.c
+        # sev_deactivate_lock, which snp_decommission_context() and sev_flush_asids() both
+        # take for writing.
+        self.deactivate_lock = asyncio.Lock()
+        # CPUID(1).EAX of the host processor, from the chip psp emulates (None until known)
+        self.host_signature: int | None = None
 
     # --- host bring-up ----------------------------------------------------------------------
 
@@ -142,11 +150,16 @@ class Kvm:
         if self.api < MIN_API:
             log.warning("SNP unavailable: firmware API %d.%d < 1.51", *self.api)
             return
+        # WBINVD, SNP_INIT, WBINVD, SNP_DF_FLUSH: "the following sequence must be issued before
+        # launching the first SNP guest to ensure all dirty cache lines are flushed".
+        # KERNEL: drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
+        await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
         try:
             await self.psp.call("SnpInit", psp_pb2.SnpInitRequest())
         except PeerError as e:
             if e.reason != "INVALID_PLATFORM_STATE":  # already initialised (kvm restarted)
                 raise
+        await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
         await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
         await self._legacy_init()
         await self._publish_certificates()
@@ -177,6 +190,12 @@ class Kvm:
     async def _publish_certificates(self) -> None:
         """The certificate table extended guest requests return (VCEK, ASK, ARK)."""
         c = await self.psp.call("GetCertificates", psp_pb2.GetCertificatesRequest())
+        # The host CPU is the chip psp emulates, as the VCEK names it (productName, e.g.
+        # Milan-B1); a vCPU of the host's own model sees its stepping (vmsa.vcpu_signature).
+        try:
+            self.host_signature = Cpu.from_product_name(c.product_name).signature
+        except InvalidArgument as e:
+            log.warning("host CPU unknown (%s): vCPUs keep their models' signatures", e.message)
         self.certs_blob = cert_table.build(
             [
                 (cert_table.VCEK, c.vcek_der),
@@ -300,6 +319,9 @@ class Kvm:
             throttle,
             sev_features=vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE,
         )
+        vm.cpuid_signature = vmsa.vcpu_signature(
+            VCPU_TYPES.get(config.vcpu_type or 3, "EPYC-Milan"), self.host_signature
+        )
         try:
             ram = list(
                 (
@@ -380,11 +402,10 @@ class Kvm:
             kernel = Path(cfg.kernel_path).read_bytes()
             initrd = Path(cfg.initrd_path).read_bytes() if cfg.initrd_path else b""
             kernel_hashes = launch_plan.kernel_hashes_table(kernel, initrd, cfg.cmdline)
-        vcpu_type = VCPU_TYPES.get(cfg.vcpu_type or 3, "EPYC-Milan")
         pages = launch_plan.plan(
             ovmf,
             vcpus=len(vm.vcpus),
-            vcpu_signature=vmsa.VCPU_SIGNATURES[vcpu_type],
+            vcpu_signature=vm.cpuid_signature,
             sev_features=vm.sev_features,
             kernel_hashes=kernel_hashes,
         )
@@ -519,12 +540,13 @@ class Kvm:
         leaked: list[int] = []
         if vm.gctx:
             try:
-                await self.psp.call(
-                    "Decommission",
-                    psp_pb2.DecommissionRequest(
-                        gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
-                    ),
-                )
+                async with self.deactivate_lock:
+                    await self.psp.call(
+                        "Decommission",
+                        psp_pb2.DecommissionRequest(
+                            gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
+                        ),
+                    )
             except PeerError as e:
                 log.warning("DECOMMISSION of %s failed: %s", vm.vm_id, e.message)
         firmware_pages = [p for p in (vm.gctx, vm.bounce_res) if p]
@@ -551,7 +573,13 @@ class Kvm:
             )
         for i in range(0, len(free), 65536):
             await self.rmp.call("FreePages", rmp_pb2.FreePagesRequest(pfns=free[i : i + 65536]))
-        await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
+        # wbinvd_on_all_cpus(), then SNP_DF_FLUSH, with no DECOMMISSION in between.
+        # KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(). UNVERIFIED: KVM flushes lazily,
+        # when sev_asid_new() finds no free ASID (__sev_recycle_asids()) and at module unload
+        # (sev_hardware_unsetup()); kvm here flushes at every VM destroy.
+        async with self.deactivate_lock:
+            await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
+            await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())
         self.free_asids.append(vm.asid)
         vm.state = VmState.DESTROYED
         del self.vms[vm.vm_id]

@@ -121,6 +121,8 @@ class Vm:
     bounce_req: int = 0
     bounce_res: int = 0
     sev_features: int = 1
+    # CPUID(1).EAX of its vCPUs, fixed at creation: kvm's CPUID answer and the VMSA's RDX
+    cpuid_signature: int = 0
 
 
 def new_vm_id() -> str:

@@ -27,7 +27,7 @@ class _Psp:
         from snpemu.psp.servicer import PspServicer
 
         config, opts = runtime.config, runtime.options
-        identity = ChipIdentity.load_or_create(config.data_dir, opts.product)
+        identity = ChipIdentity.load_or_create(config.data_dir, opts.product, opts.stepping)
         self.rmp = GrpcRmp(config.peers["rmp"], config.host_credential)
         self.fw = Firmware(identity, self.rmp, opts.topology)
         register(self.fw, runtime.registry)

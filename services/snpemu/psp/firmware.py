@@ -221,6 +221,17 @@ class Firmware:
     @command("SNP_DF_FLUSH")
     async def df_flush(self) -> None:
         self._need_snp()
+        # DF_FLUSH needs every core to have executed WBINVD since the last DEACTIVATE (SNP:
+        # SNP_DECOMMISSION), else WBINVD_REQUIRED; the host therefore runs WBINVD on all CPUs
+        # right before it. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will
+        # clear the WBINVD indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c
+        # __sev_snp_init_locked(). UNVERIFIED: taken from the kernel, not from the SNP ABI
+        # spec's SNP_DF_FLUSH section, which was not at hand.
+        if not await self.rmp.wbinvd_indicator():
+            raise fail(
+                SevStatus.WBINVD_REQUIRED,
+                "WBINVD has not run on every core since the last SNP_DECOMMISSION",
+            )
         self.unflushed.clear()
 
     @command("SNP_SHUTDOWN")
@@ -497,6 +508,10 @@ class Firmware:
         ctx = self._guest(gctx_paddr)
         if ctx.asid:
             await self.rmp.remove_key(ctx.asid)
+            # The ASID's lines may still sit in the caches: clear the WBINVD indicator, so the
+            # DF_FLUSH that frees the ASID waits for a WBINVD on every core (see df_flush).
+            # KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(), sev_unbind_asid()
+            await self.rmp.wbinvd_indicator(clear=True)
             del self.asids[ctx.asid]
             self.unflushed.add(ctx.asid)
         await self.rmp.transition([gctx_paddr], "firmware")

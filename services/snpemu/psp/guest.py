@@ -91,14 +91,7 @@ SECRETS_VERSION = 3  # UNVERIFIED(secrets-version): the version the firmware wri
 
 def cpuid_signature(product: Product) -> int:
     """CPUID(1).EAX: stepping, model, family (with the extended fields for family > 0xF)."""
-    fam_low, ext_fam = (0xF, product.family - 0xF) if product.family > 0xF else (product.family, 0)
-    return (
-        product.stepping
-        | (product.model & 0xF) << 4
-        | fam_low << 8
-        | (product.model >> 4) << 16
-        | ext_fam << 20
-    )
+    return product.cpu.signature
 
 
 def secrets_page(ctx: GuestContext, product: Product) -> bytes:

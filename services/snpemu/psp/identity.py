@@ -116,15 +116,23 @@ class ChipIdentity:
     # --- creation and persistence -----------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, data_dir: Path, product_name: str) -> ChipIdentity:
+    def load_or_create(
+        cls, data_dir: Path, product_name: str, stepping: int | None = None
+    ) -> ChipIdentity:
+        product = PRODUCTS[product_name]
+        if stepping is not None:
+            product = product.at_stepping(stepping)
         data_dir.mkdir(parents=True, exist_ok=True)
         meta_path = data_dir / "chip.json"
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            if meta["product"] != product_name:
+            # a chip keeps its stepping; a directory from before steppings were recorded
+            # takes the one asked for
+            held = meta["product"], meta.get("stepping", product.stepping)
+            if held != (product.name, product.stepping):
                 raise ValueError(
-                    f"{data_dir} holds a {meta['product']} chip, not {product_name}: use "
-                    "another SNPEMU_DATA_DIR"
+                    f"{data_dir} holds a {meta['product']} chip at stepping {held[1]}, not "
+                    f"{product.stepping_name}: use another SNPEMU_DATA_DIR"
                 )
 
             def key(name: str) -> rsa.RSAPrivateKey:
@@ -133,7 +141,7 @@ class ChipIdentity:
                 return k
 
             return cls(
-                product=PRODUCTS[product_name],
+                product=product,
                 chip_id=bytes.fromhex(meta["chip_id"]),
                 chip_secret=bytes.fromhex(meta["chip_secret"]),
                 ark_key=key("ark.key"),
@@ -142,7 +150,6 @@ class ChipIdentity:
                 ask_cert=x509.load_pem_x509_certificate((data_dir / "ask.pem").read_bytes()),
                 data_dir=data_dir,
             )
-        product = PRODUCTS[product_name]
         ark_key = rsa.generate_private_key(65537, 4096)
         ask_key = rsa.generate_private_key(65537, 4096)
         ark = _ca_cert(f"ARK-{product.name}", f"ARK-{product.name}", ark_key, ark_key, 1)
@@ -174,6 +181,7 @@ class ChipIdentity:
         (self.data_dir / "ask.pem").write_bytes(self.ask_cert.public_bytes(pem))
         meta = {
             "product": self.product.name,
+            "stepping": self.product.stepping,
             "chip_id": self.chip_id.hex(),
             "chip_secret": self.chip_secret.hex(),
         }
@@ -190,7 +198,8 @@ class ChipIdentity:
         return _vcek_key(self.chip_secret, tcb)
 
     def vcek_cert(self, tcb: Tcb) -> x509.Certificate:
-        path = self.data_dir / f"vcek-{tcb.raw:016x}.der"
+        # named for the product too: its productName extension names the stepping
+        path = self.data_dir / f"vcek-{self.product.stepping_name}-{tcb.raw:016x}.der"
         if path.exists():
             return x509.load_der_x509_certificate(path.read_bytes())
         exts = [

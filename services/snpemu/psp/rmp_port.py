@@ -56,6 +56,9 @@ class RmpPort(Protocol):
     ) -> None: ...
     async def install_key(self, asid: int, key: bytes) -> None: ...
     async def remove_key(self, asid: int) -> None: ...
+    async def wbinvd_indicator(self, *, clear: bool = False) -> bool:
+        """Has every core executed WBINVD since the indicator was last cleared; clear it after."""
+        ...
 
 
 _OPS = {
@@ -170,6 +173,12 @@ class GrpcRmp:
     async def remove_key(self, asid: int) -> None:
         await self._call("RemoveMemoryKey", pb.RemoveMemoryKeyRequest(asid=asid))
 
+    async def wbinvd_indicator(self, *, clear: bool = False) -> bool:
+        r = await self._call(
+            "FirmwareWbinvdIndicator", pb.FirmwareWbinvdIndicatorRequest(clear=clear)
+        )
+        return bool(r.set)  # type: ignore[attr-defined]
+
     async def close(self) -> None:
         if self._session is not None:
             self._session.cancel()
@@ -219,3 +228,6 @@ class LocalRmp:
 
     async def remove_key(self, asid: int) -> None:
         self.m.keys.remove(asid)
+
+    async def wbinvd_indicator(self, *, clear: bool = False) -> bool:
+        return self.m.fw_wbinvd_indicator(clear)

@@ -6,7 +6,9 @@ byte 0 boot loader, 1 TEE, 2-5 reserved, 6 SNP, 7 microcode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from snpemu.cpu import Cpu
 
 
 @dataclass(frozen=True, order=False)
@@ -40,15 +42,36 @@ class Product:
     """What the emulated chip claims to be."""
 
     name: str  # KDS product name: Milan, Genoa
-    stepping_name: str  # VCEK productName extension, e.g. Milan-B0
-    family: int  # CPUID combined family
-    model: int
-    stepping: int
+    stepping: int  # the host setting SNPEMU_CPU_STEPPING
     tcb: Tcb  # the TCB the firmware runs at
+
+    @property
+    def cpu(self) -> Cpu:
+        return Cpu(self.name, self.stepping)
+
+    @property
+    def stepping_name(self) -> str:
+        """VCEK productName extension, e.g. Milan-B1: the stepping named as AMD names it."""
+        return self.cpu.product_name
+
+    @property
+    def family(self) -> int:  # CPUID combined family
+        return self.cpu.family
+
+    @property
+    def model(self) -> int:
+        return self.cpu.model
+
+    def at_stepping(self, stepping: int) -> Product:
+        Cpu(self.name, stepping)  # INVARIANT: raises for a stepping the product line lacks
+        return replace(self, stepping=stepping)
 
 
 PRODUCTS = {
-    # CPUID(1) 0x00A00F11 (EPYC-Milan), 0x00A10F11 (Genoa B1). SPEC: go-sev-guest abi.go
-    "Milan": Product("Milan", "Milan-B0", 0x19, 0x01, 0x1, Tcb(3, 0, 8, 115)),
-    "Genoa": Product("Genoa", "Genoa-B1", 0x19, 0x11, 0x1, Tcb(7, 0, 14, 72)),
+    # Stepping 1 by default: Milan-B1 is CPUID(1) 0x00A00F11, the signature of QEMU's
+    # EPYC-Milan model (sev-snp-measure vcpu_types.py), so a default guest's CPUID, its
+    # launch measurement and the VCEK's productName all agree. Genoa stays at B1 (0x00A10F11;
+    # QEMU's EPYC-Genoa is stepping 0). SPEC: go-sev-guest kds/kds.go steppingDecoder
+    "Milan": Product("Milan", 1, Tcb(3, 0, 8, 115)),
+    "Genoa": Product("Genoa", 1, Tcb(7, 0, 14, 72)),
 }

@@ -135,25 +135,30 @@ class Counters:
 
 
 def dump_entry(table: RmpTable, pfn: int) -> list[str]:
-    """The RMP entry the way the kernel dumps it on an RMP fault.
+    """The lines the kernel logs about pfn's RMP entry (an RMP fault, a failed RMPUPDATE, a leak).
 
-    KERNEL: arch/x86/virt/svm/sev.c dump_rmpentry() / snp_dump_hva_rmpentry()
+    KERNEL: arch/x86/virt/svm/sev.c dump_rmpentry(), reached through snp_dump_hva_rmpentry(),
+    rmpupdate() and __snp_leak_pages(). The raw 16-byte entry prints as two u64, lo then hi.
+    An assigned entry prints one line; an unassigned one prints a header line and then every
+    non-zero raw entry of the 2M region it lies in. Each line is the pr_info() text without
+    the "SEV-SNP: " pr_fmt prefix the kernel log adds in front of it.
     """
     lo, hi = int(table.lo[pfn]), int(table.hi[pfn])
-    lines = [f"PFN 0x{pfn:x}, RMP entry: [0x{hi:016x} - 0x{lo:016x}]"]
+    # The kernel tests e.assigned of get_rmpentry(pfn): the PFN's own entry, not the 2M one
+    # (the 4K entries inside an assigned 2M page read ASSIGNED themselves, see rmp/table.py).
+    if lo & ASSIGNED:
+        return [f"PFN 0x{pfn:x}, RMP entry: [0x{lo:016x} - 0x{hi:016x}]"]
+    # pfn_i = ALIGN_DOWN(pfn, PTRS_PER_PMD); pfn_end = pfn_i + PTRS_PER_PMD
     a = pfn & ALIGN_MASK
-    if not table.effective(pfn)[0] & ASSIGNED:
-        end = a + PAGES_PER_2M
-        lines.append(
-            f"PFN 0x{pfn:x} unassigned, dumping non-zero entries in 2M PFN region: "
-            f"[0x{a:x} - 0x{end:x}]"
-        )
-        nonzero = np.flatnonzero((table.lo[a:end] != 0) | (table.hi[a:end] != 0))
-        for i in nonzero:
-            lines.append(
-                f"PFN 0x{a + i:x}: [high=0x{int(table.hi[a + i]):016x} "
-                f"low=0x{int(table.lo[a + i]):016x}]"
-            )
+    end = a + PAGES_PER_2M
+    lines = [
+        f"PFN 0x{pfn:x} unassigned, dumping non-zero entries in 2M PFN region: "
+        f"[0x{a:x} - 0x{end:x}]"
+    ]
+    nonzero = np.flatnonzero((table.lo[a:end] != 0) | (table.hi[a:end] != 0))
+    for i in nonzero:
+        e_lo, e_hi = int(table.lo[a + i]), int(table.hi[a + i])
+        lines.append(f"PFN: 0x{a + i:x}, [0x{e_lo:016x} - 0x{e_hi:016x}]")
     return lines
 
 
@@ -187,6 +192,8 @@ class RmpMachine:
         self.notifier: Notifier = _NoSubscriber()
         self.panicked: str | None = None
         self.on_panic: Callable[[str], Awaitable[None]] | None = None
+        # Every core has executed WBINVD since the firmware last cleared this (see wbinvd()).
+        self.wbinvd_indicator = True
 
     # --- platform -------------------------------------------------------------------------
 
@@ -199,6 +206,30 @@ class RmpMachine:
     def check_alive(self) -> None:
         if self.panicked is not None:
             raise HostPanic(f"the virtual host panicked: {self.panicked}; restart rmp (a reboot)")
+
+    # --- caches ---------------------------------------------------------------------------
+
+    def wbinvd(self) -> None:
+        """WBINVD on every core, as wbinvd_on_all_cpus() runs it: sets the WBINVD indicator.
+
+        The model's memory has no caches to write back; what it keeps is the indicator the
+        firmware checks. DEACTIVATE (SNP: SNP_DECOMMISSION) clears it and SNP_DF_FLUSH needs it
+        set, which is why the kernel runs wbinvd_on_all_cpus() right before every DF_FLUSH.
+        KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+        indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
+        UNVERIFIED: one indicator for the whole host (on hardware each core executes WBINVD; a
+        host op here stands for all of them, as wbinvd_on_all_cpus() does).
+        """
+        self.check_alive()
+        self.wbinvd_indicator = True
+
+    def fw_wbinvd_indicator(self, clear: bool) -> bool:
+        """The firmware reads the WBINVD indicator, and clears it when asked (SNP_DECOMMISSION)."""
+        self.check_alive()
+        was = self.wbinvd_indicator
+        if clear:
+            self.wbinvd_indicator = False
+        return was
 
     def _pfn(self, spa: int) -> int:
         pfn = spa >> PAGE_SHIFT

@@ -147,6 +147,10 @@ class RmpServicer:
             resident_pages=m.frames.resident_frames,
         )
 
+    async def Wbinvd(self, request: Any, context: Any) -> pb.WbinvdResponse:
+        self.m.wbinvd()
+        return pb.WbinvdResponse()
+
     async def AllocatePages(self, request: Any, context: Any) -> pb.AllocatePagesResponse:
         if request.placement == pb.PLACEMENT_UNSPECIFIED:
             raise InvalidArgument("placement is required")
@@ -388,6 +392,11 @@ class RmpServicer:
         return pb.RemoveMemoryKeyResponse()
 
     # --- the firmware's own access ----------------------------------------------------------
+
+    async def FirmwareWbinvdIndicator(
+        self, request: Any, context: Any
+    ) -> pb.FirmwareWbinvdIndicatorResponse:
+        return pb.FirmwareWbinvdIndicatorResponse(set=self.m.fw_wbinvd_indicator(request.clear))
 
     async def FirmwareTransition(self, request: Any, context: Any) -> pb.FirmwareTransitionResponse:
         if request.op == pb.FIRMWARE_OP_UNSPECIFIED:

@@ -35,6 +35,7 @@ def snapshot(h: Host) -> tuple[object, ...]:
         guests,
         copy.copy(h.fw.unflushed),
         h.fw.legacy_initialized,
+        h.rmp.wbinvd_indicator,
         h.rmp.table.lo.copy(),
         h.rmp.table.kind.copy(),
     )
@@ -211,6 +212,7 @@ def test_asid_rules(tmp: Path) -> None:
         await h.fw.decommission(h.gctx)
         await expect(h, lambda: h.fw.activate(other, 7), SevStatus.DFFLUSH_REQUIRED)
         await expect(h, lambda: h.fw.snp_shutdown(), IPS)
+        h.rmp.wbinvd()  # wbinvd_on_all_cpus() before DF_FLUSH, as sev_flush_asids() does
         await h.fw.df_flush()
         await expect(h, lambda: h.fw.activate(other, 7), OK)
 
@@ -225,8 +227,54 @@ def test_shutdown_needs_df_flush_after_decommission(tmp: Path) -> None:
         await expect(
             h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), SevStatus.DFFLUSH_REQUIRED
         )
+        h.rmp.wbinvd()
         await h.fw.df_flush()
         await expect(h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), OK)
+
+    run(body())
+
+
+# KERNEL: include/uapi/linux/psp-sev.h SEV_RET_WBINVD_REQUIRED = 0x000E,
+# SEV_RET_DFFLUSH_REQUIRED = 0x000F
+SEV_RET_WBINVD_REQUIRED = 0x000E
+SEV_RET_DFFLUSH_REQUIRED = 0x000F
+
+
+def test_df_flush_needs_a_wbinvd_since_the_last_decommission(tmp: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(): "DEACTIVATE will clear the WBINVD
+    indicator causing DF_FLUSH to fail", so wbinvd_on_all_cpus() runs right before DF_FLUSH.
+    A refused DF_FLUSH changes nothing (the ASID stays unflushed)."""
+
+    async def body() -> None:
+        assert SevStatus.WBINVD_REQUIRED == SEV_RET_WBINVD_REQUIRED
+        assert SevStatus.DFFLUSH_REQUIRED == SEV_RET_DFFLUSH_REQUIRED
+        h = make_host(tmp)
+        await _to_state(h, "LAUNCH_ACTIVE")
+        await expect(h, h.fw.df_flush, OK)  # nothing decommissioned yet: the indicator is set
+        h.rmp.wbinvd()  # a WBINVD before the DECOMMISSION does not count
+        await h.fw.decommission(h.gctx)
+        await expect(h, h.fw.df_flush, SevStatus.WBINVD_REQUIRED)
+        assert h.fw.unflushed == {h.asid}
+        h.rmp.wbinvd()
+        await expect(h, h.fw.df_flush, OK)
+        assert h.fw.unflushed == set()
+        # the ASID is free again, and DF_FLUSH may repeat without another WBINVD
+        await expect(h, h.fw.df_flush, OK)
+
+    run(body())
+
+
+def test_decommission_of_a_guest_without_an_asid_leaves_the_indicator(tmp: Path) -> None:
+    """No ASID was bound, so no cache lines carry it: DF_FLUSH stays possible."""
+
+    async def body() -> None:
+        h = make_host(tmp)
+        await _to_state(h, "LAUNCH_ACTIVE")
+        other = h.firmware_page()
+        await h.fw.gctx_create(other)
+        await h.fw.decommission(other)
+        assert h.rmp.wbinvd_indicator
+        await expect(h, h.fw.df_flush, OK)
 
     run(body())
 

@@ -400,6 +400,36 @@ class GetPlatformInfoResponse(_message.Message):
 Global___GetPlatformInfoResponse: _TypeAlias = GetPlatformInfoResponse  # noqa: Y015
 
 @_typing.final
+class WbinvdRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WbinvdRequest: _TypeAlias = WbinvdRequest  # noqa: Y015
+
+@_typing.final
+class WbinvdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WbinvdResponse: _TypeAlias = WbinvdResponse  # noqa: Y015
+
+@_typing.final
 class AllocatePagesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1815,6 +1845,46 @@ class FirmwareWriteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FirmwareWriteResponse: _TypeAlias = FirmwareWriteResponse  # noqa: Y015
+
+@_typing.final
+class FirmwareWbinvdIndicatorRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLEAR_FIELD_NUMBER: _builtins.int
+    clear: _builtins.bool
+    """Clear the indicator after reading it (SNP_DECOMMISSION)."""
+    def __init__(
+        self,
+        *,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear", b"clear"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareWbinvdIndicatorRequest: _TypeAlias = FirmwareWbinvdIndicatorRequest  # noqa: Y015
+
+@_typing.final
+class FirmwareWbinvdIndicatorResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_FIELD_NUMBER: _builtins.int
+    set: _builtins.bool
+    """Every core executed WBINVD since the indicator was last cleared (read before any clear)."""
+    def __init__(
+        self,
+        *,
+        set: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirmwareWbinvdIndicatorResponse: _TypeAlias = FirmwareWbinvdIndicatorResponse  # noqa: Y015
 
 @_typing.final
 class HostSessionRequest(_message.Message):

@@ -40,6 +40,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoResponse.FromString,
                 _registered_method=True)
+        self.Wbinvd = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/Wbinvd',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdResponse.FromString,
+                _registered_method=True)
         self.AllocatePages = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/AllocatePages',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.AllocatePagesRequest.SerializeToString,
@@ -195,6 +200,11 @@ class RmpServiceStub:
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.SerializeToString,
                 response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.FromString,
                 _registered_method=True)
+        self.FirmwareWbinvdIndicator = channel.unary_unary(
+                '/snp.rmp.v1.RmpService/FirmwareWbinvdIndicator',
+                request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorRequest.SerializeToString,
+                response_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorResponse.FromString,
+                _registered_method=True)
         self.GetViolationPolicy = channel.unary_unary(
                 '/snp.rmp.v1.RmpService/GetViolationPolicy',
                 request_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetViolationPolicyRequest.SerializeToString,
@@ -225,6 +235,16 @@ class RmpServiceServicer:
         """What the firmware checks at SNP_INIT: memory size, RMP coverage, IOMMU mode.
         KERNEL: arch/x86/virt/svm/sev.c snp_rmptable_init(); drivers/iommu/amd/init.c
         (SNP requires the IOMMU enabled and not in passthrough mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wbinvd(self, request, context):
+        """WBINVD (0F 09) on every host core: write back and invalidate the caches, which sets the
+        WBINVD indicator SNP_DF_FLUSH checks. Host only. KERNEL: arch/x86/lib/cache-smp.c
+        wbinvd_on_all_cpus(), run before SNP_DF_FLUSH by arch/x86/kvm/svm/sev.c sev_flush_asids()
+        and drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked().
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -480,6 +500,16 @@ class RmpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FirmwareWbinvdIndicator(self, request, context):
+        """The WBINVD indicator as the firmware sees it (set once every core has executed WBINVD since
+        it was last cleared), cleared after reading when asked, as SNP_DECOMMISSION does. Firmware
+        only. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+        indicator causing DF_FLUSH to fail")
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetViolationPolicy(self, request, context):
         """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -518,6 +548,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     servicer.GetPlatformInfo,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoResponse.SerializeToString,
+            ),
+            'Wbinvd': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wbinvd,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdResponse.SerializeToString,
             ),
             'AllocatePages': grpc.unary_unary_rpc_method_handler(
                     servicer.AllocatePages,
@@ -674,6 +709,11 @@ def add_RmpServiceServicer_to_server(servicer, server):
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.FromString,
                     response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.SerializeToString,
             ),
+            'FirmwareWbinvdIndicator': grpc.unary_unary_rpc_method_handler(
+                    servicer.FirmwareWbinvdIndicator,
+                    request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorRequest.FromString,
+                    response_serializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorResponse.SerializeToString,
+            ),
             'GetViolationPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetViolationPolicy,
                     request_deserializer=snp_dot_rmp_dot_v1_dot_rmp__pb2.GetViolationPolicyRequest.FromString,
@@ -723,6 +763,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/GetPlatformInfo',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.GetPlatformInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wbinvd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/Wbinvd',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.WbinvdResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1560,6 +1627,33 @@ class RmpService:
             '/snp.rmp.v1.RmpService/FirmwareSession',
             snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionRequest.SerializeToString,
             snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirmwareWbinvdIndicator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.rmp.v1.RmpService/FirmwareWbinvdIndicator',
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorRequest.SerializeToString,
+            snp_dot_rmp_dot_v1_dot_rmp__pb2.FirmwareWbinvdIndicatorResponse.FromString,
             options,
             channel_credentials,
             insecure,

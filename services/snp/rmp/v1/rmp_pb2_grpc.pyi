@@ -44,6 +44,12 @@ class RmpServiceStub:
     KERNEL: arch/x86/virt/svm/sev.c snp_rmptable_init(); drivers/iommu/amd/init.c
     (SNP requires the IOMMU enabled and not in passthrough mode).
     """
+    Wbinvd: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.WbinvdRequest, _rmp_pb2.WbinvdResponse]
+    """WBINVD (0F 09) on every host core: write back and invalidate the caches, which sets the
+    WBINVD indicator SNP_DF_FLUSH checks. Host only. KERNEL: arch/x86/lib/cache-smp.c
+    wbinvd_on_all_cpus(), run before SNP_DF_FLUSH by arch/x86/kvm/svm/sev.c sev_flush_asids()
+    and drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked().
+    """
     AllocatePages: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.AllocatePagesRequest, _rmp_pb2.AllocatePagesResponse]
     """--- Frame allocator (the host kernel's page allocator) -------------------------------
 
@@ -157,6 +163,12 @@ class RmpServiceStub:
     (guest requests) without a call's set-up cost per access. A failed access answers with an
     error and the session goes on.
     """
+    FirmwareWbinvdIndicator: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWbinvdIndicatorRequest, _rmp_pb2.FirmwareWbinvdIndicatorResponse]
+    """The WBINVD indicator as the firmware sees it (set once every core has executed WBINVD since
+    it was last cleared), cleared after reading when asked, as SNP_DECOMMISSION does. Firmware
+    only. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+    indicator causing DF_FLUSH to fail")
+    """
     GetViolationPolicy: _grpc.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -180,6 +192,12 @@ class RmpServiceAsyncStub(RmpServiceStub):
     """What the firmware checks at SNP_INIT: memory size, RMP coverage, IOMMU mode.
     KERNEL: arch/x86/virt/svm/sev.c snp_rmptable_init(); drivers/iommu/amd/init.c
     (SNP requires the IOMMU enabled and not in passthrough mode).
+    """
+    Wbinvd: _aio.UnaryUnaryMultiCallable[_rmp_pb2.WbinvdRequest, _rmp_pb2.WbinvdResponse]  # type: ignore[assignment]
+    """WBINVD (0F 09) on every host core: write back and invalidate the caches, which sets the
+    WBINVD indicator SNP_DF_FLUSH checks. Host only. KERNEL: arch/x86/lib/cache-smp.c
+    wbinvd_on_all_cpus(), run before SNP_DF_FLUSH by arch/x86/kvm/svm/sev.c sev_flush_asids()
+    and drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked().
     """
     AllocatePages: _aio.UnaryUnaryMultiCallable[_rmp_pb2.AllocatePagesRequest, _rmp_pb2.AllocatePagesResponse]  # type: ignore[assignment]
     """--- Frame allocator (the host kernel's page allocator) -------------------------------
@@ -294,6 +312,12 @@ class RmpServiceAsyncStub(RmpServiceStub):
     (guest requests) without a call's set-up cost per access. A failed access answers with an
     error and the session goes on.
     """
+    FirmwareWbinvdIndicator: _aio.UnaryUnaryMultiCallable[_rmp_pb2.FirmwareWbinvdIndicatorRequest, _rmp_pb2.FirmwareWbinvdIndicatorResponse]  # type: ignore[assignment]
+    """The WBINVD indicator as the firmware sees it (set once every core has executed WBINVD since
+    it was last cleared), cleared after reading when asked, as SNP_DECOMMISSION does. Firmware
+    only. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+    indicator causing DF_FLUSH to fail")
+    """
     GetViolationPolicy: _aio.UnaryUnaryMultiCallable[_rmp_pb2.GetViolationPolicyRequest, _rmp_pb2.GetViolationPolicyResponse]  # type: ignore[assignment]
     """--- RMP-violation policy and the MMU notifier ----------------------------------------------
 
@@ -320,6 +344,18 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         """What the firmware checks at SNP_INIT: memory size, RMP coverage, IOMMU mode.
         KERNEL: arch/x86/virt/svm/sev.c snp_rmptable_init(); drivers/iommu/amd/init.c
         (SNP requires the IOMMU enabled and not in passthrough mode).
+        """
+
+    @_abc_1.abstractmethod
+    def Wbinvd(
+        self,
+        request: _rmp_pb2.WbinvdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.WbinvdResponse, _abc.Awaitable[_rmp_pb2.WbinvdResponse]]:
+        """WBINVD (0F 09) on every host core: write back and invalidate the caches, which sets the
+        WBINVD indicator SNP_DF_FLUSH checks. Host only. KERNEL: arch/x86/lib/cache-smp.c
+        wbinvd_on_all_cpus(), run before SNP_DF_FLUSH by arch/x86/kvm/svm/sev.c sev_flush_asids()
+        and drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked().
         """
 
     @_abc_1.abstractmethod
@@ -619,6 +655,18 @@ class RmpServiceServicer(metaclass=_abc_1.ABCMeta):
         """FirmwareRead and FirmwareWrite on one stream, answered in order: the firmware's hot path
         (guest requests) without a call's set-up cost per access. A failed access answers with an
         error and the session goes on.
+        """
+
+    @_abc_1.abstractmethod
+    def FirmwareWbinvdIndicator(
+        self,
+        request: _rmp_pb2.FirmwareWbinvdIndicatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rmp_pb2.FirmwareWbinvdIndicatorResponse, _abc.Awaitable[_rmp_pb2.FirmwareWbinvdIndicatorResponse]]:
+        """The WBINVD indicator as the firmware sees it (set once every core has executed WBINVD since
+        it was last cleared), cleared after reading when asked, as SNP_DECOMMISSION does. Firmware
+        only. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
+        indicator causing DF_FLUSH to fail")
         """
 
     @_abc_1.abstractmethod
