@@ -573,10 +573,10 @@ class Kvm:
             )
         for i in range(0, len(free), 65536):
             await self.rmp.call("FreePages", rmp_pb2.FreePagesRequest(pfns=free[i : i + 65536]))
-        # wbinvd_on_all_cpus(), then SNP_DF_FLUSH, with no DECOMMISSION in between.
-        # KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(). UNVERIFIED: KVM flushes lazily,
-        # when sev_asid_new() finds no free ASID (__sev_recycle_asids()) and at module unload
-        # (sev_hardware_unsetup()); kvm here flushes at every VM destroy.
+        # wbinvd_on_all_cpus(), then SNP_DF_FLUSH, with no DECOMMISSION in between. KERNEL:
+        # arch/x86/kvm/svm/sev.c sev_flush_asids(). UNVERIFIED(flush-every-destroy): KVM flushes
+        # lazily, when sev_asid_new() finds no free ASID (__sev_recycle_asids()) and at module
+        # unload (sev_hardware_unsetup()); kvm here flushes at every VM destroy.
         async with self.deactivate_lock:
             await self.rmp.call("Wbinvd", rmp_pb2.WbinvdRequest())
             await self.psp.call("SnpDfFlush", psp_pb2.SnpDfFlushRequest())

@@ -222,11 +222,11 @@ class Firmware:
     async def df_flush(self) -> None:
         self._need_snp()
         # DF_FLUSH needs every core to have executed WBINVD since the last DEACTIVATE (SNP:
-        # SNP_DECOMMISSION), else WBINVD_REQUIRED; the host therefore runs WBINVD on all CPUs
-        # right before it. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will
-        # clear the WBINVD indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c
-        # __sev_snp_init_locked(). UNVERIFIED: taken from the kernel, not from the SNP ABI
-        # spec's SNP_DF_FLUSH section, which was not at hand.
+        # SNP_DECOMMISSION), else WBINVD_REQUIRED; the host therefore runs WBINVD on all CPUs right
+        # before it. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the
+        # WBINVD indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c
+        # __sev_snp_init_locked(). UNVERIFIED(df-flush-wbinvd): taken from the kernel, not from the
+        # SNP ABI spec's SNP_DF_FLUSH section, which was not at hand.
         if not await self.rmp.wbinvd_indicator():
             raise fail(
                 SevStatus.WBINVD_REQUIRED,

@@ -212,13 +212,13 @@ class RmpMachine:
     def wbinvd(self) -> None:
         """WBINVD on every core, as wbinvd_on_all_cpus() runs it: sets the WBINVD indicator.
 
-        The model's memory has no caches to write back; what it keeps is the indicator the
-        firmware checks. DEACTIVATE (SNP: SNP_DECOMMISSION) clears it and SNP_DF_FLUSH needs it
-        set, which is why the kernel runs wbinvd_on_all_cpus() right before every DF_FLUSH.
-        KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD
-        indicator causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
-        UNVERIFIED: one indicator for the whole host (on hardware each core executes WBINVD; a
-        host op here stands for all of them, as wbinvd_on_all_cpus() does).
+        The model's memory has no caches to write back; what it keeps is the indicator the firmware
+        checks. DEACTIVATE (SNP: SNP_DECOMMISSION) clears it and SNP_DF_FLUSH needs it set, which is
+        why the kernel runs wbinvd_on_all_cpus() right before every DF_FLUSH. KERNEL:
+        arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE will clear the WBINVD indicator
+        causing DF_FLUSH to fail"); drivers/crypto/ccp/sev-dev.c __sev_snp_init_locked()
+        UNVERIFIED(wbinvd-one-indicator): one indicator for the whole host (on hardware each core
+        executes WBINVD; a host op here stands for all of them, as wbinvd_on_all_cpus() does).
         """
         self.check_alive()
         self.wbinvd_indicator = True

@@ -55,12 +55,12 @@ STEPPING_MASK = 0xF  # CPUID(1).EAX bits 3:0. SPEC: AMD CPUID Specification #254
 def vcpu_signature(vcpu_type: str, host_signature: int | None = None) -> int:
     """CPUID(1).EAX of a vCPU: what kvm answers for CPUID leaf 1 and the VMSA's RDX at reset.
 
-    QEMU's model signature; a model of the host's own family and model takes the host's
-    stepping, so the guest sees the stepping the VCEK's productName names (Milan-B0: stepping
-    0). With the default host (Milan-B1) every model keeps QEMU's signature, which is what
-    sev-snp-measure --vcpu-type predicts. UNVERIFIED: QEMU's named models fix the stepping
-    (target/i386/cpu.c builtin_x86_defs, EPYC-Milan: 1) whatever the host's; snpemu follows
-    the host's, as `-cpu host` would.
+    QEMU's model signature; a model of the host's own family and model takes the host's stepping, so
+    the guest sees the stepping the VCEK's productName names (Milan-B0: stepping 0). With the
+    default host (Milan-B1) every model keeps QEMU's signature, which is what sev-snp-measure
+    --vcpu-type predicts. UNVERIFIED(vcpu-host-stepping): QEMU's named models fix the stepping
+    (target/i386/cpu.c builtin_x86_defs, EPYC-Milan: 1) whatever the host's; snpemu follows the
+    host's, as `-cpu host` would.
     """
     sig = VCPU_SIGNATURES[vcpu_type]
     if host_signature is not None and sig & ~STEPPING_MASK == host_signature & ~STEPPING_MASK:
