@@ -351,7 +351,8 @@ class Exits:
             fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
             if fast is not None:
                 # every page a 4K entry: the batch goes with the GHCB write (ExitState)
-                state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
+                if fast.entries:  # none when every entry is an operation KVM only completes
+                    state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
                 for op, n in (("private", fast.private), ("shared", fast.shared)):
                     if n:
                         state.psc_pages[(op, "4k")] += n
@@ -369,9 +370,15 @@ class Exits:
         return ExitResult(0, result), {}, buf
 
     async def apply_psc(self, vm: Vm, desc: psc.Descriptor, state: ExitState) -> int:
-        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor."""
+        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor.
+
+        KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc()."""
         if not psc.check_header(desc):
             return psc.PSC_ERROR_INVALID_HDR
+        if desc.cur_entry > desc.end_entry:
+            # KERNEL: snp_begin_psc(): the scan loop does not run (`idx > idx_end`) and
+            # snp_complete_psc(svm, 0) answers without writing the buffer
+            return 0
         last = min(desc.end_entry, len(desc.entries) - 1)
         first = desc.cur_entry
         work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
@@ -382,8 +389,10 @@ class Exits:
                 return await self._run_psc(
                     vm, desc, work, (first, idx), psc.PSC_ERROR_INVALID_ENTRY, state
                 )
-            if e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
-                continue  # KVM marks these complete without acting
+            if e.op not in psc.STATE_CHANGES:
+                # KERNEL: snp_begin_psc() `default:` (PSMASH, UNSMASH and every undefined
+                # operation): __snp_complete_one_psc() marks the range complete without acting
+                continue
             gpa = e.gfn << 12
             if e.size_2m and e.cur_page == 0:
                 spa2m = vm.memslots.contiguous_2m(gpa)
@@ -454,7 +463,7 @@ class Exits:
             state.psc_pages[("private" if priv else "shared", "4k")] += 1
         for idx in range(first, bound):
             e = desc.entries[idx]
-            if idx in done_entries or e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
+            if idx in done_entries or e.op not in psc.STATE_CHANGES:
                 e.cur_page = e.npages
         return result
 
