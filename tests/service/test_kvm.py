@@ -17,6 +17,7 @@ from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.psp import report as rpt
@@ -648,6 +649,145 @@ def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> Non
                 x.set(k, v)
             r, _ = await guest.vmgexit(x)
             assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_MISSING_INPUT)
+
+    run(body())
+
+
+# KERNEL: arch/x86/include/asm/svm.h GHCB_HV_RESP_MALFORMED_INPUT (sw_exit_info_1 of
+# svm_vmgexit_bad_input()); arch/x86/include/asm/sev-common.h GHCB_ERR_MISSING_INPUT,
+# GHCB_ERR_INVALID_INPUT
+GHCB_HV_RESP_MALFORMED_INPUT, GHCB_ERR_MISSING_INPUT, GHCB_ERR_INVALID_INPUT = 2, 4, 5
+# KERNEL: arch/x86/include/asm/sev.h enum msg_type
+SNP_MSG_KEY_REQ, SNP_MSG_KEY_RSP, SNP_MSG_REPORT_REQ = 3, 4, 5
+# KERNEL: include/uapi/linux/sev-guest.h (exitinfo2 bits 63:32)
+SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY = 1, 2
+REQ_GPA, RES_GPA = 0x120000, 0x121000
+
+
+async def ext_guest_request(  # type: ignore[no-untyped-def]
+    guest, payload: bytes, msg_type: int, seqno: int, **regs: int
+) -> tuple[kvm_pb2.VmgexitResponse, bytes]:
+    """An SNP Extended Guest Request with only the registers in `regs` marked valid; returns
+    the exit's answer and the guest's response page."""
+    if not guest.vmpck0:
+        guest.vmpck0 = (await guest.secrets())[0x20:0x40]
+    hdr = gm.Header(seqno=seqno, msg_type=msg_type, msg_version=1, msg_sz=len(payload), vmpck=0)
+    await guest.write(REQ_GPA, gm.seal(guest.vmpck0, hdr, payload), private=False)
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_EXT_GUEST_REQUEST)
+    x.set("sw_exit_info_1", REQ_GPA)
+    x.set("sw_exit_info_2", RES_GPA)
+    for reg, value in regs.items():
+        x.set(reg, value)
+    r, _ = await guest.vmgexit(x)
+    return r, bytes((await guest.read(RES_GPA, 4096, private=False)).data)
+
+
+def firmware_requests(s) -> float:  # type: ignore[no-untyped-def]
+    return sum(
+        s.runtimes["psp"].registry.get_sample_value(
+            "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": status}
+        )
+        or 0.0
+        for status in ("SUCCESS", "INVALID_PARAM")
+    )
+
+
+def test_ext_guest_request_of_another_message_type_is_a_plain_request(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_ext_guest_req(): MSG_TYPE is read first, and
+    only an SNP_MSG_REPORT_REQ looks at RAX/RBX; any other message goes to
+    snp_handle_guest_req() as it is, RAX/RBX neither required nor read."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            key_req = bytes(0x28)  # MSG_KEY_REQ: root key select 0 (VCEK), no fields, VMPL 0
+            for regs in ({}, {"rax": 0x123, "rbx": 0}):  # not valid / valid but not usable
+                r, page = await ext_guest_request(
+                    guest, key_req, SNP_MSG_KEY_REQ, guest.seqno, **regs
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (0, 0), regs
+                rh = gm.parse_header(page)
+                assert (rh.seqno, rh.msg_type) == (guest.seqno + 1, SNP_MSG_KEY_RSP)
+                reply = gm.open_payload(guest.vmpck0, rh, page)
+                assert struct.unpack_from("<I", reply)[0] == 0 and len(reply[32:64]) == 32
+                guest.seqno += 2
+
+    run(body())
+
+
+def test_ext_report_request_without_rax_or_rbx_is_invalid_input(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_ext_guest_req(): for SNP_MSG_REPORT_REQ,
+    `!kvm_ghcb_rax_is_valid(svm) || !kvm_ghcb_rbx_is_valid(svm)` (and RAX not page-aligned)
+    goes to request_invalid: svm_vmgexit_bad_input(svm, GHCB_ERR_INVALID_INPUT), before the
+    firmware is asked; the guest's message is still unused afterwards."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            before = firmware_requests(s)
+            for regs in ({"rbx": 1}, {"rax": 0x140000}, {}, {"rax": 0x140008, "rbx": 1}):
+                r, _ = await ext_guest_request(
+                    guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, **regs
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                    GHCB_HV_RESP_MALFORMED_INPUT,
+                    GHCB_ERR_INVALID_INPUT,
+                ), regs
+            # certificate pages running past guest memory: refused before any page is written
+            r, back, _ = await guest.guest_request(report_req(), ext_pages=0, seqno=guest.seqno)
+            need = back.get("rbx")
+            assert need >= 2  # VCEK, ASK and ARK take more than one page
+            certs_gpa = (64 << 20) - (need - 1) * 4096  # the last page is outside the memslot
+            await guest.write(certs_gpa, b"\x5a" * 4096, private=False)
+            r, _ = await ext_guest_request(
+                guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, rax=certs_gpa, rbx=need
+            )
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                GHCB_HV_RESP_MALFORMED_INPUT,
+                GHCB_ERR_INVALID_INPUT,
+            )
+            assert (await guest.read(certs_gpa, 4096, private=False)).data == b"\x5a" * 4096
+            assert firmware_requests(s) == before
+            # the same sequence number still works: nothing reached the firmware
+            r, _, payload = await guest.guest_request(report_req(), ext_pages=4)
+            assert r.sw_exit_info_2 == 0 and payload is not None
+
+    run(body())
+
+
+def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
+    """The throttle patch ("kvm: sev: Add SNP guest request throttling") checks __ratelimit()
+    in snp_handle_guest_req() after mutex_lock(); KERNEL: arch/x86/kvm/svm/sev.c
+    snp_handle_ext_guest_req() runs its RAX/RBX checks before calling it. So a throttled
+    extended report request without RAX still answers GHCB_ERR_INVALID_INPUT, and one whose
+    certificate buffer is too small still answers INVALID_LEN, not BUSY."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            await s.kvm.SetGuestRequestThrottle(
+                kvm_pb2.SetGuestRequestThrottleRequest(
+                    vm=guest.vm, throttle=kvm_pb2.GuestRequestThrottle(interval_ms=10000, burst=1)
+                ),
+                metadata=HOST,
+            )
+            r, _, _ = await guest.guest_request(report_req())
+            assert r.sw_exit_info_2 == 0  # the one request of this interval
+            r, _ = await ext_guest_request(
+                guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, rbx=4
+            )
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                GHCB_HV_RESP_MALFORMED_INPUT,
+                GHCB_ERR_INVALID_INPUT,
+            )
+            r, back, _ = await guest.guest_request(report_req(), ext_pages=0, seqno=guest.seqno)
+            assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_INVALID_LEN << 32 and back.get("rbx") >= 1
+            r, _, _ = await guest.guest_request(report_req(), ext_pages=4, seqno=guest.seqno)
+            assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_BUSY << 32
 
     run(body())
 

@@ -21,6 +21,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc, rmp_batch
 from snpemu.errors import InvalidArgument, PermissionDenied, Unavailable, WrongState
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 VMM_ERR_INVALID_LEN = 1
 VMM_ERR_BUSY = 2
 VMM_ERR_GENERIC = 1 << 31
+MSG_TYPE_OFFSET = 0x34  # KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr msg_type
+REQUEST_KINDS: dict[int, str] = {gm.MsgType.REPORT_REQ: "report", gm.MsgType.KEY_REQ: "key"}
 PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
 AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY = 0, 1, 2
 # Reason recorded when kvm terminates a guest on rmp's request (convert-kill). Not a GHCB code:
@@ -472,41 +475,55 @@ class Exits:
     async def _guest_request(
         self, vm: Vm, ghcb: g.Ghcb, code: int, req_gpa: int, res_gpa: int, state: ExitState
     ) -> tuple[ExitResult, dict[str, int], None]:
+        """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(), snp_handle_ext_guest_req()."""
         if req_gpa % PAGE or res_gpa % PAGE or req_gpa == res_gpa:
             return self._malformed(g.ERR_MISSING_INPUT)
         req_spa, res_spa = self._spa(vm, req_gpa), self._spa(vm, res_gpa)
         if req_spa is None or res_spa is None:
             return self._malformed(g.ERR_INVALID_INPUT)
         ext = code == g.EXIT_EXT_GUEST_REQUEST
-        if ext and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
-            return self._malformed(g.ERR_MISSING_INPUT)
         lock = self.request_locks.setdefault(vm.vm_id, asyncio.Lock())
         # one request in flight per VM, as KVM's mutex; held until the response is copied
         await state.held.enter_async_context(lock)
         started = time.perf_counter()
-        # the request goes straight into the firmware's bounce page; kvm looks only at
-        # the header (MSG_TYPE at 0x34) for its counters
+        # the request goes straight into the firmware's bounce page; kvm looks only at the
+        # header's MSG_TYPE (struct snp_guest_msg_hdr msg_type, offset 0x34), the same byte
+        # snp_handle_ext_guest_req() reads from the guest's page before taking the mutex
         header = await self._host_copy(req_spa, vm.bounce_req, peek=0x40)
-        kind = {5: "report", 3: "key"}.get(header[0x34], "other")
+        msg_type = header[MSG_TYPE_OFFSET]
+        kind = REQUEST_KINDS.get(msg_type, "other")
+        # KERNEL: snp_handle_ext_guest_req(): only an SNP_MSG_REPORT_REQ takes RAX/RBX (the
+        # certificate pages); without both valid, or with RAX not page-aligned, it answers
+        # GHCB_ERR_INVALID_INPUT. Any other message goes on as a plain request, RAX/RBX unread.
+        certs = ext and msg_type == gm.MsgType.REPORT_REQ
+        if certs and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
+            return self._malformed(g.ERR_INVALID_INPUT)
+        if certs and ghcb.get("rax") % PAGE:
+            return self._malformed(g.ERR_INVALID_INPUT)
         regs: dict[str, int] = {}
+        if certs:
+            # UNVERIFIED: mainline snp_handle_ext_guest_req() only clears the 24-byte table
+            # terminator at RAX when RBX is not 0 (an empty certificate table; a failed write is
+            # -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and
+            # answers VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
+            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
+            blob = self.kvm.certs_blob or bytes(24)
+            need = -(-len(blob) // PAGE)
+            if npages < need:
+                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
+                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
+            spas = [self._spa(vm, certs_gpa + i * PAGE) for i in range(need)]
+            if None in spas:
+                return self._malformed(g.ERR_INVALID_INPUT)  # before any page is written
+            for i, spa in enumerate(spas):
+                assert spa is not None  # INVARIANT: checked above
+                await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
+        # the throttle patch checks __ratelimit() in snp_handle_guest_req(), after the mutex,
+        # so after snp_handle_ext_guest_req()'s checks and its certificate-page write
         if not vm.throttle.allow():
             self.kvm.counters.throttled += 1
             self.kvm.counters.guest_requests[(kind, "busy")] += 1
             return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
-        if ext and kind == "report":
-            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
-            blob = self.kvm.certs_blob or bytes(24)
-            need = -(-len(blob) // PAGE)
-            if certs_gpa % PAGE:
-                return self._malformed(g.ERR_INVALID_INPUT)
-            if npages < need:
-                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
-                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
-            for i in range(need):
-                spa = self._spa(vm, certs_gpa + i * PAGE)
-                if spa is None:
-                    return self._malformed(g.ERR_INVALID_INPUT)
-                await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
         try:
             await self.kvm.psp.call(
                 "GuestRequest",
