@@ -659,6 +659,8 @@ def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> Non
 GHCB_HV_RESP_MALFORMED_INPUT, GHCB_ERR_MISSING_INPUT, GHCB_ERR_INVALID_INPUT = 2, 4, 5
 # KERNEL: arch/x86/include/asm/sev.h enum msg_type
 SNP_MSG_KEY_REQ, SNP_MSG_KEY_RSP, SNP_MSG_REPORT_REQ = 3, 4, 5
+# KERNEL: include/uapi/linux/psp-sev.h sev_ret_code
+SEV_RET_INVALID_PARAM = 0x16
 # KERNEL: include/uapi/linux/sev-guest.h (exitinfo2 bits 63:32)
 SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY = 1, 2
 REQ_GPA, RES_GPA = 0x120000, 0x121000
@@ -788,6 +790,38 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
             assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_INVALID_LEN << 32 and back.get("rbx") >= 1
             r, _, _ = await guest.guest_request(report_req(), ext_pages=4, seqno=guest.seqno)
             assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_BUSY << 32
+
+    run(body())
+
+
+def test_a_firmware_error_still_copies_the_response_page(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(): when SNP_GUEST_REQUEST fails
+    with a firmware error, kvm_write_guest() of the response bounce page still runs, then
+    svm_vmgexit_no_action(svm, SNP_GUEST_ERR(0, fw_err)): the guest sees the bounce page's
+    bytes and exitinfo2 = fw_err."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            bounce = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id].bounce_res  # type: ignore[union-attr]
+            r, _, _ = await guest.guest_request(report_req(b"A" * 64))
+            assert r.sw_exit_info_2 == 0
+            for ext_pages in (None, 4):  # a plain and an extended request
+                scribble = bytes([0xA5]) * 4096
+                await guest.write(RES_GPA, scribble, private=False)
+                # a sequence number the firmware rejects (SEV_RET_INVALID_PARAM)
+                r, _, _ = await guest.guest_request(
+                    report_req(), seqno=guest.seqno + 2, ext_pages=ext_pages
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (0, SEV_RET_INVALID_PARAM)
+                firmware = (
+                    await s.rmp.HostRead(
+                        rmp_pb2.HostReadRequest(spa=bounce, length=4096), metadata=HOST
+                    )
+                ).data
+                got = (await guest.read(RES_GPA, 4096, private=False)).data
+                assert firmware != scribble and got == firmware, ext_pages
 
     run(body())
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 VMM_ERR_INVALID_LEN = 1
 VMM_ERR_BUSY = 2
 VMM_ERR_GENERIC = 1 << 31
+SNP_GUEST_FW_ERR_MASK = (1 << 32) - 1
 MSG_TYPE_OFFSET = 0x34  # KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr msg_type
 REQUEST_KINDS: dict[int, str] = {gm.MsgType.REPORT_REQ: "report", gm.MsgType.KEY_REQ: "key"}
 PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
@@ -535,7 +536,16 @@ class Exits:
             )
         except PeerError as e:
             self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
-            return ExitResult(0, e.fw_status or VMM_ERR_GENERIC << 32), regs, None
+            if not e.fw_status:
+                # UNVERIFIED: snp_handle_guest_req() returns a failure without a firmware status
+                # to userspace (KVM_RUN fails); snpemu answers the guest VMM_ERR_GENERIC
+                return ExitResult(0, VMM_ERR_GENERIC << 32), regs, None
+            # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
+            # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
+            state.tail.append(
+                rmp_pb2.HostSessionRequest(copy=self._kernel_copy(vm.bounce_res, res_spa))
+            )
+            return ExitResult(0, e.fw_status & SNP_GUEST_FW_ERR_MASK), regs, None
         except Unavailable:
             # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
             self.kvm.counters.guest_requests[(kind, "busy")] += 1
