@@ -519,8 +519,9 @@ class Exits:
             for i, spa in enumerate(spas):
                 assert spa is not None  # INVARIANT: checked above
                 await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
-        # the throttle patch checks __ratelimit() in snp_handle_guest_req(), after the mutex,
-        # so after snp_handle_ext_guest_req()'s checks and its certificate-page write
+        # Not mainline: "kvm: sev: Add SNP guest request throttling" v5 (throttle.py) checks
+        # __ratelimit() in snp_handle_guest_req() right after mutex_lock(), i.e. after
+        # snp_handle_ext_guest_req()'s checks and its certificate-page write.
         if not vm.throttle.allow():
             self.kvm.counters.throttled += 1
             self.kvm.counters.guest_requests[(kind, "busy")] += 1
