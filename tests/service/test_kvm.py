@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 from snpemu import kvm as kvm_service
 from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.psp import report as rpt
@@ -300,7 +303,7 @@ def test_page_state_change(tmp_path: Path) -> None:
             )
             assert result == psc.PSC_ERROR_INVALID_ENTRY and desc.cur_entry == 1
             assert desc.entries[0].cur_page == 1  # the entry before the bad one was done
-            result, _ = await psc_exit(guest, [entry(base, 5)])
+            result, _ = await psc_exit(guest, [entry(base, 1, cur_page=2)])  # cur_page > npages
             assert result == psc.PSC_ERROR_INVALID_ENTRY
             result, _ = await psc_exit(guest, [entry(0x80000, 1)])  # outside memory
             assert result == psc.PSC_ERROR_GENERIC
@@ -365,6 +368,197 @@ def test_page_state_change(tmp_path: Path) -> None:
                 )
                 == 2
             )
+
+    run(body())
+
+
+# KERNEL: arch/x86/include/asm/sev-common.h
+# VMGEXIT_PSC_ERROR_INVALID_ENTRY, VMGEXIT_PSC_ERROR_INVALID_HDR
+PSC_INVALID_ENTRY, PSC_INVALID_HDR = (1 << 32) | 2, (1 << 32) | 1
+
+
+def raw_entry(cur_page: int, gfn: int, op: int, size_2m: bool = False, reserved: int = 0) -> int:
+    """KERNEL: arch/x86/include/asm/sev-common.h struct psc_entry: cur_page 12, gfn 40,
+    operation 4, pagesize 1, reserved 7 bits, from bit 0 up."""
+    return cur_page | gfn << 12 | op << 52 | int(size_2m) << 56 | reserved << 57
+
+
+def raw_descriptor(cur: int, end: int, entries: list[int], reserved: int = 0) -> bytes:
+    """KERNEL: struct psc_hdr {u16 cur_entry; u16 end_entry; u32 reserved}, then the entries."""
+    buf = bytearray(g.SHARED_BUFFER_SIZE)
+    struct.pack_into(f"<HHI{len(entries)}Q", buf, 0, cur, end, reserved, *entries)
+    return bytes(buf)
+
+
+async def psc_raw(guest, shared: bytes) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_PSC)
+    x.set("sw_exit_info_1", 0)
+    x.set("sw_exit_info_2", 0)
+    x.set("sw_scratch", guest.ghcb_gpa + g.SHARED_BUFFER)
+    x.shared = bytearray(shared)
+    r, back = await guest.vmgexit(x)
+    assert r.sw_exit_info_1 == 0  # KERNEL: snp_complete_psc(): always svm_vmgexit_no_action()
+    return r.sw_exit_info_2, bytes(back.shared)
+
+
+def entries_of(shared: bytes, n: int) -> list[int]:
+    return list(struct.unpack_from(f"<{n}Q", shared, 8))
+
+
+@contextlib.asynccontextmanager
+async def psc_guest(tmp_path: Path) -> AsyncIterator[tuple[Any, Callable[[int], Awaitable[bool]]]]:
+    """A launched guest with its GHCB registered, and whether a GFN's page is assigned."""
+    async with host_stack(tmp_path) as s:
+        guest = await s.launch(memory=128 << 20)
+        await guest.register_ghcb()
+        vm = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id]  # type: ignore[union-attr]
+
+        async def assigned(gfn: int) -> bool:
+            pfn = vm.memslots.translate(gfn << 12) >> 12
+            r = await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=pfn), metadata=HOST)
+            return bool(r.entry.assigned)
+
+        yield guest, assigned
+
+
+PSC_BASE = 0x1000  # gfn 0x1000 = 16 MiB, above what the firmware uses
+
+
+def test_psc_an_unknown_operation_is_completed_and_skipped(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() `default:` -> __snp_complete_one_psc():
+    an entry whose operation is not PRIVATE/SHARED (PSMASH, UNSMASH, 0, 5..15) gets
+    cur_page = npages without a page state change, and the request answers 0."""
+
+    async def body() -> None:
+        async with psc_guest(tmp_path) as (guest, assigned):
+            base = PSC_BASE
+            # 4K entries at cur_page 0: the array-planned path
+            ents = [
+                raw_entry(0, base, 1),
+                raw_entry(0, base + 1, 0),
+                raw_entry(0, base + 2, 5),
+                raw_entry(0, base + 3, 15),
+                raw_entry(0, base + 4, 3),
+                raw_entry(0, base + 5, 1),
+                raw_entry(0, base + 5, 2),
+            ]
+            result, back = await psc_raw(guest, raw_descriptor(0, 6, ents))
+            assert result == 0
+            assert struct.unpack_from("<HH", back) == (7, 6)
+            assert entries_of(back, 7) == [e | 1 for e in ents]  # cur_page 1, the rest as written
+            assert (await guest.pvalidate(base << 12)).result == rmp_pb2.RMP_RESULT_SUCCESS
+            assert [await assigned(base + i) for i in range(1, 6)] == [False] * 5
+            # the entry-by-entry loop (2M entries in the descriptor)
+            ents = [
+                raw_entry(0, 0x2000, 9, True),  # unknown 2M: completed, nothing changed
+                raw_entry(100, 0x2200, 4, True),  # UNSMASH partly done: completed to 512
+                raw_entry(0, base + 8, 7),
+                raw_entry(0, base + 9, 1),
+            ]
+            result, back = await psc_raw(guest, raw_descriptor(0, 3, ents))
+            assert result == 0
+            assert struct.unpack_from("<HH", back) == (4, 3)
+            assert entries_of(back, 4) == [
+                ents[0] | 512,
+                ents[1] - 100 + 512,
+                *(e | 1 for e in ents[2:]),
+            ]
+            assert [await assigned(gfn) for gfn in (0x2000, 0x2200, base + 8, base + 9)] == [
+                False,
+                False,
+                False,
+                True,
+            ]
+
+    run(body())
+
+
+def test_psc_reserved_bits_are_never_read(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() reads cur_page, gfn, operation and
+    pagesize of struct psc_entry (arch/x86/include/asm/sev-common.h) and never the reserved
+    bits 63:57, nor psc_hdr.reserved; they go back as the guest wrote them."""
+
+    async def body() -> None:
+        async with psc_guest(tmp_path) as (guest, assigned):
+            base = PSC_BASE
+            for ents in (
+                # planned (4K only) and looped (a 2M entry)
+                [raw_entry(0, base, 1, reserved=0x7F), raw_entry(0, base + 1, 2, reserved=1)],
+                [
+                    raw_entry(0, 0x2400, 1, True, reserved=0x55),
+                    raw_entry(0, base + 2, 1, reserved=0x40),
+                ],
+            ):
+                sent = raw_descriptor(0, 1, ents, reserved=0xDEADBEEF)
+                result, back = await psc_raw(guest, sent)
+                assert result == 0
+                assert struct.unpack_from("<HHI", back) == (2, 1, 0xDEADBEEF)
+                assert entries_of(back, 2) == [e | (512 if e >> 56 & 1 else 1) for e in ents]
+            assert [await assigned(gfn) for gfn in (base, base + 1, 0x2400, base + 2)] == [
+                True,
+                False,
+                True,
+                True,
+            ]
+
+    run(body())
+
+
+def test_psc_invalid_entry_is_cur_page_beyond_npages_or_an_unaligned_2m_gfn(
+    tmp_path: Path,
+) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): `entry_start.cur_page > npages ||
+    !IS_ALIGNED(gfn, npages)` is VMGEXIT_PSC_ERROR_INVALID_ENTRY whatever the operation, with
+    hdr->cur_entry at that entry; the entries before it were processed (an unknown operation and
+    reserved bits are not errors), those after it are left as written. cur_page == npages is a
+    completed entry, skipped."""
+
+    async def body() -> None:
+        async with psc_guest(tmp_path) as (guest, assigned):
+            base = PSC_BASE
+            for bad in (
+                raw_entry(2, base + 1, 1),
+                raw_entry(513, 0x2800, 1, True),
+                raw_entry(0, 0x2801, 1, True),
+                raw_entry(0, 0x2801, 7, True),
+            ):
+                ents = [raw_entry(0, base, 0xB, reserved=0x40), bad, raw_entry(0, base + 2, 1)]
+                result, back = await psc_raw(guest, raw_descriptor(0, 2, ents))
+                assert result == PSC_INVALID_ENTRY, hex(bad)
+                assert struct.unpack_from("<HH", back) == (1, 2)
+                assert entries_of(back, 3) == [ents[0] | 1, bad, ents[2]]
+                assert not await assigned(base + 2)
+            # cur_page == npages: already done, skipped
+            ents = [raw_entry(512, 0x2600, 1, True), raw_entry(1, base + 3, 1)]
+            result, back = await psc_raw(guest, raw_descriptor(0, 1, ents))
+            assert result == 0 and entries_of(back, 2) == ents
+            assert not await assigned(0x2600) and not await assigned(base + 3)
+
+    run(body())
+
+
+def test_psc_cur_entry_beyond_end_entry_answers_0_and_leaves_the_buffer(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): with idx_start > idx_end the scan loop
+    does not run, `idx > idx_end` calls snp_complete_psc(svm, 0): nothing is written back (the
+    header byte for byte as the guest wrote it). end_entry >= VMGEXIT_PSC_MAX_COUNT (253) is
+    checked first and stays INVALID_HDR."""
+
+    async def body() -> None:
+        async with psc_guest(tmp_path) as (guest, assigned):
+            base = PSC_BASE
+            ents = [
+                raw_entry(0, base, 1),
+                raw_entry(5, base + 1, 1),
+                raw_entry(0, 0x2A01, 1, True),
+            ]
+            for cur, end in ((3, 2), (252, 0), (2, 1)):
+                sent = raw_descriptor(cur, end, ents, reserved=0x12345678)
+                result, back = await psc_raw(guest, sent)
+                assert result == 0 and back == sent, (cur, end)
+            assert not await assigned(base)
+            result, _ = await psc_raw(guest, raw_descriptor(300, 253, ents))
+            assert result == PSC_INVALID_HDR
 
     run(body())
 
@@ -502,6 +696,179 @@ def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> Non
                 x.set(k, v)
             r, _ = await guest.vmgexit(x)
             assert (r.sw_exit_info_1, r.sw_exit_info_2) == (2, g.ERR_MISSING_INPUT)
+
+    run(body())
+
+
+# KERNEL: arch/x86/include/asm/svm.h GHCB_HV_RESP_MALFORMED_INPUT (sw_exit_info_1 of
+# svm_vmgexit_bad_input()); arch/x86/include/asm/sev-common.h GHCB_ERR_MISSING_INPUT,
+# GHCB_ERR_INVALID_INPUT
+GHCB_HV_RESP_MALFORMED_INPUT, GHCB_ERR_MISSING_INPUT, GHCB_ERR_INVALID_INPUT = 2, 4, 5
+# KERNEL: arch/x86/include/asm/sev.h enum msg_type
+SNP_MSG_KEY_REQ, SNP_MSG_KEY_RSP, SNP_MSG_REPORT_REQ = 3, 4, 5
+# KERNEL: include/uapi/linux/psp-sev.h sev_ret_code
+SEV_RET_INVALID_PARAM = 0x16
+# KERNEL: include/uapi/linux/sev-guest.h (exitinfo2 bits 63:32)
+SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY = 1, 2
+REQ_GPA, RES_GPA = 0x120000, 0x121000
+
+
+async def ext_guest_request(  # type: ignore[no-untyped-def]
+    guest, payload: bytes, msg_type: int, seqno: int, **regs: int
+) -> tuple[kvm_pb2.VmgexitResponse, bytes]:
+    """An SNP Extended Guest Request with only the registers in `regs` marked valid; returns
+    the exit's answer and the guest's response page."""
+    if not guest.vmpck0:
+        guest.vmpck0 = (await guest.secrets())[0x20:0x40]
+    hdr = gm.Header(seqno=seqno, msg_type=msg_type, msg_version=1, msg_sz=len(payload), vmpck=0)
+    await guest.write(REQ_GPA, gm.seal(guest.vmpck0, hdr, payload), private=False)
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_EXT_GUEST_REQUEST)
+    x.set("sw_exit_info_1", REQ_GPA)
+    x.set("sw_exit_info_2", RES_GPA)
+    for reg, value in regs.items():
+        x.set(reg, value)
+    r, _ = await guest.vmgexit(x)
+    return r, bytes((await guest.read(RES_GPA, 4096, private=False)).data)
+
+
+def firmware_requests(s) -> float:  # type: ignore[no-untyped-def]
+    return sum(
+        s.runtimes["psp"].registry.get_sample_value(
+            "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": status}
+        )
+        or 0.0
+        for status in ("SUCCESS", "INVALID_PARAM")
+    )
+
+
+def test_ext_guest_request_of_another_message_type_is_a_plain_request(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_ext_guest_req(): MSG_TYPE is read first, and
+    only an SNP_MSG_REPORT_REQ looks at RAX/RBX; any other message goes to
+    snp_handle_guest_req() as it is, RAX/RBX neither required nor read."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            key_req = bytes(0x28)  # MSG_KEY_REQ: root key select 0 (VCEK), no fields, VMPL 0
+            for regs in ({}, {"rax": 0x123, "rbx": 0}):  # not valid / valid but not usable
+                r, page = await ext_guest_request(
+                    guest, key_req, SNP_MSG_KEY_REQ, guest.seqno, **regs
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (0, 0), regs
+                rh = gm.parse_header(page)
+                assert (rh.seqno, rh.msg_type) == (guest.seqno + 1, SNP_MSG_KEY_RSP)
+                reply = gm.open_payload(guest.vmpck0, rh, page)
+                assert struct.unpack_from("<I", reply)[0] == 0 and len(reply[32:64]) == 32
+                guest.seqno += 2
+
+    run(body())
+
+
+def test_ext_report_request_without_rax_or_rbx_is_invalid_input(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_ext_guest_req(): for SNP_MSG_REPORT_REQ,
+    `!kvm_ghcb_rax_is_valid(svm) || !kvm_ghcb_rbx_is_valid(svm)` (and RAX not page-aligned)
+    goes to request_invalid: svm_vmgexit_bad_input(svm, GHCB_ERR_INVALID_INPUT), before the
+    firmware is asked; the guest's message is still unused afterwards."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            before = firmware_requests(s)
+            for regs in ({"rbx": 1}, {"rax": 0x140000}, {}, {"rax": 0x140008, "rbx": 1}):
+                r, _ = await ext_guest_request(
+                    guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, **regs
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                    GHCB_HV_RESP_MALFORMED_INPUT,
+                    GHCB_ERR_INVALID_INPUT,
+                ), regs
+            # certificate pages running past guest memory: refused before any page is written
+            r, back, _ = await guest.guest_request(report_req(), ext_pages=0, seqno=guest.seqno)
+            need = back.get("rbx")
+            assert need >= 2  # VCEK, ASK and ARK take more than one page
+            certs_gpa = (64 << 20) - (need - 1) * 4096  # the last page is outside the memslot
+            await guest.write(certs_gpa, b"\x5a" * 4096, private=False)
+            r, _ = await ext_guest_request(
+                guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, rax=certs_gpa, rbx=need
+            )
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                GHCB_HV_RESP_MALFORMED_INPUT,
+                GHCB_ERR_INVALID_INPUT,
+            )
+            assert (await guest.read(certs_gpa, 4096, private=False)).data == b"\x5a" * 4096
+            assert firmware_requests(s) == before
+            # the same sequence number still works: nothing reached the firmware
+            r, _, payload = await guest.guest_request(report_req(), ext_pages=4)
+            assert r.sw_exit_info_2 == 0 and payload is not None
+
+    run(body())
+
+
+def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
+    """The throttle patch ("kvm: sev: Add SNP guest request throttling") checks __ratelimit()
+    in snp_handle_guest_req() after mutex_lock(); KERNEL: arch/x86/kvm/svm/sev.c
+    snp_handle_ext_guest_req() runs its RAX/RBX checks before calling it. So a throttled
+    extended report request without RAX still answers GHCB_ERR_INVALID_INPUT, and one whose
+    certificate buffer is too small still answers INVALID_LEN, not BUSY."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            await s.kvm.SetGuestRequestThrottle(
+                kvm_pb2.SetGuestRequestThrottleRequest(
+                    vm=guest.vm, throttle=kvm_pb2.GuestRequestThrottle(interval_ms=10000, burst=1)
+                ),
+                metadata=HOST,
+            )
+            r, _, _ = await guest.guest_request(report_req())
+            assert r.sw_exit_info_2 == 0  # the one request of this interval
+            r, _ = await ext_guest_request(
+                guest, report_req(), SNP_MSG_REPORT_REQ, guest.seqno, rbx=4
+            )
+            assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+                GHCB_HV_RESP_MALFORMED_INPUT,
+                GHCB_ERR_INVALID_INPUT,
+            )
+            r, back, _ = await guest.guest_request(report_req(), ext_pages=0, seqno=guest.seqno)
+            assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_INVALID_LEN << 32 and back.get("rbx") >= 1
+            r, _, _ = await guest.guest_request(report_req(), ext_pages=4, seqno=guest.seqno)
+            assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_BUSY << 32
+
+    run(body())
+
+
+def test_a_firmware_error_still_copies_the_response_page(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(): when SNP_GUEST_REQUEST fails
+    with a firmware error, kvm_write_guest() of the response bounce page still runs, then
+    svm_vmgexit_no_action(svm, SNP_GUEST_ERR(0, fw_err)): the guest sees the bounce page's
+    bytes and exitinfo2 = fw_err."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            bounce = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id].bounce_res  # type: ignore[union-attr]
+            r, _, _ = await guest.guest_request(report_req(b"A" * 64))
+            assert r.sw_exit_info_2 == 0
+            for ext_pages in (None, 4):  # a plain and an extended request
+                scribble = bytes([0xA5]) * 4096
+                await guest.write(RES_GPA, scribble, private=False)
+                # a sequence number the firmware rejects (SEV_RET_INVALID_PARAM)
+                r, _, _ = await guest.guest_request(
+                    report_req(), seqno=guest.seqno + 2, ext_pages=ext_pages
+                )
+                assert (r.sw_exit_info_1, r.sw_exit_info_2) == (0, SEV_RET_INVALID_PARAM)
+                firmware = (
+                    await s.rmp.HostRead(
+                        rmp_pb2.HostReadRequest(spa=bounce, length=4096), metadata=HOST
+                    )
+                ).data
+                got = (await guest.read(RES_GPA, 4096, private=False)).data
+                assert firmware != scribble and got == firmware, ext_pages
 
     run(body())
 

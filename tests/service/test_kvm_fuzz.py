@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from snp.kvm.v1 import kvm_pb2
 from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import ghcb as g
-from snpemu.abi import psc
 
 from tests.service.host_stack import HOST, Guest, Stack, host_stack
 
@@ -138,29 +137,47 @@ def test_random_ghcb_never_crashes_kvm(
         assert live.rmp_snapshot() == before  # a rejected exit changes nothing
 
 
+# KERNEL: arch/x86/include/asm/sev-common.h
+VMGEXIT_PSC_MAX_COUNT = 253
+VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
+VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
+VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
+VMGEXIT_PSC_OP_PRIVATE, VMGEXIT_PSC_OP_SHARED = 1, 2
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     cur=st.integers(0, 300),
     end=st.integers(0, 300),
+    hdr_reserved=st.sampled_from([0, 0, 0xFFFFFFFF]),
     entries=st.lists(
         st.tuples(
             st.integers(0, 0xFFF),
             st.integers(0x1000, 0x1FFF),
-            st.integers(0, 6),
+            st.integers(0, 0xF),
             st.booleans(),
-            st.integers(0, 1),
+            st.integers(0, 0x7F),
         ),
         max_size=12,
     ),
 )
 def test_random_psc_descriptor_gets_the_exact_code(
-    live: Live, cur: int, end: int, entries: list[tuple[int, int, int, bool, int]]
+    live: Live,
+    cur: int,
+    end: int,
+    hdr_reserved: int,
+    entries: list[tuple[int, int, int, bool, int]],
 ) -> None:
-    raw = [psc.Entry(cp, gfn, op, size, rsvd).encode() for cp, gfn, op, size, rsvd in entries]
+    """The oracle is KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), written out here on the
+    raw bits of struct psc_entry / psc_hdr (arch/x86/include/asm/sev-common.h)."""
+    raw = [
+        cp | gfn << 12 | op << 52 | int(size) << 56 | rsvd << 57
+        for cp, gfn, op, size, rsvd in entries
+    ]
     buf = bytearray(g.SHARED_BUFFER_SIZE)
-    struct.pack_into("<HHI", buf, 0, cur, end, 0)
+    struct.pack_into("<HHI", buf, 0, cur, end, hdr_reserved)
     for i, r in enumerate(raw):
         struct.pack_into("<Q", buf, 8 + 8 * i, r)
     ghcb = g.Ghcb()
@@ -174,17 +191,54 @@ def test_random_psc_descriptor_gets_the_exact_code(
     ghcb.shared = buf
     before = live.rmp_snapshot()
     r, back = live.runner.run(live.guest.vmgexit(ghcb))
-    assert r.sw_exit_info_1 == 0
-    decoded = [psc.Entry.decode(x) for x in raw]
-    if end >= psc.MAX_ENTRIES:
-        assert r.sw_exit_info_2 == psc.PSC_ERROR_INVALID_HDR
+    out = bytes(back.shared)
+    assert r.sw_exit_info_1 == 0  # snp_complete_psc(): svm_vmgexit_no_action()
+    # psc_hdr.reserved is never read, and never written
+    assert struct.unpack_from("<I", out, 4)[0] == hdr_reserved
+    if end >= VMGEXIT_PSC_MAX_COUNT:  # `idx_end >= VMGEXIT_PSC_MAX_COUNT`
+        assert r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_INVALID_HDR
         assert live.rmp_snapshot() == before
         return
-    # the first invalid entry in [cur, end] decides INVALID_ENTRY (entries past the list are zero)
-    padded = decoded + [psc.Entry.decode(0)] * 253
-    first_bad = next((i for i in range(cur, end + 1) if not psc.check_entry(padded[i])), None)
+    if cur > end:  # the scan loop does not run; `idx > idx_end`: snp_complete_psc(svm, 0)
+        assert r.sw_exit_info_2 == 0 and out == bytes(buf)
+        assert live.rmp_snapshot() == before
+        return
+    # entries past the list are zero (cur_page 0, gfn 0, operation 0, 4K)
+    padded = raw + [0] * VMGEXIT_PSC_MAX_COUNT
+
+    def npages(e: int) -> int:
+        return 512 if e >> 56 & 1 else 1
+
+    def invalid(e: int) -> bool:  # cur_page > npages || !IS_ALIGNED(gfn, npages)
+        return (e & 0xFFF) > npages(e) or (e >> 12 & (2**40 - 1)) % npages(e) != 0
+
+    def changes_state(e: int) -> bool:  # the cases before `default:`
+        return (e >> 52 & 0xF) in (VMGEXIT_PSC_OP_PRIVATE, VMGEXIT_PSC_OP_SHARED)
+
+    def pending(e: int) -> bool:  # npages left after cur_page
+        return (e & 0xFFF) < npages(e)
+
+    first_bad = next((i for i in range(cur, end + 1) if invalid(padded[i])), None)
+    stop = end + 1 if first_bad is None else first_bad
+    # only a page state change KVM sends on can fail (VMGEXIT_PSC_ERROR_GENERIC); a range of
+    # other operations is completed by __snp_complete_one_psc()
+    can_fail = any(changes_state(e) and pending(e) for e in padded[cur:stop])
+    cur_out = struct.unpack_from("<H", out, 0)[0]
+    back_entries = struct.unpack_from(f"<{VMGEXIT_PSC_MAX_COUNT}Q", out, 8)
+    if r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_GENERIC:
+        assert can_fail and cur <= cur_out <= stop
+        return
     if first_bad is not None:
-        assert r.sw_exit_info_2 == psc.PSC_ERROR_INVALID_ENTRY
-        assert psc.Descriptor.decode(bytes(back.shared)).cur_entry == first_bad
+        assert r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_INVALID_ENTRY
+        assert cur_out == first_bad
     else:
-        assert r.sw_exit_info_2 in (0, psc.PSC_ERROR_GENERIC)
+        assert r.sw_exit_info_2 == 0
+        assert cur_out == end + 1
+    # processed entries are complete (only cur_page written), the rest as the guest wrote them
+    for i, (sent, got) in enumerate(zip(padded, back_entries, strict=False)):
+        if cur <= i < stop:
+            assert got == sent & ~0xFFF | npages(sent), i
+        else:
+            assert got == sent, i
+    if not can_fail:
+        assert live.rmp_snapshot() == before  # nothing but completed no-op entries

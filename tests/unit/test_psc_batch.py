@@ -41,20 +41,33 @@ def vm() -> Vm:
     return v
 
 
+def raw_entry(cur_page: int, gfn: int, op: int, size_2m: bool, reserved: int = 0) -> int:
+    """KERNEL: arch/x86/include/asm/sev-common.h struct psc_entry: cur_page 12, gfn 40,
+    operation 4, pagesize 1, reserved 7 bits, from bit 0 up."""
+    return cur_page | gfn << 12 | op << 52 | int(size_2m) << 56 | reserved << 57
+
+
+# PRIVATE (1) and SHARED (2) mostly; any other 4-bit operation is one KVM only completes
+OPS = st.one_of(st.sampled_from([1, 1, 1, 2, 2, 2]), st.integers(0, 0xF))
+RESERVED = st.one_of(st.just(0), st.integers(0, 0x7F))  # bits 63:57, never read by KVM
+
 entry = st.builds(
-    lambda gfn, op, size_2m, cur_page: psc.Entry(cur_page, gfn, op, size_2m).encode(),
-    st.one_of(st.integers(0, 0xFF), st.integers(0x400, 0x4FF), st.integers(0, 0x2000)),
-    st.sampled_from([1, 1, 1, 2, 2, 2, 3, 4, 7]),
-    st.sampled_from([False] * 12 + [True]),
+    raw_entry,
     st.sampled_from([0] * 12 + [1]),
+    st.one_of(st.integers(0, 0xFF), st.integers(0x400, 0x4FF), st.integers(0, 0x2000)),
+    OPS,
+    st.sampled_from([False] * 12 + [True]),
+    RESERVED,
 )
 
 
-# what set_memory_encrypted()/decrypted() sends: mapped 4K pages at cur_page 0
+# what set_memory_encrypted()/decrypted() sends: mapped 4K pages at cur_page 0 (and, drawn
+# now and then, an operation KVM only completes or reserved bits set)
 plain = st.builds(
-    lambda gfn, op: psc.Entry(0, gfn, op, False).encode(),
+    lambda gfn, op, reserved: raw_entry(0, gfn, op, False, reserved),
     st.one_of(st.integers(0, 0xFF), st.integers(0x400, 0x4FF)),
-    st.sampled_from([1, 2]),
+    st.one_of(st.sampled_from([1, 2] * 8), st.integers(0, 0xF)),
+    st.one_of(st.just(0), st.just(0), st.integers(0, 0x7F)),
 )
 
 
@@ -66,12 +79,23 @@ plain = st.builds(
     ),
     cur=st.integers(0, 4),
     end_delta=st.integers(-3, 3),
+    hdr_reserved=st.sampled_from([0, 0, 0xFFFFFFFF]),
 )
 # a PSMASH entry past end_entry: KVM leaves it alone (the loop once marked it done)
-@example(entries=[1 << 52, 3 << 52], cur=0, end_delta=-1)
-def test_the_plan_equals_the_loop(entries: list[int], cur: int, end_delta: int) -> None:
+@example(entries=[1 << 52, 3 << 52], cur=0, end_delta=-1, hdr_reserved=0)
+# an unknown operation and reserved bits on a PRIVATE entry: planned, not refused
+@example(entries=[1 << 52 | 0x7F << 57, 9 << 52], cur=0, end_delta=0, hdr_reserved=7)
+# only operations KVM completes without acting: no RMPUPDATE at all
+@example(entries=[3 << 52, 0, 15 << 52 | 0x3000 << 12], cur=0, end_delta=0, hdr_reserved=0)
+def test_the_plan_equals_the_loop(
+    entries: list[int], cur: int, end_delta: int, hdr_reserved: int
+) -> None:
+    """Both follow KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() (reserved bits unread, any
+    operation but PRIVATE/SHARED completed by the `default:` branch)."""
     end = max(0, len(entries) - 1 + end_delta)
-    raw = struct.pack("<HHI", cur, end, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
+    raw = struct.pack("<HHI", cur, end, hdr_reserved) + b"".join(
+        e.to_bytes(8, "little") for e in entries
+    )
     raw += bytes(8 + 8 * psc.MAX_ENTRIES - len(raw))
     v = vm()
     fast = plan_4k(raw, v.memslots.translate_many, ASID)
@@ -80,6 +104,18 @@ def test_the_plan_equals_the_loop(entries: list[int], cur: int, end_delta: int) 
     desc = psc.Descriptor.decode(raw)
     state = ExitState(speculate=False)
     result = asyncio.run(exits.apply_psc(v, desc, state))
+    # the plan's contract (module docstring): it takes every request of 4K entries at cur_page
+    # 0 whose PRIVATE/SHARED pages are mapped, whatever the other operations and reserved bits
+    padded = entries + [0] * psc.MAX_ENTRIES
+    in_range = padded[cur : end + 1]
+    mapped = {*range(0, 0x100), *range(0x400, 0x500)}
+    common = cur <= end and all(
+        e & 0xFFF == 0
+        and not e >> 56 & 1
+        and (e >> 52 & 0xF not in (1, 2) or e >> 12 & (2**40 - 1) in mapped)
+        for e in in_range
+    )
+    assert (fast is not None) == common
     if fast is None:
         return  # the loop alone answers this one
     assert result == 0
@@ -113,12 +149,34 @@ def test_translate_many_equals_translate() -> None:
 
 
 def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> None:
-    """KVM completes PSMASH/UNSMASH ranges as it reaches them and stops at an invalid entry:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): KVM completes PSMASH/UNSMASH ranges
+    (`default:`) as it reaches them and stops at an invalid entry (here cur_page 2 > npages 1):
     a PSMASH before it is done, one after it is left as the guest wrote it."""
-    entries = [psc.Entry(0, 0, op, False).encode() for op in (3, 7, 3)]
+    entries = [raw_entry(0, 0, 3, False), raw_entry(2, 0, 1, False), raw_entry(0, 0, 3, False)]
     raw = struct.pack("<HHI", 0, 2, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
     desc = psc.Descriptor.decode(raw + bytes(8 * (psc.MAX_ENTRIES - 3)))
     exits = Exits(SimpleNamespace(host=Host()))  # type: ignore[arg-type]
     result = asyncio.run(exits.apply_psc(vm(), desc, ExitState(speculate=False)))
-    assert result == psc.PSC_ERROR_INVALID_ENTRY and desc.cur_entry == 1
-    assert [e.cur_page for e in desc.entries[:3]] == [1, 0, 0]
+    assert result == (1 << 32) | 2 and desc.cur_entry == 1  # VMGEXIT_PSC_ERROR_INVALID_ENTRY
+    assert [e.cur_page for e in desc.entries[:3]] == [1, 2, 0]
+
+
+def test_the_plan_completes_unknown_operations_without_an_rmpupdate() -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() `default:` -> __snp_complete_one_psc():
+    an entry whose operation is not PRIVATE/SHARED gets cur_page = 1 (4K) and no page state
+    change, even at a GFN outside the memslots; bits 63:57 are not read and stay as written."""
+    entries = [
+        raw_entry(0, 0x400, 1, False, 0x7F),  # PRIVATE, every reserved bit set
+        raw_entry(0, 0x80000, 0, False),  # operation 0, a GFN no memslot maps
+        raw_entry(0, 0x401, 15, False, 1),
+        raw_entry(0, 0x402, 2, False),
+    ]
+    raw = struct.pack("<HHI", 0, 3, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
+    fast = plan_4k(raw, vm().memslots.translate_many, ASID)
+    assert fast is not None
+    assert (fast.private, fast.shared) == (1, 1)
+    assert len(fast.entries) == 2 * 24  # two RMPUPDATEs: the PRIVATE and the SHARED entry
+    cur_entry, end_entry, _ = struct.unpack_from("<HHI", fast.descriptor)
+    back = struct.unpack_from("<4Q", fast.descriptor, 8)
+    assert (cur_entry, end_entry) == (4, 3)
+    assert list(back) == [e | 1 for e in entries]  # cur_page 1, every other bit as written

@@ -4,6 +4,12 @@ KERNEL: arch/x86/include/asm/sev-common.h struct psc_hdr / psc_entry; arch/x86/k
 snp_begin_psc() (reference 4.5):
     psc_hdr (8 B): u16 cur_entry; u16 end_entry (inclusive); u32 reserved
     psc_entry (u64): 11:0 cur_page, 51:12 gfn, 55:52 operation, 56 pagesize, 63:57 reserved
+
+KVM reads neither reserved field: the header's is never checked, an entry's bits 63:57 are
+never looked at, and both go back to the guest as it wrote them (KVM writes only cur_page and
+cur_entry into the buffer). Of the operations only PRIVATE and SHARED change page state; any
+other value (PSMASH, UNSMASH, 0, 5..15) is completed without acting (snp_begin_psc()'s
+`default:` branch calls __snp_complete_one_psc()).
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ class Op(enum.IntEnum):
     UNSMASH = 4
 
 
+# KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): the operations KVM forwards
+# (VMGEXIT_PSC_OP_PRIVATE / VMGEXIT_PSC_OP_SHARED); every other one takes the `default:` branch
+STATE_CHANGES = (Op.PRIVATE, Op.SHARED)
+
+
 @dataclass
 class Entry:
     cur_page: int
     gfn: int
-    op: int
+    op: int  # any 4-bit value: only PRIVATE and SHARED change anything
     size_2m: bool
-    reserved: int = 0
+    reserved: int = 0  # bits 63:57, kept only to write the entry back as the guest wrote it
 
     @classmethod
     def decode(cls, raw: int) -> Entry:
@@ -51,7 +62,7 @@ class Entry:
             | (self.gfn & ((1 << 40) - 1)) << 12
             | (self.op & 0xF) << 52
             | int(self.size_2m) << 56
-            | self.reserved << 57
+            | (self.reserved & 0x7F) << 57
         )
 
     @property
@@ -80,15 +91,15 @@ class Descriptor:
 
 
 def check_header(d: Descriptor) -> bool:
-    """KVM refuses end_entry >= 253 (and a cur_entry beyond end_entry has nothing to do)."""
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): `idx_end >= VMGEXIT_PSC_MAX_COUNT` is
+    VMGEXIT_PSC_ERROR_INVALID_HDR; nothing else in the header is checked (cur_entry beyond
+    end_entry is not an error but nothing to do, and the reserved word is never read)."""
     return d.end_entry < MAX_ENTRIES
 
 
 def check_entry(e: Entry) -> bool:
-    """KVM: cur_page beyond the entry's pages, a 2M GFN not 512-aligned, an unknown operation
-    or reserved bits are an INVALID_ENTRY."""
-    if e.op not in (Op.PRIVATE, Op.SHARED, Op.PSMASH, Op.UNSMASH) or e.reserved:
-        return False
-    if e.cur_page > e.npages:
-        return False
-    return not (e.size_2m and e.gfn % 512)
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): `entry_start.cur_page > npages ||
+    !IS_ALIGNED(gfn, npages)` (npages 512 for a 2M entry, else 1) is
+    VMGEXIT_PSC_ERROR_INVALID_ENTRY, whatever the operation; the operation and reserved bits
+    are not part of the check."""
+    return e.cur_page <= e.npages and e.gfn % e.npages == 0

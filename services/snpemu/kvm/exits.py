@@ -21,6 +21,7 @@ from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc, rmp_batch
 from snpemu.errors import InvalidArgument, PermissionDenied, Unavailable, WrongState
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 VMM_ERR_INVALID_LEN = 1
 VMM_ERR_BUSY = 2
 VMM_ERR_GENERIC = 1 << 31
+SNP_GUEST_FW_ERR_MASK = (1 << 32) - 1
+MSG_TYPE_OFFSET = 0x34  # KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr msg_type
+REQUEST_KINDS: dict[int, str] = {gm.MsgType.REPORT_REQ: "report", gm.MsgType.KEY_REQ: "key"}
 PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
 AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY = 0, 1, 2
 # Reason recorded when kvm terminates a guest on rmp's request (convert-kill). Not a GHCB code:
@@ -351,7 +355,8 @@ class Exits:
             fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
             if fast is not None:
                 # every page a 4K entry: the batch goes with the GHCB write (ExitState)
-                state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
+                if fast.entries:  # none when every entry is an operation KVM only completes
+                    state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
                 for op, n in (("private", fast.private), ("shared", fast.shared)):
                     if n:
                         state.psc_pages[(op, "4k")] += n
@@ -369,9 +374,15 @@ class Exits:
         return ExitResult(0, result), {}, buf
 
     async def apply_psc(self, vm: Vm, desc: psc.Descriptor, state: ExitState) -> int:
-        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor."""
+        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor.
+
+        KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc()."""
         if not psc.check_header(desc):
             return psc.PSC_ERROR_INVALID_HDR
+        if desc.cur_entry > desc.end_entry:
+            # KERNEL: snp_begin_psc(): the scan loop does not run (`idx > idx_end`) and
+            # snp_complete_psc(svm, 0) answers without writing the buffer
+            return 0
         last = min(desc.end_entry, len(desc.entries) - 1)
         first = desc.cur_entry
         work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
@@ -382,8 +393,10 @@ class Exits:
                 return await self._run_psc(
                     vm, desc, work, (first, idx), psc.PSC_ERROR_INVALID_ENTRY, state
                 )
-            if e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
-                continue  # KVM marks these complete without acting
+            if e.op not in psc.STATE_CHANGES:
+                # KERNEL: snp_begin_psc() `default:` (PSMASH, UNSMASH and every undefined
+                # operation): __snp_complete_one_psc() marks the range complete without acting
+                continue
             gpa = e.gfn << 12
             if e.size_2m and e.cur_page == 0:
                 spa2m = vm.memslots.contiguous_2m(gpa)
@@ -454,7 +467,7 @@ class Exits:
             state.psc_pages[("private" if priv else "shared", "4k")] += 1
         for idx in range(first, bound):
             e = desc.entries[idx]
-            if idx in done_entries or e.op in (psc.Op.PSMASH, psc.Op.UNSMASH):
+            if idx in done_entries or e.op not in psc.STATE_CHANGES:
                 e.cur_page = e.npages
         return result
 
@@ -463,41 +476,56 @@ class Exits:
     async def _guest_request(
         self, vm: Vm, ghcb: g.Ghcb, code: int, req_gpa: int, res_gpa: int, state: ExitState
     ) -> tuple[ExitResult, dict[str, int], None]:
+        """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(), snp_handle_ext_guest_req()."""
         if req_gpa % PAGE or res_gpa % PAGE or req_gpa == res_gpa:
             return self._malformed(g.ERR_MISSING_INPUT)
         req_spa, res_spa = self._spa(vm, req_gpa), self._spa(vm, res_gpa)
         if req_spa is None or res_spa is None:
             return self._malformed(g.ERR_INVALID_INPUT)
         ext = code == g.EXIT_EXT_GUEST_REQUEST
-        if ext and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
-            return self._malformed(g.ERR_MISSING_INPUT)
         lock = self.request_locks.setdefault(vm.vm_id, asyncio.Lock())
         # one request in flight per VM, as KVM's mutex; held until the response is copied
         await state.held.enter_async_context(lock)
         started = time.perf_counter()
-        # the request goes straight into the firmware's bounce page; kvm looks only at
-        # the header (MSG_TYPE at 0x34) for its counters
+        # the request goes straight into the firmware's bounce page; kvm looks only at the
+        # header's MSG_TYPE (struct snp_guest_msg_hdr msg_type, offset 0x34), the same byte
+        # snp_handle_ext_guest_req() reads from the guest's page before taking the mutex
         header = await self._host_copy(req_spa, vm.bounce_req, peek=0x40)
-        kind = {5: "report", 3: "key"}.get(header[0x34], "other")
+        msg_type = header[MSG_TYPE_OFFSET]
+        kind = REQUEST_KINDS.get(msg_type, "other")
+        # KERNEL: snp_handle_ext_guest_req(): only an SNP_MSG_REPORT_REQ takes RAX/RBX (the
+        # certificate pages); without both valid, or with RAX not page-aligned, it answers
+        # GHCB_ERR_INVALID_INPUT. Any other message goes on as a plain request, RAX/RBX unread.
+        certs = ext and msg_type == gm.MsgType.REPORT_REQ
+        if certs and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
+            return self._malformed(g.ERR_INVALID_INPUT)
+        if certs and ghcb.get("rax") % PAGE:
+            return self._malformed(g.ERR_INVALID_INPUT)
         regs: dict[str, int] = {}
+        if certs:
+            # UNVERIFIED: mainline snp_handle_ext_guest_req() only clears the 24-byte table
+            # terminator at RAX when RBX is not 0 (an empty certificate table; a failed write is
+            # -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and
+            # answers VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
+            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
+            blob = self.kvm.certs_blob or bytes(24)
+            need = -(-len(blob) // PAGE)
+            if npages < need:
+                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
+                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
+            spas = [self._spa(vm, certs_gpa + i * PAGE) for i in range(need)]
+            if None in spas:
+                return self._malformed(g.ERR_INVALID_INPUT)  # before any page is written
+            for i, spa in enumerate(spas):
+                assert spa is not None  # INVARIANT: checked above
+                await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
+        # Not mainline: "kvm: sev: Add SNP guest request throttling" v5 (throttle.py) checks
+        # __ratelimit() in snp_handle_guest_req() right after mutex_lock(), i.e. after
+        # snp_handle_ext_guest_req()'s checks and its certificate-page write.
         if not vm.throttle.allow():
             self.kvm.counters.throttled += 1
             self.kvm.counters.guest_requests[(kind, "busy")] += 1
             return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
-        if ext and kind == "report":
-            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
-            blob = self.kvm.certs_blob or bytes(24)
-            need = -(-len(blob) // PAGE)
-            if certs_gpa % PAGE:
-                return self._malformed(g.ERR_INVALID_INPUT)
-            if npages < need:
-                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
-                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
-            for i in range(need):
-                spa = self._spa(vm, certs_gpa + i * PAGE)
-                if spa is None:
-                    return self._malformed(g.ERR_INVALID_INPUT)
-                await self._host_write(spa, blob[i * PAGE : (i + 1) * PAGE])
         try:
             await self.kvm.psp.call(
                 "GuestRequest",
@@ -509,7 +537,16 @@ class Exits:
             )
         except PeerError as e:
             self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
-            return ExitResult(0, e.fw_status or VMM_ERR_GENERIC << 32), regs, None
+            if not e.fw_status:
+                # UNVERIFIED: snp_handle_guest_req() returns a failure without a firmware status
+                # to userspace (KVM_RUN fails); snpemu answers the guest VMM_ERR_GENERIC
+                return ExitResult(0, VMM_ERR_GENERIC << 32), regs, None
+            # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
+            # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
+            state.tail.append(
+                rmp_pb2.HostSessionRequest(copy=self._kernel_copy(vm.bounce_res, res_spa))
+            )
+            return ExitResult(0, e.fw_status & SNP_GUEST_FW_ERR_MASK), regs, None
         except Unavailable:
             # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
             self.kvm.counters.guest_requests[(kind, "busy")] += 1

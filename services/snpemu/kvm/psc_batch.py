@@ -2,9 +2,12 @@
 
 This is the common request: the guest kernel's set_memory_encrypted()/decrypted() fills the
 shared buffer with up to 253 4K entries, each at cur_page 0 (KERNEL: arch/x86/coco/sev/core.c
-__set_pages_state()). Anything else (2M entries, PSMASH/UNSMASH, entries already partly done,
-invalid entries, GPAs outside the memslots, a bad header) is left to the entry-by-entry loop in
-exits.py, which gives the same answer (a unit test holds the two together).
+__set_pages_state()). Entries with an operation other than PRIVATE/SHARED are completed
+without an RMPUPDATE, and reserved bits 63:57 are ignored and written back as they were, as
+KVM does (KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() `default:`). Anything else (2M
+entries, entries already partly done, GPAs outside the memslots, a header with nothing to do
+or a bad one) is left to the entry-by-entry loop in exits.py, which gives the same answer (a
+unit test holds the two together).
 """
 
 from __future__ import annotations
@@ -38,18 +41,19 @@ def plan_4k(
     if end >= psc.MAX_ENTRIES or cur > last:
         return None
     raw = np.frombuffer(descriptor, dtype="<u8", count=count, offset=psc.HDR.size)[cur : last + 1]
-    op = (raw >> np.uint64(52)) & np.uint64(0xF)
+    # INVARIANT: bits 63:57 (reserved) are masked off everywhere they could be looked at
     if (
-        (raw >> np.uint64(56)).any()  # a 2M entry or reserved bits
+        (raw >> np.uint64(56) & np.uint64(1)).any()  # a 2M entry
         or (raw & np.uint64(0xFFF)).any()  # an entry already (partly) done
-        or ((op != psc.Op.PRIVATE) & (op != psc.Op.SHARED)).any()
     ):
         return None
-    gpa = ((raw >> np.uint64(12)) & np.uint64(GFN_MASK)).astype(np.int64) << 12
+    op = (raw >> np.uint64(52)) & np.uint64(0xF)
+    changes = (op == psc.Op.PRIVATE) | (op == psc.Op.SHARED)  # the others: done, no RMPUPDATE
+    gpa = ((raw[changes] >> np.uint64(12)) & np.uint64(GFN_MASK)).astype(np.int64) << 12
     spa = translate(gpa)
     if (spa < 0).any():
         return None
-    private = op == psc.Op.PRIVATE
+    private = op[changes] == psc.Op.PRIVATE
     entries = rmp_batch.pack(
         spa, gpa=np.where(private, gpa, 0), assigned=private, asid=np.where(private, asid, 0)
     )
@@ -58,4 +62,4 @@ def plan_4k(
     done = np.frombuffer(out, dtype="<u8", count=count, offset=psc.HDR.size)
     done[cur : last + 1] = raw | np.uint64(1)  # cur_page = npages = 1
     n_private = int(private.sum())
-    return Plan(entries, n_private, len(raw) - n_private, bytes(out))
+    return Plan(entries, n_private, len(gpa) - n_private, bytes(out))
