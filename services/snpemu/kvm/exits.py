@@ -503,10 +503,10 @@ class Exits:
             return self._malformed(g.ERR_INVALID_INPUT)
         regs: dict[str, int] = {}
         if certs:
-            # UNVERIFIED: mainline snp_handle_ext_guest_req() only clears the 24-byte table
-            # terminator at RAX when RBX is not 0 (an empty certificate table; a failed write is
-            # -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and
-            # answers VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
+            # UNVERIFIED(ext-req-certs): mainline snp_handle_ext_guest_req() only clears the 24-byte
+            # table terminator at RAX when RBX is not 0 (an empty certificate table; a failed write
+            # is -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and answers
+            # VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
             certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
             blob = self.kvm.certs_blob or bytes(24)
             need = -(-len(blob) // PAGE)
@@ -538,8 +538,9 @@ class Exits:
         except PeerError as e:
             self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
             if not e.fw_status:
-                # UNVERIFIED: snp_handle_guest_req() returns a failure without a firmware status
-                # to userspace (KVM_RUN fails); snpemu answers the guest VMM_ERR_GENERIC
+                # UNVERIFIED(guest-req-no-status): snp_handle_guest_req() returns a failure without
+                # a firmware status to userspace (KVM_RUN fails); snpemu answers the guest
+                # VMM_ERR_GENERIC
                 return ExitResult(0, VMM_ERR_GENERIC << 32), regs, None
             # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
             # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
