@@ -72,7 +72,6 @@ class ExitState:
 
 Outcome = tuple[ExitResult, dict[str, int], bytearray | None]
 Handler = Callable[[Vm, Vcpu, g.Ghcb, ExitState], Awaitable[Outcome]]
-INT_MAX = 2**31 - 1
 
 
 class Exits:
@@ -333,7 +332,7 @@ class Exits:
             return await handler(vm, vcpu, ghcb, state)
         reply = nae.simple(code, vcpu, ghcb, self.tsc)
         assert reply is not None  # INVARIANT: validate() knows only the events handled here
-        return ExitResult(reply.info1, reply.info2), reply.regs, None
+        return self._reply(reply)
 
     # --- events answered from the GHCB ----------------------------------------------------------
 
@@ -368,59 +367,19 @@ class Exits:
         # 0, set to 1 by the wake-up (sev_vcpu_deliver_sipi_vector())
         return ExitResult(0, nae.reset_hold(vcpu, nae.AP_RESET_HOLD_NAE_EVENT)), {}, None
 
-    # --- IO and MMIO: no device claims a port or an MMIO address ---------------------------------
+    # --- IO and MMIO: no device claims a port or an MMIO address (kvm/scratch.py) -------------
 
     async def _ioio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        """KERNEL: svm.c io_interception(); sev.c sev_es_string_io() for string IO."""
-        info1, count = ghcb.get("sw_exit_info_1"), ghcb.get("sw_exit_info_2")
-        is_in = bool(info1 & g.IOIO_TYPE_IN)
-        if not info1 & g.IOIO_STR:
-            if is_in:
-                return ExitResult(), nae.port_in(ghcb).regs, None
-            return ExitResult(), {}, None  # OUT: dropped
-        size = nae.ioio_size(info1)
-        if count > INT_MAX or count * size > INT_MAX:
-            # sev_es_string_io(): -EINVAL, the vCPU run fails
-            raise WrongState(
-                f"string IO of {count} x {size} bytes: KVM fails the run", reason="STRING_IO_COUNT"
-            )
-        return await self._scratch(vm, vcpu, ghcb, count * size, is_in, state)
+        guest = scratch.GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await scratch.ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
     async def _mmio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_MMIO_READ/WRITE: the scratch area of
-        SW_EXIT_INFO_2 bytes, then x86.c kvm_sev_es_mmio_read()/_write() via the VMM.
-        UNVERIFIED: no MMIO device is emulated (the local APIC page included): a read gives all
-        ones, as a VMM answers an unassigned address, and a write is dropped."""
-        read = ghcb.get("sw_exit_code") == g.EXIT_MMIO_READ
-        return await self._scratch(vm, vcpu, ghcb, ghcb.get("sw_exit_info_2"), read, state)
+        guest = scratch.GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await scratch.mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
-    async def _scratch(
-        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, length: int, fill: bool, state: ExitState
-    ) -> Outcome:
-        """An access of `length` bytes through the scratch area; a read (`fill`) gets all ones,
-        written to the GHCB's shared buffer or, outside it, to guest memory before the GHCB
-        (sev_es_unmap_ghcb() syncs the kernel buffer back first)."""
-        area = scratch.setup_vmgexit_scratch(vcpu.ghcb_gpa or 0, ghcb.get("sw_scratch"), length)
-        if area is None:
-            return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
-        if area.in_ghcb:
-            if not fill:
-                return ExitResult(), {}, None
-            buf = bytearray(ghcb.shared)
-            buf[area.offset : area.offset + length] = b"\xff" * length
-            return ExitResult(), {}, buf
-        spas = [(self._spa(vm, gpa), n) for gpa, _, n in area.pages()]
-        if any(spa is None for spa, _ in spas):
-            # kvm_read_guest() of the area fails: -EFAULT, the vCPU run fails
-            raise WrongState(
-                f"scratch area {area.gpa:#x}+{length:#x} is outside guest memory",
-                reason="SCRATCH_NOT_MAPPED",
-            )
-        if fill:
-            for spa, n in spas:  # up to 17 page pieces, each its own kernel write
-                assert spa is not None
-                await self._host_write(spa, b"\xff" * n)
-        return ExitResult(), {}, None
+    @staticmethod
+    def _reply(reply: nae.Reply) -> Outcome:
+        return ExitResult(reply.info1, reply.info2), reply.regs, reply.shared
 
     # --- adapters of the handlers below to the event table ---------------------------------------
 

@@ -108,6 +108,7 @@ class Reply:
     info1: int = 0
     info2: int = 0
     regs: dict[str, int] = field(default_factory=dict)
+    shared: bytearray | None = None  # the GHCB's shared buffer, when the event wrote it
 
 
 def inject(vector: int) -> Reply:
