@@ -257,6 +257,11 @@ def test_ap_reset_hold(live: Live) -> None:
     assert live.exit(HV_FEATURES, on=ap)[0] == (0, 3)
     live.exit(AP_CREATION, 1 << 32 | 1, 0x301000, rax=1)
     assert live.msr(HOLD_REQ, ap) == HOLD_RESP
+    # so does a nested page fault
+    npf = kvm_pb2.NestedPageFaultRequest(identity=ap.ident, gpa=0x300000, error_code=0)
+    live.run(call(live.stack.kvm.NestedPageFault, npf))
+    live.exit(AP_CREATION, 1 << 32 | 1, 0x301000, rax=1)
+    assert live.msr(HOLD_REQ, ap) == HOLD_RESP
 
 
 def test_reg_gpa_echoes_any_gfn(live: Live) -> None:

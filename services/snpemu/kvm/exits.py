@@ -25,9 +25,10 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc, rmp_batch
 from snpemu.errors import InvalidArgument, PermissionDenied, Unavailable, WrongState
-from snpemu.kvm import nae, psc_batch, scratch
+from snpemu.kvm import nae, psc_batch
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError, session_error
+from snpemu.kvm.scratch import GuestMemory, ioio, mmio
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
 from snpemu.vmm import vmsa
 
@@ -370,12 +371,12 @@ class Exits:
     # --- IO and MMIO: no device claims a port or an MMIO address (kvm/scratch.py) -------------
 
     async def _ioio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = scratch.GuestMemory(vm.memslots.translate, self._host_write)
-        return self._reply(await scratch.ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
+        guest = GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
     async def _mmio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = scratch.GuestMemory(vm.memslots.translate, self._host_write)
-        return self._reply(await scratch.mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
+        guest = GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
     @staticmethod
     def _reply(reply: nae.Reply) -> Outcome:
@@ -625,6 +626,7 @@ class Exits:
     async def npf(self, ident: Any, gpa: int, error_code: int) -> tuple[str, bool]:
         vm, vcpu = self.vcpu(ident)
         self.kvm.trace.emit("kvm_page_fault", vm, vcpu.vcpu_id, gpa=gpa, error_code=error_code)
+        nae.leave_hold(vcpu)  # the vCPU was running
         spa = self._spa(vm, gpa & ~0xFFF)
         if spa is None:
             return "no_memslot", False
