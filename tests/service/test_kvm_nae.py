@@ -275,3 +275,20 @@ def test_reg_gpa_echoes_any_gfn(live: Live) -> None:
     assert error_info(info.value).reason == "GHCB_NOT_MAPPED"  # type: ignore[union-attr]
     live.run(ap.register_ghcb(AP_GHCB_GPA))
     assert live.exit(HV_FEATURES, on=ap)[0] == (0, 3)
+
+
+def test_ghcb_written_back_with_kvm_valid_bits(live: Live) -> None:
+    """sev_es_sync_from_ghcb() clears the guest's bitmap; ghcb_set_sw_exit_info_1/2() and
+    sev_es_sync_to_ghcb() (RAX, RBX, RCX, RDX) set the fields KVM writes back with their valid
+    bits, a register the exit left alone going back as given (0 when it was not valid). Linux's
+    sev_es_ap_hlt_loop() needs the SW_EXIT_INFO_2 bit."""
+    # bit = offset / 8: sw_exit_info_1 0x398, sw_exit_info_2 0x3A0, rax 0x1F8, rcx 0x308,
+    # rdx 0x310, rbx 0x318 (struct ghcb_save_area)
+    bits = sum(1 << off // 8 for off in (0x398, 0x3A0, 0x1F8, 0x308, 0x310, 0x318))
+    r, back = live.exit(HV_FEATURES, rcx=0x55, xcr0=1)
+    assert (r, back.valid) == ((0, 3), bits)
+    assert (back.get("rax"), back.get("rbx"), back.get("rcx"), back.get("rdx")) == (0, 0, 0x55, 0)
+    r, back = live.exit(CPUID, rax=0x8000_001F, rcx=0)
+    assert back.valid == bits and back.get("rbx") & 0x3F == 51
+    r, back = live.exit(MSR, 0, rcx=0xC001_0131)  # refused: #GP, registers as given
+    assert (r, back.valid, back.get("rcx")) == ((ISSUE_EXCEPTION, INJECT_GP), bits, 0xC001_0131)

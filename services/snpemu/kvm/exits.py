@@ -286,7 +286,8 @@ class Exits:
         """Dispatch the exit, then write the GHCB back after the accesses that precede it."""
         result, regs, shared = await self._dispatch(vm, vcpu, ghcb, state)
         out = bytearray(page)
-        out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = bytes(16)  # KVM clears the guest's bitmap
+        valid, regs = nae.write_back(ghcb, regs)
+        out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = valid.to_bytes(16, "little")
         struct.pack_into(
             "<QQ",
             out,

@@ -111,6 +111,21 @@ class Reply:
     shared: bytearray | None = None  # the GHCB's shared buffer, when the event wrote it
 
 
+SYNCED = ("rax", "rbx", "rcx", "rdx")
+
+
+def write_back(x: g.Ghcb, regs: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """The valid bitmap and registers of the GHCB as KVM writes it back.
+
+    KERNEL: sev.c sev_es_sync_from_ghcb() clears the guest's bitmap; svm_vmgexit_set_return_code()
+    (ghcb_set_sw_exit_info_1/2) and sev_es_unmap_ghcb() -> sev_es_sync_to_ghcb() (RAX, RBX, RCX,
+    RDX) set what they write, valid bits included (asm/svm.h ghcb_set_*()). A register the
+    exit did not change goes back as the guest gave it, or 0 if it was not valid."""
+    out = {r: _reg(x, r) for r in SYNCED} | regs
+    bits = sum(1 << g.valid_bit(f) for f in ("sw_exit_info_1", "sw_exit_info_2", *SYNCED))
+    return bits, out
+
+
 def inject(vector: int) -> Reply:
     """KERNEL: arch/x86/kvm/svm/svm.h svm_vmgexit_inject_exception()."""
     return Reply(g.RESP_ISSUE_EXCEPTION, g.EVTINJ_VALID | g.EVTINJ_TYPE_EXEPT | vector)
