@@ -13,7 +13,8 @@ What each event does here:
   RDTSCP                #UD (kvm_handle_invalid_op())
   RDPMC                 #GP: no virtual PMU (kvm_emulate_rdpmc() with kvm_rdpmc() failing)
   INVD, WBINVD          no-ops that complete (kvm_emulate_invd(), kvm_emulate_wbinvd())
-  MONITOR, MWAIT        no-ops (kvm_emulate_monitor_mwait(), MWAIT_NEVER_UD_FAULTS quirk on)
+  MONITOR, MWAIT        no-ops (kvm_emulate_monitor_mwait() with KVM's default quirks, which
+                        include KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS)
   VMMCALL               KVM's hypercall ABI: RAX = 0 for KVM_HC_VAPIC_POLL_IRQ, -KVM_ENOSYS for
                         other numbers, -KVM_EPERM from CPL > 0 (____kvm_emulate_hypercall())
   MSR                   RDMSR of the TSC and APIC base; #GP for other MSRs and every WRMSR,
@@ -201,9 +202,10 @@ def rdmsr(vcpu: Vcpu, index: int, tsc: Callable[[], int]) -> int | None:
     """The few MSRs kvm answers; None is #GP.
 
     KERNEL: arch/x86/kvm/x86.c kvm_get_msr_common() MSR_IA32_TSC (the guest's TSC) and
-    MSR_IA32_APICBASE (kvm_lapic_reset(): default base, enabled, BSP on vCPU 0).
+    MSR_IA32_APICBASE, at its arch/x86/kvm/lapic.c kvm_lapic_reset() value (default base,
+    enabled, BSP on vCPU 0).
     UNVERIFIED: KVM answers many more (svm_get_msr(), kvm_get_msr_common(): x2APIC, PAT, the
-    KVM PV MSRs, ...); snpemu gives #GP for them."""
+    KVM PV MSRs, ...) and the VMM may set the APIC base; snpemu gives #GP for the rest."""
     if index == MSR_IA32_TSC:
         return tsc() & U64
     if index == MSR_IA32_APICBASE:
