@@ -619,6 +619,9 @@ class Exits:
             gpa = target.vmsa_gpa
             target.runnable = gpa is not None and self._spa(vm, gpa) is not None
             if target.runnable:
+                # UNVERIFIED: KVM's reset starts the AP afresh at its new VMSA, so nothing reads
+                # the hold's result; snpemu has no AP context to restart and instead answers a
+                # held AP's next hold request 1, as sev_vcpu_deliver_sipi_vector() does a SIPI.
                 nae.wake(target)
         return ExitResult(), {}, None
 
