@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 GHCB_SIZE = 4096
 SHARED_BUFFER = 0x800
 SHARED_BUFFER_SIZE = 0x7F0  # 2032
+RESERVED_0XFF0 = SHARED_BUFFER + SHARED_BUFFER_SIZE  # struct ghcb reserved_0xff0: buffer end
 VALID_BITMAP = 0x3F0
 PROTOCOL_VERSION = 0xFFA
 GHCB_USAGE = 0xFFC
@@ -45,9 +46,31 @@ ERR_INVALID_SCRATCH_AREA = 3
 ERR_MISSING_INPUT = 4
 ERR_INVALID_INPUT = 5
 ERR_INVALID_EVENT = 6
+# sw_exit_info_2 with ISSUE_EXCEPTION: an event injection (KERNEL: arch/x86/include/asm/svm.h
+# SVM_EVTINJ_*; arch/x86/kvm/svm/svm.h svm_vmgexit_inject_exception())
+EVTINJ_VALID = 1 << 31
+EVTINJ_TYPE_EXEPT = 3 << 8
+VECTOR_UD, VECTOR_GP = 6, 13  # X86_TRAP_UD, X86_TRAP_GP
+# SVM_EXIT_IOIO sw_exit_info_1 (KERNEL: arch/x86/include/asm/svm.h SVM_IOIO_*)
+IOIO_TYPE_IN = 1 << 0
+IOIO_STR = 1 << 2
+IOIO_SIZE_SHIFT, IOIO_SIZE_MASK = 4, 7 << 4
 
-# NAE exit codes (KERNEL: arch/x86/include/uapi/asm/svm.h; reference 4.4)
+# NAE exit codes (KERNEL: arch/x86/include/uapi/asm/svm.h SVM_EXIT_*, SVM_VMGEXIT_*;
+# reference 4.4)
+EXIT_READ_DR7 = 0x27
+EXIT_WRITE_DR7 = 0x37
+EXIT_RDTSC = 0x6E
+EXIT_RDPMC = 0x6F
 EXIT_CPUID = 0x72
+EXIT_INVD = 0x76
+EXIT_IOIO = 0x7B
+EXIT_MSR = 0x7C
+EXIT_VMMCALL = 0x81
+EXIT_RDTSCP = 0x87
+EXIT_WBINVD = 0x89
+EXIT_MONITOR = 0x8A
+EXIT_MWAIT = 0x8B
 EXIT_MMIO_READ = 0x8000_0001
 EXIT_MMIO_WRITE = 0x8000_0002
 EXIT_NMI_COMPLETE = 0x8000_0003
@@ -62,7 +85,19 @@ EXIT_TERM_REQUEST = 0x8000_FFFE
 EXIT_UNSUPPORTED_EVENT = 0x8000_FFFF
 
 EXIT_NAMES = {
+    EXIT_READ_DR7: "read_dr7",
+    EXIT_WRITE_DR7: "write_dr7",
+    EXIT_RDTSC: "rdtsc",
+    EXIT_RDPMC: "rdpmc",
     EXIT_CPUID: "cpuid",
+    EXIT_INVD: "invd",
+    EXIT_IOIO: "ioio",
+    EXIT_MSR: "msr",
+    EXIT_VMMCALL: "vmmcall",
+    EXIT_RDTSCP: "rdtscp",
+    EXIT_WBINVD: "wbinvd",
+    EXIT_MONITOR: "monitor",
+    EXIT_MWAIT: "mwait",
     EXIT_MMIO_READ: "mmio_read",
     EXIT_MMIO_WRITE: "mmio_write",
     EXIT_NMI_COMPLETE: "nmi_complete",

@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +26,10 @@ from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc, rmp_batch
 from snpemu.errors import InvalidArgument, PermissionDenied, Unavailable, WrongState
-from snpemu.kvm import psc_batch
+from snpemu.kvm import nae, psc_batch
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.peers import PeerError, session_error
+from snpemu.kvm.scratch import GuestMemory, ioio, mmio
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,31 @@ class ExitState:
     held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
+Outcome = tuple[ExitResult, dict[str, int], bytearray | None]
+Handler = Callable[[Vm, Vcpu, g.Ghcb, ExitState], Awaitable[Outcome]]
+
+
 class Exits:
-    def __init__(self, kvm: Kvm) -> None:
+    def __init__(self, kvm: Kvm, tsc: Callable[[], int] = time.monotonic_ns) -> None:
         self.kvm = kvm
+        self.tsc = tsc  # the guest's TSC (RDMSR of MSR_IA32_TSC): a 1 GHz count by default
         self.request_locks: dict[str, asyncio.Lock] = {}
+        # sev_handle_vmgexit()'s switch; the SVM exits KVM emulates itself are in nae.simple()
+        self.events: dict[int, Handler] = {
+            g.EXIT_CPUID: self._cpuid,
+            g.EXIT_IOIO: self._ioio,
+            g.EXIT_MMIO_READ: self._mmio,
+            g.EXIT_MMIO_WRITE: self._mmio,
+            g.EXIT_AP_HLT_LOOP: self._ap_hlt_loop,
+            g.EXIT_AP_JUMP_TABLE: self._ap_jump_table,
+            g.EXIT_HV_FEATURES: self._hv_features,
+            g.EXIT_TERM_REQUEST: self._term_request,
+            g.EXIT_PSC: self._psc,
+            g.EXIT_AP_CREATION: self._ap_creation_exit,
+            g.EXIT_GUEST_REQUEST: self._guest_request_exit,
+            g.EXIT_EXT_GUEST_REQUEST: self._guest_request_exit,
+            g.EXIT_UNSUPPORTED_EVENT: self._unsupported_event,
+        }
 
     # --- who is exiting ------------------------------------------------------------------------
 
@@ -149,6 +172,8 @@ class Exits:
         info = value & msr.INFO_MASK
         self.kvm.counters.vmgexits["msr_protocol"] += 1
         self.kvm.trace.emit("kvm_vmgexit_msr_protocol_enter", vm, vcpu.vcpu_id, ghcb_msr=value)
+        if info != msr.AP_RESET_HOLD_REQ:
+            nae.leave_hold(vcpu)
         out, terminated = await self._msr(vm, vcpu, info, value)
         self.kvm.trace.emit("kvm_vmgexit_msr_protocol_exit", vm, vcpu.vcpu_id, ghcb_msr=out)
         return out, terminated
@@ -161,14 +186,16 @@ class Exits:
             regs = cpuid(vm, fn, 0)
             return msr.cpuid_response(reg, regs[reg]), False
         if info == msr.AP_RESET_HOLD_REQ:
-            # The AP is woken once an AP creation event gave it a VMSA.
-            return (1 if vcpu.vmsa_gpa else 0) << 12 | msr.AP_RESET_HOLD_RESP, False
+            # KERNEL: sev.c sev_handle_vmgexit_msr_protocol(): result bits 63:12 preset to 0,
+            # set to 1 by the wake-up (nae.reset_hold())
+            result = nae.reset_hold(vcpu, nae.AP_RESET_HOLD_MSR_PROTO)
+            return result << 12 | msr.AP_RESET_HOLD_RESP, False
         if info == msr.PREF_GPA_REQ:
             return msr.PREF_GPA_NONE << 12 | msr.PREF_GPA_RESP, False
         if info == msr.REG_GPA_REQ:
+            # KERNEL: sev.c sev_handle_vmgexit_msr_protocol() GHCB_MSR_REG_GPA_REQ: any GFN is
+            # recorded and echoed; a GHCB exit then fails if it cannot be mapped (ghcb_exit)
             gfn = msr.gfn_of(value)
-            if self._spa(vm, gfn << 12) is None:
-                return (2**52 - 1) << 12 | msr.REG_GPA_RESP, False  # refused: all-ones GFN
             vcpu.ghcb_gpa = gfn << 12
             return gfn << 12 | msr.REG_GPA_RESP, False
         if info == msr.PSC_REQ:
@@ -219,7 +246,13 @@ class Exits:
                 "no GHCB registered (GHCB MSR protocol REG_GPA first)", reason="GHCB_NOT_REGISTERED"
             )
         spa = self._spa(vm, vcpu.ghcb_gpa)
-        assert spa is not None  # INVARIANT: registration checked the memslot
+        if spa is None:
+            # UNVERIFIED: KVM's sev_handle_vmgexit() resumes the guest with nothing written when
+            # kvm_vcpu_map() of the GHCB fails; an exit here has no "resume unchanged" answer.
+            raise WrongState(
+                f"the registered GHCB GPA {vcpu.ghcb_gpa:#x} is outside guest memory",
+                reason="GHCB_NOT_MAPPED",
+            )
         page = inline or await self._host_read(spa)
         ghcb = g.Ghcb.decode(page)
         code = ghcb.get("sw_exit_code")
@@ -256,7 +289,8 @@ class Exits:
         """Dispatch the exit, then write the GHCB back after the accesses that precede it."""
         result, regs, shared = await self._dispatch(vm, vcpu, ghcb, state)
         out = bytearray(page)
-        out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = bytes(16)  # KVM clears the guest's bitmap
+        valid, regs = nae.write_back(ghcb, regs)
+        out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = valid.to_bytes(16, "little")
         struct.pack_into(
             "<QQ",
             out,
@@ -290,50 +324,82 @@ class Exits:
     def _malformed(err: int) -> tuple[ExitResult, dict[str, int], None]:
         return ExitResult(g.RESP_MALFORMED_INPUT, err), {}, None
 
-    async def _dispatch(
+    async def _dispatch(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        """KERNEL: sev.c sev_handle_vmgexit(): sev_es_validate_vmgexit(), then the event."""
+        reason = nae.validate(ghcb)
+        code = ghcb.get("sw_exit_code")
+        if reason or code != g.EXIT_AP_HLT_LOOP:
+            nae.leave_hold(vcpu)
+        if reason:
+            return self._malformed(reason)
+        handler = self.events.get(code)
+        if handler is not None:
+            return await handler(vm, vcpu, ghcb, state)
+        reply = nae.simple(code, vcpu, ghcb, self.tsc)
+        assert reply is not None  # INVARIANT: validate() knows only the events handled here
+        return self._reply(reply)
+
+    # --- events answered from the GHCB ----------------------------------------------------------
+
+    async def _cpuid(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        eax, ebx, ecx, edx = cpuid(vm, ghcb.get("rax") & 0xFFFFFFFF, ghcb.get("rcx") & 0xFFFFFFFF)
+        return ExitResult(), {"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx}, None
+
+    async def _ap_jump_table(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        info1 = ghcb.get("sw_exit_info_1")
+        if info1 == 0:
+            vm.ap_jump_table = ghcb.get("sw_exit_info_2")
+            return ExitResult(), {}, None
+        if info1 == 1:
+            return ExitResult(0, vm.ap_jump_table), {}, None
+        return self._malformed(g.ERR_INVALID_INPUT)
+
+    async def _hv_features(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        return ExitResult(0, msr.HV_FEATURES), {}, None
+
+    async def _term_request(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        info1 = ghcb.get("sw_exit_info_1")
+        self._terminate(vm, info1 & 0xF, info1 >> 4 & 0xFF)
+        return ExitResult(terminated=True), {}, None
+
+    async def _unsupported_event(
         self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState
-    ) -> tuple[ExitResult, dict[str, int], bytearray | None]:
-        if ghcb.usage != 0:
-            return self._malformed(g.ERR_INVALID_USAGE)
-        if not all(ghcb.is_valid(f) for f in ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")):
-            return self._malformed(g.ERR_MISSING_INPUT)
+    ) -> Outcome:
+        raise WrongState("the guest reported an unsupported event", reason="UNSUPPORTED_EVENT")
+
+    async def _ap_hlt_loop(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        # KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_AP_HLT_LOOP: SW_EXIT_INFO_2 preset to
+        # 0, set to 1 by the wake-up (sev_vcpu_deliver_sipi_vector())
+        return ExitResult(0, nae.reset_hold(vcpu, nae.AP_RESET_HOLD_NAE_EVENT)), {}, None
+
+    # --- IO and MMIO: no device claims a port or an MMIO address (kvm/scratch.py) -------------
+
+    async def _ioio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        guest = GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
+
+    async def _mmio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        guest = GuestMemory(vm.memslots.translate, self._host_write)
+        return self._reply(await mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
+
+    @staticmethod
+    def _reply(reply: nae.Reply) -> Outcome:
+        return ExitResult(reply.info1, reply.info2), reply.regs, reply.shared
+
+    # --- adapters of the handlers below to the event table ---------------------------------------
+
+    async def _ap_creation_exit(
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState
+    ) -> Outcome:
+        return self._ap_creation(vm, ghcb, ghcb.get("sw_exit_info_1"), ghcb.get("sw_exit_info_2"))
+
+    async def _guest_request_exit(
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState
+    ) -> Outcome:
         code, info1, info2 = (
-            ghcb.get("sw_exit_code"),
-            ghcb.get("sw_exit_info_1"),
-            ghcb.get("sw_exit_info_2"),
+            ghcb.get(f) for f in ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
         )
-        if code == g.EXIT_CPUID:
-            if not (ghcb.is_valid("rax") and ghcb.is_valid("rcx")):
-                return self._malformed(g.ERR_MISSING_INPUT)
-            eax, ebx, ecx, edx = cpuid(
-                vm, ghcb.get("rax") & 0xFFFFFFFF, ghcb.get("rcx") & 0xFFFFFFFF
-            )
-            return ExitResult(), {"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx}, None
-        if code == g.EXIT_PSC:
-            return await self._psc(vm, vcpu, ghcb, state)
-        if code in (g.EXIT_GUEST_REQUEST, g.EXIT_EXT_GUEST_REQUEST):
-            return await self._guest_request(vm, ghcb, code, info1, info2, state)
-        if code == g.EXIT_AP_CREATION:
-            return self._ap_creation(vm, ghcb, info1, info2)
-        if code == g.EXIT_AP_JUMP_TABLE:
-            if info1 == 0:
-                vm.ap_jump_table = info2
-                return ExitResult(), {}, None
-            if info1 == 1:
-                return ExitResult(0, vm.ap_jump_table), {}, None
-            return self._malformed(g.ERR_INVALID_INPUT)
-        if code == g.EXIT_HV_FEATURES:
-            return ExitResult(0, msr.HV_FEATURES), {}, None
-        if code == g.EXIT_TERM_REQUEST:
-            self._terminate(vm, info1 & 0xF, info1 >> 4 & 0xFF)
-            return ExitResult(terminated=True), {}, None
-        if code in (g.EXIT_NMI_COMPLETE, g.EXIT_MMIO_READ, g.EXIT_MMIO_WRITE):
-            return ExitResult(), {}, None  # no NMI source or MMIO device is emulated
-        if code == g.EXIT_AP_HLT_LOOP:
-            return ExitResult(0, 1), {}, None  # woken at once
-        if code == g.EXIT_UNSUPPORTED_EVENT:
-            raise WrongState("the guest reported an unsupported event", reason="UNSUPPORTED_EVENT")
-        return self._malformed(g.ERR_INVALID_EVENT)
+        return await self._guest_request(vm, ghcb, code, info1, info2, state)
 
     # --- page state change ----------------------------------------------------------------------
 
@@ -565,22 +631,36 @@ class Exits:
     def _ap_creation(
         self, vm: Vm, ghcb: g.Ghcb, info1: int, vmsa_gpa: int
     ) -> tuple[ExitResult, dict[str, int], None]:
-        op, apic_id = info1 & 0xFFFFFFFF, info1 >> 32
+        """KERNEL: sev.c sev_snp_ap_creation(), then, for any request but CREATE_ON_INIT, the
+        target's reset (KVM_REQ_UPDATE_PROTECTED_GUEST_STATE: sev_snp_init_protected_guest_state).
+        RAX was checked valid already for every request but DESTROY (nae.validate())."""
+        op, apic_id = info1 & 0xFFFFFFFF, info1 >> 32 & 0xFFFFFFFF
         target = vm.vcpus.get(apic_id)
-        if target is None or op not in (AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY):
+        if target is None:
+            return self._malformed(g.ERR_INVALID_INPUT)  # the APIC ID first
+        if op in (AP_CREATE_ON_INIT, AP_CREATE):
+            if ghcb.get("rax") != vm.sev_features:
+                return self._malformed(g.ERR_INVALID_INPUT)  # SEV_FEATURES must match the VM's
+            # Only page_address_valid(): the VMSA needs no memslot to be accepted
+            if not nae.page_address_valid(vmsa_gpa):
+                return self._malformed(g.ERR_INVALID_INPUT)
+            # A 2M-aligned VMSA can take a spurious RMP #PF (erratum): KVM refuses it.
+            if vmsa_gpa % (2 << 20) == 0:
+                return self._malformed(g.ERR_INVALID_INPUT)
+            target.vmsa_gpa = vmsa_gpa
+        elif op == AP_DESTROY:
+            target.vmsa_gpa = None
+        else:
             return self._malformed(g.ERR_INVALID_INPUT)
-        if op == AP_DESTROY:
-            target.vmsa_gpa, target.runnable = None, False
-            return ExitResult(), {}, None
-        if not ghcb.is_valid("rax"):
-            return self._malformed(g.ERR_MISSING_INPUT)
-        if ghcb.get("rax") != vm.sev_features:
-            return self._malformed(g.ERR_INVALID_INPUT)  # SEV_FEATURES must match the VM's
-        # A 2M-aligned VMSA can take a spurious RMP #PF (erratum): KVM refuses it.
-        if vmsa_gpa % PAGE or vmsa_gpa % (2 << 20) == 0 or self._spa(vm, vmsa_gpa) is None:
-            return self._malformed(g.ERR_INVALID_INPUT)
-        target.vmsa_gpa = vmsa_gpa
-        target.runnable = op == AP_CREATE
+        if op != AP_CREATE_ON_INIT:
+            # the reset: runnable with the new VMSA if a memslot backs it, else offline
+            gpa = target.vmsa_gpa
+            target.runnable = gpa is not None and self._spa(vm, gpa) is not None
+            if target.runnable:
+                # UNVERIFIED: KVM's reset starts the AP afresh at its new VMSA, so nothing reads
+                # the hold's result; snpemu has no AP context to restart and instead answers a
+                # held AP's next hold request 1, as sev_vcpu_deliver_sipi_vector() does a SIPI.
+                nae.wake(target)
         return ExitResult(), {}, None
 
     # --- nested page faults -----------------------------------------------------------------------
@@ -588,6 +668,7 @@ class Exits:
     async def npf(self, ident: Any, gpa: int, error_code: int) -> tuple[str, bool]:
         vm, vcpu = self.vcpu(ident)
         self.kvm.trace.emit("kvm_page_fault", vm, vcpu.vcpu_id, gpa=gpa, error_code=error_code)
+        nae.leave_hold(vcpu)  # the vCPU was running
         spa = self._spa(vm, gpa & ~0xFFF)
         if spa is None:
             return "no_memslot", False

@@ -101,6 +101,10 @@ class Vcpu:
     vmsa_gpa: int | None = None  # AP creation
     runnable: bool = False
     kicks: int = 0
+    # AP reset hold (KERNEL: sev.c ap_reset_hold_type, AP_RESET_HOLD_*): how the vCPU is held,
+    # and whether a wake-up (AP creation) arrived since; see kvm/nae.py reset_hold()
+    reset_hold: int = 0
+    hold_woken: bool = False
 
 
 @dataclass
