@@ -247,8 +247,9 @@ class Exits:
             )
         spa = self._spa(vm, vcpu.ghcb_gpa)
         if spa is None:
-            # UNVERIFIED: KVM's sev_handle_vmgexit() resumes the guest with nothing written when
-            # kvm_vcpu_map() of the GHCB fails; an exit here has no "resume unchanged" answer.
+            # UNVERIFIED(ghcb-not-mapped): KVM's sev_handle_vmgexit() resumes the guest with nothing
+            # written when kvm_vcpu_map() of the GHCB fails; an exit here has no "resume unchanged"
+            # answer.
             raise WrongState(
                 f"the registered GHCB GPA {vcpu.ghcb_gpa:#x} is outside guest memory",
                 reason="GHCB_NOT_MAPPED",
@@ -411,9 +412,11 @@ class Exits:
         scratch = ghcb.get("sw_scratch")
         base = (vcpu.ghcb_gpa or 0) + g.SHARED_BUFFER
         if not base <= scratch < base + g.SHARED_BUFFER_SIZE - psc.HDR.size:
-            # UNVERIFIED(psc-scratch-in-ghcb) scope: KVM also accepts a scratch area in guest
-            # memory outside the GHCB (up to 16 pages); snpemu takes the descriptor in the shared
-            # buffer only.
+            # UNVERIFIED(psc-scratch-in-ghcb): the descriptor must lie in the GHCB's shared buffer
+            # with room for its header, as in kernels where setup_vmgexit_scratch() takes a
+            # min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
+            # GHCB for GHCB v2; older mainline passes SW_EXIT_INFO_2 as the length and reads a
+            # descriptor outside the GHCB too.
             return self._malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = scratch - base
         buf = bytearray(ghcb.shared)
@@ -657,9 +660,10 @@ class Exits:
             gpa = target.vmsa_gpa
             target.runnable = gpa is not None and self._spa(vm, gpa) is not None
             if target.runnable:
-                # UNVERIFIED: KVM's reset starts the AP afresh at its new VMSA, so nothing reads
-                # the hold's result; snpemu has no AP context to restart and instead answers a
-                # held AP's next hold request 1, as sev_vcpu_deliver_sipi_vector() does a SIPI.
+                # UNVERIFIED(ap-hold-wake): KVM's reset starts the AP afresh at its new VMSA, so
+                # nothing reads the hold's result; snpemu has no AP context to restart and instead
+                # answers a held AP's next hold request 1, as sev_vcpu_deliver_sipi_vector() does a
+                # SIPI.
                 nae.wake(target)
         return ExitResult(), {}, None
 

@@ -134,7 +134,7 @@ def inject(vector: int) -> Reply:
 
 # --- page_address_valid() for the AP's VMSA ----------------------------------------------------
 
-# UNVERIFIED: KVM takes MAXPHYADDR from the guest's CPUID 0x80000008 EAX[7:0]
+# UNVERIFIED(maxphyaddr-48): KVM takes MAXPHYADDR from the guest's CPUID 0x80000008 EAX[7:0]
 # (arch/x86/kvm/cpuid.c cpuid_maxphyaddr()); kvm/exits.py cpuid() reports no such leaf, so
 # snpemu fixes it at 48 bits (an EPYC host's).
 MAXPHYADDR = 48
@@ -204,8 +204,9 @@ def rdmsr(vcpu: Vcpu, index: int, tsc: Callable[[], int]) -> int | None:
     KERNEL: arch/x86/kvm/x86.c kvm_get_msr_common() MSR_IA32_TSC (the guest's TSC) and
     MSR_IA32_APICBASE, at its arch/x86/kvm/lapic.c kvm_lapic_reset() value (default base,
     enabled, BSP on vCPU 0).
-    UNVERIFIED: KVM answers many more (svm_get_msr(), kvm_get_msr_common(): x2APIC, PAT, the
-    KVM PV MSRs, ...) and the VMM may set the APIC base; snpemu gives #GP for the rest."""
+    UNVERIFIED(msr-read-few): KVM answers many more (svm_get_msr(), kvm_get_msr_common():
+    x2APIC, PAT, the KVM PV MSRs, ...) and the VMM may set the APIC base; snpemu gives #GP for
+    the rest."""
     if index == MSR_IA32_TSC:
         return tsc() & U64
     if index == MSR_IA32_APICBASE:
@@ -218,8 +219,8 @@ def msr(vcpu: Vcpu, x: g.Ghcb, tsc: Callable[[], int]) -> Reply:
     kvm_emulate_rdmsr()/kvm_emulate_wrmsr(), svm.c svm_complete_emulated_msr()."""
     index = _reg(x, "rcx") & 0xFFFFFFFF
     if x.get("sw_exit_info_1"):
-        # UNVERIFIED: KVM accepts WRMSR of the MSRs kvm_set_msr_common()/svm_set_msr() know;
-        # snpemu keeps no guest MSR state and gives #GP for every write.
+        # UNVERIFIED(msr-write-gp): KVM accepts WRMSR of the MSRs kvm_set_msr_common() and
+        # svm_set_msr() know; snpemu keeps no guest MSR state and gives #GP for every write.
         return inject(g.VECTOR_GP)
     data = rdmsr(vcpu, index, tsc)
     if data is None:
@@ -229,8 +230,9 @@ def msr(vcpu: Vcpu, x: g.Ghcb, tsc: Callable[[], int]) -> Reply:
 
 def vmmcall(x: g.Ghcb) -> Reply:
     """KERNEL: arch/x86/kvm/x86.c ____kvm_emulate_hypercall(): 64-bit (guest state is
-    protected), CPL from the GHCB. UNVERIFIED: KVM_HC_KICK_CPU, CLOCK_PAIRING, SEND_IPI,
-    SCHED_YIELD and MAP_GPA_RANGE are not emulated: they answer -KVM_ENOSYS here."""
+    protected), CPL from the GHCB. UNVERIFIED(vmmcall-few): KVM_HC_KICK_CPU,
+    CLOCK_PAIRING, SEND_IPI, SCHED_YIELD and MAP_GPA_RANGE are not emulated: they answer
+    -KVM_ENOSYS here."""
     if x.get("cpl"):
         return Reply(regs={"rax": -KVM_EPERM & U64})
     if _reg(x, "rax") == KVM_HC_VAPIC_POLL_IRQ:
@@ -245,7 +247,8 @@ def ioio_size(info1: int) -> int:
 def port_in(x: g.Ghcb) -> Reply:
     """A non-string IN from a port no device claims: all ones, merged into RAX below 4 bytes
     and zero-extended at 4 (KERNEL: x86.c complete_fast_pio_in()).
-    UNVERIFIED: the all-ones value is what QEMU's unassigned_io_read() gives the VMM's exit."""
+    UNVERIFIED(ioio-all-ones): the all-ones value is what QEMU's unassigned_io_read() gives
+    the VMM's exit."""
     size = ioio_size(x.get("sw_exit_info_1"))
     val = _reg(x, "rax") if size < 4 else 0
     ones = (1 << 8 * size) - 1
@@ -270,11 +273,11 @@ def simple(code: int, vcpu: Vcpu, x: g.Ghcb, tsc: Callable[[], int]) -> Reply | 
     if code == g.EXIT_RDTSC:
         raise unexpected_exit(code)
     if code == g.EXIT_RDTSCP:
-        # UNVERIFIED: KVM queues the #UD as an event injection on the next VMRUN (GHCB answer
-        # 0); snpemu, having no event channel, answers ISSUE_EXCEPTION with it.
+        # UNVERIFIED(exception-via-ghcb): KVM queues the #UD as an event injection on the next
+        # VMRUN (GHCB answer 0); snpemu, having no event channel, answers ISSUE_EXCEPTION.
         return inject(g.VECTOR_UD)
     if code == g.EXIT_RDPMC:
-        # UNVERIFIED: as for RDTSCP, KVM queues #GP(0) (kvm_inject_gp()).
+        # UNVERIFIED(exception-via-ghcb): as for RDTSCP, KVM queues #GP(0) (kvm_inject_gp()).
         return inject(g.VECTOR_GP)
     if code == g.EXIT_VMMCALL:
         return vmmcall(x)

@@ -102,8 +102,8 @@ async def mmio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
     """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_MMIO_READ/WRITE: a scratch area of
     SW_EXIT_INFO_2 bytes for the GPA in SW_EXIT_INFO_1, then x86.c kvm_sev_es_mmio_read() /
     kvm_sev_es_mmio_write(), which hand the access to the VMM.
-    UNVERIFIED: no MMIO device is emulated (the local APIC page included): a read gives all
-    ones, as a VMM answers an unassigned address, and a write is dropped."""
+    UNVERIFIED(mmio-no-device): no MMIO device is emulated (the local APIC page included): a
+    read gives all ones, as a VMM answers an unassigned address, and a write is dropped."""
     read = x.get("sw_exit_code") == g.EXIT_MMIO_READ
     return await _access(mem, ghcb_gpa, x, x.get("sw_exit_info_2"), read)
 
