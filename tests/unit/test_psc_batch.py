@@ -13,7 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import psc
-from snpemu.kvm.exits import Exits, ExitState
+from snpemu.kvm.exit_state import ExitState
+from snpemu.kvm.exits import Exits
 from snpemu.kvm.psc_batch import plan_4k
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Vm
@@ -103,7 +104,7 @@ def test_the_plan_equals_the_loop(
     exits = Exits(SimpleNamespace(host=host))  # type: ignore[arg-type]
     desc = psc.Descriptor.decode(raw)
     state = ExitState(speculate=False)
-    result = asyncio.run(exits.apply_psc(v, desc, state))
+    result = asyncio.run(exits.psc.apply(v, desc, state))
     # the plan's contract (module docstring): it takes every request of 4K entries at cur_page
     # 0 whose PRIVATE/SHARED pages are mapped, whatever the other operations and reserved bits
     padded = entries + [0] * psc.MAX_ENTRIES
@@ -156,7 +157,7 @@ def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> None:
     raw = struct.pack("<HHI", 0, 2, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
     desc = psc.Descriptor.decode(raw + bytes(8 * (psc.MAX_ENTRIES - 3)))
     exits = Exits(SimpleNamespace(host=Host()))  # type: ignore[arg-type]
-    result = asyncio.run(exits.apply_psc(vm(), desc, ExitState(speculate=False)))
+    result = asyncio.run(exits.psc.apply(vm(), desc, ExitState(speculate=False)))
     assert result == (1 << 32) | 2 and desc.cur_entry == 1  # VMGEXIT_PSC_ERROR_INVALID_ENTRY
     assert [e.cur_page for e in desc.entries[:3]] == [1, 2, 0]
 

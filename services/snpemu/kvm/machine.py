@@ -1,6 +1,7 @@
 """kvm: host bring-up and the life of SNP VMs (create, launch as QEMU does, destroy).
 
-Talks to rmp and psp only through their RPCs (peers.py). Exit handling is in exits.py.
+Talks to rmp and psp only through their RPCs (peers.py). Exit handling is in exits.py and the
+modules it names.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The NAE events of a full-GHCB VMGEXIT: which fields each needs valid, and what kvm does for
-the small ones (the rest are in exits.py: CPUID, PSC, guest requests, AP creation, MMIO, ...).
+the small ones (the rest: exits.py, page_state.py, guest_request.py, scratch.py).
 
 KERNEL: arch/x86/kvm/svm/sev.c sev_es_validate_vmgexit() (REQUIRED below), sev_handle_vmgexit()
 (its default case hands the SVM_EXIT_* codes to svm_invoke_exit_handler()), and the handlers of

@@ -6,8 +6,8 @@ __set_pages_state()). Entries with an operation other than PRIVATE/SHARED are co
 without an RMPUPDATE, and reserved bits 63:57 are ignored and written back as they were, as
 KVM does (KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() `default:`). Anything else (2M
 entries, entries already partly done, GPAs outside the memslots, a header with nothing to do
-or a bad one) is left to the entry-by-entry loop in exits.py, which gives the same answer (a
-unit test holds the two together).
+or a bad one) is left to the entry-by-entry loop in page_state.py, which gives the same answer
+(a unit test holds the two together).
 """
 
 from __future__ import annotations

@@ -1,0 +1,121 @@
+"""Guest requests (SNP_GUEST_REQUEST and the extended request) through kvm's bounce pages.
+
+KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(), snp_handle_ext_guest_req(); the
+throttle is from the unmerged "kvm: sev: Add SNP guest request throttling" v5 (throttle.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from snp.common.v1 import handles_pb2
+from snp.psp.v1 import psp_pb2
+from snp.rmp.v1 import rmp_pb2
+
+from snpemu.abi import ghcb as g
+from snpemu.abi import guest_message as gm
+from snpemu.errors import Unavailable
+from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
+from snpemu.kvm.host_access import HostAccess, kernel_copy
+from snpemu.kvm.machine import Kvm
+from snpemu.kvm.peers import PeerError
+from snpemu.kvm.vm import PAGE, Vcpu, Vm
+
+# exitinfo2 of a guest request: vmm_error << 32 | fw_error (KERNEL: include/uapi/linux/sev-guest.h)
+VMM_ERR_INVALID_LEN = 1
+VMM_ERR_BUSY = 2
+VMM_ERR_GENERIC = 1 << 31
+SNP_GUEST_FW_ERR_MASK = (1 << 32) - 1
+MSG_TYPE_OFFSET = 0x34  # KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr msg_type
+REQUEST_KINDS: dict[int, str] = {gm.MsgType.REPORT_REQ: "report", gm.MsgType.KEY_REQ: "key"}
+
+
+class GuestRequests:
+    def __init__(self, kvm: Kvm, host: HostAccess) -> None:
+        self.kvm = kvm
+        self.host = host
+        self.locks: dict[str, asyncio.Lock] = {}  # KVM's guest_req_mutex, one per VM
+
+    async def exit(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(), snp_handle_ext_guest_req().
+        sev_es_validate_vmgexit() checked the two GPAs page aligned and distinct (nae.py)."""
+        code, req_gpa, res_gpa = (
+            ghcb.get(f) for f in ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+        )
+        req_spa, res_spa = vm.memslots.translate(req_gpa), vm.memslots.translate(res_gpa)
+        if req_spa is None or res_spa is None:
+            return malformed(g.ERR_INVALID_INPUT)
+        ext = code == g.EXIT_EXT_GUEST_REQUEST
+        lock = self.locks.setdefault(vm.vm_id, asyncio.Lock())
+        # one request in flight per VM, as KVM's mutex; held until the response is copied
+        await state.held.enter_async_context(lock)
+        started = time.perf_counter()
+        # the request goes straight into the firmware's bounce page; kvm looks only at the
+        # header's MSG_TYPE (struct snp_guest_msg_hdr msg_type, offset 0x34), the same byte
+        # snp_handle_ext_guest_req() reads from the guest's page before taking the mutex
+        header = await self.host.copy(req_spa, vm.bounce_req, peek=0x40)
+        msg_type = header[MSG_TYPE_OFFSET]
+        kind = REQUEST_KINDS.get(msg_type, "other")
+        # KERNEL: snp_handle_ext_guest_req(): only an SNP_MSG_REPORT_REQ takes RAX/RBX (the
+        # certificate pages); without both valid, or with RAX not page-aligned, it answers
+        # GHCB_ERR_INVALID_INPUT. Any other message goes on as a plain request, RAX/RBX unread.
+        certs = ext and msg_type == gm.MsgType.REPORT_REQ
+        if certs and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
+            return malformed(g.ERR_INVALID_INPUT)
+        if certs and ghcb.get("rax") % PAGE:
+            return malformed(g.ERR_INVALID_INPUT)
+        regs: dict[str, int] = {}
+        if certs:
+            # UNVERIFIED(ext-req-certs): mainline snp_handle_ext_guest_req() only clears the 24-byte
+            # table terminator at RAX when RBX is not 0 (an empty certificate table; a failed write
+            # is -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and answers
+            # VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
+            certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
+            blob = self.kvm.certs_blob or bytes(24)
+            need = -(-len(blob) // PAGE)
+            if npages < need:
+                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
+                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
+            spas = [vm.memslots.translate(certs_gpa + i * PAGE) for i in range(need)]
+            if None in spas:
+                return malformed(g.ERR_INVALID_INPUT)  # before any page is written
+            for i, spa in enumerate(spas):
+                assert spa is not None  # INVARIANT: checked above
+                await self.host.write(spa, blob[i * PAGE : (i + 1) * PAGE])
+        # Not mainline: "kvm: sev: Add SNP guest request throttling" v5 (throttle.py) checks
+        # __ratelimit() in snp_handle_guest_req() right after mutex_lock(), i.e. after
+        # snp_handle_ext_guest_req()'s checks and its certificate-page write.
+        if not vm.throttle.allow():
+            self.kvm.counters.throttled += 1
+            self.kvm.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+        try:
+            await self.kvm.psp.call(
+                "GuestRequest",
+                psp_pb2.GuestRequestRequest(
+                    gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
+                    req_paddr=vm.bounce_req,
+                    res_paddr=vm.bounce_res,
+                ),
+            )
+        except PeerError as e:
+            self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
+            if not e.fw_status:
+                # UNVERIFIED(guest-req-no-status): snp_handle_guest_req() returns a failure without
+                # a firmware status to userspace (KVM_RUN fails); snpemu answers the guest
+                # VMM_ERR_GENERIC
+                return ExitResult(0, VMM_ERR_GENERIC << 32), regs, None
+            # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
+            # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
+            state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
+            return ExitResult(0, e.fw_status & SNP_GUEST_FW_ERR_MASK), regs, None
+        except Unavailable:
+            # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
+            self.kvm.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+        # the response copy goes with the GHCB write (ExitState)
+        state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
+        self.kvm.counters.guest_requests[(kind, "success")] += 1
+        self.kvm.counters.observe_request(time.perf_counter() - started)
+        return ExitResult(0, 0), regs, None

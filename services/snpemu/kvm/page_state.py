@@ -1,0 +1,177 @@
+"""Page state changes: the GHCB PSC descriptor and the MSR protocol's one-page request.
+
+KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc(), snp_begin_psc_msr().
+The common request (4K entries at cur_page 0, all mapped) is planned with arrays in
+psc_batch.py, which gives the same answer as the loop here.
+"""
+
+from __future__ import annotations
+
+from snp.rmp.v1 import rmp_pb2
+
+from snpemu.abi import ghcb as g
+from snpemu.abi import psc, rmp_batch
+from snpemu.kvm import psc_batch
+from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
+from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.machine import Kvm
+from snpemu.kvm.vm import PAGE, Vcpu, Vm
+
+
+class PageStateChanges:
+    def __init__(self, kvm: Kvm, host: HostAccess) -> None:
+        self.kvm = kvm
+        self.host = host
+
+    async def msr(self, vm: Vm, gfn: int, op: int) -> bool:
+        """One 4K page by the GHCB MSR protocol (KERNEL: sev.c snp_begin_psc_msr())."""
+        spa = vm.memslots.translate(gfn << 12)
+        if spa is None or op not in (psc.Op.PRIVATE, psc.Op.SHARED):
+            return False
+        eax = await self.host.rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gfn << 12)
+        if eax == 0:
+            self.kvm.counters.psc_pages[(psc.Op(op).name.lower(), "4k")] += 1
+        return eax == 0
+
+    async def exit(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
+        """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_PSC."""
+        if not ghcb.is_valid("sw_scratch"):
+            return malformed(g.ERR_MISSING_INPUT)
+        scratch = ghcb.get("sw_scratch")
+        base = (vcpu.ghcb_gpa or 0) + g.SHARED_BUFFER
+        if not base <= scratch < base + g.SHARED_BUFFER_SIZE - psc.HDR.size:
+            # UNVERIFIED(psc-scratch-in-ghcb): the descriptor must lie in the GHCB's shared buffer
+            # with room for its header, as in kernels where setup_vmgexit_scratch() takes a
+            # min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
+            # GHCB for GHCB v2; older mainline passes SW_EXIT_INFO_2 as the length and reads a
+            # descriptor outside the GHCB too.
+            return malformed(g.ERR_INVALID_SCRATCH_AREA)
+        off = scratch - base
+        buf = bytearray(ghcb.shared)
+        if state.speculate:
+            fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
+            if fast is not None:
+                # every page a 4K entry: the batch goes with the GHCB write (ExitState)
+                if fast.entries:  # none when every entry is an operation KVM only completes
+                    state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
+                for op, n in (("private", fast.private), ("shared", fast.shared)):
+                    if n:
+                        state.psc_pages[(op, "4k")] += n
+                state.psc_requests[("ghcb", result_name(0))] += 1
+                buf[off:] = fast.descriptor[: len(buf) - off]
+                return ExitResult(0, 0), {}, buf
+        desc = psc.Descriptor.decode(bytes(buf[off:]))
+        # 2M entries take RMPUPDATEs of their own first; handling the exit twice would repeat them
+        state.speculate = state.speculate and not any(e.size_2m for e in desc.entries)
+        result = await self.apply(vm, desc, state)
+        view = bytearray(buf[off:])
+        desc.encode_into(view)
+        buf[off:] = view[: len(buf) - off]
+        state.psc_requests[("ghcb", result_name(result))] += 1
+        return ExitResult(0, result), {}, buf
+
+    async def apply(self, vm: Vm, desc: psc.Descriptor, state: ExitState) -> int:
+        """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor.
+
+        KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc()."""
+        if not psc.check_header(desc):
+            return psc.PSC_ERROR_INVALID_HDR
+        if desc.cur_entry > desc.end_entry:
+            # KERNEL: snp_begin_psc(): the scan loop does not run (`idx > idx_end`) and
+            # snp_complete_psc(svm, 0) answers without writing the buffer
+            return 0
+        last = min(desc.end_entry, len(desc.entries) - 1)
+        first = desc.cur_entry
+        work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
+        for idx in range(first, last + 1):
+            e = desc.entries[idx]
+            if not psc.check_entry(e):
+                desc.cur_entry = idx
+                return await self._run(
+                    vm, desc, work, (first, idx), psc.PSC_ERROR_INVALID_ENTRY, state
+                )
+            if e.op not in psc.STATE_CHANGES:
+                # KERNEL: snp_begin_psc() `default:` (PSMASH, UNSMASH and every undefined
+                # operation): __snp_complete_one_psc() marks the range complete without acting
+                continue
+            gpa = e.gfn << 12
+            if e.size_2m and e.cur_page == 0:
+                spa2m = vm.memslots.contiguous_2m(gpa)
+                if spa2m is not None:
+                    eax = await self.host.rmpupdate(
+                        spa2m, private=e.op == psc.Op.PRIVATE, vm=vm, gpa=gpa, size_2m=True
+                    )
+                    if eax == 0:
+                        e.cur_page = 512
+                        state.psc_pages[(psc.Op(e.op).name.lower(), "2m")] += 1
+                        continue
+            for page in range(e.cur_page, e.npages):
+                spa = vm.memslots.translate(gpa + page * PAGE)
+                if spa is None:
+                    desc.cur_entry = idx
+                    return await self._run(
+                        vm, desc, work, (first, idx), psc.PSC_ERROR_GENERIC, state
+                    )
+                work.append((idx, page, spa, gpa + page * PAGE, e.op == psc.Op.PRIVATE))
+        result = await self._run(vm, desc, work, (first, last + 1), 0, state)
+        if result == 0:
+            desc.cur_entry = last + 1
+        return result
+
+    async def _run(
+        self,
+        vm: Vm,
+        desc: psc.Descriptor,
+        work: list[tuple[int, int, int, int, bool]],
+        span: tuple[int, int],
+        stop_result: int,
+        state: ExitState,
+    ) -> int:
+        """One batched RMPUPDATE for the 4K work, then progress up to the first failure. `span`
+        is the entries the loop went through (first, end exclusive): those before the first
+        failure are marked complete, as KVM does range by range; entries past it, or past
+        end_entry, are left as the guest wrote them. When the exit may speculate, the batch
+        goes with the GHCB write and every page is taken to have succeeded (see ExitState)."""
+        first, bound = span
+        result = stop_result
+        codes: bytes = b""
+        if state.codes is not None:
+            codes = state.codes
+        elif work:
+            entries = rmp_batch.pack(
+                spa=[spa for _, _, spa, _, _ in work],
+                gpa=[gpa if priv else 0 for _, _, _, gpa, priv in work],
+                assigned=[priv for *_, priv in work],
+                asid=[vm.asid if priv else 0 for *_, priv in work],
+            )
+            batch = rmp_pb2.RmpUpdateBatchRequest(entries=entries)
+            if state.speculate:
+                state.batch, codes = batch, bytes(len(work))
+            else:
+                codes = bytes((await self.kvm.host.call("rmp_update_batch", batch)).codes)
+        done_entries: set[int] = set()
+        for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
+            e = desc.entries[idx]
+            if code != 0:
+                # Progress stops at the first page that failed; the guest resumes from here.
+                # Later pages of this batch were changed too: redoing them is harmless.
+                e.cur_page = page
+                desc.cur_entry = bound = idx
+                result = psc.PSC_ERROR_GENERIC
+                break
+            e.cur_page = page + 1
+            done_entries.add(idx)
+            state.psc_pages[("private" if priv else "shared", "4k")] += 1
+        for idx in range(first, bound):
+            e = desc.entries[idx]
+            if idx in done_entries or e.op not in psc.STATE_CHANGES:
+                e.cur_page = e.npages
+        return result
+
+
+def result_name(result: int) -> str:
+    return {
+        0: "success",
+        psc.PSC_ERROR_INVALID_HDR: "invalid_hdr",
+        psc.PSC_ERROR_INVALID_ENTRY: "invalid_entry",
+    }.get(result, "generic")
