@@ -144,68 +144,88 @@ VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
 VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
 VMGEXIT_PSC_OP_PRIVATE, VMGEXIT_PSC_OP_SHARED = 1, 2
+GHCB_HV_RESP_MALFORMED_INPUT, GHCB_ERR_INVALID_SCRATCH_AREA = 2, 3
+# KERNEL: arch/x86/include/asm/svm.h struct ghcb: shared_buffer at 0x800, reserved_0xff0 after it
+SHARED_BUFFER, SHARED_BUFFER_END = 0x800, 0xFF0
+PSC_HDR_SIZE, PSC_ENTRY_SIZE = 8, 8
+
+ENTRY = st.tuples(
+    st.integers(0, 0xFFF) | st.sampled_from([0, 0, 1, 512]),  # cur_page
+    st.integers(0x1000, 0x1FFF) | st.sampled_from([0x1000, 0x1200]),  # gfn (2M-aligned too)
+    st.integers(0, 0xF) | st.sampled_from([1, 2]),  # operation
+    st.booleans(),  # pagesize
+    st.integers(0, 0x7F),  # reserved 63:57
+)
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    cur=st.integers(0, 300),
-    end=st.integers(0, 300),
+    # the descriptor's offset in the shared buffer: at its start, at the edges, or anywhere
+    off=st.sampled_from([0, 0, 0, 8, 2016, 2024, 2025, 2032, -8]) | st.integers(0, 2032),
+    entries=st.lists(ENTRY, max_size=12),
+    data=st.data(),
     hdr_reserved=st.sampled_from([0, 0, 0xFFFFFFFF]),
-    entries=st.lists(
-        st.tuples(
-            st.integers(0, 0xFFF),
-            st.integers(0x1000, 0x1FFF),
-            st.integers(0, 0xF),
-            st.booleans(),
-            st.integers(0, 0x7F),
-        ),
-        max_size=12,
-    ),
 )
 def test_random_psc_descriptor_gets_the_exact_code(
     live: Live,
-    cur: int,
-    end: int,
-    hdr_reserved: int,
+    off: int,
     entries: list[tuple[int, int, int, bool, int]],
+    data: st.DataObject,
+    hdr_reserved: int,
 ) -> None:
-    """The oracle is KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), written out here on the
-    raw bits of struct psc_entry / psc_hdr (arch/x86/include/asm/sev-common.h)."""
+    """The oracle is KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit() SVM_VMGEXIT_PSC
+    (setup_vmgexit_scratch() of sizeof(struct psc_hdr), inside the GHCB for GHCB v2) and
+    snp_begin_psc() (`idx_end >= max_nr_entries`, the entry checks, the `default:` branch),
+    written out here on the raw bits of struct psc_entry / psc_hdr."""
+    # mostly within the drawn entries, sometimes anywhere (past them, past the area)
+    near = st.integers(0, len(entries) + 1)
+    cur = data.draw(near | st.integers(0, 300), label="cur_entry")
+    end = data.draw(near | near | st.integers(0, 300), label="end_entry")
     raw = [
         cp | gfn << 12 | op << 52 | int(size) << 56 | rsvd << 57
         for cp, gfn, op, size, rsvd in entries
     ]
+    area = SHARED_BUFFER_END - SHARED_BUFFER - off  # bytes from the descriptor to the end
     buf = bytearray(g.SHARED_BUFFER_SIZE)
-    struct.pack_into("<HHI", buf, 0, cur, end, hdr_reserved)
-    for i, r in enumerate(raw):
-        struct.pack_into("<Q", buf, 8 + 8 * i, r)
+    if off >= 0 and area >= PSC_HDR_SIZE:
+        struct.pack_into("<HHI", buf, off, cur, end, hdr_reserved)
+        for i, r in enumerate(raw[: (area - PSC_HDR_SIZE) // PSC_ENTRY_SIZE]):
+            struct.pack_into("<Q", buf, off + 8 + 8 * i, r)
     ghcb = g.Ghcb()
     for k, v in (
         ("sw_exit_code", g.EXIT_PSC),
         ("sw_exit_info_1", 0),
         ("sw_exit_info_2", 0),
-        ("sw_scratch", live.guest.ghcb_gpa + g.SHARED_BUFFER),
+        ("sw_scratch", live.guest.ghcb_gpa + SHARED_BUFFER + off),
     ):
         ghcb.set(k, v)
     ghcb.shared = buf
     before = live.rmp_snapshot()
     r, back = live.runner.run(live.guest.vmgexit(ghcb))
     out = bytes(back.shared)
+    if off < 0 or area < PSC_HDR_SIZE:  # outside the shared buffer, or no room for the header
+        assert (r.sw_exit_info_1, r.sw_exit_info_2) == (
+            GHCB_HV_RESP_MALFORMED_INPUT,
+            GHCB_ERR_INVALID_SCRATCH_AREA,
+        )
+        assert out == bytes(buf) and live.rmp_snapshot() == before
+        return
+    max_nr_entries = (area - PSC_HDR_SIZE) // PSC_ENTRY_SIZE
     assert r.sw_exit_info_1 == 0  # snp_complete_psc(): svm_vmgexit_no_action()
     # psc_hdr.reserved is never read, and never written
-    assert struct.unpack_from("<I", out, 4)[0] == hdr_reserved
-    if end >= VMGEXIT_PSC_MAX_COUNT:  # `idx_end >= VMGEXIT_PSC_MAX_COUNT`
+    assert struct.unpack_from("<I", out, off + 4)[0] == hdr_reserved
+    if end >= max_nr_entries:  # `idx_end >= max_nr_entries`
         assert r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_INVALID_HDR
-        assert live.rmp_snapshot() == before
+        assert out == bytes(buf) and live.rmp_snapshot() == before
         return
     if cur > end:  # the scan loop does not run; `idx > idx_end`: snp_complete_psc(svm, 0)
         assert r.sw_exit_info_2 == 0 and out == bytes(buf)
         assert live.rmp_snapshot() == before
         return
     # entries past the list are zero (cur_page 0, gfn 0, operation 0, 4K)
-    padded = raw + [0] * VMGEXIT_PSC_MAX_COUNT
+    padded = (raw + [0] * max_nr_entries)[:max_nr_entries]
 
     def npages(e: int) -> int:
         return 512 if e >> 56 & 1 else 1
@@ -224,10 +244,22 @@ def test_random_psc_descriptor_gets_the_exact_code(
     # only a page state change KVM sends on can fail (VMGEXIT_PSC_ERROR_GENERIC); a range of
     # other operations is completed by __snp_complete_one_psc()
     can_fail = any(changes_state(e) and pending(e) for e in padded[cur:stop])
-    cur_out = struct.unpack_from("<H", out, 0)[0]
-    back_entries = struct.unpack_from(f"<{VMGEXIT_PSC_MAX_COUNT}Q", out, 8)
+    cur_out = struct.unpack_from("<H", out, off)[0]
+    back_entries = struct.unpack_from(f"<{max_nr_entries}Q", out, off + 8)
+    # the bytes before the descriptor are the guest's, untouched
+    assert out[:off] == bytes(buf[:off])
     if r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_GENERIC:
-        assert can_fail and cur <= cur_out <= stop
+        # a page that could not change (a GFN outside the memslots): entries before the one
+        # that failed are complete, it and those after it as the guest wrote them (except its
+        # cur_page, which may have advanced)
+        assert can_fail and cur <= cur_out < stop
+        failed = padded[cur_out]
+        assert changes_state(failed) and pending(failed)
+        for i in range(cur, cur_out):
+            assert back_entries[i] == padded[i] & ~0xFFF | npages(padded[i]), i
+        for i in range(cur_out + 1, max_nr_entries):
+            assert back_entries[i] == padded[i], i
+        assert back_entries[cur_out] & ~0xFFF == failed & ~0xFFF
         return
     if first_bad is not None:
         assert r.sw_exit_info_2 == VMGEXIT_PSC_ERROR_INVALID_ENTRY
@@ -236,7 +268,7 @@ def test_random_psc_descriptor_gets_the_exact_code(
         assert r.sw_exit_info_2 == 0
         assert cur_out == end + 1
     # processed entries are complete (only cur_page written), the rest as the guest wrote them
-    for i, (sent, got) in enumerate(zip(padded, back_entries, strict=False)):
+    for i, (sent, got) in enumerate(zip(padded, back_entries, strict=True)):
         if cur <= i < stop:
             assert got == sent & ~0xFFF | npages(sent), i
         else:

@@ -91,10 +91,14 @@ class Descriptor:
 
 
 def check_header(d: Descriptor) -> bool:
-    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): `idx_end >= VMGEXIT_PSC_MAX_COUNT` is
-    VMGEXIT_PSC_ERROR_INVALID_HDR; nothing else in the header is checked (cur_entry beyond
-    end_entry is not an error but nothing to do, and the reserved word is never read)."""
-    return d.end_entry < MAX_ENTRIES
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): an end_entry past the entries the
+    scratch area holds is VMGEXIT_PSC_ERROR_INVALID_HDR (`idx_end >= max_nr_entries`, where
+    max_nr_entries = (ghcb_sa_len - sizeof(struct psc_hdr)) / sizeof(struct psc_entry): 253,
+    VMGEXIT_PSC_MAX_COUNT, for a descriptor at the start of the shared buffer; older kernels
+    compare with VMGEXIT_PSC_MAX_COUNT only). Nothing else in the header is checked (cur_entry
+    beyond end_entry is not an error but nothing to do, and the reserved word is never read).
+    `d` was decoded from the scratch area, so it holds exactly max_nr_entries entries."""
+    return d.end_entry < len(d.entries)
 
 
 def check_entry(e: Entry) -> bool:

@@ -15,6 +15,7 @@ from snpemu.kvm import psc_batch
 from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.machine import Kvm
+from snpemu.kvm.scratch import setup_vmgexit_scratch
 from snpemu.kvm.vm import PAGE, Vcpu, Vm
 
 
@@ -26,7 +27,7 @@ class PageStateChanges:
     async def msr(self, vm: Vm, gfn: int, op: int) -> bool:
         """One 4K page by the GHCB MSR protocol (KERNEL: sev.c snp_begin_psc_msr())."""
         spa = vm.memslots.translate(gfn << 12)
-        if spa is None or op not in (psc.Op.PRIVATE, psc.Op.SHARED):
+        if spa is None or op not in psc.STATE_CHANGES:
             return False
         eax = await self.host.rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gfn << 12)
         if eax == 0:
@@ -34,19 +35,18 @@ class PageStateChanges:
         return eax == 0
 
     async def exit(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_PSC."""
-        if not ghcb.is_valid("sw_scratch"):
-            return malformed(g.ERR_MISSING_INPUT)
-        scratch = ghcb.get("sw_scratch")
-        base = (vcpu.ghcb_gpa or 0) + g.SHARED_BUFFER
-        if not base <= scratch < base + g.SHARED_BUFFER_SIZE - psc.HDR.size:
-            # UNVERIFIED(psc-scratch-in-ghcb): the descriptor must lie in the GHCB's shared buffer
-            # with room for its header, as in kernels where setup_vmgexit_scratch() takes a
-            # min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
-            # GHCB for GHCB v2; older mainline passes SW_EXIT_INFO_2 as the length and reads a
-            # descriptor outside the GHCB too.
+        """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_PSC: setup_vmgexit_scratch() of at
+        least the header, then snp_begin_psc() on the entries the area holds. SW_SCRATCH was
+        checked valid by nae.validate()."""
+        ghcb_gpa = vcpu.ghcb_gpa or 0
+        area = setup_vmgexit_scratch(ghcb_gpa, ghcb.get("sw_scratch"), psc.HDR.size)
+        if area is None or not area.in_ghcb:
+            # UNVERIFIED(psc-scratch-in-ghcb): as in kernels whose setup_vmgexit_scratch() takes
+            # a min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
+            # GHCB for GHCB v2; the mainline read here passes SW_EXIT_INFO_2 as the length and
+            # accepts a descriptor outside the GHCB too.
             return malformed(g.ERR_INVALID_SCRATCH_AREA)
-        off = scratch - base
+        off = area.gpa - (ghcb_gpa + g.SHARED_BUFFER)
         buf = bytearray(ghcb.shared)
         if state.speculate:
             fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
@@ -75,12 +75,12 @@ class PageStateChanges:
 
         KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc()."""
         if not psc.check_header(desc):
-            return psc.PSC_ERROR_INVALID_HDR
+            return psc.PSC_ERROR_INVALID_HDR  # INVARIANT from here: end_entry < len(entries)
         if desc.cur_entry > desc.end_entry:
             # KERNEL: snp_begin_psc(): the scan loop does not run (`idx > idx_end`) and
             # snp_complete_psc(svm, 0) answers without writing the buffer
             return 0
-        last = min(desc.end_entry, len(desc.entries) - 1)
+        last = desc.end_entry
         first = desc.cur_entry
         work: list[tuple[int, int, int, int, bool]] = []  # (entry, page, spa, gpa, private)
         for idx in range(first, last + 1):

@@ -37,9 +37,9 @@ def plan_4k(
     not of that kind. `translate` maps GPAs to SPAs (-1 outside the memslots)."""
     cur, end, reserved = psc.HDR.unpack_from(descriptor, 0)
     count = min(psc.MAX_ENTRIES, (len(descriptor) - psc.HDR.size) // 8)
-    last = min(end, count - 1)
-    if end >= psc.MAX_ENTRIES or cur > last:
+    if end >= count or cur > end:  # INVALID_HDR (psc.check_header()), or nothing to do
         return None
+    last = end
     raw = np.frombuffer(descriptor, dtype="<u8", count=count, offset=psc.HDR.size)[cur : last + 1]
     # INVARIANT: bits 63:57 (reserved) are masked off everywhere they could be looked at
     if (
@@ -48,7 +48,7 @@ def plan_4k(
     ):
         return None
     op = (raw >> np.uint64(52)) & np.uint64(0xF)
-    changes = (op == psc.Op.PRIVATE) | (op == psc.Op.SHARED)  # the others: done, no RMPUPDATE
+    changes = np.isin(op, psc.STATE_CHANGES)  # the others: done, no RMPUPDATE
     gpa = ((raw[changes] >> np.uint64(12)) & np.uint64(GFN_MASK)).astype(np.int64) << 12
     spa = translate(gpa)
     if (spa < 0).any():
