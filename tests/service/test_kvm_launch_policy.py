@@ -193,3 +193,37 @@ def test_without_smt_and_with_two_sockets(tmp_path: Path) -> None:
             return await smt_en(s, RSVD_MBO)
 
     assert run(body()) == 0
+
+
+def test_a_launch_that_failed_after_launch_start_is_not_started_again(tmp_path: Path) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start(): "Don't allow userspace to allocate
+    memory for more than 1 SNP context" (-EINVAL while sev->snp_context is set). A launch whose
+    SNP_LAUNCH_FINISH the firmware refuses (an ID block whose ID auth does not verify) keeps its
+    context; a second LaunchVm is refused before any firmware call (before, it overwrote the
+    context, failed ACTIVATE with ASID_OWNED and orphaned the first context), and after
+    DestroyVm the next VM launches."""
+
+    async def body() -> None:
+        async with host_stack(tmp_path) as s:
+            made = await create(s, id_block=bytes(96), id_auth=bytes(4096))
+            with pytest.raises(grpc.aio.AioRpcError) as first:
+                await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+            assert error_info(first.value) is not None
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+            assert vm.state == kvm_pb2.VM_STATE_CREATED and vm.gctx.gctx_paddr != 0
+            before = await free_pages(s)
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+            assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            details = error_info(again.value)
+            assert details is not None and details.reason == "LAUNCH_STARTED"
+            after = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+            assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
+            assert await free_pages(s) == before
+            # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
+            await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
+            # the host is left in a state that launches the next VM
+            guest = await s.launch()
+            assert len(guest.measurement) == 48
+
+    run(body())

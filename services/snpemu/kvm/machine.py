@@ -368,6 +368,14 @@ class Kvm:
         """What QEMU does for an SNP guest (target/i386/sev.c) over KVM's ioctls."""
         if vm.state != VmState.CREATED:
             raise WrongState(f"{vm.vm_id} is {vm.state.name}, not CREATED", reason="VM_STATE")
+        if vm.gctx:
+            # KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start(): "Don't allow userspace to
+            # allocate memory for more than 1 SNP context" (-EINVAL). A launch that failed after
+            # LAUNCH_START keeps its context and pages until the VM is destroyed.
+            raise WrongState(
+                f"{vm.vm_id} has a guest context from a launch that failed: destroy it",
+                reason="LAUNCH_STARTED",
+            )
         vm.state = VmState.LAUNCHING
         try:
             return await self._launch(vm)
@@ -475,10 +483,7 @@ class Kvm:
     async def _decommission_context(self, vm: Vm) -> None:
         """snp_decommission_context(): SNP_DECOMMISSION, then the context page back to the host
         (snp_free_firmware_page() reclaims it; a page that will not come back is leaked)."""
-        await self.psp.call(
-            "Decommission",
-            psp_pb2.DecommissionRequest(gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)),
-        )
+        await self._decommission(vm)
         spa, vm.gctx = vm.gctx, 0
         if await self._reclaim(spa):
             await self.rmp.call("FreePages", rmp_pb2.FreePagesRequest(pfns=[spa >> 12]))
@@ -486,6 +491,19 @@ class Kvm:
             await self.rmp.call(
                 "LeakPages",
                 rmp_pb2.LeakPagesRequest(pfns=[spa >> 12], reason=f"context of {vm.vm_id}"),
+            )
+
+    async def _decommission(self, vm: Vm) -> None:
+        """SNP_DECOMMISSION under the deactivate lock: it clears the firmware's WBINVD
+        indicator, so it must not fall between sev_flush_asids()' WBINVD and DF_FLUSH.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_decommission_context(), which takes
+        sev_deactivate_lock for writing around it."""
+        async with self.deactivate_lock:
+            await self.psp.call(
+                "Decommission",
+                psp_pb2.DecommissionRequest(
+                    gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
+                ),
             )
 
     async def _alloc(self, count: int) -> list[int]:
@@ -541,13 +559,7 @@ class Kvm:
         leaked: list[int] = []
         if vm.gctx:
             try:
-                async with self.deactivate_lock:
-                    await self.psp.call(
-                        "Decommission",
-                        psp_pb2.DecommissionRequest(
-                            gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx)
-                        ),
-                    )
+                await self._decommission(vm)
             except PeerError as e:
                 log.warning("DECOMMISSION of %s failed: %s", vm.vm_id, e.message)
         firmware_pages = [p for p in (vm.gctx, vm.bounce_res) if p]
