@@ -827,6 +827,9 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
                 ),
                 metadata=HOST,
             )
+            # the throttle's clock stands still: the interval never ends during the test
+            vm = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id]  # type: ignore[union-attr]
+            vm.throttle.clock = lambda: vm.throttle._last
             r, _, _ = await guest.guest_request(report_req())
             assert r.sw_exit_info_2 == 0  # the one request of this interval
             r, _ = await ext_guest_request(

@@ -8,7 +8,6 @@ or spec section the behaviour stands against.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -62,11 +61,15 @@ def rows_in_doc(text: str) -> dict[str, tuple[str, str, str]]:
     return rows
 
 
+def mismatches(code: dict[str, set[str]], rows: dict[str, object]) -> tuple[list[str], list[str]]:
+    """(marker ids without a row, row ids without a marker)."""
+    return sorted(set(code) - set(rows)), sorted(set(rows) - set(code))
+
+
 def test_every_marker_has_a_row_and_every_row_a_marker() -> None:
-    code = markers_in_code()
-    rows = rows_in_doc(DOC.read_text())
-    assert sorted(set(code) - set(rows)) == [], "markers in the code missing from docs/fidelity.md"
-    assert sorted(set(rows) - set(code)) == [], "rows in docs/fidelity.md with no marker in code"
+    missing, stale = mismatches(markers_in_code(), rows_in_doc(DOC.read_text()))
+    assert missing == [], "markers in the code missing from docs/fidelity.md"
+    assert stale == [], "rows in docs/fidelity.md with no marker in code"
 
 
 def test_each_row_names_the_marked_files_and_an_upstream_source() -> None:
@@ -78,12 +81,18 @@ def test_each_row_names_the_marked_files_and_an_upstream_source() -> None:
         assert _UPSTREAM.search(upstream), f"{ident}: cite the upstream function or spec section"
 
 
-def test_the_check_finds_a_marker_and_a_missing_row(tmp_path: Path) -> None:
-    """The parsers themselves: a row is read, and an unlisted id would be reported."""
+def test_the_check_reports_a_missing_row_and_a_stale_one() -> None:
+    """On a page and markers made up here: a row outside its section is not read, a marker
+    with no row and a row with no marker are both reported, and a marker needs an id."""
     doc = (
         "## Marked in the code\n\n| id | where | what | upstream |\n|---|---|---|---|\n"
-        "| `a-b` | `x.py` | does | arch/x86/kvm/svm/sev.c f() |\n\n## Next\n| `c` | y | z | w |\n"
+        "| `a-b` | `x.py` | does | arch/x86/kvm/svm/sev.c f() |\n"
+        "| `gone` | `y.py` | did | arch/x86/kvm/svm/sev.c g() |\n\n## Next\n| `c` | y | z | w |\n"
     )
-    assert rows_in_doc(doc) == {"a-b": ("`x.py`", "does", "arch/x86/kvm/svm/sev.c f()")}
+    rows = rows_in_doc(doc)
+    assert rows["a-b"] == ("`x.py`", "does", "arch/x86/kvm/svm/sev.c f()")
+    assert set(rows) == {"a-b", "gone"}
+    assert mismatches({"a-b": {"x.py"}, "new-one": {"z.py"}}, rows) == (["new-one"], ["gone"])
+    assert mismatches({"a-b": {"x.py"}, "gone": {"y.py"}}, rows) == ([], [])
     assert _MARKER.search("# UNVERIFIED(a-b): x")["id"] == "a-b"  # type: ignore[index]
     assert _MARKER.search("# UNVERIFIED: x")["id"] is None  # type: ignore[index]

@@ -26,6 +26,7 @@ from snpemu.errors import InvalidArgument, NotFound, SnpemuError, Unavailable, W
 from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Run, Vcpu, Vm, VmState, new_vm_id
+from snpemu.psp.status import SevStatus, is_state_error
 from snpemu.vmm import launch_plan, vmsa
 from snpemu.vmm.ovmf import Ovmf
 
@@ -690,12 +691,15 @@ def check_vmsa_features(requested: int, supported: int) -> int:
 
 def firmware_failure(e: PeerError) -> SnpemuError:
     """A firmware command's failure as the caller's error: the SEV status name and fw_status
-    as the psp reported them, in the psp's category (KVM hands the firmware's status back in
-    kvm_sev_cmd.error; KERNEL: arch/x86/kvm/svm/sev.c __sev_issue_cmd())."""
-    cls: type[SnpemuError] = {
-        "INVALID_ARGUMENT": InvalidArgument,
-        "FAILED_PRECONDITION": WrongState,
-    }.get(e.code.name, SnpemuError)
+    as the psp reported them, in the category the firmware model gives that status (KVM hands
+    the firmware's status back in kvm_sev_cmd.error; KERNEL: arch/x86/kvm/svm/sev.c
+    __sev_issue_cmd())."""
+    assert e.fw_status is not None  # INVARIANT: the caller checked
+    try:
+        state = is_state_error(SevStatus(e.fw_status))
+    except ValueError:
+        state = True  # a status this firmware model does not know: not the caller's input
+    cls: type[SnpemuError] = WrongState if state else InvalidArgument
     return cls(e.message, reason=e.reason, metadata=e.metadata)
 
 

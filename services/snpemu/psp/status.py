@@ -92,6 +92,12 @@ class FirmwareInputError(FirmwareError, errors.InvalidArgument):
     pass
 
 
+def is_state_error(status: SevStatus) -> bool:
+    """Whether a caller seeing `status` met a wrong state (FAILED_PRECONDITION) rather than
+    gave bad input (INVALID_ARGUMENT)."""
+    return status in _STATE_CODES
+
+
 def fail(status: SevStatus, message: str) -> FirmwareError:
-    cls = FirmwareStateError if status in _STATE_CODES else FirmwareInputError
+    cls = FirmwareStateError if is_state_error(status) else FirmwareInputError
     return cls(status, message)
