@@ -68,6 +68,7 @@ class FakeKernel:
     pages: dict[int, bytes] = field(default_factory=dict)
     busy_forever: bool = False
     exits: list[str] = field(default_factory=list)  # what this call's exits were answered
+    results: list[Exception | None] = field(default_factory=list)  # what each call raised
 
     def __post_init__(self) -> None:
         self.vmpcks = list(self.keys)
@@ -151,25 +152,30 @@ class Call:
 def upstream(ext: bool, exits: list[str]) -> str:
     """What snp_send_guest_request() makes of the answers its exits got (arch/x86/coco/sev/
     core.c, written from __handle_guest_request() and snp_issue_guest_request()): "ok",
-    "invalid_len" (the caller is told the needed pages, the VMPCK is kept) or "disabled".
+    "invalid_len" (the caller is told the needed pages, the VMPCK is kept), "kept" (a plain
+    request answered INVALID_LEN: -EIO, no pages, the VMPCK kept) or "disabled".
     The retry timeout is the driver's to measure: a run of exits ending in BUSY timed out."""
     override = False
-    rc = "etimedout"
+    rc, exitinfo2 = "etimedout", "busy"
     for answer in exits:
         if answer in ("busy", "timeout"):  # -EAGAIN: the same message again
             continue
         if answer == "invalid_len" and ext:  # -ENOSPC: the same message as a plain request
             override, ext = True, False
             continue
+        exitinfo2 = answer
         if answer == "hv_error":
             rc = "hv_call"  # sev_es_ghcb_hv_call() failed
         elif answer in ("invalid_len", "fw_error"):
-            rc = "eio"
+            rc = "eio"  # INVALID_LEN on a plain request falls through to -EIO
         else:
             rc = "ok"  # exitinfo2 0, whatever the response page holds
         break
-    if override and rc in ("ok", "eio"):
-        return "invalid_len"  # rc -EIO with exitinfo2 INVALID_LEN: returned, VMPCK kept
+    if override:  # override_err: exitinfo2 INVALID_LEN, and a successful re-send is -EIO
+        exitinfo2 = "invalid_len"
+        rc = "eio" if rc == "ok" else rc
+    if rc == "eio" and exitinfo2 == "invalid_len":  # returned before snp_disable_vmpck()
+        return "invalid_len" if override else "kept"
     if rc != "ok":
         return "disabled"
     return "ok" if exits[-1] == "ok" else "disabled"  # verify_and_dec_payload()
@@ -194,14 +200,22 @@ def _run(calls: list[Call], script: list[str]) -> FakeKernel:
                     gm.MsgType.REPORT_REQ, payload, vmpck=c.vmpck, ext=c.ext, certs_pages=1
                 )
                 outcome = "ok"
-            except VmpckDisabled:
+            except VmpckDisabled as e:
+                k.results.append(e)
                 assert wiped_before
                 assert not k.exits, "a disabled VMPCK sent a message"
                 continue
             except RequestFailed as e:
-                outcome = "disabled" if c.vmpck in k.disabled else "invalid_len"
-                if outcome == "invalid_len":
+                k.results.append(e)
+                if c.vmpck in k.disabled:
+                    outcome = "disabled"
+                elif "needed_pages" in e.metadata:
+                    outcome = "invalid_len"
                     assert e.metadata["needed_pages"] == str(NEEDED_PAGES)
+                else:
+                    outcome = "kept"
+            else:
+                k.results.append(None)
             assert outcome == upstream(c.ext, k.exits), (c, k.exits)
             if k.exits[-1] in ("busy", "timeout"):  # gave up: only past the retry timeout
                 assert k.now - started > TIMEOUT_S
@@ -249,6 +263,19 @@ def test_plain_resend_after_invalid_len_consumes_the_sequence_number(resend: lis
     assert [e.seqno for e in sent if e.call == 0] == [1] * (1 + len(resend))
     assert [e.seqno for e in sent if e.call == 1] == [3]  # 1 + 2: the firmware's count too
     assert k.exits == ["ok"] and not k.disabled
+
+
+def test_plain_request_answered_invalid_len_keeps_the_vmpck() -> None:
+    """snp_issue_guest_request(): INVALID_LEN on a plain request falls through to -EIO with
+    exitinfo2 SNP_GUEST_VMM_ERR(INVALID_LEN); snp_inc_msg_seqno() has run, and
+    snp_send_guest_request() returns that before snp_disable_vmpck(). No pages are told: only
+    an extended request's -ENOSPC sets data_npages."""
+    k = _run([Call(False, 0), Call(False, 0)], ["invalid_len"])
+    first, second = k.results
+    assert isinstance(first, RequestFailed) and "needed_pages" not in first.metadata
+    assert second is None and not k.disabled and ("wiped", 0) not in k.log
+    assert [(e.call, e.seqno) for e in k.log if isinstance(e, Sent)] == [(0, 1), (1, 3)]
+    assert k.counters[0] == 4
 
 
 def test_plain_resend_timing_out_wipes_the_vmpck() -> None:

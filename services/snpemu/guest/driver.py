@@ -6,9 +6,10 @@ Sequence numbers are never reused: once the sealed message is in shared memory w
 the sequence number is consumed (snp_inc_msg_seqno(), +2: the firmware counts the response
 too), whatever the host answers. VMM BUSY is retried, the same message, after a delay until a
 timeout; INVALID_LEN on an extended request re-sends the message as a plain request (through
-the same BUSY loop) and then reports the needed size. Any other host error, a timeout, or a
-response with the wrong sequence number, type, version or size or a failed authentication
-wipes the VMPCK (the secrets page copy too), and later requests under it are refused.
+the same BUSY loop) and then reports the needed size; INVALID_LEN on a plain request fails it
+and keeps the VMPCK. Any other host error, a timeout, or a response with the wrong sequence
+number, type, version or size or a failed authentication wipes the VMPCK (the secrets page copy
+too), and later requests under it are refused.
 """
 
 from __future__ import annotations
@@ -118,15 +119,25 @@ class Driver:
         # restarted agent re-boots)
         k.counters[vmpck] += 2
         if needed is not None:
-            # KERNEL: __handle_guest_request() reports INVALID_LEN whatever the plain re-send
-            # answered, and -EIO if it succeeded; snp_send_guest_request() keeps the VMPCK on
-            # -EIO with INVALID_LEN (a firmware error on the re-send included).
+            # KERNEL: __handle_guest_request() override_err: exitinfo2 is INVALID_LEN whatever
+            # the plain re-send answered, and a re-send that succeeded is -EIO
             info2 = VMM_ERR_INVALID_LEN << 32
-            if rc in (Issued.OK, Issued.EIO):
+            if rc is Issued.OK:
+                rc = Issued.EIO
+        if rc is Issued.EIO and info2 == VMM_ERR_INVALID_LEN << 32:
+            # KERNEL: snp_send_guest_request() returns -EIO with exitinfo2 INVALID_LEN before
+            # snp_disable_vmpck(): an extended request's buffer too small (a firmware error on
+            # the re-send included), or a plain request answered INVALID_LEN, which
+            # snp_issue_guest_request() lets fall through to -EIO (no pages to tell)
+            if needed is not None:
                 raise RequestFailed(
                     f"certificate buffer too small: {needed} pages needed",
                     metadata={"needed_pages": str(needed)},
                 )
+            raise RequestFailed(
+                f"the host answered exitinfo2={info2:#x} (INVALID_LEN) to a plain request",
+                metadata={"fw_error": "0x0", "vmm_error": hex(VMM_ERR_INVALID_LEN)},
+            )
         if rc is Issued.ETIMEDOUT:
             await self.disable(vmpck, "VMM BUSY past the retry timeout")
             raise RequestFailed("the host stayed busy: giving up (ETIMEDOUT)")
@@ -196,7 +207,7 @@ class Driver:
             return Issued.EAGAIN, info2, 0
         if info2 == VMM_ERR_INVALID_LEN << 32 and ext:
             return Issued.ENOSPC, info2, int(back.get("rbx"))
-        return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included
+        return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included (fallthrough)
 
     @staticmethod
     def _verify(key: bytes, hdr: gm.Header, page: bytes) -> bytes:
