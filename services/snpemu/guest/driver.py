@@ -9,12 +9,15 @@ timeout; INVALID_LEN on an extended request re-sends the message as a plain requ
 the same BUSY loop) and then reports the needed size; INVALID_LEN on a plain request fails it
 and keeps the VMPCK. Any other host error, a timeout, or a response with the wrong sequence
 number, type, version or size or a failed authentication wipes the VMPCK (the secrets page copy
-too), and later requests under it are refused.
+too), and later requests under it are refused. So does an exit that never comes back (it
+raised, or the caller was cancelled): the outcome is unknown, so the sequence number is
+consumed and the VMPCK wiped, both before the first await, and the error goes on as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import struct
 from dataclasses import dataclass
@@ -63,15 +66,35 @@ class Driver:
     def __init__(self, kernel: GuestKernel) -> None:
         self.k = kernel
         self.lock = asyncio.Lock()
+        # secrets-page wipes still being written (the loop keeps only weak references to tasks)
+        self.wiping: set[asyncio.Task[None]] = set()
+
+    def _consume(self, vmpck: int) -> None:
+        """snp_inc_msg_seqno(): +2, the firmware counts the response too."""
+        # UNVERIFIED(guest-seqno-store): snp_inc_msg_seqno() adds 2 in the secrets page's OS
+        # area itself; here the counters are read from it at boot and kept in the agent (a
+        # restarted agent re-boots)
+        self.k.counters[vmpck] += 2
 
     async def disable(self, vmpck: int, why: str) -> None:
         """snp_disable_vmpck(): wipe the key (the secrets page copy too) so the IV can never be
         reused."""
         k = self.k
+        # INVARIANT: the key is unusable before the first await, so a cancellation while the
+        # secrets page is written cannot leave it usable
         k.vmpcks[vmpck] = bytes(32)
         k.disabled.add(vmpck)
         k.event("vmpck_disabled", detail=f"VMPCK{vmpck}: {why}")
-        await k.write_private(k.secrets_gpa + 0x20 + 32 * vmpck, bytes(32))
+        # the secrets page copy in a task of its own: a cancelled caller does not stop it
+        wipe = asyncio.ensure_future(k.write_private(k.secrets_gpa + 0x20 + 32 * vmpck, bytes(32)))
+        self.wiping.add(wipe)
+        wipe.add_done_callback(self._wiped)
+        await asyncio.shield(wipe)
+
+    def _wiped(self, wipe: asyncio.Task[None]) -> None:
+        self.wiping.discard(wipe)
+        if not wipe.cancelled() and (e := wipe.exception()) is not None:
+            self.k.event("vmpck_wipe_failed", detail=f"secrets page: {e}")
 
     async def request(
         self,
@@ -110,14 +133,27 @@ class Driver:
         sealed = gm.seal(key, hdr, payload)
         # KERNEL: snp_send_guest_request() clears the shared response page for the host
         await k.write(RESP_GPA, bytes(PAGE), shared=True)
-        await k.write(REQ_GPA, sealed, shared=True)
-        rc, info2, needed = await self._handle(seqno, ext, certs_pages)
+        # KERNEL: __handle_guest_request(): "the encrypted message enters shared memory with
+        # the host. So after this call the sequence number must be incremented or the VMPCK
+        # must be deleted to prevent reuse of the IV."
+        try:
+            await k.write(REQ_GPA, sealed, shared=True)
+            rc, info2, needed = await self._handle(seqno, ext, certs_pages)
+            page = b""
+            if rc is Issued.OK and needed is None:
+                page = await k.read(RESP_GPA, PAGE, shared=True)
+        except BaseException as e:
+            # UNVERIFIED(guest-request-lost-exit): upstream's VMGEXIT always comes back with
+            # an answer; here an exit can raise (kvm unreachable) or its caller be cancelled
+            # (in the BUSY delay too). What the host or the firmware saw is unknown, so both:
+            # the sequence number consumed and the VMPCK wiped, before the first await.
+            self._consume(vmpck)
+            with contextlib.suppress(Exception):  # the caller is told the first error
+                await self.disable(vmpck, f"the exit did not come back: {e!r}")
+            raise
         # INVARIANT: the host has seen the message sealed under this sequence number; it is
         # never used again, whatever came back (snp_inc_msg_seqno() in __handle_guest_request())
-        # UNVERIFIED(guest-seqno-store): snp_inc_msg_seqno() adds 2 in the secrets page's OS
-        # area itself; here the counters are read from it at boot and kept in the agent (a
-        # restarted agent re-boots)
-        k.counters[vmpck] += 2
+        self._consume(vmpck)
         if needed is not None:
             # KERNEL: __handle_guest_request() override_err: exitinfo2 is INVALID_LEN whatever
             # the plain re-send answered, and a re-send that succeeded is -EIO
@@ -147,7 +183,6 @@ class Driver:
                 f"the host answered exitinfo2={info2:#x} ({rc.value})",
                 metadata={"fw_error": hex(info2 & 0xFFFFFFFF), "vmm_error": hex(info2 >> 32)},
             )
-        page = await k.read(RESP_GPA, PAGE, shared=True)
         try:
             body = self._verify(key, hdr, page)
         except gm.MessageError as e:
