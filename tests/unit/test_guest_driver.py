@@ -23,7 +23,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.errors import Unavailable
 from snpemu.guest.driver import Driver, RequestFailed, VmpckDisabled, report_request
-from snpemu.guest.kernel import CERTS_GPA, REQ_GPA, RESP_GPA
+from snpemu.guest.kernel import CERTS_GPA, REQ_GPA, RESP_GPA, Terminated
 
 # include/linux/sev-guest.h: SNP_GUEST_VMM_ERR(x) = x << 32
 INVALID_LEN = 1 << 32  # SNP_GUEST_VMM_ERR_INVALID_LEN
@@ -50,6 +50,7 @@ LOST = (
     "cancel_twice",  # as "cancel", and cancelled again while the VMPCK is being wiped
     "unavailable",  # the exit raises Unavailable (kvm unreachable)
     "error",  # the exit raises some other exception
+    "terminated",  # the host terminated the guest at this exit (kvm's reply: terminated, 0, 0)
 )
 
 BUSY_ANSWERS = ("busy", "timeout", "cancel", "cancel_twice")  # the exit answered VMM BUSY
@@ -64,6 +65,7 @@ RAISED: dict[str, type[BaseException]] = {
     "cancelled": asyncio.CancelledError,
     "unavailable": Unavailable,
     "error": Broken,
+    "terminated": Terminated,
 }
 
 
@@ -93,6 +95,7 @@ class FakeKernel:
     task: asyncio.Task[Any] | None = None  # the call in flight, for the scripted cancellations
     cancel_in_sleep: bool = False
     cancel_in_wipe: bool = False
+    terminated: bool = False
     exits: list[str] = field(default_factory=list)  # what this call's exits were answered
     results: list[BaseException | None] = field(default_factory=list)  # what each call raised
 
@@ -122,7 +125,8 @@ class FakeKernel:
         await asyncio.sleep(0)  # a yield to the loop, no time passes
 
     def check_running(self) -> None:
-        pass
+        if self.terminated:  # GuestKernel.check_running(): a terminated guest runs no more
+            raise Terminated("the guest terminated")
 
     def event(self, kind: str, gpa: int = 0, detail: str = "") -> None:
         self.events.append((kind, detail))
@@ -160,6 +164,9 @@ class FakeKernel:
             raise Unavailable("kvm: connection refused")
         if outcome == "error":
             raise Broken("kvm: the exit went wrong")
+        if outcome == "terminated":  # GuestKernel.ghcb_exit(): the GHCB as it went out
+            self.terminated = True
+            return SimpleNamespace(sw_exit_info_1=0, sw_exit_info_2=0, terminated=True), x
         back = g.Ghcb()
         info1, info2 = 0, 0
         if outcome in ("cancel", "cancel_twice"):
@@ -266,6 +273,7 @@ def _run(calls: list[Call], script: list[str]) -> FakeKernel:
                 continue
             except RequestFailed as e:
                 k.results.append(e)
+                assert k.exits[-1] not in RAISED, (c, k.exits, e)  # the exit was answered
                 if c.vmpck in k.disabled:
                     outcome = "disabled"
                 elif "needed_pages" in e.metadata:
@@ -275,6 +283,9 @@ def _run(calls: list[Call], script: list[str]) -> FakeKernel:
                     outcome = "kept"
             except (asyncio.CancelledError, Exception) as e:
                 k.results.append(e)
+                if not k.exits:  # refused before anything was sent: the guest is gone
+                    assert isinstance(e, Terminated) and k.terminated
+                    continue
                 assert type(e) is RAISED[k.exits[-1]], (c, k.exits, e)  # re-raised as it was
                 outcome = "disabled"
             else:
@@ -368,6 +379,21 @@ def test_an_exit_that_does_not_come_back_uses_up_the_seqno_and_the_vmpck(
     assert ("wiped", 0) in k.log
     sent = [(e.call, e.vmpck, e.seqno) for e in k.log if isinstance(e, Sent)]
     assert sent == [(0, 0, 1)] * len(script) + [(2, 1, 1)]
+
+
+@pytest.mark.parametrize("ext", [False, True])
+def test_a_terminated_reply_is_not_a_response(ext: bool) -> None:
+    """The host terminated the guest at the request's exit (kvm answers terminated, exit infos
+    0): there is no response to read, the guest request fails with the guest's Terminated, and
+    as for any exit whose outcome the guest never learns, the sequence number is consumed and
+    the VMPCK wiped first (__handle_guest_request(), snp_disable_vmpck()). The guest sends
+    nothing more."""
+    k = _run([Call(ext, 0), Call(False, 1)], ["terminated"])
+    assert [type(e) for e in k.results] == [Terminated, Terminated]
+    assert k.counters[0] == 2 and k.disabled == {0} and k.vmpcks[0] == bytes(32)
+    assert ("wiped", 0) in k.log
+    assert [(e.call, e.seqno) for e in k.log if isinstance(e, Sent)] == [(0, 1)]
+    assert not any("bad response" in detail for _, detail in k.events)
 
 
 def test_plain_resend_timing_out_wipes_the_vmpck() -> None:

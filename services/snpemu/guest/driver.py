@@ -10,8 +10,9 @@ the same BUSY loop) and then reports the needed size; INVALID_LEN on a plain req
 and keeps the VMPCK. Any other host error, a timeout, or a response with the wrong sequence
 number, type, version or size or a failed authentication wipes the VMPCK (the secrets page copy
 too), and later requests under it are refused. So does an exit that never comes back (it
-raised, or the caller was cancelled): the outcome is unknown, so the sequence number is
-consumed and the VMPCK wiped, both before the first await, and the error goes on as it was.
+raised, the caller was cancelled, or the host terminated the guest): the outcome is unknown,
+so the sequence number is consumed and the VMPCK wiped, both before the first await, and the
+error goes on as it was (Terminated for a terminated guest).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from dataclasses import dataclass
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.errors import WrongState
-from snpemu.guest.kernel import CERTS_GPA, CERTS_PAGES, PAGE, REQ_GPA, RESP_GPA, GuestKernel
+from snpemu.guest.kernel import (
+    CERTS_GPA,
+    CERTS_PAGES,
+    PAGE,
+    REQ_GPA,
+    RESP_GPA,
+    GuestKernel,
+    Terminated,
+)
 
 # KERNEL: include/linux/sev-guest.h SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY,
 # SNP_GUEST_VMM_ERR(x) = x << 32 (the VMM's half of SW_EXITINFO2)
@@ -143,10 +152,11 @@ class Driver:
             if rc is Issued.OK and needed is None:
                 page = await k.read(RESP_GPA, PAGE, shared=True)
         except BaseException as e:
-            # UNVERIFIED(guest-request-lost-exit): upstream's VMGEXIT always comes back with
-            # an answer; here an exit can raise (kvm unreachable) or its caller be cancelled
-            # (in the BUSY delay too). What the host or the firmware saw is unknown, so both:
-            # the sequence number consumed and the VMPCK wiped, before the first await.
+            # UNVERIFIED(guest-request-lost-exit): upstream's VMGEXIT comes back with an
+            # answer, or the guest never runs again; here an exit can raise (kvm unreachable,
+            # Terminated) or its caller be cancelled (in the BUSY delay too). What the host or
+            # the firmware saw is unknown, so both: the sequence number consumed and the VMPCK
+            # wiped, before the first await.
             self._consume(vmpck)
             with contextlib.suppress(Exception):  # the caller is told the first error
                 await self.disable(vmpck, f"the exit did not come back: {e!r}")
@@ -232,6 +242,11 @@ class Driver:
             x.set("rax", CERTS_GPA)
             x.set("rbx", certs_pages)
         r, back = await self.k.ghcb_exit(x)
+        if r.terminated:
+            # the host terminated the VM at this exit (GuestKernel.ghcb_exit() notes it): the
+            # reply's exit infos are zero and no response was written. The guest never runs
+            # again; the caller consumes the seqno and wipes the VMPCK as for a lost exit.
+            raise Terminated("the host terminated this guest during a guest request")
         if int(r.sw_exit_info_1) & 0xFFFFFFFF:
             # KERNEL: verify_exception_info(): sev_es_ghcb_hv_call() failed, no firmware call
             return Issued.HV_CALL, SEV_RET_NO_FW_CALL, 0
