@@ -6,14 +6,19 @@ Sequence numbers are never reused: once the sealed message is in shared memory w
 the sequence number is consumed (snp_inc_msg_seqno(), +2: the firmware counts the response
 too), whatever the host answers. VMM BUSY is retried, the same message, after a delay until a
 timeout; INVALID_LEN on an extended request re-sends the message as a plain request (through
-the same BUSY loop) and then reports the needed size. Any other host error, a timeout, or a
-response with the wrong sequence number, type, version or size or a failed authentication
-wipes the VMPCK (the secrets page copy too), and later requests under it are refused.
+the same BUSY loop) and then reports the needed size; INVALID_LEN on a plain request fails it
+and keeps the VMPCK. Any other host error, a timeout, or a response with the wrong sequence
+number, type, version or size or a failed authentication wipes the VMPCK (the secrets page copy
+too), and later requests under it are refused. So does an exit that never comes back (it
+raised, the caller was cancelled, or the host terminated the guest): the outcome is unknown,
+so the sequence number is consumed and the VMPCK wiped, both before the first await, and the
+error goes on as it was (Terminated for a terminated guest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import struct
 from dataclasses import dataclass
@@ -21,7 +26,15 @@ from dataclasses import dataclass
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.errors import WrongState
-from snpemu.guest.kernel import CERTS_GPA, CERTS_PAGES, PAGE, REQ_GPA, RESP_GPA, GuestKernel
+from snpemu.guest.kernel import (
+    CERTS_GPA,
+    CERTS_PAGES,
+    PAGE,
+    REQ_GPA,
+    RESP_GPA,
+    GuestKernel,
+    Terminated,
+)
 
 # KERNEL: include/linux/sev-guest.h SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY,
 # SNP_GUEST_VMM_ERR(x) = x << 32 (the VMM's half of SW_EXITINFO2)
@@ -62,15 +75,35 @@ class Driver:
     def __init__(self, kernel: GuestKernel) -> None:
         self.k = kernel
         self.lock = asyncio.Lock()
+        # secrets-page wipes still being written (the loop keeps only weak references to tasks)
+        self.wiping: set[asyncio.Task[None]] = set()
+
+    def _consume(self, vmpck: int) -> None:
+        """snp_inc_msg_seqno(): +2, the firmware counts the response too."""
+        # UNVERIFIED(guest-seqno-store): snp_inc_msg_seqno() adds 2 in the secrets page's OS
+        # area itself; here the counters are read from it at boot and kept in the agent (a
+        # restarted agent re-boots)
+        self.k.counters[vmpck] += 2
 
     async def disable(self, vmpck: int, why: str) -> None:
         """snp_disable_vmpck(): wipe the key (the secrets page copy too) so the IV can never be
         reused."""
         k = self.k
+        # INVARIANT: the key is unusable before the first await, so a cancellation while the
+        # secrets page is written cannot leave it usable
         k.vmpcks[vmpck] = bytes(32)
         k.disabled.add(vmpck)
         k.event("vmpck_disabled", detail=f"VMPCK{vmpck}: {why}")
-        await k.write_private(k.secrets_gpa + 0x20 + 32 * vmpck, bytes(32))
+        # the secrets page copy in a task of its own: a cancelled caller does not stop it
+        wipe = asyncio.ensure_future(k.write_private(k.secrets_gpa + 0x20 + 32 * vmpck, bytes(32)))
+        self.wiping.add(wipe)
+        wipe.add_done_callback(self._wiped)
+        await asyncio.shield(wipe)
+
+    def _wiped(self, wipe: asyncio.Task[None]) -> None:
+        self.wiping.discard(wipe)
+        if not wipe.cancelled() and (e := wipe.exception()) is not None:
+            self.k.event("vmpck_wipe_failed", detail=f"secrets page: {e}")
 
     async def request(
         self,
@@ -109,24 +142,48 @@ class Driver:
         sealed = gm.seal(key, hdr, payload)
         # KERNEL: snp_send_guest_request() clears the shared response page for the host
         await k.write(RESP_GPA, bytes(PAGE), shared=True)
-        await k.write(REQ_GPA, sealed, shared=True)
-        rc, info2, needed = await self._handle(seqno, ext, certs_pages)
+        # KERNEL: __handle_guest_request(): "the encrypted message enters shared memory with
+        # the host. So after this call the sequence number must be incremented or the VMPCK
+        # must be deleted to prevent reuse of the IV."
+        try:
+            await k.write(REQ_GPA, sealed, shared=True)
+            rc, info2, needed = await self._handle(seqno, ext, certs_pages)
+            page = b""
+            if rc is Issued.OK and needed is None:
+                page = await k.read(RESP_GPA, PAGE, shared=True)
+        except BaseException as e:
+            # UNVERIFIED(guest-request-lost-exit): upstream's VMGEXIT comes back with an
+            # answer, or the guest never runs again; here an exit can raise (kvm unreachable,
+            # Terminated) or its caller be cancelled (in the BUSY delay too). What the host or
+            # the firmware saw is unknown, so both: the sequence number consumed and the VMPCK
+            # wiped, before the first await.
+            self._consume(vmpck)
+            with contextlib.suppress(Exception):  # the caller is told the first error
+                await self.disable(vmpck, f"the exit did not come back: {e!r}")
+            raise
         # INVARIANT: the host has seen the message sealed under this sequence number; it is
         # never used again, whatever came back (snp_inc_msg_seqno() in __handle_guest_request())
-        # UNVERIFIED(guest-seqno-store): snp_inc_msg_seqno() adds 2 in the secrets page's OS
-        # area itself; here the counters are read from it at boot and kept in the agent (a
-        # restarted agent re-boots)
-        k.counters[vmpck] += 2
+        self._consume(vmpck)
         if needed is not None:
-            # KERNEL: __handle_guest_request() reports INVALID_LEN whatever the plain re-send
-            # answered, and -EIO if it succeeded; snp_send_guest_request() keeps the VMPCK on
-            # -EIO with INVALID_LEN (a firmware error on the re-send included).
+            # KERNEL: __handle_guest_request() override_err: exitinfo2 is INVALID_LEN whatever
+            # the plain re-send answered, and a re-send that succeeded is -EIO
             info2 = VMM_ERR_INVALID_LEN << 32
-            if rc in (Issued.OK, Issued.EIO):
+            if rc is Issued.OK:
+                rc = Issued.EIO
+        if rc is Issued.EIO and info2 == VMM_ERR_INVALID_LEN << 32:
+            # KERNEL: snp_send_guest_request() returns -EIO with exitinfo2 INVALID_LEN before
+            # snp_disable_vmpck(): an extended request's buffer too small (a firmware error on
+            # the re-send included), or a plain request answered INVALID_LEN, which
+            # snp_issue_guest_request() lets fall through to -EIO (no pages to tell)
+            if needed is not None:
                 raise RequestFailed(
                     f"certificate buffer too small: {needed} pages needed",
                     metadata={"needed_pages": str(needed)},
                 )
+            raise RequestFailed(
+                f"the host answered exitinfo2={info2:#x} (INVALID_LEN) to a plain request",
+                metadata={"fw_error": "0x0", "vmm_error": hex(VMM_ERR_INVALID_LEN)},
+            )
         if rc is Issued.ETIMEDOUT:
             await self.disable(vmpck, "VMM BUSY past the retry timeout")
             raise RequestFailed("the host stayed busy: giving up (ETIMEDOUT)")
@@ -136,7 +193,6 @@ class Driver:
                 f"the host answered exitinfo2={info2:#x} ({rc.value})",
                 metadata={"fw_error": hex(info2 & 0xFFFFFFFF), "vmm_error": hex(info2 >> 32)},
             )
-        page = await k.read(RESP_GPA, PAGE, shared=True)
         try:
             body = self._verify(key, hdr, page)
         except gm.MessageError as e:
@@ -186,6 +242,11 @@ class Driver:
             x.set("rax", CERTS_GPA)
             x.set("rbx", certs_pages)
         r, back = await self.k.ghcb_exit(x)
+        if r.terminated:
+            # the host terminated the VM at this exit (GuestKernel.ghcb_exit() notes it): the
+            # reply's exit infos are zero and no response was written. The guest never runs
+            # again; the caller consumes the seqno and wipes the VMPCK as for a lost exit.
+            raise Terminated("the host terminated this guest during a guest request")
         if int(r.sw_exit_info_1) & 0xFFFFFFFF:
             # KERNEL: verify_exception_info(): sev_es_ghcb_hv_call() failed, no firmware call
             return Issued.HV_CALL, SEV_RET_NO_FW_CALL, 0
@@ -196,7 +257,7 @@ class Driver:
             return Issued.EAGAIN, info2, 0
         if info2 == VMM_ERR_INVALID_LEN << 32 and ext:
             return Issued.ENOSPC, info2, int(back.get("rbx"))
-        return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included
+        return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included (fallthrough)
 
     @staticmethod
     def _verify(key: bytes, hdr: gm.Header, page: bytes) -> bytes:
