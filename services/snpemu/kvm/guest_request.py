@@ -45,6 +45,9 @@ class GuestRequests:
         )
         req_spa, res_spa = vm.memslots.translate(req_gpa), vm.memslots.translate(res_gpa)
         if req_spa is None or res_spa is None:
+            # UNVERIFIED(guest-req-page-unmapped): kvm_read_guest()/kvm_write_guest() of a page
+            # outside the memslots fail with -EIO to userspace (KVM_RUN fails); snpemu answers
+            # the guest GHCB_ERR_INVALID_INPUT
             return malformed(g.ERR_INVALID_INPUT)
         ext = code == g.EXIT_EXT_GUEST_REQUEST
         lock = self.locks.setdefault(vm.vm_id, asyncio.Lock())
@@ -53,7 +56,9 @@ class GuestRequests:
         started = time.perf_counter()
         # the request goes straight into the firmware's bounce page; kvm looks only at the
         # header's MSG_TYPE (struct snp_guest_msg_hdr msg_type, offset 0x34), the same byte
-        # snp_handle_ext_guest_req() reads from the guest's page before taking the mutex
+        # snp_handle_ext_guest_req() reads from the guest's page before taking the mutex. A
+        # request refused below leaves only this bounce page changed: kvm's own, read by nobody
+        # before the next request overwrites it (one copy instead of a header read and a copy).
         header = await self.host.copy(req_spa, vm.bounce_req, peek=0x40)
         msg_type = header[MSG_TYPE_OFFSET]
         kind = REQUEST_KINDS.get(msg_type, "other")

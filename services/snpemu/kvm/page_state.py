@@ -155,6 +155,9 @@ class PageStateChanges:
             if code != 0:
                 # Progress stops at the first page that failed; the guest resumes from here.
                 # Later pages of this batch were changed too: redoing them is harmless.
+                # UNVERIFIED(psc-per-page): KVM hands merged ranges to userspace
+                # (KVM_HC_MAP_GPA_RANGE) and, when one fails, answers GENERIC with the whole
+                # range unmarked (snp_complete_one_psc()); snpemu stops at the exact page.
                 e.cur_page = page
                 desc.cur_entry = bound = idx
                 result = psc.PSC_ERROR_GENERIC
