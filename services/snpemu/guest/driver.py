@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import enum
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
@@ -114,9 +115,14 @@ class Driver:
         ext: bool = False,
         certs_pages: int = CERTS_PAGES,
         seqno_offset: int = 0,
+        after_clear: Callable[[], Awaitable[None]] | None = None,
     ) -> Reply:
+        """`seqno_offset` and `after_clear` (run once the response page is cleared, before the
+        message goes out) are for misbehaviour on purpose only."""
         async with self.lock:
-            return await self._request(msg_type, payload, vmpck, ext, certs_pages, seqno_offset)
+            return await self._request(
+                msg_type, payload, vmpck, ext, certs_pages, seqno_offset, after_clear
+            )
 
     async def _request(
         self,
@@ -126,6 +132,7 @@ class Driver:
         ext: bool,
         certs_pages: int,
         seqno_offset: int,
+        after_clear: Callable[[], Awaitable[None]] | None = None,
     ) -> Reply:
         """snp_send_guest_request()."""
         k = self.k
@@ -142,6 +149,8 @@ class Driver:
         sealed = gm.seal(key, hdr, payload)
         # KERNEL: snp_send_guest_request() clears the shared response page for the host
         await k.write(RESP_GPA, bytes(PAGE), shared=True)
+        if after_clear is not None:
+            await after_clear()
         # KERNEL: __handle_guest_request(): "the encrypted message enters shared memory with
         # the host. So after this call the sequence number must be incremented or the VMPCK
         # must be deleted to prevent reuse of the IV."

@@ -129,16 +129,24 @@ class NetRpcs:
         )
 
     async def FlipResponsePage(self, request: Any, context: Any) -> pb.FlipResponsePageResponse:
-        """The response page made private (with a private marker written into it), then a
-        report request: kvm writes the response there in kernel mode. Afterwards the guest
-        reads its marker back privately, which tells whether the host converted the page."""
+        """A report request whose response page the guest makes private (with a private
+        marker written into it) once the driver has cleared it: kvm writes the response there
+        in kernel mode. Afterwards the guest reads its marker back privately, which tells
+        whether the host converted the page. (Made private before the request, the driver's
+        clear of the shared page, as snp_send_guest_request()'s memset, would fault it back to
+        shared through kvm first.)"""
         k = self.k
         k.check_running()
-        await k.convert(RESP_GPA, PAGE, private=True, size_2m=False)
         marker = b"private response page".ljust(32, b".")
-        await k.write_private(RESP_GPA, marker)
+
+        async def flip() -> None:
+            await k.convert(RESP_GPA, PAGE, private=True, size_2m=False)
+            await k.write_private(RESP_GPA, marker)
+
         try:
-            await self.driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0))
+            await self.driver.request(
+                gm.MsgType.REPORT_REQ, report_request(b"", 0), after_clear=flip
+            )
             request_outcome = "request completed"
         except SnpemuError as e:
             request_outcome = f"request failed: {e.message}"
