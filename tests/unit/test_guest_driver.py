@@ -23,7 +23,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.errors import Unavailable
 from snpemu.guest.driver import Driver, RequestFailed, VmpckDisabled, report_request
-from snpemu.guest.kernel import CERTS_GPA, REQ_GPA, RESP_GPA, Terminated
+from snpemu.guest.kernel import CERTS_GPA, PAGE, REQ_GPA, RESP_GPA, Terminated
 
 # include/linux/sev-guest.h: SNP_GUEST_VMM_ERR(x) = x << 32
 INVALID_LEN = 1 << 32  # SNP_GUEST_VMM_ERR_INVALID_LEN
@@ -135,7 +135,8 @@ class FakeKernel:
         assert shared
         if gpa == REQ_GPA:  # a new message
             self.busy_forever = self.cancel_in_sleep = self.cancel_in_wipe = False
-        self.pages[gpa] = data
+        for i in range(0, len(data), PAGE):  # a write may span pages (request and response)
+            self.pages[gpa + i] = data[i : i + PAGE]
 
     async def read(self, gpa: int, length: int, shared: bool) -> bytes:
         assert shared

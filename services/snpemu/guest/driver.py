@@ -147,15 +147,17 @@ class Driver:
             seqno=seqno, msg_type=msg_type, msg_version=1, msg_sz=len(payload), vmpck=vmpck
         )
         sealed = gm.seal(key, hdr, payload)
-        # KERNEL: snp_send_guest_request() clears the shared response page for the host
-        await k.write(RESP_GPA, bytes(PAGE), shared=True)
-        if after_clear is not None:
-            await after_clear()
         # KERNEL: __handle_guest_request(): "the encrypted message enters shared memory with
         # the host. So after this call the sequence number must be incremented or the VMPCK
         # must be deleted to prevent reuse of the IV."
         try:
-            await k.write(REQ_GPA, sealed, shared=True)
+            # KERNEL: snp_send_guest_request() clears the shared response page (memset of the
+            # whole struct snp_guest_msg) and __handle_guest_request() copies the whole sealed
+            # struct snp_guest_msg into the shared request page; the two pages are adjacent, so
+            # one guest write does both
+            await k.write(REQ_GPA, sealed.ljust(PAGE, b"\0") + bytes(PAGE), shared=True)
+            if after_clear is not None:
+                await after_clear()
             rc, info2, needed = await self._handle(seqno, ext, certs_pages)
             page = b""
             if rc is Issued.OK and needed is None:

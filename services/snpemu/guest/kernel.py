@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 GHCB_GPA = 0x1000
-REQ_GPA, RESP_GPA, CERTS_GPA = 0x3000, 0x4000, 0x10000  # guest-request pages (shared)
+# guest-request pages (shared); INVARIANT: RESP_GPA == REQ_GPA + PAGE (one write fills both)
+REQ_GPA, RESP_GPA, CERTS_GPA = 0x3000, 0x4000, 0x10000
 CERTS_PAGES = 16
 SHARED_GPAS = (GHCB_GPA, REQ_GPA, RESP_GPA, *(CERTS_GPA + i * PAGE for i in range(CERTS_PAGES)))
 PSC_BATCH = 253
