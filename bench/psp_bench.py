@@ -3,7 +3,7 @@ floor measured in the same run (one ECDSA P-384 signature plus two AES-256-GCM o
 
     .venv/bin/python bench/psp_bench.py     # or: make bench
 
-Real hardware takes about 8 ms per report (snp-abi reference, section 7); target p50 < 2 ms.
+Real hardware takes about 8 ms per report (docs/design.md#performance); target p50 < 2 ms.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every metric family snpemu exports, in one place (DESIGN.md section 5).
+"""Every metric family snpemu exports, in one place (docs/design.md#metrics).
 
 The catalog is the contract that dashboards, alert rules and users read: docs/metrics.md is
 rendered from it (`python -m snpemu.metrics_catalog > docs/metrics.md`), and the tests hold

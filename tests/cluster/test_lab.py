@@ -1,6 +1,6 @@
 """The RMP-policy lab: every scenario under every policy, each on a fresh virtual host started by
-the real launcher (netd really dies of SIGBUS and is really restarted), asserting what DESIGN.md
-section 2 predicts for each cell."""
+the real launcher (netd really dies of SIGBUS and is really restarted), asserting what
+docs/design.md#the-lab predicts for each cell."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def test_plan_order_commands_and_credentials(tmp_path: Path) -> None:
         assert s.env["SNPEMU_METRICS_PORT"] == str(s.endpoint.metrics_port)
         assert s.env["SNPEMU_INSTANCE"] == s.name
         assert s.env["SNPEMU_KVM_ADDR"] == "127.0.0.1:50073"
-        # DESIGN 3: guests never hold the host credential
+        # docs/design.md#host-credential: guests never hold the host credential
         assert ("SNPEMU_HOST_CREDENTIAL" in s.env) == s.is_host_side
         assert s.env["SNPEMU_VMM_CREDENTIAL"] == "v"
     assert [s.service_name for s in specs][-1] == "snp.guest.v1.GuestService"

@@ -1,5 +1,5 @@
 """The extended-request certificate table: {GUID[16]; u32 offset; u32 length} entries ended by
-an all-zero entry, offsets from the start of the data, certificates in DER (reference 5.8).
+an all-zero entry, offsets from the start of the data, certificates in DER (docs/abi.md#cert-table).
 GUIDs are stored in RFC 4122 byte order, as go-sev-guest and virtee write them."""
 
 from __future__ import annotations

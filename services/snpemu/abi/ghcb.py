@@ -1,6 +1,6 @@
 """The GHCB page (4 KiB) and the codes KVM answers with.
 
-Layout: arch/x86/include/asm/svm.h struct ghcb / ghcb_save_area (reference 4.1). A field at
+Layout: arch/x86/include/asm/svm.h struct ghcb / ghcb_save_area (docs/abi.md#ghcb-page). A field at
 offset o is valid when bit o/8 of the 128-bit valid bitmap at 0x3F0 is set.
 """
 
@@ -57,7 +57,7 @@ IOIO_STR = 1 << 2
 IOIO_SIZE_SHIFT, IOIO_SIZE_MASK = 4, 7 << 4
 
 # NAE exit codes (KERNEL: arch/x86/include/uapi/asm/svm.h SVM_EXIT_*, SVM_VMGEXIT_*;
-# reference 4.4)
+# docs/abi.md#nae-events)
 EXIT_READ_DR7 = 0x27
 EXIT_WRITE_DR7 = 0x37
 EXIT_RDTSC = 0x6E

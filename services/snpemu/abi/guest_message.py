@@ -1,7 +1,7 @@
 """SNP guest messages: the 0x60-byte header and AES-256-GCM payload of a 4 KiB message page.
 
 KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr; arch/x86/coco/sev/core.c
-(enc_payload/verify_and_dec_payload) - reference 5.1:
+(enc_payload/verify_and_dec_payload) - docs/abi.md#guest-message:
     0x00 authtag[32] (GCM tag in the first 16)   0x20 u64 msg_seqno   0x28 u64 rsvd1
     0x30 u8 algo (1 = AES-256-GCM)  0x31 u8 hdr_version (1)  0x32 u16 hdr_sz (0x60)
     0x34 u8 msg_type  0x35 u8 msg_version  0x36 u16 msg_sz  0x38 u32 rsvd2

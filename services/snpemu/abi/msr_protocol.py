@@ -1,7 +1,7 @@
 """The GHCB MSR protocol: requests and responses packed in the 64-bit GHCB MSR.
 
 KERNEL: arch/x86/include/asm/sev-common.h GHCB_MSR_*; arch/x86/kvm/svm/sev.c
-sev_handle_vmgexit_msr_protocol() (reference 4.2). GHCBInfo is bits 11:0.
+sev_handle_vmgexit_msr_protocol() (docs/abi.md#msr-protocol). GHCBInfo is bits 11:0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ HV_FT_REQ, HV_FT_RESP = 0x080, 0x081
 TERM_REQ = 0x100
 
 GHCB_VERSION_MIN, GHCB_VERSION_MAX = 1, 2
-# GHCB_HV_FT_SUPPORTED = SNP | SNP_AP_CREATION (reference 4.3)
+# GHCB_HV_FT_SUPPORTED = SNP | SNP_AP_CREATION (docs/abi.md#hv-features)
 HV_FT_SNP, HV_FT_SNP_AP_CREATION = 1 << 0, 1 << 1
 HV_FEATURES = HV_FT_SNP | HV_FT_SNP_AP_CREATION
 PREF_GPA_NONE = 0xFFFFFFFFFFFFF  # KVM has no preferred GHCB GPA

@@ -1,7 +1,7 @@
 """The Page State Change descriptor in the GHCB shared buffer, and KVM's rules for it.
 
 KERNEL: arch/x86/include/asm/sev-common.h struct psc_hdr / psc_entry; arch/x86/kvm/svm/sev.c
-snp_begin_psc() (reference 4.5):
+snp_begin_psc() (docs/abi.md#psc):
     psc_hdr (8 B): u16 cur_entry; u16 end_entry (inclusive); u32 reserved
     psc_entry (u64): 11:0 cur_page, 51:12 gfn, 55:52 operation, 56 pagesize, 63:57 reserved
 

@@ -1,4 +1,4 @@
-"""Parse the 1184-byte ATTESTATION_REPORT (layout: reference 5.4; build: snpemu.psp.report)."""
+"""Parse the 1184-byte ATTESTATION_REPORT (layout: docs/abi.md#report; build: snpemu.psp.report)."""
 
 from __future__ import annotations
 

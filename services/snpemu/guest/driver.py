@@ -1,4 +1,4 @@
-"""The sev-guest driver's rules for guest messages (reference 5.6).
+"""The sev-guest driver's rules for guest messages (docs/abi.md#sequence-numbers).
 
 KERNEL: arch/x86/coco/sev/core.c snp_send_guest_request(), __handle_guest_request(),
 snp_issue_guest_request(), verify_and_dec_payload(); drivers/virt/coco/sev-guest/sev-guest.c.

@@ -165,7 +165,7 @@ class GuestServicer:
             data=await self.k.read(request.gpa, request.length, request.shared)
         )
 
-    # --- Misbehaviour on purpose (DESIGN.md section 2) ------------------------------------------
+    # --- Misbehaviour on purpose (docs/design.md#misbehaviour) ----------------------------------
 
     async def TamperSequenceNumber(
         self, request: Any, context: Any

@@ -1,1 +1,1 @@
-"""The RMP-policy lab (DESIGN.md section 2): scenarios x violation policies, measured."""
+"""The RMP-policy lab (docs/design.md#the-lab): scenarios x violation policies, measured."""

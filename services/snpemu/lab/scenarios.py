@@ -1,7 +1,7 @@
 """The lab's scenarios: one misbehaving guest (guest-0) while the others exchange traffic.
 
 Each scenario arms its trap through the guest agent's misbehaviour RPCs and has guest-1 (an
-innocent) send the packet or make the request that springs it. DESIGN.md section 2 is the
+innocent) send the packet or make the request that springs it. docs/design.md#the-lab is the
 question; the lab's table is the answer.
 """
 

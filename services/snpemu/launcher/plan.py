@@ -85,7 +85,7 @@ def plan(
         if component == "psp":
             env["SNPEMU_KDS_PORT"] = str(config.kds_port)
         if component in HOST_COMPONENTS:
-            # DESIGN 3: host-only RPCs require the credential the launcher provisions;
+            # Host-only RPCs require the launcher's credential (docs/design.md#host-credential);
             # guest agents never get it.
             env["SNPEMU_HOST_CREDENTIAL"] = host_credential
         specs.append(ProcessSpec(e, service_command(e.module, python), env))

@@ -1,4 +1,4 @@
-"""netd's Prometheus families (DESIGN 5): packets by result, restarts, devices.
+"""netd's Prometheus families (docs/design.md#metrics): packets by result, restarts, devices.
 
 snp_netd_packets_total{result}  counter  TX packets by what became of them (netd PacketResult)
 snp_netd_restarts_total         counter  times netd came back after dying (SIGBUS, crash)

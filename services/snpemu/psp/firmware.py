@@ -52,7 +52,7 @@ TMR_SIZE = 2 << 20
 FW_BLOB_MAX = 0x4000  # SEV_FW_BLOB_MAX_SIZE
 MAX_PAGES_PER_CALL = 512
 
-# SNP_FEATURE_INFO ECX bits (reference 1.2): none of the optional features are emulated.
+# SNP_FEATURE_INFO ECX bits (docs/abi.md#feature-info): none of the optional features are emulated.
 FEATURE_INFO = (0, 0, 0, 0)
 
 
@@ -633,7 +633,7 @@ class Firmware:
         ctx.seqnos[hdr.vmpck] += 2
 
     def _report_reply(self, ctx: GuestContext, msg_vmpl: int, req: bytes) -> bytes:
-        """MSG_REPORT_RSP: u32 status, u32 report_size, rsvd[24], report (reference 5.3)."""
+        """MSG_REPORT_RSP: u32 status, u32 report_size, rsvd[24], report (docs/abi.md#payloads)."""
         if len(req) < 96:
             return struct.pack("<II", SevStatus.INVALID_PARAM, 0) + bytes(24)
         user_data = req[:64]
@@ -684,7 +684,7 @@ class Firmware:
         return rpt.sign(body, key)
 
     def _key_reply(self, ctx: GuestContext, msg_vmpl: int, req: bytes) -> bytes:
-        """MSG_KEY_RSP: u32 status, rsvd[28], key[32] (reference 5.3)."""
+        """MSG_KEY_RSP: u32 status, rsvd[28], key[32] (docs/abi.md#payloads)."""
         bad = struct.pack("<I", SevStatus.INVALID_PARAM) + bytes(60)
         if len(req) < 0x28:
             return bad

@@ -28,7 +28,7 @@ class GuestState(enum.IntEnum):
     RUNNING = 3
 
 
-# Guest policy bits. KERNEL: include/linux/psp-sev.h SNP_POLICY_MASK_*; reference 1.7
+# Guest policy bits. KERNEL: include/linux/psp-sev.h SNP_POLICY_MASK_*; docs/abi.md#guest-policy
 POLICY_SMT = 1 << 16
 POLICY_RSVD_MBO = 1 << 17
 POLICY_MIGRATE_MA = 1 << 18
@@ -84,7 +84,7 @@ def check_policy(policy: int, api: tuple[int, int], *, smt_enabled: bool) -> Non
         raise fail(SevStatus.POLICY_FAILURE, "migration agents are not supported")
 
 
-# --- secrets page (reference 4.6, KERNEL: arch/x86/include/asm/sev.h struct snp_secrets_page) ---
+# --- secrets page (docs/abi.md#secrets-page, KERNEL: arch/x86/include/asm/sev.h snp_secrets_page)
 
 SECRETS_VERSION = 3  # UNVERIFIED(secrets-version): the version the firmware writes
 
@@ -104,7 +104,7 @@ def secrets_page(ctx: GuestContext, product: Product) -> bytes:
     return bytes(page)
 
 
-# --- CPUID page (reference 4.6, KERNEL: arch/x86/kernel/sev-shared.c snp_cpuid_*) --------------
+# --- CPUID page (docs/abi.md#cpuid-page, KERNEL: arch/x86/kernel/sev-shared.c snp_cpuid_*) ------
 
 CPUID_COUNT_MAX = 64
 CPUID_ENTRY = struct.Struct(
@@ -142,7 +142,7 @@ def check_cpuid(page: bytes) -> tuple[bool, bytes]:
     return ok, bytes(out)
 
 
-# --- ID block and ID auth (reference 2.4) ------------------------------------------------------
+# --- ID block and ID auth (docs/abi.md#id-block) -----------------------------------------------
 
 ID_BLOCK = struct.Struct("<48s16s16sIIQ")  # LD, FAMILY_ID, IMAGE_ID, VERSION, GUEST_SVN, POLICY
 ALGO_P384_SHA384 = 1
@@ -199,7 +199,7 @@ def verify_id(id_block: bytes, id_auth: bytes, auth_key_en: bool) -> tuple[IdBlo
     return block, hashlib.sha384(id_key).digest(), author_digest
 
 
-# --- MSG_KEY_REQ (reference 5.3) ----------------------------------------------------------------
+# --- MSG_KEY_REQ (docs/abi.md#payloads) --------------------------------------------------------
 
 FIELD_POLICY, FIELD_IMAGE_ID, FIELD_FAMILY_ID, FIELD_MEASUREMENT = 1, 2, 4, 8
 FIELD_GUEST_SVN, FIELD_TCB_VERSION = 16, 32

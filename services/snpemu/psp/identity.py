@@ -2,7 +2,7 @@
 key chain (ARK -> ASK -> VCEK) with AMD's certificate formats. Persisted in the data directory
 so a restart keeps the same chip, keys and certificates, as fused secrets do.
 
-Formats follow what AMD KDS serves (reference 5.5, 6): ARK and ASK are RSA-4096 and sign with
+Formats follow what AMD KDS serves (docs/abi.md#kds): ARK and ASK are RSA-4096 and sign with
 RSASSA-PSS/SHA-384 (MGF1 SHA-384, salt 48); the VCEK is ECDSA P-384 and its certificate carries
 the 1.3.6.1.4.1.3704.1 extensions (struct version, product name, SPLs, hwID = CHIP_ID as raw
 bytes). SPEC: go-sev-guest kds/kds.go

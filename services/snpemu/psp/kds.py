@@ -1,5 +1,5 @@
 """An HTTP endpoint with AMD KDS's URL shapes, so tools fetch the emulated chain by changing
-their KDS base URL. SPEC: go-sev-guest kds/kds.go (reference 6)
+their KDS base URL. SPEC: go-sev-guest kds/kds.go (docs/abi.md#kds)
 
     GET /vcek/v1/{product}/{hwid}?blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..  -> VCEK, DER
     GET /vcek/v1/{product}/cert_chain                                        -> ASK then ARK, PEM

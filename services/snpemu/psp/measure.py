@@ -1,6 +1,6 @@
 """The launch digest: SHA-384 over one PAGE_INFO per launched page.
 
-SPEC: SNP ABI 8.17.2 "Layout of the PAGE_INFO structure" (reference 2.1); the same chaining
+SPEC: SNP ABI 8.17.2 "Layout of the PAGE_INFO structure" (docs/abi.md#page-info); the same chaining
 sev-snp-measure implements (sevsnpmeasure/gctx.py).
 """
 

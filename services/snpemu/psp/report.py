@@ -1,7 +1,7 @@
 """ATTESTATION_REPORT (0x4A0 bytes) built from live guest state and signed by the VCEK.
 
 SPEC: SNP ABI "ATTESTATION_REPORT Structure"; layout per go-sev-guest abi/abi.go and virtee
-sev (reference 5.4). Every reserved byte stays zero. The signature covers bytes 0x000..0x29F:
+sev (docs/abi.md#report). Every reserved byte stays zero. The signature covers bytes 0x000..0x29F:
 ECDSA P-384 with SHA-384, R and S little-endian, zero-padded to 72 bytes each.
 """
 

@@ -1,6 +1,6 @@
 """Firmware status codes and the error a failing command raises.
 
-KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (reference 1.5). A failing command
+KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (docs/abi.md#status-codes). A failing command
 raises FirmwareError, which carries the code and leaves the firmware state unchanged; the
 servicer reports it as a gRPC error whose ErrorInfo reason is the code's name and whose
 metadata has fw_status = "0x00NN".

@@ -1,6 +1,6 @@
 """TCB_VERSION: the u64 of security patch levels. Milan/Genoa layout only (Turin differs).
 
-KERNEL: include/linux/psp-sev.h sev_snp_tcb_version_genoa_milan (reference 1.4):
+KERNEL: include/linux/psp-sev.h sev_snp_tcb_version_genoa_milan (docs/abi.md#tcb-version):
 byte 0 boot loader, 1 TEE, 2-5 reserved, 6 SNP, 7 microcode.
 """
 

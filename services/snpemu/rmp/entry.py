@@ -41,7 +41,7 @@ VALIDATED = 1 << 62
 
 # hi: VMPL1, VMPL2, VMPL3 (UNVERIFIED(rmp-hi-permissions) layout, see the module doc)
 PERM_SHIFTS = (0, 8, 16)
-PERM_MASK = 0xF  # READ 1, WRITE 2, EXEC_USER 4, EXEC_SUPERVISOR 8 (reference 3.3)
+PERM_MASK = 0xF  # READ 1, WRITE 2, EXEC_USER 4, EXEC_SUPERVISOR 8 (docs/abi.md#rmp-instructions)
 PERM_READ, PERM_WRITE = 1, 2
 
 
@@ -60,7 +60,7 @@ class Kind(enum.IntEnum):
 
 
 class PageState(enum.IntEnum):
-    """SNP ABI ch. 5 page states (reference 3.2). Values match snp.common.v1.PageState."""
+    """SNP ABI ch. 5 page states (docs/abi.md#page-states). Values match snp.common.v1.PageState."""
 
     HYPERVISOR = 1
     HYPERVISOR_FIXED = 2
@@ -74,7 +74,8 @@ class PageState(enum.IntEnum):
 
 
 class Code(enum.IntEnum):
-    """RMP instruction results in EAX. KERNEL: arch/x86/include/asm/sev.h; reference 3.3."""
+    """RMP instruction results in EAX (docs/abi.md#rmp-instructions).
+    KERNEL: arch/x86/include/asm/sev.h."""
 
     SUCCESS = 0
     FAIL_INPUT = 1

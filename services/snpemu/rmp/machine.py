@@ -52,7 +52,7 @@ CONVERT_RETRIES = 8
 
 
 class Policy(enum.IntEnum):
-    """Values match snp.rmp.v1.ViolationPolicy. DESIGN.md section 2."""
+    """Values match snp.rmp.v1.ViolationPolicy. docs/design.md#violation-policies."""
 
     SIGBUS = 1
     CONVERT = 2

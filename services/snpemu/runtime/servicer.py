@@ -30,7 +30,7 @@ def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.N
     )
 
 
-# gRPC metadata key carrying the host credential (DESIGN 3: host-only RPCs require it).
+# gRPC metadata key carrying the host credential (docs/design.md#host-credential).
 CREDENTIAL_HEADER = "x-snpemu-host-credential"
 
 

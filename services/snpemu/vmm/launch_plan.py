@@ -1,7 +1,7 @@
 """The pages a VMM launches for an SNP guest, in order, with their page types.
 
 QEMU target/i386/sev.c (snp_launch_update_data, snp_populate_metadata_pages) and KVM's
-LAUNCH_FINISH (one VMSA per vCPU): the order the launch digest depends on (reference 2.2).
+LAUNCH_FINISH (one VMSA per vCPU): the order the digest depends on (docs/abi.md#launch-order).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from snpemu.vmm.ovmf import Ovmf, SectionType
 NORMAL, VMSA, ZERO, UNMEASURED, SECRETS, CPUID = 1, 2, 3, 4, 5, 6
 VMSA_GPA = 0xFFFFFFFFF000
 
-# SEV hash table GUIDs (QEMU target/i386/sev.c; reference 2.2)
+# SEV hash table GUIDs (QEMU target/i386/sev.c; docs/abi.md#launch-order)
 HASH_TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
 KERNEL_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
 INITRD_GUID = uuid.UUID("44baf731-3a2f-4bd7-9af1-41e29169781d")

@@ -3,7 +3,7 @@
 QEMU: hw/i386/pc_sysfw_ovmf.c (footer table), target/i386/sev.c (SEV metadata sections).
 The table ends 32 bytes before the end of the image: entries {data, u16 size, GUID(le)} are
 read backwards from the footer entry (GUID 96b582de-...). The SEV metadata ("ASEV", version
-1) lists sections {u32 gpa, u32 size, u32 type} (reference 2.2).
+1) lists sections {u32 gpa, u32 size, u32 type} (docs/abi.md#launch-order).
 """
 
 from __future__ import annotations

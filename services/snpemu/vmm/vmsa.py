@@ -1,7 +1,7 @@
 """The initial VMSA (4 KiB sev_es_save_area) of each vCPU, with QEMU's register values.
 
 KERNEL: arch/x86/include/asm/svm.h struct sev_es_save_area; QEMU target/i386/sev.c and the
-reset state KVM gives a vCPU. Values per reference 2.3 (the same sev-snp-measure uses).
+reset state KVM gives a vCPU. Values as sev-snp-measure's vmsa.py sets them (docs/abi.md#vmsa).
 """
 
 from __future__ import annotations

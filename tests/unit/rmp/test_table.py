@@ -1,4 +1,4 @@
-"""The RMP table against the reference's states, transitions and codes (snp-abi.md 3.1-3.3)."""
+"""The RMP table against the page states, transitions and codes of docs/abi.md#page-states."""
 
 from __future__ import annotations
 

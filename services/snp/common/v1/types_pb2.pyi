@@ -58,7 +58,7 @@ class _PageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PageState.V
 
 class PageState(_PageState, metaclass=_PageStateEnumTypeWrapper):
     """The page states of the SNP ABI's page management chapter, as derived from an RMP entry.
-    SPEC: SNP ABI ch. 5 "Page Management"; reference snp-abi.md 3.2
+    SPEC: SNP ABI ch. 5 "Page Management"; docs/abi.md#page-states
     """
 
 PAGE_STATE_UNSPECIFIED: PageState.ValueType  # 0

@@ -60,7 +60,7 @@ class _ConversionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Conversion
     CONVERSION_TO_SHARED: _Conversion.ValueType  # 2
 
 class Conversion(_Conversion, metaclass=_ConversionEnumTypeWrapper):
-    """Which way ConvertMemory goes. PSC operations: reference 4.5."""
+    """Which way ConvertMemory goes. PSC operations: docs/abi.md#psc."""
 
 CONVERSION_UNSPECIFIED: Conversion.ValueType  # 0
 CONVERSION_TO_PRIVATE: Conversion.ValueType  # 1
@@ -173,7 +173,7 @@ class GetStatusResponse(_message.Message):
     name: _builtins.str
     state: Global___BootState.ValueType
     term_reason_set: _builtins.int
-    """Set when terminated: GHCB TERM_REQUEST reason set and code (reference 4.2)."""
+    """Set when terminated: GHCB TERM_REQUEST reason set and code (docs/abi.md#msr-protocol)."""
     term_reason_code: _builtins.int
     vcpus: _builtins.int
     memory_bytes: _builtins.int
@@ -225,7 +225,7 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class ReportFields(_message.Message):
-    """Decoded fields of an attestation report (reference 5.4)."""
+    """Decoded fields of an attestation report (docs/abi.md#report)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -445,7 +445,7 @@ class GetDerivedKeyRequest(_message.Message):
     root_key_vmrk: _builtins.bool
     """root_key_select: false = VCEK, true = VMRK."""
     guest_field_select: _builtins.int
-    """guest_field_select bits (reference 5.3)."""
+    """guest_field_select bits (docs/abi.md#payloads)."""
     vmpl: _builtins.int
     guest_svn: _builtins.int
     tcb_version: _builtins.int

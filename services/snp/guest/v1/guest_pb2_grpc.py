@@ -154,7 +154,7 @@ class GuestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetExtendedReport(self, request, context):
-        """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (reference 5.8).
+        """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (docs/abi.md#cert-table).
         KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_ext_report()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -224,7 +224,7 @@ class GuestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SkipDmaConversion(self, request, context):
-        """--- Misbehaviour on purpose (DESIGN.md section 2) -------------------------------------------
+        """--- Misbehaviour on purpose (docs/design.md#misbehaviour) -----------------------------------
 
         Buggy driver: hand netd an RX buffer that was never converted to shared.
         """

@@ -47,7 +47,7 @@ class GuestServiceStub:
     KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_report()
     """
     GetExtendedReport: _grpc.UnaryUnaryMultiCallable[_guest_pb2.GetExtendedReportRequest, _guest_pb2.GetExtendedReportResponse]
-    """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (reference 5.8).
+    """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (docs/abi.md#cert-table).
     KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_ext_report()
     """
     GetDerivedKey: _grpc.UnaryUnaryMultiCallable[_guest_pb2.GetDerivedKeyRequest, _guest_pb2.GetDerivedKeyResponse]
@@ -76,7 +76,7 @@ class GuestServiceStub:
     ReceivePackets: _grpc.UnaryUnaryMultiCallable[_guest_pb2.ReceivePacketsRequest, _guest_pb2.ReceivePacketsResponse]
     """Packets received since the last call."""
     SkipDmaConversion: _grpc.UnaryUnaryMultiCallable[_guest_pb2.SkipDmaConversionRequest, _guest_pb2.SkipDmaConversionResponse]
-    """--- Misbehaviour on purpose (DESIGN.md section 2) -------------------------------------------
+    """--- Misbehaviour on purpose (docs/design.md#misbehaviour) -----------------------------------
 
     Buggy driver: hand netd an RX buffer that was never converted to shared.
     """
@@ -111,7 +111,7 @@ class GuestServiceAsyncStub(GuestServiceStub):
     KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_report()
     """
     GetExtendedReport: _aio.UnaryUnaryMultiCallable[_guest_pb2.GetExtendedReportRequest, _guest_pb2.GetExtendedReportResponse]  # type: ignore[assignment]
-    """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (reference 5.8).
+    """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (docs/abi.md#cert-table).
     KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_ext_report()
     """
     GetDerivedKey: _aio.UnaryUnaryMultiCallable[_guest_pb2.GetDerivedKeyRequest, _guest_pb2.GetDerivedKeyResponse]  # type: ignore[assignment]
@@ -140,7 +140,7 @@ class GuestServiceAsyncStub(GuestServiceStub):
     ReceivePackets: _aio.UnaryUnaryMultiCallable[_guest_pb2.ReceivePacketsRequest, _guest_pb2.ReceivePacketsResponse]  # type: ignore[assignment]
     """Packets received since the last call."""
     SkipDmaConversion: _aio.UnaryUnaryMultiCallable[_guest_pb2.SkipDmaConversionRequest, _guest_pb2.SkipDmaConversionResponse]  # type: ignore[assignment]
-    """--- Misbehaviour on purpose (DESIGN.md section 2) -------------------------------------------
+    """--- Misbehaviour on purpose (docs/design.md#misbehaviour) -----------------------------------
 
     Buggy driver: hand netd an RX buffer that was never converted to shared.
     """
@@ -190,7 +190,7 @@ class GuestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _guest_pb2.GetExtendedReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_guest_pb2.GetExtendedReportResponse, _abc.Awaitable[_guest_pb2.GetExtendedReportResponse]]:
-        """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (reference 5.8).
+        """SNP_GET_EXT_REPORT (0x2): report plus the certificate table (docs/abi.md#cert-table).
         KERNEL: drivers/virt/coco/sev-guest/sev-guest.c get_ext_report()
         """
 
@@ -273,7 +273,7 @@ class GuestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _guest_pb2.SkipDmaConversionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_guest_pb2.SkipDmaConversionResponse, _abc.Awaitable[_guest_pb2.SkipDmaConversionResponse]]:
-        """--- Misbehaviour on purpose (DESIGN.md section 2) -------------------------------------------
+        """--- Misbehaviour on purpose (docs/design.md#misbehaviour) -----------------------------------
 
         Buggy driver: hand netd an RX buffer that was never converted to shared.
         """

@@ -110,7 +110,7 @@ class GetCapabilitiesResponse(_message.Message):
     firmware_api_major: _builtins.int
     firmware_api_minor: _builtins.int
     hv_features: _builtins.int
-    """GHCB_HV_FT_SUPPORTED advertised to guests (reference 4.3)."""
+    """GHCB_HV_FT_SUPPORTED advertised to guests (docs/abi.md#hv-features)."""
     cbit_position: _builtins.int
     @_builtins.property
     def supported_vm_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -161,14 +161,14 @@ class VmConfig(_message.Message):
     vcpus: _builtins.int
     vcpu_type: Global___VcpuType.ValueType
     policy: _builtins.int
-    """Guest policy (reference 1.7); default 0x30000."""
+    """Guest policy (docs/abi.md#guest-policy); default 0x30000."""
     firmware_path: _builtins.str
     """Path of the firmware image (default: Debian ovmf's OVMF_CODE.fd)."""
     kernel_path: _builtins.str
     initrd_path: _builtins.str
     cmdline: _builtins.str
     id_block: _builtins.bytes
-    """96-byte ID block and 4096-byte ID auth (reference 2.4)."""
+    """96-byte ID block and 4096-byte ID auth (docs/abi.md#id-block)."""
     id_auth: _builtins.bytes
     author_key_en: _builtins.bool
     vcek_disabled: _builtins.bool
@@ -1086,7 +1086,7 @@ class NestedPageFaultRequest(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     gpa: _builtins.int
     error_code: _builtins.int
-    """EXITINFO1 (PFERR_* bits, reference 3.4)."""
+    """EXITINFO1 (PFERR_* bits, docs/abi.md#npf-error-code)."""
     @_builtins.property
     def identity(self) -> _handles_pb2.VcpuIdentity: ...
     def __init__(

@@ -273,7 +273,7 @@ class KvmServiceServicer:
         """--- Exits --------------------------------------------------------------------------------
 
         VMGEXIT with the GHCB MSR protocol: the guest wrote a request to MSR 0xC0010130.
-        KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); reference 4.2
+        KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); docs/abi.md#msr-protocol
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,7 +281,8 @@ class KvmServiceServicer:
 
     def Vmgexit(self, request, context):
         """VMGEXIT with a registered GHCB page: kvm reads the GHCB at its GPA and handles the NAE
-        event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(); reference 4.1, 4.4
+        event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit();
+        docs/abi.md#ghcb-page, docs/abi.md#nae-events
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

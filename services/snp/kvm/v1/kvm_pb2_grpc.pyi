@@ -103,11 +103,12 @@ class KvmServiceStub:
     """--- Exits --------------------------------------------------------------------------------
 
     VMGEXIT with the GHCB MSR protocol: the guest wrote a request to MSR 0xC0010130.
-    KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); reference 4.2
+    KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); docs/abi.md#msr-protocol
     """
     Vmgexit: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.VmgexitRequest, _kvm_pb2.VmgexitResponse]
     """VMGEXIT with a registered GHCB page: kvm reads the GHCB at its GPA and handles the NAE
-    event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(); reference 4.1, 4.4
+    event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit();
+    docs/abi.md#ghcb-page, docs/abi.md#nae-events
     """
     NestedPageFault: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.NestedPageFaultRequest, _kvm_pb2.NestedPageFaultResponse]
     """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
@@ -189,11 +190,12 @@ class KvmServiceAsyncStub(KvmServiceStub):
     """--- Exits --------------------------------------------------------------------------------
 
     VMGEXIT with the GHCB MSR protocol: the guest wrote a request to MSR 0xC0010130.
-    KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); reference 4.2
+    KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); docs/abi.md#msr-protocol
     """
     Vmgexit: _aio.UnaryUnaryMultiCallable[_kvm_pb2.VmgexitRequest, _kvm_pb2.VmgexitResponse]  # type: ignore[assignment]
     """VMGEXIT with a registered GHCB page: kvm reads the GHCB at its GPA and handles the NAE
-    event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(); reference 4.1, 4.4
+    event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit();
+    docs/abi.md#ghcb-page, docs/abi.md#nae-events
     """
     NestedPageFault: _aio.UnaryUnaryMultiCallable[_kvm_pb2.NestedPageFaultRequest, _kvm_pb2.NestedPageFaultResponse]  # type: ignore[assignment]
     """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
@@ -374,7 +376,7 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         """--- Exits --------------------------------------------------------------------------------
 
         VMGEXIT with the GHCB MSR protocol: the guest wrote a request to MSR 0xC0010130.
-        KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); reference 4.2
+        KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit_msr_protocol(); docs/abi.md#msr-protocol
         """
 
     @_abc_1.abstractmethod
@@ -384,7 +386,8 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.VmgexitResponse, _abc.Awaitable[_kvm_pb2.VmgexitResponse]]:
         """VMGEXIT with a registered GHCB page: kvm reads the GHCB at its GPA and handles the NAE
-        event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(); reference 4.1, 4.4
+        event named by sw_exit_code. KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit();
+        docs/abi.md#ghcb-page, docs/abi.md#nae-events
         """
 
     @_abc_1.abstractmethod

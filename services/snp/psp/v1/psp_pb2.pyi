@@ -517,7 +517,9 @@ class SetExtendedConfigRequest(_message.Message):
 
     CERTS_BLOB_FIELD_NUMBER: _builtins.int
     certs_blob: _builtins.bytes
-    """Certificate table and certificates (reference 5.8), at most 16 KiB (SEV_FW_BLOB_MAX_SIZE)."""
+    """Certificate table and certificates (docs/abi.md#cert-table), at most 16 KiB
+    (SEV_FW_BLOB_MAX_SIZE).
+    """
     def __init__(
         self,
         *,
@@ -793,7 +795,7 @@ class LaunchStartRequest(_message.Message):
     DESIRED_TSC_KHZ_FIELD_NUMBER: _builtins.int
     GOSVW_FIELD_NUMBER: _builtins.int
     policy: _builtins.int
-    """0x08 policy (reference 1.7)"""
+    """0x08 policy (docs/abi.md#guest-policy)"""
     ma_gctx_paddr: _builtins.int
     """0x10 ma_gctx_paddr, 0x18 bit0 MA_EN"""
     ma_en: _builtins.bool
@@ -921,7 +923,7 @@ class LaunchFinishRequest(_message.Message):
     VCEK_DISABLED_FIELD_NUMBER: _builtins.int
     HOST_DATA_FIELD_NUMBER: _builtins.int
     id_block: _builtins.bytes
-    """0x08 id_block (96 bytes, reference 2.4), present when ID_BLOCK_EN"""
+    """0x08 id_block (96 bytes, docs/abi.md#id-block), present when ID_BLOCK_EN"""
     id_auth: _builtins.bytes
     """0x10 id_auth (4096 bytes), present when ID_BLOCK_EN"""
     id_block_en: _builtins.bool

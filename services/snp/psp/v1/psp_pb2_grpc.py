@@ -302,7 +302,7 @@ class PspServiceServicer:
 
     def LaunchUpdate(self, request, context):
         """SNP_LAUNCH_UPDATE (0x0A1), struct sev_data_snp_launch_update: measure (PAGE_INFO) and
-        encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; reference 2.1
+        encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; docs/abi.md#page-info
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,7 +86,7 @@ class PspServiceStub:
     """SNP_LAUNCH_START (0x0A0), struct sev_data_snp_launch_start."""
     LaunchUpdate: _grpc.UnaryUnaryMultiCallable[_psp_pb2.LaunchUpdateRequest, _psp_pb2.LaunchUpdateResponse]
     """SNP_LAUNCH_UPDATE (0x0A1), struct sev_data_snp_launch_update: measure (PAGE_INFO) and
-    encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; reference 2.1
+    encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; docs/abi.md#page-info
     """
     LaunchFinish: _grpc.UnaryUnaryMultiCallable[_psp_pb2.LaunchFinishRequest, _psp_pb2.LaunchFinishResponse]
     """SNP_LAUNCH_FINISH (0x0A2), struct sev_data_snp_launch_finish."""
@@ -164,7 +164,7 @@ class PspServiceAsyncStub(PspServiceStub):
     """SNP_LAUNCH_START (0x0A0), struct sev_data_snp_launch_start."""
     LaunchUpdate: _aio.UnaryUnaryMultiCallable[_psp_pb2.LaunchUpdateRequest, _psp_pb2.LaunchUpdateResponse]  # type: ignore[assignment]
     """SNP_LAUNCH_UPDATE (0x0A1), struct sev_data_snp_launch_update: measure (PAGE_INFO) and
-    encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; reference 2.1
+    encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; docs/abi.md#page-info
     """
     LaunchFinish: _aio.UnaryUnaryMultiCallable[_psp_pb2.LaunchFinishRequest, _psp_pb2.LaunchFinishResponse]  # type: ignore[assignment]
     """SNP_LAUNCH_FINISH (0x0A2), struct sev_data_snp_launch_finish."""
@@ -347,7 +347,7 @@ class PspServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_psp_pb2.LaunchUpdateResponse, _abc.Awaitable[_psp_pb2.LaunchUpdateResponse]]:
         """SNP_LAUNCH_UPDATE (0x0A1), struct sev_data_snp_launch_update: measure (PAGE_INFO) and
-        encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; reference 2.1
+        encrypt one pre-guest page. SPEC: SNP ABI, PAGE_INFO; docs/abi.md#page-info
         """
 
     @_abc_1.abstractmethod

@@ -51,7 +51,8 @@ class _RmpResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RmpResult.V
 
 class RmpResult(_RmpResult, metaclass=_RmpResultEnumTypeWrapper):
     """RMPUPDATE / PSMASH / PVALIDATE / RMPADJUST return codes (EAX).
-    KERNEL: arch/x86/include/asm/sev.h RMPUPDATE_FAIL_OVERLAP, PVALIDATE_FAIL_*; reference 3.3.
+    KERNEL: arch/x86/include/asm/sev.h RMPUPDATE_FAIL_OVERLAP, PVALIDATE_FAIL_*;
+    docs/abi.md#rmp-instructions.
     Here 0 is "not given", so every code is the hardware value plus one.
     """
 
@@ -89,7 +90,9 @@ class _ViolationPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Viola
     """Merged (guest_memfd): private memory is never mappable by host userspace."""
 
 class ViolationPolicy(_ViolationPolicy, metaclass=_ViolationPolicyEnumTypeWrapper):
-    """What happens when the host writes a page the RMP assigns to a guest (DESIGN.md section 2)."""
+    """What happens when the host writes a page the RMP assigns to a guest
+    (docs/design.md#violation-policies).
+    """
 
 VIOLATION_POLICY_UNSPECIFIED: ViolationPolicy.ValueType  # 0
 VIOLATION_POLICY_SIGBUS: ViolationPolicy.ValueType  # 1
@@ -244,7 +247,7 @@ Global___FirmwareOp: _TypeAlias = FirmwareOp  # noqa: Y015
 
 @_typing.final
 class RmpEntry(_message.Message):
-    """An RMP entry, decoded. Layout of the raw form: reference 3.1 (Zen3/Zen4 PPR)."""
+    """An RMP entry, decoded. Layout of the raw form: docs/abi.md#rmp-entry (Zen3/Zen4 PPR)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
