@@ -22,6 +22,7 @@ from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
 from snpemu.rmp import entry as rmp_entry
 from snpemu.rmp import table as rmp_table
+from snpemu.vmm import launch_plan
 
 # KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (explicit values; docs/abi.md#status-codes)
 SEV_RET_CODE = {
@@ -73,14 +74,10 @@ def test_firmware_status_codes_are_the_kernels() -> None:
 
 def test_launch_update_page_types_are_the_kernels() -> None:
     # KERNEL: include/linux/psp-sev.h SNP_PAGE_TYPE_*
-    assert {t.name: int(t) for t in PageType} == {
-        "NORMAL": 1,
-        "VMSA": 2,
-        "ZERO": 3,
-        "UNMEASURED": 4,
-        "SECRETS": 5,
-        "CPUID": 6,
-    }
+    want = {"NORMAL": 1, "VMSA": 2, "ZERO": 3, "UNMEASURED": 4, "SECRETS": 5, "CPUID": 6}
+    assert {t.name: int(t) for t in PageType} == want
+    assert {name: getattr(launch_plan, name) for name in want} == want  # the VMM's copy
+    assert launch_plan.VMSA_GPA == 0xFFFFFFFFF000  # sev-snp-measure gctx.py GCTX.VMSA_GPA
 
 
 def test_guest_policy_bits_are_the_kernels() -> None:
