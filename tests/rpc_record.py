@@ -3,14 +3,16 @@
 
 While a test with rpc markers runs (or every test, with SNPEMU_RPC_RECORD=path), the channels
 that test code opens (grpc.insecure_channel, grpc.aio.insecure_channel, called from a file
-outside services/ and the installed packages) get client interceptors that record each call's method and final status, and grpcurl run
-from test code through subprocess.run is recorded by its exit status. Channels the services open
+outside services/ and the installed packages) get client interceptors that record each call's
+method and final status, and grpcurl run from test code through subprocess.run is recorded by
+its exit status. Channels the services open
 to each other are left alone: a service calling rmp is not a test calling it.
 
 An "ok" claim needs a call of that method that ended with OK; for a method that streams its
 responses, a call that delivered at least one response before the client hung up counts too
 (HoldVm, WatchMmuNotifications and the like never end on their own). An "error" claim needs a
 call that ended with one of CALLER_ERRORS: the codes a server answers a wrong request with.
+An "unbuilt" claim needs a call that ended UNIMPLEMENTED (a method not built yet).
 Transport and bug codes (UNAVAILABLE, UNKNOWN, INTERNAL, CANCELLED, DEADLINE_EXCEEDED, ...) do
 not count as an error path.
 """
@@ -35,7 +37,10 @@ TESTS = Path(__file__).resolve().parent
 SERVICES = TESTS.parent / "services"
 OK = "ok"
 ERROR = "error"
-OUTCOMES = (OK, ERROR)
+# UNIMPLEMENTED: a method declared in the .proto whose implementation is not built yet
+# (runtime/servicer.py answers it with ErrorInfo NOT_BUILT); it has no success path to test.
+UNBUILT = "unbuilt"
+OUTCOMES = (OK, ERROR, UNBUILT)
 
 # SPEC: https://grpc.github.io/grpc/core/md_doc_statuscodes.html: the codes a server generates
 # for a request it refuses (argument, state, existence, permission), as opposed to the codes
@@ -71,6 +76,8 @@ class Call:
             return OK
         if self.code in CALLER_ERRORS:
             return ERROR
+        if self.code == grpc.StatusCode.UNIMPLEMENTED:
+            return UNBUILT
         if (
             self.response_stream
             and self.responses
@@ -314,6 +321,6 @@ def claims_of(marks: Any) -> set[tuple[str, str]]:
     for mark in marks:
         method, *outcomes = mark.args
         if not outcomes or any(o not in OUTCOMES for o in outcomes) or mark.kwargs:
-            raise ValueError(f"rpc marker {mark.args}: rpc(method, 'ok' and/or 'error')")
+            raise ValueError(f"rpc marker {mark.args}: rpc(method, 'ok' | 'error' | 'unbuilt', ...)")
         claims |= {(method, o) for o in outcomes}
     return claims

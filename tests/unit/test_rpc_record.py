@@ -182,7 +182,7 @@ def test_markers_naming_no_rpc_or_no_outcome_fail(tmp_path: Path) -> None:
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "methods that do not exist: ['snp.rmp.v1.RmpService/NoSuchMethod']" in out.stdout
-    assert "rpc(method, 'ok' and/or 'error')" in out.stdout
+    assert "rpc(method, 'ok' | 'error' | 'unbuilt', ...)" in out.stdout
     assert "2 failed" in out.stdout
 
 
@@ -194,6 +194,7 @@ def test_outcomes_of_calls() -> None:
     for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         assert c("m", code).outcome() is None
     assert c("m", grpc.StatusCode.CANCELLED).outcome() is None
+    assert c("m", grpc.StatusCode.UNIMPLEMENTED).outcome() == rpc_record.UNBUILT
     held = c("m", grpc.StatusCode.CANCELLED, responses=1, response_stream=True)
     assert held.outcome() == rpc_record.OK
     assert c("m", None, responses=0, response_stream=True).outcome() is None
