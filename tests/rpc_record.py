@@ -70,21 +70,36 @@ class Call:
     code: grpc.StatusCode | None = None  # None while it runs (or if the end was never seen)
     responses: int = 0
     response_stream: bool = False
+    # responses of a session stream that carried an `error` (rmp's sessions answer a failed
+    # op in-band with a SessionError and go on: rmp.proto FirmwareSession), by status code
+    inband_errors: set[grpc.StatusCode] = field(default_factory=set)
+    inband: int = 0
 
-    def outcome(self) -> str | None:
+    def outcomes(self) -> set[str]:
+        found = set()
         if self.code == grpc.StatusCode.OK:
-            return OK
-        if self.code in CALLER_ERRORS:
-            return ERROR
+            found.add(OK)
+        if self.code in CALLER_ERRORS or self.inband_errors & CALLER_ERRORS:
+            found.add(ERROR)
         if self.code == grpc.StatusCode.UNIMPLEMENTED:
-            return UNBUILT
+            found.add(UNBUILT)
         if (
             self.response_stream
-            and self.responses
+            and self.responses > self.inband
             and self.code in (None, grpc.StatusCode.CANCELLED)
         ):
-            return OK
-        return None
+            found.add(OK)
+        return found
+
+    def seen(self, response: Any) -> None:
+        self.responses += 1
+        which = getattr(response, "WhichOneof", None)
+        oneofs = {o.name for o in response.DESCRIPTOR.oneofs} if which is not None else set()
+        if "result" in oneofs and which("result") == "error":  # type: ignore[misc]
+            self.inband += 1
+            code = _BY_NUMBER.get(response.error.code)
+            if code is not None:
+                self.inband_errors.add(code)
 
 
 @dataclass
@@ -102,7 +117,7 @@ class Recording:
 
     def outcomes(self) -> set[tuple[str, str]]:
         with self.lock:
-            return {(c.method, o) for c in self.calls if (o := c.outcome()) is not None}
+            return {(c.method, o) for c in self.calls for o in c.outcomes()}
 
 
 _current: Recording | None = None
@@ -143,7 +158,7 @@ class _AioRecorder:
 
     async def _streamed(self, call: Any, rec: Call) -> AsyncIterator[Any]:
         async for response in call:
-            rec.responses += 1
+            rec.seen(response)
             yield response
 
     async def _stream(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -321,6 +336,7 @@ def claims_of(marks: Any) -> set[tuple[str, str]]:
     for mark in marks:
         method, *outcomes = mark.args
         if not outcomes or any(o not in OUTCOMES for o in outcomes) or mark.kwargs:
-            raise ValueError(f"rpc marker {mark.args}: rpc(method, 'ok' | 'error' | 'unbuilt', ...)")
+            usage = "rpc(method, 'ok' | 'error' | 'unbuilt', ...)"
+            raise ValueError(f"rpc marker {mark.args}: {usage}")
         claims |= {(method, o) for o in outcomes}
     return claims

@@ -21,7 +21,6 @@ from tests.service.test_guest import agent
 from tests.service.test_rpc_netd import refused
 from tests.service.test_rpc_psp import run
 
-GUEST = "snp.guest.v1.GuestService/"
 A, B = "02:00:00:00:00:1a", "02:00:00:00:00:1b"
 
 
@@ -39,16 +38,16 @@ async def spa_of(s: Stack, vm_id: str, gpa: int) -> int:
     raise AssertionError(f"{gpa:#x} is not mapped")
 
 
-@pytest.mark.rpc(GUEST + "ConvertMemory", "error")
-@pytest.mark.rpc(GUEST + "AcceptMemory", "error")
-@pytest.mark.rpc(GUEST + "WriteMemory", "error")
-@pytest.mark.rpc(GUEST + "ReadMemory", "error")
-@pytest.mark.rpc(GUEST + "ReceivePackets", "error")
-@pytest.mark.rpc(GUEST + "SendPacket", "error")
-@pytest.mark.rpc(GUEST + "FlipBufferDuringCopy", "error")
-@pytest.mark.rpc(GUEST + "ExposeVmsaPage", "ok", "error")
-@pytest.mark.rpc(GUEST + "AttachNetDevice", "ok", "error")
-@pytest.mark.rpc(GUEST + "SkipDmaConversion", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/AcceptMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/WriteMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReadMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReceivePackets", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SendPacket", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/FlipBufferDuringCopy", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ExposeVmsaPage", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/AttachNetDevice", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "error")
 def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s, agent(s, "guest-0") as (g, _):
@@ -123,8 +122,8 @@ def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(GUEST + "FlipResponsePage", "ok", "error")
-@pytest.mark.rpc(GUEST + "GetReport", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/FlipResponsePage", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "error")
 def test_a_response_page_flipped_private_under_convert_kill(tmp_path: Path) -> None:
     """kvm's kernel-mode write of the response hits the page the guest made private: under
     convert-kill the host converts it and kills the guest; a terminated guest refuses calls."""

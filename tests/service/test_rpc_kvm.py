@@ -8,8 +8,8 @@ import grpc
 import pytest
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
-
 from snpemu.runtime.status import error_info
+
 from tests.service.host_stack import HOST, host_stack
 from tests.service.test_rpc_netd import refused
 from tests.service.test_rpc_psp import run
@@ -22,14 +22,16 @@ KVM_X86_SNP_VM = 4
 CBIT_MILAN = 51
 
 
-@pytest.mark.rpc(KVM + "GetCapabilities", "ok", "error")
-@pytest.mark.rpc(KVM + "ListVms", "ok", "error")
-@pytest.mark.rpc(KVM + "KickVcpus", "ok", "error")
-@pytest.mark.rpc(KVM + "GetMemoryMap", "ok", "error")
-@pytest.mark.rpc(KVM + "GetVm", "ok", "error")
-@pytest.mark.rpc(KVM + "LaunchVm", "ok", "error")
-@pytest.mark.rpc(KVM + "DestroyVm", "ok", "error")
-@pytest.mark.rpc(KVM + "SetGuestRequestThrottle", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/GetCapabilities", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/ListVms", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/KickVcpus", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/GetMemoryMap", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/GetVm", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/LaunchVm", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/DestroyVm", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SetGuestRequestThrottle", "ok", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/NestedPageFault", "error")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/StreamTraceEvents", "error")
 def test_vm_control(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -116,6 +118,23 @@ def test_vm_control(tmp_path: Path) -> None:
             r, _, payload = await one.guest_request(bytes(96))
             assert (r.sw_exit_info_2 >> 32, payload) == (2, None)
 
+            # exits carry the vCPU identity kvm issued: a forged token is refused
+            forged = handles_pb2.VcpuIdentity()
+            forged.CopyFrom(two.ident)
+            forged.token = bytes(len(two.ident.token))
+            await refused(
+                s.kvm.NestedPageFault(
+                    pb.NestedPageFaultRequest(identity=forged, gpa=0x1000, error_code=0x4)
+                ),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "BAD_VCPU_IDENTITY",
+            )
+            await refused(
+                s.kvm.StreamTraceEvents(pb.StreamTraceEventsRequest(vm=two.vm)).read(),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "HOST_CREDENTIAL_MISSING",
+            )
+
             await s.kvm.DestroyVm(pb.DestroyVmRequest(vm=two.vm), metadata=HOST)
             await refused(
                 s.kvm.GetVm(pb.GetVmRequest(vm=two.vm), metadata=HOST),
@@ -133,12 +152,12 @@ def test_vm_control(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(KVM + "CreateVcpu", "unbuilt")
-@pytest.mark.rpc(KVM + "SetMemoryRegion", "unbuilt")
-@pytest.mark.rpc(KVM + "SetMemoryAttributes", "unbuilt")
-@pytest.mark.rpc(KVM + "SnpLaunchStart", "unbuilt")
-@pytest.mark.rpc(KVM + "SnpLaunchUpdate", "unbuilt")
-@pytest.mark.rpc(KVM + "SnpLaunchFinish", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/CreateVcpu", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SetMemoryRegion", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SetMemoryAttributes", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchStart", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchUpdate", "unbuilt")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchFinish", "unbuilt")
 def test_step_by_step_launch_rpcs_are_not_built(tmp_path: Path) -> None:
     """LaunchVm does the launch in one call; the ioctl-by-ioctl RPCs answer UNIMPLEMENTED with
     NOT_BUILT and the method's name, not some other error."""

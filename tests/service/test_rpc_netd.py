@@ -11,12 +11,11 @@ import grpc
 import pytest
 from snp.common.v1 import handles_pb2
 from snp.netd.v1 import netd_pb2 as pb
-
 from snpemu.runtime.status import error_info
+
 from tests.service.host_stack import HOST, Stack, host_stack
 from tests.service.test_rpc_psp import run
 
-NETD = "snp.netd.v1.NetdService/"
 A, B = "02:00:00:00:00:a1", "02:00:00:00:00:b2"
 # virtio 1.2 2.7: a split ring of 8 entries fits one page; buffers follow it
 RX = pb.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
@@ -45,11 +44,11 @@ async def listed(s: Stack) -> dict[str, pb.DeviceStats]:
     return {d.mac: d for d in r.devices}
 
 
-@pytest.mark.rpc(NETD + "RegisterDevice", "ok", "error")
-@pytest.mark.rpc(NETD + "ListDevices", "ok", "error")
-@pytest.mark.rpc(NETD + "GetDeviceStats", "ok", "error")
-@pytest.mark.rpc(NETD + "UnregisterDevice", "ok", "error")
-@pytest.mark.rpc(NETD + "NotifyQueue", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/RegisterDevice", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/ListDevices", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/GetDeviceStats", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/UnregisterDevice", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/NotifyQueue", "ok", "error")
 def test_device_register_stats_notify_unregister(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -109,7 +108,7 @@ def test_device_register_stats_notify_unregister(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(NETD + "HoldDevice", "ok", "error")
+@pytest.mark.rpc("snp.netd.v1.NetdService/HoldDevice", "ok", "error")
 def test_a_device_whose_hold_closes_is_dropped(tmp_path: Path) -> None:
     """HoldDevice is the vhost-user socket: when the VMM hangs up, netd drops the device."""
 

@@ -23,7 +23,6 @@ from snpemu.runtime.status import error_info
 
 from tests.service.host_pair import HOST, Pair, rmp_and_psp
 
-PSP = "snp.psp.v1.PspService/"
 # SPEC: SEV-SNP Firmware ABI, guest policy: bit 17 must be one, bit 16 SMT allowed, bit 19 DEBUG
 POLICY = 0x30000
 POLICY_DEBUG = 1 << 19
@@ -86,15 +85,15 @@ async def firmware_page_with(pair: Pair, data: bytes) -> int:
     return spa
 
 
-@pytest.mark.rpc(PSP + "SnpShutdown", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpShutdownEx", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpInit", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpInitEx", "ok", "error")
-@pytest.mark.rpc(PSP + "SevInit", "ok", "error")
-@pytest.mark.rpc(PSP + "SevShutdown", "ok", "error")
-@pytest.mark.rpc(PSP + "SevPlatformStatus", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpCommit", "error")
-@pytest.mark.rpc(PSP + "SnpDfFlush", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpShutdown", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpShutdownEx", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpInit", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpInitEx", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SevInit", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SevShutdown", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SevPlatformStatus", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpCommit", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpDfFlush", "error")
 def test_platform_init_and_shutdown_in_order(tmp_path: Path) -> None:
     """SNP_INIT, legacy SEV INIT and the shutdowns, each refused out of order."""
 
@@ -191,14 +190,14 @@ def test_platform_init_and_shutdown_in_order(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(PSP + "SnpConfig", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpCommit", "ok")
-@pytest.mark.rpc(PSP + "SnpFeatureInfo", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpDfFlush", "ok")
-@pytest.mark.rpc(PSP + "SetExtendedConfig", "ok", "error")
-@pytest.mark.rpc(PSP + "GetExtendedConfig", "ok", "error")
-@pytest.mark.rpc(PSP + "GetCertificates", "ok", "error")
-@pytest.mark.rpc(PSP + "SnpPlatformStatus", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpConfig", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpCommit", "ok")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpFeatureInfo", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpDfFlush", "ok")
+@pytest.mark.rpc("snp.psp.v1.PspService/SetExtendedConfig", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/GetExtendedConfig", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/GetCertificates", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/SnpPlatformStatus", "ok", "error")
 def test_platform_configuration(tmp_path: Path) -> None:
     async def body() -> None:
         async with rmp_and_psp(tmp_path) as pair:
@@ -288,14 +287,14 @@ def test_platform_configuration(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(PSP + "GctxCreate", "ok")
-@pytest.mark.rpc(PSP + "Activate", "ok", "error")
-@pytest.mark.rpc(PSP + "LaunchStart", "ok", "error")
-@pytest.mark.rpc(PSP + "LaunchUpdate", "ok", "error")
-@pytest.mark.rpc(PSP + "LaunchFinish", "ok", "error")
-@pytest.mark.rpc(PSP + "GuestStatus", "ok", "error")
-@pytest.mark.rpc(PSP + "Decommission", "ok", "error")
-@pytest.mark.rpc(PSP + "PageReclaim", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/GctxCreate", "ok")
+@pytest.mark.rpc("snp.psp.v1.PspService/Activate", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/LaunchStart", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/LaunchUpdate", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/LaunchFinish", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/GuestStatus", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/Decommission", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/PageReclaim", "ok", "error")
 def test_guest_context_lifecycle(tmp_path: Path) -> None:
     async def body() -> None:
         async with rmp_and_psp(tmp_path) as pair:
@@ -403,9 +402,9 @@ def test_guest_context_lifecycle(tmp_path: Path) -> None:
     run(body())
 
 
-@pytest.mark.rpc(PSP + "GctxCreate", "error")
-@pytest.mark.rpc(PSP + "DbgDecrypt", "ok", "error")
-@pytest.mark.rpc(PSP + "DbgEncrypt", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/GctxCreate", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/DbgDecrypt", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/DbgEncrypt", "ok", "error")
 def test_debug_decrypt_and_encrypt_need_the_debug_policy(tmp_path: Path) -> None:
     async def body() -> None:
         async with rmp_and_psp(tmp_path) as pair:
@@ -471,7 +470,7 @@ def test_debug_decrypt_and_encrypt_need_the_debug_policy(tmp_path: Path) -> None
     run(body())
 
 
-@pytest.mark.rpc(PSP + "PageUnsmash", "ok", "error")
+@pytest.mark.rpc("snp.psp.v1.PspService/PageUnsmash", "ok", "error")
 def test_page_unsmash_merges_a_smashed_2m_page(tmp_path: Path) -> None:
     async def body() -> None:
         async with rmp_and_psp(tmp_path) as pair:

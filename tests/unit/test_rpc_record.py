@@ -187,17 +187,31 @@ def test_markers_naming_no_rpc_or_no_outcome_fail(tmp_path: Path) -> None:
 
 
 def test_outcomes_of_calls() -> None:
-    """Which ends count: OK; a caller error; a stream that answered before the client hung up."""
+    """Which ends count: OK; a caller error; a stream that answered before the client hung up;
+    a session's in-band error."""
     c = rpc_record.Call
-    assert c("m", grpc.StatusCode.OK).outcome() == rpc_record.OK
-    assert c("m", grpc.StatusCode.NOT_FOUND).outcome() == rpc_record.ERROR
+    assert c("m", grpc.StatusCode.OK).outcomes() == {rpc_record.OK}
+    assert c("m", grpc.StatusCode.NOT_FOUND).outcomes() == {rpc_record.ERROR}
     for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-        assert c("m", code).outcome() is None
-    assert c("m", grpc.StatusCode.CANCELLED).outcome() is None
-    assert c("m", grpc.StatusCode.UNIMPLEMENTED).outcome() == rpc_record.UNBUILT
+        assert c("m", code).outcomes() == set()
+    assert c("m", grpc.StatusCode.CANCELLED).outcomes() == set()
+    assert c("m", grpc.StatusCode.UNIMPLEMENTED).outcomes() == {rpc_record.UNBUILT}
     held = c("m", grpc.StatusCode.CANCELLED, responses=1, response_stream=True)
-    assert held.outcome() == rpc_record.OK
-    assert c("m", None, responses=0, response_stream=True).outcome() is None
+    assert held.outcomes() == {rpc_record.OK}
+    assert c("m", None, responses=0, response_stream=True).outcomes() == set()
+
+    from snp.rmp.v1 import rmp_pb2
+
+    session = c("m", grpc.StatusCode.OK, response_stream=True)
+    session.seen(rmp_pb2.FirmwareSessionResponse(error=rmp_pb2.SessionError(code=9)))
+    assert session.outcomes() == {rpc_record.OK, rpc_record.ERROR}
+    # an in-band error alone, then the client hung up: no success seen
+    failed = c("m", grpc.StatusCode.CANCELLED, response_stream=True)
+    failed.seen(rmp_pb2.FirmwareSessionResponse(error=rmp_pb2.SessionError(code=3)))
+    assert failed.outcomes() == {rpc_record.ERROR}
+    internal = c("m", None, response_stream=True)
+    internal.seen(rmp_pb2.FirmwareSessionResponse(error=rmp_pb2.SessionError(code=13)))
+    assert internal.outcomes() == set()
 
 
 @pytest.mark.parametrize(
