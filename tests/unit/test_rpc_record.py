@@ -156,7 +156,8 @@ def test_a_call_a_service_module_makes_is_not_the_tests(tmp_path: Path) -> None:
             async def body(stub, rt):
                 writer = RmpUserWriter(rt.address, CRED, "unit")
                 pfn = (await stub.AllocatePages(
-                    rmp_pb2.AllocatePagesRequest(count=1), metadata=HOST)).pfns[0]
+                    rmp_pb2.AllocatePagesRequest(count=1, placement=rmp_pb2.PLACEMENT_ANY),
+                    metadata=HOST)).pfns[0]
                 reply = await asyncio.to_thread(writer.write, pfn << 12, b"x")
                 writer.close()
                 assert reply.outcome == rmp_pb2.VIOLATION_OUTCOME_NONE
