@@ -231,3 +231,48 @@ def test_grpcurl_runs_are_read_by_exit_status(argv: list[str], rc: int, seen: st
     rpc_record.record_grpcurl(rec, argv, rc)
     expected = set() if seen is None else {("snp.kvm.v1.KvmService/GetVm", seen)}
     assert rec.outcomes() == expected
+
+
+def test_the_real_grpcurl_is_recorded_by_its_exit_status() -> None:
+    """grpcurl run from test code: its exit status (64 + the code; 80 = UNAUTHENTICATED)."""
+    import asyncio
+
+    from snpemu import rmp
+    from snpemu.runtime.config import ServiceConfig
+    from snpemu.runtime.server import ServiceRuntime
+
+    from tests.conftest import tool
+
+    cred = "grpcurl-credential-0123456789"
+    method = "snp.rmp.v1.RmpService/GetPlatformInfo"
+
+    async def main() -> list[int]:
+        env = {
+            "SNPEMU_GRPC_PORT": "0",
+            "SNPEMU_METRICS_PORT": "0",
+            "SNPEMU_HOST_CREDENTIAL": cred,
+            "SNPEMU_SHUTDOWN_GRACE_S": "0",
+        }
+        rt = ServiceRuntime(
+            rmp.SPEC,
+            ServiceConfig.from_env("rmp", env),
+            rmp.SPEC.options({"SNPEMU_RMP_MEMORY": "64M"}),
+        )
+        await rt.start()
+        try:
+
+            def both() -> list[int]:
+                codes = []
+                for header in ([], ["-H", f"x-snpemu-host-credential: {cred}"]):
+                    argv = [tool("grpcurl"), "-plaintext", *header, rt.address, method]
+                    codes.append(subprocess.run(argv, capture_output=True, timeout=60).returncode)
+                return codes
+
+            return await asyncio.to_thread(both)
+        finally:
+            await rt.stop()
+
+    with rpc_record.recording() as rec:
+        codes = asyncio.run(main())
+    assert codes == [64 + 16, 0]
+    assert rec.outcomes() == {(method, rpc_record.ERROR), (method, rpc_record.OK)}
