@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,3 +43,35 @@ def sev_snp_measure(
         check=True,
         timeout=120,
     ).stdout.strip()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> object:
+    """A test's rpc markers are claims: each must be borne out by a call the test made."""
+    from tests import rpc_record
+
+    claims = rpc_record.claims_of(item.iter_markers("rpc"))
+    dump = os.environ.get("SNPEMU_RPC_RECORD")
+    if not claims and not dump:
+        return (yield)
+    unknown = {m for m, _ in claims} - rpc_record.all_methods()
+    if unknown:
+        pytest.fail(f"rpc markers name methods that do not exist: {sorted(unknown)}")
+    with rpc_record.recording() as rec:
+        try:
+            result = yield
+        finally:
+            if dump:
+                with open(dump, "a") as out:
+                    line = {"test": item.nodeid, "seen": sorted(rec.outcomes())}
+                    out.write(json.dumps(line) + "\n")
+    missing = claims - rec.outcomes()
+    if missing:
+        seen = sorted({(c.method, str(c.code), c.responses) for c in rec.calls})
+        pytest.fail(
+            "rpc markers claim calls this test did not make: "
+            + ", ".join(f"{m} {o}" for m, o in sorted(missing))
+            + f"\ncalls seen (method, code, responses): {seen}",
+            pytrace=False,
+        )
+    return result

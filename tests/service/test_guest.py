@@ -69,6 +69,7 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "ok")
 def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     async def body() -> tuple[guest_pb2.GetExtendedReportResponse, bytes, Path]:
         async with host_stack(tmp_path) as s, agent(s, SNPEMU_GUEST_VCPUS="2") as (g, _):
@@ -113,6 +114,7 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetDerivedKey", "ok", "error")
 def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s, agent(s) as (g, _):
@@ -132,6 +134,7 @@ def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) 
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "ok")
 def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -159,6 +162,7 @@ def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> N
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "error")
 def test_too_small_certificate_buffer_reports_the_size_and_keeps_sequence(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s, agent(s) as (g, _):
@@ -192,6 +196,7 @@ def test_wrong_sequence_number_wipes_the_vmpck(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "ok")
 def test_memory_conversion_access_and_vc(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -263,6 +268,7 @@ def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/TamperSequenceNumber", "ok", "error")
 def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s, agent(s) as (g, _):
@@ -281,6 +287,7 @@ def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/FloodReportRequests", "ok", "error")
 def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
     async def body() -> None:
         async with (
@@ -313,6 +320,8 @@ def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/AcceptMemory", "ok")
+@pytest.mark.rpc("snp.guest.v1.GuestService/RaceRmpAdjust", "ok", "error")
 @pytest.mark.parametrize("iterations", [300, 1])  # 1: the host's turn comes after the loop
 def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: int) -> None:
     """The guest loops RMPADJUST on a private page (each holding the entry 1 ms) while the host
@@ -375,6 +384,9 @@ def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: 
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/AccessForeignMemory", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReadMemory", "ok")
+@pytest.mark.rpc("snp.guest.v1.GuestService/WriteMemory", "ok")
 def test_a_guest_cannot_reach_another_guests_memory(tmp_path: Path) -> None:
     from snp.kvm.v1 import kvm_pb2
     from snp.rmp.v1 import rmp_pb2

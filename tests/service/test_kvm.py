@@ -119,6 +119,7 @@ def test_host_stepping_names_the_vcek_and_is_the_guests_cpuid(
     assert measurement.hex() == predicted
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/CreateVm", "error")
 def test_create_vm_validates_its_config(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -141,6 +142,7 @@ def test_create_vm_validates_its_config(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/VmgexitMsr", "error")
 def test_msr_protocol(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -566,6 +568,7 @@ def test_psc_cur_entry_beyond_end_entry_answers_0_and_leaves_the_buffer(tmp_path
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/Vmgexit", "error")
 def test_ghcb_carried_with_the_exit(tmp_path: Path) -> None:
     """VmgexitRequest.ghcb: the same answers as through memory, the page in memory as kvm wrote
     it, and a PSC whose RMPUPDATE fails mid-batch (kvm's speculative GHCB write does not run)
@@ -847,6 +850,9 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/CreateVm", "ok")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/Vmgexit", "ok")
+@pytest.mark.rpc("snp.kvm.v1.KvmService/VmgexitMsr", "ok")
 def test_a_firmware_error_still_copies_the_response_page(tmp_path: Path) -> None:
     """KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(): when SNP_GUEST_REQUEST fails
     with a firmware error, kvm_write_guest() of the response bounce page still runs, then
@@ -879,6 +885,7 @@ def test_a_firmware_error_still_copies_the_response_page(tmp_path: Path) -> None
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/NestedPageFault", "ok")
 def test_npf_psmash_and_conversion(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:
@@ -1029,6 +1036,7 @@ def test_vm_destroy_and_kvm_load_run_wbinvd_before_df_flush(tmp_path: Path) -> N
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/HoldVm", "ok", "error")
 def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
     """HoldVm is the VM fd: closing the last one without DestroyVm (the VMM died) destroys the
     VM and frees its memory; a VM destroyed first is left alone when its hold closes."""
@@ -1072,6 +1080,7 @@ def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.kvm.v1.KvmService/StreamTraceEvents", "ok")
 def test_trace_events_stream(tmp_path: Path) -> None:
     async def body() -> None:
         async with host_stack(tmp_path) as s:

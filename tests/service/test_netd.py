@@ -152,6 +152,7 @@ def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "ok")
 @pytest.mark.parametrize("policy", ["convert", "convert-kill", "gmem"])
 def test_buggy_guest_under_each_policy(tmp_path: Path, policy: str) -> None:
     """A guest that forgot to convert its RX buffers: the host's user-mode write hits private
@@ -205,6 +206,10 @@ def test_buggy_guest_under_each_policy(tmp_path: Path, policy: str) -> None:
     run(body())
 
 
+@pytest.mark.rpc("snp.guest.v1.GuestService/FlipBufferDuringCopy", "ok")
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetStatus", "ok")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReceivePackets", "ok")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SendPacket", "ok")
 def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
     async def body() -> None:
         async with (

@@ -232,6 +232,7 @@ def test_kds_endpoint_and_a_persistent_identity(tmp_path: Path) -> None:
     assert first == second
 
 
+@pytest.mark.rpc("snp.psp.v1.PspService/GuestRequest", "ok", "error")
 def test_guest_request_needs_a_firmware_response_page(tmp_path: Path) -> None:
     async def body() -> None:
         async with rmp_and_psp(tmp_path) as pair:

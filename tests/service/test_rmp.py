@@ -102,6 +102,8 @@ async def guest_setup(
     return pfns, ident
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GetPlatformInfo", "ok", "error")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "error")
 def test_host_only_rpcs_need_the_credential() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -198,6 +200,9 @@ def test_private_memory_is_encrypted_and_owned() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/ListRmpEntries", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/Pvalidate", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "error")
 def test_entries_decoded_and_raw() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns, ident = await guest_setup(stub, pages=2)
@@ -227,6 +232,8 @@ def test_entries_decoded_and_raw() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdateBatch", "ok", "error")
 def test_batch_rmpupdate_packed_entries() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns = await alloc(stub, 4)
@@ -271,6 +278,9 @@ async def write(stub: rmp_pb2_grpc.RmpServiceStub, spa: int, origin: int) -> pb.
     )
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/PvalidateBatch", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/RmpAdjust", "ok")
 def test_convert_policy_converts_and_the_guest_is_told() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
         pfns, ident = await guest_setup(stub)
@@ -339,6 +349,13 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
     run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1"))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/AcknowledgeMmuNotification", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/HostWrite", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/InstallMemoryKey", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/RegisterVcpuIdentity", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdate", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/UpdateNestedPageTable", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/WatchMmuNotifications", "ok")
 def test_convert_kill_asks_kvm_to_terminate() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns, _ = await guest_setup(stub, pages=2)
@@ -413,6 +430,9 @@ def test_sigbus_policy_kernel_write_panics_the_host() -> None:
     run(with_rmp(body, SNPEMU_RMP_POLICY="sigbus"))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GuestWrite", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/HostRead", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "error")
 def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns, ident = await guest_setup(stub, pages=1)
@@ -447,6 +467,9 @@ def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/ListHostMaps", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/UnmapHostPage", "ok", "error")
 def test_host_map_lock_blocks_conversion_to_private() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns = await alloc(stub, 1)
@@ -480,6 +503,9 @@ def test_host_map_lock_blocks_conversion_to_private() -> None:
     run(with_rmp(body, SNPEMU_RMP_MAP_LEAK_S="0.2"))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/FreePages", "error")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/LeakPages", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/ListLeakedPages", "ok")
 def test_leaked_pages_are_never_reused_and_counted() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
         pfns, _ = await guest_setup(stub, pages=2)
@@ -509,6 +535,7 @@ def test_leaked_pages_are_never_reused_and_counted() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/AllocatePages", "ok", "error")
 def test_allocation_placements() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         tmr = (
@@ -558,6 +585,8 @@ def test_metrics_are_exported() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "error")
 def test_firmware_session_answers_in_order_and_survives_errors() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns = await alloc(stub, 1)
@@ -594,6 +623,8 @@ def test_firmware_session_answers_in_order_and_survives_errors() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "error")
 def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
     """No credential: the vCPU identity of each op is the check, as in the unary calls."""
 
@@ -647,6 +678,7 @@ def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/HostCopy", "ok", "error")
 def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
@@ -710,6 +742,8 @@ def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "error")
 def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         a, b = await alloc(stub, 2)
@@ -770,6 +804,8 @@ def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
     run(with_rmp(body))
 
 
+@pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareWbinvdIndicator", "ok")
+@pytest.mark.rpc("snp.rmp.v1.RmpService/Wbinvd", "ok", "error")
 def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
     """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
     firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
