@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.psp.v1 import psp_pb2
@@ -69,7 +71,45 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+# The emulated chip of the tests below that hand a report to omne-attest: its CHIP_ID is chosen,
+# not random. omne-attest 0.1.0 (omne_attest/snp.py _der_octet_or_raw()) reads a VCEK hwID
+# extension whose first byte is 0x04 as a DER OCTET STRING (tag 0x04, then a length) whenever
+# that length fits in the value, and compares the "body" with the report's CHIP_ID. A KDS VCEK
+# carries the 64 raw bytes instead (as AMD's real Milan VCEK that omne-attest ships in
+# omne_attest.vectors does), so for a random chip whose ID starts with 0x04 (1 in 256) it
+# would refuse a valid report. This ID cannot start with 0x04; the case of one that does is
+# test_omne_attest_misreads_a_raw_hwid_that_starts_like_der below.
+CHIP_ID = b"snpemu test chip, not 0x04".ljust(64, b".")
+# 0x04 0x3E: an OCTET STRING header of 62 bytes, exactly what follows it in the 64
+DER_LOOKALIKE_CHIP_ID = b"\x04\x3e" + b"raw hwID read as DER".ljust(62, b".")
+OID_HW_ID = "1.3.6.1.4.1.3704.1.4"  # VCEK extension hwID, as omne-attest names it
+
+
+def seed_chip(tmp: Path, chip_id: bytes) -> None:
+    """Make host_stack(tmp)'s psp the chip with `chip_id`: psp creates its identity once in
+    its data directory (tmp/psp) and from then on loads chip.json, so an ID written there is
+    the one it reports and puts in the VCEK. The tests check the report carries it."""
+    from snpemu.psp.identity import ChipIdentity
+
+    data_dir = tmp / "psp"
+    ChipIdentity.load_or_create(data_dir, "Milan")
+    meta = json.loads((data_dir / "chip.json").read_text())
+    meta["chip_id"] = chip_id.hex()
+    (data_dir / "chip.json").write_text(json.dumps(meta))
+
+
+def hw_id(vcek_der: bytes) -> bytes:
+    """The VCEK's hwID extension value as cryptography reads it (no DER unwrapping)."""
+    ext = x509.load_der_x509_certificate(vcek_der).extensions.get_extension_for_oid(
+        x509.ObjectIdentifier(OID_HW_ID)
+    )
+    assert isinstance(ext.value, x509.UnrecognizedExtension)
+    return ext.value.value
+
+
 def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
+    seed_chip(tmp_path, CHIP_ID)
+
     async def body() -> tuple[guest_pb2.GetExtendedReportResponse, bytes, Path]:
         async with host_stack(tmp_path) as s, agent(s, SNPEMU_GUEST_VCPUS="2") as (g, _):
             st = await g.GetStatus(guest_pb2.GetStatusRequest())
@@ -84,6 +124,8 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
             return ext, ark, s.firmware
 
     ext, ark, fw = run(body())
+    # SPEC: SNP ABI, ATTESTATION_REPORT: CHIP_ID at 0x1A0, 64 bytes
+    assert ext.report[0x1A0:0x1E0] == CHIP_ID
     predicted = sev_snp_measure(ovmf=str(fw))
     assert ext.fields.measurement.hex() == predicted
     assert [c.guid for c in ext.certificates] == ["vcek", "ask", "ark"]
@@ -97,12 +139,48 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     bad[0x90] ^= 1
     (tmp_path / "r").write_bytes(bytes(bad))
     assert verify.main(args) == 1
-    # a third-party verifier pinning the same ARK accepts the unmodified report
+    # a third-party verifier pinning the same ARK accepts the unmodified report (raises if not)
     from omne_attest import Policy
     from omne_attest import verify as omne
 
     certs = {c.guid: c.der for c in ext.certificates}
-    if ext.fields.chip_id[0] != 0x04:  # omne-attest misreads such hwIDs (its bug)
+    omne(
+        ext.report,
+        certs["vcek"],
+        certs["ask"],
+        certs["ark"],
+        hashlib.sha256(certs["ark"]).digest(),
+        Policy(max_vmpl=0, reject_debug=True),
+    )
+
+
+def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) -> None:
+    """The one chip ID the test above avoids: omne-attest refuses the valid report of a chip
+    whose raw ID starts like a DER OCTET STRING (its bug, see CHIP_ID), while the VCEK's hwID
+    is exactly the report's CHIP_ID and snpemu-verify accepts it. If omne-attest fixes this,
+    this test fails: CHIP_ID then needs no choosing."""
+    from omne_attest import Fail, FailKind, Policy
+    from omne_attest import verify as omne
+
+    seed_chip(tmp_path, DER_LOOKALIKE_CHIP_ID)
+
+    async def body() -> tuple[guest_pb2.GetExtendedReportResponse, bytes]:
+        async with host_stack(tmp_path) as s, agent(s) as (g, _):
+            ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest())
+            ark = (
+                await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
+            ).ark_der
+            return ext, ark
+
+    ext, ark = run(body())
+    certs = {c.guid: c.der for c in ext.certificates}
+    assert ext.report[0x1A0:0x1E0] == DER_LOOKALIKE_CHIP_ID == hw_id(certs["vcek"])
+    (tmp_path / "r").write_bytes(ext.report)
+    (tmp_path / "c").write_bytes(ext.certs_blob)
+    (tmp_path / "ark").write_bytes(ark)
+    args = [str(tmp_path / "r"), str(tmp_path / "c"), "--ark", str(tmp_path / "ark")]
+    assert verify.main(args) == 0
+    with pytest.raises(Fail) as info:
         omne(
             ext.report,
             certs["vcek"],
@@ -111,6 +189,8 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
             hashlib.sha256(certs["ark"]).digest(),
             Policy(max_vmpl=0, reject_debug=True),
         )
+    # the signature and the chain passed (they come first); only the hwID comparison failed
+    assert info.value.kind is FailKind.CHIP_ID_MISMATCH
 
 
 def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) -> None:
