@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.psp.v1 import psp_pb2
 from snpemu import guest
 from snpemu.guest import verify
+from snpemu.kvm.throttle import Throttle
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
@@ -212,28 +213,80 @@ def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) 
     run(body())
 
 
+class GuestTime:
+    """A clock that moves only when the guest sleeps. The guest kernel's clock and sleep (its
+    jiffies and schedule_timeout_killable()) and the kvm throttle of its VM read it, so how
+    often a throttled request is retried follows from the token bucket and the driver's retry
+    rule, never from how fast the machine runs. With `hold`, the first sleep waits until
+    `resume` is set: the guest is then parked in a BUSY retry, its request in flight."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.sleeping = asyncio.Event()  # set on the first sleep
+        self.resume = asyncio.Event()
+        if not hold:
+            self.resume.set()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.sleeping.set()
+        await self.resume.wait()
+        self.now += delay
+        await asyncio.sleep(0)
+
+
+def use_guest_time(s: Stack, rt: ServiceRuntime, t: GuestTime) -> Throttle:
+    """Put the agent's guest and its VM's kvm throttle (as the agent configured it, with a
+    full bucket) on `t`; returns the throttle."""
+    kernel = rt.impl.kernel  # type: ignore[union-attr]
+    kernel.clock, kernel.sleep = t.clock, t.sleep
+    vm = s.runtimes["kvm"].impl.kvm.vms[kernel.vm.id]  # type: ignore[union-attr]
+    vm.throttle = dataclasses.replace(vm.throttle, clock=t.clock)
+    return vm.throttle  # type: ignore[no-any-return]
+
+
+async def event_kinds(g: guest_pb2_grpc.GuestServiceStub) -> list[str]:
+    return [e.kind for e in (await g.GetStatus(guest_pb2.GetStatusRequest())).events]
+
+
 def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> None:
+    """A token bucket of one request per interval_ms (burst 1), and the driver's rule:
+    KERNEL: drivers/virt/coco/sev-guest/sev-guest.c __handle_guest_request(): on VMM BUSY,
+    give up with -ETIMEDOUT once jiffies - req_start > SNP_REQ_MAX_RETRY_DURATION, otherwise
+    schedule_timeout_killable(SNP_REQ_RETRY_DELAY) and send the same message again."""
+
     async def body() -> None:
         async with host_stack(tmp_path) as s:
             async with agent(
-                s, SNPEMU_GUEST_THROTTLE_MS="600", SNPEMU_GUEST_RETRY_DELAY_S="0.2"
-            ) as (g, _):
+                s, SNPEMU_GUEST_THROTTLE_MS="500", SNPEMU_GUEST_RETRY_DELAY_S="0.25"
+            ) as (g, rt):
+                t = GuestTime()
+                assert use_guest_time(s, rt, t).interval_ms == 500
+                await g.GetReport(guest_pb2.GetReportRequest())  # the bucket's one token
+                # tried at 0 and 0.25 s (BUSY, no token yet), served at 0.5 s
                 await g.GetReport(guest_pb2.GetReportRequest())
-                t = time.monotonic()
-                await g.GetReport(guest_pb2.GetReportRequest())  # throttled, retried, then served
-                assert time.monotonic() - t >= 0.2
-                st = await g.GetStatus(guest_pb2.GetStatusRequest())
-                assert "busy_retry" in [e.kind for e in st.events] and not st.disabled_vmpcks
+                assert t.sleeps == [0.25, 0.25]
+                assert (await event_kinds(g)).count("busy_retry") == 2
+                assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
             async with agent(
                 s,
                 SNPEMU_GUEST_THROTTLE_MS="60000",
-                SNPEMU_GUEST_RETRY_DELAY_S="0.1",
-                SNPEMU_GUEST_RETRY_TIMEOUT_S="0.3",
-            ) as (g, _):
+                SNPEMU_GUEST_RETRY_DELAY_S="0.25",
+                SNPEMU_GUEST_RETRY_TIMEOUT_S="0.5",
+            ) as (g, rt):
+                t = GuestTime()
+                use_guest_time(s, rt, t)
                 await g.GetReport(guest_pb2.GetReportRequest())
+                # BUSY at 0, 0.25 and 0.5 s (not yet past 0.5), at 0.75 s past it: ETIMEDOUT
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await g.GetReport(guest_pb2.GetReportRequest())
                 assert "ETIMEDOUT" in (info.value.details() or "")
+                assert t.sleeps == [0.25, 0.25, 0.25]
+                assert (await event_kinds(g)).count("busy_retry") == 4
                 await assert_vmpck0_wiped(g)
 
     run(body())
@@ -362,6 +415,10 @@ def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path
 
 
 def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
+    """guest-a floods (one report per 500 ms allowed) on GuestTime; guest-b, with its own
+    bucket of 5, asks for 5 reports while guest-a's flood is parked in a BUSY retry. b is
+    served every time without BUSY, so a's flood neither blocks b nor drains b's bucket."""
+
     async def body() -> None:
         async with (
             host_stack(tmp_path) as s,
@@ -369,22 +426,43 @@ def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
                 s,
                 "guest-a",
                 SNPEMU_GUEST_THROTTLE_MS="500",
-                SNPEMU_GUEST_RETRY_DELAY_S="0.05",
-            ) as (flooder, _),
-            agent(s, "guest-b") as (other, _),
+                SNPEMU_GUEST_RETRY_DELAY_S="0.25",
+            ) as (flooder, rt),
+            agent(
+                s,
+                "guest-b",
+                SNPEMU_GUEST_THROTTLE_MS="500",
+                SNPEMU_GUEST_THROTTLE_BURST="5",
+                # a BUSY would fail b's request at once instead of being retried
+                SNPEMU_GUEST_RETRY_DELAY_S="0.01",
+                SNPEMU_GUEST_RETRY_TIMEOUT_S="0",
+            ) as (other, _),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest())
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            t = GuestTime(hold=True)
+            use_guest_time(s, rt, t)
             flood = asyncio.ensure_future(
                 flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest(duration_ms=1000))
             )
-            # the other guest is served during the flood, never told BUSY
-            for _ in range(5):
-                await other.GetReport(guest_pb2.GetReportRequest())
+            parked = asyncio.ensure_future(t.sleeping.wait())
+            try:
+                # the first report took the token; the second was told BUSY and waits to retry
+                await asyncio.wait([parked, flood], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+                assert parked.done() and not flood.done()
+                assert (await event_kinds(flooder)).count("busy_retry") == 1
+                for _ in range(5):
+                    await other.GetReport(guest_pb2.GetReportRequest(), timeout=60)
+                # all five were served while the flood was in flight, parked in that retry
+                assert not flood.done() and t.sleeps == [0.25]
+            finally:
+                parked.cancel()
+                t.resume.set()
             r = await flood
-            # at most one report per 500 ms window (burst 1), plus the one in flight
-            assert 1 <= r.completed <= 4 and r.busy >= 1
+            # on GuestTime: served at 0 s; BUSY at 0 and 0.25 s, served at 0.5 s; BUSY at 0.5
+            # and 0.75 s, served at 1.0 s, where the 1000 ms flood ends
+            assert (r.completed, r.busy) == (3, 4) and t.sleeps == [0.25] * 4
             st = await other.GetStatus(guest_pb2.GetStatusRequest())
             assert "busy_retry" not in [e.kind for e in st.events]
             assert not st.disabled_vmpcks
