@@ -255,7 +255,7 @@ async def event_kinds(g: guest_pb2_grpc.GuestServiceStub) -> list[str]:
 
 def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> None:
     """A token bucket of one request per interval_ms (burst 1), and the driver's rule:
-    KERNEL: drivers/virt/coco/sev-guest/sev-guest.c __handle_guest_request(): on VMM BUSY,
+    KERNEL: arch/x86/coco/sev/core.c __handle_guest_request(): on VMM BUSY,
     give up with -ETIMEDOUT once jiffies - req_start > SNP_REQ_MAX_RETRY_DURATION, otherwise
     schedule_timeout_killable(SNP_REQ_RETRY_DELAY) and send the same message again."""
 
