@@ -1,16 +1,29 @@
-"""Shared test helpers: repository paths, free ports, the real grpcurl."""
+"""Shared test helpers: repository paths, free ports, the real grpcurl, polling with a
+deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from snpemu.hostconfig import free_ports  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail if it still does not after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {timeout_s:g} s")
+        await asyncio.sleep(0.01)
 
 
 def tool(name: str) -> str:
