@@ -49,10 +49,12 @@ async def agent(
     try:
         async with grpc.aio.insecure_channel(rt.address) as ch:
             stub = guest_pb2_grpc.GuestServiceStub(ch)
-            for _ in range(200):
-                st = await stub.GetStatus(guest_pb2.GetStatusRequest())
-                if st.state in (guest_pb2.BOOT_STATE_RUNNING, guest_pb2.BOOT_STATE_TERMINATED):
-                    break
+            deadline = asyncio.get_running_loop().time() + 120
+            while (await stub.GetStatus(guest_pb2.GetStatusRequest())).state not in (
+                guest_pb2.BOOT_STATE_RUNNING,
+                guest_pb2.BOOT_STATE_TERMINATED,
+            ):
+                assert asyncio.get_running_loop().time() < deadline, f"{name} never booted"
                 await asyncio.sleep(0.05)
             yield stub, rt
     finally:
