@@ -1,18 +1,50 @@
-"""Shared test helpers: repository paths, free ports, the real grpcurl."""
+"""Shared test helpers: repository paths, free ports, the real grpcurl, hypothesis profiles,
+polling with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from snpemu.hostconfig import free_ports  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis profiles, picked with HYPOTHESIS_PROFILE: "ci" (the default) draws the same
+# examples on every run (derandomized, no example database); "long" draws 20 times as many,
+# at random, for a run on demand. A test that asks for its own number of examples says
+# examples(n): n under ci, scaled like the default under any other profile.
+CI_EXAMPLES = 100
+settings.register_profile(
+    "ci", max_examples=CI_EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=True
+)
+settings.register_profile(
+    "long", max_examples=20 * CI_EXAMPLES, database=None, deadline=None, print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
+
+
+def examples(n: int) -> int:
+    """max_examples for a test that wants n under the ci profile, scaled to the loaded one."""
+    return max(1, n * settings.default.max_examples // CI_EXAMPLES)
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail if it still does not after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {timeout_s:g} s")
+        await asyncio.sleep(0.01)
 
 
 def tool(name: str) -> str:

@@ -22,6 +22,8 @@ from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime, ServiceSpec, StartupError
 from snpemu.runtime.status import error_info
 
+from tests.conftest import eventually
+
 SPECS = {"rmp": rmp.SPEC, "psp": psp.SPEC, "kvm": kvm.SPEC, "netd": netd.SPEC, "guest": guest.SPEC}
 
 
@@ -142,6 +144,7 @@ class _FakeKvm:
     """A test implementation: two RPCs built, the rest left to the bootstrap."""
 
     def __init__(self) -> None:
+        self.entered = asyncio.Event()  # a GetVm with a vm.id reached the implementation
         self.release = asyncio.Event()
 
     async def ListVms(self, request: Any, context: Any) -> kvm_pb2.ListVmsResponse:
@@ -152,6 +155,7 @@ class _FakeKvm:
             raise errors.InvalidArgument(
                 "vm.id is required", reason="MISSING_VM", metadata={"field": "vm.id"}
             )
+        self.entered.set()
         await self.release.wait()
         return kvm_pb2.GetVmResponse()
 
@@ -248,10 +252,23 @@ def test_metrics_endpoint_serves_the_registry() -> None:
 
 
 def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
+    """Stop says NOT_SERVING, refuses new calls, and lets a call already in its handler finish
+    (within the shutdown grace, long here so that only a stop that cuts it off fails)."""
     impl = _FakeKvm()
 
+    async def refused(address: str) -> bool:
+        try:
+            async with grpc.aio.insecure_channel(address) as fresh:
+                await kvm_pb2_grpc.KvmServiceStub(fresh).ListVms(
+                    kvm_pb2.ListVmsRequest(), timeout=1
+                )
+        except grpc.aio.AioRpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return True
+        return False
+
     async def scenario() -> None:
-        runtime = ServiceRuntime(_fake_spec(impl), _config("kvm"))
+        runtime = ServiceRuntime(_fake_spec(impl), _config("kvm", SNPEMU_SHUTDOWN_GRACE_S="60"))
         await runtime.start()
         async with grpc.aio.insecure_channel(runtime.address) as channel:
             stub = kvm_pb2_grpc.KvmServiceStub(channel)
@@ -260,22 +277,20 @@ def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
             first = await watch.read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
             in_flight = asyncio.ensure_future(stub.GetVm(kvm_pb2.GetVmRequest(vm={"id": "vm-1"})))
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(impl.entered.wait(), 30)  # the call is in the handler
             stopping = asyncio.ensure_future(runtime.stop())
             second = await watch.read()
             assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()  # an open stream, too, would hold the stop for the whole grace
+            # the server is shutting down (new calls refused) while the held call lives on
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await refused(runtime.address):
+                assert asyncio.get_running_loop().time() < deadline, "new calls still served"
+            assert not in_flight.done() and not stopping.done()
             impl.release.set()
             assert isinstance(await in_flight, kvm_pb2.GetVmResponse)
             await stopping
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            async with grpc.aio.insecure_channel(runtime.address) as channel:
-                await kvm_pb2_grpc.KvmServiceStub(channel).ListVms(
-                    kvm_pb2.ListVmsRequest(), timeout=1
-                )
-        assert info.value.code() in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        )
+        assert await refused(runtime.address)
 
     run(scenario())
 
@@ -346,7 +361,7 @@ def test_cancelled_calls_are_counted_as_canceled() -> None:
 
     async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
         call = kvm_pb2_grpc.KvmServiceStub(channel).GetVm(kvm_pb2.GetVmRequest(vm={"id": "v"}))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(impl.entered.wait(), 30)  # cancelled in the handler, not before
         call.cancel()
         labels = {
             "grpc_type": "unary",
@@ -354,10 +369,8 @@ def test_cancelled_calls_are_counted_as_canceled() -> None:
             "grpc_method": "GetVm",
             "grpc_code": "Canceled",
         }
-        for _ in range(50):
-            if runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1
+        await eventually(
+            lambda: runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1
+        )
 
     run(_with_runtime(_fake_spec(impl), body))

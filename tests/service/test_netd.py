@@ -22,6 +22,8 @@ from tests.service.host_stack import HOST, VMM, host_stack
 from tests.service.test_guest import agent, run
 
 VMM_MD = (("x-snpemu-host-credential", VMM),)
+# VIRTIO 1.2, 5.1.6 Device Operation: struct virtio_net_hdr, 12 bytes with num_buffers
+NET_HDR_LEN = 12
 
 
 def payload(i: int) -> bytes:
@@ -211,6 +213,10 @@ def test_buggy_guest_under_each_policy(tmp_path: Path, policy: str) -> None:
 @pytest.mark.rpc("snp.guest.v1.GuestService/ReceivePackets", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/SendPacket", "ok")
 def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
+    """b arms the flip (it blanks the header of its next RX buffer, then watches it), a sends
+    b a packet; netd's copy stands still after its first chunk until the flip has made the
+    page private, so the next chunk meets a guest-owned page, which gmem refuses."""
+
     async def body() -> None:
         async with (
             host_stack(
@@ -218,19 +224,43 @@ def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
                 netd_env={"SNPEMU_NETD_COPY_CHUNK": "256", "SNPEMU_NETD_COPY_DELAY_MS": "40"},
             ) as s,
             agent(s, "guest-0", SNPEMU_GUEST_ON_VC="log") as (a, _),
-            agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, _),
+            agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, b_rt),
         ):
             await attach(a, A)
             await attach(b, B)
+            flipped = asyncio.Event()
+            pauses: list[float] = []
+
+            async def pause(delay: float) -> None:
+                pauses.append(delay)
+                await flipped.wait()
+
+            s.runtimes["netd"].impl.servicer.d.sleep = pause  # type: ignore[union-attr]
+            # a marker in the header of the buffer netd fills next: gone once the flip is armed
+            gpa = await b_rt.impl.net.dev.next_rx_buffer()  # type: ignore[union-attr]
+            marker = b"\xa5" * NET_HDR_LEN
+            await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker, shared=True))
             flip = asyncio.ensure_future(
-                b.FlipBufferDuringCopy(guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=5000))
+                b.FlipBufferDuringCopy(guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=60_000))
             )
-            await asyncio.sleep(0.2)
-            sent = await a.SendPacket(
-                guest_pb2.SendPacketRequest(destination_mac=B, payload=bytes(1400))
+            deadline = asyncio.get_running_loop().time() + 30
+            while (
+                await b.ReadMemory(
+                    guest_pb2.ReadMemoryRequest(gpa=gpa, length=NET_HDR_LEN, shared=True)
+                )
+            ).data == marker:
+                assert asyncio.get_running_loop().time() < deadline, "the flip never armed"
+            send = asyncio.ensure_future(
+                a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=bytes(1400)))
             )
-            outcome = (await flip).outcome
+            try:
+                outcome = (await flip).outcome
+            finally:
+                flipped.set()
+            sent = await send
             assert "flipped to private mid-copy" in outcome
+            assert f"copy into {gpa:#x} began" in outcome
+            assert pauses == [0.04]  # held after the first chunk; the second was refused
             assert sent.result == "refused"
             assert await receive_all(b) == []
             assert dict((await status(b)).net_received) == {"rx_error": 1}

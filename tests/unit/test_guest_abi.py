@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from snpemu.abi import cert_table, report
 from snpemu.guest import verify
 
+from tests.conftest import examples
+
 GUIDS = st.sampled_from([cert_table.VCEK, cert_table.ASK, cert_table.ARK, cert_table.VLEK])
 ENTRIES = st.lists(st.tuples(GUIDS, st.binary(min_size=1, max_size=64)), max_size=4)
 
@@ -94,7 +96,7 @@ CERTS = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(st.binary(max_size=1300) | st.binary(min_size=1184, max_size=1184), CERTS, st.booleans())
 def test_verify_rejects_garbage_with_exit_1(
     tmp_path_factory: pytest.TempPathFactory, rep: bytes, certs: bytes, real_ark: bool

@@ -25,6 +25,8 @@ from snpemu.errors import Unavailable
 from snpemu.guest.driver import Driver, RequestFailed, VmpckDisabled, report_request
 from snpemu.guest.kernel import CERTS_GPA, PAGE, REQ_GPA, RESP_GPA, Terminated
 
+from tests.conftest import examples
+
 # include/linux/sev-guest.h: SNP_GUEST_VMM_ERR(x) = x << 32
 INVALID_LEN = 1 << 32  # SNP_GUEST_VMM_ERR_INVALID_LEN
 BUSY = 2 << 32  # SNP_GUEST_VMM_ERR_BUSY
@@ -306,7 +308,7 @@ def _run(calls: list[Call], script: list[str]) -> FakeKernel:
     return k
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(CALLS, SCRIPT)
 def test_no_sequence_number_is_ever_used_for_two_messages(
     calls: list[Call], script: list[str]

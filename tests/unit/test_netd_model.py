@@ -14,6 +14,8 @@ from snpemu.abi import virtio
 from snpemu.errors import AlreadyExists, InvalidArgument, NotFound
 from snpemu.netd.daemon import NetDaemon, Result, Ring, Sigbus, WriteOutcome
 
+from tests.conftest import examples
+
 PAGE = 4096
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 
@@ -236,7 +238,7 @@ def test_no_buffer_and_registration_rules() -> None:
     run(body())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=2000))
 def test_parse_frame_never_crashes(raw: bytes) -> None:
     try:
@@ -246,7 +248,7 @@ def test_parse_frame_never_crashes(raw: bytes) -> None:
     assert len(f.dst) == 6 and len(f.src) == 6
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=256), st.integers(0, 0xFFFF))
 def test_a_garbage_tx_ring_never_crashes_the_daemon(area: bytes, avail: int) -> None:
     """Descriptors and the driver area full of garbage (the idx kept small enough to run)."""

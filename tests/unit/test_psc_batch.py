@@ -19,6 +19,8 @@ from snpemu.kvm.psc_batch import plan_4k
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Vm
 
+from tests.conftest import examples
+
 ASID = 9
 
 
@@ -72,7 +74,7 @@ plain = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     entries=st.one_of(
         st.lists(plain, min_size=1, max_size=psc.MAX_ENTRIES),

@@ -79,7 +79,8 @@ class GuestKernel:
     def __init__(self, name: str, opts: Any, rmp: Peer, kvm: Peer, default_firmware: str) -> None:
         self.name, self.opts, self.rmp, self.kvm = name, opts, rmp, kvm
         # the guest's clock and delay (jiffies, schedule_timeout_killable()) for the
-        # guest-request retry loop; a test sets its own so nothing waits for real
+        # guest-request retry loop and the report flood; a test sets its own so nothing waits
+        # for real
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         # the vCPU's memory accesses and PVALIDATEs, as stream messages rather than calls

@@ -13,6 +13,7 @@ import bisect
 import enum
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -136,9 +137,12 @@ class NetDaemon:
         *,
         copy_chunk: int = PAGE,
         copy_delay_s: float = 0.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.memory, self.vmm = memory, vmm
         self.copy_chunk, self.copy_delay_s = copy_chunk, copy_delay_s
+        # the pause between the chunks of one copy (a test holds a copy mid-way with its own)
+        self.sleep = sleep
         self.devices: dict[str, Device] = {}
         self.by_mac: dict[bytes, Device] = {}
         self.results: dict[Result, int] = dict.fromkeys(Result, 0)
@@ -196,7 +200,7 @@ class NetDaemon:
             room = PAGE - ((gpa + pos) % PAGE)
             n = min(room, self.copy_chunk, len(data) - pos)
             if pos and self.copy_delay_s:
-                await asyncio.sleep(self.copy_delay_s)
+                await self.sleep(self.copy_delay_s)
             outcome = await self.memory.write(dev.memory.spa(gpa + pos, n), data[pos : pos + n])
             if outcome != WriteOutcome.NONE:
                 dev.counters.violations += 1

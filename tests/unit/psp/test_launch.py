@@ -16,6 +16,7 @@ from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 from snpemu.rmp.entry import VMSA_GPA, PageState
 
+from tests.conftest import examples
 from tests.unit.psp.launch_helpers import make_host, report_request, run
 
 
@@ -33,7 +34,7 @@ PAGE_OPS = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(PAGE_OPS)
 def test_launch_digest_equals_sev_snp_measure(tmp: Path, ops: list[tuple[int, int, bytes]]) -> None:
     """Any page sequence pushed through the firmware gives sev-snp-measure's GCTX digest."""

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from snpemu.rmp.entry import PAGES_PER_2M, Code, PageState
 from snpemu.rmp.table import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM, Fault, RmpTable
 
+from tests.conftest import examples
+
 MB2 = 2 << 20
 ASID = 5
 
@@ -279,7 +281,7 @@ class Reference:
         return PageState.GUEST_VALID if h["v"] else PageState.GUEST_INVALID
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(OPS)
 def test_random_sequences_match_the_reference(ops: list[tuple[str, int, bool]]) -> None:
     t = table()
@@ -324,7 +326,7 @@ def test_random_sequences_match_the_reference(ops: list[tuple[str, int, bool]]) 
     assert np.array_equal(t.counts[1:10], np.bincount(expected, minlength=10)[1:10])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     st.lists(st.integers(0, 2 * PAGES_PER_2M - 1), min_size=1, max_size=60),
     st.lists(st.sampled_from(["private", "shared", "firmware"]), min_size=60, max_size=60),
