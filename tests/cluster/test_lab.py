@@ -1,6 +1,20 @@
 """The RMP-policy lab: every scenario under every policy, each on a fresh virtual host started by
-the real launcher (netd really dies of SIGBUS and is really restarted), asserting what
-docs/design.md#the-lab predicts for each cell."""
+the real launcher (netd really dies of SIGBUS and is really restarted), asserting for each cell
+what the policy predicts:
+
+- sigbus (the SNP host series v5 as posted): a user-mode writer of a guest-private page gets
+  SIGBUS, so netd dies, is restarted, and the innocent guests lose packets (counted) until it is
+  back; a kernel-mode writer takes an unhandled RMP #PF and the host panics.
+- convert (the proposal from the v5 review): the fault handler makes the page shared and the
+  write goes on; netd lives, no innocent guest loses a packet, and only the culprit (guest-0)
+  takes a #VC when it next touches the page as private. A kernel write is converted too.
+- convert-kill: as convert, and KVM terminates the culprit, and only the culprit.
+- gmem (guest_memfd, what merged): private memory is never mapped into host userspace, so a
+  user-mode write is refused and nothing else changes; a kernel-mode RMP #PF is still fatal.
+- a PSC storm from one guest breaks nothing under any policy.
+- under every policy, no payload arrives corrupted, forged, misdelivered or twice, no packet
+  netd called delivered goes missing, and every packet sent is accounted for exactly once
+  (docs/design.md#the-lab)."""
 
 from __future__ import annotations
 
@@ -32,6 +46,14 @@ def test_every_cell_ran_and_nothing_was_silently_corrupted(lab: dict[Any, Any]) 
     for key, r in lab.items():
         assert r["silent_corruptions"] == 0, key
         assert r["silently_lost"] == 0, key
+        assert r["packets_sent"] == (
+            r["packets_delivered"]
+            + r["packets_lost_counted"]
+            + r["packets_lost_with_host"]
+            + r["silently_lost"]
+        ), key
+        if not r["host_panics"]:
+            assert r["packets_lost_with_host"] == 0, key
         if not r["host_panics"]:
             assert r["packets_delivered"] > 0, key  # the innocents really talked
 

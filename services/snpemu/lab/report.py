@@ -21,6 +21,7 @@ COLUMNS = [
     ("innocent_guests_losing_packets", "innocents losing"),
     ("packets_delivered", "delivered"),
     ("packets_lost_counted", "lost (counted)"),
+    ("packets_lost_with_host", "lost with host"),
     ("recovery_s", "recovery s"),
     ("silent_corruptions", "silent corruptions"),
     ("silently_lost", "silently lost"),
@@ -153,10 +154,14 @@ def results_page(
         "",
         "Columns: netd deaths (restarts by the launcher), host panics, guests terminated (by"
         " kvm or by themselves), guests that took a #VC, innocent guests that lost a packet,"
-        " innocent packets delivered and lost with a count (the sender was told), time from the"
-        " first failed innocent packet to traffic flowing again, and the two columns that must be"
-        " zero everywhere: payloads that arrived corrupted without anyone being told, and"
-        " packets netd reported delivered that never arrived.",
+        " innocent packets delivered, lost with a count (the sender was told) and lost with the"
+        " host (netd reported them delivered, then the host panicked before the receiver looked"
+        " at its ring again), time from the first failed innocent packet to traffic flowing"
+        " again, and the two columns that must be zero everywhere: payloads that arrived"
+        " corrupted, forged, at the wrong guest or twice without anyone being told, and packets"
+        " netd reported delivered that a later look at the receiver's ring did not find. Every"
+        " packet sent is in exactly one of delivered, lost (counted), lost with host and"
+        " silently lost.",
         "",
         table(rows, markdown=True),
         "",

@@ -32,11 +32,25 @@ class RunResult:
     packets_sent: int
     packets_delivered: int
     packets_lost_counted: int
+    packets_lost_with_host: int
     recovery_s: float | None
     silent_corruptions: int
     silently_lost: int
     trigger: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        # INVARIANT: every packet sent is in exactly one column
+        accounted = (
+            self.packets_delivered
+            + self.packets_lost_counted
+            + self.packets_lost_with_host
+            + self.silently_lost
+        )
+        if accounted != self.packets_sent:
+            raise ValueError(f"{self.packets_sent} packets sent, {accounted} accounted for")
+        if self.packets_lost_with_host and not self.host_panics:
+            raise ValueError("packets lost with a host that did not panic")
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -102,7 +116,7 @@ async def run_one(scenario: Scenario, policy: str, workdir: Path) -> RunResult:
         panics = host.metric("rmp", "snp_host_panics_total")
         panicked = 1 if math.isnan(panics) else int(panics)  # rmp unreachable: the host is gone
         terminated, with_vc = await _guest_views(host)
-        lost_with_host = books.silently_lost() if panicked else 0
+        audit = books.audit(host_panicked=bool(panicked))
         return RunResult(
             scenario=scenario.name,
             policy=policy,
@@ -111,12 +125,13 @@ async def run_one(scenario: Scenario, policy: str, workdir: Path) -> RunResult:
             guests_terminated=terminated,
             guests_with_vc=with_vc,
             innocent_guests_losing_packets=books.innocent_guests_losing(),
-            packets_sent=len(books.sent),
-            packets_delivered=books.delivered(),
-            packets_lost_counted=books.lost_counted() + lost_with_host,
+            packets_sent=audit.sent,
+            packets_delivered=audit.delivered,
+            packets_lost_counted=audit.lost_counted,
+            packets_lost_with_host=audit.lost_with_host,
             recovery_s=books.recovery_s(),
-            silent_corruptions=books.corrupted,
-            silently_lost=0 if panicked else books.silently_lost(),
+            silent_corruptions=audit.silent_corruptions,
+            silently_lost=audit.silently_lost,
             trigger=trigger,
             seconds=round(time.monotonic() - started, 1),
         )
@@ -140,7 +155,8 @@ async def run_matrix(
                 print(
                     f"{sc.name:<15} {policy:<13} deaths={r.daemon_deaths} panics={r.host_panics} "
                     f"terminated={r.guests_terminated} vc={r.guests_with_vc} "
-                    f"lost={r.packets_lost_counted} corrupt={r.silent_corruptions} ({r.seconds} s)",
+                    f"lost={r.packets_lost_counted}+{r.packets_lost_with_host} "
+                    f"corrupt={r.silent_corruptions} ({r.seconds} s)",
                     flush=True,
                 )
             results.append(r)
