@@ -79,9 +79,7 @@ def tables(draw: st.DrawFn) -> bytes:
             start = draw(st.integers(header, total - 1))
             length = draw(st.integers(1, total - start))
         else:
-            start = draw(
-                st.one_of(st.integers(0, total + 8), st.integers(2**32 - 64, 2**32 - 1))
-            )
+            start = draw(st.one_of(st.integers(0, total + 8), st.integers(2**32 - 64, 2**32 - 1)))
             length = draw(st.one_of(st.integers(0, 64), st.integers(2**32 - 64, 2**32 - 1)))
         entries += pack_entry(draw(GUID_BYTES), start, length)
     return entries + bytes(ENTRY_SIZE) + data
