@@ -254,12 +254,10 @@ class NetDaemon:
         return result
 
     async def _send(self, src: Device, desc: virtio.Desc) -> Result:
-        if (
-            desc.length > virtio.NET_HDR.size + virtio.ETH_MAX
-            or desc.flags & (virtio.VRING_DESC_F_NEXT | virtio.VRING_DESC_F_INDIRECT)
-        ):
-            # one descriptor holds one whole frame: a chain, or an indirect table (a feature
-            # netd does not offer), is not read as frame bytes
+        # one descriptor holds one whole frame: a chain, or an indirect table (a feature netd
+        # does not offer), is not read as frame bytes
+        not_one_frame = virtio.VRING_DESC_F_NEXT | virtio.VRING_DESC_F_INDIRECT
+        if desc.length > virtio.NET_HDR.size + virtio.ETH_MAX or desc.flags & not_one_frame:
             src.counters.dropped += 1
             return Result.BAD_FRAME
         try:
