@@ -21,6 +21,8 @@ from snp.guest.v1 import guest_pb2
 from snpemu.lab.run import RunResult
 from snpemu.lab.traffic import MAX_PACKETS, Arrival, Books, Look, Sent, Traffic, make_payload
 
+from tests.conftest import examples
+
 PAYLOAD_SIZE = 4 + 4 + 4 + 96 + 32
 
 
@@ -221,7 +223,7 @@ RESULTS = ["delivered", "converted", "no_buffer", "refused", "lost", "error:UNAV
 FATES = ["arrives", "damaged", "misrouted", "never"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     st.lists(
         st.tuples(

@@ -118,9 +118,10 @@ def open_payload(key: bytes, header: Header, page: bytes) -> bytes:
     if header.msg_sz > MAX_PAYLOAD:
         raise MessageError(f"msg_sz {header.msg_sz} exceeds {MAX_PAYLOAD}")
     ct = page[HDR_SIZE : HDR_SIZE + header.msg_sz]
+    # the AAD is the header as it sits on the page, reserved bytes included (KERNEL:
+    # dec_payload() passes &hdr->algo, AAD_LEN), not the fields re-packed with zeros
+    aad = bytes(page[0x30:HDR_SIZE])
     try:
-        return AESGCM(key).decrypt(
-            iv(header.seqno), ct + header.authtag[:AUTHTAG_LEN], header.aad()
-        )
+        return AESGCM(key).decrypt(iv(header.seqno), ct + header.authtag[:AUTHTAG_LEN], aad)
     except InvalidTag:
         raise MessageError("authentication tag mismatch") from None

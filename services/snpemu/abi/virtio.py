@@ -30,7 +30,7 @@ ETH_HDR = struct.Struct("!6s6sH")  # destination, source, EtherType (IEEE 802.3)
 ETHERTYPE_LOCAL = 0x88B5  # IEEE 802 "Local Experimental EtherType 1"
 ETH_MIN, ETH_MAX = ETH_HDR.size, 1514  # no FCS: virtio-net frames carry none
 
-VRING_DESC_F_NEXT, VRING_DESC_F_WRITE = 1, 2
+VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT = 1, 2, 4
 VIRTIO_NET_HDR_GSO_NONE = 0
 MAX_QUEUE = 128  # the largest power of two whose three areas fit one page
 

@@ -235,18 +235,18 @@ class NetDaemon:
                 )
             while dev.tx_avail != avail:
                 slot = virtio.U16.unpack_from(ring, layout.avail_slot(dev.tx_avail))[0]
-                length = 0
                 if slot >= dev.tx.entries:
                     result = Result.BAD_FRAME
                 else:
                     desc = virtio.Desc.decode(
                         ring[layout.desc(slot) : layout.desc(slot) + virtio.DESC.size]
                     )
-                    length = desc.length
                     result = await self._send(dev, desc)
                 results.append(self._count(result))
-                # return the buffer: used element, then used idx (2.7.8.2: the idx last)
-                elem = virtio.USED_ELEM.pack(slot, length)
+                # return the buffer: used element, then used idx (2.7.8.2: the idx last). len is
+                # the bytes the device wrote into the buffer (2.7.8), none for a device-readable
+                # TX buffer (as vhost-net's vhost_add_used(vq, head, 0))
+                elem = virtio.USED_ELEM.pack(slot, 0)
                 await self._write(dev, dev.tx.ring_gpa + layout.used_slot(dev.tx_used), elem)
                 dev.tx_used = (dev.tx_used + 1) & 0xFFFF
                 dev.tx_avail = (dev.tx_avail + 1) & 0xFFFF
@@ -258,10 +258,10 @@ class NetDaemon:
         return result
 
     async def _send(self, src: Device, desc: virtio.Desc) -> Result:
-        if (
-            desc.length > virtio.NET_HDR.size + virtio.ETH_MAX
-            or desc.flags & virtio.VRING_DESC_F_NEXT
-        ):
+        # one descriptor holds one whole frame: a chain, or an indirect table (a feature netd
+        # does not offer), is not read as frame bytes
+        not_one_frame = virtio.VRING_DESC_F_NEXT | virtio.VRING_DESC_F_INDIRECT
+        if desc.length > virtio.NET_HDR.size + virtio.ETH_MAX or desc.flags & not_one_frame:
             src.counters.dropped += 1
             return Result.BAD_FRAME
         try:

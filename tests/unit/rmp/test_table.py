@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from snpemu.rmp.entry import PAGES_PER_2M, Code, PageState
 from snpemu.rmp.table import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM, Fault, RmpTable
@@ -222,12 +222,22 @@ def test_pinned_pages_cannot_become_private() -> None:
 
 # --- properties: a random sequence of operations against a plain reference model ---------------
 
+# #NPF error code bits. KERNEL: arch/x86/include/asm/kvm_host.h PFERR_GUEST_RMP_BIT 31,
+# PFERR_GUEST_SIZEM_BIT 35
+RMP_FAULT, SIZEM_FAULT = 1 << 31, 1 << 35
+
 OPS = st.lists(
     st.tuples(
         st.sampled_from(["private", "shared", "firmware", "psmash", "validate", "rescind"]),
-        st.integers(0, 4 * PAGES_PER_2M - 1),
-        st.booleans(),
+        # a few PFNs drawn often, so that operations meet the same pages (and 2M regions)
+        st.one_of(
+            st.sampled_from([0, 1, PAGES_PER_2M, PAGES_PER_2M + 1]),
+            st.sampled_from([0, 1, PAGES_PER_2M, PAGES_PER_2M + 1]),
+            st.integers(0, 4 * PAGES_PER_2M - 1),
+        ),
+        st.sampled_from([False, False, True]),
     ),
+    min_size=8,
     max_size=40,
 )
 
@@ -270,6 +280,31 @@ class Reference:
             )
         return Code.SUCCESS
 
+    def pvalidate(self, pfn: int, gpa: int, size_2m: bool, validate: bool) -> Code | str:
+        """PVALIDATE at VMPL0 by ASID, predicted and applied here (not read from the table).
+
+        SPEC: AMD64 APM vol. 3, PVALIDATE: the RMP entry of the page (the 2M entry covering
+        it, if there is one) must be assigned to the guest's ASID, not immutable, for this
+        GPA, else #NPF (RMP violation); a 2M PVALIDATE of a page mapped by 4K entries is
+        FAIL_SIZEMISMATCH (EAX 6); a 4K PVALIDATE inside a 2M entry is #NPF with the SIZEM
+        bit, which KVM answers by PSMASHing (KERNEL: arch/x86/kvm/svm/sev.c
+        sev_handle_rmp_fault()); a Validated bit already equal to the request sets CF
+        (KERNEL: arch/x86/include/asm/sev.h PVALIDATE_FAIL_NOUPDATE) and changes nothing;
+        otherwise SUCCESS and the entry's Validated bit becomes the request."""
+        h = self.head(pfn)
+        if not h["a"] or h["asid"] != ASID or h["i"]:
+            return "npf"
+        if size_2m and not h["huge"]:
+            return Code.FAIL_SIZEMISMATCH
+        if not size_2m and h["huge"]:
+            return "npf-sizem"
+        if h["gpa"] != gpa:
+            return "npf"
+        if h["v"] == validate:
+            return Code.FAIL_NOUPDATE
+        h["v"] = validate
+        return Code.SUCCESS
+
     def state(self, pfn: int) -> PageState:
         h = self.head(pfn)
         if not h["a"]:
@@ -283,6 +318,13 @@ class Reference:
 
 @settings(max_examples=examples(150), deadline=None)
 @given(OPS)
+# each PVALIDATE outcome at least once: SUCCESS, NOUPDATE, SUCCESS (rescind) on a 4K page;
+# 2M PVALIDATE of 4K entries (SIZEMISMATCH); 4K PVALIDATE inside a 2M entry (#NPF SIZEM)
+@example(
+    [("private", 1, False), ("validate", 1, False), ("validate", 1, False), ("rescind", 1, False)]
+)
+@example([("private", 0, False), ("validate", 0, True)])
+@example([("private", 0, True), ("validate", 3, False), ("validate", 0, True)])
 def test_random_sequences_match_the_reference(ops: list[tuple[str, int, bool]]) -> None:
     t = table()
     ref = Reference(t.npages)
@@ -314,12 +356,16 @@ def test_random_sequences_match_the_reference(ops: list[tuple[str, int, bool]]) 
             else:
                 assert got == Code.FAIL_INPUT
         else:
-            r = t.pvalidate(
-                pfn, gpa=gpa, asid=ASID, vmpl=0, size_2m=size_2m, validate=op == "validate"
-            )
-            h = ref.head(pfn)
-            if isinstance(r, Code) and r == Code.SUCCESS:
-                h["v"] = op == "validate"
+            validate = op == "validate"
+            r = t.pvalidate(pfn, gpa=gpa, asid=ASID, vmpl=0, size_2m=size_2m, validate=validate)
+            want = ref.pvalidate(pfn, gpa, size_2m, validate)
+            event(f"pvalidate {want if isinstance(want, str) else want.name}")
+            if isinstance(want, str):
+                assert isinstance(r, Fault) and not r.vc, (op, pfn, r)
+                assert r.error_code & RMP_FAULT == RMP_FAULT
+                assert bool(r.error_code & SIZEM_FAULT) == (want == "npf-sizem"), r
+            else:
+                assert r == want, (op, pfn, size_2m, r, want)
     states = t.state_of(np.arange(t.npages))
     expected = np.array([ref.state(p) for p in range(t.npages)])
     assert np.array_equal(states, expected)
