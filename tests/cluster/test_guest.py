@@ -33,7 +33,7 @@ def grpcurl(
         host=False,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def wait_running(cluster: Cluster, guest: str) -> dict[str, object]:
@@ -181,7 +181,7 @@ def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     def vm_ids() -> set[str]:
         out = cluster.grpcurl(cluster.address("kvm"), "snp.kvm.v1.KvmService/ListVms")
         assert out.returncode == 0, out.stderr
-        return {v["vm"]["id"] for v in json.loads(out.stdout or "{}").get("vms", [])}
+        return {v["vm"]["id"] for v in json.loads(out.stdout).get("vms", [])}
 
     for guest in ("guest-0", "guest-1"):
         wait_running(cluster, guest)

@@ -33,7 +33,7 @@ def grpcurl(
         *("-d", json.dumps(body or {}), cluster.address("kvm")), f"snp.kvm.v1.KvmService/{method}"
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def test_host_came_up_with_snp(cluster: Cluster) -> None:
