@@ -3,6 +3,11 @@
 cluster -> (tests drive it with grpcurl and a real Prometheus) -> stopped, nothing left.
 Each launch gets free ports (every port of .env overridden) and a marker variable that every
 child inherits, so a test can find any process the launch left behind.
+
+Prometheus is optional, as for `make up`: a launch without it still serves, and only the tests
+that need it fail, saying why (they request the `prometheus` fixture; `Cluster.query` and
+`Cluster.prometheus_url` fail the same way). `SNPEMU_PROMETHEUS_BIN=/bin/false pytest -m cluster`
+shows which tests those are.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from snpemu.hostconfig import HostConfig
 from snpemu.rmp.client import read_credential
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
@@ -53,11 +60,29 @@ class Cluster:
     marker: str
     output: list[str] = field(default_factory=list)
 
+    @property
+    def prometheus_started(self) -> bool:
+        return not any("prometheus not started" in line for line in self.output)
+
+    def require_prometheus(self) -> None:
+        """Fail the calling test, with the launcher's reason and Prometheus' log, unless this
+        launch has a Prometheus."""
+        if self.prometheus_started:
+            return
+        log = self.state_dir / "logs" / "prometheus.log"
+        tail = log.read_text()[-2000:] if log.exists() else "(no log)"
+        pytest.fail(
+            "this test needs Prometheus, and the launcher came up without it:\n"
+            + "".join(self.output)
+            + tail
+        )
+
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.config.endpoint(name).grpc_port}"
 
     @property
     def prometheus_url(self) -> str:
+        self.require_prometheus()
         return f"http://127.0.0.1:{self.config.prometheus_port}"
 
     def state(self) -> dict:  # type: ignore[type-arg]
@@ -73,6 +98,19 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
+        )
+
+    def metric(self, service: str, sample: str, **labels: str) -> float:
+        """The sum of one sample's values on a service's own /metrics page (no Prometheus),
+        over the series whose labels include the given ones."""
+        port = self.config.endpoint(service).metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == sample and labels.items() <= s.labels.items()
         )
 
     def query(self, expr: str, timeout: float = 10) -> list[dict]:  # type: ignore[type-arg]
@@ -130,34 +168,59 @@ def start_launcher(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("cluster")
-    env = launch_env(tmp)
+@contextmanager
+def running_cluster(tmp: Path, **extra: str) -> Iterator[Cluster]:
+    """A launch of the whole host (two guests unless extra says otherwise), up until the
+    banner's last line; stopped afterwards, and any process it left behind killed."""
+    env = launch_env(tmp, **extra)
     proc = start_launcher(env)
     lines: list[str] = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail("launcher exited during start-up:\n" + "".join(lines))
-        lines.append(line)
-        if line.startswith("Ctrl-C"):
-            break
-    else:
-        proc.kill()
-        pytest.fail("launcher not up in 120 s:\n" + "".join(lines))
-    cluster = Cluster(
-        proc, env, Path(env["SNPEMU_STATE_DIR"]), HostConfig.load(env), env[MARKER], lines
-    )
-    if any("prometheus not started" in line for line in lines):
-        log = Path(env["SNPEMU_STATE_DIR"]) / "logs" / "prometheus.log"
-        tail = log.read_text()[-2000:] if log.exists() else "(no log)"
-        cluster.stop()
-        pytest.fail("the launcher came up without Prometheus:\n" + "".join(lines) + tail)
-    yield cluster
-    if proc.poll() is None:
-        cluster.stop()
-    for pid in processes_with_marker(cluster.marker):
-        os.kill(pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail("launcher exited during start-up:\n" + "".join(lines))
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        else:
+            pytest.fail("launcher not up in 120 s:\n" + "".join(lines))
+        cluster = Cluster(
+            proc, env, Path(env["SNPEMU_STATE_DIR"]), HostConfig.load(env), env[MARKER], lines
+        )
+        yield cluster
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            lines.append(out)
+        for pid in processes_with_marker(env[MARKER]):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One launch shared by a module's tests: each test sets up (and leaves alone) what it
+    needs, and a test that has to stop, kill or panic the host uses `own_cluster`."""
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A launch for one test alone."""
+    with running_cluster(tmp_path_factory.mktemp("own-cluster")) as c:
+        yield c
+
+
+@pytest.fixture
+def prometheus(cluster: Cluster) -> Cluster:
+    """The module's launch, for a test that needs its Prometheus: fails unless it runs."""
+    cluster.require_prometheus()
+    return cluster

@@ -33,7 +33,7 @@ def grpcurl(
         host=False,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout or "{}")  # type: ignore[no-any-return]
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def wait_running(cluster: Cluster, guest: str) -> dict[str, object]:
@@ -48,7 +48,7 @@ def wait_running(cluster: Cluster, guest: str) -> dict[str, object]:
     return status
 
 
-def prometheus(cluster: Cluster, query: str, want: str) -> str:
+def prometheus_value(cluster: Cluster, query: str, want: str) -> str:
     deadline = time.monotonic() + 60
     value = ""
     while time.monotonic() < deadline:
@@ -60,10 +60,18 @@ def prometheus(cluster: Cluster, query: str, want: str) -> str:
     return value
 
 
-def test_guests_boot_and_their_reports_verify(cluster: Cluster, tmp_path: Path) -> None:
+def agents_metric(cluster: Cluster, sample: str, **labels: str) -> int:
+    """A sample summed over both agents' own /metrics pages."""
+    return int(sum(cluster.metric(g, sample, **labels) for g in ("guest-0", "guest-1")))
+
+
+def test_guests_boot_and_their_reports_verify(prometheus: Cluster, tmp_path: Path) -> None:
+    cluster = prometheus
     for guest in ("guest-0", "guest-1"):
         status = wait_running(cluster, guest)
         assert status["vcpus"] == 2 and status["memory_bytes"] == str(256 << 20)
+    reports = {"msg_type": "report", "result": "success"}
+    reports_before = agents_metric(cluster, "snp_guest_agent_requests_total", **reports)
     nonce = bytes(range(64))
     ext = grpcurl(
         cluster,
@@ -126,12 +134,16 @@ def test_guests_boot_and_their_reports_verify(cluster: Cluster, tmp_path: Path) 
     assert isinstance(other, dict) and other["measurement"] == fields["measurement"]
     assert other["report_id"] != fields["report_id"]
 
-    assert prometheus(cluster, 'sum(snp_guest_agent_state{state="running"})', "2") == "2"
+    assert prometheus_value(cluster, 'sum(snp_guest_agent_state{state="running"})', "2") == "2"
+    # the two reports of this test, on top of what the agents had answered before it
     query = 'sum(snp_guest_agent_requests_total{msg_type="report",result="success"})'
-    assert prometheus(cluster, query, "2") == "2"
+    want = str(reports_before + 2)
+    assert prometheus_value(cluster, query, want) == want
 
 
-def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Cluster) -> None:
+def test_a_tampered_sequence_number_costs_only_that_guest_its_key(own_cluster: Cluster) -> None:
+    """On a launch of its own: the wiped VMPCK0 stays wiped for the life of guest-1's VM."""
+    cluster = own_cluster
     for guest in ("guest-0", "guest-1"):
         wait_running(cluster, guest)
     r = grpcurl(cluster, "guest-1", "TamperSequenceNumber", {"offset": 5})
@@ -146,10 +158,15 @@ def test_a_tampered_sequence_number_costs_only_that_guest_its_key(cluster: Clust
     assert "disabled_vmpcks" not in grpcurl(cluster, "guest-0", "GetStatus", {})
 
 
-def test_guests_talk_through_netd_with_grpcurl(cluster: Cluster) -> None:
+def test_guests_talk_through_netd_with_grpcurl(prometheus: Cluster) -> None:
+    cluster = prometheus
     for guest in ("guest-0", "guest-1"):
         wait_running(cluster, guest)
         assert grpcurl(cluster, guest, "AttachNetDevice", {})["device_id"]
+    delivered = int(cluster.metric("netd", "snp_netd_packets_total", result="delivered"))
+    received = agents_metric(
+        cluster, "snp_guest_agent_packets_total", direction="received", result="ok"
+    )
     payload = b"hello from guest-0"
     sent = grpcurl(
         cluster,
@@ -168,10 +185,11 @@ def test_guests_talk_through_netd_with_grpcurl(cluster: Cluster) -> None:
     assert listed.returncode == 0, listed.stderr
     devices = {d["mac"]: d for d in json.loads(listed.stdout)["devices"]}
     assert devices["02:00:00:00:00:02"]["rx_packets"] == "1"  # uint64 as a JSON string
+    # one packet more than before this test, each way
     query = 'sum(snp_netd_packets_total{result="delivered"})'
-    assert prometheus(cluster, query, "1") == "1"
+    assert prometheus_value(cluster, query, str(delivered + 1)) == str(delivered + 1)
     query = 'sum(snp_guest_agent_packets_total{direction="received",result="ok"})'
-    assert prometheus(cluster, query, "1") == "1"
+    assert prometheus_value(cluster, query, str(received + 1)) == str(received + 1)
 
 
 def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
@@ -181,7 +199,7 @@ def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     def vm_ids() -> set[str]:
         out = cluster.grpcurl(cluster.address("kvm"), "snp.kvm.v1.KvmService/ListVms")
         assert out.returncode == 0, out.stderr
-        return {v["vm"]["id"] for v in json.loads(out.stdout or "{}").get("vms", [])}
+        return {v["vm"]["id"] for v in json.loads(out.stdout).get("vms", [])}
 
     for guest in ("guest-0", "guest-1"):
         wait_running(cluster, guest)
@@ -189,10 +207,11 @@ def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     assert len(before) == 2
     state = {c["name"]: c for c in cluster.state()["children"]}
     os.kill(state["guest-1"]["pid"], signal.SIGKILL)
+    restarts = state["guest-1"]["restarts"] + 1
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         restarted = {c["name"]: c for c in cluster.state()["children"]}["guest-1"]
-        if restarted["restarts"] == 1 and len(vm_ids() - before) == 1:
+        if restarted["restarts"] == restarts and len(vm_ids() - before) == 1:
             break
         time.sleep(0.5)
     wait_running(cluster, "guest-1")

@@ -23,13 +23,22 @@ pytestmark = pytest.mark.cluster
 
 
 def grpcurl(
-    cluster: Cluster, method: str, body: dict[str, object] | None = None
+    cluster: Cluster, method: str, body: dict[str, object] | None = None, *flags: str
 ) -> subprocess.CompletedProcess[str]:
     return cluster.grpcurl(
+        *flags,
         *("-d", json.dumps(body or {}), cluster.address("psp")),
         f"snp.psp.v1.PspService/{method}",
         timeout=30,
     )
+
+
+def answer(cluster: Cluster, method: str, body: dict[str, object] | None = None) -> object:
+    """A call that must succeed: grpcurl's exit status 0 and its whole response, every field
+    spelled out (-emit-defaults), so a zero field is there to compare, not merely absent."""
+    out = grpcurl(cluster, method, body, "-emit-defaults")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def test_grpcurl_drives_firmware_commands(cluster: Cluster) -> None:
@@ -41,14 +50,16 @@ def test_grpcurl_drives_firmware_commands(cluster: Cluster) -> None:
         and "INVALID_PLATFORM_STATE (0x01)" in again.stderr
     )
     assert '"fw_status":"0x0001"' in again.stderr
-    status = json.loads(grpcurl(cluster, "SevPlatformStatus").stdout)
+    status = answer(cluster, "SevPlatformStatus")
+    assert isinstance(status, dict)
     assert status["api_major"] == 1 and status["api_minor"] == 55
     assert status["state"] == "PLATFORM_STATE_INIT"
     # a context page must be a firmware page: page 1 is a hypervisor page
     bad = grpcurl(cluster, "GctxCreate", {"gctx_paddr": 4096 * 4000})
+    assert bad.returncode != 0
     assert "INVALID_PAGE_STATE (0x1a)" in bad.stderr and '"fw_status":"0x001a"' in bad.stderr
-    info = json.loads(grpcurl(cluster, "SnpFeatureInfo").stdout or "{}")
-    assert info == {}  # no optional feature is emulated
+    # no optional feature is emulated: every register of leaf 0 reads zero
+    assert answer(cluster, "SnpFeatureInfo") == {"eax": 0, "ebx": 0, "ecx": 0, "edx": 0}
 
 
 def test_kds_serves_the_chain(cluster: Cluster) -> None:

@@ -5,6 +5,8 @@ carries that tool's ID key and author key digests."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -68,6 +70,26 @@ def finish(host: Host, ib: dict[str, bytes], **over: object):  # type: ignore[no
     return host.fw.launch_finish(host.gctx, **args)  # type: ignore[arg-type]
 
 
+def observe(host: Host) -> dict[str, object]:
+    """Everything a host can read back after a firmware command: the guest context (the
+    GuestStatus RPC's policy, ASID, state and VCEK_DIS, and the rest of it, which the report
+    shows after LAUNCH_FINISH), the platform status structure (SNP_PLATFORM_STATUS), every RMP
+    entry (ReadRmpEntry/ListRmpEntries), every page's bytes (HostRead) and the allocator's
+    counts (GetPlatformInfo)."""
+    rmp = host.rmp
+    pages = hashlib.sha256()
+    for pfn in range(rmp.npages):
+        pages.update(rmp.frames.read(pfn))
+    return {
+        "guest": dataclasses.asdict(host.fw.guests[host.gctx]),
+        "platform": host.fw.status_bytes(),
+        "rmp": [rmp.entry(pfn) for pfn in range(rmp.npages)],
+        "pages": pages.hexdigest(),
+        "free": rmp.allocator.free_count,
+        "leaked": int(rmp.allocator.leaked.sum()),
+    }
+
+
 def test_id_block_from_sev_snp_measure_is_accepted_and_reported(tmp_path: Path) -> None:
     async def body() -> None:
         host, ld = await launched(tmp_path)
@@ -105,9 +127,25 @@ def test_bad_id_blocks_are_refused_and_change_nothing(
             auth[0x40] ^= 1
         elif change == "id_key_sig":
             auth[0x680] ^= 1
+        before = observe(host)
         with pytest.raises(FirmwareError) as info:
             await finish(host, {**ib, "id_block": bytes(block), "id_auth": bytes(auth)})
         assert info.value.status == status
-        assert host.fw.guests[host.gctx].state.name == "LAUNCH"
+        after = observe(host)
+        assert after["guest"]["state"].name == "LAUNCH"  # type: ignore[index]
+        assert after == before
+        # and the guest finishes as if the refused call had never been made: nothing of the
+        # refused block reached the report. SPEC: SEV-SNP ABI, ATTESTATION_REPORT structure
+        # (GUEST_SVN 0x04, FAMILY_ID 0x10, IMAGE_ID 0x20, flags 0x48 bit 0 AUTHOR_KEY_EN,
+        # MEASUREMENT 0x90, HOST_DATA 0xC0, ID_KEY_DIGEST 0xE0, AUTHOR_KEY_DIGEST 0x110)
+        assert await host.finish() == ld
+        _, payload = await host.request(gm.MsgType.REPORT_REQ, report_request(), seqno=1)
+        report = payload[0x20 : 0x20 + 0x4A0]
+        assert struct.unpack_from("<I", report, 0x04)[0] == 0
+        assert report[0x10:0x30] == bytes(32)
+        assert struct.unpack_from("<I", report, 0x48)[0] & 1 == 0
+        assert report[0x90:0xC0] == ld
+        assert report[0xC0:0xE0] == bytes(32)
+        assert report[0xE0:0x140] == bytes(96)
 
     run(body())
