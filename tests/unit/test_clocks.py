@@ -47,9 +47,9 @@ def test_throttle_allows_the_burst_then_one_per_interval() -> None:
     clock = FakeClock()
     t = Throttle(interval_ms=1000, burst=3, clock=clock)
     assert [t.allow() for _ in range(4)] == [True, True, True, False]
-    clock.advance(0.999)  # not yet a whole interval: no new token
+    clock.advance(0.875)  # not yet a whole interval: no new token
     assert not t.allow()
-    clock.advance(0.001)  # one interval since the burst: one token
+    clock.advance(0.125)  # one interval since the burst: one token (binary fractions: exact)
     assert [t.allow(), t.allow()] == [True, False]
     clock.advance(10.0)  # a long pause refills to the burst, never beyond it
     assert [t.allow() for _ in range(4)] == [True, True, True, False]
@@ -103,9 +103,9 @@ def test_kvm_hands_its_clock_to_every_throttle_it_makes() -> None:
     t = vm.throttle
     assert t.clock is clock
     assert t.allow() and not t.allow()
-    clock.advance(1.999)
+    clock.advance(1.75)
     assert not t.allow()
-    clock.advance(0.001)
+    clock.advance(0.25)
     assert t.allow()
 
 
@@ -136,9 +136,9 @@ def test_a_hold_lasts_exactly_hold_s_on_the_machine_clock() -> None:
     code = m.table.pvalidate(7, gpa=0x7000, asid=ASID, vmpl=0, size_2m=False, validate=True)
     assert code == Code.SUCCESS
     assert m.table.busy(7) and not m.table.busy(8)
-    clock.advance(0.499)
+    clock.advance(0.375)
     assert to_shared(m, 7) == Code.FAIL_INUSE  # still held
-    clock.advance(0.001)  # the hold ends when the clock reaches it
+    clock.advance(0.125)  # the hold ends when the clock reaches it (binary fractions: exact)
     assert not m.table.busy(7)
     assert to_shared(m, 7) == Code.SUCCESS
 
