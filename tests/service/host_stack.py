@@ -4,10 +4,12 @@ over gRPC; and a stand-in for the guest kernel's side of the exits, for tests be
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from snp.common.v1 import handles_pb2, types_pb2
@@ -155,8 +157,10 @@ async def host_stack(
     hold_us: int = 0,
     netd_env: dict[str, str] | None = None,
     psp_env: dict[str, str] | None = None,
+    kvm_clock: Callable[[], float] | None = None,
     **kvm_env: str,
 ) -> AsyncIterator[Stack]:
+    """`kvm_clock`: kvm's clock (its guest-request throttles), for a test that moves it."""
     common = {
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
@@ -189,12 +193,15 @@ async def host_stack(
         )
         await p.start()
         started.append(p)
+        kvm_options: Any = kvm.SPEC.options(kvm_env)
+        if kvm_clock is not None:
+            kvm_options = dataclasses.replace(kvm_options, clock=kvm_clock)
         k = ServiceRuntime(
             kvm.SPEC,
             ServiceConfig.from_env(
                 "kvm", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_PSP_ADDR": p.address}
             ),
-            kvm.SPEC.options(kvm_env),
+            kvm_options,
         )
         await k.start()
         started.append(k)

@@ -39,6 +39,29 @@ def report_req(data: bytes = bytes(64)) -> bytes:
     return data + bytes(32)
 
 
+class FakeClock:
+    """kvm's clock (its throttles): moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # steps of binary fractions keep the sums exact
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def until(cond: Callable[[], Any], what: str, deadline_s: float = 20.0) -> None:
+    """Poll cond() until it holds; fail after deadline_s (a bound, not a duration asserted)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
 def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path) -> None:
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
     kernel.write_bytes(b"kernel" * 1000)
@@ -636,8 +659,10 @@ def test_ghcb_carried_with_the_exit(tmp_path: Path) -> None:
 
 
 def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> None:
+    clock = FakeClock()  # kvm's throttle clock: no real time passes during the test
+
     async def body() -> None:
-        async with host_stack(tmp_path) as s:
+        async with host_stack(tmp_path, kvm_clock=clock) as s:
             guest = await s.launch(host_data=bytes(range(32)))
             await guest.register_ghcb()
             r, _, payload = await guest.guest_request(report_req(b"N" * 64))
@@ -683,6 +708,12 @@ def test_guest_requests_reports_throttle_and_certificates(tmp_path: Path) -> Non
                 s.runtimes["kvm"].registry.get_sample_value("snp_guest_request_throttled_total")
                 == 1
             )
+            clock.advance(9.75)  # still the same interval
+            r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno)
+            assert r.sw_exit_info_2 == 2 << 32
+            clock.advance(0.25)  # a whole interval since the last one: one request again
+            r, _, _ = await guest.guest_request(report_req())
+            assert r.sw_exit_info_2 == 0
             await s.kvm.SetGuestRequestThrottle(
                 kvm_pb2.SetGuestRequestThrottleRequest(
                     vm=guest.vm, throttle=kvm_pb2.GuestRequestThrottle()
@@ -821,7 +852,8 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
     certificate buffer is too small still answers INVALID_LEN, not BUSY."""
 
     async def body() -> None:
-        async with host_stack(tmp_path) as s:
+        # kvm's clock stands still: the interval never ends during the test
+        async with host_stack(tmp_path, kvm_clock=FakeClock()) as s:
             guest = await s.launch()
             await guest.register_ghcb()
             await s.kvm.SetGuestRequestThrottle(
@@ -830,9 +862,6 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
                 ),
                 metadata=HOST,
             )
-            # the throttle's clock stands still: the interval never ends during the test
-            vm = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id]  # type: ignore[union-attr]
-            vm.throttle.clock = lambda: vm.throttle._last
             r, _, _ = await guest.guest_request(report_req())
             assert r.sw_exit_info_2 == 0  # the one request of this interval
             r, _ = await ext_guest_request(
@@ -846,6 +875,38 @@ def test_ext_request_checks_come_before_the_throttle(tmp_path: Path) -> None:
             assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_INVALID_LEN << 32 and back.get("rbx") >= 1
             r, _, _ = await guest.guest_request(report_req(), ext_pages=4, seqno=guest.seqno)
             assert r.sw_exit_info_2 == SNP_GUEST_VMM_ERR_BUSY << 32
+
+    run(body())
+
+
+def test_the_default_throttle_runs_on_kvms_clock(tmp_path: Path) -> None:
+    """SNPEMU_KVM_THROTTLE_MS/BURST: every new VM's throttle, on kvm's clock: a burst of 2,
+    then one request per 5 s of that clock, however fast the requests come."""
+    clock = FakeClock()
+
+    async def body() -> None:
+        async with host_stack(
+            tmp_path,
+            kvm_clock=clock,
+            SNPEMU_KVM_THROTTLE_MS="5000",
+            SNPEMU_KVM_THROTTLE_BURST="2",
+        ) as s:
+            guest = await s.launch()
+            await guest.register_ghcb()
+            busy = SNP_GUEST_VMM_ERR_BUSY << 32
+            for expect in (0, 0, busy, busy):
+                r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno)
+                assert r.sw_exit_info_2 == expect
+                if not expect:
+                    guest.seqno += 2
+            clock.advance(4.5)
+            r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno)
+            assert r.sw_exit_info_2 == busy
+            clock.advance(0.5)
+            r, _, _ = await guest.guest_request(report_req())
+            assert r.sw_exit_info_2 == 0
+            r, _, _ = await guest.guest_request(report_req(), seqno=guest.seqno)
+            assert r.sw_exit_info_2 == busy
 
     run(body())
 
@@ -1054,9 +1115,18 @@ def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
             holds = [s.kvm.HoldVm(kvm_pb2.HoldVmRequest(vm=guest.vm), metadata=HOST) for _ in "ab"]
             for h in holds:
                 assert (await h.read()).vm.id == guest.vm.id
+            servicer: Any = s.runtimes["kvm"].impl.servicer  # type: ignore[union-attr]
+            assert servicer.holds[guest.vm.id] == 2
             holds[0].cancel()  # one fd closed, another still open: the VM stays
-            await asyncio.sleep(0.3)
-            assert (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm.asid
+            # kvm has taken the close in (one open hold left) and started no release
+            await until(lambda: servicer.holds.get(guest.vm.id) == 1, "kvm saw the close")
+            assert not servicer.releases
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
+            assert vm.asid and vm.state == kvm_pb2.VM_STATE_RUNNING
+            # and the VM still works: its guest's exits are answered
+            r = await guest.msr(msr.SEV_INFO_REQ)
+            # KERNEL: sev-common.h GHCB_MSR_SEV_INFO(2, 1, 51): versions 2..1, C-bit 51
+            assert r.ghcb_msr == 0x0002_0001_3300_0001
             holds[1].cancel()
             for _ in range(100):
                 if not (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms:
@@ -1071,7 +1141,9 @@ def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
             await hold.read()
             await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=other.vm), metadata=HOST)
             hold.cancel()
-            await asyncio.sleep(0.3)
+            # kvm has taken the close in; a VM already destroyed is not released again
+            await until(lambda: other.vm.id not in servicer.holds, "kvm saw the close")
+            assert not servicer.releases
             third = await s.launch(memory=64 << 20)
             assert [
                 v.vm.id for v in (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
@@ -1094,11 +1166,13 @@ def test_trace_events_stream(tmp_path: Path) -> None:
                 async for ev in call:
                     seen.append(ev)
 
+            trace: Any = s.runtimes["kvm"].impl.kvm.trace  # type: ignore[union-attr]
             task = asyncio.ensure_future(follow())
-            await asyncio.sleep(0.2)
+            await until(lambda: len(trace.queues) == 1, "kvm took the subscription")
             await guest.msr(msr.SEV_INFO_REQ)
             await guest.register_ghcb()
-            await asyncio.sleep(0.2)
+            # two exits, an enter and an exit event each
+            await until(lambda: len(seen) >= 4, "four trace events arrived")
             call.cancel()
             await asyncio.gather(task, return_exceptions=True)
             names = [e.name for e in seen]

@@ -9,8 +9,6 @@ svm_vmgexit_inject_exception(); arch/x86/kvm/x86.c ____kvm_emulate_hypercall().
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ from snp.kvm.v1 import kvm_pb2
 from snpemu.abi import ghcb as g
 from snpemu.runtime.status import error_info
 
-from tests.service.host_stack import Guest, Stack, host_stack
+from tests.service import live as live_stack
+from tests.service.host_stack import Guest
 
 # arch/x86/include/uapi/asm/svm.h
 READ_DR7, WRITE_DR7, RDTSC, RDPMC, CPUID, INVD = 0x27, 0x37, 0x6E, 0x6F, 0x72, 0x76
@@ -47,21 +46,13 @@ async def call(rpc: Any, request: Any) -> Any:
     return await rpc(request)
 
 
-class Live:
-    """One stack and one launched 2-vCPU guest for the module; each vCPU registers a GHCB."""
+class Live(live_stack.Live):
+    """The module's stack and 2-vCPU guest; each vCPU registers a GHCB."""
 
     def __init__(self, tmp: Path) -> None:
-        self.runner = asyncio.Runner()
-        self.cm = host_stack(tmp, memory="128M")
-        self.stack: Stack = self.runner.run(self.cm.__aenter__())
-        self.bsp: Guest = self.runner.run(self.stack.launch(memory=32 << 20, vcpus=2))
-        self.ap = dataclasses.replace(self.bsp, vcpus=[self.bsp.vcpus[1]])
-        self.runner.run(self.bsp.register_ghcb(GHCB_GPA))
-        self.runner.run(self.ap.register_ghcb(AP_GHCB_GPA))
+        super().__init__(tmp, vcpus=2, ghcbs=(GHCB_GPA, AP_GHCB_GPA))
+        self.bsp, self.ap = self.guests
         self.exits: Any = self.stack.runtimes["kvm"].impl.servicer.exits  # type: ignore[attr-defined]
-
-    def run(self, coro: Any) -> Any:
-        return self.runner.run(coro)
 
     def exit(
         self,
@@ -90,10 +81,6 @@ class Live:
             self.exit(code, **regs)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         return str(error_info(info.value).reason)  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        self.run(self.cm.__aexit__(None, None, None))
-        self.runner.close()
 
 
 @pytest.fixture(scope="module")

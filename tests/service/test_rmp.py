@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -38,8 +39,34 @@ async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
     return list(r.pfns)
 
 
+class FakeClock:
+    """rmp's clock (instruction holds, host-map ages): moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # steps of binary fractions keep the sums exact
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def until(cond: Callable[[], bool], what: str, deadline_s: float = 10.0) -> None:
+    """Poll cond() until it holds; fail after deadline_s (a bound, not a duration asserted)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.005)
+
+
 async def with_rmp(
-    body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]], **env: str
+    body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]],
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    **env: str,
 ) -> Any:
     config = ServiceConfig.from_env(
         "rmp",
@@ -51,6 +78,10 @@ async def with_rmp(
         },
     )
     options = RmpOptions.from_env({"SNPEMU_RMP_MEMORY": "64M", **env})
+    if clock is not None:
+        options = dataclasses.replace(options, clock=clock)
+    if sleep is not None:
+        options = dataclasses.replace(options, sleep=sleep)
     runtime = ServiceRuntime(rmp.SPEC, config, options)
     await runtime.start()
     try:
@@ -260,6 +291,17 @@ class Kvm:
         self.call = stub.WatchMmuNotifications(pb.WatchMmuNotificationsRequest(), metadata=HOST)
         self.task = asyncio.ensure_future(self._loop())
 
+    @classmethod
+    async def subscribed(
+        cls, stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime, ack: bool = True
+    ) -> Kvm:
+        """A subscriber whose stream rmp has taken in (its hub holds one more queue)."""
+        hub: Any = rt.impl.hub  # type: ignore[attr-defined]
+        before = len(hub.subscribers)
+        kvm = cls(stub, ack)
+        await until(lambda: len(hub.subscribers) == before + 1, "rmp took the subscription")
+        return kvm
+
     async def _loop(self) -> None:
         async for note in self.call:
             self.seen.append(note)
@@ -324,10 +366,11 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
         )
         r = await write(stub, pfns[4] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
-        kvm = Kvm(stub)
-        await asyncio.sleep(0.1)
+        kvm = await Kvm.subscribed(stub, rt)
         r = await write(stub, pfns[4] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED
+        # the conversion waited for the acknowledgement, which the subscriber sends after
+        # recording the notification: it is there when the write returns
         assert [(n.asid, n.pfn, n.terminate) for n in kvm.seen] == [(ASID, pfns[4], False)]
         kvm.close()
         reg = rt.registry
@@ -349,6 +392,44 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
     run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1"))
 
 
+def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
+    """A VMSA page is converted only once kvm acknowledged the kick; a subscriber that never
+    acknowledges leaves the write waiting until the kick timeout's timer fires: SIGBUS."""
+    timers: list[float] = []
+    fire = asyncio.Event()
+
+    async def timer(seconds: float) -> None:
+        timers.append(seconds)
+        await fire.wait()
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=1)
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        a = await stub.RmpAdjust(
+            pb.RmpAdjustRequest(
+                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, target_vmpl=1, vmsa=True
+            )
+        )
+        assert a.result == pb.RMP_RESULT_SUCCESS
+        kvm = await Kvm.subscribed(stub, rt, ack=False)
+        pending = asyncio.ensure_future(write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER))
+        await until(lambda: bool(kvm.seen), "kvm was notified")
+        assert timers == [1.5]  # SNPEMU_RMP_KICK_TIMEOUT_S
+        assert not pending.done()  # no acknowledgement, no timeout yet: the write waits
+        fire.set()
+        r = await pending
+        assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
+        assert e.assigned and e.vmsa  # not converted
+        kvm.close()
+
+    run(with_rmp(body, sleep=timer, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1.5"))
+
+
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AcknowledgeMmuNotification", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostWrite", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/InstallMemoryKey", "ok")
@@ -357,13 +438,12 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UpdateNestedPageTable", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/WatchMmuNotifications", "ok")
 def test_convert_kill_asks_kvm_to_terminate() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
         pfns, _ = await guest_setup(stub, pages=2)
-        kvm = Kvm(stub)
-        await asyncio.sleep(0.1)
+        kvm = await Kvm.subscribed(stub, rt)
         r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
         assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED
-        await asyncio.sleep(0.1)
+        # the write returned after kvm acknowledged the terminate notification (recorded first)
         assert [(n.asid, n.terminate) for n in kvm.seen] == [(ASID, True)]
         kvm.close()
 
@@ -371,14 +451,17 @@ def test_convert_kill_asks_kvm_to_terminate() -> None:
 
 
 def test_rmpadjust_race_is_ended_by_the_kick() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    clock = FakeClock()  # the hold lasts until the test moves this clock
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
         pfns, ident = await guest_setup(stub, pages=2)
         await stub.Pvalidate(
             pb.PvalidateRequest(
                 identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
             )
         )
-        # The guest holds the entry (instruction in flight for 1 s here)
+        clock.advance(1.0)  # the PVALIDATE's hold is over
+        # The guest holds the entry (instruction in flight for 1 s of rmp's clock)
         a = await stub.RmpAdjust(
             pb.RmpAdjustRequest(
                 identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, target_vmpl=1, perms=1
@@ -392,14 +475,47 @@ def test_rmpadjust_race_is_ended_by_the_kick() -> None:
             metadata=HOST,
         )
         assert u.result == pb.RMP_RESULT_FAIL_INUSE and u.eax == 3
-        kvm = Kvm(stub)
-        await asyncio.sleep(0.1)
+        clock.advance(0.999)  # still in flight
+        u = await stub.RmpUpdate(
+            pb.RmpUpdateRequest(
+                spa=pfns[1] << 12, state=pb.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
+            ),
+            metadata=HOST,
+        )
+        assert u.result == pb.RMP_RESULT_FAIL_INUSE
+        kvm = await Kvm.subscribed(stub, rt)
         r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
         assert r.outcome == pb.VIOLATION_OUTCOME_CONVERTED  # retried after the kick
-        assert kvm.seen and kvm.seen[0].reason == "RMPUPDATE in use"
+        assert [n.reason for n in kvm.seen] == ["RMPUPDATE in use"]
+        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
+        assert not e.assigned and e.state == types_pb2.PAGE_STATE_HYPERVISOR
         kvm.close()
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000"))
+    run(with_rmp(body, clock, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000"))
+
+
+def test_an_instruction_hold_ends_on_rmps_clock() -> None:
+    """Without a kick, the entry is free again once rmp's clock has moved past the hold."""
+    clock = FakeClock()
+
+    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+        pfns, ident = await guest_setup(stub, pages=2)
+        to_shared = pb.RmpUpdateRequest(
+            spa=pfns[1] << 12, state=pb.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
+        )
+        await stub.Pvalidate(
+            pb.PvalidateRequest(
+                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
+            )
+        )
+        for _ in range(3):  # however many tries, however long they take: still held
+            u = await stub.RmpUpdate(to_shared, metadata=HOST)
+            assert u.result == pb.RMP_RESULT_FAIL_INUSE
+        clock.advance(0.25)  # the hold's end
+        u = await stub.RmpUpdate(to_shared, metadata=HOST)
+        assert u.result == pb.RMP_RESULT_SUCCESS
+
+    run(with_rmp(body, clock, SNPEMU_RMP_INSN_HOLD_US="250000"))
 
 
 def test_sigbus_policy_kernel_write_panics_the_host() -> None:
@@ -471,6 +587,8 @@ def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UnmapHostPage", "ok", "error")
 def test_host_map_lock_blocks_conversion_to_private() -> None:
+    clock = FakeClock()  # the map's age is read from rmp's clock
+
     async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
         pfns = await alloc(stub, 1)
         await stub.UpdateNestedPageTable(
@@ -491,7 +609,10 @@ def test_host_map_lock_blocks_conversion_to_private() -> None:
             ),
         )
         assert (await stub.RmpUpdate(to_private, metadata=HOST)).result == pb.RMP_RESULT_FAIL_INUSE
-        await asyncio.sleep(0.3)
+        clock.advance(0.25)  # held for exactly the threshold: not yet stale
+        maps = (await stub.ListHostMaps(pb.ListHostMapsRequest(), metadata=HOST)).maps
+        assert [(x.holder, x.stale) for x in maps] == [("netd", False)]
+        clock.advance(0.001)
         maps = (await stub.ListHostMaps(pb.ListHostMapsRequest(), metadata=HOST)).maps
         assert [(x.holder, x.stale) for x in maps] == [("netd", True)]
         await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
@@ -500,7 +621,7 @@ def test_host_map_lock_blocks_conversion_to_private() -> None:
             await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    run(with_rmp(body, SNPEMU_RMP_MAP_LEAK_S="0.2"))
+    run(with_rmp(body, clock, SNPEMU_RMP_MAP_LEAK_S="0.25"))
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FreePages", "error")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.style
 # a literal count: examples(n) is how a test asks for its own number
 _LITERAL = re.compile(r"max_examples\s*=\s*\d")
 # files that still set literal counts: drop an entry once its file says examples(n)
-PENDING = {"tests/service/test_kvm_fuzz.py"}
+PENDING: set[str] = set()
 
 
 def _profile(name: str | None) -> list[str]:

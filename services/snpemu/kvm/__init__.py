@@ -36,6 +36,7 @@ class _Kvm:
             firmware=opts.firmware,
             throttle_ms=opts.throttle_ms,
             throttle_burst=opts.throttle_burst,
+            clock=opts.clock,
         )
         register(self.kvm, runtime.registry)
         self.servicer = KvmServicer(self.kvm)
@@ -74,18 +75,17 @@ class _Kvm:
 
 
 async def _startup(impl: object | None) -> None:
-    import time
-
     from snpemu.errors import Unavailable
 
     assert isinstance(impl, _Kvm)
-    deadline = time.monotonic() + impl.wait_s
+    clock = impl.kvm.clock
+    deadline = clock() + impl.wait_s
     while True:
         try:
             await impl.kvm.bring_up()
             break
         except Unavailable as e:
-            if time.monotonic() >= deadline:
+            if clock() >= deadline:
                 # kvm_amd loads with SNP off when the firmware cannot be reached.
                 log.error(
                     "SNP unavailable: %s; kvm runs with SNP disabled",

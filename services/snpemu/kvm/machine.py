@@ -105,8 +105,11 @@ class Kvm:
         firmware: str = DEFAULT_FIRMWARE,
         throttle_ms: int = 0,
         throttle_burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rmp, self.psp = rmp, psp
+        # the clock of the per-VM guest-request throttles (seconds; tests drive a fake one)
+        self.clock = clock
         self.host = SessionPool(rmp)
         self.snp_requested = snp
         self.snp_enabled = False
@@ -309,9 +312,9 @@ class Kvm:
         asid = self.free_asids.pop(0)
         t = config.throttle
         throttle = (
-            Throttle(t.interval_ms, t.burst or 1)
+            Throttle(t.interval_ms, t.burst or 1, clock=self.clock)
             if t.interval_ms
-            else Throttle(*self.default_throttle)
+            else Throttle(*self.default_throttle, clock=self.clock)
         )
         # KERNEL: arch/x86/kvm/svm/sev.c __sev_guest_init(): SNP_ACTIVE ORed in for KVM_X86_SNP_VM
         vm = Vm(

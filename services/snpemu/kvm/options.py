@@ -10,8 +10,9 @@ SNPEMU_KVM_PEER_WAIT_S     how long start-up waits for rmp and psp before coming
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from snpemu.hostconfig import ConfigError, count, number
 from snpemu.kvm.machine import DEFAULT_FIRMWARE
@@ -24,6 +25,9 @@ class KvmOptions:
     throttle_ms: int
     throttle_burst: int
     peer_wait_s: float
+    # Not from the environment: the clock of the throttles and of the start-up wait (seconds,
+    # monotonic). An in-process caller (a test) may hand kvm a clock it drives itself.
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KvmOptions:

@@ -126,7 +126,7 @@ class KvmServicer:
         t = request.throttle
         if t.interval_ms > 3_600_000 or (t.interval_ms and not 1 <= t.burst <= 1000):
             raise InvalidArgument("interval_ms 0..3600000 and burst 1..1000")
-        vm.throttle = Throttle(t.interval_ms, t.burst or 1)
+        vm.throttle = Throttle(t.interval_ms, t.burst or 1, clock=self.kvm.clock)
         return pb.SetGuestRequestThrottleResponse()
 
     async def KickVcpus(self, request: Any, context: Any) -> pb.KickVcpusResponse:

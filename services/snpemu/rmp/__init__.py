@@ -27,6 +27,7 @@ def _make_impl(runtime: ServiceRuntime) -> object:
         policy=opts.policy,
         hold_s=opts.hold_s,
         map_leak_s=opts.map_leak_s,
+        clock=opts.clock,
     )
 
     async def on_panic(_reason: str) -> None:
@@ -35,7 +36,7 @@ def _make_impl(runtime: ServiceRuntime) -> object:
 
     machine.on_panic = on_panic
     runtime.registry.register(RmpCollector(machine))
-    return RmpServicer(machine, opts.kick_timeout_s)
+    return RmpServicer(machine, opts.kick_timeout_s, sleep=opts.sleep)
 
 
 def _options(env: Mapping[str, str]) -> object:

@@ -10,9 +10,11 @@ SNPEMU_RMP_MAP_LEAK_S      a host map held longer than this is reported stale (d
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from snpemu.errors import InvalidArgument
 from snpemu.hostconfig import ConfigError, number
@@ -41,6 +43,13 @@ class RmpOptions:
     hold_s: float
     kick_timeout_s: float
     map_leak_s: float
+    # Not from the environment: the clock of the instruction holds and of the host-map ages
+    # (seconds, monotonic). An in-process caller (a test) may hand rmp a clock it drives itself.
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    # ... and the timer of the kick timeout (awaits that many seconds)
+    sleep: Callable[[float], Awaitable[None]] = field(
+        default=asyncio.sleep, repr=False, compare=False
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RmpOptions:

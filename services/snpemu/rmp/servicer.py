@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -75,8 +75,11 @@ def fault_pb(f: Fault | None) -> pb.GuestFault | None:
 class KickHub:
     """The MMU-notifier stream kvm subscribes to, and the acknowledgements it sends back."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(
+        self, timeout_s: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
         self.timeout_s = timeout_s
+        self.sleep = sleep  # the timer of the acknowledgement timeout (tests drive their own)
         self.subscribers: list[asyncio.Queue[pb.WatchMmuNotificationsResponse]] = []
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._seq = itertools.count(1)
@@ -93,13 +96,15 @@ class KickHub:
         )
         for q in self.subscribers:
             q.put_nowait(note)
+        timer = asyncio.ensure_future(self.sleep(self.timeout_s))
         try:
-            await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
-            return True
-        except TimeoutError:
+            await asyncio.wait((done, timer), return_when=asyncio.FIRST_COMPLETED)
+            if done.done():
+                return True
             log.warning("kvm did not acknowledge kick %d of ASID %d in time", seq, asid)
             return False
         finally:
+            timer.cancel()
             self._pending.pop(seq, None)
 
     def acknowledge(self, seq: int) -> None:
@@ -111,7 +116,12 @@ class KickHub:
 
 
 class RmpServicer:
-    def __init__(self, machine: RmpMachine, kick_timeout_s: float) -> None:
+    def __init__(
+        self,
+        machine: RmpMachine,
+        kick_timeout_s: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.m = machine
         # a HostSession op (and a HostSequence step) by name
         self.host_handlers: dict[str, Any] = {
@@ -120,7 +130,7 @@ class RmpServicer:
             "rmp_update_batch": self.RmpUpdateBatch,
             "copy": self.HostCopy,
         }
-        self.hub = KickHub(kick_timeout_s)
+        self.hub = KickHub(kick_timeout_s, sleep)
         machine.notifier = self.hub
 
     # --- helpers -------------------------------------------------------------------------
