@@ -16,8 +16,6 @@ pytestmark = pytest.mark.style
 
 # a literal count: examples(n) is how a test asks for its own number
 _LITERAL = re.compile(r"max_examples\s*=\s*\d")
-# files that still set literal counts: drop an entry once its file says examples(n)
-PENDING: set[str] = set()
 
 
 def _profile(name: str | None) -> list[str]:
@@ -67,4 +65,4 @@ def test_no_test_pins_a_literal_number_of_examples() -> None:
         if p.name != "conftest.py" and p != ROOT / "tests/style/test_hypothesis_profiles.py"
         if _LITERAL.search(p.read_text())
     )
-    assert [p for p in pinned if p not in PENDING] == []
+    assert pinned == []
