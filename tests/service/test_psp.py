@@ -59,6 +59,15 @@ def test_failing_command_carries_the_firmware_status(tmp_path: Path) -> None:
                 )
                 == 0
             )
+            # a failure that never happened is already a series at zero, so that the first one
+            # is a step a rate() sees
+            assert (
+                reg.get_sample_value(
+                    "snp_psp_commands_total",
+                    {"command": "SNP_DF_FLUSH", "status": "WBINVD_REQUIRED"},
+                )
+                == 0
+            )
             assert reg.get_sample_value("snp_psp_platform_state") == 0
 
     run(body())

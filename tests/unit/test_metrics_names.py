@@ -40,7 +40,14 @@ def test_initialise_creates_zero_series() -> None:
         "grpc_method": "ListVms",
     }
     assert registry.get_sample_value("grpc_server_started_total", labels) == 0
-    assert (
-        registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 0
-    )
+    # every code, as go-grpc-prometheus's preRegisterMethod() creates them: Go's
+    # codes.Code.String() of grpc-go codes/code_string.go, written out here
+    for code in (
+        *("OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound"),
+        *("AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition"),
+        *("Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss"),
+        "Unauthenticated",
+    ):
+        handled = {**labels, "grpc_code": code}
+        assert registry.get_sample_value("grpc_server_handled_total", handled) == 0, code
     assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 0

@@ -57,9 +57,13 @@ class PspCollector(Collector):
             "Firmware commands completed, by command and SEV status name.",
             labels=["command", "status"],
         )
+        # every (command, status) from the start, at zero, so that a command's first failure
+        # is a step a rate() sees (as runtime/metrics.py does for gRPC codes); "ERROR" is
+        # firmware.command()'s name for an exception that is not a firmware status
         seen = dict(self.fw.stats.commands)
         for c in COMMANDS:
-            seen.setdefault((c, SevStatus.SUCCESS.name), 0)
+            for status in (*(s.name for s in SevStatus), "ERROR"):
+                seen.setdefault((c, status), 0)
         for (c, s), n in sorted(seen.items()):
             commands.add_metric([c, s], float(n))
         yield commands

@@ -90,11 +90,16 @@ class GrpcServerMetrics:
         self._types: dict[str, str] = {}
 
     def initialise(self, methods: Iterable[tuple[str, str, str]]) -> None:
-        """Create every (type, service, method) series at zero, so rates exist from the start."""
+        """Create every (type, service, method) series, and its handled series for every status
+        code, at zero: a series born at its first increment starts at 1, and rate() sees no
+        step in it, so the first error would show on no dashboard.
+        SPEC: go-grpc-prometheus server_metrics.go preRegisterMethod() (every code in allCodes)."""
+        codes = [go_code_name(code) for code in grpc.StatusCode]
         for kind, service, method in methods:
             self._types[f"/{service}/{method}"] = kind
             self.started.labels(kind, service, method)
-            self.handled.labels(kind, service, method, "OK")
+            for code in codes:
+                self.handled.labels(kind, service, method, code)
             self.handling.labels(kind, service, method)
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
