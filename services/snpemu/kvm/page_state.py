@@ -94,6 +94,10 @@ class PageStateChanges:
                 # KERNEL: snp_begin_psc() `default:` (PSMASH, UNSMASH and every undefined
                 # operation): __snp_complete_one_psc() marks the range complete without acting
                 continue
+            # UNVERIFIED(psc-same-state): every page of a PRIVATE or SHARED entry gets an
+            # RMPUPDATE, even one already in that state (a private page then loses its
+            # Validated bit); KVM changes memory attributes, a no-op for a page already
+            # private or shared, and touches the RMP only when guest_memfd faults or frees it.
             gpa = e.gfn << 12
             if e.size_2m and e.cur_page == 0:
                 spa2m = vm.memslots.contiguous_2m(gpa)
