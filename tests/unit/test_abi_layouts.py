@@ -81,12 +81,12 @@ def test_only_an_all_zero_entry_ends_the_table() -> None:
 
 def test_a_table_without_its_zero_entry_is_refused() -> None:
     one = entry(VCEK.bytes, 24, 0)  # valid, but nothing ends the table
-    with pytest.raises(ValueError, match="^certificate table has no terminating zero entry$"):
+    with pytest.raises(ValueError, match=r"^certificate table has no terminating zero entry$"):
         cert_table.parse(one)
     # 23 trailing bytes cannot hold another entry: still "no terminator", not a struct error
-    with pytest.raises(ValueError, match="^certificate table has no terminating zero entry$"):
+    with pytest.raises(ValueError, match=r"^certificate table has no terminating zero entry$"):
         cert_table.parse(one + b"\xff" * 23)
-    with pytest.raises(ValueError, match="^certificate table has no terminating zero entry$"):
+    with pytest.raises(ValueError, match=r"^certificate table has no terminating zero entry$"):
         cert_table.parse(b"")
 
 
@@ -191,7 +191,7 @@ def test_ghcb_decode_reads_the_kernels_layout() -> None:
 
 @pytest.mark.parametrize("size", [0, 4095, 4097])
 def test_ghcb_decode_refuses_a_short_or_long_page(size: int) -> None:
-    with pytest.raises(ValueError, match="^a GHCB is 4096 bytes$"):
+    with pytest.raises(ValueError, match=r"^a GHCB is 4096 bytes$"):
         ghcb.Ghcb.decode(bytes(size))
 
 
@@ -401,10 +401,12 @@ def test_mac_addresses() -> None:
     for bad in ("02:00:00:00:00", "02:00:00:00:00:01:02", "2:00:00:00:00:01", "02:00:00:00:00:001"):
         with pytest.raises(virtio.VirtioError, match="is not six hex octets like"):
             virtio.mac_bytes(bad)
-    with pytest.raises(virtio.VirtioError, match="^MAC '02:00:00:00:00:zz' is not six hex octets$"):
+    with pytest.raises(
+        virtio.VirtioError, match=r"^MAC '02:00:00:00:00:zz' is not six hex octets$"
+    ):
         virtio.mac_bytes("02:00:00:00:00:zz")
     # IEEE 802: the I/G bit (bit 0 of the first octet) set is a group address
-    with pytest.raises(virtio.VirtioError, match="^MAC 03:00:00:00:00:01 is a multicast address$"):
+    with pytest.raises(virtio.VirtioError, match=r"^MAC 03:00:00:00:00:01 is a multicast address$"):
         virtio.mac_bytes("03:00:00:00:00:01")
     assert virtio.mac_bytes("fe:ff:ff:ff:ff:ff")[0] == 0xFE
 
@@ -420,16 +422,16 @@ def test_frames() -> None:
     # 1514 bytes (14 + 1500) is the largest frame without FCS; one more is refused
     assert len(virtio.frame("02:00:00:00:00:02", "02:00:00:00:00:01", bytes(1500))) == 12 + 1514
     with pytest.raises(
-        virtio.VirtioError, match="^payload of 1501 bytes exceeds the 1514-byte frame$"
+        virtio.VirtioError, match=r"^payload of 1501 bytes exceeds the 1514-byte frame$"
     ):
         virtio.frame("02:00:00:00:00:02", "02:00:00:00:00:01", bytes(1501))
     assert virtio.parse_frame(hdr + eth + bytes(1500)).payload == bytes(1500)
-    with pytest.raises(virtio.VirtioError, match="^a 1515-byte frame exceeds 1514 bytes$"):
+    with pytest.raises(virtio.VirtioError, match=r"^a 1515-byte frame exceeds 1514 bytes$"):
         virtio.parse_frame(hdr + eth + bytes(1501))
     # the shortest: a header and an Ethernet header, no payload
     assert virtio.parse_frame(hdr + eth).payload == b""
     with pytest.raises(
-        virtio.VirtioError, match="^25 bytes is shorter than a header and an Ethernet header$"
+        virtio.VirtioError, match=r"^25 bytes is shorter than a header and an Ethernet header$"
     ):
         virtio.parse_frame((hdr + eth)[:-1])
     # VIRTIO_NET_HDR_F_NEEDS_CSUM (1) is accepted; any other flag, or GSO, is not

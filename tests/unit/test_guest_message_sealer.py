@@ -122,7 +122,7 @@ def test_open_payload_authenticates_tag_header_and_seqno() -> None:
     for where in (0x00, 0x0F, 0x20, 0x30, 0x34, 0x36, 0x3C, 0x60):
         bad = bytearray(page)
         bad[where] ^= 1
-        with pytest.raises(gm.MessageError, match="^authentication tag mismatch$"):
+        with pytest.raises(gm.MessageError, match=r"^authentication tag mismatch$"):
             gm.open_payload(KEY, gm.parse_header(bytes(bad)), bytes(bad))
     with pytest.raises(gm.MessageError, match="authentication tag mismatch"):
         gm.open_payload(bytes(32), gm.parse_header(page), page)
@@ -131,7 +131,7 @@ def test_open_payload_authenticates_tag_header_and_seqno() -> None:
 def test_open_payload_refuses_msg_sz_past_the_page() -> None:
     page = bytearray(kernel_seal(KEY, 9, 6, 1, 1, b"p"))
     page[0x36:0x38] = (4001).to_bytes(2, "little")
-    with pytest.raises(gm.MessageError, match="^msg_sz 4001 exceeds 4000$"):
+    with pytest.raises(gm.MessageError, match=r"^msg_sz 4001 exceeds 4000$"):
         gm.open_payload(KEY, gm.parse_header(bytes(page)), bytes(page))
     # 4000 is allowed: it is only the tag that fails then
     page[0x36:0x38] = (4000).to_bytes(2, "little")
