@@ -60,6 +60,12 @@ CORES = {
     "kvm": Core(("snpemu/kvm/page_state.py", "snpemu/kvm/psc_batch.py")),
 }
 
+PROFILE = """from hypothesis import settings
+
+settings.register_profile("mutation", deadline=None)
+settings.load_profile("mutation")
+"""
+
 # exit codes as mutmut records them (mutmut/stats.py status_by_exit_code)
 KILLED = {1, 3, 24, -24, 152, 255, 36, 37, -9, -11}  # failed, timed out, type check, crashed
 
@@ -85,13 +91,19 @@ def stage(name: str, core: Core, tests: list[str]) -> Path:
         dst = d / ("src" + rel.removeprefix("services") if rel.startswith("services/") else rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+    # loaded into every pytest run (-p): on 2 busy cores a test may take longer than hypothesis's
+    # default 200 ms deadline, which would count as a kill
+    (d / "mutation_profile.py").write_text(PROFILE)
     top = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir())
     config = {
         "source_paths": [f"src/{p}" for p in core.paths],
         "also_copy": [p for p in top if p not in ("tests/", "pyproject.toml")],
         "pytest_add_cli_args_test_selection": tests,
         # the same examples on every run, so a score can be reproduced
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0"],
+        "pytest_add_cli_args": [
+            *("-p", "no:cacheprovider", "-p", "mutation_profile", "--hypothesis-seed=0"),
+            *("-o", "tmp_path_retention_count=1000000", "-o", "tmp_path_retention_policy=all"),
+        ],
         "use_git_change_detection": False,
     }
     text = (ROOT / "pyproject.toml").read_text()
@@ -118,6 +130,12 @@ def run(
     d = stage(name, core, tests)
     patterns = only or core.only
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # pytest's temporary directories in the staging directory, none ever removed: the parent's
+    # (a session-scoped chip identity, say) must outlive every test process forked from it, and
+    # no other pytest run on the machine may rotate them away (a missing file would fail a test
+    # and count as a killed mutant)
+    (d / "tmp").mkdir()
+    env["PYTEST_DEBUG_TEMPROOT"] = str(d / "tmp")
     start = time.monotonic()
     cmd = [str(MUTMUT), "run", "--max-children", str(jobs), *patterns]
     with open(d / "mutmut.log", "w") as log:
