@@ -380,3 +380,35 @@ def test_result_names() -> None:
         "generic",
         "generic",
     ]
+
+
+def test_counts_add_up_over_requests_and_entries() -> None:
+    rmp = Rmp()
+    h, kvm = handler(rmp)
+    assert run(h.msr(vm(), 0x3, PRIVATE)) and run(h.msr(vm(), 0x4, PRIVATE))
+    assert kvm.counters.psc_pages == Counter({("private", "4k"): 2})
+    # two 2M entries in one descriptor: two 2M page changes
+    v = vm()
+    v.memslots.add(4 << 20, list(range(0x800, 0xA00)))  # a second 2M-aligned run
+    d = descriptor(0, 1, [entry(0, 0x200, PRIVATE, True), entry(0, 0x400, PRIVATE, True)])
+    state = ExitState(speculate=False)
+    assert run(h.apply(v, d, state)) == 0
+    assert state.psc_pages == Counter({("private", "2m"): 2})
+
+
+def test_a_descriptor_at_an_unaligned_offset_is_planned_the_same() -> None:
+    """setup_vmgexit_scratch() asks no alignment of SW_SCRATCH: the descriptor may start at any
+    byte of the shared buffer."""
+    raw = struct.pack("<HHI", 0, 0, 0) + struct.pack("<Q", entry(0, 1, PRIVATE))
+    (result, _, buf), _, state, before = exit_with(raw, offset=3)
+    assert result == ExitResult(0, 0) and state.batch is not None
+    want = bytearray(before)
+    want[3:19] = struct.pack("<HHI", 1, 0, 0) + struct.pack("<Q", entry(1, 1, PRIVATE))
+    assert bytes(buf) == bytes(want)
+
+
+def test_end_entry_253_of_a_full_buffer_is_invalid_hdr() -> None:
+    # the shared buffer at offset 0 holds (2032 - 8) / 8 = 253 entries: 0..252
+    raw = struct.pack("<HHI", 0, 253, 0) + struct.pack("<Q", entry(0, 1, PRIVATE))
+    (result, _, buf), _, state, before = exit_with(raw)
+    assert result == ExitResult(0, INVALID_HDR) and bytes(buf) == before and state.batch is None
