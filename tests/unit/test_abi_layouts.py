@@ -172,7 +172,9 @@ def test_ghcb_decode_reads_the_kernels_layout() -> None:
             page[off] = 0x83  # u8 cpl
         else:
             page[off : off + 8] = (0x8000_0000_0000_0000 | i << 8 | 0x11).to_bytes(8, "little")
+    page[0x0CC] = 0x5A  # reserved_0xcc: not part of cpl
     page[0x3F0:0x400] = (1 << 127 | 1 << 62 | 1).to_bytes(16, "little")
+    page[0x400:0x408] = b"\x87" * 8  # x87_state_gpa, right after the bitmap: not part of it
     page[0x800:0xFF0] = bytes(range(256)) * 7 + bytes(range(240))
     page[0xFF0:0xFFA] = b"\xee" * 10  # reserved_0xff0: not part of the buffer
     struct.pack_into("<HI", page, 0xFFA, 0xBEEF, 0xDEADBEEF)
@@ -184,8 +186,10 @@ def test_ghcb_decode_reads_the_kernels_layout() -> None:
     assert decoded.valid == 1 << 127 | 1 << 62 | 1
     assert bytes(decoded.shared) == bytes(page[0x800:0xFF0]) and len(decoded.shared) == 2032
     assert (decoded.version, decoded.usage) == (0xBEEF, 0xDEADBEEF)
-    # a full page out again, byte for byte, but the reserved bytes the codec does not keep
+    # a full page out again, byte for byte, but the bytes the codec does not keep
     page[0xFF0:0xFFA] = bytes(10)
+    page[0x0CC] = 0
+    page[0x400:0x408] = bytes(8)
     assert decoded.encode() == bytes(page)
 
 
@@ -299,6 +303,8 @@ def test_psc_entry_bitfields() -> None:
     # encode keeps each value inside its bits
     wide = psc.Entry(cur_page=0x1FFF, gfn=2**41 - 1, op=0x1F, size_2m=False, reserved=0xFF)
     assert wide.encode() == 0x7F << 57 | 0xF << 52 | (2**40 - 1) << 12 | 0xFFF
+    # a GFN wider than 40 bits does not spill into the operation
+    assert psc.Entry(0, 2**41 - 1, 0, False).encode() == (2**40 - 1) << 12
 
 
 def test_psc_descriptor_reads_the_header_and_at_most_253_entries() -> None:
