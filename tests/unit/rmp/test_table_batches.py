@@ -169,3 +169,43 @@ def test_unsmash_refuses_entries_that_do_not_make_one_2m_page() -> None:
         )
     assert t.fw_transition(512, "unsmash") is False
     assert not t.entry(512).page_size_2m
+
+
+def test_batch_codes_are_one_byte_each() -> None:
+    """rmp answers the codes as bytes, one per page (rmp.proto PvalidateBatchResponse.codes)."""
+    t = guest_table()
+    for vmpl, pfns in ((0, [10, 11]), (1, [10]), (0, [12, 12]), (0, [13, 99])):
+        codes, _ = t.pvalidate_batch(*arrays(pfns), asid=ASID, vmpl=vmpl, validate=True)
+        assert codes.dtype == np.uint8, (vmpl, pfns)
+
+
+def test_a_batch_with_holds_holds_each_entry() -> None:
+    """With a hold time each PVALIDATE holds its entry (a concurrent RMPUPDATE is FAIL_INUSE)."""
+    now = [100.0]
+    t = RmpTable(1024, hold_s=0.5, clock=lambda: now[0])
+    for pfn in (10, 11):
+        t.rmpupdate(pfn, gpa=pfn << 12, assigned=True, size_2m=False, immutable=False, asid=ASID)
+    codes, fault = t.pvalidate_batch(*arrays([10, 11]), asid=ASID, vmpl=0, validate=True)
+    assert codes.tolist() == [0, 0] and fault is None
+    assert t.busy(10) and t.busy(11)
+    now[0] += 0.5
+    assert not t.busy(10)
+
+
+def test_batch_edges_of_the_table() -> None:
+    t = RmpTable(1024)
+    for pfn in (0, 1023):
+        t.rmpupdate(pfn, gpa=pfn << 12, assigned=True, size_2m=False, immutable=False, asid=ASID)
+    codes, fault = t.pvalidate_batch(*arrays([0, 1023]), asid=ASID, vmpl=0, validate=True)
+    assert codes.tolist() == [0, 0] and fault is None
+    codes, fault = t.pvalidate_batch(*arrays([1024]), asid=ASID, vmpl=0, validate=True)
+    assert codes.tolist() == [] and isinstance(fault, Fault) and fault.cause == "no such frame"
+
+
+def test_a_batch_naming_the_head_of_a_2m_page_faults_with_sizem() -> None:
+    t = RmpTable(4096)
+    t.rmpupdate(512, gpa=2 << 20, assigned=True, size_2m=True, immutable=False, asid=ASID)
+    codes, fault = t.pvalidate_batch(*arrays([512], [2 << 20]), asid=ASID, vmpl=0, validate=True)
+    assert codes.tolist() == [] and isinstance(fault, Fault)
+    assert fault.cause == "4K operation on a 2M RMP entry"
+    assert not t.entry(512).validated
