@@ -209,3 +209,31 @@ def test_a_batch_naming_the_head_of_a_2m_page_faults_with_sizem() -> None:
     assert codes.tolist() == [] and isinstance(fault, Fault)
     assert fault.cause == "4K operation on a 2M RMP entry"
     assert not t.entry(512).validated
+
+
+def test_rmpadjust_targets_vmpl_1_to_3_and_replaces_the_mask() -> None:
+    """KERNEL: arch/x86/include/asm/sev.h rmpadjust(): RMPADJUST sets the permission mask of a
+    VMPL above the caller's (VMPLs 0..3); each call replaces that VMPL's whole mask."""
+    t = guest_table()
+    args = {"gpa": 0xA000, "asid": ASID, "size_2m": False}
+    t.pvalidate(10, vmpl=0, validate=True, **args)  # type: ignore[arg-type]
+    assert t.rmpadjust(10, vmpl=0, target_vmpl=3, perms=0xF, vmsa=False, **args) == 0  # type: ignore[arg-type]
+    assert t.rmpadjust(10, vmpl=0, target_vmpl=4, perms=1, vmsa=False, **args) == PERMISSION  # type: ignore[arg-type]
+    assert t.rmpadjust(10, vmpl=0, target_vmpl=2, perms=0xF, vmsa=False, **args) == 0  # type: ignore[arg-type]
+    assert t.rmpadjust(10, vmpl=0, target_vmpl=2, perms=0x1, vmsa=False, **args) == 0  # type: ignore[arg-type]
+    assert t.entry(10).vmpl_perms == (0, 1, 0xF)
+    # VMPL2 holds READ only: it may give VMPL3 READ, not WRITE (bit 1 of its own mask)
+    assert t.rmpadjust(10, vmpl=2, target_vmpl=3, perms=1, vmsa=False, **args) == 0  # type: ignore[arg-type]
+    assert t.rmpadjust(10, vmpl=2, target_vmpl=3, perms=2, vmsa=False, **args) == PERMISSION  # type: ignore[arg-type]
+    assert t.entry(10).vmpl_perms == (0, 1, 1)
+
+
+def test_rmpadjust_faults_are_not_writes() -> None:
+    """RMPADJUST reads the entry: its #NPF has no write bit (KERNEL: PFERR_WRITE_MASK, bit 1)."""
+    t = guest_table()
+    r = t.rmpadjust(
+        10, gpa=0xB000, asid=ASID, size_2m=False, vmpl=0, target_vmpl=1, perms=1, vmsa=False
+    )
+    assert isinstance(r, Fault) and not r.error_code & 2 and r.error_code & 1 << 31
+    p = t.pvalidate(10, gpa=0xB000, asid=ASID, vmpl=0, size_2m=False, validate=True)
+    assert isinstance(p, Fault) and p.error_code & 2  # PVALIDATE's is a write
