@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-compose-test up test test-unit test-cluster test-compose lint bench lab protos protos-check clean
+.PHONY: install install-compose-test install-mutation up test test-unit test-cluster test-compose lint mutate bench lab protos protos-check clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -34,6 +34,17 @@ install-compose-test:
 
 lint: $(STAMP)
 	$(PY) -m pytest -m style
+
+# mutmut, at the version pyproject.toml's `mutation` extra pins (snpemu itself is not reinstalled)
+install-mutation: $(STAMP)
+	$(PY) -m pip install -q $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["mutation"])')
+
+# mutation testing of the cores against the unit tests, not part of `make test`
+# (docs/testing.md: scores, survivors, duration); `make mutate CORES="abi kvm" JOBS=2`
+CORES ?=
+JOBS ?= 1
+mutate: install-mutation
+	nice $(PY) scripts/mutate.py -j $(JOBS) $(CORES)
 
 bench: $(STAMP)
 	$(PY) bench/rmp_bench.py
