@@ -38,13 +38,30 @@ def examples(n: int) -> int:
     return max(1, n * settings.default.max_examples // CI_EXAMPLES)
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll `condition` until it holds; fail if it still does not after `timeout_s`."""
+async def eventually(
+    condition: Callable[[], object], what: str = "condition", timeout_s: float = 30.0
+) -> None:
+    """Poll `condition` until it holds; fail if it still does not after `timeout_s` (a bound on
+    the wait, never a duration the test asserts)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"condition still false after {timeout_s:g} s")
-        await asyncio.sleep(0.01)
+            pytest.fail(f"never happened within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.005)
+
+
+class FakeClock:
+    """A monotonic clock (seconds) that moves only when the test says so; binary-fraction steps
+    keep its sums exact."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def tool(name: str) -> str:

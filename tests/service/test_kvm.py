@@ -27,7 +27,7 @@ from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
-from tests.conftest import sev_snp_measure, tool
+from tests.conftest import FakeClock, eventually, sev_snp_measure, tool
 from tests.service.host_stack import CRED, HOST, host_stack, psc_buffer
 
 
@@ -37,29 +37,6 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def report_req(data: bytes = bytes(64)) -> bytes:
     return data + bytes(32)
-
-
-class FakeClock:
-    """kvm's clock (its throttles): moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0  # steps of binary fractions keep the sums exact
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-async def until(cond: Callable[[], Any], what: str, deadline_s: float = 20.0) -> None:
-    """Poll cond() until it holds; fail after deadline_s (a bound, not a duration asserted)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path) -> None:
@@ -1119,7 +1096,7 @@ def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
             assert servicer.holds[guest.vm.id] == 2
             holds[0].cancel()  # one fd closed, another still open: the VM stays
             # kvm has taken the close in (one open hold left) and started no release
-            await until(lambda: servicer.holds.get(guest.vm.id) == 1, "kvm saw the close")
+            await eventually(lambda: servicer.holds.get(guest.vm.id) == 1, "kvm saw the close")
             assert not servicer.releases
             vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
             assert vm.asid and vm.state == kvm_pb2.VM_STATE_RUNNING
@@ -1142,7 +1119,7 @@ def test_a_vm_whose_last_hold_closes_is_destroyed(tmp_path: Path) -> None:
             await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=other.vm), metadata=HOST)
             hold.cancel()
             # kvm has taken the close in; a VM already destroyed is not released again
-            await until(lambda: other.vm.id not in servicer.holds, "kvm saw the close")
+            await eventually(lambda: other.vm.id not in servicer.holds, "kvm saw the close")
             assert not servicer.releases
             third = await s.launch(memory=64 << 20)
             assert [
@@ -1168,11 +1145,11 @@ def test_trace_events_stream(tmp_path: Path) -> None:
 
             trace: Any = s.runtimes["kvm"].impl.kvm.trace  # type: ignore[union-attr]
             task = asyncio.ensure_future(follow())
-            await until(lambda: len(trace.queues) == 1, "kvm took the subscription")
+            await eventually(lambda: len(trace.queues) == 1, "kvm took the subscription")
             await guest.msr(msr.SEV_INFO_REQ)
             await guest.register_ghcb()
             # two exits, an enter and an exit event each
-            await until(lambda: len(seen) >= 4, "four trace events arrived")
+            await eventually(lambda: len(seen) >= 4, "four trace events arrived")
             call.cancel()
             await asyncio.gather(task, return_exceptions=True)
             names = [e.name for e in seen]

@@ -21,6 +21,8 @@ from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
+from tests.conftest import FakeClock, eventually
+
 CRED = "test-credential-0123456789"
 HOST = (("x-snpemu-host-credential", CRED),)
 ASID = 7
@@ -37,29 +39,6 @@ async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
         pb.AllocatePagesRequest(count=count, placement=pb.PLACEMENT_ANY), metadata=HOST
     )
     return list(r.pfns)
-
-
-class FakeClock:
-    """rmp's clock (instruction holds, host-map ages): moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0  # steps of binary fractions keep the sums exact
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-async def until(cond: Callable[[], bool], what: str, deadline_s: float = 10.0) -> None:
-    """Poll cond() until it holds; fail after deadline_s (a bound, not a duration asserted)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.005)
 
 
 async def with_rmp(
@@ -299,7 +278,7 @@ class Kvm:
         hub: Any = rt.impl.hub  # type: ignore[attr-defined]
         before = len(hub.subscribers)
         kvm = cls(stub, ack)
-        await until(lambda: len(hub.subscribers) == before + 1, "rmp took the subscription")
+        await eventually(lambda: len(hub.subscribers) == before + 1, "rmp took the subscription")
         return kvm
 
     async def _loop(self) -> None:
@@ -417,7 +396,7 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
         assert a.result == pb.RMP_RESULT_SUCCESS
         kvm = await Kvm.subscribed(stub, rt, ack=False)
         pending = asyncio.ensure_future(write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER))
-        await until(lambda: bool(kvm.seen), "kvm was notified")
+        await eventually(lambda: bool(kvm.seen), "kvm was notified")
         assert timers == [1.5]  # SNPEMU_RMP_KICK_TIMEOUT_S
         assert not pending.done()  # no acknowledgement, no timeout yet: the write waits
         fire.set()

@@ -26,19 +26,7 @@ from snpemu.rmp.entry import Code
 from snpemu.rmp.machine import RmpMachine
 from snpemu.rmp.servicer import KickHub
 
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from tests.conftest import FakeClock
 
 # --- the guest-request throttle --------------------------------------------------------------
 
