@@ -13,22 +13,18 @@ directory and every call asks for a reload, so every byte it judges came from th
 from __future__ import annotations
 
 import logging
-import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from snpemu.abi import guest_message as gm
 from snpemu.psp import report as signer
-from snpemu.psp.firmware import PageType
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.kds import KdsServer
 from snpemu.psp.tcb import Tcb
 
-from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+from tests.unit.psp.launch_helpers import launched_report, make_host, run
 
 pytestmark = pytest.mark.fidelity
 
@@ -40,17 +36,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChipIdentity, by
     """A chip and a report its firmware returned through SNP_GUEST_REQUEST."""
     host = make_host(tmp_path_factory.mktemp("chip"))
 
-    async def launch(h: Host) -> bytes:
-        await h.start()
-        await h.place(0x1000, os.urandom(4096), PageType.NORMAL)
-        await h.place(0x5000, None, PageType.SECRETS)
-        h.secrets_gpa = 0x5000
-        await h.finish(bytes(32))
-        _, payload = await h.request(gm.MsgType.REPORT_REQ, report_request(b"k" * 64), seqno=1)
-        size = struct.unpack_from("<I", payload, 4)[0]
-        return payload[0x20 : 0x20 + size]
-
-    return host.fw.id, run(launch(host))
+    return host.fw.id, run(launched_report(host, b"k" * 64))
 
 
 @pytest.fixture

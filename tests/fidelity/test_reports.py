@@ -3,20 +3,16 @@ ARK: omne-attest and secretvm-verify (PyPI), and the OpenSSL command line for th
 
 from __future__ import annotations
 
-import os
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from snpemu.abi import guest_message as gm
-from snpemu.psp.firmware import PageType
 
 from tests.fidelity.verifiers import omne, secretvm
-from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+from tests.unit.psp.launch_helpers import launched_report, make_host, run
 
 pytestmark = pytest.mark.fidelity
 
@@ -35,19 +31,7 @@ def evidence(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
         host.fw.id = ChipIdentity.load_or_create(tmp / f"retry{attempt}", "Milan")
 
-    async def launch(h: Host) -> bytes:
-        await h.start()
-        await h.place(0x1000, os.urandom(4096), PageType.NORMAL)
-        await h.place(0x5000, None, PageType.SECRETS)
-        h.secrets_gpa = 0x5000
-        await h.finish(bytes(32))
-        _, payload = await h.request(
-            gm.MsgType.REPORT_REQ, report_request(b"nonce" * 12 + b"xyzw"), seqno=1
-        )
-        size = struct.unpack_from("<I", payload, 4)[0]
-        return payload[0x20 : 0x20 + size]
-
-    report = run(launch(host))
+    report = run(launched_report(host, b"nonce" * 12 + b"xyzw"))
     ident = host.fw.id
     der = Encoding.DER
     return {

@@ -31,14 +31,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
-from snpemu.abi import guest_message as gm
 from snpemu.psp import report as signer
-from snpemu.psp.firmware import PageType
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.tcb import Tcb
 
 from tests.conftest import tool
-from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+from tests.unit.psp.launch_helpers import launched_report, make_host, run
 
 pytestmark = [
     pytest.mark.fidelity,
@@ -124,17 +122,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChipIdentity, by
     """A chip and a report its firmware returned through SNP_GUEST_REQUEST."""
     host = make_host(tmp_path_factory.mktemp("chip"))
 
-    async def launch(h: Host) -> bytes:
-        await h.start()
-        await h.place(0x1000, os.urandom(4096), PageType.NORMAL)
-        await h.place(0x5000, None, PageType.SECRETS)
-        h.secrets_gpa = 0x5000
-        await h.finish(bytes(32))
-        _, payload = await h.request(gm.MsgType.REPORT_REQ, report_request(b"m" * 64), seqno=1)
-        size = struct.unpack_from("<I", payload, 4)[0]
-        return payload[0x20 : 0x20 + size]
-
-    return host.fw.id, run(launch(host))
+    return host.fw.id, run(launched_report(host, b"m" * 64))
 
 
 def der(cert: x509.Certificate) -> bytes:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snpemu.abi import guest_message as gm
-from snpemu.psp.firmware import Firmware
+from snpemu.psp.firmware import Firmware, PageType
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.rmp_port import LocalRmp
 from snpemu.rmp.entry import VMSA_GPA
@@ -132,3 +133,17 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def report_request(user_data: bytes = bytes(64), vmpl: int = 0) -> bytes:
     return user_data + struct.pack("<I", vmpl) + bytes(28)
+
+
+async def launched_report(h: Host, report_data: bytes) -> bytes:
+    """Launch a guest (one random page, a secrets page) and return the ATTESTATION_REPORT its
+    firmware answers to MSG_REPORT_REQ through SNP_GUEST_REQUEST (MSG_REPORT_RSP: u32 status,
+    u32 report_size, rsvd[24], then the report)."""
+    await h.start()
+    await h.place(0x1000, os.urandom(4096), PageType.NORMAL)
+    await h.place(0x5000, None, PageType.SECRETS)
+    h.secrets_gpa = 0x5000
+    await h.finish(bytes(32))
+    _, payload = await h.request(gm.MsgType.REPORT_REQ, report_request(report_data), seqno=1)
+    size = struct.unpack_from("<I", payload, 4)[0]
+    return payload[0x20 : 0x20 + size]
