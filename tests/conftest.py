@@ -27,8 +27,15 @@ CI_EXAMPLES = 100
 settings.register_profile(
     "ci", max_examples=CI_EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=True
 )
+# derandomize stated in both: a profile inherits the settings loaded when it is registered,
+# and under a CI environment variable that is hypothesis's own "ci" profile (derandomized)
 settings.register_profile(
-    "long", max_examples=20 * CI_EXAMPLES, database=None, deadline=None, print_blob=True
+    "long",
+    max_examples=20 * CI_EXAMPLES,
+    derandomize=False,
+    database=None,
+    deadline=None,
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
 
