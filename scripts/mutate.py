@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 MUTMUT = Path(sys.executable).parent / "mutmut"
 TESTS = ["tests/unit"]
+# tests of the test tooling, not of a core, that cannot run in the staging layout: the rpc-marker
+# tests start an inner pytest with services/ on its path, which the staging copy names src/
+IGNORE = ["tests/unit/test_rpc_record.py"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ def stage(name: str, core: Core, tests: list[str]) -> Path:
         # the same examples on every run, so a score can be reproduced
         "pytest_add_cli_args": [
             *("-p", "no:cacheprovider", "-p", "mutation_profile", "--hypothesis-seed=0"),
+            *(f"--ignore={path}" for path in IGNORE),
             *("-o", "tmp_path_retention_count=1000000", "-o", "tmp_path_retention_policy=all"),
         ],
         "use_git_change_detection": False,

@@ -208,3 +208,32 @@ def test_an_unknown_op_changes_nothing() -> None:
         before = snapshot(t)
         assert t.fw_transition(pfn, "reclaim2", ASID) is False
         assert snapshot(t) == before
+
+
+@pytest.mark.parametrize("pfn", [0, 4 * PAGES_2M - 1])
+@pytest.mark.parametrize("op", OPS)
+def test_the_first_and_last_frames(op: str, pfn: int) -> None:
+    # frame 0 and the last frame are memory like any other: each op takes a Firmware / Pre-Guest
+    # / Hypervisor page there as it does elsewhere
+    for state in (S.FIRMWARE, S.PRE_GUEST, S.HYPERVISOR, S.CONTEXT):
+        t = RmpTable(4 * PAGES_2M)
+        put4k(t, pfn, state)
+        model = {pfn: state}
+        t.counts[:] = counts_of(model, t.npages)
+        asid = ASID if op in ASID_OPS else 0
+        accepted = MODEL[op].get(state)
+        assert t.fw_transition(pfn, op, asid) is (accepted is not None)
+        if accepted is not None:
+            model[pfn] = accepted[0]
+        assert list(t.counts) == counts_of(model, t.npages)
+        assert t.entry(pfn).state == model[pfn]
+
+
+@pytest.mark.parametrize("op", ASID_OPS)
+def test_without_an_asid_no_guest_page_is_taken(op: str) -> None:
+    # the ASID argument defaults to 0, which no guest has (SNP_ACTIVATE takes ASIDs from 1)
+    t, _, pfn, _ = setup(S.PRE_GUEST, size_2m=False)
+    t.lo[pfn] = np.uint64(lo_of(S.PRE_GUEST, gpa=GPA_4K) & ~(0x3FF << 51) | 1 << 51)  # ASID 1
+    before = snapshot(t)
+    assert t.fw_transition(pfn, op) is False
+    assert snapshot(t) == before

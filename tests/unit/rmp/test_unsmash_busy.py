@@ -129,6 +129,30 @@ def test_unsmash_refuses_different_permissions() -> None:
     _refuse(t)
 
 
+def test_unsmash_refuses_hypervisor_entries_with_contiguous_gpas() -> None:
+    # shared pages (RMPUPDATE to shared with a GPA) are not assigned: no 2M page of them
+    _refuse(smashed(lo_fn=lambda gpa: gpa))
+
+
+def test_unsmash_refuses_a_run_that_starts_off_a_2m_boundary() -> None:
+    # SPEC: SNP_PAGE_UNSMASH takes a 2M-aligned paddr: 512 fitting entries from frame 513 on
+    # are not a 2M page
+    t = RmpTable(4 * PAGES_2M)
+    for i in range(PAGES_2M):
+        t.lo[REGION + 1 + i] = np.uint64(guest_valid(GPA_2M + (i << 12)))
+    _refuse(t, REGION + 1)
+
+
+@pytest.mark.parametrize("op", ["context", "firmware", "reclaim", "finish", "vmsa", "hv_fixed"])
+def test_no_other_op_unsmashes(op: str) -> None:
+    # guest-valid pages: no firmware op takes them (docs/abi.md#page-states), whatever the layout
+    t = smashed()
+    t.counts[:] = counts_from_entries(t)
+    lo = t.lo.copy()
+    assert t.fw_transition(REGION, op, ASID) is False
+    assert np.array_equal(t.lo, lo)
+
+
 def test_unsmash_refuses_an_unaligned_frame_and_a_2m_page() -> None:
     _refuse(smashed(), REGION + 1)
     _refuse(smashed(), REGION + 511)
