@@ -171,3 +171,49 @@ def test_without_holds_or_pins() -> None:
     assert int(t.lo[0]) == 0  # the placeholder index of a bad frame is not written
     model = {11: (A | IMM, int(Kind.FIRMWARE)), 12: (new_lo(0x12000, True, False, ASID), 0)}
     assert list(t.counts) == counts(t, model)
+
+
+def test_a_batch_with_a_2m_entry_or_a_repeated_frame() -> None:
+    # such batches run entry by entry, in order: each entry's every field reaches RMPUPDATE
+    t = RmpTable(NPAGES)
+    rows = [
+        # (pfn, gpa, assigned, size_2m, immutable, asid), code
+        ((512, 0x200000, True, True, False, ASID), SUCCESS),  # a 2M private page
+        ((3, 0x3000, True, False, False, ASID), SUCCESS),
+        ((3, 0x9000, True, False, True, ASID + 1), SUCCESS),  # again: pre-guest of ASID 6
+        ((7, 0x7000, True, False, True, 0), SUCCESS),  # firmware
+        ((5, 0x200000, True, True, False, ASID), FAIL_INPUT),  # 2M at an unaligned frame
+        ((513, 0, False, False, False, 0), FAIL_OVERLAP),  # 4K inside the new 2M page
+        ((1024, 0x201000, True, True, False, ASID), FAIL_INPUT),  # 2M with an unaligned GPA
+    ]
+    cols = list(zip(*(r for r, _ in rows), strict=True))
+    out = t.rmpupdate_batch(
+        np.array(cols[0], dtype=np.int64),
+        np.array(cols[1], dtype=np.uint64),
+        np.array(cols[2], dtype=bool),
+        np.array(cols[3], dtype=bool),
+        np.array(cols[4], dtype=bool),
+        np.array(cols[5], dtype=np.int64),
+    )
+    assert out.dtype == np.uint8
+    assert out.tolist() == [c for _, c in rows]
+    assert int(t.lo[512]) == A | PS | 0x200000 | ASID << 51
+    assert [int(x) for x in t.lo[513:1024]] == [A] * 511
+    assert int(t.lo[3]) == A | IMM | 0x9000 | (ASID + 1) << 51
+    assert (int(t.lo[7]), int(t.kind[7])) == (A | IMM | 0x7000, Kind.FIRMWARE)
+    assert int(t.lo[5]) == 0 and int(t.lo[1024]) == 0
+    want = [0] * (max(S) + 1)
+    want[S.GUEST_INVALID] = 512
+    want[S.PRE_GUEST] = 1
+    want[S.FIRMWARE] = 1
+    want[S.HYPERVISOR] = NPAGES - 514
+    assert list(t.counts) == want
+
+
+def test_an_empty_batch() -> None:
+    t = RmpTable(NPAGES)
+    e = np.zeros(0, dtype=np.int64)
+    out = t.rmpupdate_batch(
+        e, e.astype(np.uint64), e.astype(bool), e.astype(bool), e.astype(bool), e
+    )
+    assert out.dtype == np.uint8 and out.shape == (0,)
