@@ -217,3 +217,19 @@ def test_an_empty_batch() -> None:
         e, e.astype(np.uint64), e.astype(bool), e.astype(bool), e.astype(bool), e
     )
     assert out.dtype == np.uint8 and out.shape == (0,)
+
+
+def test_a_batch_with_a_2m_entry_and_distinct_frames() -> None:
+    t = RmpTable(NPAGES)
+    out = t.rmpupdate_batch(
+        np.array([1024, 9], dtype=np.int64),
+        np.array([0x400000, 0x9000], dtype=np.uint64),
+        np.array([True, True]),
+        np.array([True, False]),
+        np.array([False, False]),
+        np.array([ASID, ASID], dtype=np.int64),
+    )
+    assert out.tolist() == [SUCCESS, SUCCESS]
+    assert int(t.lo[1024]) == A | PS | 0x400000 | ASID << 51
+    assert [int(x) for x in t.lo[1025:1536]] == [A] * 511
+    assert t.counts[S.GUEST_INVALID] == 513
