@@ -233,3 +233,32 @@ def test_a_batch_with_a_2m_entry_and_distinct_frames() -> None:
     assert int(t.lo[1024]) == A | PS | 0x400000 | ASID << 51
     assert [int(x) for x in t.lo[1025:1536]] == [A] * 511
     assert t.counts[S.GUEST_INVALID] == 513
+
+
+def test_only_a_2m_entry_that_is_assigned_makes_a_2m_page() -> None:
+    # a 4K guest page at a 2M-aligned frame, and an unassigned entry with the page-size bit,
+    # leave their neighbours 4K pages (the level comes from an assigned 2M-aligned entry)
+    t = RmpTable(NPAGES)
+    t.lo[0] = np.uint64(A | 0x0 | ASID << 51)
+    t.lo[512] = np.uint64(PS)
+    t.counts[:] = counts(t, {0: (A | ASID << 51, 0), 512: (PS, 0)})
+    assert batch(t, [(5, 0x5000, True, False, ASID), (520, 0x8000, True, False, ASID)]) == [0, 0]
+    assert int(t.lo[5]) == A | 0x5000 | ASID << 51 and int(t.lo[520]) == A | 0x8000 | ASID << 51
+
+
+def test_a_pinned_frame_with_no_hold_anywhere() -> None:
+    t = RmpTable(NPAGES)
+    t.pinned[16] = 1
+    assert batch(t, [(16, 0x16000, True, False, ASID), (17, 0x17000, True, False, ASID)]) == [
+        FAIL_INUSE,
+        SUCCESS,
+    ]
+    assert int(t.lo[16]) == 0
+
+
+def test_a_4k_batch_that_repeats_a_frame_counts_each_update() -> None:
+    # private then shared again: the frame ends where it began, and so do the counts
+    t = RmpTable(NPAGES)
+    assert batch(t, [(3, 0x3000, True, False, ASID), (3, 0, False, False, 0)]) == [0, 0]
+    assert int(t.lo[3]) == 0
+    assert list(t.counts) == counts(t, {})
