@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from snp.guest.v1.guest_pb2 import DESCRIPTOR as _FILE
 
@@ -39,7 +39,7 @@ class _Guest:
         from snpemu.guest.net_rpcs import NetRpcs
         from snpemu.guest.servicer import GuestServicer
         from snpemu.kvm.machine import DEFAULT_FIRMWARE
-        from snpemu.kvm.peers import Peer
+        from snpemu.runtime.peers import Peer
 
         config, opts = runtime.config, runtime.options
         # guest-mode access needs no credential (the vCPU identity is checked); the VMM side
@@ -98,11 +98,6 @@ class _Guest:
 
         runtime.registry.register(AgentCollector())
 
-    def __getattr__(self, name: str) -> Any:
-        if hasattr(self.net, name):
-            return getattr(self.net, name)
-        return getattr(self.servicer, name)
-
     async def run_boot(self) -> None:
         try:
             await self.kernel.boot()
@@ -116,16 +111,13 @@ class _Guest:
             self.kernel.event("terminated", detail=f"boot failed: {e}")
 
 
-async def _startup(impl: object | None) -> None:
-    assert isinstance(impl, _Guest)
+async def _startup(impl: _Guest) -> None:
     if impl.kernel.opts.boot:
         # SERVING at once; the boot shows in GetStatus (launching, booting, running)
         impl.boot_task = asyncio.ensure_future(impl.run_boot())
 
 
-async def _shutdown(impl: object | None) -> None:
-    if not isinstance(impl, _Guest):
-        return
+async def _shutdown(impl: _Guest) -> None:
     if impl.boot_task is not None:
         impl.boot_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -152,10 +144,11 @@ def _options(env: Mapping[str, str]) -> object:
     return GuestOptions.from_env(env)
 
 
-SPEC = ServiceSpec(
+SPEC: ServiceSpec[_Guest] = ServiceSpec(
     name="guest",
     descriptor=_SERVICE,
     make_impl=_Guest,
+    servicers=lambda impl: (impl.net, impl.servicer),
     options=_options,
     startup=_startup,
     shutdown=_shutdown,

@@ -28,7 +28,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
 from snpemu.errors import WrongState
-from snpemu.kvm.peers import Peer, PeerError, SessionPool
+from snpemu.runtime.peers import Peer, PeerError, SessionPool
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 

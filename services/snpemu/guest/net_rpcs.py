@@ -17,7 +17,7 @@ from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.guest.driver import Driver, report_request
 from snpemu.guest.kernel import RESP_GPA, GuestFault, GuestKernel, Terminated
 from snpemu.guest.netdev import PAGE, NetDevice
-from snpemu.kvm.peers import Peer
+from snpemu.runtime.peers import Peer
 
 DEFAULT_ENTRIES = 16
 

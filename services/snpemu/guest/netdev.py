@@ -20,7 +20,7 @@ from snp.netd.v1 import netd_pb2
 
 from snpemu.abi import virtio
 from snpemu.errors import InvalidArgument, SnpemuError, Unavailable, WrongState
-from snpemu.kvm.peers import Peer, PeerError
+from snpemu.runtime.peers import Peer, PeerError
 
 if TYPE_CHECKING:
     from snpemu.guest.kernel import GuestKernel

@@ -17,7 +17,7 @@ from snpemu.errors import InvalidArgument
 from snpemu.guest.driver import Driver, RequestFailed, key_request, report_request
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.net_rpcs import NetRpcs
-from snpemu.kvm.peers import PeerError
+from snpemu.runtime.peers import PeerError
 
 GUID_NAMES = {
     cert_table.VCEK: "vcek",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from snp.kvm.v1.kvm_pb2 import DESCRIPTOR as _FILE
 
@@ -25,8 +25,8 @@ class _Kvm:
     def __init__(self, runtime: ServiceRuntime) -> None:
         from snpemu.kvm.machine import Kvm
         from snpemu.kvm.metrics import register
-        from snpemu.kvm.peers import psp_peer, rmp_peer
         from snpemu.kvm.servicer import KvmServicer
+        from snpemu.runtime.peers import psp_peer, rmp_peer
 
         config, opts = runtime.config, runtime.options
         self.kvm = Kvm(
@@ -42,9 +42,6 @@ class _Kvm:
         self.servicer = KvmServicer(self.kvm)
         self.kicks: asyncio.Task[None] | None = None
         self.wait_s = opts.peer_wait_s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.servicer, name)
 
     async def follow_kicks(self) -> None:
         """Subscribe to rmp's MMU notifications: kick (or terminate) the ASID's vCPUs, ack."""
@@ -74,10 +71,9 @@ class _Kvm:
             delay = min(delay * 2, 10.0)
 
 
-async def _startup(impl: object | None) -> None:
+async def _startup(impl: _Kvm) -> None:
     from snpemu.errors import Unavailable
 
-    assert isinstance(impl, _Kvm)
     clock = impl.kvm.clock
     deadline = clock() + impl.wait_s
     while True:
@@ -98,15 +94,14 @@ async def _startup(impl: object | None) -> None:
     impl.kicks = asyncio.ensure_future(impl.follow_kicks())
 
 
-async def _shutdown(impl: object | None) -> None:
-    if isinstance(impl, _Kvm):
-        if impl.kicks is not None:
-            impl.kicks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await impl.kicks
-        await impl.kvm.host.close()
-        await impl.kvm.rmp.close()
-        await impl.kvm.psp.close()
+async def _shutdown(impl: _Kvm) -> None:
+    if impl.kicks is not None:
+        impl.kicks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await impl.kicks
+    await impl.kvm.host.close()
+    await impl.kvm.rmp.close()
+    await impl.kvm.psp.close()
 
 
 def _options(env: Mapping[str, str]) -> object:
@@ -115,10 +110,11 @@ def _options(env: Mapping[str, str]) -> object:
     return KvmOptions.from_env(env)
 
 
-SPEC = ServiceSpec(
+SPEC: ServiceSpec[_Kvm] = ServiceSpec(
     name="kvm",
     descriptor=_SERVICE,
     make_impl=_Kvm,
+    servicers=lambda impl: (impl.servicer,),
     options=_options,
     startup=_startup,
     shutdown=_shutdown,

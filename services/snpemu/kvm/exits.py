@@ -26,9 +26,9 @@ from snpemu.kvm.guest_request import GuestRequests
 from snpemu.kvm.host_access import HostAccess, kernel_write
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.page_state import PageStateChanges
-from snpemu.kvm.peers import session_error
 from snpemu.kvm.scratch import GuestMemory, ioio, mmio
 from snpemu.kvm.vm import PAGE, Vcpu, Vm, VmState
+from snpemu.runtime.peers import session_error
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from snpemu.errors import Unavailable
 from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.host_access import HostAccess, kernel_copy
 from snpemu.kvm.machine import Kvm
-from snpemu.kvm.peers import PeerError
 from snpemu.kvm.vm import PAGE, Vcpu, Vm
+from snpemu.runtime.peers import PeerError
 
 # exitinfo2 of a guest request: vmm_error << 32 | fw_error (KERNEL: include/uapi/linux/sev-guest.h)
 VMM_ERR_INVALID_LEN = 1

@@ -23,10 +23,10 @@ from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import cert_table, rmp_batch
 from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument, NotFound, SnpemuError, Unavailable, WrongState
-from snpemu.kvm.peers import Peer, PeerError, SessionPool
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Run, Vcpu, Vm, VmState, new_vm_id
 from snpemu.psp.status import SevStatus, is_state_error
+from snpemu.runtime.peers import Peer, PeerError, SessionPool
 from snpemu.vmm import launch_plan, vmsa
 from snpemu.vmm.ovmf import Ovmf
 

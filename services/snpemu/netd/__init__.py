@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from snp.netd.v1.netd_pb2 import DESCRIPTOR as _FILE
 
@@ -45,11 +45,11 @@ class _Netd:
         from snp.kvm.v1 import kvm_pb2_grpc
         from snp.rmp.v1 import rmp_pb2_grpc
 
-        from snpemu.kvm.peers import Peer
         from snpemu.netd.daemon import NetDaemon
         from snpemu.netd.metrics import register
         from snpemu.netd.ports import KvmVmm, RmpMemory
         from snpemu.netd.servicer import NetdServicer
+        from snpemu.runtime.peers import Peer
 
         config, opts = runtime.config, runtime.options
         cred = config.host_credential
@@ -65,14 +65,10 @@ class _Netd:
         register(daemon, restarts, runtime.registry)
         self.servicer = NetdServicer(daemon, restarts)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.servicer, name)
 
-
-async def _shutdown(impl: object | None) -> None:
-    if isinstance(impl, _Netd):
-        await impl.rmp.close()
-        await impl.kvm.close()
+async def _shutdown(impl: _Netd) -> None:
+    await impl.rmp.close()
+    await impl.kvm.close()
 
 
 def _options(env: Mapping[str, str]) -> object:
@@ -81,10 +77,11 @@ def _options(env: Mapping[str, str]) -> object:
     return NetdOptions.from_env(env)
 
 
-SPEC = ServiceSpec(
+SPEC: ServiceSpec[_Netd] = ServiceSpec(
     name="netd",
     descriptor=_SERVICE,
     make_impl=_Netd,
+    servicers=lambda impl: (impl.servicer,),
     options=_options,
     shutdown=_shutdown,
     # the guest's VMM attaches its device (the vhost-user socket) and its guest rings the

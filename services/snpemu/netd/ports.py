@@ -7,9 +7,9 @@ from snp.kvm.v1 import kvm_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.errors import NotFound
-from snpemu.kvm.peers import Peer, PeerError
 from snpemu.netd.daemon import WriteOutcome
 from snpemu.rmp.client import die_of_sigbus
+from snpemu.runtime.peers import Peer, PeerError
 
 OUTCOMES = {
     rmp_pb2.VIOLATION_OUTCOME_NONE: WriteOutcome.NONE,

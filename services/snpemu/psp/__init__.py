@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from snp.psp.v1.psp_pb2 import DESCRIPTOR as _FILE
 
@@ -34,14 +34,10 @@ class _Psp:
         self.servicer = PspServicer(self.fw)
         self.kds = KdsServer(identity, config.bind, opts.kds_port)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.servicer, name)
 
-
-async def _startup(impl: object | None) -> None:
+async def _startup(impl: _Psp) -> None:
     from snpemu.runtime.server import StartupError
 
-    assert isinstance(impl, _Psp)
     try:
         impl.kds.start()
     except OSError as e:
@@ -50,10 +46,9 @@ async def _startup(impl: object | None) -> None:
         ) from e
 
 
-async def _shutdown(impl: object | None) -> None:
-    if isinstance(impl, _Psp):
-        impl.kds.stop()
-        await impl.rmp.close()
+async def _shutdown(impl: _Psp) -> None:
+    impl.kds.stop()
+    await impl.rmp.close()
 
 
 def _options(env: Mapping[str, str]) -> object:
@@ -62,10 +57,11 @@ def _options(env: Mapping[str, str]) -> object:
     return PspOptions.from_env(env)
 
 
-SPEC = ServiceSpec(
+SPEC: ServiceSpec[_Psp] = ServiceSpec(
     name="psp",
     descriptor=_SERVICE,
     make_impl=_Psp,
+    servicers=lambda impl: (impl.servicer,),
     options=_options,
     startup=_startup,
     shutdown=_shutdown,

@@ -17,9 +17,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import uvloop
@@ -47,15 +47,31 @@ class StartupError(RuntimeError):
     """The service could not start (busy port, failed start-up work)."""
 
 
+T = TypeVar("T")
+
+
+def _itself(impl: Any) -> Sequence[object]:
+    return () if impl is None else (impl,)
+
+
+def _nothing(_runtime: ServiceRuntime) -> Any:
+    return None
+
+
 @dataclass
-class ServiceSpec:
-    """What a service brings to the shared bootstrap."""
+class ServiceSpec(Generic[T]):
+    """What a service brings to the shared bootstrap, generic in its implementation type T
+    (the object holding the model, its servicers and its peers)."""
 
     name: str  # rmp, psp, kvm, netd, guest
     descriptor: ServiceDescriptor
     # Builds the implementation from the runtime (config, metrics registry, health);
-    # None = nothing built yet.
-    make_impl: Callable[[ServiceRuntime], object | None] = lambda _runtime: None
+    # by default nothing is built.
+    make_impl: Callable[[ServiceRuntime], T] = _nothing
+    # The objects whose `async def Method(request, context)` serve the RPCs, searched in
+    # order (by default the implementation itself); an RPC none of them has answers
+    # UNIMPLEMENTED (NOT_BUILT).
+    servicers: Callable[[T], Sequence[object]] = _itself
     # Which RPCs only the host may call (guest agents never hold the host credential).
     host_only: Callable[[str], bool] = lambda _name: True
     # Host-only RPCs that a guest's VMM side may also call with the VMM credential.
@@ -64,15 +80,15 @@ class ServiceSpec:
     # (a ConfigError exits 2 naming the variable).
     options: Callable[[Mapping[str, str]], Any] = lambda _env: None
     # Start-up work done before health turns SERVING (e.g. kvm's host bring-up).
-    startup: Callable[[object | None], Awaitable[None]] | None = None
-    shutdown: Callable[[object | None], Awaitable[None]] | None = None
+    startup: Callable[[T], Awaitable[None]] | None = None
+    shutdown: Callable[[T], Awaitable[None]] | None = None
     extra_services: list[str] = field(default_factory=list)
 
 
 class ServiceRuntime:
     """One running service: usable in-process (tests, port 0) and by `run_service`."""
 
-    def __init__(self, spec: ServiceSpec, config: ServiceConfig, options: Any = None) -> None:
+    def __init__(self, spec: ServiceSpec[Any], config: ServiceConfig, options: Any = None) -> None:
         self.spec = spec
         self.config = config
         self.options = options if options is not None else spec.options({})
@@ -80,7 +96,7 @@ class ServiceRuntime:
         self.metrics = GrpcServerMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.impl: object | None = None
+        self.impl: Any = None
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
@@ -102,7 +118,7 @@ class ServiceRuntime:
         handler = build_handler(
             spec.name,
             spec.descriptor,
-            self.impl,
+            spec.servicers(self.impl),
             host_only=spec.host_only,
             credential=config.host_credential,
             vmm_rpcs=spec.vmm_rpcs,
@@ -166,7 +182,7 @@ class ServiceRuntime:
             self._metrics_http = None
 
 
-async def _serve(spec: ServiceSpec, config: ServiceConfig, options: Any) -> int:
+async def _serve(spec: ServiceSpec[Any], config: ServiceConfig, options: Any) -> int:
     runtime = ServiceRuntime(spec, config, options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -195,7 +211,7 @@ async def _serve(spec: ServiceSpec, config: ServiceConfig, options: Any) -> int:
     return 0
 
 
-def run_service(spec: ServiceSpec, argv: list[str] | None = None) -> None:
+def run_service(spec: ServiceSpec[Any], argv: list[str] | None = None) -> None:
     """Entry point of `python -m snpemu.<service>`; exits the process."""
     del argv  # configuration comes from the environment only
     try:

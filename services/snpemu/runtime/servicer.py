@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -50,10 +50,10 @@ def _behavior(
     short_name: str,
     service: ServiceDescriptor,
     method: MethodDescriptor,
-    impl: object | None,
+    impls: Sequence[object],
     credential: tuple[str, ...] | None,
 ) -> Callable[..., Any]:
-    fn = getattr(impl, method.name, None) if impl is not None else None
+    fn = _find(impls, method.name)
 
     async def abort(context: grpc.aio.ServicerContext, err: errors.SnpemuError) -> None:
         status = to_status(err, short_name)
@@ -100,6 +100,15 @@ def _behavior(
     return unary
 
 
+def _find(impls: Sequence[object], name: str) -> Any:
+    """The first implementation object that has built RPC `name`, or None."""
+    for impl in impls:
+        fn = getattr(impl, name, None)
+        if fn is not None:
+            return fn
+    return None
+
+
 def method_kinds(service: ServiceDescriptor) -> list[tuple[bool, bool, str]]:
     return [(m.client_streaming, m.server_streaming, m.name) for m in service.methods]
 
@@ -107,7 +116,7 @@ def method_kinds(service: ServiceDescriptor) -> list[tuple[bool, bool, str]]:
 def build_handler(
     short_name: str,
     service: ServiceDescriptor,
-    impl: object | None,
+    impls: Sequence[object],
     *,
     host_only: Callable[[str], bool] = lambda _name: False,
     credential: str | None = None,
@@ -115,7 +124,8 @@ def build_handler(
     vmm_credential: str | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every RPC. With a credential, RPCs for which host_only(name) is true
-    require it; without one (a service started by hand), they are open."""
+    require it; without one (a service started by hand), they are open. Each RPC is served by
+    the first object of `impls` that has a method of its name."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         if method.client_streaming and not method.server_streaming:
@@ -133,7 +143,7 @@ def build_handler(
                 short_name,
                 service,
                 method,
-                impl,
+                impls,
                 _accepted(method.name, host_only, credential, vmm_rpcs, vmm_credential),
             ),
             request_deserializer=request_cls.FromString,
@@ -158,5 +168,5 @@ def _accepted(
     return (credential,)
 
 
-def built_methods(service: ServiceDescriptor, impl: object | None) -> list[str]:
-    return [m.name for m in service.methods if impl is not None and hasattr(impl, m.name)]
+def built_methods(service: ServiceDescriptor, impls: Sequence[object]) -> list[str]:
+    return [m.name for m in service.methods if _find(impls, m.name) is not None]

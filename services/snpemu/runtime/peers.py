@@ -1,4 +1,4 @@
-"""kvm's connections to rmp and psp, with the host credential, and firmware errors decoded."""
+"""Connections to peer services with the host (or VMM) credential, and their errors decoded."""
 
 from __future__ import annotations
 
