@@ -28,8 +28,8 @@ from snp.common.v1 import handles_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.abi import rmp_batch
+from snpemu.abi.addr import PAGES_PER_2M
 from snpemu.launcher.supervisor import grpc_health
-from snpemu.rmp.entry import PAGES_PER_2M
 from snpemu.rmp.table import RmpTable
 
 from services import free_port

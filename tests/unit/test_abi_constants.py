@@ -17,6 +17,7 @@ import pytest
 from snpemu.abi import cert_table, ghcb, psc
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
+from snpemu.abi import rmp as abi_rmp
 from snpemu.psp import guest as psp_guest
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
@@ -96,7 +97,7 @@ def test_rmp_instruction_codes_are_the_kernels() -> None:
     # KERNEL: arch/x86/include/asm/sev.h PVALIDATE_FAIL_SIZEMISMATCH 6, PVALIDATE_FAIL_NOUPDATE
     # 255, RMPUPDATE_FAIL_OVERLAP 4, PSMASH_FAIL_INUSE 3; SPEC: APM vol. 3 PVALIDATE/RMPADJUST
     # FAIL_INPUT 1, FAIL_PERMISSION 2
-    assert {c.name: int(c) for c in rmp_entry.Code} == {
+    assert {c.name: int(c) for c in abi_rmp.Code} == {
         "SUCCESS": 0,
         "FAIL_INPUT": 1,
         "FAIL_PERMISSION": 2,

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
+from snpemu.abi.rmp import Code
 from snpemu.kvm.machine import Kvm
 from snpemu.kvm.servicer import KvmServicer
 from snpemu.kvm.throttle import Throttle
-from snpemu.rmp.entry import Code
 from snpemu.rmp.machine import RmpMachine
 from snpemu.rmp.servicer import KickHub
 

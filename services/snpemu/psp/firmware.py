@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from snpemu.abi import guest_message as gm
+from snpemu.abi.rmp import FwOp, PageState
 from snpemu.psp import report as rpt
 from snpemu.psp.guest import (
     FIELD_GUEST_SVN,
@@ -41,7 +42,7 @@ from snpemu.psp.rmp_port import RmpPort
 from snpemu.psp.status import FirmwareError, SevStatus, fail
 from snpemu.psp.tcb import Tcb
 from snpemu.psp.topology import Topology
-from snpemu.rmp.entry import VMSA_GPA, PageState
+from snpemu.rmp.entry import VMSA_GPA
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -215,7 +216,7 @@ class Firmware:
                 spa, PageState.HYPERVISOR, PageState.FIRMWARE, what="HV-fixed range page"
             )
         if spas:
-            await self.rmp.transition(spas, "hv_fixed")
+            await self.rmp.transition(spas, FwOp.HV_FIXED)
         self.snp_initialized = True
 
     @command("SNP_DF_FLUSH")
@@ -277,7 +278,7 @@ class Firmware:
         data = self.status_bytes()
         await self.rmp.write(status_paddr, data)
         if self.snp_initialized:
-            await self.rmp.transition([status_paddr], "reclaim")
+            await self.rmp.transition([status_paddr], FwOp.RECLAIM)
         return data
 
     @command("SNP_CONFIG")
@@ -346,7 +347,7 @@ class Firmware:
         if len(self.guests) >= MAX_SNP_ASID:
             raise fail(SevStatus.RESOURCE_LIMIT, "no room for another guest context")
         await self._expect(gctx_paddr, PageState.FIRMWARE, what="context page")
-        await self.rmp.transition([gctx_paddr], "context")
+        await self.rmp.transition([gctx_paddr], FwOp.CONTEXT)
         self.guests[gctx_paddr] = GuestContext(gctx_paddr)
 
     @command("SNP_LAUNCH_START")
@@ -450,7 +451,7 @@ class Firmware:
         digest = ctx.digest.update(int(ptype), gpa, contents, vmpl_perms=vmpl_perms)
         await self.rmp.write(address, contents, asid=ctx.asid)
         if ptype == PageType.VMSA:
-            await self.rmp.transition([address], "vmsa", ctx.asid)
+            await self.rmp.transition([address], FwOp.VMSA, ctx.asid)
         ctx.launched.append(address)
         return digest
 
@@ -485,7 +486,7 @@ class Firmware:
                 )
             if block.policy != ctx.policy:
                 raise fail(SevStatus.POLICY_FAILURE, "ID block policy differs from the guest's")
-        await self.rmp.transition(list(ctx.launched), "finish", ctx.asid)
+        await self.rmp.transition(list(ctx.launched), FwOp.FINISH, ctx.asid)
         if block is not None:
             ctx.family_id, ctx.image_id, ctx.guest_svn = (
                 block.family_id,
@@ -514,7 +515,7 @@ class Firmware:
             await self.rmp.wbinvd_indicator(clear=True)
             del self.asids[ctx.asid]
             self.unflushed.add(ctx.asid)
-        await self.rmp.transition([gctx_paddr], "firmware")
+        await self.rmp.transition([gctx_paddr], FwOp.FIRMWARE)
         del self.guests[gctx_paddr]
 
     @command("SNP_PAGE_RECLAIM")
@@ -534,14 +535,14 @@ class Firmware:
             owner = self.guests[self.asids[page.asid]]
             if owner.state == GuestState.LAUNCH:
                 raise fail(SevStatus.INVALID_PAGE_STATE, "a page of a guest still launching")
-        await self.rmp.transition([paddr], "reclaim")
+        await self.rmp.transition([paddr], FwOp.RECLAIM)
 
     @command("SNP_PAGE_UNSMASH")
     async def page_unsmash(self, paddr: int) -> None:
         self._need_snp()
         if paddr % (2 << 20):
             raise fail(SevStatus.INVALID_ADDRESS, "UNSMASH takes a 2 MiB-aligned address")
-        if not (await self.rmp.transition([paddr], "unsmash"))[0]:
+        if not (await self.rmp.transition([paddr], FwOp.UNSMASH))[0]:
             raise fail(SevStatus.INVALID_PAGE_STATE, "the 512 entries do not describe one 2M page")
 
     @command("SNP_DBG_DECRYPT")

@@ -15,9 +15,9 @@ from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 
+from snpemu.abi.rmp import FwOp, PageState
 from snpemu.errors import SnpemuError, Unavailable, WrongState
 from snpemu.psp.status import SevStatus, fail
-from snpemu.rmp.entry import PageState
 from snpemu.rmp.machine import RmpMachine
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 from snpemu.runtime.status import error_info
@@ -42,7 +42,7 @@ class Platform:
 class RmpPort(Protocol):
     async def platform(self) -> Platform: ...
     async def page(self, spa: int) -> Page: ...
-    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]: ...
+    async def transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]: ...
     async def read(
         self,
         spa: int,
@@ -59,17 +59,6 @@ class RmpPort(Protocol):
     async def wbinvd_indicator(self, *, clear: bool = False) -> bool:
         """Has every core executed WBINVD since the indicator was last cleared; clear it after."""
         ...
-
-
-_OPS = {
-    "context": pb.FIRMWARE_OP_CONTEXT,
-    "firmware": pb.FIRMWARE_OP_FIRMWARE,
-    "reclaim": pb.FIRMWARE_OP_RECLAIM,
-    "finish": pb.FIRMWARE_OP_FINISH,
-    "vmsa": pb.FIRMWARE_OP_VMSA,
-    "hv_fixed": pb.FIRMWARE_OP_HV_FIXED,
-    "unsmash": pb.FIRMWARE_OP_UNSMASH,
-}
 
 
 def _states(expect: tuple[PageState, ...]) -> list[types_pb2.PageState.ValueType]:
@@ -110,9 +99,10 @@ class GrpcRmp:
         e = (await self._call("ReadRmpEntry", pb.ReadRmpEntryRequest(pfn=spa >> 12))).entry  # type: ignore[attr-defined]
         return Page(PageState(e.state), e.asid, e.gpa, e.page_size == 2, e.vmsa)
 
-    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+    async def transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]:
         r = await self._call(
-            "FirmwareTransition", pb.FirmwareTransitionRequest(spas=spas, op=_OPS[op], asid=asid)
+            "FirmwareTransition",
+            pb.FirmwareTransitionRequest(spas=spas, op=pb.FirmwareOp.ValueType(int(op)), asid=asid),
         )
         return list(r.changed)  # type: ignore[attr-defined]
 
@@ -199,7 +189,7 @@ class LocalRmp:
         e = self.m.entry(spa >> 12)
         return Page(e.state, e.asid, e.gpa, e.page_size_2m, e.vmsa)
 
-    async def transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+    async def transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]:
         return self.m.fw_transition(spas, op, asid)
 
     async def read(

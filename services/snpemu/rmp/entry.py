@@ -20,9 +20,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-PAGES_PER_2M = 512
+from snpemu.abi.rmp import PageState
+
 # ASID field is 10 bits. KERNEL: arch/x86/virt/svm/sev.c (asid:10)
 MAX_ASID = (1 << 10) - 1
 # The VMSA GPA firmware and KVM record: (u64)(-1) page-aligned, bits above 51 cleared.
@@ -57,34 +56,6 @@ class Kind(enum.IntEnum):
     CONTEXT = 2
     METADATA = 3
     RECLAIM = 4
-
-
-class PageState(enum.IntEnum):
-    """SNP ABI ch. 5 page states (docs/abi.md#page-states). Values match snp.common.v1.PageState."""
-
-    HYPERVISOR = 1
-    HYPERVISOR_FIXED = 2
-    FIRMWARE = 3
-    RECLAIM = 4
-    CONTEXT = 5
-    PRE_GUEST = 6
-    GUEST_INVALID = 7
-    GUEST_VALID = 8
-    METADATA = 9
-
-
-class Code(enum.IntEnum):
-    """RMP instruction results in EAX (docs/abi.md#rmp-instructions).
-    KERNEL: arch/x86/include/asm/sev.h."""
-
-    SUCCESS = 0
-    FAIL_INPUT = 1
-    FAIL_PERMISSION = 2
-    FAIL_INUSE = 3
-    FAIL_OVERLAP = 4
-    FAIL_SIZEMISMATCH = 6
-    # CF=1: PVALIDATE made no change. KERNEL: PVALIDATE_FAIL_NOUPDATE
-    FAIL_NOUPDATE = 255
 
 
 def page_state(lo: int, kind: int) -> PageState:

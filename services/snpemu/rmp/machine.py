@@ -19,6 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
+from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M
+from snpemu.abi.rmp import Code, FwOp, PageState
 from snpemu.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable, WrongState
 from snpemu.rmp.crypto import MemoryKeys
 from snpemu.rmp.entry import (
@@ -28,18 +30,13 @@ from snpemu.rmp.entry import (
     GPA_MASK,
     IMMUTABLE,
     MAX_ASID,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    PAGES_PER_2M,
     PAGESIZE,
     PERM_READ,
     PERM_SHIFTS,
     PERM_WRITE,
     VALIDATED,
     VMSA,
-    Code,
     Entry,
-    PageState,
 )
 from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
 from snpemu.rmp.npt import NestedPageTable
@@ -654,12 +651,8 @@ class RmpMachine:
 
     # --- the firmware's own access (the AMD-SP writes memory and the RMP directly) ------------
 
-    FW_OPS = ("context", "firmware", "reclaim", "finish", "vmsa", "hv_fixed", "unsmash")
-
-    def fw_transition(self, spas: list[int], op: str, asid: int = 0) -> list[bool]:
+    def fw_transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]:
         self.check_alive()
-        if op not in self.FW_OPS:
-            raise InvalidArgument(f"unknown firmware transition {op!r}")
         return [
             not spa & (PAGE_SIZE - 1) and self.table.fw_transition(spa >> PAGE_SHIFT, op, asid)
             for spa in spas

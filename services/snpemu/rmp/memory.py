@@ -11,8 +11,8 @@ import enum
 
 import numpy as np
 
+from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
 from snpemu.errors import InvalidArgument, WrongState
-from snpemu.rmp.entry import PAGE_SIZE, PAGES_PER_2M
 
 _ZERO = bytes(PAGE_SIZE)
 

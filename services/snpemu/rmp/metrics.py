@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from snpemu.rmp.entry import PAGE_SIZE, Code, PageState
+from snpemu.abi.addr import PAGE_SIZE
+from snpemu.abi.rmp import Code, PageState
 from snpemu.rmp.machine import Origin, Outcome, Policy, RmpMachine
 
 INSTRUCTIONS = ("rmpupdate", "psmash", "pvalidate", "rmpadjust")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE
 from snpemu.errors import InvalidArgument
-from snpemu.rmp.entry import PAGE_SHIFT, PAGE_SIZE
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,11 @@ from grpc_health.v1 import health_pb2
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
+from snpemu.abi.addr import PAGE_SHIFT
+from snpemu.abi.rmp import FwOp, PageState
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument, NotFound, SnpemuError
-from snpemu.rmp.entry import PAGE_SHIFT, RMP_STATE, Entry, PageState
+from snpemu.rmp.entry import RMP_STATE, Entry
 from snpemu.rmp.machine import Identity, Origin, Policy, RmpMachine
 from snpemu.rmp.memory import Placement
 from snpemu.rmp.table import Fault
@@ -411,7 +413,10 @@ class RmpServicer:
     async def FirmwareTransition(self, request: Any, context: Any) -> pb.FirmwareTransitionResponse:
         if request.op == pb.FIRMWARE_OP_UNSPECIFIED:
             raise InvalidArgument("op is required")
-        op = pb.FirmwareOp.Name(request.op).removeprefix("FIRMWARE_OP_").lower()
+        try:
+            op = FwOp(request.op)
+        except ValueError:
+            raise InvalidArgument(f"unknown firmware transition {request.op}") from None
         changed = self.m.fw_transition(list(request.spas), op, request.asid)
         return pb.FirmwareTransitionResponse(changed=changed)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
+from snpemu.abi.rmp import Code, FwOp, PageState
 from snpemu.rmp.entry import (
     ASID_MASK,
     ASID_SHIFT,
@@ -28,17 +30,13 @@ from snpemu.rmp.entry import (
     GPA_MASK,
     IMMUTABLE,
     MAX_ASID,
-    PAGE_SIZE,
-    PAGES_PER_2M,
     PAGESIZE,
     PERM_MASK,
     PERM_SHIFTS,
     VALIDATED,
     VMSA,
-    Code,
     Entry,
     Kind,
-    PageState,
     encode,
     page_state,
 )
@@ -527,7 +525,7 @@ class RmpTable:
     # the page's current state and returns False (nothing changed) when it is not the one the
     # command needs, which the firmware reports as INVALID_PAGE_STATE.
 
-    def fw_transition(self, pfn: int, op: str, asid: int = 0) -> bool:
+    def fw_transition(self, pfn: int, op: FwOp, asid: int = 0) -> bool:
         if not 0 <= pfn < self.npages:
             return False
         lo, _, _ = self.effective(pfn)
@@ -535,11 +533,11 @@ class RmpTable:
         own = pfn if not (lo & PAGESIZE) else pfn & ALIGN_MASK
         pfns = np.arange(own, own + (PAGES_PER_2M if lo & PAGESIZE else 1), dtype=np.int64)
         before = self.state_of(pfns)
-        if op == "context" and state == PageState.FIRMWARE:
+        if op == FwOp.CONTEXT and state == PageState.FIRMWARE:
             self.kind[own] = Kind.CONTEXT
-        elif op == "firmware" and state in (PageState.CONTEXT, PageState.METADATA):
+        elif op == FwOp.FIRMWARE and state in (PageState.CONTEXT, PageState.METADATA):
             self.kind[own] = Kind.FIRMWARE
-        elif op == "reclaim" and state in (
+        elif op == FwOp.RECLAIM and state in (
             PageState.FIRMWARE,
             PageState.CONTEXT,
             PageState.METADATA,
@@ -548,15 +546,15 @@ class RmpTable:
             self.lo[own] = U64(encode(assigned=True, page_size_2m=bool(lo & PAGESIZE)))
             self.hi[own] = 0
             self.kind[own] = Kind.RECLAIM
-        elif op == "finish" and state == PageState.PRE_GUEST and self._asid(lo) == asid:
+        elif op == FwOp.FINISH and state == PageState.PRE_GUEST and self._asid(lo) == asid:
             # LAUNCH_FINISH: launched pages become guest-owned, mutable and validated.
             self.lo[own] = U64((int(self.lo[own]) & ~IMMUTABLE) | VALIDATED)
-        elif op == "vmsa" and state == PageState.PRE_GUEST and self._asid(lo) == asid:
+        elif op == FwOp.VMSA and state == PageState.PRE_GUEST and self._asid(lo) == asid:
             self.lo[own] = U64(int(self.lo[own]) | VMSA)
-        elif op == "hv_fixed" and state in (PageState.HYPERVISOR, PageState.FIRMWARE):
+        elif op == FwOp.HV_FIXED and state in (PageState.HYPERVISOR, PageState.FIRMWARE):
             self.lo[own] = U64(IMMUTABLE)
             self.kind[own] = Kind.NONE
-        elif op == "unsmash" and pfn % PAGES_PER_2M == 0 and not lo & PAGESIZE:
+        elif op == FwOp.UNSMASH and pfn % PAGES_PER_2M == 0 and not lo & PAGESIZE:
             return self._unsmash(pfn)
         else:
             return False

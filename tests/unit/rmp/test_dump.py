@@ -14,7 +14,8 @@ vmsa:1, validated:1, rsvd2:1.
 
 from __future__ import annotations
 
-from snpemu.rmp.entry import PAGES_PER_2M, Code
+from snpemu.abi.addr import PAGES_PER_2M
+from snpemu.abi.rmp import Code, FwOp
 from snpemu.rmp.machine import dump_entry
 from snpemu.rmp.table import RmpTable
 
@@ -89,7 +90,7 @@ def test_unassigned_entry_lists_the_non_zero_entries_of_its_2m_region() -> None:
         == 0
     )
     # HV-fixed: unassigned but immutable, a non-zero raw entry (SNP_INIT_EX's HV_FIXED pages)
-    assert t.fw_transition(0x5FF, "hv_fixed")
+    assert t.fw_transition(0x5FF, FwOp.HV_FIXED)
     # an entry in the next 2M region is not listed
     assert (
         t.rmpupdate(0x600, gpa=0x2000, assigned=True, size_2m=False, immutable=False, asid=ASID)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from snpemu.rmp.entry import Entry, Kind, PageState, encode, page_state
+from snpemu.abi.rmp import PageState
+from snpemu.rmp.entry import Entry, Kind, encode, page_state
 
 
 def test_encode_puts_each_field_at_the_kernels_bit() -> None:

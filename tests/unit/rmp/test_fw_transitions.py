@@ -23,7 +23,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from snpemu.rmp.entry import Kind, PageState
+from snpemu.abi.rmp import FwOp, PageState
+from snpemu.rmp.entry import Kind
 from snpemu.rmp.table import RmpTable
 
 # KERNEL: arch/x86/virt/svm/sev.c struct rmpentry_raw
@@ -36,6 +37,14 @@ GPA_2M = 0x40000000
 HI = 0x030201  # VMPL1..3 permission bytes, so a reset of hi shows
 
 S = PageState
+
+
+def as_op(name: str) -> FwOp:
+    """The op named in MODEL; a name the firmware has no op for becomes a value outside FwOp
+    (what a caller could send over gRPC before its servicer refuses it)."""
+    return FwOp[name.upper()] if name.upper() in FwOp.__members__ else 99  # type: ignore[return-value]
+
+
 # (lo without gpa/asid for the guest states, kind) per state; guest states get gpa and ASID
 LAYOUT: dict[PageState, tuple[int, int]] = {
     S.HYPERVISOR: (0, Kind.NONE),
@@ -146,7 +155,7 @@ def check(op: str, state: PageState, size_2m: bool, asid: int) -> None:
     lo0, hi0, kind0 = int(t.lo[own]), int(t.hi[own]), int(t.kind[own])
     before = snapshot(t)
     accepted = MODEL[op].get(state) if (op not in ASID_OPS or asid == ASID) else None
-    ok = t.fw_transition(pfn, op, asid)
+    ok = t.fw_transition(pfn, as_op(op), asid)
     span = range(own, own + (PAGES_2M if size_2m else 1))
     if accepted is None:
         assert ok is False
@@ -197,7 +206,7 @@ def test_launch_ops_refuse_another_guests_page(op: str, asid: int) -> None:
 def test_a_frame_outside_memory_is_refused(op: str, pfn: int) -> None:
     t, model, _, _ = setup(S.FIRMWARE, size_2m=False)
     before = snapshot(t)
-    assert t.fw_transition(pfn, op, ASID) is False
+    assert t.fw_transition(pfn, as_op(op), ASID) is False
     assert snapshot(t) == before
     assert list(t.counts) == counts_of(model, t.npages)
 
@@ -206,7 +215,7 @@ def test_an_unknown_op_changes_nothing() -> None:
     for state in S:
         t, _, pfn, _ = setup(state, size_2m=False)
         before = snapshot(t)
-        assert t.fw_transition(pfn, "reclaim2", ASID) is False
+        assert t.fw_transition(pfn, as_op("reclaim2"), ASID) is False
         assert snapshot(t) == before
 
 
@@ -222,7 +231,7 @@ def test_the_first_and_last_frames(op: str, pfn: int) -> None:
         t.counts[:] = counts_of(model, t.npages)
         asid = ASID if op in ASID_OPS else 0
         accepted = MODEL[op].get(state)
-        assert t.fw_transition(pfn, op, asid) is (accepted is not None)
+        assert t.fw_transition(pfn, as_op(op), asid) is (accepted is not None)
         if accepted is not None:
             model[pfn] = accepted[0]
         assert list(t.counts) == counts_of(model, t.npages)
@@ -235,5 +244,5 @@ def test_without_an_asid_no_guest_page_is_taken(op: str) -> None:
     t, _, pfn, _ = setup(S.PRE_GUEST, size_2m=False)
     t.lo[pfn] = np.uint64(lo_of(S.PRE_GUEST, gpa=GPA_4K) & ~(0x3FF << 51) | 1 << 51)  # ASID 1
     before = snapshot(t)
-    assert t.fw_transition(pfn, op) is False
+    assert t.fw_transition(pfn, as_op(op)) is False
     assert snapshot(t) == before

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from snpemu.rmp.entry import Kind, PageState
+from snpemu.abi.rmp import PageState
+from snpemu.rmp.entry import Kind
 from snpemu.rmp.table import RmpTable
 
 A, PS, IMM, VMSA_BIT, VAL = 1 << 0, 1 << 1, 1 << 2, 1 << 61, 1 << 62

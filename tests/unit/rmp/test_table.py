@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from snpemu.rmp.entry import PAGES_PER_2M, Code, PageState
+from snpemu.abi.addr import PAGES_PER_2M
+from snpemu.abi.rmp import Code, PageState
 from snpemu.rmp.table import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM, Fault, RmpTable
 
 from tests.conftest import examples

@@ -12,8 +12,8 @@ SPEC: the same document's "Page States" (as in tests/unit/rmp/test_entry_codec.p
 from __future__ import annotations
 
 import numpy as np
+from snpemu.abi.rmp import Code, FwOp, PageState
 from snpemu.rmp import table as rmp_table
-from snpemu.rmp.entry import Code, PageState
 from snpemu.rmp.table import Fault, RmpTable
 
 ASID = 5
@@ -143,31 +143,31 @@ def smashed(gpa: int = 2 << 20) -> RmpTable:
 
 def test_unsmash_joins_512_consecutive_entries() -> None:
     t = smashed()
-    assert t.fw_transition(512, "unsmash") is True
+    assert t.fw_transition(512, FwOp.UNSMASH) is True
     e = t.entry(512)
     assert (e.page_size_2m, e.assigned, e.gpa, e.asid) == (True, True, 2 << 20, ASID)
     assert int(t.lo[513]) == 1 and int(t.lo[1023]) == 1  # ASSIGNED only, as a 2M page's tail
     assert t.entry(700).gpa == (2 << 20) + 188 * 4096 and t.entry(700).page_size_2m
     assert t.counts[PageState.GUEST_INVALID] == 512
-    assert t.fw_transition(512, "unsmash") is False  # already one 2M entry
+    assert t.fw_transition(512, FwOp.UNSMASH) is False  # already one 2M entry
 
 
 def test_unsmash_refuses_entries_that_do_not_make_one_2m_page() -> None:
-    assert smashed().fw_transition(513, "unsmash") is False  # not 2M-aligned
-    assert RmpTable(1024).fw_transition(512, "unsmash") is False  # not assigned
+    assert smashed().fw_transition(513, FwOp.UNSMASH) is False  # not 2M-aligned
+    assert RmpTable(1024).fw_transition(512, FwOp.UNSMASH) is False  # not assigned
     t = smashed()
     t.lo[600] ^= np.uint64(1 << 12)  # one GPA out of sequence
-    assert t.fw_transition(512, "unsmash") is False
+    assert t.fw_transition(512, FwOp.UNSMASH) is False
     t = smashed()
     t.hi[1023] = np.uint64(1)  # one entry with other permissions
-    assert t.fw_transition(512, "unsmash") is False
+    assert t.fw_transition(512, FwOp.UNSMASH) is False
     # a 2M-aligned frame run whose first GPA is not 2M-aligned
     t = RmpTable(2048)
     for i in range(512):
         t.rmpupdate(
             512 + i, gpa=0x1000 * (i + 1), assigned=True, size_2m=False, immutable=False, asid=ASID
         )
-    assert t.fw_transition(512, "unsmash") is False
+    assert t.fw_transition(512, FwOp.UNSMASH) is False
     assert not t.entry(512).page_size_2m
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from snpemu.rmp.entry import Kind, PageState
+from snpemu.abi.rmp import FwOp, PageState
+from snpemu.rmp.entry import Kind
 from snpemu.rmp.table import RmpTable
 
 A, PS, IMM, VAL = 1 << 0, 1 << 1, 1 << 2, 1 << 62
@@ -56,7 +57,7 @@ def smashed(kinds: list[int] | None = None, lo_fn: Callable[[int], int] = guest_
 def test_unsmash_writes_one_2m_entry_and_bare_tails() -> None:
     t = smashed()
     counts = list(t.counts)
-    assert t.fw_transition(REGION, "unsmash") is True
+    assert t.fw_transition(REGION, FwOp.UNSMASH) is True
     assert int(t.lo[REGION]) == guest_valid(GPA_2M) | PS
     # the other 511 read ASSIGNED only, exactly
     assert [int(x) for x in t.lo[REGION + 1 : REGION + PAGES_2M]] == [A] * (PAGES_2M - 1)
@@ -81,7 +82,7 @@ def test_unsmash_counts_follow_the_head_entry() -> None:
     t = smashed(kinds, lo_fn=lambda gpa: A | IMM | (gpa - GPA_2M))
     before = Counter(t.entry(p).state for p in range(t.npages))
     assert before[PageState.CONTEXT] == 2 and before[PageState.FIRMWARE] == 512
-    assert t.fw_transition(REGION, "unsmash") is True
+    assert t.fw_transition(REGION, FwOp.UNSMASH) is True
     want = [0] * (max(PageState) + 1)
     want[PageState.HYPERVISOR] = t.npages - 514
     want[PageState.FIRMWARE] = 1  # the neighbour below
@@ -92,7 +93,7 @@ def test_unsmash_counts_follow_the_head_entry() -> None:
 def _refuse(t: RmpTable, pfn: int = REGION) -> None:
     t.counts[:] = counts_from_entries(t)
     lo, hi, kind, counts = t.lo.copy(), t.hi.copy(), t.kind.copy(), list(t.counts)
-    assert t.fw_transition(pfn, "unsmash") is False
+    assert t.fw_transition(pfn, FwOp.UNSMASH) is False
     assert np.array_equal(t.lo, lo) and np.array_equal(t.hi, hi) and np.array_equal(t.kind, kind)
     assert list(t.counts) == counts
 
@@ -157,7 +158,7 @@ def test_unsmash_refuses_an_unaligned_frame_and_a_2m_page() -> None:
     _refuse(smashed(), REGION + 1)
     _refuse(smashed(), REGION + 511)
     t = smashed()
-    assert t.fw_transition(REGION, "unsmash") is True
+    assert t.fw_transition(REGION, FwOp.UNSMASH) is True
     _refuse(t)  # already one 2M entry
     _refuse(RmpTable(4 * PAGES_2M))  # hypervisor pages
 
