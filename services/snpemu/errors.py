@@ -6,6 +6,7 @@ Models raise these; `snpemu.runtime.status` maps them to gRPC status codes in on
     +-- InvalidArgument      INVALID_ARGUMENT    bad input; nothing changed
     +-- WrongState           FAILED_PRECONDITION wrong platform/guest/page state for the request
     +-- NotFound             NOT_FOUND           unknown handle
+    +-- AlreadyExists        ALREADY_EXISTS      the thing to create is there already
     +-- Aborted              ABORTED             lost a race (e.g. FAIL_INUSE); retry may succeed
     +-- Unavailable          UNAVAILABLE         a peer service is down
     +-- PermissionDenied     PERMISSION_DENIED   caller lacks the identity the operation needs
@@ -14,7 +15,9 @@ Models raise these; `snpemu.runtime.status` maps them to gRPC status codes in on
 
 Each carries a `reason` (UPPER_SNAKE: the SEV status name such as INVALID_PLATFORM_STATE, a
 GHCB error such as GHCB_ERR_INVALID_INPUT, or a generic one) and string metadata such as
-`fw_status: "0x0001"`, which reach the client in google.rpc.ErrorInfo.
+`fw_status: "0x0001"`, which reach the client in google.rpc.ErrorInfo. Each model keeps the
+reasons it raises as a StrEnum beside it (a member is its wire string), and clients compare a
+reason by member, never by a string literal.
 """
 
 from __future__ import annotations

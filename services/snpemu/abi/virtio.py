@@ -21,7 +21,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-PAGE = 4096
+from snpemu.abi.addr import PAGE_SIZE
+
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
@@ -104,7 +105,7 @@ class Desc:
 def empty_ring(size: int, buffers_gpa: int, buffer_size: int, device_writes: bool) -> bytes:
     """A ring page as a driver sets it up: descriptor i points at buffer i, no buffer offered."""
     layout = Layout(size)
-    page = bytearray(PAGE)
+    page = bytearray(PAGE_SIZE)
     flags = VRING_DESC_F_WRITE if device_writes else 0
     for i in range(size):
         page[layout.desc(i) : layout.desc(i) + DESC.size] = Desc(

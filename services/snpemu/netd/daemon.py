@@ -18,10 +18,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from snpemu.abi import virtio
+from snpemu.abi.addr import PAGE_SIZE
 from snpemu.errors import AlreadyExists, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
-PAGE = 4096
+
+
+class NetdReason(enum.StrEnum):
+    """The reasons netd's errors carry (google.rpc.ErrorInfo.reason on the wire)."""
+
+    MAC_IN_USE = "MAC_IN_USE"
+    UNKNOWN_DEVICE = "UNKNOWN_DEVICE"
+    BROKEN_RING = "BROKEN_RING"
+    UNKNOWN_VM = "UNKNOWN_VM"
 
 
 class WriteOutcome(enum.Enum):
@@ -78,9 +87,9 @@ class Ring:
             virtio.check_queue_size(self.entries)
         except virtio.VirtioError as e:
             raise InvalidArgument(f"{name}: {e}") from None
-        if self.ring_gpa % PAGE:
+        if self.ring_gpa % PAGE_SIZE:
             raise InvalidArgument(f"{name}: ring_gpa {self.ring_gpa:#x} is not page aligned")
-        if not 64 <= self.buffer_size <= PAGE:
+        if not 64 <= self.buffer_size <= PAGE_SIZE:
             raise InvalidArgument(f"{name}: buffer_size must be 64..4096")
 
 
@@ -135,7 +144,7 @@ class NetDaemon:
         memory: Memory,
         vmm: Vmm,
         *,
-        copy_chunk: int = PAGE,
+        copy_chunk: int = PAGE_SIZE,
         copy_delay_s: float = 0.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -158,16 +167,16 @@ class NetDaemon:
         rx.check("rx")
         tx.check("tx")
         if raw_mac in self.by_mac:
-            raise AlreadyExists(f"MAC {mac} is already registered", reason="MAC_IN_USE")
+            raise AlreadyExists(f"MAC {mac} is already registered", reason=NetdReason.MAC_IN_USE)
         memory = MemoryMap(await self.vmm.memory_map(vm_id))
         for name, ring in (("rx", rx), ("tx", tx)):
             try:
-                memory.spa(ring.ring_gpa, PAGE)
+                memory.spa(ring.ring_gpa, PAGE_SIZE)
                 memory.spa(ring.buffers_gpa, ring.entries * ring.buffer_size)
             except virtio.VirtioError as e:
                 raise InvalidArgument(f"{name}: {e}") from None
         if raw_mac in self.by_mac:  # registered while we asked kvm
-            raise AlreadyExists(f"MAC {mac} is already registered", reason="MAC_IN_USE")
+            raise AlreadyExists(f"MAC {mac} is already registered", reason=NetdReason.MAC_IN_USE)
         dev = Device(uuid.uuid4().hex[:16], vm_id, raw_mac, rx, tx, memory)
         self.devices[dev.device_id] = dev
         self.by_mac[raw_mac] = dev
@@ -177,7 +186,9 @@ class NetDaemon:
     def device(self, device_id: str) -> Device:
         dev = self.devices.get(device_id)
         if dev is None:
-            raise NotFound(f"no device {device_id!r} (netd restarted?)", reason="UNKNOWN_DEVICE")
+            raise NotFound(
+                f"no device {device_id!r} (netd restarted?)", reason=NetdReason.UNKNOWN_DEVICE
+            )
         return dev
 
     def unregister(self, device_id: str) -> None:
@@ -197,7 +208,7 @@ class NetDaemon:
         worst = WriteOutcome.NONE
         pos = 0
         while pos < len(data):
-            room = PAGE - ((gpa + pos) % PAGE)
+            room = PAGE_SIZE - ((gpa + pos) % PAGE_SIZE)
             n = min(room, self.copy_chunk, len(data) - pos)
             if pos and self.copy_delay_s:
                 await self.sleep(self.copy_delay_s)
@@ -224,14 +235,14 @@ class NetDaemon:
         results: list[Result] = []
         async with dev.tx_lock:
             layout = virtio.Layout(dev.tx.entries)
-            ring = await self._read(dev, dev.tx.ring_gpa, PAGE)
+            ring = await self._read(dev, dev.tx.ring_gpa, PAGE_SIZE)
             avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
             if (avail - dev.tx_avail) & 0xFFFF > dev.tx.entries:
                 # vhost's "Guest moved avail index from %u to %u": a broken driver, ignored
                 raise InvalidArgument(
                     f"avail idx moved from {dev.tx_avail} to {avail}, more than the "
                     f"{dev.tx.entries} entries of the queue",
-                    reason="BROKEN_RING",
+                    reason=NetdReason.BROKEN_RING,
                 )
             while dev.tx_avail != avail:
                 slot = virtio.U16.unpack_from(ring, layout.avail_slot(dev.tx_avail))[0]
@@ -285,7 +296,7 @@ class NetDaemon:
         """Into the destination's next offered RX buffer, then its used ring."""
         async with dst.rx_lock:
             layout = virtio.Layout(dst.rx.entries)
-            ring = await self._read(dst, dst.rx.ring_gpa, PAGE)
+            ring = await self._read(dst, dst.rx.ring_gpa, PAGE_SIZE)
             avail = virtio.U16.unpack_from(ring, layout.avail_idx)[0]
             if dst.rx_avail == avail:
                 dst.counters.dropped += 1

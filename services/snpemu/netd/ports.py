@@ -7,7 +7,7 @@ from snp.kvm.v1 import kvm_pb2
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.errors import NotFound
-from snpemu.netd.daemon import WriteOutcome
+from snpemu.netd.daemon import NetdReason, WriteOutcome
 from snpemu.rmp.client import die_of_sigbus
 from snpemu.runtime.peers import Peer, PeerError
 
@@ -52,5 +52,7 @@ class KvmVmm:
                 "GetMemoryMap", kvm_pb2.GetMemoryMapRequest(vm=handles_pb2.VmHandle(id=vm_id))
             )
         except PeerError as e:
-            raise NotFound(f"kvm has no VM {vm_id!r}: {e.message}", reason="UNKNOWN_VM") from None
+            raise NotFound(
+                f"kvm has no VM {vm_id!r}: {e.message}", reason=NetdReason.UNKNOWN_VM
+            ) from None
         return [(m.gpa, m.spa, m.size) for m in r.regions]

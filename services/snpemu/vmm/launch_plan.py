@@ -11,6 +11,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
+from snpemu.abi.addr import PAGE_SIZE, page_offset
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 
@@ -58,29 +59,29 @@ def plan(
     if vcpus < 1:
         raise ValueError("a guest has at least one vCPU")
     pages = [
-        LaunchPage(ovmf.gpa + off, NORMAL, ovmf.data[off : off + 4096])
-        for off in range(0, len(ovmf.data), 4096)
+        LaunchPage(ovmf.gpa + off, NORMAL, ovmf.data[off : off + PAGE_SIZE])
+        for off in range(0, len(ovmf.data), PAGE_SIZE)
     ]
     if kernel_hashes is not None and not any(
         s.kind == SectionType.SNP_KERNEL_HASHES for s in ovmf.sections
     ):
         raise ValueError("a kernel was given but the firmware has no SNP_KERNEL_HASHES section")
     for s in ovmf.sections:
-        gpas = range(s.gpa, s.gpa + s.size, 4096)
+        gpas = range(s.gpa, s.gpa + s.size, PAGE_SIZE)
         if s.kind in (SectionType.SNP_SEC_MEM, SectionType.SVSM_CAA):
             pages += [LaunchPage(g, ZERO, None) for g in gpas]
         elif s.kind == SectionType.SNP_SECRETS:
             pages.append(LaunchPage(s.gpa, SECRETS, None))
         elif s.kind == SectionType.CPUID:
-            pages.append(LaunchPage(s.gpa, CPUID, cpuid_page or bytes(4096)))
+            pages.append(LaunchPage(s.gpa, CPUID, cpuid_page or bytes(PAGE_SIZE)))
         elif kernel_hashes is None:
             pages += [LaunchPage(g, ZERO, None) for g in gpas]
         else:
             page = bytearray(s.size)
-            offset = ovmf.hashes_table_gpa & 0xFFF
+            offset = page_offset(ovmf.hashes_table_gpa)
             page[offset : offset + len(kernel_hashes)] = kernel_hashes
             pages += [
-                LaunchPage(g, NORMAL, bytes(page[g - s.gpa : g - s.gpa + 4096])) for g in gpas
+                LaunchPage(g, NORMAL, bytes(page[g - s.gpa : g - s.gpa + PAGE_SIZE])) for g in gpas
             ]
     bsp = vmsa.build(vmsa.BSP_EIP, vcpu_signature, sev_features)
     ap = vmsa.build(ovmf.reset_eip, vcpu_signature, sev_features) if vcpus > 1 else bsp

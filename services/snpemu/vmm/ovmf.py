@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from snpemu.abi.addr import PAGE_SIZE
+
 FOUR_GB = 1 << 32
 FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 SEV_META_DATA_GUID = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
@@ -55,7 +57,7 @@ class Ovmf:
 
     @classmethod
     def parse(cls, data: bytes) -> Ovmf:
-        if len(data) % 4096 or not data:
+        if len(data) % PAGE_SIZE or not data:
             raise OvmfError("a firmware image is a whole number of 4 KiB pages")
         table = _footer_table(data)
         return cls(data, table, _sections(data, table))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import uuid
 
+from snpemu.abi.addr import page_bytes
 from snpemu.vmm.ovmf import (
     FOOTER_GUID,
     SEV_ES_RESET_BLOCK_GUID,
@@ -37,7 +38,7 @@ def _entry(guid: uuid.UUID, data: bytes) -> bytes:
 
 
 def build(pages: int = 16, with_hashes: bool = True) -> bytes:
-    size = pages * 4096
+    size = page_bytes(pages)
     image = bytearray((i * 7 + 13) & 0xFF for i in range(size))
     sections = [s for s in SECTIONS if with_hashes or s[2] != SectionType.SNP_KERNEL_HASHES]
     meta = b"ASEV" + struct.pack("<III", 16 + 12 * len(sections), 1, len(sections))
