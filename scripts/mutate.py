@@ -61,7 +61,7 @@ CORES = {
             "snpemu.psp.firmware.xǁFirmwareǁ_key_reply__mutmut_*",
         ),
     ),
-    "kvm": Core(("snpemu/kvm/page_state.py", "snpemu/kvm/psc_batch.py")),
+    "kvm": Core(("snpemu/kvm/exits/psc.py",)),
 }
 
 PROFILE = """from hypothesis import settings

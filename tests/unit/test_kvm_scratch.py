@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from snpemu.kvm import nae
+from snpemu.kvm.exits import ap
 from snpemu.kvm.scratch import setup_vmgexit_scratch
 
 GHCB = 0x5000
@@ -57,9 +57,9 @@ def test_scratch_edges() -> None:
 
 def test_page_address_valid() -> None:
     """Aligned, no bit from MAXPHYADDR (48 here) up set except the C-bit (51)."""
-    assert nae.page_address_valid(0x7FFF_1000)
-    assert nae.page_address_valid(1 << 51 | 0x1000)
-    assert not nae.page_address_valid(0x1008)
-    assert not nae.page_address_valid(1 << 48)
-    assert not nae.page_address_valid(1 << 52)
-    assert not nae.page_address_valid(1 << 63)
+    assert ap.page_address_valid(0x7FFF_1000)
+    assert ap.page_address_valid(1 << 51 | 0x1000)
+    assert not ap.page_address_valid(0x1008)
+    assert not ap.page_address_valid(1 << 48)
+    assert not ap.page_address_valid(1 << 52)
+    assert not ap.page_address_valid(1 << 63)

@@ -1,4 +1,4 @@
-"""kvm's Page State Change handling (kvm/page_state.py) in process, with rmp stood in for: what
+"""kvm's Page State Change handling (kvm/exits/psc.py) in process, with rmp stood in for: what
 each request sends to rmp and what it writes back into the descriptor, worked out here by hand
 from KVM's rules.
 
@@ -23,9 +23,9 @@ from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc
-from snpemu.kvm.exit_state import ExitResult, ExitState
+from snpemu.kvm.exits.outcome import ExitResult, ExitState
+from snpemu.kvm.exits.psc import PageStateChanges, result_name
 from snpemu.kvm.host_access import HostAccess
-from snpemu.kvm.page_state import PageStateChanges, result_name
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vcpu, Vm
 

@@ -13,9 +13,9 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import psc
-from snpemu.kvm.exit_state import ExitState
 from snpemu.kvm.exits import Exits
-from snpemu.kvm.psc_batch import plan_4k
+from snpemu.kvm.exits.outcome import ExitState
+from snpemu.kvm.exits.psc import plan_4k
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import PAGE, Vm
 
@@ -101,7 +101,7 @@ def kernel_outcome(padded: list[int], cur: int, end: int) -> tuple[int, int, dic
       completed without acting (`default:`); a conversion the VMM cannot do (a GFN outside
       every memslot) is VMGEXIT_PSC_ERROR_GENERIC (snp_complete_one_psc(): hypercall.ret != 0)
       with cur_entry at that entry; snpemu keeps the pages before the failing one done and
-      cur_page at it (its per-page rule, UNVERIFIED(psc-per-page) in page_state.py);
+      cur_page at it (its per-page rule, UNVERIFIED(psc-per-page) in kvm/exits/psc.py);
     - a completed entry gets cur_page = npages; only cur_page and cur_entry are written."""
     if end >= 253:
         return INVALID_HDR, cur, {}

@@ -7,6 +7,7 @@ sev_handle_vmgexit_msr_protocol() (docs/abi.md#msr-protocol). GHCBInfo is bits 1
 from __future__ import annotations
 
 INFO_MASK = 0xFFF
+DATA_SHIFT = 12  # GHCBData: bits 63:12
 SEV_INFO_REQ, SEV_INFO_RESP = 0x002, 0x001
 CPUID_REQ, CPUID_RESP = 0x004, 0x005
 AP_RESET_HOLD_REQ, AP_RESET_HOLD_RESP = 0x006, 0x007
@@ -35,6 +36,11 @@ NAMES = {
     HV_FT_REQ: "hv_features",
     TERM_REQ: "term",
 }
+
+
+def response(data: int, code: int) -> int:
+    """A response carrying GHCBData `data` (bits 63:12) with GHCBInfo `code`."""
+    return data << DATA_SHIFT | code
 
 
 def sev_info(cbit: int, max_version: int = GHCB_VERSION_MAX) -> int:

@@ -13,11 +13,19 @@ from snp.kvm.v1 import kvm_pb2 as pb
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
+from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
 
 log = logging.getLogger(__name__)
+
+
+def vcpu_identity(ident: Any) -> VcpuIdentity:
+    """handles_pb2.VcpuIdentity as the exits take it."""
+    return VcpuIdentity(
+        vm_id=ident.vcpu.vm.id, vcpu_id=ident.vcpu.vcpu_id, asid=ident.asid, token=ident.token
+    )
 
 
 def vm_info(vm: Vm) -> pb.VmInfo:
@@ -136,11 +144,13 @@ class KvmServicer:
         return pb.KickVcpusResponse(kicked=len(vm.vcpus))
 
     async def VmgexitMsr(self, request: Any, context: Any) -> pb.VmgexitMsrResponse:
-        value, terminated = await self.exits.msr_exit(request.identity, request.ghcb_msr)
+        value, terminated = await self.exits.msr_exit(
+            vcpu_identity(request.identity), request.ghcb_msr
+        )
         return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
 
     async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
-        r, page = await self.exits.ghcb_exit(request.identity, request.ghcb)
+        r, page = await self.exits.ghcb_exit(vcpu_identity(request.identity), request.ghcb)
         return pb.VmgexitResponse(
             sw_exit_info_1=r.sw_exit_info_1,
             sw_exit_info_2=r.sw_exit_info_2,
@@ -149,7 +159,9 @@ class KvmServicer:
         )
 
     async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:
-        action, retry = await self.exits.npf(request.identity, request.gpa, request.error_code)
+        action, retry = await self.exits.npf(
+            vcpu_identity(request.identity), request.gpa, request.error_code
+        )
         return pb.NestedPageFaultResponse(action=action, retry=retry)
 
     async def StreamTraceEvents(

@@ -1,37 +1,66 @@
-"""Page state changes: the GHCB PSC descriptor and the MSR protocol's one-page request.
+"""Page State Change: the GHCB PSC descriptor and the MSR protocol's one-page request.
 
-KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc(), snp_begin_psc_msr().
-The common request (4K entries at cur_page 0, all mapped) is planned with arrays in
-psc_batch.py, which gives the same answer as the loop here.
+KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(), __snp_complete_one_psc(), snp_complete_psc(),
+snp_begin_psc_msr(); the descriptor layout and KVM's rules for it are in abi/psc.py.
+
+Three ways a GHCB PSC is handled here, giving one answer:
+
+- The loop (`PageStateChanges.apply`): KVM's, entry by entry from cur_entry to end_entry.
+  A 2M entry at cur_page 0 over a 2M-contiguous memslot run takes one 2M RMPUPDATE of its
+  own; the other pages are collected and go to rmp as one RMPUPDATE batch (`_run`), and
+  progress stops at the first page that failed.
+- The plan (`plan_4k`): the common request, as the guest kernel's set_memory_encrypted() /
+  decrypted() fills the shared buffer with up to 253 4K entries, each at cur_page 0
+  (KERNEL: arch/x86/coco/sev/core.c __set_pages_state()), planned with array operations:
+  the batch, the page counts and the descriptor as written back when every page succeeds.
+  Entries with an operation other than PRIVATE/SHARED are completed without an RMPUPDATE,
+  and reserved bits 63:57 are ignored and written back as they were, as KVM does (KERNEL:
+  snp_begin_psc() `default:`). Anything else (2M entries, entries already partly done,
+  GPAs outside the memslots, a header with nothing to do or a bad one) goes to the loop
+  (tests/unit/test_psc_batch.py holds the two together).
+- The speculation (ExitState in outcome.py, the write-back in dispatch.py): an exit's
+  RMPUPDATE batch is not sent on its own; it goes with the GHCB write in one rmp
+  HostSequence, and the GHCB is written as if every page succeeded. rmp runs the sequence
+  in order and stops at the first failure, so if a page failed the GHCB write did not run:
+  the exit is handled a second time with the real codes (`ExitState.codes`, speculate off)
+  and that answer is written. An exit with a 2M entry does not speculate: its 2M
+  RMPUPDATEs run before the batch, and handling the exit twice would repeat them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc, rmp_batch
-from snpemu.kvm import psc_batch
-from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
+from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, gfn_to_gpa
+
+# the module, not its names: kvm/scratch.py imports kvm/nae.py, which imports this package
+from snpemu.kvm import scratch
+from snpemu.kvm.exits.context import ExitContext
+from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.host_access import HostAccess
-from snpemu.kvm.machine import Kvm
-from snpemu.kvm.scratch import setup_vmgexit_scratch
-from snpemu.kvm.vm import PAGE, Vcpu, Vm
+from snpemu.kvm.vm import Vcpu, Vm
 
 
 class PageStateChanges:
-    def __init__(self, kvm: Kvm, host: HostAccess) -> None:
-        self.kvm = kvm
+    def __init__(self, ctx: ExitContext, host: HostAccess) -> None:
+        self.ctx = ctx
         self.host = host
 
     async def msr(self, vm: Vm, gfn: int, op: int) -> bool:
         """One 4K page by the GHCB MSR protocol (KERNEL: sev.c snp_begin_psc_msr())."""
-        spa = vm.memslots.translate(gfn << 12)
+        gpa = gfn_to_gpa(gfn)
+        spa = vm.memslots.translate(gpa)
         if spa is None or op not in psc.STATE_CHANGES:
             return False
-        eax = await self.host.rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gfn << 12)
+        eax = await self.host.rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gpa)
         if eax == 0:
-            self.kvm.counters.psc_pages[(psc.Op(op).name.lower(), "4k")] += 1
+            self.ctx.counters.psc_pages[(psc.Op(op).name.lower(), "4k")] += 1
         return eax == 0
 
     async def exit(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
@@ -39,7 +68,7 @@ class PageStateChanges:
         least the header, then snp_begin_psc() on the entries the area holds. SW_SCRATCH was
         checked valid by nae.validate()."""
         ghcb_gpa = vcpu.ghcb_gpa or 0
-        area = setup_vmgexit_scratch(ghcb_gpa, ghcb.get("sw_scratch"), psc.HDR.size)
+        area = scratch.setup_vmgexit_scratch(ghcb_gpa, ghcb.get("sw_scratch"), psc.HDR.size)
         if area is None or not area.in_ghcb:
             # UNVERIFIED(psc-scratch-in-ghcb): as in kernels whose setup_vmgexit_scratch() takes
             # a min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
@@ -49,7 +78,7 @@ class PageStateChanges:
         off = area.gpa - (ghcb_gpa + g.SHARED_BUFFER)
         buf = bytearray(ghcb.shared)
         if state.speculate:
-            fast = psc_batch.plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
+            fast = plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
             if fast is not None:
                 # every page a 4K entry: the batch goes with the GHCB write (ExitState)
                 if fast.entries:  # none when every entry is an operation KVM only completes
@@ -98,7 +127,7 @@ class PageStateChanges:
             # RMPUPDATE, even one already in that state (a private page then loses its
             # Validated bit); KVM changes memory attributes, a no-op for a page already
             # private or shared, and touches the RMP only when guest_memfd faults or frees it.
-            gpa = e.gfn << 12
+            gpa = gfn_to_gpa(e.gfn)
             if e.size_2m and e.cur_page == 0:
                 spa2m = vm.memslots.contiguous_2m(gpa)
                 if spa2m is not None:
@@ -106,17 +135,17 @@ class PageStateChanges:
                         spa2m, private=e.op == psc.Op.PRIVATE, vm=vm, gpa=gpa, size_2m=True
                     )
                     if eax == 0:
-                        e.cur_page = 512
+                        e.cur_page = PAGES_PER_2M
                         state.psc_pages[(psc.Op(e.op).name.lower(), "2m")] += 1
                         continue
             for page in range(e.cur_page, e.npages):
-                spa = vm.memslots.translate(gpa + page * PAGE)
+                spa = vm.memslots.translate(gpa + page * PAGE_SIZE)
                 if spa is None:
                     desc.cur_entry = idx
                     return await self._run(
                         vm, desc, work, (first, idx), psc.PSC_ERROR_GENERIC, state
                     )
-                work.append((idx, page, spa, gpa + page * PAGE, e.op == psc.Op.PRIVATE))
+                work.append((idx, page, spa, gpa + page * PAGE_SIZE, e.op == psc.Op.PRIVATE))
         result = await self._run(vm, desc, work, (first, last + 1), 0, state)
         if result == 0:
             desc.cur_entry = last + 1
@@ -135,7 +164,7 @@ class PageStateChanges:
         is the entries the loop went through (first, end exclusive): those before the first
         failure are marked complete, as KVM does range by range; entries past it, or past
         end_entry, are left as the guest wrote them. When the exit may speculate, the batch
-        goes with the GHCB write and every page is taken to have succeeded (see ExitState)."""
+        goes with the GHCB write and every page is taken to have succeeded (the module's doc)."""
         first, bound = span
         result = stop_result
         codes: bytes = b""
@@ -152,7 +181,7 @@ class PageStateChanges:
             if state.speculate:
                 state.batch, codes = batch, bytes(len(work))
             else:
-                codes = bytes((await self.kvm.host.call("rmp_update_batch", batch)).codes)
+                codes = bytes((await self.ctx.host.call("rmp_update_batch", batch)).codes)
         done_entries: set[int] = set()
         for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
             e = desc.entries[idx]
@@ -182,3 +211,52 @@ def result_name(result: int) -> str:
         psc.PSC_ERROR_INVALID_HDR: "invalid_hdr",
         psc.PSC_ERROR_INVALID_ENTRY: "invalid_entry",
     }.get(result, "generic")
+
+
+# --- the plan of a 4K-only request -------------------------------------------------------------
+
+# the entry's gfn field (bits 51:12, abi/psc.py) in place: the GPA
+GPA_FIELD = np.uint64(((1 << 40) - 1) << PAGE_SHIFT)
+
+
+@dataclass(frozen=True)
+class Plan:
+    entries: bytes  # the RMPUPDATE batch, one entry per page, in descriptor order
+    private: int  # pages to make private
+    shared: int  # pages to make shared
+    descriptor: bytes  # the descriptor as KVM writes it back when every update succeeds
+
+
+def plan_4k(
+    descriptor: bytes, translate: Callable[[np.ndarray], np.ndarray], asid: int
+) -> Plan | None:
+    """The RMPUPDATEs of a 4K-only PSC and the descriptor after them; None when the request is
+    not of that kind. `translate` maps GPAs to SPAs (-1 outside the memslots)."""
+    cur, end, reserved = psc.HDR.unpack_from(descriptor, 0)
+    count = min(psc.MAX_ENTRIES, (len(descriptor) - psc.HDR.size) // 8)
+    if end >= count or cur > end:  # INVALID_HDR (psc.check_header()), or nothing to do
+        return None
+    last = end
+    raw = np.frombuffer(descriptor, dtype="<u8", count=count, offset=psc.HDR.size)[cur : last + 1]
+    # INVARIANT: bits 63:57 (reserved) are masked off everywhere they could be looked at
+    if (
+        (raw >> np.uint64(56) & np.uint64(1)).any()  # a 2M entry
+        or (raw & np.uint64(0xFFF)).any()  # an entry already (partly) done
+    ):
+        return None
+    op = (raw >> np.uint64(52)) & np.uint64(0xF)
+    changes = np.isin(op, psc.STATE_CHANGES)  # the others: done, no RMPUPDATE
+    gpa = (raw[changes] & GPA_FIELD).astype(np.int64)
+    spa = translate(gpa)
+    if (spa < 0).any():
+        return None
+    private = op[changes] == psc.Op.PRIVATE
+    entries = rmp_batch.pack(
+        spa, gpa=np.where(private, gpa, 0), assigned=private, asid=np.where(private, asid, 0)
+    )
+    out = bytearray(descriptor)
+    psc.HDR.pack_into(out, 0, last + 1, end, reserved)
+    done = np.frombuffer(out, dtype="<u8", count=count, offset=psc.HDR.size)
+    done[cur : last + 1] = raw | np.uint64(1)  # cur_page = npages = 1
+    n_private = int(private.sum())
+    return Plan(entries, n_private, len(gpa) - n_private, bytes(out))

@@ -26,8 +26,9 @@ class ExitState:
     GHCB write go with that write in one rmp HostSequence message: `tail` (accesses whose
     results the GHCB does not depend on, e.g. the response copy) and `batch` (a PSC's
     RMPUPDATEs, answered here as if every page succeeded; if one did not, the sequence stops
-    before the write and the exit is handled again with the real codes in `codes`). `held`
-    keeps locks taken by the handler (a VM's guest-request mutex) until the GHCB is written."""
+    before the write and the exit is handled again with the real codes in `codes`: psc.py).
+    `held` keeps locks taken by the handler (a VM's guest-request mutex) until the GHCB is
+    written."""
 
     speculate: bool = True
     tail: list[rmp_pb2.HostSessionRequest] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 KERNEL: arch/x86/kvm/svm/sev.c snp_handle_guest_req(), snp_handle_ext_guest_req(); the
 throttle is from the unmerged "kvm: sev: Add SNP guest request throttling" v5 (throttle.py).
+The answer's SW_EXITINFO2 (VMM_ERR_*, the firmware status) is laid out in abi/guest_request.py.
 """
 
 from __future__ import annotations
@@ -15,25 +16,28 @@ from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import PAGE_SIZE, page_aligned, pages
+from snpemu.abi.guest_request import (
+    VMM_ERR_BUSY,
+    VMM_ERR_GENERIC,
+    VMM_ERR_INVALID_LEN,
+    fw_error,
+    vmm_error,
+)
 from snpemu.errors import Unavailable
-from snpemu.kvm.exit_state import ExitResult, ExitState, Outcome, malformed
+from snpemu.kvm.exits.context import ExitContext
+from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.host_access import HostAccess, kernel_copy
-from snpemu.kvm.machine import Kvm
-from snpemu.kvm.vm import PAGE, Vcpu, Vm
+from snpemu.kvm.vm import Vcpu, Vm
 from snpemu.runtime.peers import PeerError
 
-# exitinfo2 of a guest request: vmm_error << 32 | fw_error (KERNEL: include/uapi/linux/sev-guest.h)
-VMM_ERR_INVALID_LEN = 1
-VMM_ERR_BUSY = 2
-VMM_ERR_GENERIC = 1 << 31
-SNP_GUEST_FW_ERR_MASK = (1 << 32) - 1
 MSG_TYPE_OFFSET = 0x34  # KERNEL: arch/x86/include/asm/sev.h struct snp_guest_msg_hdr msg_type
 REQUEST_KINDS: dict[int, str] = {gm.MsgType.REPORT_REQ: "report", gm.MsgType.KEY_REQ: "key"}
 
 
 class GuestRequests:
-    def __init__(self, kvm: Kvm, host: HostAccess) -> None:
-        self.kvm = kvm
+    def __init__(self, ctx: ExitContext, host: HostAccess) -> None:
+        self.ctx = ctx
         self.host = host
         self.locks: dict[str, asyncio.Lock] = {}  # KVM's guest_req_mutex, one per VM
 
@@ -68,7 +72,7 @@ class GuestRequests:
         certs = ext and msg_type == gm.MsgType.REPORT_REQ
         if certs and not (ghcb.is_valid("rax") and ghcb.is_valid("rbx")):
             return malformed(g.ERR_INVALID_INPUT)
-        if certs and ghcb.get("rax") % PAGE:
+        if certs and not page_aligned(ghcb.get("rax")):
             return malformed(g.ERR_INVALID_INPUT)
         regs: dict[str, int] = {}
         if certs:
@@ -77,26 +81,26 @@ class GuestRequests:
             # is -EIO to userspace). snpemu writes the table set with SNP_SET_EXT_CONFIG and answers
             # VMM_ERR_INVALID_LEN with the page count in RBX when it does not fit.
             certs_gpa, npages = ghcb.get("rax"), ghcb.get("rbx")
-            blob = self.kvm.certs_blob or bytes(24)
-            need = -(-len(blob) // PAGE)
+            blob = self.ctx.certs_blob or bytes(24)
+            need = pages(len(blob))
             if npages < need:
-                self.kvm.counters.guest_requests[(kind, "invalid_len")] += 1
-                return ExitResult(0, VMM_ERR_INVALID_LEN << 32), {"rbx": need}, None
-            spas = [vm.memslots.translate(certs_gpa + i * PAGE) for i in range(need)]
+                self.ctx.counters.guest_requests[(kind, "invalid_len")] += 1
+                return ExitResult(0, vmm_error(VMM_ERR_INVALID_LEN)), {"rbx": need}, None
+            spas = [vm.memslots.translate(certs_gpa + i * PAGE_SIZE) for i in range(need)]
             if None in spas:
                 return malformed(g.ERR_INVALID_INPUT)  # before any page is written
             for i, spa in enumerate(spas):
                 assert spa is not None  # INVARIANT: checked above
-                await self.host.write(spa, blob[i * PAGE : (i + 1) * PAGE])
+                await self.host.write(spa, blob[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         # Not mainline: "kvm: sev: Add SNP guest request throttling" v5 (throttle.py) checks
         # __ratelimit() in snp_handle_guest_req() right after mutex_lock(), i.e. after
         # snp_handle_ext_guest_req()'s checks and its certificate-page write.
         if not vm.throttle.allow():
-            self.kvm.counters.throttled += 1
-            self.kvm.counters.guest_requests[(kind, "busy")] += 1
-            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+            self.ctx.counters.throttled += 1
+            self.ctx.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, vmm_error(VMM_ERR_BUSY)), regs, None
         try:
-            await self.kvm.psp.call(
+            await self.ctx.psp.call(
                 "GuestRequest",
                 psp_pb2.GuestRequestRequest(
                     gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
@@ -105,22 +109,22 @@ class GuestRequests:
                 ),
             )
         except PeerError as e:
-            self.kvm.counters.guest_requests[(kind, "firmware_error")] += 1
+            self.ctx.counters.guest_requests[(kind, "firmware_error")] += 1
             if not e.fw_status:
                 # UNVERIFIED(guest-req-no-status): snp_handle_guest_req() returns a failure without
                 # a firmware status to userspace (KVM_RUN fails); snpemu answers the guest
                 # VMM_ERR_GENERIC
-                return ExitResult(0, VMM_ERR_GENERIC << 32), regs, None
+                return ExitResult(0, vmm_error(VMM_ERR_GENERIC)), regs, None
             # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
             # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
             state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
-            return ExitResult(0, e.fw_status & SNP_GUEST_FW_ERR_MASK), regs, None
+            return ExitResult(0, fw_error(e.fw_status)), regs, None
         except Unavailable:
             # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
-            self.kvm.counters.guest_requests[(kind, "busy")] += 1
-            return ExitResult(0, VMM_ERR_BUSY << 32), regs, None
+            self.ctx.counters.guest_requests[(kind, "busy")] += 1
+            return ExitResult(0, vmm_error(VMM_ERR_BUSY)), regs, None
         # the response copy goes with the GHCB write (ExitState)
         state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
-        self.kvm.counters.guest_requests[(kind, "success")] += 1
-        self.kvm.counters.observe_request(time.perf_counter() - started)
+        self.ctx.counters.guest_requests[(kind, "success")] += 1
+        self.ctx.counters.observe_request(time.perf_counter() - started)
         return ExitResult(0, 0), regs, None

@@ -1,0 +1,87 @@
+"""What kvm does when a vCPU leaves guest mode: VMGEXIT (MSR protocol or GHCB) and #NPF.
+
+KERNEL: arch/x86/kvm/svm/sev.c sev_handle_vmgexit(), sev_handle_vmgexit_msr_protocol(),
+sev_es_validate_vmgexit(), sev_snp_ap_creation(), sev_handle_rmp_fault();
+arch/x86/kvm/svm/svm.c npf_interception().
+
+    __init__.py       Exits: the servicer's entry points, and the wiring
+    context.py        ExitContext: what handlers may touch of kvm
+    vcpus.py          the vCPU identity check, termination, rmp's kicks
+    dispatch.py       the full-GHCB exit: GHCB read, exit-code dispatch, write-back
+    outcome.py        ExitResult / ExitState: an exit's answer and what goes with its write
+    nae.py            which GHCB fields each event needs; the small SVM exits KVM emulates
+    msr.py            the GHCB MSR protocol
+    psc.py            Page State Change: the loop, the 4K plan, the speculation
+    guest_request.py  SNP guest requests and extended requests
+    ap.py             AP creation, the AP jump table, the AP reset hold
+    npf.py            nested page faults
+    cpuid.py          CPUID and MSR_AMD64_SEV
+    reasons.py        ExitReason: why an exit is refused
+  (kvm/scratch.py: the scratch area, IOIO and MMIO)
+
+The peers are called from few places: the GHCB read and the write-back sequence
+(dispatch.py), the unbatched PSC RMPUPDATEs (psc.py), PSMASH and the RMP entry read (npf.py),
+the firmware's guest request (guest_request.py), and kvm/host_access.py's HostAccess.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from snpemu.kvm.exits.cpuid import cpuid, sev_status
+from snpemu.kvm.exits.dispatch import GhcbExits, check_inline
+from snpemu.kvm.exits.guest_request import GuestRequests
+from snpemu.kvm.exits.msr import MsrProtocol
+from snpemu.kvm.exits.npf import NestedPageFaults
+from snpemu.kvm.exits.outcome import ExitResult
+from snpemu.kvm.exits.psc import PageStateChanges
+from snpemu.kvm.exits.reasons import ExitReason
+from snpemu.kvm.exits.vcpus import kick, running_vcpu
+from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.machine import Kvm
+from snpemu.kvm.vm import Vcpu, Vm
+
+__all__ = ["ExitReason", "ExitResult", "Exits", "cpuid", "sev_status"]
+
+
+class Exits:
+    def __init__(self, kvm: Kvm, tsc: Callable[[], int] = time.monotonic_ns) -> None:
+        self.kvm = kvm
+        self.host = HostAccess(kvm)
+        self.psc = PageStateChanges(kvm, self.host)
+        self.requests = GuestRequests(kvm, self.host)
+        self.msr = MsrProtocol(kvm, self.psc)
+        self.ghcb = GhcbExits(kvm, self.host, self.psc, self.requests, tsc)
+        self.npfs = NestedPageFaults(kvm, self.host)
+
+    @property
+    def tsc(self) -> Callable[[], int]:
+        """The guest's TSC (RDMSR of MSR_IA32_TSC): a 1 GHz count by default."""
+        return self.ghcb.tsc
+
+    @tsc.setter
+    def tsc(self, tsc: Callable[[], int]) -> None:
+        self.ghcb.tsc = tsc
+
+    def vcpu(self, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
+        return running_vcpu(self.kvm, ident)
+
+    async def msr_exit(self, ident: VcpuIdentity, value: int) -> tuple[int, bool]:
+        vm, vcpu = self.vcpu(ident)
+        return await self.msr.exit(vm, vcpu, value)
+
+    async def ghcb_exit(self, ident: VcpuIdentity, inline: bytes = b"") -> tuple[ExitResult, bytes]:
+        """Handle a VMGEXIT; returns the result and the GHCB page as written back. `inline` is
+        the GHCB page carried with the exit instead of read from guest memory."""
+        check_inline(inline)
+        vm, vcpu = self.vcpu(ident)
+        return await self.ghcb.exit(vm, vcpu, inline)
+
+    async def npf(self, ident: VcpuIdentity, gpa: int, error_code: int) -> tuple[str, bool]:
+        vm, vcpu = self.vcpu(ident)
+        return await self.npfs.fault(vm, vcpu, gpa, error_code)
+
+    def kick(self, asid: int, terminate: bool, reason: str) -> bool:
+        return kick(self.kvm, asid, terminate, reason)

@@ -1,0 +1,47 @@
+"""What exit handlers may touch of kvm: its VMs, its counters and tracepoints, its peers.
+
+`Kvm` (kvm/machine.py) is the one implementation; the handlers see nothing else of it, and
+unit tests stand in for it with as little. The peers are reached only from the few places
+named in exits/__init__.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from snpemu.kvm.machine import Counters, TraceHub
+    from snpemu.kvm.vm import Vm
+    from snpemu.runtime.peers import Peer, SessionPool
+
+
+class ExitContext(Protocol):
+    @property
+    def vms(self) -> Mapping[str, Vm]: ...
+
+    def vm(self, vm_id: str) -> Vm:
+        """The VM, or NotFound."""
+        ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    @property
+    def trace(self) -> TraceHub: ...
+
+    @property
+    def certs_blob(self) -> bytes:
+        """The certificate table an extended guest request returns (SNP_SET_EXT_CONFIG)."""
+        ...
+
+    @property
+    def rmp(self) -> Peer: ...
+
+    @property
+    def psp(self) -> Peer: ...
+
+    @property
+    def host(self) -> SessionPool:
+        """rmp's HostSession streams: kvm's own memory accesses and RMPUPDATEs."""
+        ...

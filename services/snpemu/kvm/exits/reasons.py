@@ -1,0 +1,19 @@
+"""Why kvm refuses an exit: the `reason` of the error the caller gets (the wire strings)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitReason(enum.StrEnum):
+    # the exit does not carry the vCPU identity kvm issued (token, ASID or vCPU unknown)
+    BAD_VCPU_IDENTITY = "BAD_VCPU_IDENTITY"
+    VM_TERMINATED = "VM_TERMINATED"
+    VM_STATE = "VM_STATE"  # not launched yet (or being torn down)
+    GHCB_NOT_REGISTERED = "GHCB_NOT_REGISTERED"
+    GHCB_NOT_MAPPED = "GHCB_NOT_MAPPED"
+    UNSUPPORTED_EVENT = (
+        "UNSUPPORTED_EVENT"  # the guest's own report (SVM_VMGEXIT_UNSUPPORTED_EVENT)
+    )
+    # KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: an exit with no KVM handler (nae.py)
+    UNEXPECTED_EXIT_REASON = "UNEXPECTED_EXIT_REASON"
