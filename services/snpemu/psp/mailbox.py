@@ -22,7 +22,7 @@ from snpemu.abi.rmp import PageState
 from snpemu.psp.guest import GuestContext, GuestState
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.rmp_port import Page, RmpPort
-from snpemu.psp.status import FirmwareError, SevStatus, fail
+from snpemu.psp.status import COMMAND_ERROR, FirmwareError, SevStatus, fail
 from snpemu.psp.topology import Topology
 
 P = ParamSpec("P")
@@ -62,7 +62,7 @@ def command(name: str) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awai
                     status = e.status.name
                     raise
                 except Exception:
-                    status = "ERROR"
+                    status = COMMAND_ERROR
                     raise
                 finally:
                     fw.stats.commands[(name, status)] += 1

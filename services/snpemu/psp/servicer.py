@@ -12,6 +12,7 @@ from snpemu.abi.addr import Spa
 from snpemu.abi.platform_status import PlatformStatus, StatusFlag
 from snpemu.errors import InvalidArgument
 from snpemu.psp.firmware import Firmware
+from snpemu.psp.status import PspReason
 from snpemu.psp.tcb import Tcb
 
 
@@ -23,13 +24,15 @@ def tcb_pb(tcb: Tcb) -> types_pb2.TcbVersion:
 
 def _gctx(handle: Any) -> Spa:
     if not handle.gctx_paddr:
-        raise InvalidArgument("gctx.gctx_paddr is required")
+        raise InvalidArgument("gctx.gctx_paddr is required", reason=PspReason.INVALID_ARGUMENT)
     return Spa(int(handle.gctx_paddr))
 
 
 def _size_2m(size: int) -> bool:
     if size not in (types_pb2.PAGE_SIZE_4K, types_pb2.PAGE_SIZE_2M):
-        raise InvalidArgument("page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M")
+        raise InvalidArgument(
+            "page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M", reason=PspReason.INVALID_ARGUMENT
+        )
     return size == types_pb2.PAGE_SIZE_2M
 
 
