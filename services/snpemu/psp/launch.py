@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 
 from snpemu.abi.addr import PAGE_SIZE, PMD_SIZE, Spa
+from snpemu.abi.asid import MAX_SNP_ASID, MIN_SNP_ASID
 from snpemu.abi.page_type import PageType
 from snpemu.abi.policy import GuestPolicy
 from snpemu.abi.rmp import FwOp, PageState
@@ -22,15 +23,7 @@ from snpemu.psp.guest import (
     secrets_page,
     verify_id,
 )
-from snpemu.psp.mailbox import (
-    API_MAJOR,
-    API_MINOR,
-    MAX_SNP_ASID,
-    MIN_SNP_ASID,
-    Mailbox,
-    aligned,
-    command,
-)
+from snpemu.psp.mailbox import API_MAJOR, API_MINOR, Mailbox, aligned, command
 from snpemu.psp.rmp_port import Page
 from snpemu.psp.status import SevStatus, fail
 from snpemu.rmp.entry import VMSA_GPA

@@ -29,7 +29,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 API_MAJOR, API_MINOR, BUILD = 1, 55, 21
-MIN_SNP_ASID, MAX_SNP_ASID = 1, 99  # SNP/SEV-ES ASIDs are 1..min_sev_asid-1 (CPUID 0x8000001F)
 
 
 class PlatformState(enum.IntEnum):
