@@ -61,7 +61,7 @@ class GuestContext:
 def check_policy(policy: int, api: tuple[int, int], *, smt_enabled: bool) -> None:
     """SNP_LAUNCH_START policy checks (SPEC: SNP ABI, Guest Policy and SNP_LAUNCH_START);
     POLICY_FAILURE when the policy asks for what this platform does not give. SINGLE_SOCKET is
-    checked at SNP_ACTIVATE (firmware.py)."""
+    checked at SNP_ACTIVATE (launch.py)."""
     if guest_policy.reserved_bits(policy):
         raise fail(SevStatus.INVALID_PARAM, f"policy {policy:#x} sets reserved bits 63:26")
     if not policy & GuestPolicy.RSVD_MBO:
