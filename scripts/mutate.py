@@ -49,18 +49,9 @@ class Core:
 CORES = {
     "abi": Core(("snpemu/abi/",)),
     "rmp": Core(("snpemu/rmp/table.py", "snpemu/rmp/entry.py")),
-    # the report (psp/report.py) and the guest-message handling of psp/firmware.py: the
+    # the report (psp/report.py) and the guest-message handling (psp/guest_request.py): the
     # SNP_GUEST_REQUEST command and the MSG_REPORT_REQ / MSG_KEY_REQ replies it seals
-    "psp": Core(
-        ("snpemu/psp/report.py", "snpemu/psp/firmware.py"),
-        only=(
-            "snpemu.psp.report.*",
-            "snpemu.psp.firmware.xǁFirmwareǁguest_request__mutmut_*",
-            "snpemu.psp.firmware.xǁFirmwareǁ_report_reply__mutmut_*",
-            "snpemu.psp.firmware.xǁFirmwareǁattestation_report__mutmut_*",
-            "snpemu.psp.firmware.xǁFirmwareǁ_key_reply__mutmut_*",
-        ),
-    ),
+    "psp": Core(("snpemu/psp/report.py", "snpemu/psp/guest_request.py")),
     "kvm": Core(("snpemu/kvm/exits/psc.py",)),
 }
 

@@ -14,11 +14,11 @@ import ctypes
 import uuid
 
 import pytest
-from snpemu.abi import cert_table, ghcb, psc
+from snpemu.abi import cert_table, ghcb, policy, psc
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import rmp as abi_rmp
-from snpemu.psp import guest as psp_guest
+from snpemu.abi.policy import GuestPolicy
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
 from snpemu.rmp import entry as rmp_entry
@@ -85,12 +85,12 @@ def test_guest_policy_bits_are_the_kernels() -> None:
     # KERNEL: include/linux/psp-sev.h SNP_POLICY_MASK_SMT BIT_ULL(16), _RSVD_MBO BIT_ULL(17),
     # _MIGRATE_MA BIT_ULL(18), _DEBUG BIT_ULL(19), _SINGLE_SOCKET BIT_ULL(20); the highest
     # defined bit is _PAGE_SWAP_DISABLE BIT_ULL(25), so 63:26 are reserved
-    assert psp_guest.POLICY_SMT == 0x1_0000
-    assert psp_guest.POLICY_RSVD_MBO == 0x2_0000
-    assert psp_guest.POLICY_MIGRATE_MA == 0x4_0000
-    assert psp_guest.POLICY_DEBUG == 0x8_0000
-    assert psp_guest.POLICY_SINGLE_SOCKET == 0x10_0000
-    assert psp_guest.POLICY_RESERVED == 0xFFFF_FFFF_FC00_0000
+    assert GuestPolicy.SMT == 0x1_0000
+    assert GuestPolicy.RSVD_MBO == 0x2_0000
+    assert GuestPolicy.MIGRATE_MA == 0x4_0000
+    assert GuestPolicy.DEBUG == 0x8_0000
+    assert GuestPolicy.SINGLE_SOCKET == 0x10_0000
+    assert policy.RESERVED_MASK == 0xFFFF_FFFF_FC00_0000
 
 
 def test_rmp_instruction_codes_are_the_kernels() -> None:

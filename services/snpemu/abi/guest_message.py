@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PAGE = 4096
+from snpemu.abi.addr import PAGE_SIZE
+
 HDR_SIZE = 0x60
-MAX_PAYLOAD = PAGE - HDR_SIZE  # 4000
+MAX_PAYLOAD = PAGE_SIZE - HDR_SIZE  # 4000
 AUTHTAG_LEN = 16
 AEAD_ALGO_AES_256_GCM = 1
 MSG_HDR_VER = 1
@@ -93,8 +94,8 @@ def iv(seqno: int) -> bytes:
 
 
 def parse_header(page: bytes) -> Header:
-    if len(page) != PAGE:
-        raise MessageError(f"a message page is {PAGE} bytes, got {len(page)}")
+    if len(page) != PAGE_SIZE:
+        raise MessageError(f"a message page is {PAGE_SIZE} bytes, got {len(page)}")
     seqno, rsvd1, algo, hv, hsz, mtype, mver, msz, rsvd2, vmpck = _FIXED.unpack_from(page, 0x20)
     reserved_clear = rsvd1 == 0 and rsvd2 == 0 and not any(page[0x3D:0x60])
     return Header(seqno, mtype, mver, msz, vmpck, algo, hv, hsz, bytes(page[:32]), reserved_clear)
@@ -106,7 +107,7 @@ def seal(key: bytes, header: Header, payload: bytes) -> bytes:
         raise MessageError(f"payload of {len(payload)} bytes does not fit msg_sz {header.msg_sz}")
     sealed = AESGCM(key).encrypt(iv(header.seqno), payload, header.aad())
     ct, tag = sealed[:-AUTHTAG_LEN], sealed[-AUTHTAG_LEN:]
-    page = bytearray(PAGE)
+    page = bytearray(PAGE_SIZE)
     page[:AUTHTAG_LEN] = tag
     page[0x20:HDR_SIZE] = header.packed()
     page[HDR_SIZE : HDR_SIZE + len(ct)] = ct

@@ -15,6 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from snpemu.abi import policy as guest_policy
+from snpemu.abi.addr import PAGE_SIZE
+from snpemu.abi.guest_payload import KeyField
+from snpemu.abi.policy import GuestPolicy
+from snpemu.abi.secrets import SecretsPage
 from snpemu.psp.measure import LaunchDigest
 from snpemu.psp.status import SevStatus, fail
 from snpemu.psp.tcb import Product, Tcb
@@ -26,15 +31,6 @@ class GuestState(enum.IntEnum):
     INIT = 1
     LAUNCH = 2
     RUNNING = 3
-
-
-# Guest policy bits. KERNEL: include/linux/psp-sev.h SNP_POLICY_MASK_*; docs/abi.md#guest-policy
-POLICY_SMT = 1 << 16
-POLICY_RSVD_MBO = 1 << 17
-POLICY_MIGRATE_MA = 1 << 18
-POLICY_DEBUG = 1 << 19
-POLICY_SINGLE_SOCKET = 1 << 20
-POLICY_RESERVED = ~((1 << 26) - 1) & (2**64 - 1)
 
 
 @dataclass
@@ -65,26 +61,26 @@ class GuestContext:
 def check_policy(policy: int, api: tuple[int, int], *, smt_enabled: bool) -> None:
     """SNP_LAUNCH_START policy checks (SPEC: SNP ABI, Guest Policy and SNP_LAUNCH_START);
     POLICY_FAILURE when the policy asks for what this platform does not give. SINGLE_SOCKET is
-    checked at SNP_ACTIVATE (firmware.py)."""
-    if policy & POLICY_RESERVED:
+    checked at SNP_ACTIVATE (launch.py)."""
+    if guest_policy.reserved_bits(policy):
         raise fail(SevStatus.INVALID_PARAM, f"policy {policy:#x} sets reserved bits 63:26")
-    if not policy & POLICY_RSVD_MBO:
+    if not policy & GuestPolicy.RSVD_MBO:
         raise fail(SevStatus.POLICY_FAILURE, "policy bit 17 (reserved, must be one) is zero")
-    if not policy & POLICY_SMT and smt_enabled:
+    if not policy & GuestPolicy.SMT and smt_enabled:
         # SMT = 0 asks for a platform with SMT disabled in the BIOS; with SMT disabled, either
         # value launches. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() no longer checks it.
         raise fail(SevStatus.POLICY_FAILURE, "policy forbids SMT but SMT is enabled")
-    major, minor = policy >> 8 & 0xFF, policy & 0xFF
+    major, minor = guest_policy.abi_version(policy)
     if (major, minor) > api:
         raise fail(
             SevStatus.POLICY_FAILURE,
             f"policy needs firmware ABI {major}.{minor}, this firmware is {api[0]}.{api[1]}",
         )
-    if policy & POLICY_MIGRATE_MA:
+    if policy & GuestPolicy.MIGRATE_MA:
         raise fail(SevStatus.POLICY_FAILURE, "migration agents are not supported")
 
 
-# --- secrets page (docs/abi.md#secrets-page, KERNEL: arch/x86/include/asm/sev.h snp_secrets_page)
+# --- secrets page (layout: abi/secrets.py) -------------------------------------------------------
 
 SECRETS_VERSION = 3  # UNVERIFIED(secrets-version): the version the firmware writes
 
@@ -95,13 +91,13 @@ def cpuid_signature(product: Product) -> int:
 
 
 def secrets_page(ctx: GuestContext, product: Product) -> bytes:
-    page = bytearray(4096)
-    fms = cpuid_signature(product)
-    struct.pack_into("<III", page, 0x000, SECRETS_VERSION, int(ctx.imi_en), fms)
-    page[0x010:0x020] = ctx.gosvw
-    for i, key in enumerate(ctx.vmpcks):
-        page[0x020 + 32 * i : 0x040 + 32 * i] = key
-    return bytes(page)
+    return SecretsPage(
+        version=SECRETS_VERSION,
+        imi_en=ctx.imi_en,
+        fms=cpuid_signature(product),
+        gosvw=ctx.gosvw,
+        vmpcks=ctx.vmpcks,
+    ).pack()
 
 
 # --- CPUID page (docs/abi.md#cpuid-page, KERNEL: arch/x86/kernel/sev-shared.c snp_cpuid_*) ------
@@ -183,7 +179,7 @@ def _check_sig(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes, what: st
 def verify_id(id_block: bytes, id_auth: bytes, auth_key_en: bool) -> tuple[IdBlock, bytes, bytes]:
     """Verify ID_BLOCK_SIG (and ID_KEY_SIG with the author key); returns the block and the
     SHA-384 digests of the ID key and author key structures."""
-    if len(id_block) != 96 or len(id_auth) != 4096:
+    if len(id_block) != ID_BLOCK.size or len(id_auth) != PAGE_SIZE:
         raise fail(SevStatus.INVALID_PARAM, "ID block is 96 bytes and ID auth 4096 bytes")
     block = IdBlock(*ID_BLOCK.unpack(id_block))
     id_algo, auth_algo = struct.unpack_from("<II", id_auth, 0)
@@ -199,10 +195,7 @@ def verify_id(id_block: bytes, id_auth: bytes, auth_key_en: bool) -> tuple[IdBlo
     return block, hashlib.sha384(id_key).digest(), author_digest
 
 
-# --- MSG_KEY_REQ (docs/abi.md#payloads) --------------------------------------------------------
-
-FIELD_POLICY, FIELD_IMAGE_ID, FIELD_FAMILY_ID, FIELD_MEASUREMENT = 1, 2, 4, 8
-FIELD_GUEST_SVN, FIELD_TCB_VERSION = 16, 32
+# --- MSG_KEY_REQ (layout: abi/guest_payload.py) -------------------------------------------------
 
 
 def derive_key(
@@ -217,17 +210,17 @@ def derive_key(
     """A 32-byte key from the chip secret mixed with the VMPL and the selected guest fields:
     changing a selected field changes the key, an unselected one does not."""
     parts = [b"vmpl", vmpl.to_bytes(4, "little"), b"select", field_select.to_bytes(8, "little")]
-    if field_select & FIELD_POLICY:
+    if field_select & KeyField.POLICY:
         parts += [b"policy", ctx.policy.to_bytes(8, "little")]
-    if field_select & FIELD_IMAGE_ID:
+    if field_select & KeyField.IMAGE_ID:
         parts += [b"image", ctx.image_id]
-    if field_select & FIELD_FAMILY_ID:
+    if field_select & KeyField.FAMILY_ID:
         parts += [b"family", ctx.family_id]
-    if field_select & FIELD_MEASUREMENT:
+    if field_select & KeyField.MEASUREMENT:
         parts += [b"measurement", ctx.digest.value]
-    if field_select & FIELD_GUEST_SVN:
+    if field_select & KeyField.GUEST_SVN:
         parts += [b"svn", guest_svn.to_bytes(4, "little")]
-    if field_select & FIELD_TCB_VERSION:
+    if field_select & KeyField.TCB_VERSION:
         parts += [b"tcb", tcb.to_bytes(8, "little")]
     return HKDF(hashes.SHA384(), 32, salt=b"snpemu MSG_KEY_REQ", info=b"".join(parts)).derive(
         chip_secret

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from snpemu.psp.firmware import Firmware
 from snpemu.psp.guest import GuestState
-from snpemu.psp.status import SevStatus
+from snpemu.psp.status import COMMAND_ERROR, SevStatus
 
 COMMANDS = (
     "SNP_INIT",
@@ -58,11 +58,11 @@ class PspCollector(Collector):
             labels=["command", "status"],
         )
         # every (command, status) from the start, at zero, so that a command's first failure
-        # is a step a rate() sees (as runtime/metrics.py does for gRPC codes); "ERROR" is
-        # firmware.command()'s name for an exception that is not a firmware status
+        # is a step a rate() sees (as runtime/metrics.py does for gRPC codes); COMMAND_ERROR is
+        # mailbox.command()'s name for an exception that is not a firmware status
         seen = dict(self.fw.stats.commands)
         for c in COMMANDS:
-            for status in (*(s.name for s in SevStatus), "ERROR"):
+            for status in (*(s.name for s in SevStatus), COMMAND_ERROR):
                 seen.setdefault((c, status), 0)
         for (c, s), n in sorted(seen.items()):
             commands.add_metric([c, s], float(n))

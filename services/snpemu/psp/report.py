@@ -1,8 +1,8 @@
-"""ATTESTATION_REPORT (0x4A0 bytes) built from live guest state and signed by the VCEK.
+"""The ATTESTATION_REPORT the firmware assembles from live guest state and signs with the VCEK.
 
-SPEC: SNP ABI "ATTESTATION_REPORT Structure"; layout per go-sev-guest abi/abi.go and virtee
-sev (docs/abi.md#report). Every reserved byte stays zero. The signature covers bytes 0x000..0x29F:
-ECDSA P-384 with SHA-384, R and S little-endian, zero-padded to 72 bytes each.
+The layout is abi/report.py's one field table (SPEC: SNP ABI "ATTESTATION_REPORT Structure");
+here the firmware's values go into it and the signature over bytes 0x000..0x29F: ECDSA P-384
+with SHA-384, R and S little-endian, zero-padded to 72 bytes each.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-REPORT_SIZE = 0x4A0
-SIGNED_SIZE = 0x2A0
-SIG_OFFSET = 0x2A0
-SIG_COMPONENT = 72
-SIGNATURE_ALGO_ECDSA_P384_SHA384 = 1
-# signer info (0x48): bits 4:2 SIGNING_KEY; 0 = VCEK, 1 = VLEK, 7 = none
-SIGNING_KEY_VCEK, SIGNING_KEY_NONE = 0, 7
+from snpemu.abi import report as layout
+from snpemu.abi.report import (
+    SIG_COMPONENT,
+    SIG_OFFSET,
+    SIGNATURE_ALGO_ECDSA_P384_SHA384,
+    SIGNED_SIZE,
+)
 
 
 @dataclass(frozen=True)
@@ -57,44 +57,48 @@ class ReportFields:
     launch_tcb: int
 
 
-def _put(buf: bytearray, offset: int, data: bytes, size: int) -> None:
-    assert len(data) <= size, (offset, len(data), size)
-    buf[offset : offset + len(data)] = data
-
-
-def _u(value: int, size: int) -> bytes:
-    return value.to_bytes(size, "little")
-
-
 def build(f: ReportFields) -> bytearray:
-    r = bytearray(REPORT_SIZE)
-    _put(r, 0x000, _u(f.version, 4), 4)
-    _put(r, 0x004, _u(f.guest_svn, 4), 4)
-    _put(r, 0x008, _u(f.policy, 8), 8)
-    _put(r, 0x010, f.family_id, 16)
-    _put(r, 0x020, f.image_id, 16)
-    _put(r, 0x030, _u(f.vmpl, 4), 4)
-    _put(r, 0x034, _u(SIGNATURE_ALGO_ECDSA_P384_SHA384, 4), 4)
-    _put(r, 0x038, _u(f.current_tcb, 8), 8)
-    _put(r, 0x040, _u(f.platform_info, 8), 8)
-    signer = int(f.author_key_en) | int(f.mask_chip_key) << 1 | (f.signing_key & 7) << 2
-    _put(r, 0x048, _u(signer, 4), 4)
-    _put(r, 0x050, f.report_data, 64)
-    _put(r, 0x090, f.measurement, 48)
-    _put(r, 0x0C0, f.host_data, 32)
-    _put(r, 0x0E0, f.id_key_digest, 48)
-    _put(r, 0x110, f.author_key_digest, 48)
-    _put(r, 0x140, f.report_id, 32)
-    _put(r, 0x160, f.report_id_ma, 32)
-    _put(r, 0x180, _u(f.reported_tcb, 8), 8)
-    if f.version >= 3:  # CPUID family/model/stepping are v3+; MBZ in v2
-        r[0x188], r[0x189], r[0x18A] = f.cpuid_fam, f.cpuid_mod, f.cpuid_step
-    _put(r, 0x1A0, f.chip_id, 64)
-    _put(r, 0x1E0, _u(f.committed_tcb, 8), 8)
-    r[0x1E8], r[0x1E9], r[0x1EA] = f.current_version
-    r[0x1EC], r[0x1ED], r[0x1EE] = f.committed_version
-    _put(r, 0x1F0, _u(f.launch_tcb, 8), 8)
-    return r
+    """The unsigned report (every reserved byte zero)."""
+    cur_build, cur_minor, cur_major = f.current_version
+    com_build, com_minor, com_major = f.committed_version
+    return layout.pack(
+        {
+            "version": f.version,
+            "guest_svn": f.guest_svn,
+            "policy": f.policy,
+            "family_id": f.family_id,
+            "image_id": f.image_id,
+            "vmpl": f.vmpl,
+            "signature_algo": SIGNATURE_ALGO_ECDSA_P384_SHA384,
+            "current_tcb": f.current_tcb,
+            "platform_info": f.platform_info,
+            "signer_info": layout.signer_info(
+                author_key_en=f.author_key_en,
+                mask_chip_key=f.mask_chip_key,
+                signing_key=f.signing_key,
+            ),
+            "report_data": f.report_data,
+            "measurement": f.measurement,
+            "host_data": f.host_data,
+            "id_key_digest": f.id_key_digest,
+            "author_key_digest": f.author_key_digest,
+            "report_id": f.report_id,
+            "report_id_ma": f.report_id_ma,
+            "reported_tcb": f.reported_tcb,
+            "cpuid_fam_id": f.cpuid_fam,
+            "cpuid_mod_id": f.cpuid_mod,
+            "cpuid_step": f.cpuid_step,
+            "chip_id": f.chip_id,
+            "committed_tcb": f.committed_tcb,
+            "current_build": cur_build,
+            "current_minor": cur_minor,
+            "current_major": cur_major,
+            "committed_build": com_build,
+            "committed_minor": com_minor,
+            "committed_major": com_major,
+            "launch_tcb": f.launch_tcb,
+        }
+    )
 
 
 def sign(report: bytearray, key: ec.EllipticCurvePrivateKey | None) -> bytes:
@@ -102,8 +106,8 @@ def sign(report: bytearray, key: ec.EllipticCurvePrivateKey | None) -> bytes:
     if key is not None:
         der = key.sign(bytes(report[:SIGNED_SIZE]), ec.ECDSA(hashes.SHA384()))
         r, s = decode_dss_signature(der)
-        _put(report, SIG_OFFSET, r.to_bytes(SIG_COMPONENT, "little"), SIG_COMPONENT)
-        _put(report, SIG_OFFSET + SIG_COMPONENT, s.to_bytes(SIG_COMPONENT, "little"), SIG_COMPONENT)
+        sig = r.to_bytes(SIG_COMPONENT, "little") + s.to_bytes(SIG_COMPONENT, "little")
+        report[SIG_OFFSET : SIG_OFFSET + len(sig)] = sig
     return bytes(report)
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2 as pb
 
+from snpemu.abi.addr import Spa
+from snpemu.abi.platform_status import PlatformStatus, StatusFlag
 from snpemu.errors import InvalidArgument
 from snpemu.psp.firmware import Firmware
+from snpemu.psp.status import PspReason
 from snpemu.psp.tcb import Tcb
 
 
@@ -20,15 +22,17 @@ def tcb_pb(tcb: Tcb) -> types_pb2.TcbVersion:
     )
 
 
-def _gctx(handle: Any) -> int:
+def _gctx(handle: Any) -> Spa:
     if not handle.gctx_paddr:
-        raise InvalidArgument("gctx.gctx_paddr is required")
-    return int(handle.gctx_paddr)
+        raise InvalidArgument("gctx.gctx_paddr is required", reason=PspReason.INVALID_ARGUMENT)
+    return Spa(int(handle.gctx_paddr))
 
 
 def _size_2m(size: int) -> bool:
     if size not in (types_pb2.PAGE_SIZE_4K, types_pb2.PAGE_SIZE_2M):
-        raise InvalidArgument("page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M")
+        raise InvalidArgument(
+            "page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M", reason=PspReason.INVALID_ARGUMENT
+        )
     return size == types_pb2.PAGE_SIZE_2M
 
 
@@ -66,26 +70,24 @@ class PspServicer:
         return pb.SnpShutdownExResponse()
 
     async def SnpPlatformStatus(self, request: Any, context: Any) -> pb.SnpPlatformStatusResponse:
-        raw = await self.fw.platform_status(request.status_paddr)
-        major, minor, state, rmp_init, build, flags, guests, cur, rep = struct.unpack(
-            "<BBBBIIIQQ", raw
-        )
+        raw = await self.fw.platform_status(Spa(request.status_paddr))
+        st = PlatformStatus.unpack(raw)
         return pb.SnpPlatformStatusResponse(
-            api_major=major,
-            api_minor=minor,
-            state=pb.PlatformState.ValueType(state + 1),
-            is_rmp_initialized=bool(rmp_init & 1),
-            build_id=build,
-            mask_chip_id=bool(flags & 1),
-            mask_chip_key=bool(flags & 2),
-            vlek_en=bool(flags & 4),
-            feature_info=bool(flags & 8),
-            rapl_dis=bool(flags & 16),
-            ciphertext_hiding_cap=bool(flags & 32),
-            ciphertext_hiding_en=bool(flags & 64),
-            guest_count=guests,
-            current_tcb=tcb_pb(Tcb.from_raw(cur)),
-            reported_tcb=tcb_pb(Tcb.from_raw(rep)),
+            api_major=st.api_major,
+            api_minor=st.api_minor,
+            state=pb.PlatformState.ValueType(st.state + 1),
+            is_rmp_initialized=st.is_rmp_initialized,
+            build_id=st.build_id,
+            mask_chip_id=StatusFlag.MASK_CHIP_ID in st.flags,
+            mask_chip_key=StatusFlag.MASK_CHIP_KEY in st.flags,
+            vlek_en=StatusFlag.VLEK_EN in st.flags,
+            feature_info=StatusFlag.FEATURE_INFO in st.flags,
+            rapl_dis=StatusFlag.RAPL_DIS in st.flags,
+            ciphertext_hiding_cap=StatusFlag.CIPHERTEXT_HIDING_CAP in st.flags,
+            ciphertext_hiding_en=StatusFlag.CIPHERTEXT_HIDING_EN in st.flags,
+            guest_count=st.guest_count,
+            current_tcb=tcb_pb(Tcb.from_raw(st.current_tcb)),
+            reported_tcb=tcb_pb(Tcb.from_raw(st.reported_tcb)),
             raw=raw,
         )
 
@@ -115,7 +117,7 @@ class PspServicer:
         )
 
     async def SevInit(self, request: Any, context: Any) -> pb.SevInitResponse:
-        await self.fw.sev_init(request.tmr_paddr, request.tmr_len)
+        await self.fw.sev_init(Spa(request.tmr_paddr), request.tmr_len)
         return pb.SevInitResponse()
 
     async def SevShutdown(self, request: Any, context: Any) -> pb.SevShutdownResponse:
@@ -136,7 +138,7 @@ class PspServicer:
     # --- guests -------------------------------------------------------------------------------
 
     async def GctxCreate(self, request: Any, context: Any) -> pb.GctxCreateResponse:
-        await self.fw.gctx_create(request.gctx_paddr)
+        await self.fw.gctx_create(Spa(request.gctx_paddr))
         return pb.GctxCreateResponse(
             gctx=handles_pb2.GuestContextHandle(gctx_paddr=request.gctx_paddr)
         )
@@ -158,7 +160,7 @@ class PspServicer:
     async def LaunchUpdate(self, request: Any, context: Any) -> pb.LaunchUpdateResponse:
         digest = await self.fw.launch_update(
             _gctx(request.gctx),
-            address=request.address,
+            address=Spa(request.address),
             page_type=request.page_type,
             size_2m=_size_2m(request.page_size),
             imi=request.imi_page,
@@ -192,23 +194,25 @@ class PspServicer:
         return pb.DecommissionResponse()
 
     async def PageReclaim(self, request: Any, context: Any) -> pb.PageReclaimResponse:
-        await self.fw.page_reclaim(request.paddr, _size_2m(request.page_size))
+        await self.fw.page_reclaim(Spa(request.paddr), _size_2m(request.page_size))
         return pb.PageReclaimResponse()
 
     async def PageUnsmash(self, request: Any, context: Any) -> pb.PageUnsmashResponse:
-        await self.fw.page_unsmash(request.paddr)
+        await self.fw.page_unsmash(Spa(request.paddr))
         return pb.PageUnsmashResponse()
 
     async def DbgDecrypt(self, request: Any, context: Any) -> pb.DbgDecryptResponse:
-        await self.fw.dbg_decrypt(_gctx(request.gctx), request.src_addr, request.dst_addr)
+        await self.fw.dbg_decrypt(_gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
         return pb.DbgDecryptResponse()
 
     async def DbgEncrypt(self, request: Any, context: Any) -> pb.DbgEncryptResponse:
-        await self.fw.dbg_encrypt(_gctx(request.gctx), request.src_addr, request.dst_addr)
+        await self.fw.dbg_encrypt(_gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
         return pb.DbgEncryptResponse()
 
     async def GuestRequest(self, request: Any, context: Any) -> pb.GuestRequestResponse:
-        await self.fw.guest_request(_gctx(request.gctx), request.req_paddr, request.res_paddr)
+        await self.fw.guest_request(
+            _gctx(request.gctx), Spa(request.req_paddr), Spa(request.res_paddr)
+        )
         return pb.GuestRequestResponse()
 
     async def GetCertificates(self, request: Any, context: Any) -> pb.GetCertificatesResponse:

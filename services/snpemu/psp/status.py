@@ -3,7 +3,8 @@
 KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (docs/abi.md#status-codes). A failing command
 raises FirmwareError, which carries the code and leaves the firmware state unchanged; the
 servicer reports it as a gRPC error whose ErrorInfo reason is the code's name and whose
-metadata has fw_status = "0x00NN".
+metadata has fw_status = "0x00NN". The psp's other reasons (PspReason) are those of the checks
+the servicer makes before the firmware sees a request.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ class SevStatus(enum.IntEnum):
     RESTORE_REQUIRED = 0x25
     RMP_INITIALIZATION_FAILED = 0x26
     INVALID_KEY = 0x27
+
+    @classmethod
+    def from_reason(cls, reason: str) -> SevStatus | None:
+        """The status a FirmwareError's reason names, for a client to compare by member
+        (`SevStatus.from_reason(e.reason) is SevStatus.INVALID_PAGE_STATE`); None for a reason
+        that is not a firmware status."""
+        return cls.__members__.get(reason)
+
+
+class PspReason(enum.StrEnum):
+    """The reasons psp raises that are not a firmware status (the wire strings)."""
+
+    # a request field the servicer refuses before the firmware sees it
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+
+
+# snp_psp_commands_total's status label for a command that raised something other than a
+# firmware status (a bug or an unreachable rmp)
+COMMAND_ERROR = "ERROR"
 
 
 # State errors are FAILED_PRECONDITION; the rest are bad input (INVALID_ARGUMENT).
