@@ -1,17 +1,22 @@
 """The rmp model: memory, RMP, keys, nested paging, host maps and the violation policy.
 
 Free of gRPC: the servicer adapts it. `RmpMachine` is the facade the servicer, psp's in-process
-port and the tests use; it composes the parts, each in its own module:
+port and the tests use; it holds the platform (memory size, IOMMU, the WBINVD indicator) and
+composes the parts, each in its own module:
 
     table.py        the RMP entries and the instructions that change them
     identities.py   the vCPU identities kvm registers and guest operations present
+    paging.py       the nested page tables, one per ASID
+    guest_insns.py  PVALIDATE and RMPADJUST at a guest's GPA
     access.py       guest, host and firmware memory access (page pieces, en/decryption)
     violations.py   the policy for a host write to an assigned page; kicks; the panic
     host_maps.py    host maps of shared pages (post_map_gfn / post_unmap_gfn)
+    allocation.py   frames allocated, freed and leaked
+    counters.py     what the metrics adapter (metrics.py) reads
+    reasons.py      the reasons rmp's errors carry
 
 Host and guest operations are plain methods; the one that may wait (a host write under
-`convert`, which kicks the guest's vCPUs through kvm) is a coroutine. Counters live here; the
-metrics adapter reads them.
+`convert`, which kicks the guest's vCPUs through kvm) is a coroutine.
 """
 
 from __future__ import annotations

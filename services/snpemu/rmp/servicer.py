@@ -9,7 +9,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
-from snpemu.abi.addr import pfn_to_spa, spa_to_pfn
+from snpemu.abi.addr import PAGE_SIZE, pfn_to_spa, spa_to_pfn
 from snpemu.abi.rmp import FwOp, PageState
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument
@@ -200,7 +200,7 @@ class RmpServicer:
         return pb.HostReadResponse(data=self.m.host_read(request.spa, request.length))
 
     async def HostCopy(self, request: Any, context: Any) -> pb.HostCopyResponse:
-        if not 0 < request.length <= 4096 or request.peek > min(256, request.length):
+        if not 0 < request.length <= PAGE_SIZE or request.peek > min(256, request.length):
             raise InvalidArgument("length is 1..4096 and peek at most 256 and at most length")
         data = self.m.host_read(request.src_spa, request.length)
         write = await self.HostWrite(
