@@ -24,7 +24,7 @@ from snpemu.kvm.machine import Kvm
 from snpemu.kvm.servicer import KvmServicer
 from snpemu.kvm.throttle import Throttle
 from snpemu.rmp.machine import RmpMachine
-from snpemu.rmp.servicer import KickHub
+from snpemu.rmp.violations import KickHub
 
 from tests.conftest import FakeClock
 

@@ -19,8 +19,15 @@ def _make_impl(runtime: ServiceRuntime) -> object:
     from snpemu.rmp.machine import RmpMachine
     from snpemu.rmp.metrics import RmpCollector
     from snpemu.rmp.servicer import RmpServicer, set_not_serving
+    from snpemu.rmp.violations import KickHub
 
     opts = runtime.options
+
+    async def on_panic(_reason: str) -> None:
+        # A panicked host stops serving: health says so until rmp restarts (a reboot).
+        await set_not_serving(runtime.health, _SERVICE.full_name)
+
+    hub = KickHub(opts.kick_timeout_s, opts.sleep)
     machine = RmpMachine(
         opts.memory_bytes,
         iommu=opts.iommu,
@@ -28,15 +35,11 @@ def _make_impl(runtime: ServiceRuntime) -> object:
         hold_s=opts.hold_s,
         map_leak_s=opts.map_leak_s,
         clock=opts.clock,
+        notifier=hub,
+        on_panic=on_panic,
     )
-
-    async def on_panic(_reason: str) -> None:
-        # A panicked host stops serving: health says so until rmp restarts (a reboot).
-        await set_not_serving(runtime.health, _SERVICE.full_name)
-
-    machine.on_panic = on_panic
     runtime.registry.register(RmpCollector(machine))
-    return RmpServicer(machine, opts.kick_timeout_s, sleep=opts.sleep)
+    return RmpServicer(machine, hub)
 
 
 def _options(env: Mapping[str, str]) -> object:

@@ -17,6 +17,7 @@ import grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 
 from snpemu.errors import WrongState
+from snpemu.rmp.reasons import RmpReason
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def read_credential(state_dir: Path | str = ".snpemu") -> str:
 class HostAccessRefused(WrongState):
     """The host may not map guest-private memory (gmem): the write failed and changed nothing."""
 
-    default_reason = "GUEST_PRIVATE_MEMORY"
+    default_reason = RmpReason.GUEST_PRIVATE_MEMORY
 
 
 def die_of_sigbus(dump: list[str]) -> None:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from snpemu.errors import InvalidArgument, WrongState
 from snpemu.rmp.entry import MAX_ASID
+from snpemu.rmp.reasons import RmpReason
 
 KEY_BYTES = 64  # AES-256-XTS takes two 256-bit keys
 
@@ -28,7 +29,7 @@ class MemoryKeys:
 
     def remove(self, asid: int) -> None:
         if self._keys.pop(asid, None) is None:
-            raise WrongState(f"ASID {asid} has no key installed", reason="NO_KEY")
+            raise WrongState(f"ASID {asid} has no key installed", reason=RmpReason.NO_KEY)
 
     def has(self, asid: int) -> bool:
         return asid in self._keys
@@ -36,7 +37,7 @@ class MemoryKeys:
     def _cipher(self, asid: int, spa: int) -> Cipher[modes.XTS]:
         key = self._keys.get(asid)
         if key is None:
-            raise WrongState(f"ASID {asid} has no key installed", reason="NO_KEY")
+            raise WrongState(f"ASID {asid} has no key installed", reason=RmpReason.NO_KEY)
         return Cipher(key, modes.XTS(spa.to_bytes(16, "little")))
 
     def encrypt(self, asid: int, spa: int, page: bytes) -> bytes:

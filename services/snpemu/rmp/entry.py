@@ -5,7 +5,7 @@ KERNEL: arch/x86/virt/svm/sev.c struct rmpentry_raw
     lo bit 0      ASSIGNED
     lo bit 1      PAGESIZE (0 = 4K, 1 = 2M)
     lo bit 2      IMMUTABLE
-    lo bits 50:12 GPA >> 12
+    lo bits 50:12 GPA bits 50:12, in place (the frame number)
     lo bits 60:51 ASID
     lo bit 61     VMSA
     lo bit 62     VALIDATED

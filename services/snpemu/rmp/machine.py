@@ -1,88 +1,72 @@
 """The rmp model: memory, RMP, keys, nested paging, host maps and the violation policy.
 
-Free of gRPC: the servicer adapts it. Host and guest operations are plain methods; the one
-that may wait (a host write under `convert`, which kicks the guest's vCPUs through kvm) is a
-coroutine. Counters live here; the metrics adapter reads them.
+Free of gRPC: the servicer adapts it. `RmpMachine` is the facade the servicer, psp's in-process
+port and the tests use; it holds the platform (memory size, IOMMU, the WBINVD indicator) and
+composes the parts, each in its own module:
+
+    table.py        the RMP entries and the instructions that change them
+    identities.py   the vCPU identities kvm registers and guest operations present
+    paging.py       the nested page tables, one per ASID
+    guest_insns.py  PVALIDATE and RMPADJUST at a guest's GPA
+    access.py       guest, host and firmware memory access (page pieces, en/decryption)
+    violations.py   the policy for a host write to an assigned page; kicks; the panic
+    host_maps.py    host maps of shared pages (post_map_gfn / post_unmap_gfn)
+    allocation.py   frames allocated, freed and leaked
+    counters.py     what the metrics adapter (metrics.py) reads
+    reasons.py      the reasons rmp's errors carry
+
+Host and guest operations are plain methods; the one that may wait (a host write under
+`convert`, which kicks the guest's vCPUs through kvm) is a coroutine.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import secrets
 import time
-import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
-from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M
-from snpemu.abi.rmp import Code, FwOp, PageState
-from snpemu.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable, WrongState
-from snpemu.rmp.crypto import MemoryKeys
-from snpemu.rmp.entry import (
-    ASID_MASK,
-    ASID_SHIFT,
-    ASSIGNED,
-    GPA_MASK,
-    IMMUTABLE,
-    MAX_ASID,
-    PAGESIZE,
-    PERM_READ,
-    PERM_SHIFTS,
-    PERM_WRITE,
-    VALIDATED,
-    VMSA,
-    Entry,
+from snpemu.abi.addr import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGES_PER_2M,
+    page_aligned,
+    page_offset,
+    pages,
+    spa_to_pfn,
 )
+from snpemu.abi.rmp import Code, FwOp, PageState
+from snpemu.errors import InvalidArgument
+from snpemu.rmp.access import MemoryAccess
+from snpemu.rmp.allocation import Allocation
+from snpemu.rmp.counters import Counters
+from snpemu.rmp.crypto import MemoryKeys
+from snpemu.rmp.entry import ASSIGNED, Entry
+from snpemu.rmp.guest_insns import GuestInstructions
+from snpemu.rmp.host_maps import HeldMap, HostMap, HostMaps
+from snpemu.rmp.identities import Identities, Identity
 from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
 from snpemu.rmp.npt import NestedPageTable
-from snpemu.rmp.table import ALIGN_MASK, VC_PAGE_NOT_VALIDATED, Fault, RmpTable, npf
+from snpemu.rmp.paging import NestedPaging
+from snpemu.rmp.table import Fault, RmpTable
+from snpemu.rmp.violations import (
+    HostPanic,
+    NoSubscriber,
+    Notifier,
+    Origin,
+    Outcome,
+    Policy,
+    Violations,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_ACCESS = 1 << 20
-CONVERT_RETRIES = 8
-
-
-class Policy(enum.IntEnum):
-    """Values match snp.rmp.v1.ViolationPolicy. docs/design.md#violation-policies."""
-
-    SIGBUS = 1
-    CONVERT = 2
-    CONVERT_KILL = 3
-    GMEM = 4
-
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
-
-    @classmethod
-    def parse(cls, text: str) -> Policy:
-        for p in cls:
-            if p.label == text:
-                return p
-        raise InvalidArgument(
-            f"unknown RMP violation policy {text!r}: one of {', '.join(p.label for p in cls)}"
-        )
-
-
-class Origin(enum.IntEnum):
-    USER = 1
-    KERNEL = 2
-
-
-class Outcome(enum.IntEnum):
-    """Values match snp.rmp.v1.ViolationOutcome."""
-
-    NONE = 1
-    SIGBUS = 2
-    PANIC = 3
-    CONVERTED = 4
-    REFUSED = 5
+# the most entries rmp lists in one call (ListRmpEntries)
+MAX_LIST = 4096
 
 
 class IommuMode(enum.IntEnum):
@@ -92,71 +76,16 @@ class IommuMode(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class Identity:
-    vm_id: str
-    vcpu_id: int
-    asid: int
-    vmpl: int
-    token: bytes
-
-
-@dataclass
-class HostMap:
-    map_id: str
-    pfn: int
-    holder: str
-    since: float
-
-
-class Notifier(Protocol):
-    async def kick(self, asid: int, pfn: int, reason: str, terminate: bool) -> bool:
-        """Ask kvm to kick the ASID's vCPUs; True once kvm acknowledged."""
-
-
-class _NoSubscriber:
-    async def kick(self, asid: int, pfn: int, reason: str, terminate: bool) -> bool:
-        return False
-
-
-class HostPanic(Unavailable):
-    default_reason = "HOST_PANIC"
-
-
-@dataclass
-class Counters:
-    updates: Counter[tuple[str, int]] = field(default_factory=Counter)
-    violations: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    leaked_pages: int = 0
-    panics: int = 0
-    leaked_maps: int = 0
-
-
-def dump_entry(table: RmpTable, pfn: int) -> list[str]:
-    """The lines the kernel logs about pfn's RMP entry (an RMP fault, a failed RMPUPDATE, a leak).
-
-    KERNEL: arch/x86/virt/svm/sev.c dump_rmpentry(), reached through snp_dump_hva_rmpentry(),
-    rmpupdate() and __snp_leak_pages(). The raw 16-byte entry prints as two u64, lo then hi.
-    An assigned entry prints one line; an unassigned one prints a header line and then every
-    non-zero raw entry of the 2M region it lies in. Each line is the pr_info() text without
-    the "SEV-SNP: " pr_fmt prefix the kernel log adds in front of it.
-    """
-    lo, hi = int(table.lo[pfn]), int(table.hi[pfn])
-    # The kernel tests e.assigned of get_rmpentry(pfn): the PFN's own entry, not the 2M one
-    # (the 4K entries inside an assigned 2M page read ASSIGNED themselves, see rmp/table.py).
-    if lo & ASSIGNED:
-        return [f"PFN 0x{pfn:x}, RMP entry: [0x{lo:016x} - 0x{hi:016x}]"]
-    # pfn_i = ALIGN_DOWN(pfn, PTRS_PER_PMD); pfn_end = pfn_i + PTRS_PER_PMD
-    a = pfn & ALIGN_MASK
-    end = a + PAGES_PER_2M
-    lines = [
-        f"PFN 0x{pfn:x} unassigned, dumping non-zero entries in 2M PFN region: "
-        f"[0x{a:x} - 0x{end:x}]"
-    ]
-    nonzero = np.flatnonzero((table.lo[a:end] != 0) | (table.hi[a:end] != 0))
-    for i in nonzero:
-        e_lo, e_hi = int(table.lo[a + i]), int(table.hi[a + i])
-        lines.append(f"PFN: 0x{a + i:x}, [0x{e_lo:016x} - 0x{e_hi:016x}]")
-    return lines
+class PlatformInfo:
+    memory_bytes: int
+    max_pfn: int
+    rmp_covered_bytes: int
+    iommu: IommuMode
+    snp_capable: bool
+    policy: Policy
+    free_pages: int
+    leaked_pages: int
+    resident_pages: int
 
 
 class RmpMachine:
@@ -169,30 +98,35 @@ class RmpMachine:
         hold_s: float = 0.0,
         map_leak_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
+        on_panic: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         if memory_bytes % (PAGE_SIZE * PAGES_PER_2M) or memory_bytes <= 0:
             raise InvalidArgument("memory size must be a positive multiple of 2 MiB")
-        self.npages = memory_bytes >> PAGE_SHIFT
+        self.npages = pages(memory_bytes)
         self.memory_bytes = memory_bytes
         self.iommu = iommu
-        self.policy = policy
         self.table = RmpTable(self.npages, hold_s=hold_s, clock=clock)
         self.frames = FrameStore(self.npages)
         self.allocator = FrameAllocator(self.npages)
         self.keys = MemoryKeys()
-        self.npts: dict[int, NestedPageTable] = {}
-        self.identities: dict[tuple[str, int], Identity] = {}
-        self.maps: dict[str, HostMap] = {}
-        self.map_leak_s = map_leak_s
+        self.identities = Identities()
         self.clock = clock
         self.counters = Counters()
-        self.notifier: Notifier = _NoSubscriber()
-        self.panicked: str | None = None
-        self.on_panic: Callable[[str], Awaitable[None]] | None = None
+        self.paging = NestedPaging(self.npages)
+        self.guest_insns = GuestInstructions(self.table, self.paging, self.counters)
+        self.violations = Violations(
+            self.table, self.counters, policy, notifier or NoSubscriber(), on_panic
+        )
+        self.access = MemoryAccess(
+            memory_bytes, self.table, self.frames, self.keys, self.paging, self.check_alive
+        )
+        self.host_maps = HostMaps(self.table, clock, map_leak_s)
+        self.allocation = Allocation(self.table, self.frames, self.allocator, self.counters)
         # Every core has executed WBINVD since the firmware last cleared this (see wbinvd()).
         self.wbinvd_indicator = True
 
-    # --- platform -------------------------------------------------------------------------
+    # the platform
 
     @property
     def snp_capable(self) -> bool:
@@ -200,11 +134,38 @@ class RmpMachine:
         # KERNEL: drivers/iommu/amd/init.c amd_iommu_snp_enable(); arch/x86/virt/svm/sev.c
         return self.iommu == IommuMode.TRANSLATED
 
-    def check_alive(self) -> None:
-        if self.panicked is not None:
-            raise HostPanic(f"the virtual host panicked: {self.panicked}; restart rmp (a reboot)")
+    @property
+    def policy(self) -> Policy:
+        return self.violations.policy
 
-    # --- caches ---------------------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> Policy:
+        """Put the violation policy in force; returns the one it replaces."""
+        self.check_alive()
+        return self.violations.set_policy(policy)
+
+    @property
+    def panicked(self) -> str | None:
+        return self.violations.panicked
+
+    def check_alive(self) -> None:
+        if self.violations.panicked is not None:
+            raise HostPanic(
+                f"the virtual host panicked: {self.violations.panicked}; restart rmp (a reboot)"
+            )
+
+    def platform_info(self) -> PlatformInfo:
+        self.check_alive()
+        return PlatformInfo(
+            memory_bytes=self.memory_bytes,
+            max_pfn=self.npages - 1,
+            rmp_covered_bytes=self.memory_bytes,
+            iommu=self.iommu,
+            snp_capable=self.snp_capable,
+            policy=self.policy,
+            free_pages=self.allocator.free_count,
+            leaked_pages=int(self.allocator.leaked.sum()),
+            resident_pages=self.frames.resident_frames,
+        )
 
     def wbinvd(self) -> None:
         """WBINVD on every core, as wbinvd_on_all_cpus() runs it: sets the WBINVD indicator.
@@ -228,41 +189,47 @@ class RmpMachine:
             self.wbinvd_indicator = False
         return was
 
-    def _pfn(self, spa: int) -> int:
-        pfn = spa >> PAGE_SHIFT
-        if not 0 <= pfn < self.npages:
-            raise InvalidArgument(
-                f"SPA {spa:#x} is beyond host memory ({self.memory_bytes:#x} bytes)"
-            )
-        return pfn
+    def install_key(self, asid: int, key: bytes) -> None:
+        self.check_alive()
+        self.keys.install(asid, key)
+
+    def remove_key(self, asid: int) -> None:
+        self.check_alive()
+        self.keys.remove(asid)
+
+    # the RMP table
 
     def entry(self, pfn: int) -> Entry:
         if not 0 <= pfn < self.npages:
             raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory (max {self.npages - 1:#x})")
         return self.table.entry(pfn, leaked=bool(self.allocator.leaked[pfn]))
 
-    # --- counters ----------------------------------------------------------------------------
+    def list_entries(self, first: int, count: int, non_default_only: bool) -> list[Entry]:
+        """count entries from PFN first (fewer at the end of memory); optionally only those
+        that are not all zero."""
+        self.check_alive()
+        if not 1 <= count <= MAX_LIST:
+            raise InvalidArgument(f"count must be in 1..{MAX_LIST}")
+        if first >= self.npages:
+            raise InvalidArgument(f"first_pfn {first:#x} is beyond host memory")
+        last = min(first + count, self.npages)
+        if not non_default_only:
+            return [self.entry(p) for p in range(first, last)]
+        t, span = self.table, slice(first, last)
+        nonzero = (t.lo[span] != 0) | (t.hi[span] != 0) | (t.kind[span] != 0)
+        return [self.entry(first + int(i)) for i in np.flatnonzero(nonzero)]
 
-    def count(self, instruction: str, codes: np.ndarray | list[int] | int) -> None:  # type: ignore[type-arg]
-        if isinstance(codes, int):
-            self.counters.updates[(instruction, codes)] += 1
-            return
-        # Codes are hardware EAX values 0..255: one bincount instead of a sort.
-        tally = np.bincount(np.asarray(codes, dtype=np.uint8), minlength=256)
-        for v in np.flatnonzero(tally):
-            self.counters.updates[(instruction, int(v))] += int(tally[v])
-
-    # --- host instructions ----------------------------------------------------------------------
+    # host instructions
 
     def rmpupdate(
         self, spa: int, *, gpa: int, assigned: bool, size_2m: bool, immutable: bool, asid: int
     ) -> Code:
         self.check_alive()
-        if spa & (PAGE_SIZE - 1):
+        if not page_aligned(spa):
             code = Code.FAIL_INPUT
         else:
             code = self.table.rmpupdate(
-                spa >> PAGE_SHIFT,
+                spa_to_pfn(spa),
                 gpa=gpa,
                 assigned=assigned,
                 size_2m=size_2m,
@@ -272,97 +239,79 @@ class RmpMachine:
         if code != Code.SUCCESS:
             log.info(
                 "RMPUPDATE failed for PFN %x, pg_level: %d, ret: %d",
-                spa >> PAGE_SHIFT,
+                spa_to_pfn(spa),
                 2 if size_2m else 1,
                 code,
                 extra={"event": "rmpupdate_failed", "spa": spa, "code": int(code)},
             )
-        self.count("rmpupdate", int(code))
+        self.counters.count("rmpupdate", int(code))
         return code
+
+    def rmpupdate_batch(
+        self,
+        spas: NDArray[np.uint64],
+        gpas: NDArray[np.uint64],
+        assigned: NDArray[np.bool_],
+        size_2m: NDArray[np.bool_],
+        immutable: NDArray[np.bool_],
+        asids: NDArray[np.int64],
+    ) -> NDArray[np.uint8]:
+        """RMPUPDATE of each entry in order (RmpTable.rmpupdate_batch); a misaligned SPA fails
+        with FAIL_INPUT."""
+        self.check_alive()
+        misaligned = (spas & np.uint64(PAGE_SIZE - 1)) != 0
+        pfns = np.where(misaligned, -1, (spas >> np.uint64(PAGE_SHIFT)).astype(np.int64))
+        codes = self.table.rmpupdate_batch(pfns, gpas, assigned, size_2m, immutable, asids)
+        self.counters.count("rmpupdate", codes)
+        return codes
 
     def psmash(self, spa: int) -> Code:
         self.check_alive()
-        code = Code.FAIL_INPUT if spa & (PAGE_SIZE - 1) else self.table.psmash(spa >> PAGE_SHIFT)
-        self.count("psmash", int(code))
+        code = self.table.psmash(spa_to_pfn(spa)) if page_aligned(spa) else Code.FAIL_INPUT
+        self.counters.count("psmash", int(code))
         return code
 
-    # --- guest identity ---------------------------------------------------------------------
+    # guest identities
 
     def register(self, ident: Identity) -> None:
-        if not 1 <= ident.asid <= MAX_ASID or not 0 <= ident.vmpl <= 3:
-            raise InvalidArgument("identity needs an ASID in 1..1023 and a VMPL in 0..3")
-        if len(ident.token) < 16:
-            raise InvalidArgument("identity token must be at least 16 bytes")
-        key = (ident.vm_id, ident.vcpu_id)
-        if key in self.identities:
-            raise WrongState(
-                f"vCPU {ident.vcpu_id} of VM {ident.vm_id} already has an identity",
-                reason="ALREADY_REGISTERED",
-            )
-        self.identities[key] = ident
+        self.identities.register(ident)
 
     def revoke(self, vm_id: str, vcpu_id: int) -> None:
-        if self.identities.pop((vm_id, vcpu_id), None) is None:
-            raise NotFound(f"no identity for vCPU {vcpu_id} of VM {vm_id}")
+        self.identities.revoke(vm_id, vcpu_id)
 
     def guest(self, vm_id: str, vcpu_id: int, asid: int, token: bytes) -> Identity:
         """The registered identity a guest operation presents, or PermissionDenied."""
         self.check_alive()
-        ident = self.identities.get((vm_id, vcpu_id))
-        if ident is None or not secrets.compare_digest(ident.token, token) or ident.asid != asid:
-            raise PermissionDenied(
-                "guest-mode operations need a vCPU identity issued by kvm",
-                reason="BAD_VCPU_IDENTITY",
-            )
-        return ident
+        return self.identities.check(vm_id, vcpu_id, asid, token)
 
-    # --- nested paging -----------------------------------------------------------------------
+    # nested paging and guest instructions
 
     def npt(self, asid: int) -> NestedPageTable:
-        return self.npts.setdefault(asid, NestedPageTable())
+        return self.paging.npt(asid)
+
+    def update_npt(
+        self, asid: int, unmap: list[tuple[int, int]], map: list[tuple[int, int, int]]
+    ) -> None:
+        """Unmap (gpa, npages) ranges, then map (gpa, first_pfn, npages) ranges, in order."""
+        self.check_alive()
+        self.paging.update(asid, unmap, map)
 
     def translate(self, ident: Identity, gpa: int) -> int | None:
-        table = self.npts.get(ident.asid)
-        return None if table is None else table.translate(gpa)
+        return self.paging.translate(ident.asid, gpa)
 
-    # --- guest instructions -------------------------------------------------------------------
+    def guest_pfn(self, asid: int, gpa: int) -> int:
+        """The PFN the ASID's nested page table maps gpa to, or InvalidArgument."""
+        return self.paging.host_pfn(asid, gpa)
 
     def pvalidate(
         self, ident: Identity, gpa: int, *, size_2m: bool, validate: bool
     ) -> Code | Fault:
-        pfn = self.translate(ident, gpa)
-        if pfn is None:
-            return npf(gpa, "GPA not mapped in the nested page table", write=True)
-        result = self.table.pvalidate(
-            pfn, gpa=gpa, asid=ident.asid, vmpl=ident.vmpl, size_2m=size_2m, validate=validate
-        )
-        self.count("pvalidate", int(result) if isinstance(result, Code) else -1)
-        return result
+        return self.guest_insns.pvalidate(ident, gpa, size_2m=size_2m, validate=validate)
 
     def pvalidate_batch(
-        self,
-        ident: Identity,
-        gpas: np.ndarray,
-        *,
-        validate: bool,  # type: ignore[type-arg]
-    ) -> tuple[np.ndarray, Fault | None]:  # type: ignore[type-arg]
-        table = self.npts.get(ident.asid)
-        pfns = (
-            table.translate_many(gpas)
-            if table is not None
-            else np.full(len(gpas), -1, dtype=np.int64)
-        )
-        unmapped = pfns < 0
-        stop = int(np.argmax(unmapped)) if unmapped.any() else len(gpas)
-        codes, fault = self.table.pvalidate_batch(
-            pfns[:stop], gpas[:stop], asid=ident.asid, vmpl=ident.vmpl, validate=validate
-        )
-        if fault is None and stop < len(gpas):
-            fault = npf(int(gpas[stop]), "GPA not mapped in the nested page table", write=True)
-        self.count("pvalidate", codes)
-        if fault is not None:
-            self.count("pvalidate", -1)
-        return codes, fault
+        self, ident: Identity, gpas: NDArray[np.uint64], *, validate: bool
+    ) -> tuple[NDArray[np.uint8], Fault | None]:
+        return self.guest_insns.pvalidate_batch(ident, gpas, validate=validate)
 
     def rmpadjust(
         self,
@@ -374,320 +323,46 @@ class RmpMachine:
         perms: int,
         vmsa: bool,
     ) -> Code | Fault:
-        pfn = self.translate(ident, gpa)
-        if pfn is None:
-            return npf(gpa, "GPA not mapped in the nested page table")
-        result = self.table.rmpadjust(
-            pfn,
-            gpa=gpa,
-            asid=ident.asid,
-            vmpl=ident.vmpl,
-            size_2m=size_2m,
-            target_vmpl=target_vmpl,
-            perms=perms,
-            vmsa=vmsa,
+        return self.guest_insns.rmpadjust(
+            ident, gpa, size_2m=size_2m, target_vmpl=target_vmpl, perms=perms, vmsa=vmsa
         )
-        self.count("rmpadjust", int(result) if isinstance(result, Code) else -1)
-        return result
 
-    # --- guest memory access ------------------------------------------------------------------
-
-    def _guest_page(
-        self, ident: Identity, gpa: int, *, private: bool, write: bool
-    ) -> tuple[int, Fault | None]:
-        pfn = self.translate(ident, gpa)
-        if pfn is None:
-            fault = Fault(False, (1 << 1 if write else 0) | (1 << 2), gpa, "GPA not mapped")
-            return -1, fault
-        lo, hi, _ = self.table.effective(pfn)
-        page_gpa = gpa & ~(PAGE_SIZE - 1)
-        if not private:
-            if lo & ASSIGNED:
-                # C=0 access to a guest-owned page is an RMP violation. SPEC: APM vol 2, 15.36.10
-                return pfn, npf(gpa, "shared access to a private page", write=write, enc=False)
-            return pfn, None
-        if not lo & ASSIGNED:
-            return pfn, npf(gpa, "private access to a shared page", write=write)
-        if (lo & ASID_MASK) >> ASID_SHIFT != ident.asid or lo & IMMUTABLE:
-            return pfn, npf(gpa, "page not owned by this guest", write=write)
-        if (lo & GPA_MASK) != (page_gpa & GPA_MASK):
-            return pfn, npf(gpa, "GPA does not match the RMP entry", write=write)
-        if not lo & VALIDATED:
-            return pfn, Fault(True, VC_PAGE_NOT_VALIDATED, gpa, "page not validated")
-        if ident.vmpl > 0:
-            need = PERM_WRITE if write else PERM_READ
-            if not (hi >> PERM_SHIFTS[ident.vmpl - 1]) & need:
-                return pfn, npf(gpa, "VMPL permission", write=write, vmpl=True)
-        return pfn, None
-
-    def _span(self, gpa: int, length: int) -> list[tuple[int, int, int]]:
-        if not 0 < length <= MAX_ACCESS:
-            raise InvalidArgument(f"access length must be in 1..{MAX_ACCESS}")
-        pieces = []
-        pos, end = gpa, gpa + length
-        while pos < end:
-            offset = pos & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - offset, end - pos)
-            pieces.append((pos, offset, n))
-            pos += n
-        return pieces
+    # memory access
 
     def guest_read(
         self, ident: Identity, gpa: int, length: int, *, private: bool
     ) -> tuple[bytes, Fault | None]:
-        out = bytearray()
-        for pos, offset, n in self._span(gpa, length):
-            pfn, fault = self._guest_page(ident, pos, private=private, write=False)
-            if fault is not None:
-                return bytes(out), fault
-            page = self.frames.read(pfn)
-            if private:
-                page = self.keys.decrypt(ident.asid, pfn << PAGE_SHIFT, page)
-            out += page[offset : offset + n]
-        return bytes(out), None
+        return self.access.guest_read(ident, gpa, length, private=private)
 
     def guest_write(self, ident: Identity, gpa: int, data: bytes, *, private: bool) -> Fault | None:
-        done = 0
-        for pos, offset, n in self._span(gpa, len(data)):
-            pfn, fault = self._guest_page(ident, pos, private=private, write=True)
-            if fault is not None:
-                return fault
-            chunk = data[done : done + n]
-            done += n
-            if private:
-                spa = pfn << PAGE_SHIFT
-                page = bytearray(self.keys.decrypt(ident.asid, spa, self.frames.read(pfn)))
-                page[offset : offset + n] = chunk
-                self.frames.replace(pfn, self.keys.encrypt(ident.asid, spa, bytes(page)))
-            else:
-                self.frames.write(pfn, offset, chunk)
-        return None
-
-    # --- host memory access --------------------------------------------------------------------
+        return self.access.guest_write(ident, gpa, data, private=private)
 
     def host_read(self, spa: int, length: int) -> bytes:
-        """No RMP check on reads: a private page reads as ciphertext."""
-        self.check_alive()
-        if not 0 < length <= MAX_ACCESS:
-            raise InvalidArgument(f"length must be in 1..{MAX_ACCESS}")
-        self._pfn(spa)
-        self._pfn(spa + length - 1)
-        out = bytearray()
-        pos, end = spa, spa + length
-        while pos < end:
-            offset = pos & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - offset, end - pos)
-            out += self.frames.read(pos >> PAGE_SHIFT)[offset : offset + n]
-            pos += n
-        return bytes(out)
+        return self.access.host_read(spa, length)
 
     async def host_write(
         self, spa: int, data: bytes, origin: Origin, writer: str
     ) -> tuple[Outcome, Entry | None, list[str]]:
         """A host write. A write to an assigned page is an RMP violation: the policy decides."""
         self.check_alive()
-        if not data or (spa & (PAGE_SIZE - 1)) + len(data) > PAGE_SIZE:
+        offset = page_offset(spa)
+        if not data or offset + len(data) > PAGE_SIZE:
             raise InvalidArgument("a host write covers 1..4096 bytes within one page")
-        pfn = self._pfn(spa)
+        pfn = self.access.pfn(spa)
         lo = self.table.effective(pfn)[0]
         if not lo & ASSIGNED:
-            self.frames.write(pfn, spa & (PAGE_SIZE - 1), data)
+            self.access.host_write_page(pfn, offset, data)
             return Outcome.NONE, None, []
         entry = self.entry(pfn)
-        dump = dump_entry(self.table, pfn)
-        outcome = await self._violation(pfn, lo, origin)
-        if outcome == Outcome.CONVERTED:
-            self.frames.write(pfn, spa & (PAGE_SIZE - 1), data)
-        self.counters.violations[
-            (origin.name.lower(), self.policy.label, outcome.name.lower())
-        ] += 1
-        log.warning(
-            "RMP violation: %s write by %s to PFN 0x%x under %s: %s",
-            origin.name.lower(),
-            writer or "unknown",
+        outcome, dump = await self.violations.violation(
             pfn,
-            self.policy.label,
-            outcome.name.lower(),
-            extra={"event": "rmp_violation", "rmp_dump": dump, "asid": entry.asid},
+            lo,
+            origin,
+            writer,
+            entry.asid,
+            lambda: self.access.host_write_page(pfn, offset, data),
         )
-        if outcome == Outcome.PANIC:
-            await self.panic(f"RMP violation by a kernel write to PFN 0x{pfn:x}", dump)
         return outcome, entry, dump
-
-    async def _violation(self, pfn: int, lo: int, origin: Origin) -> Outcome:
-        policy = self.policy
-        if policy == Policy.SIGBUS:
-            return Outcome.SIGBUS if origin == Origin.USER else Outcome.PANIC
-        if policy == Policy.GMEM:
-            # guest_memfd: private memory is never mapped into host userspace, so the user
-            # access fails cleanly; a kernel RMP #PF is fatal.
-            return Outcome.REFUSED if origin == Origin.USER else Outcome.PANIC
-        asid = (lo & ASID_MASK) >> ASID_SHIFT
-        if await self._convert_to_shared(pfn, lo):
-            if policy == Policy.CONVERT_KILL and asid:
-                await self.notifier.kick(asid, pfn, "guest memory converted by the host", True)
-            return Outcome.CONVERTED
-        return Outcome.SIGBUS if origin == Origin.USER else Outcome.PANIC
-
-    async def _convert_to_shared(self, pfn: int, lo: int) -> bool:
-        """RMPUPDATE the page to shared, kicking the guest's vCPUs where they are in the way."""
-        if lo & IMMUTABLE:
-            return False  # firmware-owned: only the firmware can release it
-        asid = (lo & ASID_MASK) >> ASID_SHIFT
-        a = pfn & ALIGN_MASK
-        for _ in range(CONVERT_RETRIES):
-            lo = self.table.effective(pfn)[0]
-            if not lo & ASSIGNED:
-                return True
-            # A running vCPU's VMSA page cannot be converted: kick its vCPUs first.
-            if lo & VMSA and asid and not await self._kick(asid, pfn, "convert a VMSA page"):
-                return False
-            if lo & PAGESIZE:
-                code = self.table.psmash(a)
-                self.count("psmash", int(code))
-                if code == Code.FAIL_INUSE:
-                    await self._kick(asid, pfn, "PSMASH in use")
-                    continue
-            code = self.table.rmpupdate(
-                pfn, gpa=0, assigned=False, size_2m=False, immutable=False, asid=0
-            )
-            self.count("rmpupdate", int(code))
-            if code == Code.SUCCESS:
-                return True
-            if code != Code.FAIL_INUSE:
-                return False
-            # Lost to a concurrent RMPADJUST/PVALIDATE: kicking the vCPUs ends the race.
-            await self._kick(asid, pfn, "RMPUPDATE in use")
-        return False
-
-    async def _kick(self, asid: int, pfn: int, reason: str) -> bool:
-        acked = await self.notifier.kick(asid, pfn, reason, False)
-        if acked:
-            self.table.release_locks(asid)
-        return acked
-
-    async def panic(self, reason: str, dump: list[str]) -> None:
-        if self.panicked is not None:
-            return
-        self.panicked = reason
-        self.counters.panics += 1
-        log.critical(
-            "Kernel panic - not syncing: %s",
-            reason,
-            extra={"event": "host_panic", "rmp_dump": dump},
-        )
-        if self.on_panic is not None:
-            await self.on_panic(reason)
-
-    # --- host maps (post_map_gfn / post_unmap_gfn) ----------------------------------------------
-
-    def map_page(self, pfn: int, holder: str) -> HostMap:
-        self.check_alive()
-        if not 0 <= pfn < self.npages:
-            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
-        if self.table.effective(pfn)[0] & ASSIGNED:
-            raise WrongState(
-                f"PFN 0x{pfn:x} is private (assigned in the RMP); "
-                "the host may map only shared pages",
-                reason="PAGE_NOT_SHARED",
-            )
-        m = HostMap(uuid.uuid4().hex, pfn, holder, self.clock())
-        self.maps[m.map_id] = m
-        self.table.pinned[pfn] = self.table.pinned.get(pfn, 0) + 1
-        return m
-
-    def unmap_page(self, map_id: str) -> None:
-        m = self.maps.pop(map_id, None)
-        if m is None:
-            raise NotFound(f"no host mapping {map_id!r}")
-        left = self.table.pinned[m.pfn] - 1
-        if left:
-            self.table.pinned[m.pfn] = left
-        else:
-            del self.table.pinned[m.pfn]
-
-    def stale_maps(self) -> list[HostMap]:
-        """Maps held longer than the leak threshold: every map must have an unmap."""
-        now = self.clock()
-        return [m for m in self.maps.values() if now - m.since > self.map_leak_s]
-
-    # --- allocation and leaks --------------------------------------------------------------------
-
-    def allocate(self, count: int, placement: Placement) -> list[int]:
-        self.check_alive()
-        return self.allocator.allocate(count, placement)
-
-    def free(self, pfns: list[int]) -> None:
-        self.check_alive()
-        for pfn in pfns:
-            lo = self.table.effective(pfn)[0] if 0 <= pfn < self.npages else 0
-            if lo & (ASSIGNED | IMMUTABLE):
-                raise WrongState(
-                    f"PFN 0x{pfn:x} is not in hypervisor state; reclaim and RMPUPDATE it to "
-                    "shared first, or leak it",
-                    reason="PAGE_NOT_HYPERVISOR",
-                )
-        self.allocator.release(pfns)
-        for pfn in pfns:
-            self.frames.replace(pfn, bytes(PAGE_SIZE))
-
-    def leak(self, pfns: list[int], reason: str) -> int:
-        for pfn in pfns:
-            if not 0 <= pfn < self.npages:
-                raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
-        new = self.allocator.leak(pfns)
-        self.counters.leaked_pages += new
-        for pfn in pfns:
-            log.error(
-                "Leaking PFN 0x%x: %s",
-                pfn,
-                reason,
-                extra={"event": "page_leaked", "rmp_dump": dump_entry(self.table, pfn)},
-            )
-        return new
-
-    def leaked(self) -> list[int]:
-        return [int(p) for p in np.flatnonzero(self.allocator.leaked)]
-
-    # --- the firmware's own access (the AMD-SP writes memory and the RMP directly) ------------
-
-    def fw_transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]:
-        self.check_alive()
-        return [
-            not spa & (PAGE_SIZE - 1) and self.table.fw_transition(spa >> PAGE_SHIFT, op, asid)
-            for spa in spas
-        ]
-
-    def _fw_pages(
-        self, spa: int, length: int, expect: tuple[PageState, ...] = ()
-    ) -> list[tuple[int, int, int]]:
-        self.check_alive()
-        if not 0 < length <= MAX_ACCESS:
-            raise InvalidArgument(f"length must be in 1..{MAX_ACCESS}")
-        self._pfn(spa)
-        self._pfn(spa + length - 1)
-        out, pos, end = [], spa, spa + length
-        while pos < end:
-            offset = pos & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - offset, end - pos)
-            out.append((pos >> PAGE_SHIFT, offset, n))
-            pos += n
-        if expect:
-            for pfn, _, _ in out:
-                self.check_state(pfn, expect)
-        return out
-
-    def check_state(self, pfn: int, expect: tuple[PageState, ...]) -> None:
-        """WrongState(PAGE_STATE_MISMATCH) unless the page is in one of the states."""
-        if not 0 <= pfn < self.npages:
-            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
-        state = self.table.entry(pfn).state
-        if state not in expect:
-            raise WrongState(
-                f"PFN 0x{pfn:x} is {state.name}, not {' or '.join(s.name for s in expect)}",
-                reason="PAGE_STATE_MISMATCH",
-                metadata={"pfn": f"0x{pfn:x}", "state": state.name},
-            )
 
     def fw_read(
         self,
@@ -697,30 +372,53 @@ class RmpMachine:
         expect: tuple[PageState, ...] = (),
         checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes:
-        """Read as the firmware: with asid, decrypt with that guest's key; with expect, only
-        from pages in those states; checks: other pages' states, in the same step."""
-        for other, states in checks:
-            self.check_state(other >> PAGE_SHIFT, states)
-        out = bytearray()
-        for pfn, offset, n in self._fw_pages(spa, length, expect):
-            page = self.frames.read(pfn)
-            if asid:
-                page = self.keys.decrypt(asid, pfn << PAGE_SHIFT, page)
-            out += page[offset : offset + n]
-        return bytes(out)
+        return self.access.fw_read(spa, length, asid, expect, checks)
 
     def fw_write(
         self, spa: int, data: bytes, asid: int = 0, expect: tuple[PageState, ...] = ()
     ) -> None:
-        """Write as the firmware: with asid, encrypt with that guest's key (e.g. LAUNCH_UPDATE)."""
-        done = 0
-        for pfn, offset, n in self._fw_pages(spa, len(data), expect):
-            chunk = data[done : done + n]
-            done += n
-            if asid:
-                base = pfn << PAGE_SHIFT
-                page = bytearray(self.keys.decrypt(asid, base, self.frames.read(pfn)))
-                page[offset : offset + n] = chunk
-                self.frames.replace(pfn, self.keys.encrypt(asid, base, bytes(page)))
-            else:
-                self.frames.write(pfn, offset, chunk)
+        self.access.fw_write(spa, data, asid, expect)
+
+    # the firmware's page transitions (the AMD-SP writes the RMP directly)
+
+    def fw_transition(self, spas: list[int], op: FwOp, asid: int = 0) -> list[bool]:
+        self.check_alive()
+        return [
+            page_aligned(spa) and self.table.fw_transition(spa_to_pfn(spa), op, asid)
+            for spa in spas
+        ]
+
+    # host maps
+
+    @property
+    def maps(self) -> dict[str, HostMap]:
+        return self.host_maps.maps
+
+    def map_page(self, pfn: int, holder: str) -> HostMap:
+        self.check_alive()
+        return self.host_maps.map_page(pfn, holder)
+
+    def unmap_page(self, map_id: str) -> None:
+        self.host_maps.unmap_page(map_id)
+
+    def stale_maps(self) -> list[HostMap]:
+        return self.host_maps.stale_maps()
+
+    def held_maps(self) -> list[HeldMap]:
+        return self.host_maps.held()
+
+    # allocation and leaks
+
+    def allocate(self, count: int, placement: Placement) -> list[int]:
+        self.check_alive()
+        return self.allocation.allocate(count, placement)
+
+    def free(self, pfns: list[int]) -> None:
+        self.check_alive()
+        self.allocation.free(pfns)
+
+    def leak(self, pfns: list[int], reason: str) -> int:
+        return self.allocation.leak(pfns, reason)
+
+    def leaked(self) -> list[int]:
+        return self.allocation.leaked()

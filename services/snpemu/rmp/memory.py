@@ -13,6 +13,7 @@ import numpy as np
 
 from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
 from snpemu.errors import InvalidArgument, WrongState
+from snpemu.rmp.reasons import RmpReason
 
 _ZERO = bytes(PAGE_SIZE)
 
@@ -81,7 +82,8 @@ class FrameAllocator:
             starts = np.flatnonzero(regions)[: count // PAGES_PER_2M] * PAGES_PER_2M
             if len(starts) * PAGES_PER_2M < count:
                 raise WrongState(
-                    f"no {count // PAGES_PER_2M} free 2 MiB regions left", reason="OUT_OF_MEMORY"
+                    f"no {count // PAGES_PER_2M} free 2 MiB regions left",
+                    reason=RmpReason.OUT_OF_MEMORY,
                 )
             pfns = (starts[:, None] + np.arange(PAGES_PER_2M)).ravel()
         else:
@@ -97,7 +99,8 @@ class FrameAllocator:
             )
             if len(order) < count:
                 raise WrongState(
-                    f"only {len(order)} free pages left, {count} asked", reason="OUT_OF_MEMORY"
+                    f"only {len(order)} free pages left, {count} asked",
+                    reason=RmpReason.OUT_OF_MEMORY,
                 )
             pfns = order[:count]
             self._cursor = int(pfns[-1]) + 1 if int(pfns[-1]) + 1 < self.npages else 0
@@ -109,9 +112,9 @@ class FrameAllocator:
         if np.any((arr < 0) | (arr >= self.npages)):
             raise InvalidArgument("PFN out of range")
         if np.any(self.free[arr]):
-            raise WrongState("page is not allocated", reason="NOT_ALLOCATED")
+            raise WrongState("page is not allocated", reason=RmpReason.NOT_ALLOCATED)
         if np.any(self.leaked[arr]):
-            raise WrongState("page is leaked and is never reused", reason="PAGE_LEAKED")
+            raise WrongState("page is leaked and is never reused", reason=RmpReason.PAGE_LEAKED)
         self.free[arr] = True
 
     def leak(self, pfns: list[int]) -> int:

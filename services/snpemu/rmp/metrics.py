@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 
 from snpemu.abi.addr import PAGE_SIZE
 from snpemu.abi.rmp import Code, PageState
-from snpemu.rmp.machine import Origin, Outcome, Policy, RmpMachine
+from snpemu.rmp.machine import RmpMachine
+from snpemu.rmp.violations import Origin, Outcome, Policy
 
 INSTRUCTIONS = ("rmpupdate", "psmash", "pvalidate", "rmpadjust")
 # -1: the instruction faulted (#NPF/#VC) instead of returning a code

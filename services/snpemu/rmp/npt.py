@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE
+from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, gpa_to_gfn
 from snpemu.errors import InvalidArgument
 
 
@@ -31,7 +31,7 @@ class NestedPageTable:
     def map(self, gpa: int, pfn: int, npages: int) -> None:
         if gpa % PAGE_SIZE or npages <= 0 or pfn < 0:
             raise InvalidArgument("mappings are page-aligned and non-empty")
-        gfn = gpa >> PAGE_SHIFT
+        gfn = gpa_to_gfn(gpa)
         i = bisect.bisect_left(self._starts, gfn)
         prev_overlaps = i > 0 and self._maps[i - 1].gfn + self._maps[i - 1].npages > gfn
         next_overlaps = i < len(self._maps) and self._maps[i].gfn < gfn + npages
@@ -41,7 +41,7 @@ class NestedPageTable:
         self._maps.insert(i, Mapping(gfn, pfn, npages))
 
     def unmap(self, gpa: int, npages: int) -> None:
-        gfn = gpa >> PAGE_SHIFT
+        gfn = gpa_to_gfn(gpa)
         i = bisect.bisect_left(self._starts, gfn)
         if i == len(self._maps) or self._maps[i].gfn != gfn or self._maps[i].npages != npages:
             raise InvalidArgument(f"no mapping of {npages} pages at GPA {gpa:#x}")
@@ -50,7 +50,7 @@ class NestedPageTable:
 
     def translate(self, gpa: int) -> int | None:
         """The PFN backing gpa, or None (an NPF for a missing mapping)."""
-        gfn = gpa >> PAGE_SHIFT
+        gfn = gpa_to_gfn(gpa)
         i = bisect.bisect_right(self._starts, gfn) - 1
         if i < 0:
             return None

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from snpemu.errors import InvalidArgument
 from snpemu.hostconfig import ConfigError, number
-from snpemu.rmp.machine import IommuMode, Policy
+from snpemu.rmp.machine import IommuMode
+from snpemu.rmp.violations import Policy
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

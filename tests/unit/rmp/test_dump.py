@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from snpemu.abi.addr import PAGES_PER_2M
 from snpemu.abi.rmp import Code, FwOp
-from snpemu.rmp.machine import dump_entry
+from snpemu.rmp.dump import dump_entry
 from snpemu.rmp.table import RmpTable
 
 ASID = 0x155
