@@ -35,8 +35,12 @@ class _Guest:
         from snp.rmp.v1 import rmp_pb2_grpc
 
         from snpemu.guest.driver import Driver
-        from snpemu.guest.kernel import BootState, GuestKernel
+        from snpemu.guest.exits import BootState
+        from snpemu.guest.kernel import GuestKernel
+        from snpemu.guest.kvm_client import GrpcKvm
         from snpemu.guest.net_rpcs import NetRpcs
+        from snpemu.guest.netd_client import GrpcNetd
+        from snpemu.guest.rmp_client import GrpcGuestRmp
         from snpemu.guest.servicer import GuestServicer
         from snpemu.kvm.machine import DEFAULT_FIRMWARE
         from snpemu.runtime.peers import Peer
@@ -44,13 +48,22 @@ class _Guest:
         config, opts = runtime.config, runtime.options
         # guest-mode access needs no credential (the vCPU identity is checked); the VMM side
         # creates its VM with the VMM credential, never the host's
-        rmp = Peer("rmp", config.peers["rmp"], None, rmp_pb2_grpc.RmpServiceStub)
-        kvm = Peer("kvm", config.peers["kvm"], config.vmm_credential, kvm_pb2_grpc.KvmServiceStub)
-        # netd: the VMM's vhost-user connection and the guest's doorbells
-        self.netd = Peer(
-            "netd", config.peers["netd"], config.vmm_credential, netd_pb2_grpc.NetdServiceStub
+        self.rmp = GrpcGuestRmp(Peer("rmp", config.peers["rmp"], None, rmp_pb2_grpc.RmpServiceStub))
+        self.kvm = GrpcKvm(
+            Peer("kvm", config.peers["kvm"], config.vmm_credential, kvm_pb2_grpc.KvmServiceStub)
         )
-        self.kernel = GuestKernel(config.instance, opts, rmp, kvm, DEFAULT_FIRMWARE)
+        # netd: the VMM's vhost-user connection and the guest's doorbells
+        self.netd = GrpcNetd(
+            Peer("netd", config.peers["netd"], config.vmm_credential, netd_pb2_grpc.NetdServiceStub)
+        )
+        self.kernel = GuestKernel(
+            config.instance,
+            opts,
+            exits=self.kvm,
+            vmm=self.kvm,
+            rmp=self.rmp,
+            default_firmware=DEFAULT_FIRMWARE,
+        )
         driver = Driver(self.kernel)
         self.net = NetRpcs(self.kernel, driver, self.netd)
         self.servicer = GuestServicer(self.kernel, driver, self.net)
@@ -105,7 +118,7 @@ class _Guest:
             raise
         except Exception as e:  # the guest cannot boot: say so in its state and log
             log.error("boot failed: %s", e, extra={"event": "boot_failed"})
-            from snpemu.guest.kernel import BootState
+            from snpemu.guest.exits import BootState
 
             self.kernel.state = BootState.TERMINATED
             self.kernel.event("terminated", detail=f"boot failed: {e}")
@@ -124,18 +137,15 @@ async def _shutdown(impl: _Guest) -> None:
             await impl.boot_task
     k = impl.kernel
     if k.vm is not None:  # the VMM exits: its VM goes
-        from snp.kvm.v1 import kvm_pb2
-
         with contextlib.suppress(Exception):
-            await k.kvm.call("DestroyVm", kvm_pb2.DestroyVmRequest(vm=k.vm))
+            await k.vmm.destroy_vm(k.vm)
     if impl.net.dev is not None:
         await impl.net.dev.close()
     await impl.netd.close()
     if k.hold is not None:
         k.hold.cancel()
-    await k.mem.close()
-    await k.kvm.close()
-    await k.rmp.close()
+    await impl.kvm.close()
+    await impl.rmp.close()
 
 
 def _options(env: Mapping[str, str]) -> object:

@@ -13,11 +13,14 @@ from typing import Any
 from snp.guest.v1 import guest_pb2 as pb
 
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.guest.driver import Driver, report_request
-from snpemu.guest.kernel import RESP_GPA, GuestFault, GuestKernel, Terminated
-from snpemu.guest.netdev import PAGE, NetDevice
-from snpemu.runtime.peers import Peer
+from snpemu.guest.errors import GuestFault, GuestReason, Terminated
+from snpemu.guest.kernel import GuestKernel
+from snpemu.guest.layout import RESP_GPA
+from snpemu.guest.netdev import NetDevice
+from snpemu.guest.ports import Netd
 
 DEFAULT_ENTRIES = 16
 
@@ -29,13 +32,15 @@ def _mac_for(name: str) -> str:
 
 
 class NetRpcs:
-    def __init__(self, kernel: GuestKernel, driver: Driver, netd: Peer) -> None:
+    def __init__(self, kernel: GuestKernel, driver: Driver, netd: Netd) -> None:
         self.k, self.driver, self.netd = kernel, driver, netd
         self.dev: NetDevice | None = None
 
     def _device(self) -> NetDevice:
         if self.dev is None:
-            raise WrongState("no network device: call AttachNetDevice", reason="NO_DEVICE")
+            raise WrongState(
+                "no network device: call AttachNetDevice", reason=GuestReason.NO_DEVICE
+            )
         return self.dev
 
     async def _attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
@@ -48,14 +53,7 @@ class NetRpcs:
             old, self.dev = self.dev, None
             await old.close()
             with contextlib.suppress(SnpemuError):
-                from snp.netd.v1 import netd_pb2
-
-                await self.netd.call(
-                    "UnregisterDevice",
-                    netd_pb2.UnregisterDeviceRequest(
-                        device=netd_pb2.DeviceHandle(id=old.device_id)
-                    ),
-                )
+                await self.netd.unregister_device(old.device_id)
         dev = NetDevice(self.k, self.netd, mac, entries)
         await dev.attach(skip_rx_conversion=skip)
         self.dev = dev
@@ -100,8 +98,8 @@ class NetRpcs:
             raise InvalidArgument("timeout_ms is at most 60000")
         gpa = await dev.next_rx_buffer()
         head = await dev.wait_copy_start(gpa, timeout)
-        page = gpa & ~(PAGE - 1)
-        await self.k.convert(page, PAGE, private=True, size_2m=False)
+        page = gpa & PAGE_MASK
+        await self.k.convert(page, PAGE_SIZE, private=True, size_2m=False)
         dev.private_rx.add(page)
         return pb.FlipBufferDuringCopyResponse(
             outcome=f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
@@ -115,14 +113,15 @@ class NetRpcs:
         dev = self._device()
         self.k.check_running()
         gpa = await dev.next_rx_buffer()
-        page = gpa & ~(PAGE - 1)
+        page = gpa & PAGE_MASK
         if page not in dev.private_rx:
-            await self.k.convert(page, PAGE, private=True, size_2m=False)
+            await self.k.convert(page, PAGE_SIZE, private=True, size_2m=False)
             dev.private_rx.add(page)
-        r = await self.k.rmpadjust(page, vmsa=True)
-        if r.HasField("fault") or r.eax:
+        r = await self.k.rmpadjust(Gpa(page), vmsa=True)
+        if r.fault is not None or r.eax:
             raise WrongState(
-                f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})", reason="RMPADJUST_FAILED"
+                f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})",
+                reason=GuestReason.RMPADJUST_FAILED,
             )
         return pb.ExposeVmsaPageResponse(
             outcome=f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
@@ -140,7 +139,7 @@ class NetRpcs:
         marker = b"private response page".ljust(32, b".")
 
         async def flip() -> None:
-            await k.convert(RESP_GPA, PAGE, private=True, size_2m=False)
+            await k.convert(RESP_GPA, PAGE_SIZE, private=True, size_2m=False)
             await k.write_private(RESP_GPA, marker)
 
         try:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
 import struct
 from typing import Any
 
-from snp.common.v1 import handles_pb2, types_pb2
 from snp.guest.v1 import guest_pb2 as pb
-from snp.kvm.v1 import kvm_pb2
-from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import cert_table, report
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import Gpa, page_aligned, page_bytes
 from snpemu.errors import InvalidArgument
+from snpemu.guest import probes
 from snpemu.guest.driver import Driver, RequestFailed, key_request, report_request
+from snpemu.guest.errors import GuestReason
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.net_rpcs import NetRpcs
-from snpemu.runtime.peers import PeerError
 
 GUID_NAMES = {
     cert_table.VCEK: "vcek",
@@ -53,7 +51,7 @@ class GuestServicer:
             term_reason_code=k.term_reason[1],
             vcpus=len(k.vcpus) or k.opts.vcpus,
             memory_bytes=k.opts.memory_bytes,
-            accepted_bytes=int(k.accepted.sum()) * 4096,
+            accepted_bytes=page_bytes(int(k.accepted.sum())),
             disabled_vmpcks=sorted(k.disabled),
             events=[
                 pb.GuestEvent(timestamp_ns=e.timestamp_ns, kind=e.kind, gpa=e.gpa, detail=e.detail)
@@ -68,7 +66,9 @@ class GuestServicer:
             raise InvalidArgument("vmpl is 0..3")
         return bytes(request.report_data), int(request.vmpl)
 
-    async def _exchange(self, kind: str, msg_type: int, payload: bytes, **kw: Any) -> Any:
+    async def _exchange(
+        self, kind: str, msg_type: int, payload: bytes, status_reason: GuestReason, **kw: Any
+    ) -> Any:
         """One guest message, its result counted; a firmware status in the response (MSG_*_RSP
         status field) is INVALID_ARGUMENT with reason REPORT_STATUS or KEY_STATUS."""
         try:
@@ -81,7 +81,7 @@ class GuestServicer:
             self._count(kind, "firmware_status")
             raise InvalidArgument(
                 f"the firmware refused the {kind}: status {status:#x}",
-                reason=f"{kind.upper()}_STATUS",
+                reason=status_reason,
                 metadata={"status": hex(status)},
             )
         self._count(kind, "success")
@@ -93,6 +93,7 @@ class GuestServicer:
             "report",
             gm.MsgType.REPORT_REQ,
             report_request(data, vmpl),
+            GuestReason.REPORT_STATUS,
             ext=ext,
             certs_pages=pages,
         )
@@ -128,7 +129,7 @@ class GuestServicer:
             request.guest_svn,
             request.tcb_version,
         )
-        reply = await self._exchange("key", gm.MsgType.KEY_REQ, req)
+        reply = await self._exchange("key", gm.MsgType.KEY_REQ, req, GuestReason.KEY_STATUS)
         return pb.GetDerivedKeyResponse(key=reply.payload[0x20:0x40])
 
     async def ConvertMemory(self, request: Any, context: Any) -> pb.ConvertMemoryResponse:
@@ -225,71 +226,24 @@ class GuestServicer:
         GPA through its own nested page table, and the other guest's ASID presented with a
         guessed vCPU token. Neither may reach the frame; the answer says what stopped each."""
         op = request.operation
-        if op not in ("read", "validate", "adjust"):
+        if op not in probes.FOREIGN_OPS:
             raise InvalidArgument('operation is "read", "validate" or "adjust"')
-        if op != "read" and request.spa % 4096:
+        if op != "read" and not page_aligned(request.spa):
             raise InvalidArgument("validate and adjust take a page-aligned address")
-        k = self.k
-        k.check_running()
-        spa = int(request.spa)
-        outcomes = [f"as itself at GPA {spa:#x}: {await self._foreign(op, k.ident, spa)}"]
-        if request.asid and request.asid != k.ident.asid:
-            forged = handles_pb2.VcpuIdentity(
-                vcpu=k.ident.vcpu, asid=request.asid, vmpl=0, token=secrets.token_bytes(32)
-            )
-            outcomes.append(f"as ASID {request.asid}: {await self._foreign(op, forged, spa)}")
+        self.k.check_running()
+        outcomes = await probes.access_foreign(self.k, op, int(request.spa), int(request.asid))
         return pb.AccessForeignMemoryResponse(outcome="; ".join(outcomes))
-
-    async def _foreign(self, op: str, ident: Any, gpa: int) -> str:
-        k = self.k
-        try:
-            if op == "read":
-                r = await k.rmp.call(
-                    "GuestRead",
-                    rmp_pb2.GuestReadRequest(identity=ident, gpa=gpa, length=64, private=True),
-                )
-            elif op == "validate":
-                r = await k.rmp.call(
-                    "Pvalidate",
-                    rmp_pb2.PvalidateRequest(
-                        identity=ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=True
-                    ),
-                )
-            else:
-                r = await k.rmp.call(
-                    "RmpAdjust",
-                    rmp_pb2.RmpAdjustRequest(
-                        identity=ident,
-                        gpa=gpa,
-                        page_size=types_pb2.PAGE_SIZE_4K,
-                        target_vmpl=1,
-                        perms=1,
-                    ),
-                )
-        except PeerError as e:
-            return f"refused by rmp ({e.reason}: {e.message})"
-        if not r.HasField("fault"):
-            return "reached a page of its own (the address is inside its own guest RAM)"
-        f = r.fault
-        if f.vc:
-            return f"#VC ({f.cause})"
-        n = await k.vmexit(
-            "NestedPageFault",
-            kvm_pb2.NestedPageFaultRequest(identity=ident, gpa=f.gpa, error_code=f.error_code),
-        )
-        k.event("npf", f.gpa, f"{f.cause}: kvm {n.action}")
-        return f"#NPF ({f.cause}); kvm: {n.action}, {'retried' if n.retry else 'not retried'}"
 
     async def RaceRmpAdjust(self, request: Any, context: Any) -> pb.RaceRmpAdjustResponse:
         """RMPADJUST in a loop on a private page while the host converts it (drive the host
         side with rmp's RmpUpdate or a HostWrite under the convert policies)."""
         k = self.k
-        if request.gpa % 4096 or request.gpa >= k.opts.memory_bytes:
+        if not page_aligned(request.gpa) or request.gpa >= k.opts.memory_bytes:
             raise InvalidArgument("gpa is a page-aligned address in guest RAM")
         if not 0 < request.iterations <= 100_000:
             raise InvalidArgument("iterations is 1..100000")
         k.check_running()
-        outcomes = await k.race_rmpadjust(request.gpa, request.iterations)
+        outcomes = await probes.race_rmpadjust(k, Gpa(request.gpa), request.iterations)
         summary = ", ".join(f"{kind} {n}" for kind, n in sorted(outcomes.items()))
         return pb.RaceRmpAdjustResponse(
             inuse_failures=outcomes.get("FAIL_INUSE", 0),

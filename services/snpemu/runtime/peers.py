@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import grpc
 from snp.psp.v1 import psp_pb2_grpc
@@ -12,6 +13,10 @@ from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.errors import SnpemuError, Unavailable
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 from snpemu.runtime.status import error_info
+
+R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class PeerError(SnpemuError):
@@ -52,6 +57,19 @@ class Peer:
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"{self.name} is unreachable: {e.details()}") from None
+            raise PeerError(self.name, method, e) from None
+
+    async def invoke(
+        self, rpc: Callable[..., Awaitable[R]], request: Any, timeout: float = 30
+    ) -> R:
+        """`call()` on a bound method of the typed stub (`peer.ensure().GetVm`): the same
+        credential and the same errors, the method named after its request type."""
+        try:
+            return await rpc(request, metadata=self.md, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"{self.name} is unreachable: {e.details()}") from None
+            method = type(request).__name__.removesuffix("Request")
             raise PeerError(self.name, method, e) from None
 
     async def close(self) -> None:
@@ -113,6 +131,59 @@ class SessionPool:
                 return self.idle.pop()
             self.opened += 1
         return getattr(self.peer.ensure(), self.method)(metadata=self.peer.md)
+
+    async def _release(self, stream: Any) -> None:
+        async with self.free:
+            self.idle.append(stream)
+            self.free.notify()
+
+    async def _discard(self, stream: Any) -> None:
+        stream.cancel()
+        async with self.free:
+            self.opened -= 1
+            self.free.notify()
+
+    async def close(self) -> None:
+        for stream in self.idle:
+            stream.cancel()
+        self.idle.clear()
+
+
+class StreamPool(Generic[Req, Resp]):
+    """SessionPool's streams opened by a typed callable (`lambda: stub.GuestSession(...)`):
+    one message out and one back on each, the same errors. `exchange()` answers the whole
+    response message, its in-band error raised."""
+
+    def __init__(self, name: str, open_stream: Callable[[], Any], size: int = 8) -> None:
+        self.name, self.open_stream, self.size = name, open_stream, size
+        self.idle: list[Any] = []
+        self.opened = 0
+        self.free = asyncio.Condition()
+
+    async def exchange(self, request: Req) -> Resp:
+        stream = await self._acquire()
+        try:
+            await stream.write(request)
+            reply = await stream.read()
+        except grpc.aio.AioRpcError as e:
+            await self._discard(stream)
+            raise Unavailable(f"{self.name} session lost: {e.details()}") from None
+        if reply is grpc.aio.EOF:
+            await self._discard(stream)
+            raise Unavailable(f"{self.name} closed the session")
+        await self._release(stream)
+        if reply.WhichOneof("result") == "error":
+            raise session_error(reply.error)
+        return reply  # type: ignore[no-any-return]
+
+    async def _acquire(self) -> Any:
+        async with self.free:
+            while not self.idle and self.opened >= self.size:
+                await self.free.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.opened += 1
+        return self.open_stream()
 
     async def _release(self, stream: Any) -> None:
         async with self.free:
