@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,7 +22,18 @@ from snpemu.abi import msr_protocol as msr
 from snpemu.abi.addr import Gpa, pages
 from snpemu.errors import WrongState
 from snpemu.guest.errors import GuestReason, Terminated
-from snpemu.guest.ports import Exits, Fault, GhcbReply, GuestRmp, KvmReason, NpfReply, VmHandle, Vmm
+from snpemu.guest.options import GuestOptions
+from snpemu.guest.ports import (
+    Exits,
+    Fault,
+    GhcbReply,
+    GuestRmp,
+    Hold,
+    KvmReason,
+    NpfReply,
+    VmHandle,
+    Vmm,
+)
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.runtime.peers import PeerError
 
@@ -57,7 +68,7 @@ class VcpuExits:
     def __init__(
         self,
         name: str,
-        opts: Any,
+        opts: GuestOptions,
         *,
         exits: Exits,
         vmm: Vmm,
@@ -78,7 +89,7 @@ class VcpuExits:
         # totals survive the trimming of `events` (Prometheus counters never go down)
         self.event_counts: dict[str, int] = {}
         self.vm: VmHandle | None = None
-        self.hold: Any = None  # the VM held (ports.Hold)
+        self.hold: Hold | None = None  # the VM held, as a VMM holds its VM fd
         self.vcpus: list[VcpuIdentity] = []
         self.measurement = b""
         self.secrets_gpa = Gpa(0)

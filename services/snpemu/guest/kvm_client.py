@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from snp.common.v1 import handles_pb2
-from snp.kvm.v1 import kvm_pb2
+from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 
 from snpemu.abi.addr import Gpa
 from snpemu.guest.holds import StreamHold, held
@@ -49,6 +49,10 @@ def _vm(vm: VmHandle) -> handles_pb2.VmHandle:
 class GrpcKvm:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+
+    @classmethod
+    def connect(cls, address: str, credential: str | None) -> GrpcKvm:
+        return cls(Peer("kvm", address, credential, kvm_pb2_grpc.KvmServiceStub))
 
     def _stub(self) -> KvmServiceAsyncStub:
         return self.peer.ensure()  # type: ignore[no-any-return]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from snp.common.v1 import handles_pb2
-from snp.netd.v1 import netd_pb2
+from snp.netd.v1 import netd_pb2, netd_pb2_grpc
 
 from snpemu.guest.holds import held
 from snpemu.guest.ports import DeviceHold, PacketResult, Queue, Ring, VmHandle
@@ -34,6 +34,10 @@ def _device(device_id: str) -> netd_pb2.DeviceHandle:
 class GrpcNetd:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+
+    @classmethod
+    def connect(cls, address: str, credential: str | None) -> GrpcNetd:
+        return cls(Peer("netd", address, credential, netd_pb2_grpc.NetdServiceStub))
 
     def _stub(self) -> NetdServiceAsyncStub:
         return self.peer.ensure()  # type: ignore[no-any-return]

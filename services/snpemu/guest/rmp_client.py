@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from snp.common.v1 import types_pb2
-from snp.rmp.v1 import rmp_pb2
+from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 
 from snpemu.abi.addr import Gpa
 from snpemu.guest.kvm_client import identity_pb
@@ -39,6 +39,10 @@ class GrpcGuestRmp:
                 size=SESSIONS,
             )
         )
+
+    @classmethod
+    def connect(cls, address: str, credential: str | None) -> GrpcGuestRmp:
+        return cls(Peer("rmp", address, credential, rmp_pb2_grpc.RmpServiceStub))
 
     def _stub(self) -> RmpServiceAsyncStub:
         return self.peer.ensure()  # type: ignore[no-any-return]

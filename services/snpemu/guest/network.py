@@ -1,16 +1,14 @@
-"""The guest agent's network RPCs and the misbehaviours that involve a host writer.
+"""The guest's network device as its RPCs drive it, and the misbehaviours that involve a host
+writer.
 
-Each misbehaviour sets the trap and returns; the host's writer (netd, or kvm for the response
-page) springs it, and the guest's status (#VC events, termination, net counters) shows what
-happened. The lab drives these across every violation policy.
+Each misbehaviour sets the trap and returns what it did; the host's writer (netd, or kvm for
+the response page) springs it, and the guest's status (#VC events, termination, net counters)
+shows what happened. The lab drives these across every violation policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
-
-from snp.guest.v1 import guest_pb2 as pb
 
 from snpemu.abi import guest_message as gm
 from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa
@@ -31,19 +29,21 @@ def _mac_for(name: str) -> str:
     return "02:00:00:00:" + f"{n >> 8 & 0xFF:02x}:{n & 0xFF:02x}"
 
 
-class NetRpcs:
+class Network:
     def __init__(self, kernel: GuestKernel, driver: Driver, netd: Netd) -> None:
         self.k, self.driver, self.netd = kernel, driver, netd
         self.dev: NetDevice | None = None
 
-    def _device(self) -> NetDevice:
+    def device(self) -> NetDevice:
         if self.dev is None:
             raise WrongState(
                 "no network device: call AttachNetDevice", reason=GuestReason.NO_DEVICE
             )
         return self.dev
 
-    async def _attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
+    async def attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
+        """A device with `entries` buffers a ring (a default for 0); `skip`: the buggy driver
+        that hands netd its RX buffers still private."""
         self.k.check_running()
         entries = entries or DEFAULT_ENTRIES
         if entries > 64 or entries & (entries - 1):
@@ -59,41 +59,23 @@ class NetRpcs:
         self.dev = dev
         return dev
 
-    async def AttachNetDevice(self, request: Any, context: Any) -> pb.AttachNetDeviceResponse:
-        dev = await self._attach(request.mac, request.ring_entries, skip=False)
-        return pb.AttachNetDeviceResponse(device_id=dev.device_id)
-
-    async def SendPacket(self, request: Any, context: Any) -> pb.SendPacketResponse:
-        if not request.destination_mac:
-            raise InvalidArgument("destination_mac is required")
-        result = await self._device().send(request.destination_mac, bytes(request.payload))
-        return pb.SendPacketResponse(result=result)
-
-    async def ReceivePackets(self, request: Any, context: Any) -> pb.ReceivePacketsResponse:
-        got = await self._device().receive(request.max_packets or 64)
-        return pb.ReceivePacketsResponse(
-            packets=[pb.Packet(source_mac=p.source_mac, payload=p.payload) for p in got]
-        )
-
     # --- misbehaviour ---------------------------------------------------------------------
 
-    async def SkipDmaConversion(self, request: Any, context: Any) -> pb.SkipDmaConversionResponse:
+    async def skip_dma_conversion(self, mac: str, entries: int) -> str:
         """Buggy driver: the RX buffers are handed to netd while still private."""
-        dev = await self._attach(request.mac, request.ring_entries, skip=True)
+        dev = await self.attach(mac, entries, skip=True)
         lay = dev.layout
-        return pb.SkipDmaConversionResponse(
-            outcome=f"device {dev.device_id} attached with RX buffers "
+        return (
+            f"device {dev.device_id} attached with RX buffers "
             f"{lay.rx_buffers:#x}-{lay.tx_buffers - 1:#x} left private; netd will write them"
         )
 
-    async def FlipBufferDuringCopy(
-        self, request: Any, context: Any
-    ) -> pb.FlipBufferDuringCopyResponse:
+    async def flip_buffer_during_copy(self, timeout_ms: int) -> str:
         """Malicious: once netd's copy into the next RX buffer has begun, make its page
         private (PSC to private, then PVALIDATE) so the rest of the copy hits a guest page."""
-        dev = self._device()
+        dev = self.device()
         self.k.check_running()
-        timeout = (request.timeout_ms or 10_000) / 1000
+        timeout = (timeout_ms or 10_000) / 1000
         if timeout > 60:
             raise InvalidArgument("timeout_ms is at most 60000")
         gpa = await dev.next_rx_buffer()
@@ -101,16 +83,16 @@ class NetRpcs:
         page = gpa & PAGE_MASK
         await self.k.convert(page, PAGE_SIZE, private=True, size_2m=False)
         dev.private_rx.add(page)
-        return pb.FlipBufferDuringCopyResponse(
-            outcome=f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
+        return (
+            f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
             "to private mid-copy"
         )
 
-    async def ExposeVmsaPage(self, request: Any, context: Any) -> pb.ExposeVmsaPageResponse:
+    async def expose_vmsa_page(self) -> str:
         """Make the page of the next RX buffer private, mark it a VMSA (RMPADJUST VMSA=1 for
         VMPL1) and leave it offered to netd: the host's next write hits a VMSA page while this
         guest's vCPUs run."""
-        dev = self._device()
+        dev = self.device()
         self.k.check_running()
         gpa = await dev.next_rx_buffer()
         page = gpa & PAGE_MASK
@@ -123,11 +105,9 @@ class NetRpcs:
                 f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})",
                 reason=GuestReason.RMPADJUST_FAILED,
             )
-        return pb.ExposeVmsaPageResponse(
-            outcome=f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
-        )
+        return f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
 
-    async def FlipResponsePage(self, request: Any, context: Any) -> pb.FlipResponsePageResponse:
+    async def flip_response_page(self) -> str:
         """A report request whose response page the guest makes private (with a private
         marker written into it) once the driver has cleared it: kvm writes the response there
         in kernel mode. Afterwards the guest reads its marker back privately, which tells
@@ -156,4 +136,4 @@ class NetRpcs:
             )
         except (GuestFault, Terminated) as e:
             page_outcome = f"reading it back: {e.message}"
-        return pb.FlipResponsePageResponse(outcome=f"{request_outcome}; {page_outcome}")
+        return f"{request_outcome}; {page_outcome}"
