@@ -30,8 +30,9 @@ from snpemu.guest.ports import (
     VmHandle,
     VmStatus,
 )
+from snpemu.guest.rmp_client import GuestSessions
 from snpemu.kvm.identity import VcpuIdentity
-from snpemu.runtime.peers import Peer, PeerError, StreamPool
+from snpemu.runtime.peers import Peer, PeerError
 from snpemu.runtime.status import to_status
 
 VCPU = VcpuIdentity("vm-1", 0, 7, b"t" * 32)
@@ -77,7 +78,7 @@ def test_invoke_translates_errors_as_call_does() -> None:
     with pytest.raises(PeerError) as info:
         asyncio.run(peer.invoke(failing(err), req))
     assert info.value.reason == KvmReason.VM_TERMINATED
-    assert info.value.message == "kvm VmgexitMsr: stopped"
+    assert info.value.message.startswith("kvm ") and info.value.message.endswith(": stopped")
 
 
 class Stream:
@@ -94,23 +95,29 @@ class Stream:
         self.cancelled = True
 
 
-def test_stream_pool_reuses_a_stream_and_raises_what_came_back() -> None:
+def test_guest_sessions_reuse_a_stream_and_raise_what_came_back() -> None:
     ok = rmp_pb2.GuestSessionResponse(read=rmp_pb2.GuestReadResponse(data=b"x"))
     bad = rmp_pb2.GuestSessionResponse(error=rmp_pb2.SessionError(message="no", reason="NOPE"))
     stream = Stream([ok, bad, grpc.aio.EOF])
-    pool: StreamPool[Any, Any] = StreamPool("rmp", lambda: stream, size=1)
+    peer = Peer("rmp", "unused", None, None)
+    opened: list[Any] = []
+    peer.ensure = lambda: SimpleNamespace(  # type: ignore[method-assign]
+        GuestSession=lambda metadata: opened.append(metadata) or stream
+    )
+    pool = GuestSessions(peer, size=1)
+    msgs = [rmp_pb2.GuestSessionRequest(read=rmp_pb2.GuestReadRequest(gpa=i)) for i in range(3)]
 
     async def body() -> None:
-        assert (await pool.exchange("a")).read.data == b"x"
+        assert (await pool.exchange(msgs[0])).read.data == b"x"
         with pytest.raises(SnpemuError) as info:
-            await pool.exchange("b")
+            await pool.exchange(msgs[1])
         assert info.value.reason == "NOPE"
         with pytest.raises(Unavailable):
-            await pool.exchange("c")
+            await pool.exchange(msgs[2])
         assert stream.cancelled and pool.opened == 0
 
     asyncio.run(body())
-    assert stream.sent == ["a", "b", "c"]
+    assert stream.sent == msgs and opened == [()]
 
 
 class Host:

@@ -4,7 +4,7 @@ PVALIDATE batches as messages on GuestSession streams, the single instructions a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
@@ -13,7 +13,7 @@ from snpemu.abi.addr import Gpa
 from snpemu.guest.kvm_client import identity_pb
 from snpemu.guest.ports import Batch, Fault, Instruction, Read
 from snpemu.kvm.identity import VcpuIdentity
-from snpemu.runtime.peers import Peer, StreamPool
+from snpemu.runtime.peers import Peer, SessionPool
 
 if TYPE_CHECKING:
     from snp.rmp.v1.rmp_pb2_grpc import RmpServiceAsyncStub
@@ -29,16 +29,25 @@ def _size(size_2m: bool) -> types_pb2.PageSize.ValueType:
     return types_pb2.PAGE_SIZE_2M if size_2m else types_pb2.PAGE_SIZE_4K
 
 
+class GuestSessions(SessionPool):
+    """rmp's GuestSession, typed: a vCPU's memory accesses and PVALIDATE batches."""
+
+    def __init__(self, peer: Peer, size: int = SESSIONS) -> None:
+        super().__init__(peer, size, "GuestSession")
+
+    async def exchange(self, request: rmp_pb2.GuestSessionRequest) -> rmp_pb2.GuestSessionResponse:
+        reply: rmp_pb2.GuestSessionResponse = await super().exchange(request)
+        return reply
+
+    def _open(self) -> Any:
+        stub: RmpServiceAsyncStub = self.peer.ensure()
+        return stub.GuestSession(metadata=self.peer.md)
+
+
 class GrpcGuestRmp:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.sessions: StreamPool[rmp_pb2.GuestSessionRequest, rmp_pb2.GuestSessionResponse] = (
-            StreamPool(
-                peer.name,
-                lambda: self._stub().GuestSession(metadata=self.peer.md),
-                size=SESSIONS,
-            )
-        )
+        self.sessions = GuestSessions(peer)
 
     @classmethod
     def connect(cls, address: str, credential: str | None) -> GrpcGuestRmp:
