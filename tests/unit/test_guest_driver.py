@@ -21,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import PAGE_SIZE as PAGE
 from snpemu.errors import Unavailable
 from snpemu.guest.driver import Driver, RequestFailed, VmpckDisabled, report_request
-from snpemu.guest.kernel import CERTS_GPA, PAGE, REQ_GPA, RESP_GPA, Terminated
+from snpemu.guest.errors import Terminated
+from snpemu.guest.layout import CERTS_GPA, REQ_GPA, RESP_GPA
 
 from tests.conftest import examples
 

@@ -12,14 +12,15 @@ import asyncio
 import struct
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from snp.common.v1 import handles_pb2
-from snp.kvm.v1 import kvm_pb2
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc
-from snpemu.guest.kernel import GHCB_GPA, GuestKernel, Terminated
+from snpemu.guest.errors import Terminated
+from snpemu.guest.kernel import GuestKernel
+from snpemu.guest.layout import GHCB_GPA
+from snpemu.guest.ports import GhcbReply, MsrReply
+from snpemu.kvm.identity import VcpuIdentity
 
 # arch/x86/include/asm/sev-common.h
 GHCB_MSR_TERM_REQ = 0x100
@@ -51,12 +52,12 @@ class Host:
         self.sent: list[tuple[int, int, int]] = []  # each PSC exit's header, as sent
         self.msrs: list[int] = []
 
-    async def vmexit(self, method: str, request: Any) -> Any:
-        if method == "VmgexitMsr":
-            self.msrs.append(request.ghcb_msr)
-            return kvm_pb2.VmgexitMsrResponse(terminated=True)
-        assert method == "Vmgexit"
-        x = g.Ghcb.decode(request.ghcb)
+    async def vmgexit_msr(self, vcpu: VcpuIdentity, value: int) -> MsrReply:
+        self.msrs.append(value)
+        return MsrReply(0, terminated=True)
+
+    async def vmgexit(self, vcpu: VcpuIdentity, ghcb: bytes) -> GhcbReply:
+        x = g.Ghcb.decode(ghcb)
         assert x.get("sw_exit_code") == SVM_VMGEXIT_PSC
         assert x.get("sw_scratch") == GHCB_GPA + g.SHARED_BUFFER
         hdr = PSC_HDR.unpack_from(x.shared, 0)
@@ -64,14 +65,20 @@ class Host:
         answer = self.script.pop(0) if self.script else done
         info1, info2, back = answer(hdr)
         PSC_HDR.pack_into(x.shared, 0, *back)
-        return kvm_pb2.VmgexitResponse(sw_exit_info_1=info1, sw_exit_info_2=info2, ghcb=x.encode())
+        return GhcbReply(info1, info2, False, x.encode())
 
 
 def kernel(host: Host) -> GuestKernel:
     opts = SimpleNamespace(firmware="none", memory_bytes=64 << 20)
-    k = GuestKernel("psc-test", opts, None, None, "none")  # type: ignore[arg-type]
-    k.vcpus = [handles_pb2.VcpuIdentity()]
-    k.vmexit = host.vmexit  # type: ignore[method-assign]
+    k = GuestKernel(
+        "psc-test",
+        opts,
+        exits=host,
+        vmm=None,
+        rmp=None,
+        default_firmware="none",  # type: ignore[arg-type]
+    )
+    k.vcpus = [VcpuIdentity("vm", 0, 1, b"")]
     return k
 
 

@@ -68,3 +68,18 @@ def psc_request(msr: int) -> tuple[int, int]:
 def term_reason(msr: int) -> tuple[int, int]:
     """(reason set bits 15:12, reason code bits 23:16)"""
     return msr >> 12 & 0xF, msr >> 16 & 0xFF
+
+
+def term_request(reason_set: int, code: int) -> int:
+    """The guest's TERM_REQ: reason set in bits 15:12, reason code in bits 23:16."""
+    return code << 16 | reason_set << 12 | TERM_REQ
+
+
+def hv_features_of(msr: int) -> int:
+    """The feature bitmap of an HV_FT_RESP (bits 63:12)."""
+    return msr >> 12
+
+
+def sev_info_versions(msr: int) -> tuple[int, int]:
+    """(minimum, maximum) GHCB protocol version of a SEV_INFO_RESP (bits 47:32, 63:48)."""
+    return msr >> 32 & 0xFFFF, msr >> 48

@@ -30,32 +30,41 @@ class _Guest:
     def __init__(self, runtime: ServiceRuntime) -> None:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         from prometheus_client.registry import Collector
-        from snp.kvm.v1 import kvm_pb2_grpc
-        from snp.netd.v1 import netd_pb2_grpc
-        from snp.rmp.v1 import rmp_pb2_grpc
 
+        from snpemu.guest.attestation import Attestation
         from snpemu.guest.driver import Driver
-        from snpemu.guest.kernel import BootState, GuestKernel
-        from snpemu.guest.net_rpcs import NetRpcs
+        from snpemu.guest.exits import BootState
+        from snpemu.guest.kernel import GuestKernel
+        from snpemu.guest.kvm_client import GrpcKvm
+        from snpemu.guest.net_servicer import NetServicer
+        from snpemu.guest.netd_client import GrpcNetd
+        from snpemu.guest.network import Network
+        from snpemu.guest.rmp_client import GrpcGuestRmp
         from snpemu.guest.servicer import GuestServicer
         from snpemu.kvm.machine import DEFAULT_FIRMWARE
-        from snpemu.runtime.peers import Peer
 
         config, opts = runtime.config, runtime.options
         # guest-mode access needs no credential (the vCPU identity is checked); the VMM side
         # creates its VM with the VMM credential, never the host's
-        rmp = Peer("rmp", config.peers["rmp"], None, rmp_pb2_grpc.RmpServiceStub)
-        kvm = Peer("kvm", config.peers["kvm"], config.vmm_credential, kvm_pb2_grpc.KvmServiceStub)
+        self.rmp = GrpcGuestRmp.connect(config.peers["rmp"], None)
+        self.kvm = GrpcKvm.connect(config.peers["kvm"], config.vmm_credential)
         # netd: the VMM's vhost-user connection and the guest's doorbells
-        self.netd = Peer(
-            "netd", config.peers["netd"], config.vmm_credential, netd_pb2_grpc.NetdServiceStub
+        self.netd = GrpcNetd.connect(config.peers["netd"], config.vmm_credential)
+        self.kernel = GuestKernel(
+            config.instance,
+            opts,
+            exits=self.kvm,
+            vmm=self.kvm,
+            rmp=self.rmp,
+            default_firmware=DEFAULT_FIRMWARE,
         )
-        self.kernel = GuestKernel(config.instance, opts, rmp, kvm, DEFAULT_FIRMWARE)
         driver = Driver(self.kernel)
-        self.net = NetRpcs(self.kernel, driver, self.netd)
-        self.servicer = GuestServicer(self.kernel, driver, self.net)
+        self.net = Network(self.kernel, driver, self.netd)
+        self.attestation = Attestation(self.kernel, driver)
+        self.servicer = GuestServicer(self.kernel, self.attestation, self.net)
+        self.net_servicer = NetServicer(self.net)
         self.boot_task: asyncio.Task[None] | None = None
-        kernel, servicer, net = self.kernel, self.servicer, self.net
+        kernel, attestation, net = self.kernel, self.attestation, self.net
 
         class AgentCollector(Collector):
             def collect(self) -> Iterator[Metric]:
@@ -66,7 +75,7 @@ class _Guest:
                 )
                 for t in ("report", "key"):
                     for r in ("success", "firmware_status", "error"):
-                        reqs.add_metric([t, r], float(servicer.requests.get((t, r), 0)))
+                        reqs.add_metric([t, r], float(attestation.requests.get((t, r), 0)))
                 yield reqs
                 yield CounterMetricFamily(
                     "snp_guest_agent_vc",
@@ -105,7 +114,7 @@ class _Guest:
             raise
         except Exception as e:  # the guest cannot boot: say so in its state and log
             log.error("boot failed: %s", e, extra={"event": "boot_failed"})
-            from snpemu.guest.kernel import BootState
+            from snpemu.guest.exits import BootState
 
             self.kernel.state = BootState.TERMINATED
             self.kernel.event("terminated", detail=f"boot failed: {e}")
@@ -124,18 +133,15 @@ async def _shutdown(impl: _Guest) -> None:
             await impl.boot_task
     k = impl.kernel
     if k.vm is not None:  # the VMM exits: its VM goes
-        from snp.kvm.v1 import kvm_pb2
-
         with contextlib.suppress(Exception):
-            await k.kvm.call("DestroyVm", kvm_pb2.DestroyVmRequest(vm=k.vm))
+            await k.vmm.destroy_vm(k.vm)
     if impl.net.dev is not None:
         await impl.net.dev.close()
     await impl.netd.close()
     if k.hold is not None:
         k.hold.cancel()
-    await k.mem.close()
-    await k.kvm.close()
-    await k.rmp.close()
+    await impl.kvm.close()
+    await impl.rmp.close()
 
 
 def _options(env: Mapping[str, str]) -> object:
@@ -148,7 +154,7 @@ SPEC: ServiceSpec[_Guest] = ServiceSpec(
     name="guest",
     descriptor=_SERVICE,
     make_impl=_Guest,
-    servicers=lambda impl: (impl.net, impl.servicer),
+    servicers=lambda impl: (impl.net_servicer, impl.servicer),
     options=_options,
     startup=_startup,
     shutdown=_shutdown,

@@ -26,16 +26,11 @@ from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import PAGE_SIZE, page_bytes
 from snpemu.errors import WrongState
-from snpemu.guest.kernel import (
-    CERTS_GPA,
-    CERTS_PAGES,
-    PAGE,
-    REQ_GPA,
-    RESP_GPA,
-    GuestKernel,
-    Terminated,
-)
+from snpemu.guest.errors import GuestReason, Terminated
+from snpemu.guest.kernel import GuestKernel
+from snpemu.guest.layout import CERTS_GPA, CERTS_PAGES, REQ_GPA, RESP_GPA
 
 # KERNEL: include/linux/sev-guest.h SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY,
 # SNP_GUEST_VMM_ERR(x) = x << 32 (the VMM's half of SW_EXITINFO2)
@@ -46,11 +41,11 @@ SEQNO_MAX = 2**32 - 1  # the OS area keeps u32 counters
 
 
 class VmpckDisabled(WrongState):
-    default_reason = "VMPCK_DISABLED"
+    default_reason = GuestReason.VMPCK_DISABLED
 
 
 class RequestFailed(WrongState):
-    default_reason = "GUEST_REQUEST_FAILED"
+    default_reason = GuestReason.GUEST_REQUEST_FAILED
 
 
 class Issued(enum.Enum):
@@ -155,13 +150,13 @@ class Driver:
             # whole struct snp_guest_msg) and __handle_guest_request() copies the whole sealed
             # struct snp_guest_msg into the shared request page; the two pages are adjacent, so
             # one guest write does both
-            await k.write(REQ_GPA, sealed.ljust(PAGE, b"\0") + bytes(PAGE), shared=True)
+            await k.write(REQ_GPA, sealed.ljust(PAGE_SIZE, b"\0") + bytes(PAGE_SIZE), shared=True)
             if after_clear is not None:
                 await after_clear()
             rc, info2, needed = await self._handle(seqno, ext, certs_pages)
             page = b""
             if rc is Issued.OK and needed is None:
-                page = await k.read(RESP_GPA, PAGE, shared=True)
+                page = await k.read(RESP_GPA, PAGE_SIZE, shared=True)
         except BaseException as e:
             # UNVERIFIED(guest-request-lost-exit): upstream's VMGEXIT comes back with an
             # answer, or the guest never runs again; here an exit can raise (kvm unreachable,
@@ -211,7 +206,7 @@ class Driver:
             raise RequestFailed(f"bad response: {e}") from None
         certs = b""
         if ext:
-            certs = await k.read(CERTS_GPA, certs_pages * PAGE, shared=True)
+            certs = await k.read(CERTS_GPA, page_bytes(certs_pages), shared=True)
         return Reply(body, certs)
 
     async def _handle(

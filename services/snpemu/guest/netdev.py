@@ -14,24 +14,21 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from snp.netd.v1 import netd_pb2
+from typing import TYPE_CHECKING
 
 from snpemu.abi import virtio
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa, gpa_to_gfn, page_bytes, pages
 from snpemu.errors import InvalidArgument, SnpemuError, Unavailable, WrongState
-from snpemu.runtime.peers import Peer, PeerError
+from snpemu.guest.errors import GuestFault, GuestReason
+from snpemu.guest.ports import Hold, Netd, Queue, Ring
+from snpemu.runtime.peers import PeerError
 
 if TYPE_CHECKING:
     from snpemu.guest.kernel import GuestKernel
 
 log = logging.getLogger(__name__)
-PAGE = 4096
 WINDOW_GPA = 0x100_0000  # 16 MiB: above the firmware's metadata pages, below anything else used
 BUFFER_SIZE = 2048  # a virtio_net_hdr and a 1514-byte frame fit
-RESULT_NAMES = {
-    v: k.removeprefix("PACKET_RESULT_").lower() for k, v in netd_pb2.PacketResult.items()
-}
 
 
 @dataclass
@@ -44,19 +41,19 @@ class Layout:
 
     @property
     def tx_ring(self) -> int:
-        return WINDOW_GPA + PAGE
+        return WINDOW_GPA + PAGE_SIZE
 
     @property
     def rx_buffers(self) -> int:
-        return WINDOW_GPA + 2 * PAGE
+        return WINDOW_GPA + 2 * PAGE_SIZE
 
     @property
     def tx_buffers(self) -> int:
-        return self.rx_buffers + -(-self.entries * BUFFER_SIZE // PAGE) * PAGE
+        return self.rx_buffers + page_bytes(pages(self.entries * BUFFER_SIZE))
 
     @property
     def end(self) -> int:
-        return self.tx_buffers + -(-self.entries * BUFFER_SIZE // PAGE) * PAGE
+        return self.tx_buffers + page_bytes(pages(self.entries * BUFFER_SIZE))
 
     def rx_buffer(self, slot: int) -> int:
         return self.rx_buffers + slot * BUFFER_SIZE
@@ -82,7 +79,7 @@ class NetStats:
 
 
 class NetDevice:
-    def __init__(self, kernel: GuestKernel, netd: Peer, mac: str, entries: int) -> None:
+    def __init__(self, kernel: GuestKernel, netd: Netd, mac: str, entries: int) -> None:
         self.k, self.netd, self.mac = kernel, netd, mac
         self.layout = Layout(entries)
         self.ring = virtio.Layout(entries)
@@ -95,7 +92,7 @@ class NetDevice:
         self.rx_seen = 0  # used idx the driver has consumed up to
         self.rx_avail = 0  # avail idx the driver has published
         self.tx_next = 0
-        self.hold: Any = None
+        self.hold: Hold | None = None
         self.watch: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.closed = False
@@ -107,13 +104,13 @@ class NetDevice:
         if lay.end > k.opts.memory_bytes:
             raise InvalidArgument("guest RAM is too small for the device window")
         if skip_rx_conversion:  # the buggy driver: RX buffers stay private (and get accepted)
-            await k.convert(lay.rx_ring, 2 * PAGE, private=False, size_2m=False)
+            await k.convert(lay.rx_ring, 2 * PAGE_SIZE, private=False, size_2m=False)
             await k.convert(lay.tx_buffers, lay.end - lay.tx_buffers, private=False, size_2m=False)
-            rx_pages = range(lay.rx_buffers, lay.tx_buffers, PAGE)
+            rx_pages = range(lay.rx_buffers, lay.tx_buffers, PAGE_SIZE)
             await k.accept_on_touch(lay.rx_buffers, lay.tx_buffers - lay.rx_buffers)
             for gpa in rx_pages:  # shared from an earlier attach: private again, as first found
-                if not k.accepted[gpa // PAGE]:
-                    await k.convert(gpa, PAGE, private=True, size_2m=False)
+                if not k.accepted[gpa_to_gfn(gpa)]:
+                    await k.convert(gpa, PAGE_SIZE, private=True, size_2m=False)
             self.private_rx = set(rx_pages)
         else:
             await k.convert(WINDOW_GPA, lay.end - WINDOW_GPA, private=False, size_2m=False)
@@ -137,31 +134,11 @@ class NetDevice:
         lay, n = self.layout, self.layout.entries
         await self._reset_rings()
         assert self.k.vm is not None
-        r = await self.netd.call(
-            "RegisterDevice",
-            netd_pb2.RegisterDeviceRequest(
-                vm=self.k.vm,
-                mac=self.mac,
-                rx=netd_pb2.Ring(
-                    ring_gpa=lay.rx_ring,
-                    buffers_gpa=lay.rx_buffers,
-                    entries=n,
-                    buffer_size=BUFFER_SIZE,
-                ),
-                tx=netd_pb2.Ring(
-                    ring_gpa=lay.tx_ring,
-                    buffers_gpa=lay.tx_buffers,
-                    entries=n,
-                    buffer_size=BUFFER_SIZE,
-                ),
-            ),
-        )
-        self.device_id = r.device.id
-        self.hold = self.netd.ensure().HoldDevice(
-            netd_pb2.HoldDeviceRequest(device=r.device), metadata=self.netd.md
-        )
-        first = await self.hold.read()
-        self.boot_id = first.daemon_boot_id
+        rx = Ring(Gpa(lay.rx_ring), Gpa(lay.rx_buffers), n, BUFFER_SIZE)
+        tx = Ring(Gpa(lay.tx_ring), Gpa(lay.tx_buffers), n, BUFFER_SIZE)
+        self.device_id = await self.netd.register_device(self.k.vm, self.mac, rx, tx)
+        held = await self.netd.hold_device(self.device_id)
+        self.hold, self.boot_id = held.hold, held.daemon_boot_id
         self.connected.set()
         self.k.event("net_attached", detail=f"{self.mac} device {self.device_id}")
 
@@ -169,7 +146,8 @@ class NetDevice:
         """When netd goes away the hold breaks: keep what was received, reconnect, register."""
         while not self.closed:
             with contextlib.suppress(Exception):
-                await self.hold.read()  # returns only when the stream ends
+                assert self.hold is not None
+                await self.hold.wait()  # returns only when the stream ends
             if self.closed:
                 return
             self.connected.clear()
@@ -226,25 +204,20 @@ class NetDevice:
                 lay.tx_ring + self.ring.avail_idx, virtio.U16.pack(self.tx_next), shared=True
             )
             try:
-                r = await self.netd.call(
-                    "NotifyQueue",
-                    netd_pb2.NotifyQueueRequest(
-                        device=netd_pb2.DeviceHandle(id=self.device_id), queue=netd_pb2.QUEUE_TX
-                    ),
-                )
+                results = await self.netd.notify_queue(self.device_id, Queue.TX)
             except (Unavailable, PeerError) as e:
                 # netd died with the packet (or forgot the device): lost, and counted
                 self.k.event("net_lost", detail=str(e))
                 self.stats.add(self.stats.sent, "lost")
                 return "lost"
-            result = RESULT_NAMES.get(r.results[-1], "unspecified") if r.results else "lost"
+            result = results[-1].value if results else "lost"
             self.stats.add(self.stats.sent, result)
             return result
 
     async def _drain(self) -> None:
         """receive_buf for every used RX buffer since the last look; each is offered again."""
         lay, ring = self.layout, self.ring
-        page = await self.k.read(lay.rx_ring, PAGE, shared=True)
+        page = await self.k.read(lay.rx_ring, PAGE_SIZE, shared=True)
         used = virtio.U16.unpack_from(page, ring.used_idx)[0]
         while self.rx_seen != used:
             slot, length = virtio.USED_ELEM.unpack_from(page, ring.used_slot(self.rx_seen))
@@ -260,13 +233,11 @@ class NetDevice:
         )
 
     async def _receive_one(self, slot: int, length: int) -> None:
-        from snpemu.guest.kernel import GuestFault
-
         if length < virtio.NET_HDR.size + virtio.ETH_HDR.size or length > BUFFER_SIZE:
             self.stats.add(self.stats.received, "rx_error")  # "rx error: len too short"
             return
         gpa = self.layout.rx_buffer(slot)
-        private = gpa & ~(PAGE - 1) in self.private_rx
+        private = gpa & PAGE_MASK in self.private_rx
         try:
             raw = await self.k.read(gpa, length, shared=not private)
         except GuestFault:  # #VC, logged by the kernel: the guest was told
@@ -292,11 +263,11 @@ class NetDevice:
 
     async def next_rx_buffer(self) -> int:
         """The GPA of the RX buffer netd will fill next (the oldest one offered)."""
-        page = await self.k.read(self.layout.rx_ring, PAGE, shared=True)
+        page = await self.k.read(self.layout.rx_ring, PAGE_SIZE, shared=True)
         used = virtio.U16.unpack_from(page, self.ring.used_idx)[0]
         slot = virtio.U16.unpack_from(page, self.ring.avail_slot(used))[0]
         if slot >= self.layout.entries:
-            raise WrongState("the RX ring is corrupt", reason="BAD_RING")
+            raise WrongState("the RX ring is corrupt", reason=GuestReason.BAD_RING)
         return self.layout.rx_buffer(slot)
 
     async def wait_copy_start(self, gpa: int, timeout_s: float) -> bytes:
@@ -311,5 +282,5 @@ class NetDevice:
             await asyncio.sleep(0.002)
         raise WrongState(
             f"no copy into {gpa:#x} began within {timeout_s:g} s (send this guest a packet)",
-            reason="NO_COPY",
+            reason=GuestReason.NO_COPY,
         )

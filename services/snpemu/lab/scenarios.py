@@ -16,7 +16,8 @@ import grpc
 from snp.common.v1 import types_pb2
 from snp.guest.v1 import guest_pb2
 
-from snpemu.guest.netdev import PAGE, Layout
+from snpemu.abi.addr import PAGE_MASK
+from snpemu.guest.netdev import Layout
 from snpemu.lab.traffic import mac
 
 M, T = 0, 1  # the misbehaving guest, and the innocent that sends to it
@@ -88,7 +89,7 @@ async def vmsa_write(host: Any) -> list[str]:
 async def rmpadjust_race(host: Any) -> list[str]:
     m = host.guest(M)
     await m.SkipDmaConversion(guest_pb2.SkipDmaConversionRequest(mac=mac(M)), timeout=60)
-    page = Layout(16).rx_buffer(0) & ~(PAGE - 1)
+    page = Layout(16).rx_buffer(0) & PAGE_MASK
     race = m.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=page, iterations=300), timeout=120)
     return await _while_armed(host, race, 0.05, b"for the misbehaving guest")
 

@@ -1,23 +1,24 @@
-"""The guest agent's network RPCs and the misbehaviours that involve a host writer.
+"""The guest's network device as its RPCs drive it, and the misbehaviours that involve a host
+writer.
 
-Each misbehaviour sets the trap and returns; the host's writer (netd, or kvm for the response
-page) springs it, and the guest's status (#VC events, termination, net counters) shows what
-happened. The lab drives these across every violation policy.
+Each misbehaviour sets the trap and returns what it did; the host's writer (netd, or kvm for
+the response page) springs it, and the guest's status (#VC events, termination, net counters)
+shows what happened. The lab drives these across every violation policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
-
-from snp.guest.v1 import guest_pb2 as pb
 
 from snpemu.abi import guest_message as gm
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.guest.driver import Driver, report_request
-from snpemu.guest.kernel import RESP_GPA, GuestFault, GuestKernel, Terminated
-from snpemu.guest.netdev import PAGE, NetDevice
-from snpemu.runtime.peers import Peer
+from snpemu.guest.errors import GuestFault, GuestReason, Terminated
+from snpemu.guest.kernel import GuestKernel
+from snpemu.guest.layout import RESP_GPA
+from snpemu.guest.netdev import NetDevice
+from snpemu.guest.ports import Netd
 
 DEFAULT_ENTRIES = 16
 
@@ -28,17 +29,21 @@ def _mac_for(name: str) -> str:
     return "02:00:00:00:" + f"{n >> 8 & 0xFF:02x}:{n & 0xFF:02x}"
 
 
-class NetRpcs:
-    def __init__(self, kernel: GuestKernel, driver: Driver, netd: Peer) -> None:
+class Network:
+    def __init__(self, kernel: GuestKernel, driver: Driver, netd: Netd) -> None:
         self.k, self.driver, self.netd = kernel, driver, netd
         self.dev: NetDevice | None = None
 
-    def _device(self) -> NetDevice:
+    def device(self) -> NetDevice:
         if self.dev is None:
-            raise WrongState("no network device: call AttachNetDevice", reason="NO_DEVICE")
+            raise WrongState(
+                "no network device: call AttachNetDevice", reason=GuestReason.NO_DEVICE
+            )
         return self.dev
 
-    async def _attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
+    async def attach(self, mac: str, entries: int, skip: bool) -> NetDevice:
+        """A device with `entries` buffers a ring (a default for 0); `skip`: the buggy driver
+        that hands netd its RX buffers still private."""
         self.k.check_running()
         entries = entries or DEFAULT_ENTRIES
         if entries > 64 or entries & (entries - 1):
@@ -48,87 +53,61 @@ class NetRpcs:
             old, self.dev = self.dev, None
             await old.close()
             with contextlib.suppress(SnpemuError):
-                from snp.netd.v1 import netd_pb2
-
-                await self.netd.call(
-                    "UnregisterDevice",
-                    netd_pb2.UnregisterDeviceRequest(
-                        device=netd_pb2.DeviceHandle(id=old.device_id)
-                    ),
-                )
+                await self.netd.unregister_device(old.device_id)
         dev = NetDevice(self.k, self.netd, mac, entries)
         await dev.attach(skip_rx_conversion=skip)
         self.dev = dev
         return dev
 
-    async def AttachNetDevice(self, request: Any, context: Any) -> pb.AttachNetDeviceResponse:
-        dev = await self._attach(request.mac, request.ring_entries, skip=False)
-        return pb.AttachNetDeviceResponse(device_id=dev.device_id)
-
-    async def SendPacket(self, request: Any, context: Any) -> pb.SendPacketResponse:
-        if not request.destination_mac:
-            raise InvalidArgument("destination_mac is required")
-        result = await self._device().send(request.destination_mac, bytes(request.payload))
-        return pb.SendPacketResponse(result=result)
-
-    async def ReceivePackets(self, request: Any, context: Any) -> pb.ReceivePacketsResponse:
-        got = await self._device().receive(request.max_packets or 64)
-        return pb.ReceivePacketsResponse(
-            packets=[pb.Packet(source_mac=p.source_mac, payload=p.payload) for p in got]
-        )
-
     # --- misbehaviour ---------------------------------------------------------------------
 
-    async def SkipDmaConversion(self, request: Any, context: Any) -> pb.SkipDmaConversionResponse:
+    async def skip_dma_conversion(self, mac: str, entries: int) -> str:
         """Buggy driver: the RX buffers are handed to netd while still private."""
-        dev = await self._attach(request.mac, request.ring_entries, skip=True)
+        dev = await self.attach(mac, entries, skip=True)
         lay = dev.layout
-        return pb.SkipDmaConversionResponse(
-            outcome=f"device {dev.device_id} attached with RX buffers "
+        return (
+            f"device {dev.device_id} attached with RX buffers "
             f"{lay.rx_buffers:#x}-{lay.tx_buffers - 1:#x} left private; netd will write them"
         )
 
-    async def FlipBufferDuringCopy(
-        self, request: Any, context: Any
-    ) -> pb.FlipBufferDuringCopyResponse:
+    async def flip_buffer_during_copy(self, timeout_ms: int) -> str:
         """Malicious: once netd's copy into the next RX buffer has begun, make its page
         private (PSC to private, then PVALIDATE) so the rest of the copy hits a guest page."""
-        dev = self._device()
+        dev = self.device()
         self.k.check_running()
-        timeout = (request.timeout_ms or 10_000) / 1000
+        timeout = (timeout_ms or 10_000) / 1000
         if timeout > 60:
             raise InvalidArgument("timeout_ms is at most 60000")
         gpa = await dev.next_rx_buffer()
         head = await dev.wait_copy_start(gpa, timeout)
-        page = gpa & ~(PAGE - 1)
-        await self.k.convert(page, PAGE, private=True, size_2m=False)
+        page = gpa & PAGE_MASK
+        await self.k.convert(page, PAGE_SIZE, private=True, size_2m=False)
         dev.private_rx.add(page)
-        return pb.FlipBufferDuringCopyResponse(
-            outcome=f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
+        return (
+            f"copy into {gpa:#x} began (header {head.hex()}); page {page:#x} flipped "
             "to private mid-copy"
         )
 
-    async def ExposeVmsaPage(self, request: Any, context: Any) -> pb.ExposeVmsaPageResponse:
+    async def expose_vmsa_page(self) -> str:
         """Make the page of the next RX buffer private, mark it a VMSA (RMPADJUST VMSA=1 for
         VMPL1) and leave it offered to netd: the host's next write hits a VMSA page while this
         guest's vCPUs run."""
-        dev = self._device()
+        dev = self.device()
         self.k.check_running()
         gpa = await dev.next_rx_buffer()
-        page = gpa & ~(PAGE - 1)
+        page = gpa & PAGE_MASK
         if page not in dev.private_rx:
-            await self.k.convert(page, PAGE, private=True, size_2m=False)
+            await self.k.convert(page, PAGE_SIZE, private=True, size_2m=False)
             dev.private_rx.add(page)
-        r = await self.k.rmpadjust(page, vmsa=True)
-        if r.HasField("fault") or r.eax:
+        r = await self.k.rmpadjust(Gpa(page), vmsa=True)
+        if r.fault is not None or r.eax:
             raise WrongState(
-                f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})", reason="RMPADJUST_FAILED"
+                f"RMPADJUST VMSA of {page:#x} failed (eax {r.eax})",
+                reason=GuestReason.RMPADJUST_FAILED,
             )
-        return pb.ExposeVmsaPageResponse(
-            outcome=f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
-        )
+        return f"page {page:#x} (RX buffer {gpa:#x}) is a VMSA page now, offered to netd"
 
-    async def FlipResponsePage(self, request: Any, context: Any) -> pb.FlipResponsePageResponse:
+    async def flip_response_page(self) -> str:
         """A report request whose response page the guest makes private (with a private
         marker written into it) once the driver has cleared it: kvm writes the response there
         in kernel mode. Afterwards the guest reads its marker back privately, which tells
@@ -140,7 +119,7 @@ class NetRpcs:
         marker = b"private response page".ljust(32, b".")
 
         async def flip() -> None:
-            await k.convert(RESP_GPA, PAGE, private=True, size_2m=False)
+            await k.convert(RESP_GPA, PAGE_SIZE, private=True, size_2m=False)
             await k.write_private(RESP_GPA, marker)
 
         try:
@@ -157,4 +136,4 @@ class NetRpcs:
             )
         except (GuestFault, Terminated) as e:
             page_outcome = f"reading it back: {e.message}"
-        return pb.FlipResponsePageResponse(outcome=f"{request_outcome}; {page_outcome}")
+        return f"{request_outcome}; {page_outcome}"

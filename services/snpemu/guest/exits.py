@@ -1,0 +1,172 @@
+"""The guest kernel's state and how its vCPU leaves guest mode: VMGEXIT (MSR protocol and
+GHCB) and #NPF to kvm, with the identity kvm issued, and TERM_REQUEST.
+
+KERNEL: arch/x86/coco/sev/core.c, arch/x86/boot/compressed/sev.c (sev_es_terminate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from snpemu.abi import ghcb as g
+from snpemu.abi import msr_protocol as msr
+from snpemu.abi.addr import Gpa, pages
+from snpemu.errors import WrongState
+from snpemu.guest.errors import GuestReason, Terminated
+from snpemu.guest.options import GuestOptions
+from snpemu.guest.ports import (
+    Exits,
+    Fault,
+    GhcbReply,
+    GuestRmp,
+    Hold,
+    KvmReason,
+    NpfReply,
+    VmHandle,
+    Vmm,
+)
+from snpemu.kvm.identity import VcpuIdentity
+from snpemu.runtime.peers import PeerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# GHCB termination reasons (arch/x86/include/asm/sev-common.h)
+TERM_GEN, TERM_LINUX = 0, 1
+GEN_REQ, GEN_PROT_UNSUPPORTED, GEN_SNP_UNSUPPORTED = 0, 1, 2
+LINUX_REGISTER, LINUX_PSC, LINUX_PVALIDATE, LINUX_SECRETS_PAGE = 0, 1, 2, 6
+
+
+class BootState(enum.IntEnum):
+    """Values match snp.guest.v1.BootState."""
+
+    CREATED = 1
+    LAUNCHING = 2
+    BOOTING = 3
+    RUNNING = 4
+    TERMINATED = 5
+
+
+@dataclass
+class Event:
+    kind: str
+    gpa: int = 0
+    detail: str = ""
+    timestamp_ns: int = field(default_factory=time.time_ns)
+
+
+class VcpuExits:
+    def __init__(
+        self,
+        name: str,
+        opts: GuestOptions,
+        *,
+        exits: Exits,
+        vmm: Vmm,
+        rmp: GuestRmp,
+        default_firmware: str,
+    ) -> None:
+        self.name, self.opts = name, opts
+        self.exits, self.vmm, self.rmp = exits, vmm, rmp
+        # the guest's clock and delay (jiffies, schedule_timeout_killable()) for the
+        # guest-request retry loop and the report flood; a test sets its own so nothing waits
+        # for real
+        self.clock: Callable[[], float] = time.monotonic
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.firmware = opts.firmware or default_firmware
+        self.state = BootState.CREATED
+        self.term_reason = (0, 0)
+        self.events: list[Event] = []
+        # totals survive the trimming of `events` (Prometheus counters never go down)
+        self.event_counts: dict[str, int] = {}
+        self.vm: VmHandle | None = None
+        self.hold: Hold | None = None  # the VM held, as a VMM holds its VM fd
+        self.vcpus: list[VcpuIdentity] = []
+        self.measurement = b""
+        self.secrets_gpa = Gpa(0)
+        npages = pages(opts.memory_bytes)
+        self.accepted = np.zeros(npages, dtype=bool)  # validated by this guest
+        # Never touched yet (Linux's unaccepted-memory bitmap): only these are accepted on first
+        # touch; a page the guest converted to shared stays shared until converted back.
+        self.unaccepted = np.ones(npages, dtype=bool)
+        self.vmpcks: list[bytes] = [bytes(32)] * 4
+        self.disabled: set[int] = set()
+        self.counters = [0, 0, 0, 0]  # last sequence number used per VMPCK (the OS area's copy)
+
+    @property
+    def ident(self) -> VcpuIdentity:
+        return self.vcpus[0]
+
+    def event(self, kind: str, gpa: int = 0, detail: str = "") -> None:
+        self.events.append(Event(kind, gpa, detail))
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+        del self.events[:-1000]
+        log.info(
+            "%s: %s %s", kind, hex(gpa) if gpa else "", detail, extra={"event": f"guest_{kind}"}
+        )
+
+    def check_running(self) -> None:
+        if self.state == BootState.TERMINATED:
+            rs, code = self.term_reason
+            raise Terminated(f"the guest terminated (reason set {rs}, code {code})")
+        if self.state != BootState.RUNNING:
+            raise WrongState(
+                f"the guest is {self.state.name.lower()}, not running",
+                reason=GuestReason.GUEST_NOT_RUNNING,
+            )
+
+    async def vmexit(self, exit: Awaitable[T]) -> T:
+        """A VMGEXIT or #NPF exit. A VM the host terminated (convert-kill) never runs again:
+        note why, and answer as a terminated guest does."""
+        try:
+            return await exit
+        except PeerError as e:
+            if e.reason == KvmReason.VM_TERMINATED and self.state != BootState.TERMINATED:
+                with contextlib.suppress(Exception):
+                    assert self.vm is not None
+                    info = await self.vmm.get_vm(self.vm)
+                    self.term_reason = (info.term_reason_set, info.term_reason_code)
+                self.state = BootState.TERMINATED
+                self.event("terminated", detail=f"by the host: {e.message}")
+            if e.reason == KvmReason.VM_TERMINATED:
+                rs, code = self.term_reason
+                raise Terminated(
+                    f"the host terminated this guest (reason set {rs}, code {code})"
+                ) from None
+            raise
+
+    async def msr_exit(self, value: int) -> int:
+        return (await self.vmexit(self.exits.vmgexit_msr(self.ident, value))).ghcb_msr
+
+    async def npf(self, fault: Fault, vcpu: VcpuIdentity | None = None) -> NpfReply:
+        """The #NPF exit of a faulted access (as `vcpu`, by default this guest's BSP)."""
+        return await self.vmexit(
+            self.exits.nested_page_fault(vcpu or self.ident, fault.gpa, fault.error_code)
+        )
+
+    async def terminate(self, reason_set: int, code: int, why: str) -> None:
+        """GHCB MSR TERM_REQUEST: the guest stops with its reason."""
+        self.event("terminated", detail=f"set {reason_set} code {code}: {why}")
+        self.state, self.term_reason = BootState.TERMINATED, (reason_set, code)
+        if self.vcpus:
+            with contextlib.suppress(Exception):  # the host may already have stopped the VM
+                await self.msr_exit(msr.term_request(reason_set, code))
+
+    async def ghcb_exit(self, ghcb: g.Ghcb) -> tuple[GhcbReply, g.Ghcb]:
+        """Fill the GHCB and VMGEXIT. The page goes with the exit and comes back in the reply
+        (kvm.proto VmgexitRequest.ghcb): the guest's write to its shared GHCB page and its read
+        after the exit, without a round trip to memory each."""
+        r = await self.vmexit(self.exits.vmgexit(self.ident, ghcb.encode()))
+        if r.terminated:
+            self.state = BootState.TERMINATED
+            return r, ghcb
+        return r, g.Ghcb.decode(r.ghcb)

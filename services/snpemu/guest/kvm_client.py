@@ -1,0 +1,120 @@
+"""kvm over gRPC as the guest agent reaches it: its vCPUs' exits and, with the VMM
+credential, its VM's lifecycle (guest/ports.py Exits and Vmm)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from snp.common.v1 import handles_pb2
+from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
+
+from snpemu.abi.addr import Gpa
+from snpemu.guest.holds import StreamHold, held
+from snpemu.guest.ports import (
+    GhcbReply,
+    Launched,
+    MsrReply,
+    NpfReply,
+    VmConfig,
+    VmHandle,
+    VmStatus,
+)
+from snpemu.kvm.identity import VcpuIdentity
+from snpemu.runtime.peers import Peer
+
+if TYPE_CHECKING:
+    from snp.kvm.v1.kvm_pb2_grpc import KvmServiceAsyncStub
+
+LAUNCH_TIMEOUT_S = 300
+
+
+def identity_pb(vcpu: VcpuIdentity) -> handles_pb2.VcpuIdentity:
+    """The guest runs at VMPL0: kvm issues every identity with vmpl 0."""
+    return handles_pb2.VcpuIdentity(
+        vcpu=handles_pb2.VcpuHandle(vm=handles_pb2.VmHandle(id=vcpu.vm_id), vcpu_id=vcpu.vcpu_id),
+        asid=vcpu.asid,
+        vmpl=0,
+        token=vcpu.token,
+    )
+
+
+def identity_of(msg: handles_pb2.VcpuIdentity) -> VcpuIdentity:
+    return VcpuIdentity(msg.vcpu.vm.id, msg.vcpu.vcpu_id, msg.asid, bytes(msg.token))
+
+
+def _vm(vm: VmHandle) -> handles_pb2.VmHandle:
+    return handles_pb2.VmHandle(id=vm.id)
+
+
+class GrpcKvm:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    @classmethod
+    def connect(cls, address: str, credential: str | None) -> GrpcKvm:
+        return cls(Peer("kvm", address, credential, kvm_pb2_grpc.KvmServiceStub))
+
+    def _stub(self) -> KvmServiceAsyncStub:
+        return self.peer.ensure()  # type: ignore[no-any-return]
+
+    async def vmgexit_msr(self, vcpu: VcpuIdentity, value: int) -> MsrReply:
+        r = await self.peer.invoke(
+            self._stub().VmgexitMsr,
+            kvm_pb2.VmgexitMsrRequest(identity=identity_pb(vcpu), ghcb_msr=value),
+        )
+        return MsrReply(int(r.ghcb_msr), r.terminated)
+
+    async def vmgexit(self, vcpu: VcpuIdentity, ghcb: bytes) -> GhcbReply:
+        r = await self.peer.invoke(
+            self._stub().Vmgexit, kvm_pb2.VmgexitRequest(identity=identity_pb(vcpu), ghcb=ghcb)
+        )
+        return GhcbReply(int(r.sw_exit_info_1), int(r.sw_exit_info_2), r.terminated, bytes(r.ghcb))
+
+    async def nested_page_fault(self, vcpu: VcpuIdentity, gpa: Gpa, error_code: int) -> NpfReply:
+        r = await self.peer.invoke(
+            self._stub().NestedPageFault,
+            kvm_pb2.NestedPageFaultRequest(
+                identity=identity_pb(vcpu), gpa=gpa, error_code=error_code
+            ),
+        )
+        return NpfReply(r.action, r.retry)
+
+    async def create_vm(self, config: VmConfig) -> VmHandle:
+        c = config
+        cfg = kvm_pb2.VmConfig(
+            memory_bytes=c.memory_bytes,
+            vcpus=c.vcpus,
+            vcpu_type=kvm_pb2.VcpuType.ValueType(c.vcpu_type),
+            policy=c.policy,
+            firmware_path=c.firmware_path,
+            kernel_path=c.kernel_path,
+            initrd_path=c.initrd_path,
+            cmdline=c.cmdline,
+            host_data=c.host_data,
+            throttle=kvm_pb2.GuestRequestThrottle(
+                interval_ms=c.throttle_interval_ms, burst=c.throttle_burst
+            ),
+        )
+        r = await self.peer.invoke(self._stub().CreateVm, kvm_pb2.CreateVmRequest(config=cfg))
+        return VmHandle(r.vm.id)
+
+    async def hold_vm(self, vm: VmHandle) -> StreamHold:
+        call = self._stub().HoldVm(kvm_pb2.HoldVmRequest(vm=_vm(vm)), metadata=self.peer.md)
+        hold, _ = await held(self.peer.name, call)
+        return hold
+
+    async def launch_vm(self, vm: VmHandle) -> Launched:
+        r = await self.peer.invoke(
+            self._stub().LaunchVm, kvm_pb2.LaunchVmRequest(vm=_vm(vm)), timeout=LAUNCH_TIMEOUT_S
+        )
+        return Launched(bytes(r.measurement), tuple(identity_of(v) for v in r.vcpus))
+
+    async def get_vm(self, vm: VmHandle) -> VmStatus:
+        info = (await self.peer.invoke(self._stub().GetVm, kvm_pb2.GetVmRequest(vm=_vm(vm)))).vm
+        return VmStatus(info.term_reason_set, info.term_reason_code)
+
+    async def destroy_vm(self, vm: VmHandle) -> None:
+        await self.peer.invoke(self._stub().DestroyVm, kvm_pb2.DestroyVmRequest(vm=_vm(vm)))
+
+    async def close(self) -> None:
+        await self.peer.close()
