@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, page_bytes, page_offset
 from snpemu.errors import WrongState
 from snpemu.kvm import nae
 
-PAGE = 4096
-GHCB_SCRATCH_AREA_LIMIT = 16 * PAGE  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
+GHCB_SCRATCH_AREA_LIMIT = page_bytes(16)  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
 U64 = 1 << 64
 INT_MAX = 2**31 - 1
 
@@ -47,7 +47,7 @@ class Scratch:
         done = 0
         while done < self.length:
             gpa = self.gpa + done
-            n = min(PAGE - gpa % PAGE, self.length - done)
+            n = min(PAGE_SIZE - page_offset(gpa), self.length - done)
             out.append((gpa, done, n))
             done += n
         return out
@@ -63,7 +63,7 @@ def setup_vmgexit_scratch(ghcb_gpa: int, sw_scratch: int, length: int) -> Scratc
     end = beg + length
     if end >= U64:
         return None  # scratch_gpa_end < scratch_gpa_beg in u64 arithmetic
-    if beg & ~(PAGE - 1) == ghcb_gpa:
+    if beg & PAGE_MASK == ghcb_gpa:
         # begins within the GHCB: must be wholly inside the shared buffer
         if beg < ghcb_gpa + g.SHARED_BUFFER or end > ghcb_gpa + g.RESERVED_0XFF0:
             return None

@@ -5,19 +5,40 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
+from snpemu.abi.addr import page_bytes, pfn_to_spa
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
+from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
+from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_to_pb
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _ExitIdentity(VcpuIdentity):
+    """TRANSITIONAL(exits-identity): the decoded identity, also readable as the message was
+    (`ident.vcpu.vm.id`, `ident.vcpu.vcpu_id`) for the exits until their vcpu() reads the
+    dataclass's fields; then the servicer hands them VcpuIdentity and this goes."""
+
+    @property
+    def vcpu(self) -> Any:
+        return SimpleNamespace(vm=SimpleNamespace(id=self.vm_id), vcpu_id=self.vcpu_id)
+
+
+def exit_identity(m: handles_pb2.VcpuIdentity) -> VcpuIdentity:
+    """The identity an exit presents, decoded once."""
+    return _ExitIdentity(m.vcpu.vm.id, m.vcpu.vcpu_id, m.asid, bytes(m.token))
 
 
 def vm_info(vm: Vm) -> pb.VmInfo:
@@ -25,7 +46,7 @@ def vm_info(vm: Vm) -> pb.VmInfo:
         vm=handles_pb2.VmHandle(id=vm.vm_id),
         state=pb.VmState.ValueType(int(vm.state)),
         asid=vm.asid,
-        config=vm.config,  # type: ignore[arg-type]
+        config=config_to_pb(vm.config),
         gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
         measurement=vm.measurement,
         term_reason_set=vm.term_reason[0],
@@ -60,14 +81,15 @@ class KvmServicer:
         )
 
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
-        vm = await self.kvm.create_vm(request.config)
+        vm = await self.kvm.create_vm(config_from_pb(request.config))
         return pb.CreateVmResponse(vm=handles_pb2.VmHandle(id=vm.vm_id), asid=vm.asid)
 
     async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
         vm = self._vm(request.vm)
         measurement = await self.kvm.launch_vm(vm)
         return pb.LaunchVmResponse(
-            measurement=measurement, vcpus=[self.kvm.identity(vm, i) for i in sorted(vm.vcpus)]
+            measurement=measurement,
+            vcpus=[identity_to_pb(self.kvm.identity(vm, i)) for i in sorted(vm.vcpus)],
         )
 
     async def GetVm(self, request: Any, context: Any) -> pb.GetVmResponse:
@@ -81,7 +103,7 @@ class KvmServicer:
         return pb.GetMemoryMapResponse(
             asid=vm.asid,
             regions=[
-                pb.MemoryRegion(gpa=r.gpa, spa=r.first_pfn << 12, size=r.npages << 12)
+                pb.MemoryRegion(gpa=r.gpa, spa=pfn_to_spa(r.first_pfn), size=page_bytes(r.npages))
                 for r in vm.memslots.runs
             ],
         )
@@ -136,11 +158,13 @@ class KvmServicer:
         return pb.KickVcpusResponse(kicked=len(vm.vcpus))
 
     async def VmgexitMsr(self, request: Any, context: Any) -> pb.VmgexitMsrResponse:
-        value, terminated = await self.exits.msr_exit(request.identity, request.ghcb_msr)
+        value, terminated = await self.exits.msr_exit(
+            exit_identity(request.identity), request.ghcb_msr
+        )
         return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
 
     async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
-        r, page = await self.exits.ghcb_exit(request.identity, request.ghcb)
+        r, page = await self.exits.ghcb_exit(exit_identity(request.identity), request.ghcb)
         return pb.VmgexitResponse(
             sw_exit_info_1=r.sw_exit_info_1,
             sw_exit_info_2=r.sw_exit_info_2,
@@ -149,7 +173,9 @@ class KvmServicer:
         )
 
     async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:
-        action, retry = await self.exits.npf(request.identity, request.gpa, request.error_code)
+        action, retry = await self.exits.npf(
+            exit_identity(request.identity), request.gpa, request.error_code
+        )
         return pb.NestedPageFaultResponse(action=action, retry=retry)
 
     async def StreamTraceEvents(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from snp.psp.v1 import psp_pb2_grpc
@@ -12,6 +13,8 @@ from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.errors import SnpemuError, Unavailable
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 from snpemu.runtime.status import error_info
+
+R = TypeVar("R")
 
 
 class PeerError(SnpemuError):
@@ -45,19 +48,41 @@ class Peer:
             self.stub = self.stub_cls(self.channel)
         return self.stub
 
+    async def invoke(
+        self, rpc: Callable[..., Awaitable[R]], request: object, timeout: float = 30
+    ) -> R:
+        """One unary call of a bound method of the stub (`peer.invoke(peer.ensure().Psmash,
+        request)`), with the credential and the errors decoded."""
+        try:
+            return await rpc(request, metadata=self.md, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(_method_name(rpc), e) from None
+
     async def call(self, method: str, request: Any, timeout: float = 30) -> Any:
+        """The same by method name (the guest agent and netd still call so)."""
         stub = self.ensure()
         try:
             return await getattr(stub, method)(request, metadata=self.md, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"{self.name} is unreachable: {e.details()}") from None
-            raise PeerError(self.name, method, e) from None
+            raise self._error(method, e) from None
+
+    def _error(self, method: str, e: grpc.aio.AioRpcError) -> SnpemuError:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return Unavailable(f"{self.name} is unreachable: {e.details()}")
+        return PeerError(self.name, method, e)
 
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close()
             self.channel = None
+
+
+def _method_name(rpc: object) -> str:
+    """The RPC's name for error messages: grpc's multicallables keep the full method path."""
+    path = getattr(rpc, "_method", b"")
+    if isinstance(path, bytes):
+        path = path.decode(errors="replace")
+    return str(path).rsplit("/", 1)[-1] or "call"
 
 
 def rmp_peer(address: str, credential: str | None) -> Peer:
@@ -90,9 +115,14 @@ class SessionPool:
         self.free = asyncio.Condition()
 
     async def call(self, op: str, request: Any) -> Any:
+        """One op by its oneof field name (the guest kernel's GuestSession, kvm's exits)."""
+        return getattr(await self.exchange(self.request_cls(**{op: request})), op)
+
+    async def exchange(self, request: Any) -> Any:
+        """One session request, its reply (an in-band error raised as the unary call would)."""
         stream = await self._acquire()
         try:
-            await stream.write(self.request_cls(**{op: request}))
+            await stream.write(request)
             reply = await stream.read()
         except grpc.aio.AioRpcError as e:
             await self._discard(stream)
@@ -103,7 +133,7 @@ class SessionPool:
         await self._release(stream)
         if reply.WhichOneof("result") == "error":
             raise session_error(reply.error)
-        return getattr(reply, op)
+        return reply
 
     async def _acquire(self) -> Any:
         async with self.free:
