@@ -15,6 +15,9 @@ class KvmReason(enum.StrEnum):
     POLICY_UNSUPPORTED = "POLICY_UNSUPPORTED"  # policy bits outside SNP_POLICY_MASK_VALID
     POLICY_MBO = "POLICY_MBO"  # policy bit 17 (reserved, must be one) is zero
     VMSA_FEATURES_UNSUPPORTED = "VMSA_FEATURES_UNSUPPORTED"
+    # a scratch area KVM fails the vCPU run for (kvm/scratch.py)
+    STRING_IO_COUNT = "STRING_IO_COUNT"  # count * size overflows (sev_es_string_io())
+    SCRATCH_NOT_MAPPED = "SCRATCH_NOT_MAPPED"  # kvm_read_guest() of the area fails
     # what psp answers that kvm tells apart
     INVALID_PLATFORM_STATE = "INVALID_PLATFORM_STATE"  # SNP_INIT when already initialised
     INVALID_PAGE_STATE = "INVALID_PAGE_STATE"  # PAGE_RECLAIM of a page already reclaimed

@@ -21,6 +21,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, page_bytes, page_offset
 from snpemu.errors import WrongState
 from snpemu.kvm import nae
+from snpemu.kvm.reasons import KvmReason
 
 GHCB_SCRATCH_AREA_LIMIT = page_bytes(16)  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
 U64 = 1 << 64
@@ -93,7 +94,8 @@ async def ioio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
     if count > INT_MAX or count * size > INT_MAX:
         # sev_es_string_io(): -EINVAL (count, or check_mul_overflow() of count * size)
         raise WrongState(
-            f"string IO of {count} x {size} bytes: KVM fails the run", reason="STRING_IO_COUNT"
+            f"string IO of {count} x {size} bytes: KVM fails the run",
+            reason=KvmReason.STRING_IO_COUNT,
         )
     return await _access(mem, ghcb_gpa, x, count * size, is_in)
 
@@ -126,7 +128,7 @@ async def _access(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb, length: int, fill:
         # kvm_read_guest() of the area fails: -EFAULT, the vCPU run fails
         raise WrongState(
             f"scratch area {area.gpa:#x}+{length:#x} is outside guest memory",
-            reason="SCRATCH_NOT_MAPPED",
+            reason=KvmReason.SCRATCH_NOT_MAPPED,
         )
     if fill:
         for spa, n in spas:  # up to 17 page pieces, each its own kernel write
