@@ -40,7 +40,8 @@ class RmpLink(RmpPort, Protocol):
     (`kvm.rmp.call("Psmash", ...)`, `kvm.host.call("sequence", ...)`); becomes RmpPort when the
     exits call the port's methods."""
 
-    host: SessionPool
+    @property
+    def host(self) -> SessionPool: ...
 
     async def call(self, method: str, request: Any, timeout: float = 30) -> Any: ...
 

@@ -31,7 +31,7 @@ from snpemu.kvm.ports import (
 )
 from snpemu.kvm.vm import Run
 from snpemu.kvm.wire import identity_to_pb
-from snpemu.runtime.peers import Peer, SessionPool, session_error
+from snpemu.runtime.peers import HostSessions, Peer, session_error
 
 
 def _size(size_2m: bool) -> types_pb2.PageSize.ValueType:
@@ -101,9 +101,9 @@ def session_result(r: pb.HostSessionResponse) -> HostResult:
 class GrpcRmp:
     """RmpPort on the rmp service. `host` is the pool of HostSession streams (kvm's exits)."""
 
-    def __init__(self, peer: Peer, host: SessionPool | None = None) -> None:
+    def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.host = host or SessionPool(peer)
+        self.host = HostSessions(peer)
 
     @property
     def stub(self) -> Any:  # snp.rmp.v1.rmp_pb2_grpc.RmpServiceStub on the peer's channel
@@ -207,8 +207,7 @@ class GrpcRmp:
         return WriteResult(int(r.outcome))
 
     async def _session(self, op: HostOp) -> HostResult:
-        reply: pb.HostSessionResponse = await self.host.exchange(session_op(op))
-        return session_result(reply)
+        return session_result(await self.host.exchange(session_op(op)))
 
     async def session_read(self, op: HostRead) -> bytes:
         r = await self._session(op)
@@ -231,7 +230,7 @@ class GrpcRmp:
         return r.codes
 
     async def sequence(self, ops: Sequence[HostOp]) -> list[HostResult]:
-        reply: pb.HostSessionResponse = await self.host.exchange(
+        reply = await self.host.exchange(
             pb.HostSessionRequest(
                 sequence=pb.HostSequenceRequest(ops=[session_op(op) for op in ops])
             )
