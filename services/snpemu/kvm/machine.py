@@ -24,11 +24,9 @@ from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.policy import SVM_SEV_FEAT_DEBUG_SWAP
 from snpemu.kvm.ports import PspPort, RmpPort
 from snpemu.kvm.reasons import KvmReason
-from snpemu.kvm.trace import TraceEvent, TraceHub
+from snpemu.kvm.trace import TraceHub
 from snpemu.kvm.vm import Vm
 from snpemu.runtime.peers import SessionPool
-
-__all__ = ["CBIT", "DEFAULT_FIRMWARE", "MAX_SNP_ASID", "Counters", "Kvm", "TraceEvent", "TraceHub"]
 
 MIN_SNP_ASID, MAX_SNP_ASID = 1, 99
 CBIT = 51
