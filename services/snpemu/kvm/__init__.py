@@ -25,13 +25,17 @@ class _Kvm:
     def __init__(self, runtime: ServiceRuntime) -> None:
         from snpemu.kvm.machine import Kvm
         from snpemu.kvm.metrics import register
+        from snpemu.kvm.psp_client import GrpcPsp
+        from snpemu.kvm.rmp_client import GrpcRmp
         from snpemu.kvm.servicer import KvmServicer
         from snpemu.runtime.peers import psp_peer, rmp_peer
 
         config, opts = runtime.config, runtime.options
+        self.rmp = GrpcRmp(rmp_peer(config.peers["rmp"], config.host_credential))
+        self.psp = GrpcPsp(psp_peer(config.peers["psp"], config.host_credential))
         self.kvm = Kvm(
-            rmp_peer(config.peers["rmp"], config.host_credential),
-            psp_peer(config.peers["psp"], config.host_credential),
+            self.rmp,
+            self.psp,
             snp=opts.snp,
             firmware=opts.firmware,
             throttle_ms=opts.throttle_ms,
@@ -43,36 +47,10 @@ class _Kvm:
         self.kicks: asyncio.Task[None] | None = None
         self.wait_s = opts.peer_wait_s
 
-    async def follow_kicks(self) -> None:
-        """Subscribe to rmp's MMU notifications: kick (or terminate) the ASID's vCPUs, ack."""
-        from snp.rmp.v1 import rmp_pb2
-
-        from snpemu.errors import Unavailable
-
-        delay = 0.5
-        while True:
-            try:
-                stub = self.kvm.rmp.ensure()
-                call = stub.WatchMmuNotifications(
-                    rmp_pb2.WatchMmuNotificationsRequest(), metadata=self.kvm.rmp.md
-                )
-                async for note in call:
-                    self.servicer.exits.kick(note.asid, note.terminate, note.reason)
-                    await self.kvm.rmp.call(
-                        "AcknowledgeMmuNotification",
-                        rmp_pb2.AcknowledgeMmuNotificationRequest(sequence=note.sequence),
-                    )
-                    delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except (Unavailable, Exception) as e:  # rmp restarted or unreachable: resubscribe
-                log.warning("MMU notification stream lost (%s); resubscribing", e)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
 
 async def _startup(impl: _Kvm) -> None:
     from snpemu.errors import Unavailable
+    from snpemu.kvm.kicks import follow_kicks
 
     clock = impl.kvm.clock
     deadline = clock() + impl.wait_s
@@ -91,7 +69,7 @@ async def _startup(impl: _Kvm) -> None:
                 break
             log.info("waiting for rmp and psp: %s", e.message)
             await asyncio.sleep(0.5)
-    impl.kicks = asyncio.ensure_future(impl.follow_kicks())
+    impl.kicks = asyncio.ensure_future(follow_kicks(impl.rmp, impl.servicer.exits.kick))
 
 
 async def _shutdown(impl: _Kvm) -> None:
@@ -99,9 +77,8 @@ async def _shutdown(impl: _Kvm) -> None:
         impl.kicks.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await impl.kicks
-    await impl.kvm.host.close()
-    await impl.kvm.rmp.close()
-    await impl.kvm.psp.close()
+    await impl.rmp.close()
+    await impl.psp.close()
 
 
 def _options(env: Mapping[str, str]) -> object:

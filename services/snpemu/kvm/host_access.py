@@ -5,8 +5,9 @@ from __future__ import annotations
 from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2
 
+from snpemu.abi.addr import PAGE_SIZE
 from snpemu.kvm.machine import Kvm
-from snpemu.kvm.vm import PAGE, Vm
+from snpemu.kvm.vm import Vm
 
 
 def kernel_write(spa: int, data: bytes) -> rmp_pb2.HostWriteRequest:
@@ -22,7 +23,7 @@ def kernel_copy(src: int, dst: int, peek: int = 0) -> rmp_pb2.HostCopyRequest:
     return rmp_pb2.HostCopyRequest(
         src_spa=src,
         dst_spa=dst,
-        length=PAGE,
+        length=PAGE_SIZE,
         origin=rmp_pb2.ACCESS_ORIGIN_KERNEL,
         writer="kvm",
         peek=peek,
@@ -33,7 +34,7 @@ class HostAccess:
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
 
-    async def read(self, spa: int, length: int = PAGE) -> bytes:
+    async def read(self, spa: int, length: int = PAGE_SIZE) -> bytes:
         r = await self.kvm.host.call("read", rmp_pb2.HostReadRequest(spa=spa, length=length))
         return bytes(r.data)
 

@@ -18,11 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, page_bytes, page_offset
 from snpemu.errors import WrongState
 from snpemu.kvm import nae
+from snpemu.kvm.reasons import KvmReason
 
-PAGE = 4096
-GHCB_SCRATCH_AREA_LIMIT = 16 * PAGE  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
+GHCB_SCRATCH_AREA_LIMIT = page_bytes(16)  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
 U64 = 1 << 64
 INT_MAX = 2**31 - 1
 
@@ -47,7 +48,7 @@ class Scratch:
         done = 0
         while done < self.length:
             gpa = self.gpa + done
-            n = min(PAGE - gpa % PAGE, self.length - done)
+            n = min(PAGE_SIZE - page_offset(gpa), self.length - done)
             out.append((gpa, done, n))
             done += n
         return out
@@ -63,7 +64,7 @@ def setup_vmgexit_scratch(ghcb_gpa: int, sw_scratch: int, length: int) -> Scratc
     end = beg + length
     if end >= U64:
         return None  # scratch_gpa_end < scratch_gpa_beg in u64 arithmetic
-    if beg & ~(PAGE - 1) == ghcb_gpa:
+    if beg & PAGE_MASK == ghcb_gpa:
         # begins within the GHCB: must be wholly inside the shared buffer
         if beg < ghcb_gpa + g.SHARED_BUFFER or end > ghcb_gpa + g.RESERVED_0XFF0:
             return None
@@ -93,7 +94,8 @@ async def ioio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
     if count > INT_MAX or count * size > INT_MAX:
         # sev_es_string_io(): -EINVAL (count, or check_mul_overflow() of count * size)
         raise WrongState(
-            f"string IO of {count} x {size} bytes: KVM fails the run", reason="STRING_IO_COUNT"
+            f"string IO of {count} x {size} bytes: KVM fails the run",
+            reason=KvmReason.STRING_IO_COUNT,
         )
     return await _access(mem, ghcb_gpa, x, count * size, is_in)
 
@@ -126,7 +128,7 @@ async def _access(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb, length: int, fill:
         # kvm_read_guest() of the area fails: -EFAULT, the vCPU run fails
         raise WrongState(
             f"scratch area {area.gpa:#x}+{length:#x} is outside guest memory",
-            reason="SCRATCH_NOT_MAPPED",
+            reason=KvmReason.SCRATCH_NOT_MAPPED,
         )
     if fill:
         for spa, n in spas:  # up to 17 page pieces, each its own kernel write

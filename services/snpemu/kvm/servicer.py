@@ -10,22 +10,16 @@ from typing import Any
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
+from snpemu.abi.addr import page_bytes, pfn_to_spa
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
-from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
+from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
 
 log = logging.getLogger(__name__)
-
-
-def vcpu_identity(ident: Any) -> VcpuIdentity:
-    """handles_pb2.VcpuIdentity as the exits take it."""
-    return VcpuIdentity(
-        vm_id=ident.vcpu.vm.id, vcpu_id=ident.vcpu.vcpu_id, asid=ident.asid, token=ident.token
-    )
 
 
 def vm_info(vm: Vm) -> pb.VmInfo:
@@ -33,7 +27,7 @@ def vm_info(vm: Vm) -> pb.VmInfo:
         vm=handles_pb2.VmHandle(id=vm.vm_id),
         state=pb.VmState.ValueType(int(vm.state)),
         asid=vm.asid,
-        config=vm.config,  # type: ignore[arg-type]
+        config=config_to_pb(vm.config),
         gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
         measurement=vm.measurement,
         term_reason_set=vm.term_reason[0],
@@ -68,14 +62,15 @@ class KvmServicer:
         )
 
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
-        vm = await self.kvm.create_vm(request.config)
+        vm = await self.kvm.create_vm(config_from_pb(request.config))
         return pb.CreateVmResponse(vm=handles_pb2.VmHandle(id=vm.vm_id), asid=vm.asid)
 
     async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
         vm = self._vm(request.vm)
         measurement = await self.kvm.launch_vm(vm)
         return pb.LaunchVmResponse(
-            measurement=measurement, vcpus=[self.kvm.identity(vm, i) for i in sorted(vm.vcpus)]
+            measurement=measurement,
+            vcpus=[identity_to_pb(self.kvm.identity(vm, i)) for i in sorted(vm.vcpus)],
         )
 
     async def GetVm(self, request: Any, context: Any) -> pb.GetVmResponse:
@@ -89,7 +84,7 @@ class KvmServicer:
         return pb.GetMemoryMapResponse(
             asid=vm.asid,
             regions=[
-                pb.MemoryRegion(gpa=r.gpa, spa=r.first_pfn << 12, size=r.npages << 12)
+                pb.MemoryRegion(gpa=r.gpa, spa=pfn_to_spa(r.first_pfn), size=page_bytes(r.npages))
                 for r in vm.memslots.runs
             ],
         )
@@ -145,12 +140,12 @@ class KvmServicer:
 
     async def VmgexitMsr(self, request: Any, context: Any) -> pb.VmgexitMsrResponse:
         value, terminated = await self.exits.msr_exit(
-            vcpu_identity(request.identity), request.ghcb_msr
+            identity_from_pb(request.identity), request.ghcb_msr
         )
         return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
 
     async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
-        r, page = await self.exits.ghcb_exit(vcpu_identity(request.identity), request.ghcb)
+        r, page = await self.exits.ghcb_exit(identity_from_pb(request.identity), request.ghcb)
         return pb.VmgexitResponse(
             sw_exit_info_1=r.sw_exit_info_1,
             sw_exit_info_2=r.sw_exit_info_2,
@@ -160,7 +155,7 @@ class KvmServicer:
 
     async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:
         action, retry = await self.exits.npf(
-            vcpu_identity(request.identity), request.gpa, request.error_code
+            identity_from_pb(request.identity), request.gpa, request.error_code
         )
         return pb.NestedPageFaultResponse(action=action, retry=retry)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import bisect
 import enum
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
+from snpemu.kvm.config import VmConfig
 from snpemu.kvm.throttle import Throttle
 
-PAGE = 4096
+# TRANSITIONAL(exits-ports): the exits still import PAGE from here; they take abi/addr.py's
+# PAGE_SIZE, then this goes.
+PAGE = PAGE_SIZE
+NO_PAGE = Spa(0)  # a page not (yet) taken
 
 
 class VmState(enum.IntEnum):
@@ -42,13 +48,13 @@ class Memslots:
         empty = np.zeros(0, dtype=np.int64)
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = (empty, empty, empty)
 
-    def add(self, gpa: int, pfns: list[int]) -> list[Run]:
+    def add(self, gpa: int, pfns: Sequence[int]) -> list[Run]:
         """Map consecutive GPAs from gpa to these frames; returns the runs added."""
         added: list[Run] = []
         start = 0
         for i in range(1, len(pfns) + 1):
             if i == len(pfns) or pfns[i] != pfns[i - 1] + 1:
-                added.append(Run(gpa + start * PAGE, pfns[start], i - start))
+                added.append(Run(gpa + page_bytes(start), pfns[start], i - start))
                 start = i
         for r in added:
             j = bisect.bisect_left(self._starts, r.gpa)
@@ -56,8 +62,8 @@ class Memslots:
             self.runs.insert(j, r)
         self._arrays = (
             np.array(self._starts, dtype=np.int64),
-            np.array([r.gpa + r.npages * PAGE for r in self.runs], dtype=np.int64),
-            np.array([r.first_pfn << 12 for r in self.runs], dtype=np.int64),
+            np.array([r.gpa + page_bytes(r.npages) for r in self.runs], dtype=np.int64),
+            np.array([pfn_to_spa(r.first_pfn) for r in self.runs], dtype=np.int64),
         )
         return added
 
@@ -71,24 +77,25 @@ class Memslots:
         inside = (j >= 0) & (gpas < ends[k])
         return np.where(inside, spas[k] + (gpas - starts[k]), -1)
 
-    def translate(self, gpa: int) -> int | None:
+    def translate(self, gpa: int) -> Spa | None:
         """The SPA backing gpa, or None outside every memslot."""
         j = bisect.bisect_right(self._starts, gpa) - 1
         if j < 0:
             return None
         r = self.runs[j]
-        if gpa >= r.gpa + r.npages * PAGE:
+        if gpa >= r.gpa + page_bytes(r.npages):
             return None
-        return (r.first_pfn << 12) + (gpa - r.gpa)
+        return Spa(pfn_to_spa(r.first_pfn) + (gpa - r.gpa))
 
-    def pfns(self) -> list[int]:
-        return [r.first_pfn + i for r in self.runs for i in range(r.npages)]
+    def pfns(self) -> list[Pfn]:
+        return [Pfn(r.first_pfn + i) for r in self.runs for i in range(r.npages)]
 
-    def contiguous_2m(self, gpa: int) -> int | None:
+    def contiguous_2m(self, gpa: int) -> Spa | None:
         """The 2M-aligned SPA backing a 2M-aligned GPA range, if it is one contiguous piece."""
+        tail = page_bytes(PAGES_PER_2M - 1)
         spa = self.translate(gpa)
-        last = self.translate(gpa + 511 * PAGE)
-        if spa is None or last is None or spa % (2 << 20) or last != spa + 511 * PAGE:
+        last = self.translate(gpa + tail)
+        if spa is None or last is None or spa % PMD_SIZE or last != spa + tail:
             return None
         return spa
 
@@ -111,19 +118,19 @@ class Vcpu:
 class Vm:
     vm_id: str
     asid: int
-    config: object  # kvm_pb2.VmConfig
+    config: VmConfig
     throttle: Throttle
     state: VmState = VmState.CREATED
     memslots: Memslots = field(default_factory=Memslots)
     vcpus: dict[int, Vcpu] = field(default_factory=dict)
-    gctx: int = 0
-    vmsa_pages: list[int] = field(default_factory=list)
+    gctx: Spa = NO_PAGE  # the guest context page, once SNP_ACTIVATE succeeded
+    vmsa_pages: list[Spa] = field(default_factory=list)
     measurement: bytes = b""
     term_reason: tuple[int, int] = (0, 0)
     ap_jump_table: int = 0
     # guest-request bounce pages: request (hypervisor page), response (firmware page)
-    bounce_req: int = 0
-    bounce_res: int = 0
+    bounce_req: Spa = NO_PAGE
+    bounce_res: Spa = NO_PAGE
     sev_features: int = 1
     # CPUID(1).EAX of its vCPUs, fixed at creation: kvm's CPUID answer and the VMSA's RDX
     cpuid_signature: int = 0

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 from snp.psp.v1 import psp_pb2_grpc
-from snp.rmp.v1 import rmp_pb2_grpc
+from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 
 from snpemu.errors import SnpemuError, Unavailable
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
@@ -105,8 +105,6 @@ class SessionPool:
     GHCB write), GuestSession for a guest's vCPU (its memory accesses and PVALIDATEs)."""
 
     def __init__(self, peer: Peer, size: int = 8, method: str = "HostSession") -> None:
-        from snp.rmp.v1 import rmp_pb2
-
         self.peer, self.method = peer, method
         self.request_cls = getattr(rmp_pb2, f"{method}Request")
         self.idle: list[Any] = []
@@ -162,3 +160,18 @@ class SessionPool:
         for stream in self.idle:
             stream.cancel()
         self.idle.clear()
+
+
+class HostSessions(SessionPool):
+    """rmp's HostSession, typed: kvm's exit path (reads, writes, copies, batched RMPUPDATEs,
+    and sequences of them in one message)."""
+
+    def __init__(self, peer: Peer, size: int = 8) -> None:
+        super().__init__(peer, size, "HostSession")
+
+    async def exchange(self, request: rmp_pb2.HostSessionRequest) -> rmp_pb2.HostSessionResponse:
+        reply: rmp_pb2.HostSessionResponse = await super().exchange(request)
+        return reply
+
+    def _open(self) -> Any:
+        return self.peer.ensure().HostSession(metadata=self.peer.md)

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from snpemu.kvm.machine import Counters, TraceHub
+    from snpemu.kvm.machine import Counters, PspLink, RmpLink
+    from snpemu.kvm.trace import TraceHub
     from snpemu.kvm.vm import Vm
-    from snpemu.runtime.peers import Peer, SessionPool
+    from snpemu.runtime.peers import SessionPool
 
 
 class ExitContext(Protocol):
@@ -36,10 +37,10 @@ class ExitContext(Protocol):
         ...
 
     @property
-    def rmp(self) -> Peer: ...
+    def rmp(self) -> RmpLink: ...
 
     @property
-    def psp(self) -> Peer: ...
+    def psp(self) -> PspLink: ...
 
     @property
     def host(self) -> SessionPool:

@@ -1,0 +1,31 @@
+"""A VM's configuration as kvm's model takes it: decoded from snp.kvm.v1.VmConfig once, by the
+servicer, which encodes it back for GetVm exactly as it came."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    interval_ms: int = 0  # 0: the host's default throttle
+    burst: int = 0
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    memory_bytes: int
+    vcpus: int
+    vcpu_type: int = 0  # snp.kvm.v1.VcpuType; 0: EPYC-Milan
+    policy: int = 0  # 0: the default policy (DEFAULT_POLICY)
+    firmware_path: str = ""
+    kernel_path: str = ""
+    initrd_path: str = ""
+    cmdline: str = ""
+    id_block: bytes = b""
+    id_auth: bytes = b""
+    author_key_en: bool = False
+    vcek_disabled: bool = False
+    host_data: bytes = b""
+    guest_features: int = 0
+    throttle: ThrottleConfig | None = None  # None: not given (kept so GetVm echoes it)

@@ -1,0 +1,71 @@
+"""sev_vm_destroy(): a VM's context decommissioned, its pages back to the host (or leaked), its
+identities revoked, its ASID freed after the flush."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from snpemu.abi.addr import Pfn, Spa, spa_to_pfn
+from snpemu.kvm.pages import BATCH_MAX, all_shared, reclaim
+from snpemu.kvm.vm import Vm, VmState
+from snpemu.runtime.peers import PeerError
+
+if TYPE_CHECKING:
+    from snpemu.kvm.machine import Kvm
+
+log = logging.getLogger(__name__)
+
+
+async def decommission(kvm: Kvm, gctx: Spa) -> None:
+    """SNP_DECOMMISSION under the deactivate lock: it clears the firmware's WBINVD
+    indicator, so it must not fall between sev_flush_asids()' WBINVD and DF_FLUSH.
+    KERNEL: arch/x86/kvm/svm/sev.c snp_decommission_context(), which takes
+    sev_deactivate_lock for writing around it."""
+    async with kvm.deactivate_lock:
+        await kvm.psp.decommission(gctx)
+
+
+async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
+    """DECOMMISSION, reclaim, every page back to hypervisor state, frames freed, ASID freed
+    after DF_FLUSH. Pages that fail are leaked (never reused); returns how many."""
+    rmp = kvm.rmp
+    leaked: list[Pfn] = []
+    if vm.gctx:
+        try:
+            await decommission(kvm, vm.gctx)
+        except PeerError as e:
+            log.warning("DECOMMISSION of %s failed: %s", vm.vm_id, e.message)
+    firmware_pages = [p for p in (vm.gctx, vm.bounce_res) if p]
+    for spa in firmware_pages:
+        if not await reclaim(rmp, kvm.psp, spa):
+            leaked.append(spa_to_pfn(spa))
+    pfns = vm.memslots.pfns() + [spa_to_pfn(s) for s in vm.vmsa_pages]
+    if vm.bounce_req:
+        pfns.append(spa_to_pfn(vm.bounce_req))
+    failed = await all_shared(rmp, pfns)
+    leaked += failed
+    failed_set = set(failed)
+    free = [p for p in pfns if p not in failed_set]
+    free += [spa_to_pfn(s) for s in firmware_pages if spa_to_pfn(s) not in leaked]
+    await rmp.update_npt(vm.vm_id, vm.asid, unmap=vm.memslots.runs)
+    for vcpu_id in vm.vcpus:
+        await rmp.revoke_identity(kvm.identity(vm, vcpu_id))
+    if leaked:
+        await rmp.leak(leaked, reason=f"teardown of {vm.vm_id}")
+    for i in range(0, len(free), BATCH_MAX):
+        await rmp.free(free[i : i + BATCH_MAX])
+    # wbinvd_on_all_cpus(), then SNP_DF_FLUSH, with no DECOMMISSION in between. KERNEL:
+    # arch/x86/kvm/svm/sev.c sev_flush_asids(). UNVERIFIED(flush-every-destroy): KVM flushes
+    # lazily, when sev_asid_new() finds no free ASID (__sev_recycle_asids()) and at module
+    # unload (sev_hardware_unsetup()); kvm here flushes at every VM destroy.
+    async with kvm.deactivate_lock:
+        await rmp.wbinvd()
+        await kvm.psp.snp_df_flush()
+    kvm.free_asids.append(vm.asid)
+    vm.state = VmState.DESTROYED
+    del kvm.vms[vm.vm_id]
+    log.info(
+        "destroyed %s: %d pages leaked", vm.vm_id, len(leaked), extra={"event": "vm_destroyed"}
+    )
+    return len(leaked)
