@@ -8,7 +8,6 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snpemu.kvm.config import ThrottleConfig, VmConfig
 from snpemu.kvm.identity import VcpuIdentity
-from snpemu.kvm.servicer import exit_identity
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
 
 FULL = kvm_pb2.VmConfig(
@@ -57,7 +56,7 @@ def test_an_identity_round_trips_and_the_exits_get_the_dataclass() -> None:
     m = identity_to_pb(ident)
     assert (m.vcpu.vm.id, m.vcpu.vcpu_id, m.asid, m.vmpl, m.token) == ("vm-1", 3, 9, 0, b"t" * 32)
     assert identity_from_pb(m) == ident
-    decoded = exit_identity(m)
+    decoded = identity_from_pb(m)
     assert isinstance(decoded, VcpuIdentity)
     assert (decoded.vm_id, decoded.vcpu_id, decoded.asid, decoded.token) == (
         "vm-1",
@@ -65,4 +64,4 @@ def test_an_identity_round_trips_and_the_exits_get_the_dataclass() -> None:
         9,
         b"t" * 32,
     )
-    assert exit_identity(handles_pb2.VcpuIdentity()).vm_id == ""
+    assert identity_from_pb(handles_pb2.VcpuIdentity()).vm_id == ""
