@@ -23,7 +23,7 @@ class _Psp:
         from snpemu.psp.identity import ChipIdentity
         from snpemu.psp.kds import KdsServer
         from snpemu.psp.metrics import register
-        from snpemu.psp.rmp_port import GrpcRmp
+        from snpemu.psp.rmp_client import GrpcRmp
         from snpemu.psp.servicer import PspServicer
 
         config, opts = runtime.config, runtime.options

@@ -11,7 +11,7 @@ from pathlib import Path
 from snpemu.abi import guest_message as gm
 from snpemu.psp.firmware import Firmware, PageType
 from snpemu.psp.identity import ChipIdentity
-from snpemu.psp.rmp_port import LocalRmp
+from snpemu.psp.local_rmp import LocalRmp
 from snpemu.rmp.entry import VMSA_GPA
 from snpemu.rmp.machine import Identity, RmpMachine
 from snpemu.rmp.memory import Placement

@@ -21,7 +21,7 @@ import pytest
 from snpemu.hostconfig import ConfigError
 from snpemu.psp.firmware import Firmware
 from snpemu.psp.guest import GuestState
-from snpemu.psp.rmp_port import LocalRmp
+from snpemu.psp.local_rmp import LocalRmp
 from snpemu.psp.status import FirmwareError
 from snpemu.psp.topology import Topology
 from snpemu.rmp.machine import RmpMachine
