@@ -46,8 +46,9 @@ class _Netd:
         from snp.rmp.v1 import rmp_pb2_grpc
 
         from snpemu.netd.daemon import NetDaemon
+        from snpemu.netd.kvm_client import KvmVmm
         from snpemu.netd.metrics import register
-        from snpemu.netd.ports import KvmVmm, RmpMemory
+        from snpemu.netd.rmp_client import RmpMemory
         from snpemu.netd.servicer import NetdServicer
         from snpemu.runtime.peers import Peer
 

@@ -1,15 +1,13 @@
-"""netd's two peers as the daemon model sees them: host memory (rmp) and the VMM table (kvm)."""
+"""netd's host memory on the rmp service: host user-mode reads and writes (the `Memory` port
+of netd/daemon.py)."""
 
 from __future__ import annotations
 
-from snp.common.v1 import handles_pb2
-from snp.kvm.v1 import kvm_pb2
-from snp.rmp.v1 import rmp_pb2
+from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 
-from snpemu.errors import NotFound
-from snpemu.netd.daemon import NetdReason, WriteOutcome
+from snpemu.netd.daemon import WriteOutcome
 from snpemu.rmp.client import die_of_sigbus
-from snpemu.runtime.peers import Peer, PeerError
+from snpemu.runtime.peers import Peer
 
 OUTCOMES = {
     rmp_pb2.VIOLATION_OUTCOME_NONE: WriteOutcome.NONE,
@@ -26,13 +24,19 @@ class RmpMemory:
     def __init__(self, rmp: Peer) -> None:
         self.rmp = rmp
 
+    def _stub(self) -> rmp_pb2_grpc.RmpServiceStub:
+        stub: rmp_pb2_grpc.RmpServiceStub = self.rmp.ensure()
+        return stub
+
     async def read(self, spa: int, length: int) -> bytes:
-        r = await self.rmp.call("HostRead", rmp_pb2.HostReadRequest(spa=spa, length=length))
+        r = await self.rmp.invoke(
+            self._stub().HostRead, rmp_pb2.HostReadRequest(spa=spa, length=length)
+        )
         return bytes(r.data)
 
     async def write(self, spa: int, data: bytes) -> WriteOutcome:
-        r = await self.rmp.call(
-            "HostWrite",
+        r = await self.rmp.invoke(
+            self._stub().HostWrite,
             rmp_pb2.HostWriteRequest(
                 spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_USER, writer="netd"
             ),
@@ -40,19 +44,3 @@ class RmpMemory:
         if r.outcome == rmp_pb2.VIOLATION_OUTCOME_SIGBUS:
             die_of_sigbus(list(r.rmp_dump))
         return OUTCOMES.get(r.outcome, WriteOutcome.REFUSED)
-
-
-class KvmVmm:
-    def __init__(self, kvm: Peer) -> None:
-        self.kvm = kvm
-
-    async def memory_map(self, vm_id: str) -> list[tuple[int, int, int]]:
-        try:
-            r = await self.kvm.call(
-                "GetMemoryMap", kvm_pb2.GetMemoryMapRequest(vm=handles_pb2.VmHandle(id=vm_id))
-            )
-        except PeerError as e:
-            raise NotFound(
-                f"kvm has no VM {vm_id!r}: {e.message}", reason=NetdReason.UNKNOWN_VM
-            ) from None
-        return [(m.gpa, m.spa, m.size) for m in r.regions]
