@@ -3,10 +3,10 @@ result, and the attestation misbehaviours (a tampered sequence number, a report 
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from snpemu.abi import guest_message as gm
+from snpemu.abi.guest_payload import key_from_response, report_from_response, status_of
 from snpemu.errors import InvalidArgument
 from snpemu.guest.driver import Driver, Reply, RequestFailed, key_request, report_request
 from snpemu.guest.errors import GuestReason
@@ -32,7 +32,7 @@ class Attestation:
         except Exception:
             self._count(kind, "error")
             raise
-        status = struct.unpack_from("<I", reply.payload, 0)[0]
+        status = status_of(reply.payload)
         if status:
             self._count(kind, "firmware_status")
             raise InvalidArgument(
@@ -55,15 +55,15 @@ class Attestation:
             ext=ext,
             certs_pages=certs_pages,
         )
-        size = struct.unpack_from("<I", reply.payload, 4)[0]
-        return reply.payload[0x20 : 0x20 + size], reply.certs
+        _, report = report_from_response(reply.payload)
+        return report, reply.certs
 
     async def derived_key(
         self, root_vmrk: bool, field_select: int, vmpl: int, svn: int, tcb: int
     ) -> bytes:
         req = key_request(root_vmrk, field_select, vmpl, svn, tcb)
         reply = await self._exchange("key", gm.MsgType.KEY_REQ, req, GuestReason.KEY_STATUS)
-        return reply.payload[0x20:0x40]
+        return key_from_response(reply.payload)[1]
 
     # --- Misbehaviour on purpose (docs/design.md#misbehaviour) ----------------------------------
 

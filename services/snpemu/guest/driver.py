@@ -20,21 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi.addr import PAGE_SIZE, page_bytes
+from snpemu.abi.guest_payload import KeyRequest, ReportRequest
+from snpemu.abi.guest_request import VMM_ERR_BUSY, VMM_ERR_INVALID_LEN, vmm_error
+from snpemu.abi.secrets import vmpck_offset
 from snpemu.errors import WrongState
 from snpemu.guest.errors import GuestReason, Terminated
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.layout import CERTS_GPA, CERTS_PAGES, REQ_GPA, RESP_GPA
 
-# KERNEL: include/linux/sev-guest.h SNP_GUEST_VMM_ERR_INVALID_LEN, SNP_GUEST_VMM_ERR_BUSY,
-# SNP_GUEST_VMM_ERR(x) = x << 32 (the VMM's half of SW_EXITINFO2)
-VMM_ERR_INVALID_LEN, VMM_ERR_BUSY = 1, 2
 # KERNEL: include/uapi/linux/psp-sev.h SEV_RET_NO_FW_CALL (-1 in the u64 exitinfo2)
 SEV_RET_NO_FW_CALL = 2**64 - 1
 SEQNO_MAX = 2**32 - 1  # the OS area keeps u32 counters
@@ -91,7 +90,9 @@ class Driver:
         k.disabled.add(vmpck)
         k.event("vmpck_disabled", detail=f"VMPCK{vmpck}: {why}")
         # the secrets page copy in a task of its own: a cancelled caller does not stop it
-        wipe = asyncio.ensure_future(k.write_private(k.secrets_gpa + 0x20 + 32 * vmpck, bytes(32)))
+        wipe = asyncio.ensure_future(
+            k.write_private(k.secrets_gpa + vmpck_offset(vmpck), bytes(32))
+        )
         self.wiping.add(wipe)
         wipe.add_done_callback(self._wiped)
         await asyncio.shield(wipe)
@@ -173,10 +174,10 @@ class Driver:
         if needed is not None:
             # KERNEL: __handle_guest_request() override_err: exitinfo2 is INVALID_LEN whatever
             # the plain re-send answered, and a re-send that succeeded is -EIO
-            info2 = VMM_ERR_INVALID_LEN << 32
+            info2 = vmm_error(VMM_ERR_INVALID_LEN)
             if rc is Issued.OK:
                 rc = Issued.EIO
-        if rc is Issued.EIO and info2 == VMM_ERR_INVALID_LEN << 32:
+        if rc is Issued.EIO and info2 == vmm_error(VMM_ERR_INVALID_LEN):
             # KERNEL: snp_send_guest_request() returns -EIO with exitinfo2 INVALID_LEN before
             # snp_disable_vmpck(): an extended request's buffer too small (a firmware error on
             # the re-send included), or a plain request answered INVALID_LEN, which
@@ -259,9 +260,9 @@ class Driver:
         info2 = int(r.sw_exit_info_2)
         if info2 == 0:
             return Issued.OK, 0, 0
-        if info2 == VMM_ERR_BUSY << 32:
+        if info2 == vmm_error(VMM_ERR_BUSY):
             return Issued.EAGAIN, info2, 0
-        if info2 == VMM_ERR_INVALID_LEN << 32 and ext:
+        if info2 == vmm_error(VMM_ERR_INVALID_LEN) and ext:
             return Issued.ENOSPC, info2, int(back.get("rbx"))
         return Issued.EIO, info2, 0  # INVALID_LEN on a plain request included (fallthrough)
 
@@ -281,10 +282,10 @@ class Driver:
 
 
 def report_request(report_data: bytes, vmpl: int) -> bytes:
-    """MSG_REPORT_REQ: user_data[64], u32 vmpl, rsvd[28]."""
-    return report_data.ljust(64, b"\0") + struct.pack("<I", vmpl) + bytes(28)
+    """MSG_REPORT_REQ (abi/guest_payload.py)."""
+    return ReportRequest(report_data, vmpl).pack()
 
 
 def key_request(root_vmrk: bool, field_select: int, vmpl: int, svn: int, tcb: int) -> bytes:
-    """MSG_KEY_REQ: u32 root_key_select, rsvd, u64 field_select, u32 vmpl, u32 svn, u64 tcb."""
-    return struct.pack("<IIQIIQQ", int(root_vmrk), 0, field_select, vmpl, svn, tcb, 0)
+    """MSG_KEY_REQ (abi/guest_payload.py)."""
+    return KeyRequest(int(root_vmrk), field_select, vmpl, svn, tcb).pack()

@@ -15,6 +15,7 @@ from pathlib import Path
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi.addr import PAGE_SIZE, Gpa, gpa_to_gfn
+from snpemu.abi.secrets import SecretsPage
 from snpemu.guest.exits import (
     GEN_PROT_UNSUPPORTED,
     GEN_REQ,
@@ -83,10 +84,9 @@ class GuestKernel(GuestMemory):
             return await self.terminate(TERM_LINUX, LINUX_SECRETS_PAGE, "no secrets page")
         self.secrets_gpa = Gpa(secrets.gpa)
         page = await self.read_private(self.secrets_gpa, PAGE_SIZE)
-        self.vmpcks = [page[0x20 + 32 * i : 0x40 + 32 * i] for i in range(4)]
-        self.counters = [
-            int.from_bytes(page[0xA0 + 4 * i : 0xA4 + 4 * i], "little") for i in range(4)
-        ]
+        secrets_page = SecretsPage.unpack(page)
+        self.vmpcks = list(secrets_page.vmpcks)
+        self.counters = list(secrets_page.msg_seqnos)
         if self.opts.eager:
             await self.accept(0, self.opts.memory_bytes)
         await self.start_aps(ovmf)
