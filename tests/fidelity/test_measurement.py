@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from snp.psp.v1 import psp_pb2
-from snpemu.vmm.launch_plan import VMSA, plan
+from snpemu.abi.page_type import PageType
+from snpemu.vmm.launch_plan import plan
 from snpemu.vmm.ovmf import Ovmf
 from snpemu.vmm.vmsa import VCPU_SIGNATURES
 
@@ -61,5 +62,5 @@ def test_debian_ovmf_measurement_matches_sev_snp_measure(
             r = await pair.psp.LaunchFinish(psp_pb2.LaunchFinishRequest(gctx=gctx), metadata=HOST)
             return bytes(r.measurement)
 
-    assert sum(p.page_type == VMSA for p in pages) == vcpus
+    assert sum(p.page_type == PageType.VMSA for p in pages) == vcpus
     assert asyncio.run(launch()).hex() == predicted(vcpus, vcpu_type)

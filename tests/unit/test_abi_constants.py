@@ -23,7 +23,6 @@ from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
 from snpemu.rmp import entry as rmp_entry
 from snpemu.rmp import table as rmp_table
-from snpemu.vmm import launch_plan
 
 # KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (explicit values; docs/abi.md#status-codes)
 SEV_RET_CODE = {
@@ -77,8 +76,7 @@ def test_launch_update_page_types_are_the_kernels() -> None:
     # KERNEL: include/linux/psp-sev.h SNP_PAGE_TYPE_*
     want = {"NORMAL": 1, "VMSA": 2, "ZERO": 3, "UNMEASURED": 4, "SECRETS": 5, "CPUID": 6}
     assert {t.name: int(t) for t in PageType} == want
-    assert {name: getattr(launch_plan, name) for name in want} == want  # the VMM's copy
-    assert launch_plan.VMSA_GPA == 0xFFFFFFFFF000  # sev-snp-measure gctx.py GCTX.VMSA_GPA
+    assert abi_rmp.VMSA_GPA == 0xFFFFFFFFF000  # sev-snp-measure gctx.py GCTX.VMSA_GPA
 
 
 def test_guest_policy_bits_are_the_kernels() -> None:
@@ -164,7 +162,7 @@ def test_rmp_state_and_vmsa_gpa_are_the_kernels() -> None:
     want = bytes(RmpState(gpa=0x7000, assigned=1, pagesize=1, immutable=1, asid=9))
     assert rmp_entry.RMP_STATE.pack(0x7000, 1, 1, 1, 0, 9) == want
     # KERNEL: arch/x86/kvm/svm/sev.c INITIAL_VMSA_GPA; sev-snp-measure gctx.py GCTX.VMSA_GPA
-    assert rmp_entry.VMSA_GPA == 0xFFFFFFFFF000
+    assert abi_rmp.VMSA_GPA == 0xFFFFFFFFF000
 
 
 def test_npf_error_code_bits_are_the_kernels() -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 
+# The GPA the firmware and KVM record for a VMSA page: (u64)(-1) page-aligned, bits above 51
+# cleared. KERNEL: arch/x86/kvm/svm/sev.c INITIAL_VMSA_GPA
+VMSA_GPA = 0xFFFFFFFFF000
+
 
 class PageState(enum.IntEnum):
     """SNP ABI ch. 5 page states (docs/abi.md#page-states). Values match snp.common.v1.PageState."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from snpemu.abi import rmp_batch
 from snpemu.abi.addr import Spa, pages, pfn_to_spa, spa_to_pfn
+from snpemu.abi.page_type import PageType
 from snpemu.abi.rmp import PageState
 from snpemu.errors import InvalidArgument, Unavailable, WrongState
 from snpemu.kvm.config import VmConfig
@@ -149,12 +150,12 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
         sev_features=vm.sev_features,
         kernel_hashes=kernel_hashes,
     )
-    vmsa_count = sum(p.page_type == launch_plan.VMSA for p in plan)
+    vmsa_count = sum(p.page_type == PageType.VMSA for p in plan)
     vm.vmsa_pages = [pfn_to_spa(p) for p in await rmp.allocate(vmsa_count, Placement.SNP_SAFE)]
     vmsas = iter(vm.vmsa_pages)
     spas: list[Spa] = []
     for page in plan:
-        spa = next(vmsas) if page.page_type == launch_plan.VMSA else vm.memslots.translate(page.gpa)
+        spa = next(vmsas) if page.page_type == PageType.VMSA else vm.memslots.translate(page.gpa)
         if spa is None:
             raise InvalidArgument(f"launch page at GPA {page.gpa:#x} is outside guest memory")
         spas.append(Spa(spa))

@@ -13,7 +13,7 @@ from snpemu.abi.addr import PAGE_SIZE, PMD_SIZE, Spa
 from snpemu.abi.asid import MAX_SNP_ASID, MIN_SNP_ASID
 from snpemu.abi.page_type import PageType
 from snpemu.abi.policy import GuestPolicy
-from snpemu.abi.rmp import FwOp, PageState
+from snpemu.abi.rmp import VMSA_GPA, FwOp, PageState
 from snpemu.psp.guest import (
     GuestContext,
     GuestState,
@@ -26,7 +26,6 @@ from snpemu.psp.guest import (
 from snpemu.psp.mailbox import API_MAJOR, API_MINOR, Mailbox, aligned, command
 from snpemu.psp.rmp_port import Page
 from snpemu.psp.status import SevStatus, fail
-from snpemu.rmp.entry import VMSA_GPA
 
 GOSVW_SIZE = 16
 HOST_DATA_SIZE = 32

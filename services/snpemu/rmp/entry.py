@@ -24,9 +24,6 @@ from snpemu.abi.rmp import PageState
 
 # ASID field is 10 bits. KERNEL: arch/x86/virt/svm/sev.c (asid:10)
 MAX_ASID = (1 << 10) - 1
-# The VMSA GPA firmware and KVM record: (u64)(-1) page-aligned, bits above 51 cleared.
-# KERNEL: arch/x86/kvm/svm/sev.c INITIAL_VMSA_GPA
-VMSA_GPA = 0xFFFFFFFFF000
 
 ASSIGNED = 1 << 0
 PAGESIZE = 1 << 1

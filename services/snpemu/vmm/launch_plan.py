@@ -12,11 +12,10 @@ import uuid
 from dataclasses import dataclass
 
 from snpemu.abi.addr import PAGE_SIZE, page_offset
+from snpemu.abi.page_type import PageType
+from snpemu.abi.rmp import VMSA_GPA
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
-
-NORMAL, VMSA, ZERO, UNMEASURED, SECRETS, CPUID = 1, 2, 3, 4, 5, 6
-VMSA_GPA = 0xFFFFFFFFF000
 
 # SEV hash table GUIDs (QEMU target/i386/sev.c; docs/abi.md#launch-order)
 HASH_TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
@@ -28,7 +27,7 @@ CMDLINE_GUID = uuid.UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
 @dataclass(frozen=True)
 class LaunchPage:
     gpa: int
-    page_type: int
+    page_type: PageType
     data: bytes | None  # contents the VMM places (None: the firmware fills or zeroes it)
 
 
@@ -59,7 +58,7 @@ def plan(
     if vcpus < 1:
         raise ValueError("a guest has at least one vCPU")
     pages = [
-        LaunchPage(ovmf.gpa + off, NORMAL, ovmf.data[off : off + PAGE_SIZE])
+        LaunchPage(ovmf.gpa + off, PageType.NORMAL, ovmf.data[off : off + PAGE_SIZE])
         for off in range(0, len(ovmf.data), PAGE_SIZE)
     ]
     if kernel_hashes is not None and not any(
@@ -69,21 +68,22 @@ def plan(
     for s in ovmf.sections:
         gpas = range(s.gpa, s.gpa + s.size, PAGE_SIZE)
         if s.kind in (SectionType.SNP_SEC_MEM, SectionType.SVSM_CAA):
-            pages += [LaunchPage(g, ZERO, None) for g in gpas]
+            pages += [LaunchPage(g, PageType.ZERO, None) for g in gpas]
         elif s.kind == SectionType.SNP_SECRETS:
-            pages.append(LaunchPage(s.gpa, SECRETS, None))
+            pages.append(LaunchPage(s.gpa, PageType.SECRETS, None))
         elif s.kind == SectionType.CPUID:
-            pages.append(LaunchPage(s.gpa, CPUID, cpuid_page or bytes(PAGE_SIZE)))
+            pages.append(LaunchPage(s.gpa, PageType.CPUID, cpuid_page or bytes(PAGE_SIZE)))
         elif kernel_hashes is None:
-            pages += [LaunchPage(g, ZERO, None) for g in gpas]
+            pages += [LaunchPage(g, PageType.ZERO, None) for g in gpas]
         else:
             page = bytearray(s.size)
             offset = page_offset(ovmf.hashes_table_gpa)
             page[offset : offset + len(kernel_hashes)] = kernel_hashes
             pages += [
-                LaunchPage(g, NORMAL, bytes(page[g - s.gpa : g - s.gpa + PAGE_SIZE])) for g in gpas
+                LaunchPage(g, PageType.NORMAL, bytes(page[g - s.gpa : g - s.gpa + PAGE_SIZE]))
+                for g in gpas
             ]
     bsp = vmsa.build(vmsa.BSP_EIP, vcpu_signature, sev_features)
     ap = vmsa.build(ovmf.reset_eip, vcpu_signature, sev_features) if vcpus > 1 else bsp
-    pages += [LaunchPage(VMSA_GPA, VMSA, bsp if i == 0 else ap) for i in range(vcpus)]
+    pages += [LaunchPage(VMSA_GPA, PageType.VMSA, bsp if i == 0 else ap) for i in range(vcpus)]
     return pages

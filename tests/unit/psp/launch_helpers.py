@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snpemu.abi import guest_message as gm
+from snpemu.abi.rmp import VMSA_GPA
 from snpemu.psp.firmware import Firmware, PageType
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.local_rmp import LocalRmp
-from snpemu.rmp.entry import VMSA_GPA
 from snpemu.rmp.machine import Identity, RmpMachine
 from snpemu.rmp.memory import Placement
 

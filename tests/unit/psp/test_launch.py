@@ -11,11 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sevsnpmeasure.gctx import GCTX
 from snpemu.abi import guest_message as gm
-from snpemu.abi.rmp import PageState
+from snpemu.abi.rmp import VMSA_GPA, PageState
 from snpemu.psp import report as rpt
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
-from snpemu.rmp.entry import VMSA_GPA
 
 from tests.conftest import examples
 from tests.unit.psp.launch_helpers import make_host, report_request, run
