@@ -17,12 +17,12 @@ import pytest
 from snpemu.abi import cert_table, ghcb, policy, psc
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
+from snpemu.abi import npf as abi_npf
 from snpemu.abi import rmp as abi_rmp
 from snpemu.abi.policy import GuestPolicy
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
 from snpemu.rmp import entry as rmp_entry
-from snpemu.rmp import table as rmp_table
 
 # KERNEL: include/uapi/linux/psp-sev.h enum sev_ret_code (explicit values; docs/abi.md#status-codes)
 SEV_RET_CODE = {
@@ -167,13 +167,13 @@ def test_rmp_state_and_vmsa_gpa_are_the_kernels() -> None:
 
 def test_npf_error_code_bits_are_the_kernels() -> None:
     # KERNEL: arch/x86/include/asm/kvm_host.h PFERR_*_BIT
-    assert (rmp_table.PFERR_PRESENT, rmp_table.PFERR_WRITE, rmp_table.PFERR_USER) == (1, 2, 4)
-    assert rmp_table.PFERR_GUEST_RMP == 1 << 31
-    assert rmp_table.PFERR_GUEST_FINAL == 1 << 32
-    assert rmp_table.PFERR_GUEST_PAGE == 1 << 33
-    assert rmp_table.PFERR_GUEST_ENC == 1 << 34
-    assert rmp_table.PFERR_GUEST_SIZEM == 1 << 35
-    assert rmp_table.PFERR_GUEST_VMPL == 1 << 36
+    assert (abi_npf.PFERR_PRESENT, abi_npf.PFERR_WRITE, abi_npf.PFERR_USER) == (1, 2, 4)
+    assert abi_npf.PFERR_GUEST_RMP == 1 << 31
+    assert abi_npf.PFERR_GUEST_FINAL == 1 << 32
+    assert abi_npf.PFERR_GUEST_PAGE == 1 << 33
+    assert abi_npf.PFERR_GUEST_ENC == 1 << 34
+    assert abi_npf.PFERR_GUEST_SIZEM == 1 << 35
+    assert abi_npf.PFERR_GUEST_VMPL == 1 << 36
 
 
 def test_msr_protocol_codes_are_the_kernels() -> None:

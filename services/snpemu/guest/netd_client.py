@@ -15,7 +15,7 @@ from snpemu.runtime.peers import Peer
 if TYPE_CHECKING:
     from snp.netd.v1.netd_pb2_grpc import NetdServiceAsyncStub
 
-RESULTS = {
+PACKET_RESULTS = {
     v: PacketResult(k.removeprefix("PACKET_RESULT_").lower())
     for k, v in netd_pb2.PacketResult.items()
 }
@@ -65,7 +65,7 @@ class GrpcNetd:
                 device=_device(device_id), queue=netd_pb2.Queue.ValueType(int(queue))
             ),
         )
-        return [RESULTS.get(v, PacketResult.UNSPECIFIED) for v in r.results]
+        return [PACKET_RESULTS.get(v, PacketResult.UNSPECIFIED) for v in r.results]
 
     async def unregister_device(self, device_id: str) -> None:
         await self.peer.invoke(

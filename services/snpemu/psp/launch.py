@@ -14,6 +14,7 @@ from snpemu.abi.asid import MAX_SNP_ASID, MIN_SNP_ASID
 from snpemu.abi.page_type import PageType
 from snpemu.abi.policy import GuestPolicy
 from snpemu.abi.rmp import VMSA_GPA, FwOp, PageState
+from snpemu.abi.secrets import GOSVW_SIZE
 from snpemu.psp.guest import (
     GuestContext,
     GuestState,
@@ -27,7 +28,6 @@ from snpemu.psp.mailbox import API_MAJOR, API_MINOR, Mailbox, aligned, command
 from snpemu.psp.rmp_port import Page
 from snpemu.psp.status import SevStatus, fail
 
-GOSVW_SIZE = 16
 HOST_DATA_SIZE = 32
 
 

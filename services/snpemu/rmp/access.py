@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from snpemu.abi.addr import PAGE_SIZE, page_offset, pfn_to_spa, spa_to_pfn
+from snpemu.abi.npf import PFERR_USER, PFERR_WRITE
 from snpemu.abi.rmp import PageState
 from snpemu.errors import InvalidArgument, WrongState
 from snpemu.rmp.crypto import MemoryKeys
@@ -33,7 +34,7 @@ from snpemu.rmp.identities import Identity
 from snpemu.rmp.memory import FrameStore
 from snpemu.rmp.paging import NestedPaging
 from snpemu.rmp.reasons import RmpReason
-from snpemu.rmp.table import PFERR_USER, PFERR_WRITE, VC_PAGE_NOT_VALIDATED, Fault, RmpTable, npf
+from snpemu.rmp.table import VC_PAGE_NOT_VALIDATED, Fault, RmpTable, npf
 
 MAX_ACCESS = 1 << 20
 

@@ -22,6 +22,16 @@ import numpy as np
 import numpy.typing as npt
 
 from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
+from snpemu.abi.npf import (
+    PFERR_GUEST_ENC,
+    PFERR_GUEST_FINAL,
+    PFERR_GUEST_RMP,
+    PFERR_GUEST_SIZEM,
+    PFERR_GUEST_VMPL,
+    PFERR_PRESENT,
+    PFERR_USER,
+    PFERR_WRITE,
+)
 from snpemu.abi.rmp import Code, FwOp, PageState
 from snpemu.rmp.entry import (
     ASID_MASK,
@@ -44,16 +54,6 @@ from snpemu.rmp.entry import (
 U64 = np.uint64
 ALIGN_MASK = ~(PAGES_PER_2M - 1)
 
-# #NPF EXITINFO1 bits. KERNEL: arch/x86/include/asm/kvm_host.h PFERR_*
-PFERR_PRESENT = 1 << 0
-PFERR_WRITE = 1 << 1
-PFERR_USER = 1 << 2
-PFERR_GUEST_RMP = 1 << 31
-PFERR_GUEST_FINAL = 1 << 32
-PFERR_GUEST_PAGE = 1 << 33
-PFERR_GUEST_ENC = 1 << 34
-PFERR_GUEST_SIZEM = 1 << 35
-PFERR_GUEST_VMPL = 1 << 36
 
 # #VC error code for a private access to a page that is not validated.
 # UNVERIFIED(vc-not-validated): 0x404 as in the GHCB/APM #VC exit-code list ("page not validated").

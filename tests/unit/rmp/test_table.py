@@ -9,8 +9,9 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from snpemu.abi.addr import PAGES_PER_2M
+from snpemu.abi.npf import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM
 from snpemu.abi.rmp import Code, PageState
-from snpemu.rmp.table import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM, Fault, RmpTable
+from snpemu.rmp.table import Fault, RmpTable
 
 from tests.conftest import examples
 
