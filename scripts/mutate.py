@@ -48,7 +48,16 @@ class Core:
 
 CORES = {
     "abi": Core(("snpemu/abi/",)),
-    "rmp": Core(("snpemu/rmp/table.py", "snpemu/rmp/entry.py")),
+    "rmp": Core(
+        (
+            "snpemu/rmp/table.py",
+            "snpemu/rmp/entry.py",
+            "snpemu/rmp/entry_arrays.py",
+            "snpemu/rmp/fault.py",
+            "snpemu/rmp/guest_insns_table.py",
+            "snpemu/rmp/fw_transitions.py",
+        )
+    ),
     # the report (psp/report.py) and the guest-message handling (psp/guest_request.py): the
     # SNP_GUEST_REQUEST command and the MSG_REPORT_REQ / MSG_KEY_REQ replies it seals
     "psp": Core(("snpemu/psp/report.py", "snpemu/psp/guest_request.py")),

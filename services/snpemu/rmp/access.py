@@ -30,11 +30,12 @@ from snpemu.rmp.entry import (
     PERM_WRITE,
     VALIDATED,
 )
+from snpemu.rmp.fault import VC_PAGE_NOT_VALIDATED, Fault, npf
 from snpemu.rmp.identities import Identity
 from snpemu.rmp.memory import FrameStore
 from snpemu.rmp.paging import NestedPaging
 from snpemu.rmp.reasons import RmpReason
-from snpemu.rmp.table import VC_PAGE_NOT_VALIDATED, Fault, RmpTable, npf
+from snpemu.rmp.table import RmpTable
 
 MAX_ACCESS = 1 << 20
 

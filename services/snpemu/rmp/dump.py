@@ -6,7 +6,8 @@ import numpy as np
 
 from snpemu.abi.addr import PAGES_PER_2M
 from snpemu.rmp.entry import ASSIGNED
-from snpemu.rmp.table import ALIGN_MASK, RmpTable
+from snpemu.rmp.entry_arrays import ALIGN_MASK
+from snpemu.rmp.table import RmpTable
 
 
 def dump_entry(table: RmpTable, pfn: int) -> list[str]:

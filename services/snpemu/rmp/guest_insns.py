@@ -11,9 +11,10 @@ import numpy.typing as npt
 
 from snpemu.abi.rmp import Code
 from snpemu.rmp.counters import Counters
+from snpemu.rmp.fault import Fault, npf
 from snpemu.rmp.identities import Identity
 from snpemu.rmp.paging import NestedPaging
-from snpemu.rmp.table import Fault, RmpTable, npf
+from snpemu.rmp.table import RmpTable
 
 
 class GuestInstructions:

@@ -46,13 +46,14 @@ from snpemu.rmp.allocation import Allocation
 from snpemu.rmp.counters import Counters
 from snpemu.rmp.crypto import MemoryKeys
 from snpemu.rmp.entry import ASSIGNED, Entry
+from snpemu.rmp.fault import Fault
 from snpemu.rmp.guest_insns import GuestInstructions
 from snpemu.rmp.host_maps import HeldMap, HostMap, HostMaps
 from snpemu.rmp.identities import Identities, Identity
 from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
 from snpemu.rmp.npt import NestedPageTable
 from snpemu.rmp.paging import NestedPaging
-from snpemu.rmp.table import Fault, RmpTable
+from snpemu.rmp.table import RmpTable
 from snpemu.rmp.violations import (
     HostPanic,
     NoSubscriber,

@@ -14,11 +14,11 @@ from snpemu.abi.rmp import FwOp, PageState
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument
 from snpemu.rmp.entry import RMP_STATE
+from snpemu.rmp.fault import Fault
 from snpemu.rmp.identities import Identity
 from snpemu.rmp.machine import RmpMachine
 from snpemu.rmp.memory import Placement
 from snpemu.rmp.sessions import Handler, host_sequence, run_session
-from snpemu.rmp.table import Fault
 from snpemu.rmp.violations import KickHub, Origin, Policy
 from snpemu.rmp.wire import entry_pb, fault_pb, kick_pb, result_pb, size_2m
 

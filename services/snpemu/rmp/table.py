@@ -1,4 +1,4 @@
-"""The RMP table: one 16-byte entry per 4 KiB frame, and the RMP instructions that change it.
+"""The RMP table: one 16-byte entry per 4 KiB frame, and the host's RMP instructions on it.
 
 Storage is the hardware's own encoding, two u64 per frame in numpy arrays allocated with
 calloc, so untouched entries cost no resident memory (16 B per page as on hardware, plus one
@@ -10,29 +10,22 @@ KERNEL: arch/x86/virt/svm/sev.c (level of a PFN from the 2M-aligned entry)
 
 Instructions return hardware codes (entry.Code); they never raise for a guest's or host's bad
 input, as the instructions don't. Guest instructions that would #NPF return a Fault instead.
+RMPUPDATE and PSMASH are here; the guest's PVALIDATE/RMPADJUST (guest_insns_table.py) and the
+firmware's transitions (fw_transitions.py) are functions of the table, reached through its
+methods of the same names. Every write keeps `counts` in step through recount().
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
-from snpemu.abi.npf import (
-    PFERR_GUEST_ENC,
-    PFERR_GUEST_FINAL,
-    PFERR_GUEST_RMP,
-    PFERR_GUEST_SIZEM,
-    PFERR_GUEST_VMPL,
-    PFERR_PRESENT,
-    PFERR_USER,
-    PFERR_WRITE,
-)
 from snpemu.abi.rmp import Code, FwOp, PageState
+from snpemu.rmp import fw_transitions, guest_insns_table
 from snpemu.rmp.entry import (
     ASID_MASK,
     ASID_SHIFT,
@@ -41,88 +34,12 @@ from snpemu.rmp.entry import (
     IMMUTABLE,
     MAX_ASID,
     PAGESIZE,
-    PERM_MASK,
-    PERM_SHIFTS,
-    VALIDATED,
-    VMSA,
     Entry,
     Kind,
     encode,
-    page_state,
 )
-
-U64 = np.uint64
-ALIGN_MASK = ~(PAGES_PER_2M - 1)
-
-
-# #VC error code for a private access to a page that is not validated.
-# UNVERIFIED(vc-not-validated): 0x404 as in the GHCB/APM #VC exit-code list ("page not validated").
-VC_PAGE_NOT_VALIDATED = 0x404
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A guest access or instruction that faulted instead of completing."""
-
-    vc: bool  # True: #VC in the guest; False: #NPF exit to the hypervisor
-    error_code: int
-    gpa: int
-    cause: str
-
-
-def npf(
-    gpa: int,
-    cause: str,
-    *,
-    write: bool = False,
-    enc: bool = True,
-    sizem: bool = False,
-    vmpl: bool = False,
-) -> Fault:
-    code = PFERR_GUEST_RMP | PFERR_GUEST_FINAL | PFERR_PRESENT | PFERR_USER
-    code |= (PFERR_WRITE if write else 0) | (PFERR_GUEST_ENC if enc else 0)
-    code |= (PFERR_GUEST_SIZEM if sizem else 0) | (PFERR_GUEST_VMPL if vmpl else 0)
-    return Fault(vc=False, error_code=code, gpa=gpa, cause=cause)
-
-
-def _state_lut() -> npt.NDArray[np.int64]:
-    """Page state for every combination of the bits that decide it, so that the vectorised
-    state is one table lookup. Key: assigned | immutable << 1 | validated << 2 |
-    (asid != 0) << 3 | kind << 4."""
-    lut = np.zeros(1 << 7, dtype=np.int64)
-    for key in range(1 << 7):
-        assigned, immutable, validated = key & 1, key >> 1 & 1, key >> 2 & 1
-        asid = 1 if key >> 3 & 1 else 0
-        kind = key >> 4
-        if kind > max(Kind):
-            continue
-        lo = encode(
-            assigned=bool(assigned), immutable=bool(immutable), asid=asid, validated=bool(validated)
-        )
-        lut[key] = page_state(lo, kind)
-    return lut
-
-
-_LUT = _state_lut()
-
-
-def _distinct(pfns: npt.NDArray[np.int64]) -> bool:
-    # PSC batches are usually ascending runs: check that in O(n) before sorting.
-    if len(pfns) < 2 or bool(np.all(pfns[1:] > pfns[:-1])):
-        return True
-    return len(np.unique(pfns)) == len(pfns)
-
-
-def _states(lo: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
-    """Vectorised entry.page_state()."""
-    # ASSIGNED is bit 0, IMMUTABLE bit 2 -> key bit 1, VALIDATED bit 62 -> key bit 2
-    key = ((lo & U64(ASSIGNED)) | ((lo >> U64(1)) & U64(2)) | ((lo >> U64(60)) & U64(4))).astype(
-        np.int64
-    )
-    key |= ((lo & U64(ASID_MASK)) != 0).astype(np.int64) << 3
-    key |= kind.astype(np.int64) << 4
-    states: npt.NDArray[np.int64] = _LUT[key]
-    return states
+from snpemu.rmp.entry_arrays import ALIGN_MASK, U64, distinct, states
+from snpemu.rmp.fault import Fault
 
 
 class RmpTable:
@@ -172,7 +89,7 @@ class RmpTable:
         huge = ((alo & U64(PAGESIZE)) != 0) & ((alo & U64(ASSIGNED)) != 0)
         lo = np.where(huge, alo, self.lo[pfns])
         kind = np.where(huge, self.kind[a], self.kind[pfns])
-        return _states(lo, kind)
+        return states(lo, kind)
 
     # --- locks -----------------------------------------------------------------------------
 
@@ -187,16 +104,25 @@ class RmpTable:
             return False
         return True
 
-    def _hold(self, pfn: int) -> None:
+    def hold(self, pfn: int) -> None:
         if self.hold_s > 0:
             self._busy[pfn] = self.clock() + self.hold_s
 
     def _any_busy(self, pfns: range) -> bool:
         return bool(self._busy) and any(self.busy(p) for p in pfns)
 
+    def locks_held(self) -> bool:
+        """Whether any entry lock is recorded (expired ones count until busy() sweeps them)."""
+        return bool(self._busy)
+
+    def release_locks(self, asid: int) -> None:
+        """The ASID's vCPUs left guest mode (kicked): their in-flight instructions are done."""
+        for pfn in [p for p in self._busy if (int(self.lo[p]) & ASID_MASK) >> ASID_SHIFT == asid]:
+            del self._busy[pfn]
+
     # --- bookkeeping ------------------------------------------------------------------------
 
-    def _recount(self, pfns: npt.NDArray[np.int64], before: npt.NDArray[np.int64]) -> None:
+    def recount(self, pfns: npt.NDArray[np.int64], before: npt.NDArray[np.int64]) -> None:
         self._count(before, self.state_of(pfns))
 
     def _count(self, before: npt.NDArray[np.int64], after: npt.NDArray[np.int64]) -> None:
@@ -262,7 +188,7 @@ class RmpTable:
             self.lo[pfn] = U64(new)
             self.hi[pfn] = 0
             self.kind[pfn] = kind
-        self._recount(pfns, before)
+        self.recount(pfns, before)
         return Code.SUCCESS
 
     def rmpupdate_batch(
@@ -280,7 +206,7 @@ class RmpTable:
         path with the same checks as rmpupdate(); anything else runs entry by entry.
         """
         n = len(pfns)
-        if n == 0 or size_2m.any() or not _distinct(pfns):
+        if n == 0 or size_2m.any() or not distinct(pfns):
             return np.array(
                 [
                     self.rmpupdate(
@@ -321,7 +247,7 @@ class RmpTable:
         target = p[ok]
         # INVARIANT: no entry that passed lies in a 2M page (those fail with FAIL_OVERLAP), so
         # its own entry is the effective one and its state comes from what was read above.
-        before = _states(lo_p[ok], self.kind[target])
+        before = states(lo_p[ok], self.kind[target])
         new = (
             np.where(assigned[ok], U64(ASSIGNED), U64(0))
             | np.where(immutable[ok], U64(IMMUTABLE), U64(0))
@@ -334,7 +260,7 @@ class RmpTable:
         self.lo[target] = new
         self.hi[target] = 0
         self.kind[target] = kinds
-        self._count(before, _states(new, kinds))
+        self._count(before, states(new, kinds))
         return codes
 
     # --- PSMASH -----------------------------------------------------------------------------
@@ -359,55 +285,14 @@ class RmpTable:
         self.kind[pfn : pfn + PAGES_PER_2M] = self.kind[pfn]
         return Code.SUCCESS
 
-    # --- guest instructions ----------------------------------------------------------------
-
-    def _guest_check(
-        self, pfn: int, gpa: int, asid: int, size_2m: bool, *, write: bool
-    ) -> tuple[Code | Fault | None, int]:
-        """Common RMP checks of PVALIDATE/RMPADJUST; returns (failure or None, entry pfn)."""
-        if not 0 <= pfn < self.npages:
-            return npf(gpa, "no such frame", write=write), pfn
-        lo, _, _ = self.effective(pfn)
-        if not lo & ASSIGNED or (lo & ASID_MASK) >> ASID_SHIFT != asid:
-            return npf(gpa, "page not assigned to this guest", write=write), pfn
-        if lo & IMMUTABLE:
-            return npf(gpa, "page is immutable", write=write), pfn
-        huge = bool(lo & PAGESIZE)
-        if size_2m:
-            if gpa % (PAGE_SIZE * PAGES_PER_2M) or pfn % PAGES_PER_2M:
-                return Code.FAIL_INPUT, pfn
-            if not huge:
-                return Code.FAIL_SIZEMISMATCH, pfn
-        elif huge:
-            # 4K operation on a 2M entry: #NPF with SIZEM, so KVM PSMASHes and the guest retries.
-            # KERNEL: arch/x86/kvm/svm/sev.c sev_handle_rmp_fault()
-            return npf(gpa, "4K operation on a 2M RMP entry", write=write, sizem=True), pfn
-        if (lo & GPA_MASK) != (gpa & GPA_MASK):
-            return npf(gpa, "GPA does not match the RMP entry", write=write), pfn
-        # The per-entry lock only makes host instructions (RMPUPDATE, PSMASH) fail: a guest's
-        # own instructions run one after another on its vCPUs.
-        return None, pfn & ALIGN_MASK if huge else pfn
+    # --- guest instructions (guest_insns_table.py) ------------------------------------------
 
     def pvalidate(
         self, pfn: int, *, gpa: int, asid: int, vmpl: int, size_2m: bool, validate: bool
     ) -> Code | Fault:
-        """PVALIDATE (F2 0F 01 FF). KERNEL: arch/x86/include/asm/sev.h pvalidate()"""
-        if vmpl != 0:
-            # Only VMPL0 may validate. UNVERIFIED(pvalidate-vmpl): reported as FAIL_PERMISSION.
-            return Code.FAIL_PERMISSION
-        failure, entry_pfn = self._guest_check(pfn, gpa, asid, size_2m, write=True)
-        if failure is not None:
-            return failure
-        lo = int(self.lo[entry_pfn])
-        if bool(lo & VALIDATED) == validate:
-            return Code.FAIL_NOUPDATE
-        span = PAGES_PER_2M if size_2m else 1
-        pfns = np.arange(entry_pfn, entry_pfn + span, dtype=np.int64)
-        before = self.state_of(pfns)
-        self.lo[entry_pfn] = U64((lo | VALIDATED) if validate else (lo & ~VALIDATED))
-        self._recount(pfns, before)
-        self._hold(entry_pfn)
-        return Code.SUCCESS
+        return guest_insns_table.pvalidate(
+            self, pfn, gpa=gpa, asid=asid, vmpl=vmpl, size_2m=size_2m, validate=validate
+        )
 
     def rmpadjust(
         self,
@@ -421,30 +306,17 @@ class RmpTable:
         perms: int,
         vmsa: bool,
     ) -> Code | Fault:
-        """RMPADJUST (F3 0F 01 FE): set a higher VMPL's permissions and the VMSA bit.
-
-        KERNEL: arch/x86/include/asm/sev.h rmpadjust(), RMPADJUST_VMSA_PAGE_BIT
-        """
-        if not vmpl < target_vmpl <= 3 or perms & ~PERM_MASK:
-            return Code.FAIL_PERMISSION
-        failure, entry_pfn = self._guest_check(pfn, gpa, asid, size_2m, write=False)
-        if failure is not None:
-            return failure
-        lo, hi = int(self.lo[entry_pfn]), int(self.hi[entry_pfn])
-        if not lo & VALIDATED:
-            # UNVERIFIED(rmpadjust-unvalidated): RMPADJUST of a page the guest has not
-            # validated fails.
-            return Code.FAIL_PERMISSION
-        if vmpl > 0:
-            own = (hi >> PERM_SHIFTS[vmpl - 1]) & PERM_MASK
-            if perms & ~own or vmsa:
-                return Code.FAIL_PERMISSION
-        shift = PERM_SHIFTS[target_vmpl - 1]
-        hi = (hi & ~(PERM_MASK << shift)) | (perms << shift)
-        self.hi[entry_pfn] = U64(hi)
-        self.lo[entry_pfn] = U64((lo | VMSA) if vmsa else (lo & ~VMSA))
-        self._hold(entry_pfn)
-        return Code.SUCCESS
+        return guest_insns_table.rmpadjust(
+            self,
+            pfn,
+            gpa=gpa,
+            asid=asid,
+            vmpl=vmpl,
+            size_2m=size_2m,
+            target_vmpl=target_vmpl,
+            perms=perms,
+            vmsa=vmsa,
+        )
 
     def pvalidate_batch(
         self,
@@ -455,131 +327,11 @@ class RmpTable:
         vmpl: int,
         validate: bool,
     ) -> tuple[npt.NDArray[np.uint8], Fault | None]:
-        """4K PVALIDATE of each page in order, as pvalidate_pages() loops; stops at a fault.
+        return guest_insns_table.pvalidate_batch(
+            self, pfns, gpas, asid=asid, vmpl=vmpl, validate=validate
+        )
 
-        Returns the codes of the entries executed (shorter than the input after a fault) and
-        the fault. Distinct PFNs take a vectorised path with pvalidate()'s checks.
-        KERNEL: arch/x86/coco/sev/core.c pvalidate_pages()
-        """
-        n = len(pfns)
-        if vmpl != 0:
-            return np.full(min(n, 1), Code.FAIL_PERMISSION, dtype=np.uint8), None
-        if n == 0 or self.hold_s > 0 or self._busy or not _distinct(pfns):
-            codes: list[int] = []
-            for i in range(n):
-                r = self.pvalidate(
-                    int(pfns[i]),
-                    gpa=int(gpas[i]),
-                    asid=asid,
-                    vmpl=vmpl,
-                    size_2m=False,
-                    validate=validate,
-                )
-                if isinstance(r, Fault):
-                    return np.asarray(codes, dtype=np.uint8), r
-                codes.append(r)
-            return np.asarray(codes, dtype=np.uint8), None
-        inside = (pfns >= 0) & (pfns < self.npages)
-        p = np.where(inside, pfns, 0)
-        a = p & ALIGN_MASK
-        alo = self.lo[a]
-        huge = ((alo & U64(PAGESIZE)) != 0) & ((alo & U64(ASSIGNED)) != 0)
-        lo = self.lo[p]
-        wrong = ~inside | huge | ((lo & U64(ASSIGNED)) == 0) | ((lo & U64(IMMUTABLE)) != 0)
-        wrong |= ((lo & U64(ASID_MASK)) >> U64(ASID_SHIFT)) != U64(asid)
-        wrong |= (lo & U64(GPA_MASK)) != (gpas & U64(GPA_MASK))
-        fault: Fault | None = None
-        stop = n
-        if wrong.any():
-            stop = int(np.argmax(wrong))
-            first = self.pvalidate(
-                int(pfns[stop]),
-                gpa=int(gpas[stop]),
-                asid=asid,
-                vmpl=vmpl,
-                size_2m=False,
-                validate=validate,
-            )
-            # INVARIANT: the scalar path agrees that this entry faults.
-            assert isinstance(first, Fault), first
-            fault = first
-        target = p[:stop]
-        current = (lo[:stop] & U64(VALIDATED)) != 0
-        codes_arr = np.where(current == validate, Code.FAIL_NOUPDATE, Code.SUCCESS).astype(np.uint8)
-        change = target[codes_arr == Code.SUCCESS]
-        before = self.state_of(change)
-        if validate:
-            self.lo[change] |= U64(VALIDATED)
-        else:
-            self.lo[change] &= ~U64(VALIDATED)
-        self._recount(change, before)
-        return codes_arr, fault
-
-    def release_locks(self, asid: int) -> None:
-        """The ASID's vCPUs left guest mode (kicked): their in-flight instructions are done."""
-        for pfn in [p for p in self._busy if (int(self.lo[p]) & ASID_MASK) >> ASID_SHIFT == asid]:
-            del self._busy[pfn]
-
-    # --- firmware-side transitions ----------------------------------------------------------
-    # The AMD-SP writes the RMP directly; these are the changes its commands make. Each checks
-    # the page's current state and returns False (nothing changed) when it is not the one the
-    # command needs, which the firmware reports as INVALID_PAGE_STATE.
+    # --- firmware-side transitions (fw_transitions.py) ---------------------------------------
 
     def fw_transition(self, pfn: int, op: FwOp, asid: int = 0) -> bool:
-        if not 0 <= pfn < self.npages:
-            return False
-        lo, _, _ = self.effective(pfn)
-        state = self.entry(pfn).state
-        own = pfn if not (lo & PAGESIZE) else pfn & ALIGN_MASK
-        pfns = np.arange(own, own + (PAGES_PER_2M if lo & PAGESIZE else 1), dtype=np.int64)
-        before = self.state_of(pfns)
-        if op == FwOp.CONTEXT and state == PageState.FIRMWARE:
-            self.kind[own] = Kind.CONTEXT
-        elif op == FwOp.FIRMWARE and state in (PageState.CONTEXT, PageState.METADATA):
-            self.kind[own] = Kind.FIRMWARE
-        elif op == FwOp.RECLAIM and state in (
-            PageState.FIRMWARE,
-            PageState.CONTEXT,
-            PageState.METADATA,
-            PageState.PRE_GUEST,
-        ):
-            self.lo[own] = U64(encode(assigned=True, page_size_2m=bool(lo & PAGESIZE)))
-            self.hi[own] = 0
-            self.kind[own] = Kind.RECLAIM
-        elif op == FwOp.FINISH and state == PageState.PRE_GUEST and self._asid(lo) == asid:
-            # LAUNCH_FINISH: launched pages become guest-owned, mutable and validated.
-            self.lo[own] = U64((int(self.lo[own]) & ~IMMUTABLE) | VALIDATED)
-        elif op == FwOp.VMSA and state == PageState.PRE_GUEST and self._asid(lo) == asid:
-            self.lo[own] = U64(int(self.lo[own]) | VMSA)
-        elif op == FwOp.HV_FIXED and state in (PageState.HYPERVISOR, PageState.FIRMWARE):
-            self.lo[own] = U64(IMMUTABLE)
-            self.kind[own] = Kind.NONE
-        elif op == FwOp.UNSMASH and pfn % PAGES_PER_2M == 0 and not lo & PAGESIZE:
-            return self._unsmash(pfn)
-        else:
-            return False
-        self._recount(pfns, before)
-        return True
-
-    @staticmethod
-    def _asid(lo: int) -> int:
-        return (lo & ASID_MASK) >> ASID_SHIFT
-
-    def _unsmash(self, a: int) -> bool:
-        """SNP_PAGE_UNSMASH: 512 4K entries describing one 2M page become one 2M entry."""
-        lo = self.lo[a : a + PAGES_PER_2M]
-        first = int(lo[0])
-        if not first & ASSIGNED or (first & GPA_MASK) % (PAGE_SIZE * PAGES_PER_2M):
-            return False
-        expect = U64(first & ~GPA_MASK) | (
-            (U64(first & GPA_MASK) + np.arange(PAGES_PER_2M, dtype=np.uint64) * U64(PAGE_SIZE))
-            & U64(GPA_MASK)
-        )
-        if not np.array_equal(lo, expect) or np.any(self.hi[a : a + PAGES_PER_2M] != self.hi[a]):
-            return False
-        pfns = np.arange(a, a + PAGES_PER_2M, dtype=np.int64)
-        before = self.state_of(pfns)
-        self.lo[a + 1 : a + PAGES_PER_2M] = U64(ASSIGNED)
-        self.lo[a] = U64(first | PAGESIZE)
-        self._recount(pfns, before)
-        return True
+        return fw_transitions.fw_transition(self, pfn, op, asid)

@@ -24,8 +24,9 @@ from snpemu.errors import InvalidArgument, NotFound, Unavailable
 from snpemu.rmp.counters import Counters
 from snpemu.rmp.dump import dump_entry
 from snpemu.rmp.entry import ASID_MASK, ASID_SHIFT, ASSIGNED, IMMUTABLE, PAGESIZE, VMSA
+from snpemu.rmp.entry_arrays import ALIGN_MASK
 from snpemu.rmp.reasons import RmpReason
-from snpemu.rmp.table import ALIGN_MASK, RmpTable
+from snpemu.rmp.table import RmpTable
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from snp.rmp.v1 import rmp_pb2 as pb
 
 from snpemu.errors import InvalidArgument, SnpemuError
 from snpemu.rmp.entry import Entry
-from snpemu.rmp.table import Fault
+from snpemu.rmp.fault import Fault
 from snpemu.rmp.violations import Kick
 from snpemu.runtime.status import grpc_code
 

@@ -14,7 +14,8 @@ import itertools
 
 import numpy as np
 import pytest
-from snpemu.rmp.table import Fault, RmpTable, npf
+from snpemu.rmp.fault import Fault, npf
+from snpemu.rmp.table import RmpTable
 
 PRESENT, WRITE, USER = 1 << 0, 1 << 1, 1 << 2
 GUEST_RMP, GUEST_FINAL, GUEST_PAGE, GUEST_ENC = 1 << 31, 1 << 32, 1 << 33, 1 << 34

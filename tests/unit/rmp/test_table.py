@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from snpemu.abi.addr import PAGES_PER_2M
 from snpemu.abi.npf import PFERR_GUEST_RMP, PFERR_GUEST_SIZEM
 from snpemu.abi.rmp import Code, PageState
-from snpemu.rmp.table import Fault, RmpTable
+from snpemu.rmp.fault import Fault
+from snpemu.rmp.table import RmpTable
 
 from tests.conftest import examples
 

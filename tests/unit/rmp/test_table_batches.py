@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 from snpemu.abi.rmp import Code, FwOp, PageState
-from snpemu.rmp import table as rmp_table
-from snpemu.rmp.table import Fault, RmpTable
+from snpemu.rmp.entry_arrays import state_lut
+from snpemu.rmp.fault import Fault
+from snpemu.rmp.table import RmpTable
 
 ASID = 5
 NOUPDATE, PERMISSION = 255, 2
@@ -43,7 +44,7 @@ def test_the_state_lookup_table() -> None:
         else:
             state = FW
         want.append(state)
-    assert rmp_table._state_lut().tolist() == want
+    assert state_lut().tolist() == want
 
 
 def guest_table() -> RmpTable:
