@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import struct
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,10 +30,6 @@ ASID = 7
 KEY = bytes(range(64))
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
     """count frames anywhere (PLACEMENT_ANY)."""
     r = await stub.AllocatePages(
@@ -41,12 +38,13 @@ async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
     return list(r.pfns)
 
 
+@contextlib.asynccontextmanager
 async def with_rmp(
-    body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]],
     clock: Callable[[], float] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     **env: str,
-) -> Any:
+) -> AsyncIterator[tuple[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime]]:
+    """An rmp service of 64 MiB (its options from `env`), its stub and its runtime."""
     config = ServiceConfig.from_env(
         "rmp",
         {
@@ -65,7 +63,7 @@ async def with_rmp(
     await runtime.start()
     try:
         async with grpc.aio.insecure_channel(runtime.address) as channel:
-            return await body(rmp_pb2_grpc.RmpServiceStub(channel), runtime)
+            yield rmp_pb2_grpc.RmpServiceStub(channel), runtime
     finally:
         await runtime.stop()
 
@@ -114,8 +112,8 @@ async def guest_setup(
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GetPlatformInfo", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "error")
-def test_host_only_rpcs_need_the_credential() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_host_only_rpcs_need_the_credential() -> None:
+    async with with_rmp() as (stub, _rt):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -136,19 +134,15 @@ def test_host_only_rpcs_need_the_credential() -> None:
         detail = error_info(info.value)
         assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
 
-    run(with_rmp(body))
 
-
-def test_iommu_passthrough_is_not_snp_capable() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_iommu_passthrough_is_not_snp_capable() -> None:
+    async with with_rmp(SNPEMU_RMP_IOMMU="passthrough") as (stub, _rt):
         reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
         assert reply.iommu_mode == pb.IOMMU_MODE_PASSTHROUGH and not reply.snp_capable
 
-    run(with_rmp(body, SNPEMU_RMP_IOMMU="passthrough"))
 
-
-def test_private_memory_is_encrypted_and_owned() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_private_memory_is_encrypted_and_owned() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns, ident = await guest_setup(stub)
         # Not validated yet: #VC
         r = await stub.GuestRead(
@@ -207,14 +201,12 @@ def test_private_memory_is_encrypted_and_owned() -> None:
         )
         assert back.data == secret
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListRmpEntries", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Pvalidate", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "error")
-def test_entries_decoded_and_raw() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_entries_decoded_and_raw() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns, ident = await guest_setup(stub, pages=2)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -239,13 +231,11 @@ def test_entries_decoded_and_raw() -> None:
             await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdateBatch", "ok", "error")
-def test_batch_rmpupdate_packed_entries() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_batch_rmpupdate_packed_entries() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns = await alloc(stub, 4)
         entries = b"".join(
             struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
@@ -258,8 +248,6 @@ def test_batch_rmpupdate_packed_entries() -> None:
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
         assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
-
-    run(with_rmp(body))
 
 
 class Kvm:
@@ -302,8 +290,8 @@ async def write(stub: rmp_pb2_grpc.RmpServiceStub, spa: int, origin: int) -> pb.
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/PvalidateBatch", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpAdjust", "ok")
-def test_convert_policy_converts_and_the_guest_is_told() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_convert_policy_converts_and_the_guest_is_told() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1") as (stub, rt):
         pfns, ident = await guest_setup(stub)
         await stub.PvalidateBatch(
             pb.PvalidateBatchRequest(
@@ -368,10 +356,8 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
             == 1
         )
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1"))
 
-
-def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
+async def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
     """A VMSA page is converted only once kvm acknowledged the kick; a subscriber that never
     acknowledges leaves the write waiting until the kick timeout's timer fires: SIGBUS."""
     timers: list[float] = []
@@ -381,7 +367,9 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
         timers.append(seconds)
         await fire.wait()
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+    async with with_rmp(
+        sleep=timer, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1.5"
+    ) as (stub, rt):
         pfns, ident = await guest_setup(stub, pages=1)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -406,8 +394,6 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
         assert e.assigned and e.vmsa  # not converted
         kvm.close()
 
-    run(with_rmp(body, sleep=timer, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1.5"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AcknowledgeMmuNotification", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostWrite", "ok")
@@ -416,8 +402,8 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdate", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UpdateNestedPageTable", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/WatchMmuNotifications", "ok")
-def test_convert_kill_asks_kvm_to_terminate() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_convert_kill_asks_kvm_to_terminate() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="convert-kill") as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         kvm = await Kvm.subscribed(stub, rt)
         r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
@@ -426,13 +412,14 @@ def test_convert_kill_asks_kvm_to_terminate() -> None:
         assert [(n.asid, n.terminate) for n in kvm.seen] == [(ASID, True)]
         kvm.close()
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="convert-kill"))
 
-
-def test_rmpadjust_race_is_ended_by_the_kick() -> None:
+async def test_rmpadjust_race_is_ended_by_the_kick() -> None:
     clock = FakeClock()  # the hold lasts until the test moves this clock
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000") as (
+        stub,
+        rt,
+    ):
         pfns, ident = await guest_setup(stub, pages=2)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -470,14 +457,12 @@ def test_rmpadjust_race_is_ended_by_the_kick() -> None:
         assert not e.assigned and e.state == types_pb2.PAGE_STATE_HYPERVISOR
         kvm.close()
 
-    run(with_rmp(body, clock, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000"))
 
-
-def test_an_instruction_hold_ends_on_rmps_clock() -> None:
+async def test_an_instruction_hold_ends_on_rmps_clock() -> None:
     """Without a kick, the entry is free again once rmp's clock has moved past the hold."""
     clock = FakeClock()
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_INSN_HOLD_US="250000") as (stub, _rt):
         pfns, ident = await guest_setup(stub, pages=2)
         to_shared = pb.RmpUpdateRequest(
             spa=pfns[1] << 12, state=pb.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
@@ -494,11 +479,9 @@ def test_an_instruction_hold_ends_on_rmps_clock() -> None:
         u = await stub.RmpUpdate(to_shared, metadata=HOST)
         assert u.result == pb.RMP_RESULT_SUCCESS
 
-    run(with_rmp(body, clock, SNPEMU_RMP_INSN_HOLD_US="250000"))
 
-
-def test_sigbus_policy_kernel_write_panics_the_host() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_sigbus_policy_kernel_write_panics_the_host() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="sigbus") as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
@@ -522,14 +505,12 @@ def test_sigbus_policy_kernel_write_panics_the_host() -> None:
         assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert rt.registry.get_sample_value("snp_host_panics_total") == 1
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="sigbus"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestWrite", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostRead", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "error")
-def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns, ident = await guest_setup(stub, pages=1)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -559,16 +540,14 @@ def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
             )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListHostMaps", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UnmapHostPage", "ok", "error")
-def test_host_map_lock_blocks_conversion_to_private() -> None:
+async def test_host_map_lock_blocks_conversion_to_private() -> None:
     clock = FakeClock()  # the map's age is read from rmp's clock
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_MAP_LEAK_S="0.25") as (stub, _rt):
         pfns = await alloc(stub, 1)
         await stub.UpdateNestedPageTable(
             pb.UpdateNestedPageTableRequest(
@@ -600,14 +579,12 @@ def test_host_map_lock_blocks_conversion_to_private() -> None:
             await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    run(with_rmp(body, clock, SNPEMU_RMP_MAP_LEAK_S="0.25"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FreePages", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/LeakPages", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListLeakedPages", "ok")
-def test_leaked_pages_are_never_reused_and_counted() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_leaked_pages_are_never_reused_and_counted() -> None:
+    async with with_rmp() as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.FreePages(pb.FreePagesRequest(pfns=pfns), metadata=HOST)
@@ -632,12 +609,10 @@ def test_leaked_pages_are_never_reused_and_counted() -> None:
         e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
         assert e.leaked
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AllocatePages", "ok", "error")
-def test_allocation_placements() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_allocation_placements() -> None:
+    async with with_rmp() as (stub, _rt):
         tmr = (
             await stub.AllocatePages(
                 pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
@@ -656,11 +631,9 @@ def test_allocation_placements() -> None:
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    run(with_rmp(body))
 
-
-def test_metrics_are_exported() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_metrics_are_exported() -> None:
+    async with with_rmp() as (stub, rt):
         _, ident = await guest_setup(stub, pages=3)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -682,13 +655,11 @@ def test_metrics_are_exported() -> None:
         assert 'snp_rmp_violation_policy{policy="gmem"} 1.0' in text
         assert "snp_rmp_leaked_pages_total 0.0" in text and "snp_host_panics_total 0.0" in text
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "error")
-def test_firmware_session_answers_in_order_and_survives_errors() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_firmware_session_answers_in_order_and_survives_errors() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns = await alloc(stub, 1)
         spa = pfns[0] << 12
         session = stub.FirmwareSession(metadata=HOST)
@@ -720,15 +691,13 @@ def test_firmware_session_answers_in_order_and_survives_errors() -> None:
         assert (await session.read()).read.data == b"abc"
         await session.done_writing()
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "error")
-def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
+async def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
     """No credential: the vCPU identity of each op is the check, as in the unary calls."""
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp() as (stub, _rt):
         _pfns, ident = await guest_setup(stub, pages=2)
         session = stub.GuestSession()  # no host credential
         ops = [
@@ -775,12 +744,10 @@ def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
         assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
         assert replies[4].read.fault.vc
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostCopy", "ok", "error")
-def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
+    async with with_rmp() as (stub, _rt):
         pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
         src, dst = await alloc(stub, 2)
         await stub.HostWrite(
@@ -839,13 +806,11 @@ def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
             await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "error")
-def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
+    async with with_rmp() as (stub, _rt):
         a, b = await alloc(stub, 2)
 
         def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
@@ -901,17 +866,15 @@ def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
             assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert await peek(a) == b"ok.."
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareWbinvdIndicator", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Wbinvd", "ok", "error")
-def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
+async def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
     """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
     firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
     will clear the WBINVD indicator causing DF_FLUSH to fail")."""
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp() as (stub, _rt):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Wbinvd(pb.WbinvdRequest())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -927,5 +890,3 @@ def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
         assert not await indicator(clear=False)
         await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
         assert await indicator(clear=False)
-
-    run(with_rmp(body))

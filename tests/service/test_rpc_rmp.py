@@ -3,8 +3,8 @@ identities, frames, the violation policy, and each call refusing a wrong request
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,27 +26,26 @@ Stub = rmp_pb2_grpc.RmpServiceStub
 KEY = bytes(range(64))
 
 
-def run(body: Callable[[Stub], Awaitable[Any]], policy: str = "gmem") -> Any:
-    async def main() -> Any:
-        config = ServiceConfig.from_env(
-            "rmp",
-            {
-                "SNPEMU_GRPC_PORT": "0",
-                "SNPEMU_METRICS_PORT": "0",
-                "SNPEMU_HOST_CREDENTIAL": CRED,
-                "SNPEMU_SHUTDOWN_GRACE_S": "0",
-            },
-        )
-        options = RmpOptions.from_env({"SNPEMU_RMP_MEMORY": "64M", "SNPEMU_RMP_POLICY": policy})
-        runtime = ServiceRuntime(rmp.SPEC, config, options)
-        await runtime.start()
-        try:
-            async with grpc.aio.insecure_channel(runtime.address) as channel:
-                return await body(Stub(channel))
-        finally:
-            await runtime.stop()
-
-    return asyncio.run(main())
+@contextlib.asynccontextmanager
+async def rmp_stub(policy: str = "gmem") -> AsyncIterator[Stub]:
+    """An rmp service of 64 MiB with violation policy `policy`, reached through its stub."""
+    config = ServiceConfig.from_env(
+        "rmp",
+        {
+            "SNPEMU_GRPC_PORT": "0",
+            "SNPEMU_METRICS_PORT": "0",
+            "SNPEMU_HOST_CREDENTIAL": CRED,
+            "SNPEMU_SHUTDOWN_GRACE_S": "0",
+        },
+    )
+    options = RmpOptions.from_env({"SNPEMU_RMP_MEMORY": "64M", "SNPEMU_RMP_POLICY": policy})
+    runtime = ServiceRuntime(rmp.SPEC, config, options)
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            yield Stub(channel)
+    finally:
+        await runtime.stop()
 
 
 def ident(asid: int = 5, vm: str = "vm-r", token: bytes = b"t" * 32) -> handles_pb2.VcpuIdentity:
@@ -87,8 +86,8 @@ async def unauthenticated(call: Any) -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/InstallMemoryKey", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RemoveMemoryKey", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostRead", "ok", "error")
-def test_firmware_access_and_memory_keys() -> None:
-    async def body(stub: Stub) -> None:
+async def test_firmware_access_and_memory_keys() -> None:
+    async with rmp_stub() as stub:
         plain, enc = await alloc(stub, 2)
         for pfn in (plain, enc):
             await make(stub, pfn, assigned=True, immutable=True)  # firmware pages
@@ -186,8 +185,6 @@ def test_firmware_access_and_memory_keys() -> None:
         )
         await unauthenticated(stub.FirmwareWbinvdIndicator(pb.FirmwareWbinvdIndicatorRequest()))
 
-    run(body)
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RegisterVcpuIdentity", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RevokeVcpuIdentity", "ok", "error")
@@ -196,8 +193,8 @@ def test_firmware_access_and_memory_keys() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/PvalidateBatch", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpAdjust", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UpdateNestedPageTable", "error")
-def test_guest_instructions_need_a_registered_identity() -> None:
-    async def body(stub: Stub) -> None:
+async def test_guest_instructions_need_a_registered_identity() -> None:
+    async with rmp_stub() as stub:
         (pfn,) = await alloc(stub)
         await stub.UpdateNestedPageTable(
             pb.UpdateNestedPageTableRequest(
@@ -267,8 +264,6 @@ def test_guest_instructions_need_a_registered_identity() -> None:
             "NOT_FOUND",
         )
 
-    run(body)
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FreePages", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AllocatePages", "error")
@@ -280,8 +275,9 @@ def test_guest_instructions_need_a_registered_identity() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostWrite", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Psmash", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GetPlatformInfo", "ok")
-def test_frames_and_the_table() -> None:
-    async def body(stub: Stub) -> None:
+async def test_frames_and_the_table() -> None:
+    async with rmp_stub() as stub:
+
         async def free_pages() -> int:
             r = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
             return int(r.free_pages)
@@ -352,15 +348,13 @@ def test_frames_and_the_table() -> None:
         assert (e.page_size, e.gpa, e.asid) == (types_pb2.PAGE_SIZE_4K, 0x407000, 4)
         await unauthenticated(stub.Psmash(pb.PsmashRequest(spa=big[0] << 12)))
 
-    run(body)
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GetViolationPolicy", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/SetViolationPolicy", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/WatchMmuNotifications", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AcknowledgeMmuNotification", "error")
-def test_violation_policy_and_notifications() -> None:
-    async def body(stub: Stub) -> None:
+async def test_violation_policy_and_notifications() -> None:
+    async with rmp_stub(policy="convert") as stub:
         got = await stub.GetViolationPolicy(pb.GetViolationPolicyRequest(), metadata=HOST)
         assert got.policy == pb.VIOLATION_POLICY_CONVERT  # as configured below
         await stub.SetViolationPolicy(
@@ -384,5 +378,3 @@ def test_violation_policy_and_notifications() -> None:
             grpc.StatusCode.NOT_FOUND,
             "NOT_FOUND",
         )
-
-    run(body, policy="convert")

@@ -123,7 +123,7 @@ def test_end_entry_growing_terminates() -> None:
     assert_terminated_for_psc([lambda h: (0, 0, (h[0] + 1, h[1] + 1, 0))])
 
 
-def test_cur_entry_below_the_start_terminates() -> None:
+async def test_cur_entry_below_the_start_terminates() -> None:
     """vmgexit_psc(): cur_entry > data->hdr.cur_entry, against the cur_entry the call began
     with. The descriptors psc() builds start at 0, so drive vmgexit_psc() with one that
     starts at 4 and have the host move it back to 3."""
@@ -131,7 +131,7 @@ def test_cur_entry_below_the_start_terminates() -> None:
     k = kernel(host)
     buf = bytearray(g.SHARED_BUFFER_SIZE)
     psc.Descriptor(4, 9, 0, ENTRIES).encode_into(buf)
-    why = asyncio.run(k.vmgexit_psc(buf))
+    why = await k.vmgexit_psc(buf)
     assert "backward" in why and host.sent == [(4, 9, 0)]
 
 
