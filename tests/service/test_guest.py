@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -16,49 +14,13 @@ from cryptography import x509
 from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.psp.v1 import psp_pb2
-from snpemu import guest
 from snpemu.guest import verify
 from snpemu.kvm.throttle import Throttle
-from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
 from tests.conftest import sev_snp_measure
-from tests.service.host_stack import HOST, VMM, Stack, host_stack
-
-
-@contextlib.asynccontextmanager
-async def agent(
-    s: Stack, name: str = "guest-t", **opts: str
-) -> AsyncIterator[tuple[guest_pb2_grpc.GuestServiceStub, ServiceRuntime]]:
-    env = {
-        "SNPEMU_GRPC_PORT": "0",
-        "SNPEMU_METRICS_PORT": "0",
-        "SNPEMU_INSTANCE": name,
-        "SNPEMU_VMM_CREDENTIAL": VMM,
-        "SNPEMU_SHUTDOWN_GRACE_S": "0",
-        **{
-            f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm", "netd")
-        },
-    }
-    options = {"SNPEMU_GUEST_FIRMWARE": str(s.firmware), "SNPEMU_GUEST_MEMORY": "64M", **opts}
-    rt = ServiceRuntime(
-        guest.SPEC, ServiceConfig.from_env("guest", env), guest.SPEC.options(options)
-    )
-    await rt.start()
-    try:
-        async with grpc.aio.insecure_channel(rt.address) as ch:
-            stub = guest_pb2_grpc.GuestServiceStub(ch)
-            deadline = asyncio.get_running_loop().time() + 120
-            while (await stub.GetStatus(guest_pb2.GetStatusRequest())).state not in (
-                guest_pb2.BOOT_STATE_RUNNING,
-                guest_pb2.BOOT_STATE_TERMINATED,
-            ):
-                assert asyncio.get_running_loop().time() < deadline, f"{name} never booted"
-                await asyncio.sleep(0.05)
-            yield stub, rt
-    finally:
-        await rt.stop()
+from tests.service.host_stack import HOST, Agent, Stack, agent, host_stack
 
 
 async def assert_vmpck0_wiped(g: guest_pb2_grpc.GuestServiceStub) -> None:
@@ -182,20 +144,20 @@ async def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Pa
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetDerivedKey", "ok", "error")
-async def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) -> None:
-    async with host_stack(tmp_path) as s, agent(s) as (g, _):
+async def test_derived_keys_are_stable_and_follow_the_selected_fields(running_guest: Agent) -> None:
+    g, _ = running_guest
 
-        async def key(**kw: int) -> bytes:
-            return bytes((await g.GetDerivedKey(guest_pb2.GetDerivedKeyRequest(**kw))).key)  # type: ignore[arg-type]
+    async def key(**kw: int) -> bytes:
+        return bytes((await g.GetDerivedKey(guest_pb2.GetDerivedKeyRequest(**kw))).key)  # type: ignore[arg-type]
 
-        base = await key()
-        assert await key() == base and len(base) == 32
-        assert await key(vmpl=1) != base
-        assert await key(guest_field_select=8) != base  # MEASUREMENT selected
-        assert await key(tcb_version=5) == base  # not selected: no effect
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await key(guest_field_select=16, guest_svn=3)  # above the ID block's SVN
-        assert error_info(info.value).reason == "KEY_STATUS"  # type: ignore[union-attr]
+    base = await key()
+    assert await key() == base and len(base) == 32
+    assert await key(vmpl=1) != base
+    assert await key(guest_field_select=8) != base  # MEASUREMENT selected
+    assert await key(tcb_version=5) == base  # not selected: no effect
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await key(guest_field_select=16, guest_svn=3)  # above the ID block's SVN
+    assert error_info(info.value).reason == "KEY_STATUS"  # type: ignore[union-attr]
 
 
 class GuestTime:
@@ -239,123 +201,119 @@ async def event_kinds(g: guest_pb2_grpc.GuestServiceStub) -> list[str]:
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "ok")
-async def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> None:
+async def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(stack: Stack) -> None:
     """A token bucket of one request per interval_ms (burst 1), and the driver's rule:
     KERNEL: arch/x86/coco/sev/core.c __handle_guest_request(): on VMM BUSY,
     give up with -ETIMEDOUT once jiffies - req_start > SNP_REQ_MAX_RETRY_DURATION, otherwise
     schedule_timeout_killable(SNP_REQ_RETRY_DELAY) and send the same message again."""
 
-    async with host_stack(tmp_path) as s:
-        async with agent(s, SNPEMU_GUEST_THROTTLE_MS="500", SNPEMU_GUEST_RETRY_DELAY_S="0.25") as (
-            g,
-            rt,
-        ):
-            t = GuestTime()
-            assert use_guest_time(s, rt, t).interval_ms == 500
-            await g.GetReport(guest_pb2.GetReportRequest())  # the bucket's one token
-            # tried at 0 and 0.25 s (BUSY, no token yet), served at 0.5 s
+    async with agent(stack, SNPEMU_GUEST_THROTTLE_MS="500", SNPEMU_GUEST_RETRY_DELAY_S="0.25") as (
+        g,
+        rt,
+    ):
+        t = GuestTime()
+        assert use_guest_time(stack, rt, t).interval_ms == 500
+        await g.GetReport(guest_pb2.GetReportRequest())  # the bucket's one token
+        # tried at 0 and 0.25 s (BUSY, no token yet), served at 0.5 s
+        await g.GetReport(guest_pb2.GetReportRequest())
+        assert t.sleeps == [0.25, 0.25]
+        assert (await event_kinds(g)).count("busy_retry") == 2
+        assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
+    async with agent(
+        stack,
+        SNPEMU_GUEST_THROTTLE_MS="60000",
+        SNPEMU_GUEST_RETRY_DELAY_S="0.25",
+        SNPEMU_GUEST_RETRY_TIMEOUT_S="0.5",
+    ) as (g, rt):
+        t = GuestTime()
+        use_guest_time(stack, rt, t)
+        await g.GetReport(guest_pb2.GetReportRequest())
+        # BUSY at 0, 0.25 and 0.5 s (not yet past 0.5), at 0.75 s past it: ETIMEDOUT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
             await g.GetReport(guest_pb2.GetReportRequest())
-            assert t.sleeps == [0.25, 0.25]
-            assert (await event_kinds(g)).count("busy_retry") == 2
-            assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
-        async with agent(
-            s,
-            SNPEMU_GUEST_THROTTLE_MS="60000",
-            SNPEMU_GUEST_RETRY_DELAY_S="0.25",
-            SNPEMU_GUEST_RETRY_TIMEOUT_S="0.5",
-        ) as (g, rt):
-            t = GuestTime()
-            use_guest_time(s, rt, t)
-            await g.GetReport(guest_pb2.GetReportRequest())
-            # BUSY at 0, 0.25 and 0.5 s (not yet past 0.5), at 0.75 s past it: ETIMEDOUT
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.GetReport(guest_pb2.GetReportRequest())
-            assert "ETIMEDOUT" in (info.value.details() or "")
-            assert t.sleeps == [0.25, 0.25, 0.25]
-            assert (await event_kinds(g)).count("busy_retry") == 4
-            await assert_vmpck0_wiped(g)
+        assert "ETIMEDOUT" in (info.value.details() or "")
+        assert t.sleeps == [0.25, 0.25, 0.25]
+        assert (await event_kinds(g)).count("busy_retry") == 4
+        await assert_vmpck0_wiped(g)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "error")
 async def test_too_small_certificate_buffer_reports_the_size_and_keeps_sequence(
-    tmp_path: Path,
+    running_guest: Agent,
 ) -> None:
-    async with host_stack(tmp_path) as s, agent(s) as (g, _):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=1))
-        detail = error_info(info.value)
-        assert detail is not None and int(detail.metadata["needed_pages"]) >= 2
-        # the sequence number was consumed by the plain re-issue: the next request works
-        r = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=16))
-        assert len(r.report) == 0x4A0
-        assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
+    g, _ = running_guest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=1))
+    detail = error_info(info.value)
+    assert detail is not None and int(detail.metadata["needed_pages"]) >= 2
+    # the sequence number was consumed by the plain re-issue: the next request works
+    r = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=16))
+    assert len(r.report) == 0x4A0
+    assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
 
 
-async def test_wrong_sequence_number_wipes_the_vmpck(tmp_path: Path) -> None:
-    async with host_stack(tmp_path) as s, agent(s) as (g, rt):
-        from snpemu.abi import guest_message as gm
-        from snpemu.guest.driver import RequestFailed, report_request
+async def test_wrong_sequence_number_wipes_the_vmpck(running_guest: Agent) -> None:
+    g, rt = running_guest
+    from snpemu.abi import guest_message as gm
+    from snpemu.guest.driver import RequestFailed, report_request
 
-        driver = rt.impl.servicer.driver  # type: ignore[union-attr]
-        with pytest.raises(RequestFailed):
-            await driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0), seqno_offset=2)
-        st = await g.GetStatus(guest_pb2.GetStatusRequest())
-        assert list(st.disabled_vmpcks) == [0]
-        assert any(e.kind == "vmpck_disabled" and "exitinfo2=0x16" in e.detail for e in st.events)
+    driver = rt.impl.servicer.driver  # type: ignore[union-attr]
+    with pytest.raises(RequestFailed):
+        await driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0), seqno_offset=2)
+    st = await g.GetStatus(guest_pb2.GetStatusRequest())
+    assert list(st.disabled_vmpcks) == [0]
+    assert any(e.kind == "vmpck_disabled" and "exitinfo2=0x16" in e.detail for e in st.events)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "ok")
-async def test_memory_conversion_access_and_vc(tmp_path: Path) -> None:
-    async with host_stack(tmp_path) as s:
-        async with agent(s, SNPEMU_GUEST_ON_VC="log") as (g, _):
-            await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"private bytes"))
-            assert (
-                await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=13))
-            ).data == b"private bytes"
-            r = await g.ConvertMemory(
-                guest_pb2.ConvertMemoryRequest(
-                    gpa=0x200000,
-                    size=0x1000,
-                    conversion=guest_pb2.CONVERSION_TO_SHARED,
-                    page_size=1,
-                )
+async def test_memory_conversion_access_and_vc(stack: Stack) -> None:
+    async with agent(stack, SNPEMU_GUEST_ON_VC="log") as (g, _):
+        await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"private bytes"))
+        assert (
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=13))
+        ).data == b"private bytes"
+        r = await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x200000,
+                size=0x1000,
+                conversion=guest_pb2.CONVERSION_TO_SHARED,
+                page_size=1,
             )
-            assert r.pages_changed == 1
-            await g.WriteMemory(
-                guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"shared", shared=True)
+        )
+        assert r.pages_changed == 1
+        await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"shared", shared=True))
+        # a private access to the now-shared page: #NPF, kvm makes it private, then #VC
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
+        assert error_info(info.value).reason == "GUEST_FAULT"  # type: ignore[union-attr]
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        assert [e.kind for e in st.events][-2:] == ["npf", "vc"]
+        assert st.state == guest_pb2.BOOT_STATE_RUNNING  # log and continue
+        r = await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x400000,
+                size=2 << 20,
+                conversion=guest_pb2.CONVERSION_TO_PRIVATE,
+                page_size=2,
             )
-            # a private access to the now-shared page: #NPF, kvm makes it private, then #VC
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
-            assert error_info(info.value).reason == "GUEST_FAULT"  # type: ignore[union-attr]
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            assert [e.kind for e in st.events][-2:] == ["npf", "vc"]
-            assert st.state == guest_pb2.BOOT_STATE_RUNNING  # log and continue
-            r = await g.ConvertMemory(
-                guest_pb2.ConvertMemoryRequest(
-                    gpa=0x400000,
-                    size=2 << 20,
-                    conversion=guest_pb2.CONVERSION_TO_PRIVATE,
-                    page_size=2,
-                )
+        )
+        assert r.pages_changed == 512
+    async with agent(stack) as (g, _):  # ON_VC=terminate
+        await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x200000,
+                size=0x1000,
+                conversion=guest_pb2.CONVERSION_TO_SHARED,
+                page_size=1,
             )
-            assert r.pages_changed == 512
-        async with agent(s) as (g, _):  # ON_VC=terminate
-            await g.ConvertMemory(
-                guest_pb2.ConvertMemoryRequest(
-                    gpa=0x200000,
-                    size=0x1000,
-                    conversion=guest_pb2.CONVERSION_TO_SHARED,
-                    page_size=1,
-                )
-            )
-            with pytest.raises(grpc.aio.AioRpcError):
-                await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            assert st.state == guest_pb2.BOOT_STATE_TERMINATED and (
-                st.term_reason_set,
-                st.term_reason_code,
-            ) == (0, 0)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        assert st.state == guest_pb2.BOOT_STATE_TERMINATED and (
+            st.term_reason_set,
+            st.term_reason_code,
+        ) == (0, 0)
 
 
 async def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
@@ -369,19 +327,21 @@ async def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/TamperSequenceNumber", "ok", "error")
-async def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path) -> None:
-    async with host_stack(tmp_path) as s, agent(s) as (g, _):
-        # nothing to replay yet: refused before anything is sent, nothing changes
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-1))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=0))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
-        r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
-        assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
-        await assert_vmpck0_wiped(g)
+async def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(
+    running_guest: Agent,
+) -> None:
+    g, _ = running_guest
+    # nothing to replay yet: refused before anything is sent, nothing changes
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=0))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
+    r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
+    assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
+    await assert_vmpck0_wiped(g)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/FloodReportRequests", "ok", "error")

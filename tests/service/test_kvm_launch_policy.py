@@ -111,20 +111,19 @@ async def test_snp_active_is_in_the_measured_vmsa_even_when_not_requested(tmp_pa
     assert swap.hex() == sev_snp_measure("--guest-features", hex(features), ovmf=str(fw), vcpus=2)
 
 
-async def test_kvm_refuses_policy_bits_outside_its_mask_and_mbo_clear(tmp_path: Path) -> None:
+async def test_kvm_refuses_policy_bits_outside_its_mask_and_mbo_clear(stack: Stack) -> None:
     """snp_launch_start(): every bit outside SNP_POLICY_MASK_VALID, and RSVD_MBO clear, are
     INVALID_ARGUMENT with nothing created; every bit inside it is KVM's to pass on."""
 
-    async with host_stack(tmp_path) as s:
-        for bit in range(64):
-            if not MASK_VALID & 1 << bit:
-                reason = await refused_by_kvm(s, policy=SMT | RSVD_MBO | 1 << bit)
-                assert reason == "POLICY_UNSUPPORTED", bit
-        assert await refused_by_kvm(s, policy=SMT) == "POLICY_MBO"
-        # SMT and SINGLE_SOCKET are no longer KVM's to refuse (nor DEBUG, nor ABI bits)
-        for policy in (RSVD_MBO, SMT | RSVD_MBO | SINGLE_SOCKET, MASK_VALID):
-            made = await create(s, policy=policy)
-            await destroy(s, made.vm)
+    for bit in range(64):
+        if not MASK_VALID & 1 << bit:
+            reason = await refused_by_kvm(stack, policy=SMT | RSVD_MBO | 1 << bit)
+            assert reason == "POLICY_UNSUPPORTED", bit
+    assert await refused_by_kvm(stack, policy=SMT) == "POLICY_MBO"
+    # SMT and SINGLE_SOCKET are no longer KVM's to refuse (nor DEBUG, nor ABI bits)
+    for policy in (RSVD_MBO, SMT | RSVD_MBO | SINGLE_SOCKET, MASK_VALID):
+        made = await create(stack, policy=policy)
+        await destroy(stack, made.vm)
 
 
 async def launch_refused(s: Stack, policy: int) -> None:
@@ -178,7 +177,7 @@ async def test_without_smt_and_with_two_sockets(tmp_path: Path) -> None:
     assert result == 0
 
 
-async def test_a_launch_that_failed_after_launch_start_is_not_started_again(tmp_path: Path) -> None:
+async def test_a_launch_that_failed_after_launch_start_is_not_started_again(stack: Stack) -> None:
     """KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start(): "Don't allow userspace to allocate
     memory for more than 1 SNP context" (-EINVAL while sev->snp_context is set). A launch whose
     SNP_LAUNCH_FINISH the firmware refuses (an ID block whose ID auth does not verify) keeps its
@@ -186,24 +185,23 @@ async def test_a_launch_that_failed_after_launch_start_is_not_started_again(tmp_
     context, failed ACTIVATE with ASID_OWNED and orphaned the first context), and after
     DestroyVm the next VM launches."""
 
-    async with host_stack(tmp_path) as s:
-        made = await create(s, id_block=bytes(96), id_auth=bytes(4096))
-        with pytest.raises(grpc.aio.AioRpcError) as first:
-            await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
-        assert error_info(first.value) is not None
-        vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
-        assert vm.state == kvm_pb2.VM_STATE_CREATED and vm.gctx.gctx_paddr != 0
-        before = await free_pages(s)
-        with pytest.raises(grpc.aio.AioRpcError) as again:
-            await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
-        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        details = error_info(again.value)
-        assert details is not None and details.reason == "LAUNCH_STARTED"
-        after = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
-        assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
-        assert await free_pages(s) == before
-        # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
-        await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
-        # the host is left in a state that launches the next VM
-        guest = await s.launch()
-        assert len(guest.measurement) == 48
+    made = await create(stack, id_block=bytes(96), id_auth=bytes(4096))
+    with pytest.raises(grpc.aio.AioRpcError) as first:
+        await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+    assert error_info(first.value) is not None
+    vm = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+    assert vm.state == kvm_pb2.VM_STATE_CREATED and vm.gctx.gctx_paddr != 0
+    before = await free_pages(stack)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = error_info(again.value)
+    assert details is not None and details.reason == "LAUNCH_STARTED"
+    after = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+    assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
+    assert await free_pages(stack) == before
+    # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
+    await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
+    # the host is left in a state that launches the next VM
+    guest = await stack.launch()
+    assert len(guest.measurement) == 48
