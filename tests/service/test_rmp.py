@@ -68,6 +68,14 @@ async def with_rmp(
         await runtime.stop()
 
 
+@pytest.fixture
+async def stub() -> AsyncIterator[rmp_pb2_grpc.RmpServiceStub]:
+    """with_rmp() with its defaults (64 MiB, the gmem policy), for a test that needs only the
+    stub; a test that needs other options or the runtime opens with_rmp(...) itself."""
+    async with with_rmp() as (rmp_stub, _runtime):
+        yield rmp_stub
+
+
 def identity(
     vcpu: int = 0, asid: int = ASID, vm: str = "vm-a", vmpl: int = 0
 ) -> handles_pb2.VcpuIdentity:
@@ -112,27 +120,26 @@ async def guest_setup(
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GetPlatformInfo", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "error")
-async def test_host_only_rpcs_need_the_credential() -> None:
-    async with with_rmp() as (stub, _rt):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetPlatformInfo(
-                pb.GetPlatformInfoRequest(), metadata=(("x-snpemu-host-credential", "nope"),)
-            )
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info_reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
-        assert info_reply.memory_bytes == 64 << 20 and info_reply.snp_capable
-        assert info_reply.violation_policy == pb.VIOLATION_POLICY_GMEM
-        # guest RPCs need no credential but a registered identity
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GuestRead(
-                pb.GuestReadRequest(identity=identity(), gpa=0, length=8, private=True)
-            )
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        detail = error_info(info.value)
-        assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
+async def test_host_only_rpcs_need_the_credential(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetPlatformInfo(
+            pb.GetPlatformInfoRequest(), metadata=(("x-snpemu-host-credential", "nope"),)
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info_reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
+    assert info_reply.memory_bytes == 64 << 20 and info_reply.snp_capable
+    assert info_reply.violation_policy == pb.VIOLATION_POLICY_GMEM
+    # guest RPCs need no credential but a registered identity
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GuestRead(
+            pb.GuestReadRequest(identity=identity(), gpa=0, length=8, private=True)
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    detail = error_info(info.value)
+    assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
 
 
 async def test_iommu_passthrough_is_not_snp_capable() -> None:
@@ -141,113 +148,104 @@ async def test_iommu_passthrough_is_not_snp_capable() -> None:
         assert reply.iommu_mode == pb.IOMMU_MODE_PASSTHROUGH and not reply.snp_capable
 
 
-async def test_private_memory_is_encrypted_and_owned() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns, ident = await guest_setup(stub)
-        # Not validated yet: #VC
-        r = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+async def test_private_memory_is_encrypted_and_owned(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns, ident = await guest_setup(stub)
+    # Not validated yet: #VC
+    r = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+    )
+    assert r.fault.vc and r.fault.cause == "page not validated"
+    v = await stub.PvalidateBatch(
+        pb.PvalidateBatchRequest(identity=ident, gpas=[i << 12 for i in range(8)], validate=True)
+    )
+    assert v.codes == bytes(8) and not v.HasField("fault")
+    secret = b"the same secret!" * 4
+    for gpa in (0x1000, 0x2000):
+        w = await stub.GuestWrite(
+            pb.GuestWriteRequest(identity=ident, gpa=gpa, data=secret, private=True)
         )
-        assert r.fault.vc and r.fault.cause == "page not validated"
-        v = await stub.PvalidateBatch(
-            pb.PvalidateBatchRequest(
-                identity=ident, gpas=[i << 12 for i in range(8)], validate=True
-            )
+        assert not w.HasField("fault")
+    back = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+    )
+    assert back.data == secret
+    c1 = (await stub.HostRead(pb.HostReadRequest(spa=pfns[1] << 12, length=64), metadata=HOST)).data
+    c2 = (await stub.HostRead(pb.HostReadRequest(spa=pfns[2] << 12, length=64), metadata=HOST)).data
+    assert c1 != secret and c2 != secret and c1 != c2  # ciphertext, tweaked by address
+    # Shared (C=0) access to a private page is an RMP #NPF
+    s = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=False)
+    )
+    assert s.fault.npf and s.fault.error_code & (1 << 31) and not s.fault.error_code & (1 << 34)
+    # Another guest can neither read nor validate these pages
+    _, other = await guest_setup(stub, pages=2, asid=ASID + 1, vm="vm-b")
+    await stub.UpdateNestedPageTable(
+        pb.UpdateNestedPageTableRequest(
+            asid=ASID + 1, map=[pb.NptMapping(gpa=0x100000, first_pfn=pfns[1], npages=1)]
+        ),
+        metadata=HOST,
+    )
+    r = await stub.GuestRead(
+        pb.GuestReadRequest(identity=other, gpa=0x100000, length=4, private=True)
+    )
+    assert r.fault.npf and r.fault.cause == "page not owned by this guest" and r.data == b""
+    p = await stub.Pvalidate(
+        pb.PvalidateRequest(
+            identity=other, gpa=0x100000, page_size=types_pb2.PAGE_SIZE_4K, validate=False
         )
-        assert v.codes == bytes(8) and not v.HasField("fault")
-        secret = b"the same secret!" * 4
-        for gpa in (0x1000, 0x2000):
-            w = await stub.GuestWrite(
-                pb.GuestWriteRequest(identity=ident, gpa=gpa, data=secret, private=True)
-            )
-            assert not w.HasField("fault")
-        back = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
-        )
-        assert back.data == secret
-        c1 = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[1] << 12, length=64), metadata=HOST)
-        ).data
-        c2 = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[2] << 12, length=64), metadata=HOST)
-        ).data
-        assert c1 != secret and c2 != secret and c1 != c2  # ciphertext, tweaked by address
-        # Shared (C=0) access to a private page is an RMP #NPF
-        s = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=False)
-        )
-        assert s.fault.npf and s.fault.error_code & (1 << 31) and not s.fault.error_code & (1 << 34)
-        # Another guest can neither read nor validate these pages
-        _, other = await guest_setup(stub, pages=2, asid=ASID + 1, vm="vm-b")
-        await stub.UpdateNestedPageTable(
-            pb.UpdateNestedPageTableRequest(
-                asid=ASID + 1, map=[pb.NptMapping(gpa=0x100000, first_pfn=pfns[1], npages=1)]
-            ),
-            metadata=HOST,
-        )
-        r = await stub.GuestRead(
-            pb.GuestReadRequest(identity=other, gpa=0x100000, length=4, private=True)
-        )
-        assert r.fault.npf and r.fault.cause == "page not owned by this guest" and r.data == b""
-        p = await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=other, gpa=0x100000, page_size=types_pb2.PAGE_SIZE_4K, validate=False
-            )
-        )
-        assert p.fault.npf
-        # The owner's data is intact
-        back = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
-        )
-        assert back.data == secret
+    )
+    assert p.fault.npf
+    # The owner's data is intact
+    back = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+    )
+    assert back.data == secret
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListRmpEntries", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Pvalidate", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "error")
-async def test_entries_decoded_and_raw() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns, ident = await guest_setup(stub, pages=2)
-        await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
-            )
+async def test_entries_decoded_and_raw(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns, ident = await guest_setup(stub, pages=2)
+    await stub.Pvalidate(
+        pb.PvalidateRequest(
+            identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
         )
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
-        assert (e.assigned, e.asid, e.gpa, e.validated, e.state) == (
-            True,
-            ASID,
-            0x1000,
-            True,
-            types_pb2.PAGE_STATE_GUEST_VALID,
-        )
-        lo, hi = struct.unpack("<QQ", e.raw)
-        assert lo == 1 | 0x1000 | ASID << 51 | 1 << 62 and hi == 0
-        listed = await stub.ListRmpEntries(
-            pb.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True), metadata=HOST
-        )
-        assert [x.pfn for x in listed.entries] == pfns
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
+    assert (e.assigned, e.asid, e.gpa, e.validated, e.state) == (
+        True,
+        ASID,
+        0x1000,
+        True,
+        types_pb2.PAGE_STATE_GUEST_VALID,
+    )
+    lo, hi = struct.unpack("<QQ", e.raw)
+    assert lo == 1 | 0x1000 | ASID << 51 | 1 << 62 and hi == 0
+    listed = await stub.ListRmpEntries(
+        pb.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True), metadata=HOST
+    )
+    assert [x.pfn for x in listed.entries] == pfns
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdateBatch", "ok", "error")
-async def test_batch_rmpupdate_packed_entries() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns = await alloc(stub, 4)
-        entries = b"".join(
-            struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
-        )
-        entries += struct.pack("<QQBBBBI", (pfns[0] << 12) | 1, 0, 0, 0, 0, 0, 0)  # misaligned SPA
-        r = await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries), metadata=HOST)
-        assert list(r.codes) == [0, 0, 0, 0, 1]
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries[:-1]), metadata=HOST)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
-        assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
+async def test_batch_rmpupdate_packed_entries(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns = await alloc(stub, 4)
+    entries = b"".join(
+        struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
+    )
+    entries += struct.pack("<QQBBBBI", (pfns[0] << 12) | 1, 0, 0, 0, 0, 0, 0)  # misaligned SPA
+    r = await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries), metadata=HOST)
+    assert list(r.codes) == [0, 0, 0, 0, 1]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries[:-1]), metadata=HOST)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
+    assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
 
 
 class Kvm:
@@ -509,36 +507,33 @@ async def test_sigbus_policy_kernel_write_panics_the_host() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestWrite", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostRead", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "error")
-async def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns, ident = await guest_setup(stub, pages=1)
-        await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
-            )
+async def test_gmem_user_write_is_refused_and_changes_nothing(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns, ident = await guest_setup(stub, pages=1)
+    await stub.Pvalidate(
+        pb.PvalidateRequest(identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True)
+    )
+    await stub.GuestWrite(pb.GuestWriteRequest(identity=ident, gpa=0, data=b"mine", private=True))
+    before = (
+        await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+    ).data
+    r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
+    assert r.outcome == pb.VIOLATION_OUTCOME_REFUSED
+    after = (
+        await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+    ).data
+    assert after == before
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
+    assert e.state == types_pb2.PAGE_STATE_GUEST_VALID
+    g = await stub.GuestRead(pb.GuestReadRequest(identity=ident, gpa=0, length=4, private=True))
+    assert g.data == b"mine"
+    # kernel writers map (and so check) first: a private page cannot be mapped
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.MapHostPage(
+            pb.MapHostPageRequest(spa=pfns[0] << 12, holder="kvm"), metadata=HOST
         )
-        await stub.GuestWrite(
-            pb.GuestWriteRequest(identity=ident, gpa=0, data=b"mine", private=True)
-        )
-        before = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
-        ).data
-        r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
-        assert r.outcome == pb.VIOLATION_OUTCOME_REFUSED
-        after = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
-        ).data
-        assert after == before
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
-        assert e.state == types_pb2.PAGE_STATE_GUEST_VALID
-        g = await stub.GuestRead(pb.GuestReadRequest(identity=ident, gpa=0, length=4, private=True))
-        assert g.data == b"mine"
-        # kernel writers map (and so check) first: a private page cannot be mapped
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.MapHostPage(
-                pb.MapHostPageRequest(spa=pfns[0] << 12, holder="kvm"), metadata=HOST
-            )
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListHostMaps", "ok")
@@ -611,25 +606,24 @@ async def test_leaked_pages_are_never_reused_and_counted() -> None:
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AllocatePages", "ok", "error")
-async def test_allocation_placements() -> None:
-    async with with_rmp() as (stub, _rt):
-        tmr = (
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
-            )
-        ).pfns
-        assert tmr[0] % 512 == 0 and list(tmr) == list(range(tmr[0], tmr[0] + 512))
-        safe = (
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=2000, placement=pb.PLACEMENT_SNP_SAFE), metadata=HOST
-            )
-        ).pfns
-        assert all(p % 512 for p in safe)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=3, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
-            )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+async def test_allocation_placements(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    tmr = (
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+        )
+    ).pfns
+    assert tmr[0] % 512 == 0 and list(tmr) == list(range(tmr[0], tmr[0] + 512))
+    safe = (
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=2000, placement=pb.PLACEMENT_SNP_SAFE), metadata=HOST
+        )
+    ).pfns
+    assert all(p % 512 for p in safe)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=3, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_metrics_are_exported() -> None:
@@ -658,235 +652,236 @@ async def test_metrics_are_exported() -> None:
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "error")
-async def test_firmware_session_answers_in_order_and_survives_errors() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns = await alloc(stub, 1)
-        spa = pfns[0] << 12
-        session = stub.FirmwareSession(metadata=HOST)
-        await session.write(
-            pb.FirmwareSessionRequest(write=pb.FirmwareWriteRequest(spa=spa, data=b"abc"))
-        )
-        assert (await session.read()).WhichOneof("result") == "write"
-        # expects a firmware page: this one is a hypervisor page
-        await session.write(
-            pb.FirmwareSessionRequest(
-                read=pb.FirmwareReadRequest(
-                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_FIRMWARE]
-                )
+async def test_firmware_session_answers_in_order_and_survives_errors(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns = await alloc(stub, 1)
+    spa = pfns[0] << 12
+    session = stub.FirmwareSession(metadata=HOST)
+    await session.write(
+        pb.FirmwareSessionRequest(write=pb.FirmwareWriteRequest(spa=spa, data=b"abc"))
+    )
+    assert (await session.read()).WhichOneof("result") == "write"
+    # expects a firmware page: this one is a hypervisor page
+    await session.write(
+        pb.FirmwareSessionRequest(
+            read=pb.FirmwareReadRequest(
+                spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_FIRMWARE]
             )
         )
-        err = (await session.read()).error
-        assert (err.reason, err.metadata["state"], err.code) == (
-            "PAGE_STATE_MISMATCH",
-            "HYPERVISOR",
-            9,
-        )
-        await session.write(
-            pb.FirmwareSessionRequest(
-                read=pb.FirmwareReadRequest(
-                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_HYPERVISOR]
-                )
+    )
+    err = (await session.read()).error
+    assert (err.reason, err.metadata["state"], err.code) == (
+        "PAGE_STATE_MISMATCH",
+        "HYPERVISOR",
+        9,
+    )
+    await session.write(
+        pb.FirmwareSessionRequest(
+            read=pb.FirmwareReadRequest(
+                spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_HYPERVISOR]
             )
         )
-        assert (await session.read()).read.data == b"abc"
-        await session.done_writing()
+    )
+    assert (await session.read()).read.data == b"abc"
+    await session.done_writing()
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "error")
-async def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
+async def test_guest_session_checks_each_ops_identity_and_answers_in_order(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
     """No credential: the vCPU identity of each op is the check, as in the unary calls."""
 
-    async with with_rmp() as (stub, _rt):
-        _pfns, ident = await guest_setup(stub, pages=2)
-        session = stub.GuestSession()  # no host credential
-        ops = [
-            pb.GuestSessionRequest(
-                pvalidate_batch=pb.PvalidateBatchRequest(identity=ident, gpas=[0], validate=True)
-            ),
-            pb.GuestSessionRequest(
-                write=pb.GuestWriteRequest(identity=ident, gpa=0x10, data=b"secret", private=True)
-            ),
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(identity=ident, gpa=0x10, length=6, private=True)
-            ),
-            # another guest's identity (a forged token) is refused in-band ...
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(
-                    identity=handles_pb2.VcpuIdentity(
-                        vcpu=ident.vcpu, asid=ident.asid, vmpl=0, token=b"forged" * 4
-                    ),
-                    gpa=0x10,
-                    length=6,
-                    private=True,
-                )
-            ),
-            # ... and the stream goes on: an unvalidated page faults with #VC
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
-            ),
-        ]
-        replies = []
-        for op in ops:
-            await session.write(op)
-            replies.append(await session.read())
-        await session.done_writing()
-        assert [r.WhichOneof("result") for r in replies] == [
-            "pvalidate_batch",
-            "write",
-            "read",
-            "error",
-            "read",
-        ]
-        assert replies[0].pvalidate_batch.codes == bytes(1)  # one PVALIDATE, code 0
-        assert replies[2].read.data == b"secret"
-        assert replies[3].error.reason == "BAD_VCPU_IDENTITY"
-        assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
-        assert replies[4].read.fault.vc
+    _pfns, ident = await guest_setup(stub, pages=2)
+    session = stub.GuestSession()  # no host credential
+    ops = [
+        pb.GuestSessionRequest(
+            pvalidate_batch=pb.PvalidateBatchRequest(identity=ident, gpas=[0], validate=True)
+        ),
+        pb.GuestSessionRequest(
+            write=pb.GuestWriteRequest(identity=ident, gpa=0x10, data=b"secret", private=True)
+        ),
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(identity=ident, gpa=0x10, length=6, private=True)
+        ),
+        # another guest's identity (a forged token) is refused in-band ...
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(
+                identity=handles_pb2.VcpuIdentity(
+                    vcpu=ident.vcpu, asid=ident.asid, vmpl=0, token=b"forged" * 4
+                ),
+                gpa=0x10,
+                length=6,
+                private=True,
+            )
+        ),
+        # ... and the stream goes on: an unvalidated page faults with #VC
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+        ),
+    ]
+    replies = []
+    for op in ops:
+        await session.write(op)
+        replies.append(await session.read())
+    await session.done_writing()
+    assert [r.WhichOneof("result") for r in replies] == [
+        "pvalidate_batch",
+        "write",
+        "read",
+        "error",
+        "read",
+    ]
+    assert replies[0].pvalidate_batch.codes == bytes(1)  # one PVALIDATE, code 0
+    assert replies[2].read.data == b"secret"
+    assert replies[3].error.reason == "BAD_VCPU_IDENTITY"
+    assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert replies[4].read.fault.vc
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostCopy", "ok", "error")
-async def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
-    async with with_rmp() as (stub, _rt):
-        pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
-        src, dst = await alloc(stub, 2)
-        await stub.HostWrite(
-            pb.HostWriteRequest(
-                spa=src << 12, data=b"header..body", origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
-            ),
-            metadata=HOST,
-        )
-        r = await stub.HostCopy(
-            pb.HostCopyRequest(
-                src_spa=src << 12,
-                dst_spa=dst << 12,
-                length=4096,
-                peek=6,
-                origin=pb.ACCESS_ORIGIN_KERNEL,
-                writer="t",
-            ),
-            metadata=HOST,
-        )
-        assert r.head == b"header" and r.write.outcome == pb.VIOLATION_OUTCOME_NONE
-        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
-        assert got.data == b"header..body"
-        # into a guest-assigned page, from user mode, under gmem: refused, nothing written
-        before = await stub.HostRead(
-            pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST
-        )
-        r = await stub.HostCopy(
-            pb.HostCopyRequest(
-                src_spa=src << 12,
-                dst_spa=pfns[0] << 12,
-                length=64,
-                origin=pb.ACCESS_ORIGIN_USER,
-                writer="t",
-            ),
-            metadata=HOST,
-        )
-        assert r.write.outcome == pb.VIOLATION_OUTCOME_REFUSED
-        after = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
-        assert after.data == before.data
-        for bad in (
-            {"length": 0},
-            {"length": 4097},
-            {"length": 16, "peek": 32},
-            {"length": 16, "origin": pb.ACCESS_ORIGIN_UNSPECIFIED},
-        ):
-            fields = {"origin": pb.ACCESS_ORIGIN_KERNEL, "writer": "t", **bad}
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.HostCopy(
-                    pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, **fields),
-                    metadata=HOST,
-                )
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
-        assert got.data == b"header..body"
+async def test_host_copy_reads_freely_and_writes_through_the_policy(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
+    src, dst = await alloc(stub, 2)
+    await stub.HostWrite(
+        pb.HostWriteRequest(
+            spa=src << 12, data=b"header..body", origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
+        ),
+        metadata=HOST,
+    )
+    r = await stub.HostCopy(
+        pb.HostCopyRequest(
+            src_spa=src << 12,
+            dst_spa=dst << 12,
+            length=4096,
+            peek=6,
+            origin=pb.ACCESS_ORIGIN_KERNEL,
+            writer="t",
+        ),
+        metadata=HOST,
+    )
+    assert r.head == b"header" and r.write.outcome == pb.VIOLATION_OUTCOME_NONE
+    got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+    assert got.data == b"header..body"
+    # into a guest-assigned page, from user mode, under gmem: refused, nothing written
+    before = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
+    r = await stub.HostCopy(
+        pb.HostCopyRequest(
+            src_spa=src << 12,
+            dst_spa=pfns[0] << 12,
+            length=64,
+            origin=pb.ACCESS_ORIGIN_USER,
+            writer="t",
+        ),
+        metadata=HOST,
+    )
+    assert r.write.outcome == pb.VIOLATION_OUTCOME_REFUSED
+    after = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
+    assert after.data == before.data
+    for bad in (
+        {"length": 0},
+        {"length": 4097},
+        {"length": 16, "peek": 32},
+        {"length": 16, "origin": pb.ACCESS_ORIGIN_UNSPECIFIED},
+    ):
+        fields = {"origin": pb.ACCESS_ORIGIN_KERNEL, "writer": "t", **bad}
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
+            await stub.HostCopy(
+                pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, **fields),
+                metadata=HOST,
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+    assert got.data == b"header..body"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "error")
-async def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
-    async with with_rmp() as (stub, _rt):
-        a, b = await alloc(stub, 2)
+async def test_host_sequence_runs_in_order_and_stops_at_the_first_failure(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    a, b = await alloc(stub, 2)
 
-        def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
-            return pb.HostSessionRequest(
-                write=pb.HostWriteRequest(
-                    spa=pfn << 12, data=data, origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
-                )
+    def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
+        return pb.HostSessionRequest(
+            write=pb.HostWriteRequest(
+                spa=pfn << 12, data=data, origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
             )
+        )
 
-        def update(pfn: int, misaligned: bool = False) -> pb.HostSessionRequest:
-            entry = struct.pack("<QQBBBBI", pfn << 12 | misaligned, 0, 1, 0, 0, 0, ASID)
-            return pb.HostSessionRequest(rmp_update_batch=pb.RmpUpdateBatchRequest(entries=entry))
+    def update(pfn: int, misaligned: bool = False) -> pb.HostSessionRequest:
+        entry = struct.pack("<QQBBBBI", pfn << 12 | misaligned, 0, 1, 0, 0, 0, ASID)
+        return pb.HostSessionRequest(rmp_update_batch=pb.RmpUpdateBatchRequest(entries=entry))
 
-        async def sequence(*ops: pb.HostSessionRequest) -> list[pb.HostSessionResponse]:
-            session = stub.HostSession(metadata=HOST)
-            await session.write(
-                pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=list(ops)))
-            )
-            reply = await session.read()
-            await session.done_writing()
-            if reply.WhichOneof("result") == "error":
-                return [reply]
-            return list(reply.sequence.results)
+    async def sequence(*ops: pb.HostSessionRequest) -> list[pb.HostSessionResponse]:
+        session = stub.HostSession(metadata=HOST)
+        await session.write(pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=list(ops))))
+        reply = await session.read()
+        await session.done_writing()
+        if reply.WhichOneof("result") == "error":
+            return [reply]
+        return list(reply.sequence.results)
 
-        async def peek(pfn: int) -> bytes:
-            r = await stub.HostRead(pb.HostReadRequest(spa=pfn << 12, length=4), metadata=HOST)
-            return bytes(r.data)
+    async def peek(pfn: int) -> bytes:
+        r = await stub.HostRead(pb.HostReadRequest(spa=pfn << 12, length=4), metadata=HOST)
+        return bytes(r.data)
 
-        # all run, in order: the second write wins
-        got = await sequence(write(a, b"one!"), update(b), write(a, b"two!"))
-        assert [r.WhichOneof("result") for r in got] == ["write", "rmp_update_batch", "write"]
-        assert await peek(a) == b"two!"
-        # an RMPUPDATE batch with a failing entry stops the sequence: the write after it never runs
-        got = await sequence(update(b, misaligned=True), write(a, b"3333"))
-        assert len(got) == 1 and list(got[0].rmp_update_batch.codes) == [1]
-        assert await peek(a) == b"two!"
-        # an op that fails with an error stops it too, and the error is the last result
-        bad_origin = pb.HostSessionRequest(write=pb.HostWriteRequest(spa=a << 12, data=b"x"))
-        got = await sequence(write(a, b"ok.."), bad_origin, write(a, b"4444"))
-        assert [r.WhichOneof("result") for r in got] == ["write", "error"]
-        assert got[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert await peek(a) == b"ok.."
-        # malformed sequences are refused before any op runs
-        nested = pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=[write(a, b"5555")]))
-        for ops in (
-            [],
-            [write(a, b"6666")] * 9,
-            [write(a, b"7777"), nested],
-            [write(a, b"8888"), pb.HostSessionRequest()],
-        ):
-            got = await sequence(*ops)
-            assert got[0].WhichOneof("result") == "error", ops
-            assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert await peek(a) == b"ok.."
+    # all run, in order: the second write wins
+    got = await sequence(write(a, b"one!"), update(b), write(a, b"two!"))
+    assert [r.WhichOneof("result") for r in got] == ["write", "rmp_update_batch", "write"]
+    assert await peek(a) == b"two!"
+    # an RMPUPDATE batch with a failing entry stops the sequence: the write after it never runs
+    got = await sequence(update(b, misaligned=True), write(a, b"3333"))
+    assert len(got) == 1 and list(got[0].rmp_update_batch.codes) == [1]
+    assert await peek(a) == b"two!"
+    # an op that fails with an error stops it too, and the error is the last result
+    bad_origin = pb.HostSessionRequest(write=pb.HostWriteRequest(spa=a << 12, data=b"x"))
+    got = await sequence(write(a, b"ok.."), bad_origin, write(a, b"4444"))
+    assert [r.WhichOneof("result") for r in got] == ["write", "error"]
+    assert got[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert await peek(a) == b"ok.."
+    # malformed sequences are refused before any op runs
+    nested = pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=[write(a, b"5555")]))
+    for ops in (
+        [],
+        [write(a, b"6666")] * 9,
+        [write(a, b"7777"), nested],
+        [write(a, b"8888"), pb.HostSessionRequest()],
+    ):
+        got = await sequence(*ops)
+        assert got[0].WhichOneof("result") == "error", ops
+        assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert await peek(a) == b"ok.."
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareWbinvdIndicator", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Wbinvd", "ok", "error")
-async def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
+async def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
     """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
     firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
     will clear the WBINVD indicator causing DF_FLUSH to fail")."""
 
-    async with with_rmp() as (stub, _rt):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Wbinvd(pb.WbinvdRequest())
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Wbinvd(pb.WbinvdRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        async def indicator(clear: bool) -> bool:
-            r = await stub.FirmwareWbinvdIndicator(
-                pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
-            )
-            return r.set
+    async def indicator(clear: bool) -> bool:
+        r = await stub.FirmwareWbinvdIndicator(
+            pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
+        )
+        return r.set
 
-        assert await indicator(clear=False)  # nothing deactivated since boot
-        assert await indicator(clear=True)  # read, then cleared
-        assert not await indicator(clear=False)
-        await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
-        assert await indicator(clear=False)
+    assert await indicator(clear=False)  # nothing deactivated since boot
+    assert await indicator(clear=True)  # read, then cleared
+    assert not await indicator(clear=False)
+    await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
+    assert await indicator(clear=False)
