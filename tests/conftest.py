@@ -4,6 +4,7 @@ polling with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -101,9 +103,52 @@ def sev_snp_measure(
     ).stdout.strip()
 
 
+# The recording of an rpc-marked test (and its claims), from the start of its setup to the end
+# of its teardown: the channels its function-scoped fixtures open (the `stack` of
+# tests/service/conftest.py and the like) are the test's own, so the recording has to be on when
+# those fixtures run, not only while the test function does. A channel a wider-scoped fixture
+# opened for an earlier test is not recorded (see tests/README.md).
+_RECORDING = pytest.StashKey[tuple[contextlib.ExitStack, Any]]()
+
+
+def _wants_recording(item: pytest.Item) -> bool:
+    from tests import rpc_record
+
+    if os.environ.get("SNPEMU_RPC_RECORD"):
+        return True
+    try:
+        return bool(rpc_record.claims_of(item.iter_markers("rpc")))
+    except ValueError:
+        return False  # a malformed marker: the call phase reports it
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> object:
+    """Start recording before the test's fixtures are set up."""
+    from tests import rpc_record
+
+    if _wants_recording(item):
+        stack = contextlib.ExitStack()
+        item.stash[_RECORDING] = (stack, stack.enter_context(rpc_record.recording()))
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Stop recording once the test's fixtures are torn down."""
+    try:
+        return (yield)
+    finally:
+        entry = item.stash.get(_RECORDING, None)
+        if entry is not None:
+            del item.stash[_RECORDING]
+            entry[0].close()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> object:
-    """A test's rpc markers are claims: each must be borne out by a call the test made."""
+    """A test's rpc markers are claims: each must be borne out by a call the test made (in its
+    body or in a function-scoped fixture)."""
     from tests import rpc_record
 
     claims = rpc_record.claims_of(item.iter_markers("rpc"))
@@ -113,7 +158,10 @@ def pytest_runtest_call(item: pytest.Item) -> object:
     unknown = {m for m, _ in claims} - rpc_record.all_methods()
     if unknown:
         pytest.fail(f"rpc markers name methods that do not exist: {sorted(unknown)}")
-    with rpc_record.recording() as rec:
+    entry = item.stash.get(_RECORDING, None)
+    with contextlib.ExitStack() as own:
+        # started at setup (pytest_runtest_setup); on its own if that hook did not run
+        rec = entry[1] if entry is not None else own.enter_context(rpc_record.recording())
         try:
             result = yield
         finally:

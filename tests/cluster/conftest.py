@@ -1,6 +1,13 @@
 """The cluster fixture: the real launcher starting every service as a real process.
 
 cluster -> (tests drive it with grpcurl and a real Prometheus) -> stopped, nothing left.
+
+The ladder, each rung a fixture on the one below (tests/README.md):
+
+    cluster         module    the launcher up (its banner printed)              -> Cluster
+    host_ready      module    cluster + rmp, psp, kvm and netd answering SERVING  -> Cluster
+    guests_running  module    host_ready + every guest agent BOOT_STATE_RUNNING   -> Cluster
+    own_cluster     function  a launch of the test's own (to stop, kill, panic)   -> Cluster
 Each launch gets free ports (every port of .env overridden) and a marker variable that every
 child inherits, so a test can find any process the launch left behind.
 
@@ -26,9 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snpemu.hostconfig import HostConfig
+from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.client import read_credential
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 
@@ -76,6 +86,16 @@ class Cluster:
             + "".join(self.output)
             + tail
         )
+
+    @property
+    def guests(self) -> list[str]:
+        """The guest agents of this launch, by endpoint name ("guest-0", ...)."""
+        return [e.name for e in self.config.endpoints if e.name.startswith("guest-")]
+
+    @property
+    def host_services(self) -> list[str]:
+        """The host's own services (rmp, psp, kvm, netd): every endpoint but the guests'."""
+        return [e.name for e in self.config.endpoints if not e.name.startswith("guest-")]
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.config.endpoint(name).grpc_port}"
@@ -224,3 +244,56 @@ def prometheus(cluster: Cluster) -> Cluster:
     """The module's launch, for a test that needs its Prometheus: fails unless it runs."""
     cluster.require_prometheus()
     return cluster
+
+
+def wait_host_ready(cluster: Cluster, timeout: float = 120) -> None:
+    """Until every host service answers the gRPC health check (the whole server) SERVING."""
+    deadline = time.monotonic() + timeout
+    waiting = list(cluster.host_services)
+    while waiting:
+        waiting = [n for n in waiting if grpc_health(cluster.address(n), "") != "SERVING"]
+        if waiting and time.monotonic() > deadline:
+            pytest.fail(f"host services not SERVING within {timeout:g} s: {waiting}")
+        if waiting:
+            time.sleep(0.5)
+
+
+def wait_guests_running(cluster: Cluster, timeout: float = 300) -> None:
+    """Until every guest agent says BOOT_STATE_RUNNING; a guest that terminated instead fails
+    the calling test (it will not come back on its own)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(cluster.guests)
+    while waiting:
+        for name in list(waiting):
+            with grpc.insecure_channel(cluster.address(name)) as channel:
+                try:
+                    state = (
+                        guest_pb2_grpc.GuestServiceStub(channel)
+                        .GetStatus(guest_pb2.GetStatusRequest(), timeout=5)
+                        .state
+                    )
+                except grpc.RpcError:
+                    continue  # not serving yet
+            if state == guest_pb2.BOOT_STATE_TERMINATED:
+                pytest.fail(f"{name} terminated during boot")
+            if state == guest_pb2.BOOT_STATE_RUNNING:
+                waiting.remove(name)
+        if waiting and time.monotonic() > deadline:
+            pytest.fail(f"guests not running within {timeout:g} s: {waiting}")
+        if waiting:
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def host_ready(cluster: Cluster) -> Cluster:
+    """The module's launch once rmp, psp, kvm and netd all serve: a test that calls the host's
+    APIs and must not race the launcher's start-up asks for this rung."""
+    wait_host_ready(cluster)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def guests_running(host_ready: Cluster) -> Cluster:
+    """The module's launch once every guest agent has booted (BOOT_STATE_RUNNING)."""
+    wait_guests_running(host_ready)
+    return host_ready

@@ -19,7 +19,7 @@ from snpemu.abi import guest_message as gm
 from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 
-from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+from tests.unit.psp.launch_helpers import Host, make_host, report_request
 
 pytestmark = pytest.mark.fidelity
 
@@ -90,19 +90,16 @@ def observe(host: Host) -> dict[str, object]:
     }
 
 
-def test_id_block_from_sev_snp_measure_is_accepted_and_reported(tmp_path: Path) -> None:
-    async def body() -> None:
-        host, ld = await launched(tmp_path)
-        ib = id_block_for(ld, tmp_path)
-        await finish(host, ib)
-        _, payload = await host.request(gm.MsgType.REPORT_REQ, report_request(), seqno=1)
-        report = payload[0x20 : 0x20 + 0x4A0]
-        assert report[0x0E0:0x110] == ib["id_key_digest"]
-        assert report[0x110:0x140] == ib["author_key_digest"]
-        assert struct.unpack_from("<I", report, 0x48)[0] & 1  # AUTHOR_KEY_EN
-        assert report[0x10:0x30] == ib["id_block"][0x30:0x50]  # FAMILY_ID, IMAGE_ID
-
-    run(body())
+async def test_id_block_from_sev_snp_measure_is_accepted_and_reported(tmp_path: Path) -> None:
+    host, ld = await launched(tmp_path)
+    ib = id_block_for(ld, tmp_path)
+    await finish(host, ib)
+    _, payload = await host.request(gm.MsgType.REPORT_REQ, report_request(), seqno=1)
+    report = payload[0x20 : 0x20 + 0x4A0]
+    assert report[0x0E0:0x110] == ib["id_key_digest"]
+    assert report[0x110:0x140] == ib["author_key_digest"]
+    assert struct.unpack_from("<I", report, 0x48)[0] & 1  # AUTHOR_KEY_EN
+    assert report[0x10:0x30] == ib["id_block"][0x30:0x50]  # FAMILY_ID, IMAGE_ID
 
 
 @pytest.mark.parametrize(
@@ -114,38 +111,35 @@ def test_id_block_from_sev_snp_measure_is_accepted_and_reported(tmp_path: Path) 
         ("policy", SevStatus.POLICY_FAILURE),
     ],
 )
-def test_bad_id_blocks_are_refused_and_change_nothing(
+async def test_bad_id_blocks_are_refused_and_change_nothing(
     tmp_path: Path, change: str, status: SevStatus
 ) -> None:
-    async def body() -> None:
-        # the tool signs policy 0x30000: a guest launched with debug allowed does not match it
-        policy = 0x30000 | (1 << 19 if change == "policy" else 0)
-        host, ld = await launched(tmp_path, policy)
-        ib = id_block_for(ld if change != "digest" else bytes(48), tmp_path)
-        block, auth = bytearray(ib["id_block"]), bytearray(ib["id_auth"])
-        if change == "block_sig":
-            auth[0x40] ^= 1
-        elif change == "id_key_sig":
-            auth[0x680] ^= 1
-        before = observe(host)
-        with pytest.raises(FirmwareError) as info:
-            await finish(host, {**ib, "id_block": bytes(block), "id_auth": bytes(auth)})
-        assert info.value.status == status
-        after = observe(host)
-        assert after["guest"]["state"].name == "LAUNCH"  # type: ignore[index]
-        assert after == before
-        # and the guest finishes as if the refused call had never been made: nothing of the
-        # refused block reached the report. SPEC: SEV-SNP ABI, ATTESTATION_REPORT structure
-        # (GUEST_SVN 0x04, FAMILY_ID 0x10, IMAGE_ID 0x20, flags 0x48 bit 0 AUTHOR_KEY_EN,
-        # MEASUREMENT 0x90, HOST_DATA 0xC0, ID_KEY_DIGEST 0xE0, AUTHOR_KEY_DIGEST 0x110)
-        assert await host.finish() == ld
-        _, payload = await host.request(gm.MsgType.REPORT_REQ, report_request(), seqno=1)
-        report = payload[0x20 : 0x20 + 0x4A0]
-        assert struct.unpack_from("<I", report, 0x04)[0] == 0
-        assert report[0x10:0x30] == bytes(32)
-        assert struct.unpack_from("<I", report, 0x48)[0] & 1 == 0
-        assert report[0x90:0xC0] == ld
-        assert report[0xC0:0xE0] == bytes(32)
-        assert report[0xE0:0x140] == bytes(96)
-
-    run(body())
+    # the tool signs policy 0x30000: a guest launched with debug allowed does not match it
+    policy = 0x30000 | (1 << 19 if change == "policy" else 0)
+    host, ld = await launched(tmp_path, policy)
+    ib = id_block_for(ld if change != "digest" else bytes(48), tmp_path)
+    block, auth = bytearray(ib["id_block"]), bytearray(ib["id_auth"])
+    if change == "block_sig":
+        auth[0x40] ^= 1
+    elif change == "id_key_sig":
+        auth[0x680] ^= 1
+    before = observe(host)
+    with pytest.raises(FirmwareError) as info:
+        await finish(host, {**ib, "id_block": bytes(block), "id_auth": bytes(auth)})
+    assert info.value.status == status
+    after = observe(host)
+    assert after["guest"]["state"].name == "LAUNCH"  # type: ignore[index]
+    assert after == before
+    # and the guest finishes as if the refused call had never been made: nothing of the
+    # refused block reached the report. SPEC: SEV-SNP ABI, ATTESTATION_REPORT structure
+    # (GUEST_SVN 0x04, FAMILY_ID 0x10, IMAGE_ID 0x20, flags 0x48 bit 0 AUTHOR_KEY_EN,
+    # MEASUREMENT 0x90, HOST_DATA 0xC0, ID_KEY_DIGEST 0xE0, AUTHOR_KEY_DIGEST 0x110)
+    assert await host.finish() == ld
+    _, payload = await host.request(gm.MsgType.REPORT_REQ, report_request(), seqno=1)
+    report = payload[0x20 : 0x20 + 0x4A0]
+    assert struct.unpack_from("<I", report, 0x04)[0] == 0
+    assert report[0x10:0x30] == bytes(32)
+    assert struct.unpack_from("<I", report, 0x48)[0] & 1 == 0
+    assert report[0x90:0xC0] == ld
+    assert report[0xC0:0xE0] == bytes(32)
+    assert report[0xE0:0x140] == bytes(96)

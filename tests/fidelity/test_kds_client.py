@@ -12,6 +12,7 @@ directory and every call asks for a reload, so every byte it judges came from th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.kds import KdsServer
 from snpemu.psp.tcb import Tcb
 
-from tests.unit.psp.launch_helpers import launched_report, make_host, run
+from tests.unit.psp.launch_helpers import launched_report, make_host
 
 pytestmark = pytest.mark.fidelity
 
@@ -36,7 +37,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChipIdentity, by
     """A chip and a report its firmware returned through SNP_GUEST_REQUEST."""
     host = make_host(tmp_path_factory.mktemp("chip"))
 
-    return host.fw.id, run(launched_report(host, b"k" * 64))
+    return host.fw.id, asyncio.run(launched_report(host, b"k" * 64))
 
 
 @pytest.fixture

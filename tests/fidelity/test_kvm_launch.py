@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,20 @@ pytestmark = pytest.mark.fidelity
 OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
 
 
-def test_debian_ovmf_launch_through_kvm(tmp_path: Path) -> None:
+async def test_debian_ovmf_launch_through_kvm(tmp_path: Path) -> None:
     assert Path(OVMF).exists(), "Debian's ovmf package is not installed (make install installs it)"
 
-    async def body() -> list[bytes]:
-        async with host_stack(tmp_path, memory="1G") as s:
-            out = []
-            for vcpus in (1, 2, 4):
-                g = await s.launch(
-                    memory=256 << 20,
-                    vcpus=vcpus,
-                    firmware_path=OVMF,
-                    vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_MILAN,
-                )
-                out.append(g.measurement)
-            return out
-
-    got = asyncio.run(body())
+    async with host_stack(tmp_path, memory="1G") as s:
+        out = []
+        for vcpus in (1, 2, 4):
+            g = await s.launch(
+                memory=256 << 20,
+                vcpus=vcpus,
+                firmware_path=OVMF,
+                vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_MILAN,
+            )
+            out.append(g.measurement)
+        got = out
     for vcpus, measurement in zip((1, 2, 4), got, strict=True):
         expected = sev_snp_measure(ovmf=OVMF, vcpus=vcpus)
         assert measurement.hex() == expected, vcpus

@@ -3,6 +3,7 @@ ARK: omne-attest and secretvm-verify (PyPI), and the OpenSSL command line for th
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.fidelity.verifiers import omne, secretvm
-from tests.unit.psp.launch_helpers import launched_report, make_host, run
+from tests.unit.psp.launch_helpers import launched_report, make_host
 
 pytestmark = pytest.mark.fidelity
 
@@ -31,7 +32,7 @@ def evidence(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
         host.fw.id = ChipIdentity.load_or_create(tmp / f"retry{attempt}", "Milan")
 
-    report = run(launched_report(host, b"nonce" * 12 + b"xyzw"))
+    report = asyncio.run(launched_report(host, b"nonce" * 12 + b"xyzw"))
     ident = host.fw.id
     der = Encoding.DER
     return {

@@ -18,6 +18,7 @@ SubjectPublicKeyInfo."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import struct
@@ -36,7 +37,7 @@ from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.tcb import Tcb
 
 from tests.conftest import tool
-from tests.unit.psp.launch_helpers import launched_report, make_host, run
+from tests.unit.psp.launch_helpers import launched_report, make_host
 
 pytestmark = [
     pytest.mark.fidelity,
@@ -122,7 +123,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChipIdentity, by
     """A chip and a report its firmware returned through SNP_GUEST_REQUEST."""
     host = make_host(tmp_path_factory.mktemp("chip"))
 
-    return host.fw.id, run(launched_report(host, b"m" * 64))
+    return host.fw.id, asyncio.run(launched_report(host, b"m" * 64))
 
 
 def der(cert: x509.Certificate) -> bytes:

@@ -1,8 +1,11 @@
 """rmp, psp, kvm and netd as real gRPC servers in one process (port 0), each reaching the others
-over gRPC; and a stand-in for the guest kernel's side of the exits, for tests below the agent."""
+over gRPC; a stand-in for the guest kernel's side of the exits, for tests below the agent; and
+the guest agent itself on such a stack. The fixtures of tests/service/conftest.py build on these
+(tests/README.md, "The fixture ladder")."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import struct
@@ -13,11 +16,12 @@ from typing import Any
 
 import grpc
 from snp.common.v1 import handles_pb2, types_pb2
+from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 from snp.netd.v1 import netd_pb2_grpc
 from snp.psp.v1 import psp_pb2_grpc
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
-from snpemu import kvm, netd, psp, rmp
+from snpemu import guest, kvm, netd, psp, rmp
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
@@ -28,6 +32,7 @@ from snpemu.vmm import tiny_firmware
 CRED = "stack-credential-0123456789"
 VMM = "stack-vmm-credential-0123456"
 HOST = (("x-snpemu-host-credential", CRED),)
+GHCB_GPA = 0x100000  # Guest.register_ghcb's default: a page the tiny firmware leaves shared
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Guest:
             )
         )
 
-    async def register_ghcb(self, gpa: int = 0x100000) -> None:
+    async def register_ghcb(self, gpa: int = GHCB_GPA) -> None:
         r = await self.msr(gpa | msr.REG_GPA_REQ)
         assert r.ghcb_msr == gpa | msr.REG_GPA_RESP, hex(r.ghcb_msr)
         self.ghcb_gpa = gpa
@@ -239,6 +244,43 @@ async def host_stack(
     finally:
         for rt in reversed(started):
             await rt.stop()
+
+
+# the guest agent of a running guest: its stub, and its runtime (for its registry and impl)
+Agent = tuple[guest_pb2_grpc.GuestServiceStub, ServiceRuntime]
+
+
+@contextlib.asynccontextmanager
+async def agent(s: Stack, name: str = "guest-t", **opts: str) -> AsyncIterator[Agent]:
+    """The guest agent `name` on stack `s`, once it has booted (or the guest terminated)."""
+    env = {
+        "SNPEMU_GRPC_PORT": "0",
+        "SNPEMU_METRICS_PORT": "0",
+        "SNPEMU_INSTANCE": name,
+        "SNPEMU_VMM_CREDENTIAL": VMM,
+        "SNPEMU_SHUTDOWN_GRACE_S": "0",
+        **{
+            f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm", "netd")
+        },
+    }
+    options = {"SNPEMU_GUEST_FIRMWARE": str(s.firmware), "SNPEMU_GUEST_MEMORY": "64M", **opts}
+    rt = ServiceRuntime(
+        guest.SPEC, ServiceConfig.from_env("guest", env), guest.SPEC.options(options)
+    )
+    await rt.start()
+    try:
+        async with grpc.aio.insecure_channel(rt.address) as ch:
+            stub = guest_pb2_grpc.GuestServiceStub(ch)
+            deadline = asyncio.get_running_loop().time() + 120
+            while (await stub.GetStatus(guest_pb2.GetStatusRequest())).state not in (
+                guest_pb2.BOOT_STATE_RUNNING,
+                guest_pb2.BOOT_STATE_TERMINATED,
+            ):
+                assert asyncio.get_running_loop().time() < deadline, f"{name} never booted"
+                await asyncio.sleep(0.05)
+            yield stub, rt
+    finally:
+        await rt.stop()
 
 
 def psc_buffer(entries: list[int], cur: int = 0, end: int | None = None) -> bytearray:

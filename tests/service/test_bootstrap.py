@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -40,31 +41,26 @@ def _config(service: str, **env: str) -> ServiceConfig:
     )
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
+@contextlib.asynccontextmanager
 async def _with_runtime(
-    spec: ServiceSpec,
-    body: Callable[[ServiceRuntime, grpc.aio.Channel], Awaitable[Any]],
-    **env: str,
-) -> Any:
+    spec: ServiceSpec, **env: str
+) -> AsyncIterator[tuple[ServiceRuntime, grpc.aio.Channel]]:
     # kvm's start-up waits for rmp and psp, which these tests do not run
     options = spec.options({"SNPEMU_KVM_PEER_WAIT_S": "0", "SNPEMU_KDS_PORT": "0"})
     runtime = ServiceRuntime(spec, _config(spec.name, **env), options)
     await runtime.start()
     try:
         async with grpc.aio.insecure_channel(runtime.address) as channel:
-            return await body(runtime, channel)
+            yield runtime, channel
     finally:
         await runtime.stop()
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_health_and_reflection(name: str) -> None:
+async def test_health_and_reflection(name: str) -> None:
     spec = SPECS[name]
 
-    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+    async with _with_runtime(spec) as (runtime, channel):
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", spec.descriptor.full_name):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
@@ -73,10 +69,9 @@ def test_health_and_reflection(name: str) -> None:
             await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    run(_with_runtime(spec, body))
-
     # Reflection with the sync client (it is not asyncio-aware).
-    async def reflect(runtime: ServiceRuntime, _channel: grpc.aio.Channel) -> None:
+    async with _with_runtime(spec) as (runtime, _channel):
+
         def blocking() -> list[str]:
             with grpc.insecure_channel(runtime.address) as ch:
                 db = ProtoReflectionDescriptorDatabase(ch)
@@ -97,11 +92,13 @@ def test_health_and_reflection(name: str) -> None:
             ]
         )
 
-    run(_with_runtime(spec, reflect))
 
-
-def test_unbuilt_rpcs_answer_unimplemented_with_reason() -> None:
-    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+async def test_unbuilt_rpcs_answer_unimplemented_with_reason() -> None:
+    # kvm's API with nothing built behind it
+    async with _with_runtime(ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor)) as (
+        runtime,
+        channel,
+    ):
         stub = kvm_pb2_grpc.KvmServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ListVms(kvm_pb2.ListVmsRequest())
@@ -136,9 +133,6 @@ def test_unbuilt_rpcs_answer_unimplemented_with_reason() -> None:
             == 1
         )
 
-    # kvm's API with nothing built behind it
-    run(_with_runtime(ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor), body))
-
 
 class _FakeKvm:
     """A test implementation: two RPCs built, the rest left to the bootstrap."""
@@ -171,10 +165,10 @@ def _fake_spec(impl: _FakeKvm) -> ServiceSpec:
     return ServiceSpec(name="kvm", descriptor=kvm.SPEC.descriptor, make_impl=lambda _rt: impl)
 
 
-def test_built_rpcs_and_error_mapping() -> None:
+async def test_built_rpcs_and_error_mapping() -> None:
     impl = _FakeKvm()
 
-    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+    async with _with_runtime(_fake_spec(impl)) as (runtime, channel):
         stub = kvm_pb2_grpc.KvmServiceStub(channel)
         reply = await stub.ListVms(kvm_pb2.ListVmsRequest())
         assert [v.asid for v in reply.vms] == [7]
@@ -232,11 +226,9 @@ def test_built_rpcs_and_error_mapping() -> None:
             == 1
         )
 
-    run(_with_runtime(_fake_spec(impl), body))
 
-
-def test_metrics_endpoint_serves_the_registry() -> None:
-    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+async def test_metrics_endpoint_serves_the_registry() -> None:
+    async with _with_runtime(psp.SPEC) as (runtime, channel):
         await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         url = f"http://127.0.0.1:{runtime.metrics_port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
@@ -248,10 +240,8 @@ def test_metrics_endpoint_serves_the_registry() -> None:
         for method in psp.SPEC.descriptor.methods:
             assert f'grpc_method="{method.name}",grpc_service="snp.psp.v1.PspService"' in text
 
-    run(_with_runtime(psp.SPEC, body))
 
-
-def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
+async def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
     """Stop says NOT_SERVING, refuses new calls, and lets a call already in its handler finish
     (within the shutdown grace, long here so that only a stop that cuts it off fails)."""
     impl = _FakeKvm()
@@ -267,86 +257,72 @@ def test_graceful_stop_drains_in_flight_calls_and_reports_not_serving() -> None:
             return True
         return False
 
-    async def scenario() -> None:
-        runtime = ServiceRuntime(_fake_spec(impl), _config("kvm", SNPEMU_SHUTDOWN_GRACE_S="60"))
-        await runtime.start()
-        async with grpc.aio.insecure_channel(runtime.address) as channel:
-            stub = kvm_pb2_grpc.KvmServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            watch = health.Watch(health_pb2.HealthCheckRequest(service="snp.kvm.v1.KvmService"))
-            first = await watch.read()
-            assert first.status == health_pb2.HealthCheckResponse.SERVING
-            in_flight = asyncio.ensure_future(stub.GetVm(kvm_pb2.GetVmRequest(vm={"id": "vm-1"})))
-            await asyncio.wait_for(impl.entered.wait(), 30)  # the call is in the handler
-            stopping = asyncio.ensure_future(runtime.stop())
-            second = await watch.read()
-            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            watch.cancel()  # an open stream, too, would hold the stop for the whole grace
-            # the server is shutting down (new calls refused) while the held call lives on
-            deadline = asyncio.get_running_loop().time() + 30
-            while not await refused(runtime.address):
-                assert asyncio.get_running_loop().time() < deadline, "new calls still served"
-            assert not in_flight.done() and not stopping.done()
-            impl.release.set()
-            assert isinstance(await in_flight, kvm_pb2.GetVmResponse)
-            await stopping
-        assert await refused(runtime.address)
-
-    run(scenario())
+    runtime = ServiceRuntime(_fake_spec(impl), _config("kvm", SNPEMU_SHUTDOWN_GRACE_S="60"))
+    await runtime.start()
+    async with grpc.aio.insecure_channel(runtime.address) as channel:
+        stub = kvm_pb2_grpc.KvmServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="snp.kvm.v1.KvmService"))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        in_flight = asyncio.ensure_future(stub.GetVm(kvm_pb2.GetVmRequest(vm={"id": "vm-1"})))
+        await asyncio.wait_for(impl.entered.wait(), 30)  # the call is in the handler
+        stopping = asyncio.ensure_future(runtime.stop())
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open stream, too, would hold the stop for the whole grace
+        # the server is shutting down (new calls refused) while the held call lives on
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await refused(runtime.address):
+            assert asyncio.get_running_loop().time() < deadline, "new calls still served"
+        assert not in_flight.done() and not stopping.done()
+        impl.release.set()
+        assert isinstance(await in_flight, kvm_pb2.GetVmResponse)
+        await stopping
+    assert await refused(runtime.address)
 
 
-def test_busy_grpc_port_fails_loudly() -> None:
-    async def scenario() -> None:
-        first = ServiceRuntime(rmp.SPEC, _config("rmp"))
-        await first.start()
-        try:
-            second = ServiceRuntime(rmp.SPEC, _config("rmp", SNPEMU_GRPC_PORT=str(first.grpc_port)))
-            with pytest.raises(
-                StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}"
-            ):
-                await second.start()
-            await second.stop()
-        finally:
-            await first.stop()
-
-    run(scenario())
+async def test_busy_grpc_port_fails_loudly() -> None:
+    first = ServiceRuntime(rmp.SPEC, _config("rmp"))
+    await first.start()
+    try:
+        second = ServiceRuntime(rmp.SPEC, _config("rmp", SNPEMU_GRPC_PORT=str(first.grpc_port)))
+        with pytest.raises(
+            StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}"
+        ):
+            await second.start()
+        await second.stop()
+    finally:
+        await first.stop()
 
 
-def test_busy_metrics_port_fails_loudly() -> None:
-    async def scenario() -> None:
-        first = ServiceRuntime(rmp.SPEC, _config("rmp"))
-        await first.start()
-        try:
-            second = ServiceRuntime(
-                rmp.SPEC, _config("rmp", SNPEMU_METRICS_PORT=str(first.metrics_port))
-            )
-            with pytest.raises(StartupError, match="cannot listen for metrics"):
-                await second.start()
-            await second.stop()
-        finally:
-            await first.stop()
-
-    run(scenario())
+async def test_busy_metrics_port_fails_loudly() -> None:
+    first = ServiceRuntime(rmp.SPEC, _config("rmp"))
+    await first.start()
+    try:
+        second = ServiceRuntime(
+            rmp.SPEC, _config("rmp", SNPEMU_METRICS_PORT=str(first.metrics_port))
+        )
+        with pytest.raises(StartupError, match="cannot listen for metrics"):
+            await second.start()
+        await second.stop()
+    finally:
+        await first.stop()
 
 
-def test_startup_work_runs_before_serving() -> None:
+async def test_startup_work_runs_before_serving() -> None:
     seen: list[int] = []
 
-    async def scenario() -> None:
-        async def startup(_impl: object | None) -> None:
-            # Still NOT_SERVING while start-up work runs.
-            async with grpc.aio.insecure_channel(runtime.address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest()
-                )
-            seen.append(reply.status)
+    async def startup(_impl: object | None) -> None:
+        # Still NOT_SERVING while start-up work runs.
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        seen.append(reply.status)
 
-        spec = ServiceSpec(name="netd", descriptor=netd.SPEC.descriptor, startup=startup)
-        runtime = ServiceRuntime(spec, _config("netd"))
-        await runtime.start()
-        await runtime.stop()
-
-    run(scenario())
+    spec = ServiceSpec(name="netd", descriptor=netd.SPEC.descriptor, startup=startup)
+    runtime = ServiceRuntime(spec, _config("netd"))
+    await runtime.start()
+    await runtime.stop()
     assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
 
 
@@ -356,10 +332,10 @@ def test_each_service_gets_its_own_registry() -> None:
     assert isinstance(a.registry, CollectorRegistry) and a.registry is not b.registry
 
 
-def test_cancelled_calls_are_counted_as_canceled() -> None:
+async def test_cancelled_calls_are_counted_as_canceled() -> None:
     impl = _FakeKvm()
 
-    async def body(runtime: ServiceRuntime, channel: grpc.aio.Channel) -> None:
+    async with _with_runtime(_fake_spec(impl)) as (runtime, channel):
         call = kvm_pb2_grpc.KvmServiceStub(channel).GetVm(kvm_pb2.GetVmRequest(vm={"id": "v"}))
         await asyncio.wait_for(impl.entered.wait(), 30)  # cancelled in the handler, not before
         call.cancel()
@@ -372,5 +348,3 @@ def test_cancelled_calls_are_counted_as_canceled() -> None:
         await eventually(
             lambda: runtime.registry.get_sample_value("grpc_server_handled_total", labels) == 1
         )
-
-    run(_with_runtime(_fake_spec(impl), body))

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -16,49 +14,13 @@ from cryptography import x509
 from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.psp.v1 import psp_pb2
-from snpemu import guest
 from snpemu.guest import verify
 from snpemu.kvm.throttle import Throttle
-from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
 from tests.conftest import sev_snp_measure
-from tests.service.host_stack import HOST, VMM, Stack, host_stack
-
-
-@contextlib.asynccontextmanager
-async def agent(
-    s: Stack, name: str = "guest-t", **opts: str
-) -> AsyncIterator[tuple[guest_pb2_grpc.GuestServiceStub, ServiceRuntime]]:
-    env = {
-        "SNPEMU_GRPC_PORT": "0",
-        "SNPEMU_METRICS_PORT": "0",
-        "SNPEMU_INSTANCE": name,
-        "SNPEMU_VMM_CREDENTIAL": VMM,
-        "SNPEMU_SHUTDOWN_GRACE_S": "0",
-        **{
-            f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm", "netd")
-        },
-    }
-    options = {"SNPEMU_GUEST_FIRMWARE": str(s.firmware), "SNPEMU_GUEST_MEMORY": "64M", **opts}
-    rt = ServiceRuntime(
-        guest.SPEC, ServiceConfig.from_env("guest", env), guest.SPEC.options(options)
-    )
-    await rt.start()
-    try:
-        async with grpc.aio.insecure_channel(rt.address) as ch:
-            stub = guest_pb2_grpc.GuestServiceStub(ch)
-            deadline = asyncio.get_running_loop().time() + 120
-            while (await stub.GetStatus(guest_pb2.GetStatusRequest())).state not in (
-                guest_pb2.BOOT_STATE_RUNNING,
-                guest_pb2.BOOT_STATE_TERMINATED,
-            ):
-                assert asyncio.get_running_loop().time() < deadline, f"{name} never booted"
-                await asyncio.sleep(0.05)
-            yield stub, rt
-    finally:
-        await rt.stop()
+from tests.service.host_stack import HOST, Agent, Stack, agent, host_stack
 
 
 async def assert_vmpck0_wiped(g: guest_pb2_grpc.GuestServiceStub) -> None:
@@ -68,10 +30,6 @@ async def assert_vmpck0_wiped(g: guest_pb2_grpc.GuestServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await g.GetReport(guest_pb2.GetReportRequest())
     assert error_info(info.value).reason == "VMPCK_DISABLED"  # type: ignore[union-attr]
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 # The emulated chip of the tests below that hand a report to omne-attest: its CHIP_ID is chosen,
@@ -111,23 +69,16 @@ def hw_id(vcek_der: bytes) -> bytes:
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "ok")
-def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
+async def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     seed_chip(tmp_path, CHIP_ID)
 
-    async def body() -> tuple[guest_pb2.GetExtendedReportResponse, bytes, Path]:
-        async with host_stack(tmp_path) as s, agent(s, SNPEMU_GUEST_VCPUS="2") as (g, _):
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            assert st.state == guest_pb2.BOOT_STATE_RUNNING and st.vcpus == 2
-            assert [e.kind for e in st.events] == ["launched", "boot"]
-            ext = await g.GetExtendedReport(
-                guest_pb2.GetExtendedReportRequest(report_data=b"nonce-1")
-            )
-            ark = (
-                await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
-            ).ark_der
-            return ext, ark, s.firmware
-
-    ext, ark, fw = run(body())
+    async with host_stack(tmp_path) as s, agent(s, SNPEMU_GUEST_VCPUS="2") as (g, _):
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        assert st.state == guest_pb2.BOOT_STATE_RUNNING and st.vcpus == 2
+        assert [e.kind for e in st.events] == ["launched", "boot"]
+        ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(report_data=b"nonce-1"))
+        ark = (await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)).ark_der
+        ext, ark, fw = ext, ark, s.firmware
     # SPEC: SNP ABI, ATTESTATION_REPORT: CHIP_ID at 0x1A0, 64 bytes
     assert ext.report[0x1A0:0x1E0] == CHIP_ID
     predicted = sev_snp_measure(ovmf=str(fw))
@@ -158,7 +109,7 @@ def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     )
 
 
-def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) -> None:
+async def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) -> None:
     """The one chip ID the test above avoids: omne-attest refuses the valid report of a chip
     whose raw ID starts like a DER OCTET STRING (its bug, see CHIP_ID), while the VCEK's hwID
     is exactly the report's CHIP_ID and snpemu-verify accepts it. If omne-attest fixes this,
@@ -168,15 +119,10 @@ def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) ->
 
     seed_chip(tmp_path, DER_LOOKALIKE_CHIP_ID)
 
-    async def body() -> tuple[guest_pb2.GetExtendedReportResponse, bytes]:
-        async with host_stack(tmp_path) as s, agent(s) as (g, _):
-            ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest())
-            ark = (
-                await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
-            ).ark_der
-            return ext, ark
-
-    ext, ark = run(body())
+    async with host_stack(tmp_path) as s, agent(s) as (g, _):
+        ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest())
+        ark = (await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)).ark_der
+        ext, ark = ext, ark
     certs = {c.guid: c.der for c in ext.certificates}
     assert ext.report[0x1A0:0x1E0] == DER_LOOKALIKE_CHIP_ID == hw_id(certs["vcek"])
     (tmp_path / "r").write_bytes(ext.report)
@@ -198,23 +144,20 @@ def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) ->
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetDerivedKey", "ok", "error")
-def test_derived_keys_are_stable_and_follow_the_selected_fields(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s) as (g, _):
+async def test_derived_keys_are_stable_and_follow_the_selected_fields(running_guest: Agent) -> None:
+    g, _ = running_guest
 
-            async def key(**kw: int) -> bytes:
-                return bytes((await g.GetDerivedKey(guest_pb2.GetDerivedKeyRequest(**kw))).key)  # type: ignore[arg-type]
+    async def key(**kw: int) -> bytes:
+        return bytes((await g.GetDerivedKey(guest_pb2.GetDerivedKeyRequest(**kw))).key)  # type: ignore[arg-type]
 
-            base = await key()
-            assert await key() == base and len(base) == 32
-            assert await key(vmpl=1) != base
-            assert await key(guest_field_select=8) != base  # MEASUREMENT selected
-            assert await key(tcb_version=5) == base  # not selected: no effect
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await key(guest_field_select=16, guest_svn=3)  # above the ID block's SVN
-            assert error_info(info.value).reason == "KEY_STATUS"  # type: ignore[union-attr]
-
-    run(body())
+    base = await key()
+    assert await key() == base and len(base) == 32
+    assert await key(vmpl=1) != base
+    assert await key(guest_field_select=8) != base  # MEASUREMENT selected
+    assert await key(tcb_version=5) == base  # not selected: no effect
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await key(guest_field_select=16, guest_svn=3)  # above the ID block's SVN
+    assert error_info(info.value).reason == "KEY_STATUS"  # type: ignore[union-attr]
 
 
 class GuestTime:
@@ -258,232 +201,208 @@ async def event_kinds(g: guest_pb2_grpc.GuestServiceStub) -> list[str]:
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "ok")
-def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(tmp_path: Path) -> None:
+async def test_busy_is_retried_then_times_out_and_wipes_the_vmpck(stack: Stack) -> None:
     """A token bucket of one request per interval_ms (burst 1), and the driver's rule:
     KERNEL: arch/x86/coco/sev/core.c __handle_guest_request(): on VMM BUSY,
     give up with -ETIMEDOUT once jiffies - req_start > SNP_REQ_MAX_RETRY_DURATION, otherwise
     schedule_timeout_killable(SNP_REQ_RETRY_DELAY) and send the same message again."""
 
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            async with agent(
-                s, SNPEMU_GUEST_THROTTLE_MS="500", SNPEMU_GUEST_RETRY_DELAY_S="0.25"
-            ) as (g, rt):
-                t = GuestTime()
-                assert use_guest_time(s, rt, t).interval_ms == 500
-                await g.GetReport(guest_pb2.GetReportRequest())  # the bucket's one token
-                # tried at 0 and 0.25 s (BUSY, no token yet), served at 0.5 s
-                await g.GetReport(guest_pb2.GetReportRequest())
-                assert t.sleeps == [0.25, 0.25]
-                assert (await event_kinds(g)).count("busy_retry") == 2
-                assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
-            async with agent(
-                s,
-                SNPEMU_GUEST_THROTTLE_MS="60000",
-                SNPEMU_GUEST_RETRY_DELAY_S="0.25",
-                SNPEMU_GUEST_RETRY_TIMEOUT_S="0.5",
-            ) as (g, rt):
-                t = GuestTime()
-                use_guest_time(s, rt, t)
-                await g.GetReport(guest_pb2.GetReportRequest())
-                # BUSY at 0, 0.25 and 0.5 s (not yet past 0.5), at 0.75 s past it: ETIMEDOUT
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await g.GetReport(guest_pb2.GetReportRequest())
-                assert "ETIMEDOUT" in (info.value.details() or "")
-                assert t.sleeps == [0.25, 0.25, 0.25]
-                assert (await event_kinds(g)).count("busy_retry") == 4
-                await assert_vmpck0_wiped(g)
-
-    run(body())
+    async with agent(stack, SNPEMU_GUEST_THROTTLE_MS="500", SNPEMU_GUEST_RETRY_DELAY_S="0.25") as (
+        g,
+        rt,
+    ):
+        t = GuestTime()
+        assert use_guest_time(stack, rt, t).interval_ms == 500
+        await g.GetReport(guest_pb2.GetReportRequest())  # the bucket's one token
+        # tried at 0 and 0.25 s (BUSY, no token yet), served at 0.5 s
+        await g.GetReport(guest_pb2.GetReportRequest())
+        assert t.sleeps == [0.25, 0.25]
+        assert (await event_kinds(g)).count("busy_retry") == 2
+        assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
+    async with agent(
+        stack,
+        SNPEMU_GUEST_THROTTLE_MS="60000",
+        SNPEMU_GUEST_RETRY_DELAY_S="0.25",
+        SNPEMU_GUEST_RETRY_TIMEOUT_S="0.5",
+    ) as (g, rt):
+        t = GuestTime()
+        use_guest_time(stack, rt, t)
+        await g.GetReport(guest_pb2.GetReportRequest())
+        # BUSY at 0, 0.25 and 0.5 s (not yet past 0.5), at 0.75 s past it: ETIMEDOUT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await g.GetReport(guest_pb2.GetReportRequest())
+        assert "ETIMEDOUT" in (info.value.details() or "")
+        assert t.sleeps == [0.25, 0.25, 0.25]
+        assert (await event_kinds(g)).count("busy_retry") == 4
+        await assert_vmpck0_wiped(g)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "error")
-def test_too_small_certificate_buffer_reports_the_size_and_keeps_sequence(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s) as (g, _):
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=1))
-            detail = error_info(info.value)
-            assert detail is not None and int(detail.metadata["needed_pages"]) >= 2
-            # the sequence number was consumed by the plain re-issue: the next request works
-            r = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=16))
-            assert len(r.report) == 0x4A0
-            assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
+async def test_too_small_certificate_buffer_reports_the_size_and_keeps_sequence(
+    running_guest: Agent,
+) -> None:
+    g, _ = running_guest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=1))
+    detail = error_info(info.value)
+    assert detail is not None and int(detail.metadata["needed_pages"]) >= 2
+    # the sequence number was consumed by the plain re-issue: the next request works
+    r = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(certs_pages=16))
+    assert len(r.report) == 0x4A0
+    assert not (await g.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
 
-    run(body())
 
+async def test_wrong_sequence_number_wipes_the_vmpck(running_guest: Agent) -> None:
+    g, rt = running_guest
+    from snpemu.abi import guest_message as gm
+    from snpemu.guest.driver import RequestFailed, report_request
 
-def test_wrong_sequence_number_wipes_the_vmpck(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s) as (g, rt):
-            from snpemu.abi import guest_message as gm
-            from snpemu.guest.driver import RequestFailed, report_request
-
-            driver = rt.impl.servicer.driver  # type: ignore[union-attr]
-            with pytest.raises(RequestFailed):
-                await driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0), seqno_offset=2)
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            assert list(st.disabled_vmpcks) == [0]
-            assert any(
-                e.kind == "vmpck_disabled" and "exitinfo2=0x16" in e.detail for e in st.events
-            )
-
-    run(body())
+    driver = rt.impl.servicer.driver  # type: ignore[union-attr]
+    with pytest.raises(RequestFailed):
+        await driver.request(gm.MsgType.REPORT_REQ, report_request(b"", 0), seqno_offset=2)
+    st = await g.GetStatus(guest_pb2.GetStatusRequest())
+    assert list(st.disabled_vmpcks) == [0]
+    assert any(e.kind == "vmpck_disabled" and "exitinfo2=0x16" in e.detail for e in st.events)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "ok")
-def test_memory_conversion_access_and_vc(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            async with agent(s, SNPEMU_GUEST_ON_VC="log") as (g, _):
-                await g.WriteMemory(
-                    guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"private bytes")
-                )
-                assert (
-                    await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=13))
-                ).data == b"private bytes"
-                r = await g.ConvertMemory(
-                    guest_pb2.ConvertMemoryRequest(
-                        gpa=0x200000,
-                        size=0x1000,
-                        conversion=guest_pb2.CONVERSION_TO_SHARED,
-                        page_size=1,
-                    )
-                )
-                assert r.pages_changed == 1
-                await g.WriteMemory(
-                    guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"shared", shared=True)
-                )
-                # a private access to the now-shared page: #NPF, kvm makes it private, then #VC
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
-                assert error_info(info.value).reason == "GUEST_FAULT"  # type: ignore[union-attr]
-                st = await g.GetStatus(guest_pb2.GetStatusRequest())
-                assert [e.kind for e in st.events][-2:] == ["npf", "vc"]
-                assert st.state == guest_pb2.BOOT_STATE_RUNNING  # log and continue
-                r = await g.ConvertMemory(
-                    guest_pb2.ConvertMemoryRequest(
-                        gpa=0x400000,
-                        size=2 << 20,
-                        conversion=guest_pb2.CONVERSION_TO_PRIVATE,
-                        page_size=2,
-                    )
-                )
-                assert r.pages_changed == 512
-            async with agent(s) as (g, _):  # ON_VC=terminate
-                await g.ConvertMemory(
-                    guest_pb2.ConvertMemoryRequest(
-                        gpa=0x200000,
-                        size=0x1000,
-                        conversion=guest_pb2.CONVERSION_TO_SHARED,
-                        page_size=1,
-                    )
-                )
-                with pytest.raises(grpc.aio.AioRpcError):
-                    await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
-                st = await g.GetStatus(guest_pb2.GetStatusRequest())
-                assert st.state == guest_pb2.BOOT_STATE_TERMINATED and (
-                    st.term_reason_set,
-                    st.term_reason_code,
-                ) == (0, 0)
-
-    run(body())
+async def test_memory_conversion_access_and_vc(stack: Stack) -> None:
+    async with agent(stack, SNPEMU_GUEST_ON_VC="log") as (g, _):
+        await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"private bytes"))
+        assert (
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=13))
+        ).data == b"private bytes"
+        r = await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x200000,
+                size=0x1000,
+                conversion=guest_pb2.CONVERSION_TO_SHARED,
+                page_size=1,
+            )
+        )
+        assert r.pages_changed == 1
+        await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"shared", shared=True))
+        # a private access to the now-shared page: #NPF, kvm makes it private, then #VC
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
+        assert error_info(info.value).reason == "GUEST_FAULT"  # type: ignore[union-attr]
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        assert [e.kind for e in st.events][-2:] == ["npf", "vc"]
+        assert st.state == guest_pb2.BOOT_STATE_RUNNING  # log and continue
+        r = await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x400000,
+                size=2 << 20,
+                conversion=guest_pb2.CONVERSION_TO_PRIVATE,
+                page_size=2,
+            )
+        )
+        assert r.pages_changed == 512
+    async with agent(stack) as (g, _):  # ON_VC=terminate
+        await g.ConvertMemory(
+            guest_pb2.ConvertMemoryRequest(
+                gpa=0x200000,
+                size=0x1000,
+                conversion=guest_pb2.CONVERSION_TO_SHARED,
+                page_size=1,
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=4))
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        assert st.state == guest_pb2.BOOT_STATE_TERMINATED and (
+            st.term_reason_set,
+            st.term_reason_code,
+        ) == (0, 0)
 
 
-def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with (
-            host_stack(tmp_path) as s,
-            agent(s, SNPEMU_GUEST_ACCEPT="eager", SNPEMU_GUEST_VCPUS="1") as (g, _),
-        ):
-            st = await g.GetStatus(guest_pb2.GetStatusRequest())
-            shared_pages = 3 + 16  # GHCB, request, response, certificate pages
-            assert st.accepted_bytes == (64 << 20) - shared_pages * 4096
-
-    run(body())
+async def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, SNPEMU_GUEST_ACCEPT="eager", SNPEMU_GUEST_VCPUS="1") as (g, _),
+    ):
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        shared_pages = 3 + 16  # GHCB, request, response, certificate pages
+        assert st.accepted_bytes == (64 << 20) - shared_pages * 4096
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/TamperSequenceNumber", "ok", "error")
-def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s) as (g, _):
-            # nothing to replay yet: refused before anything is sent, nothing changes
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-1))
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=0))
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
-            r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
-            assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
-            await assert_vmpck0_wiped(g)
-
-    run(body())
+async def test_tampered_sequence_numbers_are_refused_and_wipe_the_vmpck(
+    running_guest: Agent,
+) -> None:
+    g, _ = running_guest
+    # nothing to replay yet: refused before anything is sent, nothing changes
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=0))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await g.GetReport(guest_pb2.GetReportRequest())  # uses sequence numbers 1 and 2
+    r = await g.TamperSequenceNumber(guest_pb2.TamperSequenceNumberRequest(offset=-2))
+    assert r.outcome.startswith("sequence number 1 refused") and "VMPCK0 wiped" in r.outcome
+    await assert_vmpck0_wiped(g)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/FloodReportRequests", "ok", "error")
-def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
+async def test_report_flood_is_throttled_for_its_own_vm_only(tmp_path: Path) -> None:
     """guest-a floods (one report per 500 ms allowed) on GuestTime; guest-b, with its own
     bucket of 5, asks for 5 reports while guest-a's flood is parked in a BUSY retry. b is
     served every time without BUSY, so a's flood neither blocks b nor drains b's bucket."""
 
-    async def body() -> None:
-        async with (
-            host_stack(tmp_path) as s,
-            agent(
-                s,
-                "guest-a",
-                SNPEMU_GUEST_THROTTLE_MS="500",
-                SNPEMU_GUEST_RETRY_DELAY_S="0.25",
-            ) as (flooder, rt),
-            agent(
-                s,
-                "guest-b",
-                SNPEMU_GUEST_THROTTLE_MS="500",
-                SNPEMU_GUEST_THROTTLE_BURST="5",
-                # a BUSY would fail b's request at once instead of being retried
-                SNPEMU_GUEST_RETRY_DELAY_S="0.01",
-                SNPEMU_GUEST_RETRY_TIMEOUT_S="0",
-            ) as (other, _),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest())
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            t = GuestTime(hold=True)
-            use_guest_time(s, rt, t)
-            flood = asyncio.ensure_future(
-                flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest(duration_ms=1000))
-            )
-            parked = asyncio.ensure_future(t.sleeping.wait())
-            try:
-                # the first report took the token; the second was told BUSY and waits to retry
-                await asyncio.wait([parked, flood], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-                assert parked.done() and not flood.done()
-                assert (await event_kinds(flooder)).count("busy_retry") == 1
-                for _ in range(5):
-                    await other.GetReport(guest_pb2.GetReportRequest(), timeout=60)
-                # all five were served while the flood was in flight, parked in that retry
-                assert not flood.done() and t.sleeps == [0.25]
-            finally:
-                parked.cancel()
-                t.resume.set()
-            r = await flood
-            # on GuestTime: served at 0 s; BUSY at 0 and 0.25 s, served at 0.5 s; BUSY at 0.5
-            # and 0.75 s, served at 1.0 s, where the 1000 ms flood ends
-            assert (r.completed, r.busy) == (3, 4) and t.sleeps == [0.25] * 4
-            st = await other.GetStatus(guest_pb2.GetStatusRequest())
-            assert "busy_retry" not in [e.kind for e in st.events]
-            assert not st.disabled_vmpcks
-            assert not (await flooder.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
-
-    run(body())
+    async with (
+        host_stack(tmp_path) as s,
+        agent(
+            s,
+            "guest-a",
+            SNPEMU_GUEST_THROTTLE_MS="500",
+            SNPEMU_GUEST_RETRY_DELAY_S="0.25",
+        ) as (flooder, rt),
+        agent(
+            s,
+            "guest-b",
+            SNPEMU_GUEST_THROTTLE_MS="500",
+            SNPEMU_GUEST_THROTTLE_BURST="5",
+            # a BUSY would fail b's request at once instead of being retried
+            SNPEMU_GUEST_RETRY_DELAY_S="0.01",
+            SNPEMU_GUEST_RETRY_TIMEOUT_S="0",
+        ) as (other, _),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        t = GuestTime(hold=True)
+        use_guest_time(s, rt, t)
+        flood = asyncio.ensure_future(
+            flooder.FloodReportRequests(guest_pb2.FloodReportRequestsRequest(duration_ms=1000))
+        )
+        parked = asyncio.ensure_future(t.sleeping.wait())
+        try:
+            # the first report took the token; the second was told BUSY and waits to retry
+            await asyncio.wait([parked, flood], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            assert parked.done() and not flood.done()
+            assert (await event_kinds(flooder)).count("busy_retry") == 1
+            for _ in range(5):
+                await other.GetReport(guest_pb2.GetReportRequest(), timeout=60)
+            # all five were served while the flood was in flight, parked in that retry
+            assert not flood.done() and t.sleeps == [0.25]
+        finally:
+            parked.cancel()
+            t.resume.set()
+        r = await flood
+        # on GuestTime: served at 0 s; BUSY at 0 and 0.25 s, served at 0.5 s; BUSY at 0.5
+        # and 0.75 s, served at 1.0 s, where the 1000 ms flood ends
+        assert (r.completed, r.busy) == (3, 4) and t.sleeps == [0.25] * 4
+        st = await other.GetStatus(guest_pb2.GetStatusRequest())
+        assert "busy_retry" not in [e.kind for e in st.events]
+        assert not st.disabled_vmpcks
+        assert not (await flooder.GetStatus(guest_pb2.GetStatusRequest())).disabled_vmpcks
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/AcceptMemory", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/RaceRmpAdjust", "ok", "error")
 @pytest.mark.parametrize("iterations", [300, 1])  # 1: the host's turn comes after the loop
-def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: int) -> None:
+async def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: int) -> None:
     """The guest loops RMPADJUST on a private page (each holding the entry 1 ms) while the host
     RMPUPDATEs the page to hypervisor state, retrying on FAIL_INUSE. Whenever the host wins
     (during the loop or after it), no RMPADJUST succeeds on the page afterwards: the first one
@@ -498,95 +417,83 @@ def test_rmpadjust_racing_a_host_conversion_sees_it(tmp_path: Path, iterations: 
         assert sum(map(int, parts.values())) == int(total)
         return {k: int(v) for k, v in parts.items()}
 
-    async def body() -> None:
-        async with host_stack(tmp_path, hold_us=1000) as s, agent(s) as (g, rt):
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=0x300001, iterations=1))
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            gpa = 0x300000
-            vm_id = rt.impl.kernel.vm.id  # type: ignore[union-attr]
-            spa = s.runtimes["kvm"].impl.kvm.vms[vm_id].memslots.translate(gpa)  # type: ignore[union-attr]
-            await g.AcceptMemory(guest_pb2.AcceptMemoryRequest(gpa=gpa, size=0x1000))
-            race = asyncio.ensure_future(
-                g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=iterations))
+    async with host_stack(tmp_path, hold_us=1000) as s, agent(s) as (g, rt):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=0x300001, iterations=1))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        gpa = 0x300000
+        vm_id = rt.impl.kernel.vm.id  # type: ignore[union-attr]
+        spa = s.runtimes["kvm"].impl.kvm.vms[vm_id].memslots.translate(gpa)  # type: ignore[union-attr]
+        await g.AcceptMemory(guest_pb2.AcceptMemoryRequest(gpa=gpa, size=0x1000))
+        race = asyncio.ensure_future(
+            g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=iterations))
+        )
+        if iterations == 1:
+            await asyncio.wait([race])
+        else:
+            await asyncio.sleep(0.1)
+        while True:
+            r = await s.rmp.RmpUpdate(
+                rmp_pb2.RmpUpdateRequest(
+                    spa=spa, state=rmp_pb2.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
+                ),
+                metadata=HOST,
             )
-            if iterations == 1:
-                await asyncio.wait([race])
-            else:
-                await asyncio.sleep(0.1)
-            while True:
-                r = await s.rmp.RmpUpdate(
-                    rmp_pb2.RmpUpdateRequest(
-                        spa=spa, state=rmp_pb2.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
-                    ),
-                    metadata=HOST,
-                )
-                assert r.result in (rmp_pb2.RMP_RESULT_SUCCESS, rmp_pb2.RMP_RESULT_FAIL_INUSE)
-                if r.result == rmp_pb2.RMP_RESULT_SUCCESS:
-                    break
-            won_during_loop = not race.done()
-            first = counts((await race).outcome)
-            assert set(first) <= {"SUCCESS", "npf", "FAIL_PERMISSION"}, first
-            after = counts(
-                (
-                    await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=3))
-                ).outcome
-            )
-            if won_during_loop:
-                assert first.get("npf") == 1, first
-                assert after == {"FAIL_PERMISSION": 3}, after
-            else:
-                assert first == {"SUCCESS": iterations}, first  # the page was still the guest's
-                assert after == {"npf": 1, "FAIL_PERMISSION": 2}, after
-            events = (await g.GetStatus(guest_pb2.GetStatusRequest())).events
-            assert [e.gpa for e in events if e.kind == "npf"] == [gpa]
-
-    run(body())
+            assert r.result in (rmp_pb2.RMP_RESULT_SUCCESS, rmp_pb2.RMP_RESULT_FAIL_INUSE)
+            if r.result == rmp_pb2.RMP_RESULT_SUCCESS:
+                break
+        won_during_loop = not race.done()
+        first = counts((await race).outcome)
+        assert set(first) <= {"SUCCESS", "npf", "FAIL_PERMISSION"}, first
+        after = counts(
+            (await g.RaceRmpAdjust(guest_pb2.RaceRmpAdjustRequest(gpa=gpa, iterations=3))).outcome
+        )
+        if won_during_loop:
+            assert first.get("npf") == 1, first
+            assert after == {"FAIL_PERMISSION": 3}, after
+        else:
+            assert first == {"SUCCESS": iterations}, first  # the page was still the guest's
+            assert after == {"npf": 1, "FAIL_PERMISSION": 2}, after
+        events = (await g.GetStatus(guest_pb2.GetStatusRequest())).events
+        assert [e.gpa for e in events if e.kind == "npf"] == [gpa]
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/AccessForeignMemory", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/ReadMemory", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/WriteMemory", "ok")
-def test_a_guest_cannot_reach_another_guests_memory(tmp_path: Path) -> None:
+async def test_a_guest_cannot_reach_another_guests_memory(tmp_path: Path) -> None:
     from snp.kvm.v1 import kvm_pb2
     from snp.rmp.v1 import rmp_pb2
 
-    async def body() -> None:
-        async with (
-            host_stack(tmp_path) as s,
-            agent(s, "guest-0") as (a, _),
-            agent(s, "guest-1") as (b, _),
-        ):
-            marker = b"guest-1 private data".ljust(64, b".")
-            gpa = 0x300000
-            await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker))
-            st_b = await b.GetStatus(guest_pb2.GetStatusRequest())
-            mm = await s.kvm.GetMemoryMap(
-                kvm_pb2.GetMemoryMapRequest(vm=handles_pb2.VmHandle(id=st_b.vm_id)), metadata=HOST
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (a, _),
+        agent(s, "guest-1") as (b, _),
+    ):
+        marker = b"guest-1 private data".ljust(64, b".")
+        gpa = 0x300000
+        await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker))
+        st_b = await b.GetStatus(guest_pb2.GetStatusRequest())
+        mm = await s.kvm.GetMemoryMap(
+            kvm_pb2.GetMemoryMapRequest(vm=handles_pb2.VmHandle(id=st_b.vm_id)), metadata=HOST
+        )
+        region = next(r for r in mm.regions if r.gpa <= gpa < r.gpa + r.size)
+        spa = region.spa + gpa - region.gpa
+        assert spa >= 64 << 20, "the frame lies beyond guest-0's 64 MiB of GPA space"
+        before = await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST)
+        for op in ("read", "validate", "adjust"):
+            r = await a.AccessForeignMemory(
+                guest_pb2.AccessForeignMemoryRequest(spa=spa, operation=op, asid=mm.asid)
             )
-            region = next(r for r in mm.regions if r.gpa <= gpa < r.gpa + r.size)
-            spa = region.spa + gpa - region.gpa
-            assert spa >= 64 << 20, "the frame lies beyond guest-0's 64 MiB of GPA space"
-            before = await s.rmp.ReadRmpEntry(
-                rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST
+            own, forged = r.outcome.split("; as ASID")
+            assert "#NPF" in own and "no_memslot" in own and "not retried" in own, r.outcome
+            assert "refused by rmp (BAD_VCPU_IDENTITY" in forged, r.outcome
+        after = await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST)
+        assert after.entry == before.entry
+        back = await b.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=gpa, length=64))
+        assert back.data == marker
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await a.AccessForeignMemory(
+                guest_pb2.AccessForeignMemoryRequest(spa=spa, operation="write")
             )
-            for op in ("read", "validate", "adjust"):
-                r = await a.AccessForeignMemory(
-                    guest_pb2.AccessForeignMemoryRequest(spa=spa, operation=op, asid=mm.asid)
-                )
-                own, forged = r.outcome.split("; as ASID")
-                assert "#NPF" in own and "no_memslot" in own and "not retried" in own, r.outcome
-                assert "refused by rmp (BAD_VCPU_IDENTITY" in forged, r.outcome
-            after = await s.rmp.ReadRmpEntry(
-                rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST
-            )
-            assert after.entry == before.entry
-            back = await b.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=gpa, length=64))
-            assert back.data == marker
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await a.AccessForeignMemory(
-                    guest_pb2.AccessForeignMemoryRequest(spa=spa, operation="write")
-                )
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-    run(body())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -15,7 +15,6 @@ The expected values are upstream's, written out here:
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from pathlib import Path
 
@@ -42,10 +41,6 @@ MASK_VALID = API_MINOR | API_MAJOR | SMT | RSVD_MBO | DEBUG | SINGLE_SOCKET
 # SPEC: SNP ABI, Status Codes; ATTESTATION_REPORT PLATFORM_INFO (0x40) bit 0 SMT_EN
 POLICY_FAILURE = 0x07
 PLATFORM_INFO = 0x40
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 async def free_pages(s: Stack) -> int:
@@ -81,63 +76,54 @@ async def destroy(s: Stack, vm: object) -> None:
     assert r.leaked_pages == 0
 
 
-def test_every_vmsa_feature_bit(tmp_path: Path) -> None:
+async def test_every_vmsa_feature_bit(tmp_path: Path) -> None:
     """__sev_guest_init(): only sev_supported_vmsa_features (DEBUG_SWAP) and SNP_ACTIVE (which
     QEMU clears and KVM sets) pass; any other bit is INVALID_ARGUMENT before anything exists."""
     supported = {0: SEV_STATUS_SEV_SNP, 5: SEV_STATUS_SEV_SNP | SEV_STATUS_DEBUG_SWAP}
 
-    async def body() -> list[int]:
-        asids = []
-        async with host_stack(tmp_path) as s:
-            for bit in range(64):
-                if bit not in supported:
-                    reason = await refused_by_kvm(s, guest_features=1 << bit)
-                    assert reason == "VMSA_FEATURES_UNSUPPORTED", bit
-                    continue
-                made = await create(s, guest_features=1 << bit)
-                vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
-                assert vm.sev_status == supported[bit], bit
-                asids.append(made.asid)
-                await destroy(s, made.vm)
-            # the refusals took no ASID: the second VM has the next one
-        return asids
-
-    assert run(body()) == [1, 2]
+    asids = []
+    async with host_stack(tmp_path) as s:
+        for bit in range(64):
+            if bit not in supported:
+                reason = await refused_by_kvm(s, guest_features=1 << bit)
+                assert reason == "VMSA_FEATURES_UNSUPPORTED", bit
+                continue
+            made = await create(s, guest_features=1 << bit)
+            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+            assert vm.sev_status == supported[bit], bit
+            asids.append(made.asid)
+            await destroy(s, made.vm)
+        # the refusals took no ASID: the second VM has the next one
+    result = asids
+    assert result == [1, 2]
 
 
-def test_snp_active_is_in_the_measured_vmsa_even_when_not_requested(tmp_path: Path) -> None:
+async def test_snp_active_is_in_the_measured_vmsa_even_when_not_requested(tmp_path: Path) -> None:
     """The VMSA's SEV_FEATURES (measured, SPEC: SNP ABI, VMSA page) carry SNP_ACTIVE whatever
     the caller asked: 0 launches as sev-snp-measure's 0x1, DEBUG_SWAP as 0x21."""
 
-    async def body() -> tuple[bytes, bytes, Path]:
-        async with host_stack(tmp_path) as s:
-            plain = await s.launch(vcpus=2, guest_features=0)
-            swap = await s.launch(vcpus=2, guest_features=SVM_SEV_FEAT_DEBUG_SWAP)
-            return plain.measurement, swap.measurement, s.firmware
-
-    plain, swap, fw = run(body())
+    async with host_stack(tmp_path) as s:
+        plain = await s.launch(vcpus=2, guest_features=0)
+        swap = await s.launch(vcpus=2, guest_features=SVM_SEV_FEAT_DEBUG_SWAP)
+        plain, swap, fw = plain.measurement, swap.measurement, s.firmware
     assert plain.hex() == sev_snp_measure("--guest-features", "0x1", ovmf=str(fw), vcpus=2)
     features = SVM_SEV_FEAT_SNP_ACTIVE | SVM_SEV_FEAT_DEBUG_SWAP
     assert swap.hex() == sev_snp_measure("--guest-features", hex(features), ovmf=str(fw), vcpus=2)
 
 
-def test_kvm_refuses_policy_bits_outside_its_mask_and_mbo_clear(tmp_path: Path) -> None:
+async def test_kvm_refuses_policy_bits_outside_its_mask_and_mbo_clear(stack: Stack) -> None:
     """snp_launch_start(): every bit outside SNP_POLICY_MASK_VALID, and RSVD_MBO clear, are
     INVALID_ARGUMENT with nothing created; every bit inside it is KVM's to pass on."""
 
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            for bit in range(64):
-                if not MASK_VALID & 1 << bit:
-                    reason = await refused_by_kvm(s, policy=SMT | RSVD_MBO | 1 << bit)
-                    assert reason == "POLICY_UNSUPPORTED", bit
-            assert await refused_by_kvm(s, policy=SMT) == "POLICY_MBO"
-            # SMT and SINGLE_SOCKET are no longer KVM's to refuse (nor DEBUG, nor ABI bits)
-            for policy in (RSVD_MBO, SMT | RSVD_MBO | SINGLE_SOCKET, MASK_VALID):
-                made = await create(s, policy=policy)
-                await destroy(s, made.vm)
-
-    run(body())
+    for bit in range(64):
+        if not MASK_VALID & 1 << bit:
+            reason = await refused_by_kvm(stack, policy=SMT | RSVD_MBO | 1 << bit)
+            assert reason == "POLICY_UNSUPPORTED", bit
+    assert await refused_by_kvm(stack, policy=SMT) == "POLICY_MBO"
+    # SMT and SINGLE_SOCKET are no longer KVM's to refuse (nor DEBUG, nor ABI bits)
+    for policy in (RSVD_MBO, SMT | RSVD_MBO | SINGLE_SOCKET, MASK_VALID):
+        made = await create(stack, policy=policy)
+        await destroy(stack, made.vm)
 
 
 async def launch_refused(s: Stack, policy: int) -> None:
@@ -170,32 +156,28 @@ async def smt_en(s: Stack, policy: int) -> int:
     return int(struct.unpack_from("<Q", payload, 0x20 + PLATFORM_INFO)[0]) & 1
 
 
-def test_smt_and_single_socket_are_refused_by_the_firmware(tmp_path: Path) -> None:
+async def test_smt_and_single_socket_are_refused_by_the_firmware(tmp_path: Path) -> None:
     """Default host: SMT enabled, one socket. SMT = 0 fails SNP_LAUNCH_START; SINGLE_SOCKET
     launches."""
 
-    async def body() -> int:
-        async with host_stack(tmp_path) as s:
-            await launch_refused(s, RSVD_MBO)
-            return await smt_en(s, SMT | RSVD_MBO | SINGLE_SOCKET)
-
-    assert run(body()) == 1
+    async with host_stack(tmp_path) as s:
+        await launch_refused(s, RSVD_MBO)
+        result = await smt_en(s, SMT | RSVD_MBO | SINGLE_SOCKET)
+    assert result == 1
 
 
-def test_without_smt_and_with_two_sockets(tmp_path: Path) -> None:
+async def test_without_smt_and_with_two_sockets(tmp_path: Path) -> None:
     """SMT disabled, two sockets: SMT = 0 launches (and the report says SMT is off);
     SINGLE_SOCKET fails SNP_ACTIVATE."""
 
-    async def body() -> int:
-        env = {"SNPEMU_HOST_SMT": "0", "SNPEMU_HOST_SOCKETS": "2"}
-        async with host_stack(tmp_path, psp_env=env) as s:
-            await launch_refused(s, SMT | RSVD_MBO | SINGLE_SOCKET)
-            return await smt_en(s, RSVD_MBO)
-
-    assert run(body()) == 0
+    env = {"SNPEMU_HOST_SMT": "0", "SNPEMU_HOST_SOCKETS": "2"}
+    async with host_stack(tmp_path, psp_env=env) as s:
+        await launch_refused(s, SMT | RSVD_MBO | SINGLE_SOCKET)
+        result = await smt_en(s, RSVD_MBO)
+    assert result == 0
 
 
-def test_a_launch_that_failed_after_launch_start_is_not_started_again(tmp_path: Path) -> None:
+async def test_a_launch_that_failed_after_launch_start_is_not_started_again(stack: Stack) -> None:
     """KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start(): "Don't allow userspace to allocate
     memory for more than 1 SNP context" (-EINVAL while sev->snp_context is set). A launch whose
     SNP_LAUNCH_FINISH the firmware refuses (an ID block whose ID auth does not verify) keeps its
@@ -203,27 +185,23 @@ def test_a_launch_that_failed_after_launch_start_is_not_started_again(tmp_path: 
     context, failed ACTIVATE with ASID_OWNED and orphaned the first context), and after
     DestroyVm the next VM launches."""
 
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            made = await create(s, id_block=bytes(96), id_auth=bytes(4096))
-            with pytest.raises(grpc.aio.AioRpcError) as first:
-                await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
-            assert error_info(first.value) is not None
-            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
-            assert vm.state == kvm_pb2.VM_STATE_CREATED and vm.gctx.gctx_paddr != 0
-            before = await free_pages(s)
-            with pytest.raises(grpc.aio.AioRpcError) as again:
-                await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
-            assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            details = error_info(again.value)
-            assert details is not None and details.reason == "LAUNCH_STARTED"
-            after = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
-            assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
-            assert await free_pages(s) == before
-            # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
-            await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
-            # the host is left in a state that launches the next VM
-            guest = await s.launch()
-            assert len(guest.measurement) == 48
-
-    run(body())
+    made = await create(stack, id_block=bytes(96), id_auth=bytes(4096))
+    with pytest.raises(grpc.aio.AioRpcError) as first:
+        await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+    assert error_info(first.value) is not None
+    vm = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+    assert vm.state == kvm_pb2.VM_STATE_CREATED and vm.gctx.gctx_paddr != 0
+    before = await free_pages(stack)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made.vm), metadata=HOST)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = error_info(again.value)
+    assert details is not None and details.reason == "LAUNCH_STARTED"
+    after = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
+    assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
+    assert await free_pages(stack) == before
+    # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
+    await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
+    # the host is left in a state that launches the next VM
+    guest = await stack.launch()
+    assert len(guest.measurement) == 48

@@ -19,7 +19,7 @@ from snp.netd.v1 import netd_pb2
 from snpemu.runtime.status import error_info
 
 from tests.service.host_stack import HOST, VMM, host_stack
-from tests.service.test_guest import agent, run
+from tests.service.test_guest import agent
 
 VMM_MD = (("x-snpemu-host-credential", VMM),)
 # VIRTIO 1.2, 5.1.6 Device Operation: struct virtio_net_hdr, 12 bytes with num_buffers
@@ -47,222 +47,207 @@ async def status(g: guest_pb2_grpc.GuestServiceStub) -> guest_pb2.GetStatusRespo
 A, B, C = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
 
 
-def test_packets_go_between_guests_and_are_counted(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with (
-            host_stack(tmp_path) as s,
-            agent(s, "guest-0") as (a, _),
-            agent(s, "guest-1") as (b, _),
-        ):
-            await attach(a, A)
-            await attach(b, B)
-            for i in range(40):  # more than the 16 RX buffers: B re-offers them as it reads
-                r = await a.SendPacket(
+async def test_packets_go_between_guests_and_are_counted(tmp_path: Path) -> None:
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (a, _),
+        agent(s, "guest-1") as (b, _),
+    ):
+        await attach(a, A)
+        await attach(b, B)
+        for i in range(40):  # more than the 16 RX buffers: B re-offers them as it reads
+            r = await a.SendPacket(
+                guest_pb2.SendPacketRequest(destination_mac=B, payload=payload(i))
+            )
+            assert r.result == "delivered"
+            if i % 10 == 9:
+                got = await receive_all(b)
+                assert [p.payload for p in got] == [payload(j) for j in range(i - 9, i + 1)]
+                assert {p.source_mac for p in got} == {A}
+        # B offered no buffer: the 17th packet is dropped and counted, not lost silently
+        results = [
+            (
+                await a.SendPacket(
                     guest_pb2.SendPacketRequest(destination_mac=B, payload=payload(i))
                 )
-                assert r.result == "delivered"
-                if i % 10 == 9:
-                    got = await receive_all(b)
-                    assert [p.payload for p in got] == [payload(j) for j in range(i - 9, i + 1)]
-                    assert {p.source_mac for p in got} == {A}
-            # B offered no buffer: the 17th packet is dropped and counted, not lost silently
-            results = [
-                (
-                    await a.SendPacket(
-                        guest_pb2.SendPacketRequest(destination_mac=B, payload=payload(i))
-                    )
-                ).result
-                for i in range(17)
-            ]
-            assert results == ["delivered"] * 16 + ["no_buffer"]
-            r = await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=C, payload=b"x"))
-            assert r.result == "no_route"
-            sa, sb = await status(a), await status(b)
-            assert dict(sa.net_sent) == {"delivered": 56, "no_buffer": 1, "no_route": 1}
-            assert dict(sb.net_received) == {"ok": 40}
-            devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
-            by_mac = {d.mac: d for d in devices.devices}
-            assert by_mac[B].rx_packets == 56 and by_mac[B].dropped_packets == 1
-            assert by_mac[A].tx_packets == 58 and by_mac[A].rmp_violations == 0
-            assert devices.restarts == 0
-
-    run(body())
+            ).result
+            for i in range(17)
+        ]
+        assert results == ["delivered"] * 16 + ["no_buffer"]
+        r = await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=C, payload=b"x"))
+        assert r.result == "no_route"
+        sa, sb = await status(a), await status(b)
+        assert dict(sa.net_sent) == {"delivered": 56, "no_buffer": 1, "no_route": 1}
+        assert dict(sb.net_received) == {"ok": 40}
+        devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        by_mac = {d.mac: d for d in devices.devices}
+        assert by_mac[B].rx_packets == 56 and by_mac[B].dropped_packets == 1
+        assert by_mac[A].tx_packets == 58 and by_mac[A].rmp_violations == 0
+        assert devices.restarts == 0
 
 
-def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s, "guest-0") as (a, _):
-            await attach(a, A)
-            vms = (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
-            vm = handles_pb2.VmHandle(id=vms[0].vm.id)
-            ring = netd_pb2.Ring(
-                ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048
-            )
-            bad = [
-                (dict(vm=vm, mac=A, rx=ring, tx=ring), "ALREADY_EXISTS"),
-                (dict(vm=vm, mac="01:00:00:00:00:01", rx=ring, tx=ring), "INVALID_ARGUMENT"),
-                (dict(vm=vm, mac="nonsense", rx=ring, tx=ring), "INVALID_ARGUMENT"),
-                (
-                    dict(vm=handles_pb2.VmHandle(id="vm-none"), mac=C, rx=ring, tx=ring),
-                    "NOT_FOUND",
-                ),
-                (
-                    dict(
-                        vm=vm,
-                        mac=C,
-                        rx=netd_pb2.Ring(
-                            ring_gpa=0x200000, buffers_gpa=0x201000, entries=6, buffer_size=2048
-                        ),
-                        tx=ring,
+async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
+    async with host_stack(tmp_path) as s, agent(s, "guest-0") as (a, _):
+        await attach(a, A)
+        vms = (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+        vm = handles_pb2.VmHandle(id=vms[0].vm.id)
+        ring = netd_pb2.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
+        bad = [
+            (dict(vm=vm, mac=A, rx=ring, tx=ring), "ALREADY_EXISTS"),
+            (dict(vm=vm, mac="01:00:00:00:00:01", rx=ring, tx=ring), "INVALID_ARGUMENT"),
+            (dict(vm=vm, mac="nonsense", rx=ring, tx=ring), "INVALID_ARGUMENT"),
+            (
+                dict(vm=handles_pb2.VmHandle(id="vm-none"), mac=C, rx=ring, tx=ring),
+                "NOT_FOUND",
+            ),
+            (
+                dict(
+                    vm=vm,
+                    mac=C,
+                    rx=netd_pb2.Ring(
+                        ring_gpa=0x200000, buffers_gpa=0x201000, entries=6, buffer_size=2048
                     ),
-                    "INVALID_ARGUMENT",
+                    tx=ring,
                 ),
-                (
-                    dict(
-                        vm=vm,
-                        mac=C,
-                        rx=netd_pb2.Ring(
-                            ring_gpa=1 << 40, buffers_gpa=0x201000, entries=8, buffer_size=2048
-                        ),
-                        tx=ring,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                dict(
+                    vm=vm,
+                    mac=C,
+                    rx=netd_pb2.Ring(
+                        ring_gpa=1 << 40, buffers_gpa=0x201000, entries=8, buffer_size=2048
                     ),
-                    "INVALID_ARGUMENT",
+                    tx=ring,
                 ),
-                (dict(vm=vm, mac=C, tx=ring), "INVALID_ARGUMENT"),
-            ]
-            for fields, code in bad:
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await s.netd.RegisterDevice(
-                        netd_pb2.RegisterDeviceRequest(**fields),
-                        metadata=VMM_MD,  # type: ignore[arg-type]
-                    )
-                assert info.value.code().name == code, (fields, info.value.details())
+                "INVALID_ARGUMENT",
+            ),
+            (dict(vm=vm, mac=C, tx=ring), "INVALID_ARGUMENT"),
+        ]
+        for fields, code in bad:
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await s.netd.NotifyQueue(
-                    netd_pb2.NotifyQueueRequest(
-                        device=netd_pb2.DeviceHandle(id="nope"), queue=netd_pb2.QUEUE_TX
-                    ),
-                    metadata=VMM_MD,
+                await s.netd.RegisterDevice(
+                    netd_pb2.RegisterDeviceRequest(**fields),
+                    metadata=VMM_MD,  # type: ignore[arg-type]
                 )
-            assert error_info(info.value).reason == "UNKNOWN_DEVICE"  # type: ignore[union-attr]
-            # a guest agent without a credential may not list the host's devices
-            with pytest.raises(grpc.aio.AioRpcError):
-                await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=VMM_MD)
-            devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
-            assert [d.mac for d in devices.devices] == [A]
-
-    run(body())
+            assert info.value.code().name == code, (fields, info.value.details())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await s.netd.NotifyQueue(
+                netd_pb2.NotifyQueueRequest(
+                    device=netd_pb2.DeviceHandle(id="nope"), queue=netd_pb2.QUEUE_TX
+                ),
+                metadata=VMM_MD,
+            )
+        assert error_info(info.value).reason == "UNKNOWN_DEVICE"  # type: ignore[union-attr]
+        # a guest agent without a credential may not list the host's devices
+        with pytest.raises(grpc.aio.AioRpcError):
+            await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=VMM_MD)
+        devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        assert [d.mac for d in devices.devices] == [A]
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "ok")
 @pytest.mark.parametrize("policy", ["convert", "convert-kill", "gmem"])
-def test_buggy_guest_under_each_policy(tmp_path: Path, policy: str) -> None:
+async def test_buggy_guest_under_each_policy(tmp_path: Path, policy: str) -> None:
     """A guest that forgot to convert its RX buffers: the host's user-mode write hits private
     pages. The daemon lives on; only the buggy guest is affected, and never silently."""
 
-    async def body() -> None:
-        async with (
-            host_stack(tmp_path, policy=policy) as s,
-            agent(s, "guest-0", SNPEMU_GUEST_ON_VC="log") as (a, _),
-            agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, _),
-            agent(s, "guest-2", SNPEMU_GUEST_ON_VC="log") as (c, _),
-        ):
-            await attach(a, A)
-            await attach(c, C)
-            await b.SkipDmaConversion(guest_pb2.SkipDmaConversionRequest(mac=B))
-            to_b = (
-                await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=b"hi"))
-            ).result
-            to_c = (
-                await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=C, payload=b"ok"))
-            ).result
-            assert to_c == "delivered"
-            assert [p.payload for p in await receive_all(c)] == [b"ok"]
-            vms = {
-                v.vm.id: v
-                for v in (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
-            }
-            terminated = [v for v in vms.values() if v.state == kvm_pb2.VM_STATE_TERMINATED]
-            if policy == "gmem":
-                assert to_b == "refused"
-                assert not terminated
-                assert await receive_all(b) == []
-                assert dict((await status(b)).net_received) == {"rx_error": 1}
+    async with (
+        host_stack(tmp_path, policy=policy) as s,
+        agent(s, "guest-0", SNPEMU_GUEST_ON_VC="log") as (a, _),
+        agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, _),
+        agent(s, "guest-2", SNPEMU_GUEST_ON_VC="log") as (c, _),
+    ):
+        await attach(a, A)
+        await attach(c, C)
+        await b.SkipDmaConversion(guest_pb2.SkipDmaConversionRequest(mac=B))
+        to_b = (
+            await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=b"hi"))
+        ).result
+        to_c = (
+            await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=C, payload=b"ok"))
+        ).result
+        assert to_c == "delivered"
+        assert [p.payload for p in await receive_all(c)] == [b"ok"]
+        vms = {
+            v.vm.id: v for v in (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+        }
+        terminated = [v for v in vms.values() if v.state == kvm_pb2.VM_STATE_TERMINATED]
+        if policy == "gmem":
+            assert to_b == "refused"
+            assert not terminated
+            assert await receive_all(b) == []
+            assert dict((await status(b)).net_received) == {"rx_error": 1}
+        else:
+            assert to_b == "converted"
+            if policy == "convert-kill":
+                assert len(terminated) == 1
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await receive_all(b)
             else:
-                assert to_b == "converted"
-                if policy == "convert-kill":
-                    assert len(terminated) == 1
-                    with pytest.raises(grpc.aio.AioRpcError):
-                        await receive_all(b)
-                else:
-                    assert not terminated
-                    assert await receive_all(b) == []  # the guest was told: #VC, no data
-                    st = await status(b)
-                    assert dict(st.net_received) == {"vc": 1}
-                    assert any(e.kind == "vc" for e in st.events)
-            for g in (a, c):
-                st = await status(g)
-                assert st.state == guest_pb2.BOOT_STATE_RUNNING
-                assert not any(e.kind == "vc" for e in st.events)
-
-    run(body())
+                assert not terminated
+                assert await receive_all(b) == []  # the guest was told: #VC, no data
+                st = await status(b)
+                assert dict(st.net_received) == {"vc": 1}
+                assert any(e.kind == "vc" for e in st.events)
+        for g in (a, c):
+            st = await status(g)
+            assert st.state == guest_pb2.BOOT_STATE_RUNNING
+            assert not any(e.kind == "vc" for e in st.events)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/FlipBufferDuringCopy", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetStatus", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/ReceivePackets", "ok")
 @pytest.mark.rpc("snp.guest.v1.GuestService/SendPacket", "ok")
-def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
+async def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
     """b arms the flip (it blanks the header of its next RX buffer, then watches it), a sends
     b a packet; netd's copy stands still after its first chunk until the flip has made the
     page private, so the next chunk meets a guest-owned page, which gmem refuses."""
 
-    async def body() -> None:
-        async with (
-            host_stack(
-                tmp_path,
-                netd_env={"SNPEMU_NETD_COPY_CHUNK": "256", "SNPEMU_NETD_COPY_DELAY_MS": "40"},
-            ) as s,
-            agent(s, "guest-0", SNPEMU_GUEST_ON_VC="log") as (a, _),
-            agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, b_rt),
-        ):
-            await attach(a, A)
-            await attach(b, B)
-            flipped = asyncio.Event()
-            pauses: list[float] = []
+    async with (
+        host_stack(
+            tmp_path,
+            netd_env={"SNPEMU_NETD_COPY_CHUNK": "256", "SNPEMU_NETD_COPY_DELAY_MS": "40"},
+        ) as s,
+        agent(s, "guest-0", SNPEMU_GUEST_ON_VC="log") as (a, _),
+        agent(s, "guest-1", SNPEMU_GUEST_ON_VC="log") as (b, b_rt),
+    ):
+        await attach(a, A)
+        await attach(b, B)
+        flipped = asyncio.Event()
+        pauses: list[float] = []
 
-            async def pause(delay: float) -> None:
-                pauses.append(delay)
-                await flipped.wait()
+        async def pause(delay: float) -> None:
+            pauses.append(delay)
+            await flipped.wait()
 
-            s.runtimes["netd"].impl.servicer.d.sleep = pause  # type: ignore[union-attr]
-            # a marker in the header of the buffer netd fills next: gone once the flip is armed
-            gpa = await b_rt.impl.net.dev.next_rx_buffer()  # type: ignore[union-attr]
-            marker = b"\xa5" * NET_HDR_LEN
-            await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker, shared=True))
-            flip = asyncio.ensure_future(
-                b.FlipBufferDuringCopy(guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=60_000))
+        s.runtimes["netd"].impl.servicer.d.sleep = pause  # type: ignore[union-attr]
+        # a marker in the header of the buffer netd fills next: gone once the flip is armed
+        gpa = await b_rt.impl.net.dev.next_rx_buffer()  # type: ignore[union-attr]
+        marker = b"\xa5" * NET_HDR_LEN
+        await b.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=gpa, data=marker, shared=True))
+        flip = asyncio.ensure_future(
+            b.FlipBufferDuringCopy(guest_pb2.FlipBufferDuringCopyRequest(timeout_ms=60_000))
+        )
+        deadline = asyncio.get_running_loop().time() + 30
+        while (
+            await b.ReadMemory(
+                guest_pb2.ReadMemoryRequest(gpa=gpa, length=NET_HDR_LEN, shared=True)
             )
-            deadline = asyncio.get_running_loop().time() + 30
-            while (
-                await b.ReadMemory(
-                    guest_pb2.ReadMemoryRequest(gpa=gpa, length=NET_HDR_LEN, shared=True)
-                )
-            ).data == marker:
-                assert asyncio.get_running_loop().time() < deadline, "the flip never armed"
-            send = asyncio.ensure_future(
-                a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=bytes(1400)))
-            )
-            try:
-                outcome = (await flip).outcome
-            finally:
-                flipped.set()
-            sent = await send
-            assert "flipped to private mid-copy" in outcome
-            assert f"copy into {gpa:#x} began" in outcome
-            assert pauses == [0.04]  # held after the first chunk; the second was refused
-            assert sent.result == "refused"
-            assert await receive_all(b) == []
-            assert dict((await status(b)).net_received) == {"rx_error": 1}
-
-    run(body())
+        ).data == marker:
+            assert asyncio.get_running_loop().time() < deadline, "the flip never armed"
+        send = asyncio.ensure_future(
+            a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=bytes(1400)))
+        )
+        try:
+            outcome = (await flip).outcome
+        finally:
+            flipped.set()
+        sent = await send
+        assert "flipped to private mid-copy" in outcome
+        assert f"copy into {gpa:#x} began" in outcome
+        assert pauses == [0.04]  # held after the first chunk; the second was refused
+        assert sent.result == "refused"
+        assert await receive_all(b) == []
+        assert dict((await status(b)).net_received) == {"rx_error": 1}

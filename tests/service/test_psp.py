@@ -22,90 +22,78 @@ from snpemu.runtime.status import error_info
 from tests.service.host_pair import HOST, Pair, rmp_and_psp
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
+async def test_failing_command_carries_the_firmware_status(tmp_path: Path) -> None:
+    async with rmp_and_psp(tmp_path) as pair:
+        page = await pair.firmware_page()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pair.psp.GctxCreate(psp_pb2.GctxCreateRequest(gctx_paddr=page), metadata=HOST)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.details().startswith("INVALID_PLATFORM_STATE (0x01)")
+        detail = error_info(info.value)
+        assert detail is not None
+        assert (detail.reason, detail.domain, dict(detail.metadata)) == (
+            "INVALID_PLATFORM_STATE",
+            "psp.snpemu",
+            {"fw_status": "0x0001"},
+        )
+        # host-only: no credential, no command
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pair.psp.SnpInit(psp_pb2.SnpInitRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reg = pair.psp_rt.registry
+        assert (
+            reg.get_sample_value(
+                "snp_psp_commands_total",
+                {"command": "SNP_GCTX_CREATE", "status": "INVALID_PLATFORM_STATE"},
+            )
+            == 1
+        )
+        assert (
+            reg.get_sample_value(
+                "snp_psp_commands_total", {"command": "SNP_INIT", "status": "SUCCESS"}
+            )
+            == 0
+        )
+        # a failure that never happened is already a series at zero, so that the first one
+        # is a step a rate() sees
+        assert (
+            reg.get_sample_value(
+                "snp_psp_commands_total",
+                {"command": "SNP_DF_FLUSH", "status": "WBINVD_REQUIRED"},
+            )
+            == 0
+        )
+        assert reg.get_sample_value("snp_psp_platform_state") == 0
 
 
-def test_failing_command_carries_the_firmware_status(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with rmp_and_psp(tmp_path) as pair:
-            page = await pair.firmware_page()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await pair.psp.GctxCreate(psp_pb2.GctxCreateRequest(gctx_paddr=page), metadata=HOST)
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert info.value.details().startswith("INVALID_PLATFORM_STATE (0x01)")
-            detail = error_info(info.value)
-            assert detail is not None
-            assert (detail.reason, detail.domain, dict(detail.metadata)) == (
-                "INVALID_PLATFORM_STATE",
-                "psp.snpemu",
-                {"fw_status": "0x0001"},
+async def test_platform_status_page_is_written_and_left_in_reclaim(tmp_path: Path) -> None:
+    async with rmp_and_psp(tmp_path) as pair:
+        await pair.psp.SnpInit(psp_pb2.SnpInitRequest(), metadata=HOST)
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # must be a firmware page
+            (spa,) = await pair.alloc()
+            await pair.psp.SnpPlatformStatus(
+                psp_pb2.SnpPlatformStatusRequest(status_paddr=spa), metadata=HOST
             )
-            # host-only: no credential, no command
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await pair.psp.SnpInit(psp_pb2.SnpInitRequest())
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            reg = pair.psp_rt.registry
-            assert (
-                reg.get_sample_value(
-                    "snp_psp_commands_total",
-                    {"command": "SNP_GCTX_CREATE", "status": "INVALID_PLATFORM_STATE"},
-                )
-                == 1
-            )
-            assert (
-                reg.get_sample_value(
-                    "snp_psp_commands_total", {"command": "SNP_INIT", "status": "SUCCESS"}
-                )
-                == 0
-            )
-            # a failure that never happened is already a series at zero, so that the first one
-            # is a step a rate() sees
-            assert (
-                reg.get_sample_value(
-                    "snp_psp_commands_total",
-                    {"command": "SNP_DF_FLUSH", "status": "WBINVD_REQUIRED"},
-                )
-                == 0
-            )
-            assert reg.get_sample_value("snp_psp_platform_state") == 0
-
-    run(body())
-
-
-def test_platform_status_page_is_written_and_left_in_reclaim(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with rmp_and_psp(tmp_path) as pair:
-            await pair.psp.SnpInit(psp_pb2.SnpInitRequest(), metadata=HOST)
-            with pytest.raises(grpc.aio.AioRpcError) as info:  # must be a firmware page
-                (spa,) = await pair.alloc()
-                await pair.psp.SnpPlatformStatus(
-                    psp_pb2.SnpPlatformStatusRequest(status_paddr=spa), metadata=HOST
-                )
-            assert error_info(info.value).reason == "INVALID_PAGE_STATE"  # type: ignore[union-attr]
-            page = await pair.firmware_page()
-            s = await pair.psp.SnpPlatformStatus(
-                psp_pb2.SnpPlatformStatusRequest(status_paddr=page), metadata=HOST
-            )
-            assert (s.api_major, s.api_minor, s.state, s.is_rmp_initialized) == (
-                1,
-                55,
-                psp_pb2.PLATFORM_STATE_INIT,
-                True,
-            )
-            assert len(s.raw) == 0x20 and s.current_tcb.raw == s.reported_tcb.raw
-            written = await pair.rmp.HostRead(
-                rmp_pb2.HostReadRequest(spa=page, length=0x20), metadata=HOST
-            )
-            assert written.data == s.raw
-            e = (
-                await pair.rmp.ReadRmpEntry(
-                    rmp_pb2.ReadRmpEntryRequest(pfn=page >> 12), metadata=HOST
-                )
-            ).entry
-            assert e.state == types_pb2.PAGE_STATE_RECLAIM
-
-    run(body())
+        assert error_info(info.value).reason == "INVALID_PAGE_STATE"  # type: ignore[union-attr]
+        page = await pair.firmware_page()
+        s = await pair.psp.SnpPlatformStatus(
+            psp_pb2.SnpPlatformStatusRequest(status_paddr=page), metadata=HOST
+        )
+        assert (s.api_major, s.api_minor, s.state, s.is_rmp_initialized) == (
+            1,
+            55,
+            psp_pb2.PLATFORM_STATE_INIT,
+            True,
+        )
+        assert len(s.raw) == 0x20 and s.current_tcb.raw == s.reported_tcb.raw
+        written = await pair.rmp.HostRead(
+            rmp_pb2.HostReadRequest(spa=page, length=0x20), metadata=HOST
+        )
+        assert written.data == s.raw
+        e = (
+            await pair.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=page >> 12), metadata=HOST)
+        ).entry
+        assert e.state == types_pb2.PAGE_STATE_RECLAIM
 
 
 async def launch_and_report(pair: Pair, user_data: bytes) -> tuple[bytes, bytes]:
@@ -163,40 +151,38 @@ async def launch_and_report(pair: Pair, user_data: bytes) -> tuple[bytes, bytes]
     return payload[0x20 : 0x20 + 0x4A0], fin.measurement
 
 
-def test_report_through_the_services_verifies_with_the_served_vcek(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with rmp_and_psp(tmp_path) as pair:
-            user = os.urandom(64)
-            report, measurement = await launch_and_report(pair, user)
-            assert report[0x50:0x90] == user and report[0x90:0xC0] == measurement
-            certs = await pair.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
-            vcek = x509.load_der_x509_certificate(certs.vcek_der).public_key()
-            assert rpt.verify(report, vcek)  # type: ignore[arg-type]
-            # Milan at its default stepping 1: productName Milan-B1 (go-sev-guest kds/kds.go
-            # steppingDecoder), and the report's CPUID_FAM_ID, CPUID_MOD_ID, CPUID_STEP (report
-            # version 3, offsets 0x188..0x18A) say family 0x19, model 0x01, stepping 1
-            assert certs.chip_id == report[0x1A0:0x1E0] and certs.product_name == "Milan-B1"
-            assert tuple(report[0x188:0x18B]) == (0x19, 0x01, 1)
-            reg = pair.psp_rt.registry
-            assert reg.get_sample_value("snp_guests", {"state": "running"}) == 1
-            assert (
-                reg.get_sample_value(
-                    "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": "SUCCESS"}
-                )
-                == 1
+async def test_report_through_the_services_verifies_with_the_served_vcek(tmp_path: Path) -> None:
+    async with rmp_and_psp(tmp_path) as pair:
+        user = os.urandom(64)
+        report, measurement = await launch_and_report(pair, user)
+        assert report[0x50:0x90] == user and report[0x90:0xC0] == measurement
+        certs = await pair.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
+        vcek = x509.load_der_x509_certificate(certs.vcek_der).public_key()
+        assert rpt.verify(report, vcek)  # type: ignore[arg-type]
+        # Milan at its default stepping 1: productName Milan-B1 (go-sev-guest kds/kds.go
+        # steppingDecoder), and the report's CPUID_FAM_ID, CPUID_MOD_ID, CPUID_STEP (report
+        # version 3, offsets 0x188..0x18A) say family 0x19, model 0x01, stepping 1
+        assert certs.chip_id == report[0x1A0:0x1E0] and certs.product_name == "Milan-B1"
+        assert tuple(report[0x188:0x18B]) == (0x19, 0x01, 1)
+        reg = pair.psp_rt.registry
+        assert reg.get_sample_value("snp_guests", {"state": "running"}) == 1
+        assert (
+            reg.get_sample_value(
+                "snp_psp_commands_total", {"command": "SNP_GUEST_REQUEST", "status": "SUCCESS"}
             )
-            assert (
-                reg.get_sample_value(
-                    "snp_psp_command_duration_seconds_count", {"command": "SNP_LAUNCH_UPDATE"}
-                )
-                == 2
+            == 1
+        )
+        assert (
+            reg.get_sample_value(
+                "snp_psp_command_duration_seconds_count", {"command": "SNP_LAUNCH_UPDATE"}
             )
+            == 2
+        )
 
-    run(body())
 
-
-def test_kds_endpoint_and_a_persistent_identity(tmp_path: Path) -> None:
-    async def body() -> tuple[bytes, bytes]:
+async def test_kds_endpoint_and_a_persistent_identity(tmp_path: Path) -> None:
+    async def chip_and_chain() -> tuple[bytes, bytes]:
+        """A psp on tmp_path's data directory: its KDS answers, and its chip ID and ARK."""
         async with rmp_and_psp(tmp_path) as pair:
             kds = pair.psp_rt.impl.kds.port  # type: ignore[union-attr]
             certs = await pair.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)
@@ -236,27 +222,24 @@ def test_kds_endpoint_and_a_persistent_identity(tmp_path: Path) -> None:
             )[0] == 404
             return certs.chip_id, certs.ark_der
 
-    first = run(body())
-    second = run(body())  # a new psp on the same data directory: the same chip and chain
+    first = await chip_and_chain()
+    second = await chip_and_chain()  # a new psp on the same data directory: the same chip and chain
     assert first == second
 
 
 @pytest.mark.rpc("snp.psp.v1.PspService/GuestRequest", "ok", "error")
-def test_guest_request_needs_a_firmware_response_page(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with rmp_and_psp(tmp_path) as pair:
-            report, _ = await launch_and_report(pair, bytes(64))
-            gctx = handles_pb2.GuestContextHandle(
-                gctx_paddr=next(iter(pair.psp_rt.impl.fw.guests))  # type: ignore[union-attr]
+async def test_guest_request_needs_a_firmware_response_page(tmp_path: Path) -> None:
+    async with rmp_and_psp(tmp_path) as pair:
+        report, _ = await launch_and_report(pair, bytes(64))
+        gctx = handles_pb2.GuestContextHandle(
+            gctx_paddr=next(iter(pair.psp_rt.impl.fw.guests))  # type: ignore[union-attr]
+        )
+        req, res = await pair.alloc(2)  # the response page is a hypervisor page: refused
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pair.psp.GuestRequest(
+                psp_pb2.GuestRequestRequest(gctx=gctx, req_paddr=req, res_paddr=res),
+                metadata=HOST,
             )
-            req, res = await pair.alloc(2)  # the response page is a hypervisor page: refused
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await pair.psp.GuestRequest(
-                    psp_pb2.GuestRequestRequest(gctx=gctx, req_paddr=req, res_paddr=res),
-                    metadata=HOST,
-                )
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert error_info(info.value).reason == "INVALID_PAGE_STATE"  # type: ignore[union-attr]
-            assert len(report) == 0x4A0
-
-    run(body())
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(info.value).reason == "INVALID_PAGE_STATE"  # type: ignore[union-attr]
+        assert len(report) == 0x4A0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import struct
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,10 +30,6 @@ ASID = 7
 KEY = bytes(range(64))
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
     """count frames anywhere (PLACEMENT_ANY)."""
     r = await stub.AllocatePages(
@@ -41,12 +38,13 @@ async def alloc(stub: rmp_pb2_grpc.RmpServiceStub, count: int) -> list[int]:
     return list(r.pfns)
 
 
+@contextlib.asynccontextmanager
 async def with_rmp(
-    body: Callable[[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime], Awaitable[Any]],
     clock: Callable[[], float] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     **env: str,
-) -> Any:
+) -> AsyncIterator[tuple[rmp_pb2_grpc.RmpServiceStub, ServiceRuntime]]:
+    """An rmp service of 64 MiB (its options from `env`), its stub and its runtime."""
     config = ServiceConfig.from_env(
         "rmp",
         {
@@ -65,9 +63,17 @@ async def with_rmp(
     await runtime.start()
     try:
         async with grpc.aio.insecure_channel(runtime.address) as channel:
-            return await body(rmp_pb2_grpc.RmpServiceStub(channel), runtime)
+            yield rmp_pb2_grpc.RmpServiceStub(channel), runtime
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[rmp_pb2_grpc.RmpServiceStub]:
+    """with_rmp() with its defaults (64 MiB, the gmem policy), for a test that needs only the
+    stub; a test that needs other options or the runtime opens with_rmp(...) itself."""
+    async with with_rmp() as (rmp_stub, _runtime):
+        yield rmp_stub
 
 
 def identity(
@@ -114,152 +120,132 @@ async def guest_setup(
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GetPlatformInfo", "ok", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "error")
-def test_host_only_rpcs_need_the_credential() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetPlatformInfo(
-                pb.GetPlatformInfoRequest(), metadata=(("x-snpemu-host-credential", "nope"),)
-            )
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info_reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
-        assert info_reply.memory_bytes == 64 << 20 and info_reply.snp_capable
-        assert info_reply.violation_policy == pb.VIOLATION_POLICY_GMEM
-        # guest RPCs need no credential but a registered identity
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GuestRead(
-                pb.GuestReadRequest(identity=identity(), gpa=0, length=8, private=True)
-            )
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        detail = error_info(info.value)
-        assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
-
-    run(with_rmp(body))
+async def test_host_only_rpcs_need_the_credential(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetPlatformInfo(pb.GetPlatformInfoRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetPlatformInfo(
+            pb.GetPlatformInfoRequest(), metadata=(("x-snpemu-host-credential", "nope"),)
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info_reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
+    assert info_reply.memory_bytes == 64 << 20 and info_reply.snp_capable
+    assert info_reply.violation_policy == pb.VIOLATION_POLICY_GMEM
+    # guest RPCs need no credential but a registered identity
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GuestRead(
+            pb.GuestReadRequest(identity=identity(), gpa=0, length=8, private=True)
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    detail = error_info(info.value)
+    assert detail is not None and detail.reason == "BAD_VCPU_IDENTITY"
 
 
-def test_iommu_passthrough_is_not_snp_capable() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+async def test_iommu_passthrough_is_not_snp_capable() -> None:
+    async with with_rmp(SNPEMU_RMP_IOMMU="passthrough") as (stub, _rt):
         reply = await stub.GetPlatformInfo(pb.GetPlatformInfoRequest(), metadata=HOST)
         assert reply.iommu_mode == pb.IOMMU_MODE_PASSTHROUGH and not reply.snp_capable
 
-    run(with_rmp(body, SNPEMU_RMP_IOMMU="passthrough"))
 
-
-def test_private_memory_is_encrypted_and_owned() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns, ident = await guest_setup(stub)
-        # Not validated yet: #VC
-        r = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+async def test_private_memory_is_encrypted_and_owned(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns, ident = await guest_setup(stub)
+    # Not validated yet: #VC
+    r = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+    )
+    assert r.fault.vc and r.fault.cause == "page not validated"
+    v = await stub.PvalidateBatch(
+        pb.PvalidateBatchRequest(identity=ident, gpas=[i << 12 for i in range(8)], validate=True)
+    )
+    assert v.codes == bytes(8) and not v.HasField("fault")
+    secret = b"the same secret!" * 4
+    for gpa in (0x1000, 0x2000):
+        w = await stub.GuestWrite(
+            pb.GuestWriteRequest(identity=ident, gpa=gpa, data=secret, private=True)
         )
-        assert r.fault.vc and r.fault.cause == "page not validated"
-        v = await stub.PvalidateBatch(
-            pb.PvalidateBatchRequest(
-                identity=ident, gpas=[i << 12 for i in range(8)], validate=True
-            )
+        assert not w.HasField("fault")
+    back = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+    )
+    assert back.data == secret
+    c1 = (await stub.HostRead(pb.HostReadRequest(spa=pfns[1] << 12, length=64), metadata=HOST)).data
+    c2 = (await stub.HostRead(pb.HostReadRequest(spa=pfns[2] << 12, length=64), metadata=HOST)).data
+    assert c1 != secret and c2 != secret and c1 != c2  # ciphertext, tweaked by address
+    # Shared (C=0) access to a private page is an RMP #NPF
+    s = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=False)
+    )
+    assert s.fault.npf and s.fault.error_code & (1 << 31) and not s.fault.error_code & (1 << 34)
+    # Another guest can neither read nor validate these pages
+    _, other = await guest_setup(stub, pages=2, asid=ASID + 1, vm="vm-b")
+    await stub.UpdateNestedPageTable(
+        pb.UpdateNestedPageTableRequest(
+            asid=ASID + 1, map=[pb.NptMapping(gpa=0x100000, first_pfn=pfns[1], npages=1)]
+        ),
+        metadata=HOST,
+    )
+    r = await stub.GuestRead(
+        pb.GuestReadRequest(identity=other, gpa=0x100000, length=4, private=True)
+    )
+    assert r.fault.npf and r.fault.cause == "page not owned by this guest" and r.data == b""
+    p = await stub.Pvalidate(
+        pb.PvalidateRequest(
+            identity=other, gpa=0x100000, page_size=types_pb2.PAGE_SIZE_4K, validate=False
         )
-        assert v.codes == bytes(8) and not v.HasField("fault")
-        secret = b"the same secret!" * 4
-        for gpa in (0x1000, 0x2000):
-            w = await stub.GuestWrite(
-                pb.GuestWriteRequest(identity=ident, gpa=gpa, data=secret, private=True)
-            )
-            assert not w.HasField("fault")
-        back = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
-        )
-        assert back.data == secret
-        c1 = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[1] << 12, length=64), metadata=HOST)
-        ).data
-        c2 = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[2] << 12, length=64), metadata=HOST)
-        ).data
-        assert c1 != secret and c2 != secret and c1 != c2  # ciphertext, tweaked by address
-        # Shared (C=0) access to a private page is an RMP #NPF
-        s = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=False)
-        )
-        assert s.fault.npf and s.fault.error_code & (1 << 31) and not s.fault.error_code & (1 << 34)
-        # Another guest can neither read nor validate these pages
-        _, other = await guest_setup(stub, pages=2, asid=ASID + 1, vm="vm-b")
-        await stub.UpdateNestedPageTable(
-            pb.UpdateNestedPageTableRequest(
-                asid=ASID + 1, map=[pb.NptMapping(gpa=0x100000, first_pfn=pfns[1], npages=1)]
-            ),
-            metadata=HOST,
-        )
-        r = await stub.GuestRead(
-            pb.GuestReadRequest(identity=other, gpa=0x100000, length=4, private=True)
-        )
-        assert r.fault.npf and r.fault.cause == "page not owned by this guest" and r.data == b""
-        p = await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=other, gpa=0x100000, page_size=types_pb2.PAGE_SIZE_4K, validate=False
-            )
-        )
-        assert p.fault.npf
-        # The owner's data is intact
-        back = await stub.GuestRead(
-            pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
-        )
-        assert back.data == secret
-
-    run(with_rmp(body))
+    )
+    assert p.fault.npf
+    # The owner's data is intact
+    back = await stub.GuestRead(
+        pb.GuestReadRequest(identity=ident, gpa=0x1000, length=len(secret), private=True)
+    )
+    assert back.data == secret
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListRmpEntries", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Pvalidate", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "error")
-def test_entries_decoded_and_raw() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns, ident = await guest_setup(stub, pages=2)
-        await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
-            )
+async def test_entries_decoded_and_raw(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns, ident = await guest_setup(stub, pages=2)
+    await stub.Pvalidate(
+        pb.PvalidateRequest(
+            identity=ident, gpa=0x1000, page_size=types_pb2.PAGE_SIZE_4K, validate=True
         )
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
-        assert (e.assigned, e.asid, e.gpa, e.validated, e.state) == (
-            True,
-            ASID,
-            0x1000,
-            True,
-            types_pb2.PAGE_STATE_GUEST_VALID,
-        )
-        lo, hi = struct.unpack("<QQ", e.raw)
-        assert lo == 1 | 0x1000 | ASID << 51 | 1 << 62 and hi == 0
-        listed = await stub.ListRmpEntries(
-            pb.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True), metadata=HOST
-        )
-        assert [x.pfn for x in listed.entries] == pfns
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-    run(with_rmp(body))
+    )
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[1]), metadata=HOST)).entry
+    assert (e.assigned, e.asid, e.gpa, e.validated, e.state) == (
+        True,
+        ASID,
+        0x1000,
+        True,
+        types_pb2.PAGE_STATE_GUEST_VALID,
+    )
+    lo, hi = struct.unpack("<QQ", e.raw)
+    assert lo == 1 | 0x1000 | ASID << 51 | 1 << 62 and hi == 0
+    listed = await stub.ListRmpEntries(
+        pb.ListRmpEntriesRequest(first_pfn=0, count=4096, non_default_only=True), metadata=HOST
+    )
+    assert [x.pfn for x in listed.entries] == pfns
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=1 << 40), metadata=HOST)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ReadRmpEntry", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdateBatch", "ok", "error")
-def test_batch_rmpupdate_packed_entries() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns = await alloc(stub, 4)
-        entries = b"".join(
-            struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
-        )
-        entries += struct.pack("<QQBBBBI", (pfns[0] << 12) | 1, 0, 0, 0, 0, 0, 0)  # misaligned SPA
-        r = await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries), metadata=HOST)
-        assert list(r.codes) == [0, 0, 0, 0, 1]
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries[:-1]), metadata=HOST)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
-        assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
-
-    run(with_rmp(body))
+async def test_batch_rmpupdate_packed_entries(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    pfns = await alloc(stub, 4)
+    entries = b"".join(
+        struct.pack("<QQBBBBI", p << 12, i << 12, 1, 0, 0, 0, ASID) for i, p in enumerate(pfns)
+    )
+    entries += struct.pack("<QQBBBBI", (pfns[0] << 12) | 1, 0, 0, 0, 0, 0, 0)  # misaligned SPA
+    r = await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries), metadata=HOST)
+    assert list(r.codes) == [0, 0, 0, 0, 1]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RmpUpdateBatch(pb.RmpUpdateBatchRequest(entries=entries[:-1]), metadata=HOST)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[3]), metadata=HOST)).entry
+    assert (e.assigned, e.gpa, e.asid) == (True, 0x3000, ASID)
 
 
 class Kvm:
@@ -302,8 +288,8 @@ async def write(stub: rmp_pb2_grpc.RmpServiceStub, spa: int, origin: int) -> pb.
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestRead", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/PvalidateBatch", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpAdjust", "ok")
-def test_convert_policy_converts_and_the_guest_is_told() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_convert_policy_converts_and_the_guest_is_told() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1") as (stub, rt):
         pfns, ident = await guest_setup(stub)
         await stub.PvalidateBatch(
             pb.PvalidateBatchRequest(
@@ -368,10 +354,8 @@ def test_convert_policy_converts_and_the_guest_is_told() -> None:
             == 1
         )
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1"))
 
-
-def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
+async def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
     """A VMSA page is converted only once kvm acknowledged the kick; a subscriber that never
     acknowledges leaves the write waiting until the kick timeout's timer fires: SIGBUS."""
     timers: list[float] = []
@@ -381,7 +365,9 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
         timers.append(seconds)
         await fire.wait()
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+    async with with_rmp(
+        sleep=timer, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1.5"
+    ) as (stub, rt):
         pfns, ident = await guest_setup(stub, pages=1)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -406,8 +392,6 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
         assert e.assigned and e.vmsa  # not converted
         kvm.close()
 
-    run(with_rmp(body, sleep=timer, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_KICK_TIMEOUT_S="1.5"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AcknowledgeMmuNotification", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostWrite", "ok")
@@ -416,8 +400,8 @@ def test_an_unacknowledged_kick_gives_up_when_rmps_timer_fires() -> None:
 @pytest.mark.rpc("snp.rmp.v1.RmpService/RmpUpdate", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UpdateNestedPageTable", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/WatchMmuNotifications", "ok")
-def test_convert_kill_asks_kvm_to_terminate() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_convert_kill_asks_kvm_to_terminate() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="convert-kill") as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         kvm = await Kvm.subscribed(stub, rt)
         r = await write(stub, pfns[1] << 12, pb.ACCESS_ORIGIN_KERNEL)
@@ -426,13 +410,14 @@ def test_convert_kill_asks_kvm_to_terminate() -> None:
         assert [(n.asid, n.terminate) for n in kvm.seen] == [(ASID, True)]
         kvm.close()
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="convert-kill"))
 
-
-def test_rmpadjust_race_is_ended_by_the_kick() -> None:
+async def test_rmpadjust_race_is_ended_by_the_kick() -> None:
     clock = FakeClock()  # the hold lasts until the test moves this clock
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000") as (
+        stub,
+        rt,
+    ):
         pfns, ident = await guest_setup(stub, pages=2)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -470,14 +455,12 @@ def test_rmpadjust_race_is_ended_by_the_kick() -> None:
         assert not e.assigned and e.state == types_pb2.PAGE_STATE_HYPERVISOR
         kvm.close()
 
-    run(with_rmp(body, clock, SNPEMU_RMP_POLICY="convert", SNPEMU_RMP_INSN_HOLD_US="1000000"))
 
-
-def test_an_instruction_hold_ends_on_rmps_clock() -> None:
+async def test_an_instruction_hold_ends_on_rmps_clock() -> None:
     """Without a kick, the entry is free again once rmp's clock has moved past the hold."""
     clock = FakeClock()
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_INSN_HOLD_US="250000") as (stub, _rt):
         pfns, ident = await guest_setup(stub, pages=2)
         to_shared = pb.RmpUpdateRequest(
             spa=pfns[1] << 12, state=pb.RmpState(page_size=types_pb2.PAGE_SIZE_4K)
@@ -494,11 +477,9 @@ def test_an_instruction_hold_ends_on_rmps_clock() -> None:
         u = await stub.RmpUpdate(to_shared, metadata=HOST)
         assert u.result == pb.RMP_RESULT_SUCCESS
 
-    run(with_rmp(body, clock, SNPEMU_RMP_INSN_HOLD_US="250000"))
 
-
-def test_sigbus_policy_kernel_write_panics_the_host() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_sigbus_policy_kernel_write_panics_the_host() -> None:
+    async with with_rmp(SNPEMU_RMP_POLICY="sigbus") as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
         assert r.outcome == pb.VIOLATION_OUTCOME_SIGBUS
@@ -522,53 +503,46 @@ def test_sigbus_policy_kernel_write_panics_the_host() -> None:
         assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert rt.registry.get_sample_value("snp_host_panics_total") == 1
 
-    run(with_rmp(body, SNPEMU_RMP_POLICY="sigbus"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestWrite", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostRead", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "error")
-def test_gmem_user_write_is_refused_and_changes_nothing() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns, ident = await guest_setup(stub, pages=1)
-        await stub.Pvalidate(
-            pb.PvalidateRequest(
-                identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True
-            )
+async def test_gmem_user_write_is_refused_and_changes_nothing(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns, ident = await guest_setup(stub, pages=1)
+    await stub.Pvalidate(
+        pb.PvalidateRequest(identity=ident, gpa=0, page_size=types_pb2.PAGE_SIZE_4K, validate=True)
+    )
+    await stub.GuestWrite(pb.GuestWriteRequest(identity=ident, gpa=0, data=b"mine", private=True))
+    before = (
+        await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+    ).data
+    r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
+    assert r.outcome == pb.VIOLATION_OUTCOME_REFUSED
+    after = (
+        await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
+    ).data
+    assert after == before
+    e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
+    assert e.state == types_pb2.PAGE_STATE_GUEST_VALID
+    g = await stub.GuestRead(pb.GuestReadRequest(identity=ident, gpa=0, length=4, private=True))
+    assert g.data == b"mine"
+    # kernel writers map (and so check) first: a private page cannot be mapped
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.MapHostPage(
+            pb.MapHostPageRequest(spa=pfns[0] << 12, holder="kvm"), metadata=HOST
         )
-        await stub.GuestWrite(
-            pb.GuestWriteRequest(identity=ident, gpa=0, data=b"mine", private=True)
-        )
-        before = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
-        ).data
-        r = await write(stub, pfns[0] << 12, pb.ACCESS_ORIGIN_USER)
-        assert r.outcome == pb.VIOLATION_OUTCOME_REFUSED
-        after = (
-            await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=4096), metadata=HOST)
-        ).data
-        assert after == before
-        e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
-        assert e.state == types_pb2.PAGE_STATE_GUEST_VALID
-        g = await stub.GuestRead(pb.GuestReadRequest(identity=ident, gpa=0, length=4, private=True))
-        assert g.data == b"mine"
-        # kernel writers map (and so check) first: a private page cannot be mapped
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.MapHostPage(
-                pb.MapHostPageRequest(spa=pfns[0] << 12, holder="kvm"), metadata=HOST
-            )
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-
-    run(with_rmp(body))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListHostMaps", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/MapHostPage", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/UnmapHostPage", "ok", "error")
-def test_host_map_lock_blocks_conversion_to_private() -> None:
+async def test_host_map_lock_blocks_conversion_to_private() -> None:
     clock = FakeClock()  # the map's age is read from rmp's clock
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
+    async with with_rmp(clock, SNPEMU_RMP_MAP_LEAK_S="0.25") as (stub, _rt):
         pfns = await alloc(stub, 1)
         await stub.UpdateNestedPageTable(
             pb.UpdateNestedPageTableRequest(
@@ -600,14 +574,12 @@ def test_host_map_lock_blocks_conversion_to_private() -> None:
             await stub.UnmapHostPage(pb.UnmapHostPageRequest(map_id=m.map_id), metadata=HOST)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    run(with_rmp(body, clock, SNPEMU_RMP_MAP_LEAK_S="0.25"))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FreePages", "error")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/LeakPages", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/ListLeakedPages", "ok")
-def test_leaked_pages_are_never_reused_and_counted() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_leaked_pages_are_never_reused_and_counted() -> None:
+    async with with_rmp() as (stub, rt):
         pfns, _ = await guest_setup(stub, pages=2)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.FreePages(pb.FreePagesRequest(pfns=pfns), metadata=HOST)
@@ -632,35 +604,30 @@ def test_leaked_pages_are_never_reused_and_counted() -> None:
         e = (await stub.ReadRmpEntry(pb.ReadRmpEntryRequest(pfn=pfns[0]), metadata=HOST)).entry
         assert e.leaked
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/AllocatePages", "ok", "error")
-def test_allocation_placements() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        tmr = (
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
-            )
-        ).pfns
-        assert tmr[0] % 512 == 0 and list(tmr) == list(range(tmr[0], tmr[0] + 512))
-        safe = (
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=2000, placement=pb.PLACEMENT_SNP_SAFE), metadata=HOST
-            )
-        ).pfns
-        assert all(p % 512 for p in safe)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.AllocatePages(
-                pb.AllocatePagesRequest(count=3, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
-            )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-    run(with_rmp(body))
+async def test_allocation_placements(stub: rmp_pb2_grpc.RmpServiceStub) -> None:
+    tmr = (
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=512, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+        )
+    ).pfns
+    assert tmr[0] % 512 == 0 and list(tmr) == list(range(tmr[0], tmr[0] + 512))
+    safe = (
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=2000, placement=pb.PLACEMENT_SNP_SAFE), metadata=HOST
+        )
+    ).pfns
+    assert all(p % 512 for p in safe)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.AllocatePages(
+            pb.AllocatePagesRequest(count=3, placement=pb.PLACEMENT_ALIGNED_2M), metadata=HOST
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_metrics_are_exported() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, rt: ServiceRuntime) -> None:
+async def test_metrics_are_exported() -> None:
+    async with with_rmp() as (stub, rt):
         _, ident = await guest_setup(stub, pages=3)
         await stub.Pvalidate(
             pb.PvalidateRequest(
@@ -682,250 +649,239 @@ def test_metrics_are_exported() -> None:
         assert 'snp_rmp_violation_policy{policy="gmem"} 1.0' in text
         assert "snp_rmp_leaked_pages_total 0.0" in text and "snp_host_panics_total 0.0" in text
 
-    run(with_rmp(body))
-
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareSession", "error")
-def test_firmware_session_answers_in_order_and_survives_errors() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns = await alloc(stub, 1)
-        spa = pfns[0] << 12
-        session = stub.FirmwareSession(metadata=HOST)
-        await session.write(
-            pb.FirmwareSessionRequest(write=pb.FirmwareWriteRequest(spa=spa, data=b"abc"))
-        )
-        assert (await session.read()).WhichOneof("result") == "write"
-        # expects a firmware page: this one is a hypervisor page
-        await session.write(
-            pb.FirmwareSessionRequest(
-                read=pb.FirmwareReadRequest(
-                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_FIRMWARE]
-                )
+async def test_firmware_session_answers_in_order_and_survives_errors(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns = await alloc(stub, 1)
+    spa = pfns[0] << 12
+    session = stub.FirmwareSession(metadata=HOST)
+    await session.write(
+        pb.FirmwareSessionRequest(write=pb.FirmwareWriteRequest(spa=spa, data=b"abc"))
+    )
+    assert (await session.read()).WhichOneof("result") == "write"
+    # expects a firmware page: this one is a hypervisor page
+    await session.write(
+        pb.FirmwareSessionRequest(
+            read=pb.FirmwareReadRequest(
+                spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_FIRMWARE]
             )
         )
-        err = (await session.read()).error
-        assert (err.reason, err.metadata["state"], err.code) == (
-            "PAGE_STATE_MISMATCH",
-            "HYPERVISOR",
-            9,
-        )
-        await session.write(
-            pb.FirmwareSessionRequest(
-                read=pb.FirmwareReadRequest(
-                    spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_HYPERVISOR]
-                )
+    )
+    err = (await session.read()).error
+    assert (err.reason, err.metadata["state"], err.code) == (
+        "PAGE_STATE_MISMATCH",
+        "HYPERVISOR",
+        9,
+    )
+    await session.write(
+        pb.FirmwareSessionRequest(
+            read=pb.FirmwareReadRequest(
+                spa=spa, length=3, expect_states=[types_pb2.PAGE_STATE_HYPERVISOR]
             )
         )
-        assert (await session.read()).read.data == b"abc"
-        await session.done_writing()
-
-    run(with_rmp(body))
+    )
+    assert (await session.read()).read.data == b"abc"
+    await session.done_writing()
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/GuestSession", "error")
-def test_guest_session_checks_each_ops_identity_and_answers_in_order() -> None:
+async def test_guest_session_checks_each_ops_identity_and_answers_in_order(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
     """No credential: the vCPU identity of each op is the check, as in the unary calls."""
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        _pfns, ident = await guest_setup(stub, pages=2)
-        session = stub.GuestSession()  # no host credential
-        ops = [
-            pb.GuestSessionRequest(
-                pvalidate_batch=pb.PvalidateBatchRequest(identity=ident, gpas=[0], validate=True)
-            ),
-            pb.GuestSessionRequest(
-                write=pb.GuestWriteRequest(identity=ident, gpa=0x10, data=b"secret", private=True)
-            ),
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(identity=ident, gpa=0x10, length=6, private=True)
-            ),
-            # another guest's identity (a forged token) is refused in-band ...
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(
-                    identity=handles_pb2.VcpuIdentity(
-                        vcpu=ident.vcpu, asid=ident.asid, vmpl=0, token=b"forged" * 4
-                    ),
-                    gpa=0x10,
-                    length=6,
-                    private=True,
-                )
-            ),
-            # ... and the stream goes on: an unvalidated page faults with #VC
-            pb.GuestSessionRequest(
-                read=pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
-            ),
-        ]
-        replies = []
-        for op in ops:
-            await session.write(op)
-            replies.append(await session.read())
-        await session.done_writing()
-        assert [r.WhichOneof("result") for r in replies] == [
-            "pvalidate_batch",
-            "write",
-            "read",
-            "error",
-            "read",
-        ]
-        assert replies[0].pvalidate_batch.codes == bytes(1)  # one PVALIDATE, code 0
-        assert replies[2].read.data == b"secret"
-        assert replies[3].error.reason == "BAD_VCPU_IDENTITY"
-        assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
-        assert replies[4].read.fault.vc
-
-    run(with_rmp(body))
+    _pfns, ident = await guest_setup(stub, pages=2)
+    session = stub.GuestSession()  # no host credential
+    ops = [
+        pb.GuestSessionRequest(
+            pvalidate_batch=pb.PvalidateBatchRequest(identity=ident, gpas=[0], validate=True)
+        ),
+        pb.GuestSessionRequest(
+            write=pb.GuestWriteRequest(identity=ident, gpa=0x10, data=b"secret", private=True)
+        ),
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(identity=ident, gpa=0x10, length=6, private=True)
+        ),
+        # another guest's identity (a forged token) is refused in-band ...
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(
+                identity=handles_pb2.VcpuIdentity(
+                    vcpu=ident.vcpu, asid=ident.asid, vmpl=0, token=b"forged" * 4
+                ),
+                gpa=0x10,
+                length=6,
+                private=True,
+            )
+        ),
+        # ... and the stream goes on: an unvalidated page faults with #VC
+        pb.GuestSessionRequest(
+            read=pb.GuestReadRequest(identity=ident, gpa=0x1000, length=4, private=True)
+        ),
+    ]
+    replies = []
+    for op in ops:
+        await session.write(op)
+        replies.append(await session.read())
+    await session.done_writing()
+    assert [r.WhichOneof("result") for r in replies] == [
+        "pvalidate_batch",
+        "write",
+        "read",
+        "error",
+        "read",
+    ]
+    assert replies[0].pvalidate_batch.codes == bytes(1)  # one PVALIDATE, code 0
+    assert replies[2].read.data == b"secret"
+    assert replies[3].error.reason == "BAD_VCPU_IDENTITY"
+    assert replies[3].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert replies[4].read.fault.vc
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostCopy", "ok", "error")
-def test_host_copy_reads_freely_and_writes_through_the_policy() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
-        src, dst = await alloc(stub, 2)
-        await stub.HostWrite(
-            pb.HostWriteRequest(
-                spa=src << 12, data=b"header..body", origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
-            ),
-            metadata=HOST,
-        )
-        r = await stub.HostCopy(
-            pb.HostCopyRequest(
-                src_spa=src << 12,
-                dst_spa=dst << 12,
-                length=4096,
-                peek=6,
-                origin=pb.ACCESS_ORIGIN_KERNEL,
-                writer="t",
-            ),
-            metadata=HOST,
-        )
-        assert r.head == b"header" and r.write.outcome == pb.VIOLATION_OUTCOME_NONE
-        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
-        assert got.data == b"header..body"
-        # into a guest-assigned page, from user mode, under gmem: refused, nothing written
-        before = await stub.HostRead(
-            pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST
-        )
-        r = await stub.HostCopy(
-            pb.HostCopyRequest(
-                src_spa=src << 12,
-                dst_spa=pfns[0] << 12,
-                length=64,
-                origin=pb.ACCESS_ORIGIN_USER,
-                writer="t",
-            ),
-            metadata=HOST,
-        )
-        assert r.write.outcome == pb.VIOLATION_OUTCOME_REFUSED
-        after = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
-        assert after.data == before.data
-        for bad in (
-            {"length": 0},
-            {"length": 4097},
-            {"length": 16, "peek": 32},
-            {"length": 16, "origin": pb.ACCESS_ORIGIN_UNSPECIFIED},
-        ):
-            fields = {"origin": pb.ACCESS_ORIGIN_KERNEL, "writer": "t", **bad}
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.HostCopy(
-                    pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, **fields),
-                    metadata=HOST,
-                )
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-        got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
-        assert got.data == b"header..body"
+async def test_host_copy_reads_freely_and_writes_through_the_policy(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    pfns, _ident = await guest_setup(stub, pages=1)  # one guest-assigned page
+    src, dst = await alloc(stub, 2)
+    await stub.HostWrite(
+        pb.HostWriteRequest(
+            spa=src << 12, data=b"header..body", origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
+        ),
+        metadata=HOST,
+    )
+    r = await stub.HostCopy(
+        pb.HostCopyRequest(
+            src_spa=src << 12,
+            dst_spa=dst << 12,
+            length=4096,
+            peek=6,
+            origin=pb.ACCESS_ORIGIN_KERNEL,
+            writer="t",
+        ),
+        metadata=HOST,
+    )
+    assert r.head == b"header" and r.write.outcome == pb.VIOLATION_OUTCOME_NONE
+    got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+    assert got.data == b"header..body"
+    # into a guest-assigned page, from user mode, under gmem: refused, nothing written
+    before = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
+    r = await stub.HostCopy(
+        pb.HostCopyRequest(
+            src_spa=src << 12,
+            dst_spa=pfns[0] << 12,
+            length=64,
+            origin=pb.ACCESS_ORIGIN_USER,
+            writer="t",
+        ),
+        metadata=HOST,
+    )
+    assert r.write.outcome == pb.VIOLATION_OUTCOME_REFUSED
+    after = await stub.HostRead(pb.HostReadRequest(spa=pfns[0] << 12, length=64), metadata=HOST)
+    assert after.data == before.data
+    for bad in (
+        {"length": 0},
+        {"length": 4097},
+        {"length": 16, "peek": 32},
+        {"length": 16, "origin": pb.ACCESS_ORIGIN_UNSPECIFIED},
+    ):
+        fields = {"origin": pb.ACCESS_ORIGIN_KERNEL, "writer": "t", **bad}
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
-
-    run(with_rmp(body))
+            await stub.HostCopy(
+                pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, **fields),
+                metadata=HOST,
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    got = await stub.HostRead(pb.HostReadRequest(spa=dst << 12, length=12), metadata=HOST)
+    assert got.data == b"header..body"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.HostCopy(pb.HostCopyRequest(src_spa=src << 12, dst_spa=dst << 12, length=8))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # host only
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/HostSession", "error")
-def test_host_sequence_runs_in_order_and_stops_at_the_first_failure() -> None:
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        a, b = await alloc(stub, 2)
+async def test_host_sequence_runs_in_order_and_stops_at_the_first_failure(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
+    a, b = await alloc(stub, 2)
 
-        def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
-            return pb.HostSessionRequest(
-                write=pb.HostWriteRequest(
-                    spa=pfn << 12, data=data, origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
-                )
+    def write(pfn: int, data: bytes) -> pb.HostSessionRequest:
+        return pb.HostSessionRequest(
+            write=pb.HostWriteRequest(
+                spa=pfn << 12, data=data, origin=pb.ACCESS_ORIGIN_KERNEL, writer="t"
             )
+        )
 
-        def update(pfn: int, misaligned: bool = False) -> pb.HostSessionRequest:
-            entry = struct.pack("<QQBBBBI", pfn << 12 | misaligned, 0, 1, 0, 0, 0, ASID)
-            return pb.HostSessionRequest(rmp_update_batch=pb.RmpUpdateBatchRequest(entries=entry))
+    def update(pfn: int, misaligned: bool = False) -> pb.HostSessionRequest:
+        entry = struct.pack("<QQBBBBI", pfn << 12 | misaligned, 0, 1, 0, 0, 0, ASID)
+        return pb.HostSessionRequest(rmp_update_batch=pb.RmpUpdateBatchRequest(entries=entry))
 
-        async def sequence(*ops: pb.HostSessionRequest) -> list[pb.HostSessionResponse]:
-            session = stub.HostSession(metadata=HOST)
-            await session.write(
-                pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=list(ops)))
-            )
-            reply = await session.read()
-            await session.done_writing()
-            if reply.WhichOneof("result") == "error":
-                return [reply]
-            return list(reply.sequence.results)
+    async def sequence(*ops: pb.HostSessionRequest) -> list[pb.HostSessionResponse]:
+        session = stub.HostSession(metadata=HOST)
+        await session.write(pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=list(ops))))
+        reply = await session.read()
+        await session.done_writing()
+        if reply.WhichOneof("result") == "error":
+            return [reply]
+        return list(reply.sequence.results)
 
-        async def peek(pfn: int) -> bytes:
-            r = await stub.HostRead(pb.HostReadRequest(spa=pfn << 12, length=4), metadata=HOST)
-            return bytes(r.data)
+    async def peek(pfn: int) -> bytes:
+        r = await stub.HostRead(pb.HostReadRequest(spa=pfn << 12, length=4), metadata=HOST)
+        return bytes(r.data)
 
-        # all run, in order: the second write wins
-        got = await sequence(write(a, b"one!"), update(b), write(a, b"two!"))
-        assert [r.WhichOneof("result") for r in got] == ["write", "rmp_update_batch", "write"]
-        assert await peek(a) == b"two!"
-        # an RMPUPDATE batch with a failing entry stops the sequence: the write after it never runs
-        got = await sequence(update(b, misaligned=True), write(a, b"3333"))
-        assert len(got) == 1 and list(got[0].rmp_update_batch.codes) == [1]
-        assert await peek(a) == b"two!"
-        # an op that fails with an error stops it too, and the error is the last result
-        bad_origin = pb.HostSessionRequest(write=pb.HostWriteRequest(spa=a << 12, data=b"x"))
-        got = await sequence(write(a, b"ok.."), bad_origin, write(a, b"4444"))
-        assert [r.WhichOneof("result") for r in got] == ["write", "error"]
-        assert got[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert await peek(a) == b"ok.."
-        # malformed sequences are refused before any op runs
-        nested = pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=[write(a, b"5555")]))
-        for ops in (
-            [],
-            [write(a, b"6666")] * 9,
-            [write(a, b"7777"), nested],
-            [write(a, b"8888"), pb.HostSessionRequest()],
-        ):
-            got = await sequence(*ops)
-            assert got[0].WhichOneof("result") == "error", ops
-            assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert await peek(a) == b"ok.."
-
-    run(with_rmp(body))
+    # all run, in order: the second write wins
+    got = await sequence(write(a, b"one!"), update(b), write(a, b"two!"))
+    assert [r.WhichOneof("result") for r in got] == ["write", "rmp_update_batch", "write"]
+    assert await peek(a) == b"two!"
+    # an RMPUPDATE batch with a failing entry stops the sequence: the write after it never runs
+    got = await sequence(update(b, misaligned=True), write(a, b"3333"))
+    assert len(got) == 1 and list(got[0].rmp_update_batch.codes) == [1]
+    assert await peek(a) == b"two!"
+    # an op that fails with an error stops it too, and the error is the last result
+    bad_origin = pb.HostSessionRequest(write=pb.HostWriteRequest(spa=a << 12, data=b"x"))
+    got = await sequence(write(a, b"ok.."), bad_origin, write(a, b"4444"))
+    assert [r.WhichOneof("result") for r in got] == ["write", "error"]
+    assert got[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert await peek(a) == b"ok.."
+    # malformed sequences are refused before any op runs
+    nested = pb.HostSessionRequest(sequence=pb.HostSequenceRequest(ops=[write(a, b"5555")]))
+    for ops in (
+        [],
+        [write(a, b"6666")] * 9,
+        [write(a, b"7777"), nested],
+        [write(a, b"8888"), pb.HostSessionRequest()],
+    ):
+        got = await sequence(*ops)
+        assert got[0].WhichOneof("result") == "error", ops
+        assert got[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert await peek(a) == b"ok.."
 
 
 @pytest.mark.rpc("snp.rmp.v1.RmpService/FirmwareWbinvdIndicator", "ok")
 @pytest.mark.rpc("snp.rmp.v1.RmpService/Wbinvd", "ok", "error")
-def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears() -> None:
+async def test_wbinvd_sets_the_indicator_the_firmware_reads_and_clears(
+    stub: rmp_pb2_grpc.RmpServiceStub,
+) -> None:
     """WBINVD on every core sets the WBINVD indicator; SNP_DECOMMISSION clears it through the
     firmware's read-and-clear. KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids() ("DEACTIVATE
     will clear the WBINVD indicator causing DF_FLUSH to fail")."""
 
-    async def body(stub: rmp_pb2_grpc.RmpServiceStub, _rt: ServiceRuntime) -> None:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Wbinvd(pb.WbinvdRequest())
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Wbinvd(pb.WbinvdRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        async def indicator(clear: bool) -> bool:
-            r = await stub.FirmwareWbinvdIndicator(
-                pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
-            )
-            return r.set
+    async def indicator(clear: bool) -> bool:
+        r = await stub.FirmwareWbinvdIndicator(
+            pb.FirmwareWbinvdIndicatorRequest(clear=clear), metadata=HOST
+        )
+        return r.set
 
-        assert await indicator(clear=False)  # nothing deactivated since boot
-        assert await indicator(clear=True)  # read, then cleared
-        assert not await indicator(clear=False)
-        await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
-        assert await indicator(clear=False)
-
-    run(with_rmp(body))
+    assert await indicator(clear=False)  # nothing deactivated since boot
+    assert await indicator(clear=True)  # read, then cleared
+    assert not await indicator(clear=False)
+    await stub.Wbinvd(pb.WbinvdRequest(), metadata=HOST)
+    assert await indicator(clear=False)

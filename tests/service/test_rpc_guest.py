@@ -19,7 +19,6 @@ from snp.rmp.v1 import rmp_pb2
 from tests.service.host_stack import HOST, Stack, host_stack
 from tests.service.test_guest import agent
 from tests.service.test_rpc_netd import refused
-from tests.service.test_rpc_psp import run
 
 A, B = "02:00:00:00:00:1a", "02:00:00:00:00:1b"
 
@@ -48,105 +47,99 @@ async def spa_of(s: Stack, vm_id: str, gpa: int) -> int:
 @pytest.mark.rpc("snp.guest.v1.GuestService/ExposeVmsaPage", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/AttachNetDevice", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "error")
-def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s, agent(s, "guest-0") as (g, _):
-            st = await status(g)
-            assert st.state == pb.BOOT_STATE_RUNNING
-            ram = st.memory_bytes
-            await refused(
-                g.ConvertMemory(pb.ConvertMemoryRequest(gpa=0x400000, size=4096, page_size=1)),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            await refused(  # beyond guest RAM
-                g.AcceptMemory(pb.AcceptMemoryRequest(gpa=ram, size=4096)),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "BAD_RANGE",
-            )
-            await refused(
-                g.AcceptMemory(pb.AcceptMemoryRequest(gpa=0x400800, size=4096)),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "BAD_RANGE",
-            )
-            await refused(
-                g.WriteMemory(pb.WriteMemoryRequest(gpa=0x400000)),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            await refused(
-                g.ReadMemory(pb.ReadMemoryRequest(gpa=0x400000, length=(1 << 20) + 1)),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            # the device calls before any device is attached
-            for call in (
-                g.ReceivePackets(pb.ReceivePacketsRequest()),
-                g.SendPacket(pb.SendPacketRequest(destination_mac=B, payload=b"x")),
-                g.FlipBufferDuringCopy(pb.FlipBufferDuringCopyRequest()),
-                g.ExposeVmsaPage(pb.ExposeVmsaPageRequest()),
-            ):
-                await refused(call, grpc.StatusCode.FAILED_PRECONDITION, "NO_DEVICE")
-            # virtio 1.2 2.7: a split queue's size is a power of 2
-            for call in (
-                g.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A, ring_entries=12)),
-                g.SkipDmaConversion(pb.SkipDmaConversionRequest(mac=A, ring_entries=12)),
-            ):
-                await refused(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
-            devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
-            assert list(devices.devices) == []  # nothing registered by the refused calls
+async def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
+    async with host_stack(tmp_path) as s, agent(s, "guest-0") as (g, _):
+        st = await status(g)
+        assert st.state == pb.BOOT_STATE_RUNNING
+        ram = st.memory_bytes
+        await refused(
+            g.ConvertMemory(pb.ConvertMemoryRequest(gpa=0x400000, size=4096, page_size=1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        await refused(  # beyond guest RAM
+            g.AcceptMemory(pb.AcceptMemoryRequest(gpa=ram, size=4096)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "BAD_RANGE",
+        )
+        await refused(
+            g.AcceptMemory(pb.AcceptMemoryRequest(gpa=0x400800, size=4096)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "BAD_RANGE",
+        )
+        await refused(
+            g.WriteMemory(pb.WriteMemoryRequest(gpa=0x400000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        await refused(
+            g.ReadMemory(pb.ReadMemoryRequest(gpa=0x400000, length=(1 << 20) + 1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        # the device calls before any device is attached
+        for call in (
+            g.ReceivePackets(pb.ReceivePacketsRequest()),
+            g.SendPacket(pb.SendPacketRequest(destination_mac=B, payload=b"x")),
+            g.FlipBufferDuringCopy(pb.FlipBufferDuringCopyRequest()),
+            g.ExposeVmsaPage(pb.ExposeVmsaPageRequest()),
+        ):
+            await refused(call, grpc.StatusCode.FAILED_PRECONDITION, "NO_DEVICE")
+        # virtio 1.2 2.7: a split queue's size is a power of 2
+        for call in (
+            g.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A, ring_entries=12)),
+            g.SkipDmaConversion(pb.SkipDmaConversionRequest(mac=A, ring_entries=12)),
+        ):
+            await refused(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        assert list(devices.devices) == []  # nothing registered by the refused calls
 
-            dev = (await g.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A))).device_id
-            assert dev
-            await refused(
-                g.SendPacket(pb.SendPacketRequest(payload=b"x")),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            await refused(
-                g.FlipBufferDuringCopy(pb.FlipBufferDuringCopyRequest(timeout_ms=60_001)),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            # the next RX buffer's page becomes private and a VMSA page, as the RMP says
-            outcome = (await g.ExposeVmsaPage(pb.ExposeVmsaPageRequest())).outcome
-            m = re.match(r"page (0x[0-9a-f]+) ", outcome)
-            assert m, outcome
-            spa = await spa_of(s, st.vm_id, int(m.group(1), 16))
-            e = (
-                await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST)
-            ).entry
-            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm={"id": st.vm_id}), metadata=HOST)).vm
-            assert (e.assigned, e.vmsa, e.asid) == (True, True, vm.asid)
-
-    run(body())
+        dev = (await g.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A))).device_id
+        assert dev
+        await refused(
+            g.SendPacket(pb.SendPacketRequest(payload=b"x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        await refused(
+            g.FlipBufferDuringCopy(pb.FlipBufferDuringCopyRequest(timeout_ms=60_001)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        # the next RX buffer's page becomes private and a VMSA page, as the RMP says
+        outcome = (await g.ExposeVmsaPage(pb.ExposeVmsaPageRequest())).outcome
+        m = re.match(r"page (0x[0-9a-f]+) ", outcome)
+        assert m, outcome
+        spa = await spa_of(s, st.vm_id, int(m.group(1), 16))
+        e = (
+            await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=spa >> 12), metadata=HOST)
+        ).entry
+        vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm={"id": st.vm_id}), metadata=HOST)).vm
+        assert (e.assigned, e.vmsa, e.asid) == (True, True, vm.asid)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/FlipResponsePage", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "error")
-def test_a_response_page_flipped_private_under_convert_kill(tmp_path: Path) -> None:
+async def test_a_response_page_flipped_private_under_convert_kill(tmp_path: Path) -> None:
     """kvm's kernel-mode write of the response hits the page the guest made private: under
     convert-kill the host converts it and kills the guest; a terminated guest refuses calls."""
 
-    async def body() -> None:
-        async with host_stack(tmp_path, policy="convert-kill") as s, agent(s, "guest-0") as (g, _):
-            outcome = (await g.FlipResponsePage(pb.FlipResponsePageRequest())).outcome
-            assert outcome, outcome
-            deadline = time.monotonic() + 10
-            while (st := await status(g)).state != pb.BOOT_STATE_TERMINATED:
-                assert time.monotonic() < deadline, (outcome, st.state)
-                await asyncio.sleep(0.02)
-            vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm={"id": st.vm_id}), metadata=HOST)).vm
-            assert vm.state == kvm_pb2.VM_STATE_TERMINATED
-            await refused(
-                g.FlipResponsePage(pb.FlipResponsePageRequest()),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "GUEST_TERMINATED",
-            )
-            await refused(
-                g.GetReport(pb.GetReportRequest()),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "GUEST_TERMINATED",
-            )
-
-    run(body())
+    async with host_stack(tmp_path, policy="convert-kill") as s, agent(s, "guest-0") as (g, _):
+        outcome = (await g.FlipResponsePage(pb.FlipResponsePageRequest())).outcome
+        assert outcome, outcome
+        deadline = time.monotonic() + 10
+        while (st := await status(g)).state != pb.BOOT_STATE_TERMINATED:
+            assert time.monotonic() < deadline, (outcome, st.state)
+            await asyncio.sleep(0.02)
+        vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm={"id": st.vm_id}), metadata=HOST)).vm
+        assert vm.state == kvm_pb2.VM_STATE_TERMINATED
+        await refused(
+            g.FlipResponsePage(pb.FlipResponsePageRequest()),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "GUEST_TERMINATED",
+        )
+        await refused(
+            g.GetReport(pb.GetReportRequest()),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "GUEST_TERMINATED",
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,8 +12,7 @@ from snp.common.v1 import handles_pb2
 from snp.netd.v1 import netd_pb2 as pb
 from snpemu.runtime.status import error_info
 
-from tests.service.host_stack import HOST, Stack, host_stack
-from tests.service.test_rpc_psp import run
+from tests.service.host_stack import HOST, Guest, Stack
 
 A, B = "02:00:00:00:00:a1", "02:00:00:00:00:b2"
 # virtio 1.2 2.7: a split ring of 8 entries fits one page; buffers follow it
@@ -49,86 +47,74 @@ async def listed(s: Stack) -> dict[str, pb.DeviceStats]:
 @pytest.mark.rpc("snp.netd.v1.NetdService/GetDeviceStats", "ok", "error")
 @pytest.mark.rpc("snp.netd.v1.NetdService/UnregisterDevice", "ok", "error")
 @pytest.mark.rpc("snp.netd.v1.NetdService/NotifyQueue", "ok", "error")
-def test_device_register_stats_notify_unregister(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            guest = await s.launch()
-            assert await listed(s) == {}
-            dev = await register(s, guest.vm, A)
-            stats = (
-                await s.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=dev), metadata=HOST)
-            ).stats
-            assert (stats.device.id, stats.mac, stats.vm.id) == (dev.id, A, guest.vm.id)
-            assert (stats.rx_packets, stats.tx_packets, stats.dropped_packets) == (0, 0, 0)
-            assert set(await listed(s)) == {A}
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await s.netd.ListDevices(pb.ListDevicesRequest())
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            # a second device with the same MAC is refused and changes nothing
-            await refused(
-                s.netd.RegisterDevice(
-                    pb.RegisterDeviceRequest(vm=guest.vm, mac=A, rx=RX, tx=TX), metadata=HOST
-                ),
-                grpc.StatusCode.ALREADY_EXISTS,
-                "MAC_IN_USE",
-            )
-            assert set(await listed(s)) == {A}
+async def test_device_register_stats_notify_unregister(stack: Stack, launched_vm: Guest) -> None:
+    assert await listed(stack) == {}
+    dev = await register(stack, launched_vm.vm, A)
+    stats = (
+        await stack.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=dev), metadata=HOST)
+    ).stats
+    assert (stats.device.id, stats.mac, stats.vm.id) == (dev.id, A, launched_vm.vm.id)
+    assert (stats.rx_packets, stats.tx_packets, stats.dropped_packets) == (0, 0, 0)
+    assert set(await listed(stack)) == {A}
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.netd.ListDevices(pb.ListDevicesRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # a second device with the same MAC is refused and changes nothing
+    await refused(
+        stack.netd.RegisterDevice(
+            pb.RegisterDeviceRequest(vm=launched_vm.vm, mac=A, rx=RX, tx=TX), metadata=HOST
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "MAC_IN_USE",
+    )
+    assert set(await listed(stack)) == {A}
 
-            # the doorbells: nothing made available on an empty TX ring, nothing moved
-            for queue in (pb.QUEUE_TX, pb.QUEUE_RX):
-                n = await s.netd.NotifyQueue(
-                    pb.NotifyQueueRequest(device=dev, queue=queue), metadata=HOST
-                )
-                assert (n.processed, list(n.results)) == (0, [])
-            message = await refused(
-                s.netd.NotifyQueue(pb.NotifyQueueRequest(device=dev), metadata=HOST),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
-            )
-            assert "QUEUE_RX or QUEUE_TX" in message
+    # the doorbells: nothing made available on an empty TX ring, nothing moved
+    for queue in (pb.QUEUE_TX, pb.QUEUE_RX):
+        n = await stack.netd.NotifyQueue(
+            pb.NotifyQueueRequest(device=dev, queue=queue), metadata=HOST
+        )
+        assert (n.processed, list(n.results)) == (0, [])
+    message = await refused(
+        stack.netd.NotifyQueue(pb.NotifyQueueRequest(device=dev), metadata=HOST),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert "QUEUE_RX or QUEUE_TX" in message
 
-            other = await register(s, guest.vm, B)
-            await s.netd.UnregisterDevice(pb.UnregisterDeviceRequest(device=dev), metadata=HOST)
-            assert set(await listed(s)) == {B}
-            await refused(
-                s.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=dev), metadata=HOST),
-                grpc.StatusCode.NOT_FOUND,
-                "UNKNOWN_DEVICE",
-            )
-            await refused(
-                s.netd.UnregisterDevice(pb.UnregisterDeviceRequest(device=dev), metadata=HOST),
-                grpc.StatusCode.NOT_FOUND,
-                "UNKNOWN_DEVICE",
-            )
-            assert set(await listed(s)) == {B}
-            # the MAC is free again
-            again = await register(s, guest.vm, A)
-            assert again.id not in (dev.id, other.id)
-
-    run(body())
+    other = await register(stack, launched_vm.vm, B)
+    await stack.netd.UnregisterDevice(pb.UnregisterDeviceRequest(device=dev), metadata=HOST)
+    assert set(await listed(stack)) == {B}
+    await refused(
+        stack.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=dev), metadata=HOST),
+        grpc.StatusCode.NOT_FOUND,
+        "UNKNOWN_DEVICE",
+    )
+    await refused(
+        stack.netd.UnregisterDevice(pb.UnregisterDeviceRequest(device=dev), metadata=HOST),
+        grpc.StatusCode.NOT_FOUND,
+        "UNKNOWN_DEVICE",
+    )
+    assert set(await listed(stack)) == {B}
+    # the MAC is free again
+    again = await register(stack, launched_vm.vm, A)
+    assert again.id not in (dev.id, other.id)
 
 
 @pytest.mark.rpc("snp.netd.v1.NetdService/HoldDevice", "ok", "error")
-def test_a_device_whose_hold_closes_is_dropped(tmp_path: Path) -> None:
+async def test_a_device_whose_hold_closes_is_dropped(stack: Stack, launched_vm: Guest) -> None:
     """HoldDevice is the vhost-user socket: when the VMM hangs up, netd drops the device."""
 
-    async def body() -> None:
-        async with host_stack(tmp_path) as s:
-            guest = await s.launch()
-            dev = await register(s, guest.vm, A)
-            boot_id = (
-                await s.netd.ListDevices(pb.ListDevicesRequest(), metadata=HOST)
-            ).daemon_boot_id
-            hold = s.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
-            first = await hold.read()
-            assert (first.device.id, first.daemon_boot_id) == (dev.id, boot_id)
-            assert set(await listed(s)) == {A}  # held: still there
-            hold.cancel()
-            deadline = time.monotonic() + 10
-            while A in await listed(s):
-                assert time.monotonic() < deadline, "the device outlived its hold"
-                await asyncio.sleep(0.02)
-            gone = s.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
-            await refused(gone.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_DEVICE")
-
-    run(body())
+    dev = await register(stack, launched_vm.vm, A)
+    boot_id = (await stack.netd.ListDevices(pb.ListDevicesRequest(), metadata=HOST)).daemon_boot_id
+    hold = stack.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
+    first = await hold.read()
+    assert (first.device.id, first.daemon_boot_id) == (dev.id, boot_id)
+    assert set(await listed(stack)) == {A}  # held: still there
+    hold.cancel()
+    deadline = time.monotonic() + 10
+    while A in await listed(stack):
+        assert time.monotonic() < deadline, "the device outlived its hold"
+        await asyncio.sleep(0.02)
+    gone = stack.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
+    await refused(gone.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_DEVICE")

@@ -70,7 +70,7 @@ class NoPeer:
         raise AssertionError(f"a peer was used: {name}")
 
 
-def test_kvm_hands_its_clock_to_every_throttle_it_makes() -> None:
+async def test_kvm_hands_its_clock_to_every_throttle_it_makes() -> None:
     """Kvm(clock=...) is the clock of the default throttle and of SetGuestRequestThrottle's."""
     clock = FakeClock()
     kvm = Kvm(NoPeer(), NoPeer(), throttle_ms=1000, throttle_burst=1, clock=clock)  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_kvm_hands_its_clock_to_every_throttle_it_makes() -> None:
         vm=handles_pb2.VmHandle(id=vm.vm_id),
         throttle=kvm_pb2.GuestRequestThrottle(interval_ms=2000, burst=1),
     )
-    asyncio.run(servicer.SetGuestRequestThrottle(request, None))
+    await servicer.SetGuestRequestThrottle(request, None)
     t = vm.throttle
     assert t.clock is clock
     assert t.allow() and not t.allow()
@@ -179,58 +179,49 @@ async def until(cond: Callable[[], bool]) -> None:
     raise AssertionError("condition never held")
 
 
-def test_an_unacknowledged_kick_is_given_up_when_its_timer_fires() -> None:
-    async def body() -> None:
-        timer = FakeTimer()
-        hub = KickHub(2.0, timer)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        hub.subscribers.append(queue)
-        kick = asyncio.ensure_future(hub.kick(ASID, 9, "test", False))
-        await until(lambda: bool(timer.started))
-        assert timer.started == [2.0]  # the configured timeout
-        note = queue.get_nowait()
-        assert (note.asid, note.pfn, note.terminate) == (ASID, 9, False)
-        for _ in range(50):  # however long the loop runs, the timer has not fired
-            await asyncio.sleep(0)
-        assert not kick.done()
-        timer.fire.set()
-        assert await kick is False
-        assert hub._pending == {}  # nothing left waiting for an acknowledgement
-
-    asyncio.run(body())
-
-
-def test_an_acknowledged_kick_returns_before_its_timer() -> None:
-    async def body() -> None:
-        timer = FakeTimer()
-        hub = KickHub(2.0, timer)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        hub.subscribers.append(queue)
-        kick = asyncio.ensure_future(hub.kick(ASID, 9, "test", True))
-        await until(lambda: not queue.empty())
-        hub.acknowledge(queue.get_nowait().sequence)
-        assert await kick is True
-        assert not timer.fire.is_set() and hub._pending == {}
-
-    asyncio.run(body())
-
-
-def test_a_kick_with_nobody_subscribed_fails_at_once() -> None:
+async def test_an_unacknowledged_kick_is_given_up_when_its_timer_fires() -> None:
     timer = FakeTimer()
-    assert asyncio.run(KickHub(2.0, timer).kick(ASID, 9, "test", False)) is False
+    hub = KickHub(2.0, timer)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    hub.subscribers.append(queue)
+    kick = asyncio.ensure_future(hub.kick(ASID, 9, "test", False))
+    await until(lambda: bool(timer.started))
+    assert timer.started == [2.0]  # the configured timeout
+    note = queue.get_nowait()
+    assert (note.asid, note.pfn, note.terminate) == (ASID, 9, False)
+    for _ in range(50):  # however long the loop runs, the timer has not fired
+        await asyncio.sleep(0)
+    assert not kick.done()
+    timer.fire.set()
+    assert await kick is False
+    assert hub._pending == {}  # nothing left waiting for an acknowledgement
+
+
+async def test_an_acknowledged_kick_returns_before_its_timer() -> None:
+    timer = FakeTimer()
+    hub = KickHub(2.0, timer)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    hub.subscribers.append(queue)
+    kick = asyncio.ensure_future(hub.kick(ASID, 9, "test", True))
+    await until(lambda: not queue.empty())
+    hub.acknowledge(queue.get_nowait().sequence)
+    assert await kick is True
+    assert not timer.fire.is_set() and hub._pending == {}
+
+
+async def test_a_kick_with_nobody_subscribed_fails_at_once() -> None:
+    timer = FakeTimer()
+    assert await KickHub(2.0, timer).kick(ASID, 9, "test", False) is False
     assert timer.started == []
 
 
 @pytest.mark.parametrize("seconds", [0.0, 2.0])
-def test_kick_timeout_is_the_timer_argument(seconds: float) -> None:
-    async def body() -> None:
-        timer = FakeTimer()
-        hub = KickHub(seconds, timer)
-        hub.subscribers.append(asyncio.Queue())
-        kick = asyncio.ensure_future(hub.kick(ASID, 1, "test", False))
-        await until(lambda: bool(timer.started))
-        timer.fire.set()
-        assert await kick is False
-        assert timer.started == [seconds]
-
-    asyncio.run(body())
+async def test_kick_timeout_is_the_timer_argument(seconds: float) -> None:
+    timer = FakeTimer()
+    hub = KickHub(seconds, timer)
+    hub.subscribers.append(asyncio.Queue())
+    kick = asyncio.ensure_future(hub.kick(ASID, 1, "test", False))
+    await until(lambda: bool(timer.started))
+    timer.fire.set()
+    assert await kick is False
+    assert timer.started == [seconds]

@@ -252,73 +252,69 @@ CALLS = st.lists(st.builds(Call, st.booleans(), st.integers(0, 1)), min_size=1, 
 SCRIPT = st.lists(st.sampled_from(OUTCOMES * 3 + LOST), max_size=40)
 
 
-def _run(calls: list[Call], script: list[str]) -> FakeKernel:
+async def _run(calls: list[Call], script: list[str]) -> FakeKernel:
     keys = [os.urandom(32), os.urandom(32), bytes(32), bytes(32)]
     k = FakeKernel(list(script), keys)
     driver = Driver(k)  # type: ignore[arg-type]
 
-    async def body() -> None:
-        sent = [0, 0, 0, 0]  # calls whose message reached the host, per VMPCK
-        for i, c in enumerate(calls):
-            k.call, k.exits = i, []
-            payload = report_request(i.to_bytes(4, "little"), 0)  # a different message each
-            wiped_before, started = c.vmpck in k.disabled, k.now
-            k.task = asyncio.create_task(
-                driver.request(
-                    gm.MsgType.REPORT_REQ, payload, vmpck=c.vmpck, ext=c.ext, certs_pages=1
-                )
-            )
-            try:
-                await k.task
-                outcome = "ok"
-            except VmpckDisabled as e:
-                k.results.append(e)
-                assert wiped_before
-                assert not k.exits, "a disabled VMPCK sent a message"
-                continue
-            except RequestFailed as e:
-                k.results.append(e)
-                assert k.exits[-1] not in RAISED, (c, k.exits, e)  # the exit was answered
-                if c.vmpck in k.disabled:
-                    outcome = "disabled"
-                elif "needed_pages" in e.metadata:
-                    outcome = "invalid_len"
-                    assert e.metadata["needed_pages"] == str(NEEDED_PAGES)
-                else:
-                    outcome = "kept"
-            except (asyncio.CancelledError, Exception) as e:
-                k.results.append(e)
-                if not k.exits:  # refused before anything was sent: the guest is gone
-                    assert isinstance(e, Terminated) and k.terminated
-                    continue
-                assert type(e) is RAISED[k.exits[-1]], (c, k.exits, e)  # re-raised as it was
+    sent = [0, 0, 0, 0]  # calls whose message reached the host, per VMPCK
+    for i, c in enumerate(calls):
+        k.call, k.exits = i, []
+        payload = report_request(i.to_bytes(4, "little"), 0)  # a different message each
+        wiped_before, started = c.vmpck in k.disabled, k.now
+        k.task = asyncio.create_task(
+            driver.request(gm.MsgType.REPORT_REQ, payload, vmpck=c.vmpck, ext=c.ext, certs_pages=1)
+        )
+        try:
+            await k.task
+            outcome = "ok"
+        except VmpckDisabled as e:
+            k.results.append(e)
+            assert wiped_before
+            assert not k.exits, "a disabled VMPCK sent a message"
+            continue
+        except RequestFailed as e:
+            k.results.append(e)
+            assert k.exits[-1] not in RAISED, (c, k.exits, e)  # the exit was answered
+            if c.vmpck in k.disabled:
                 outcome = "disabled"
+            elif "needed_pages" in e.metadata:
+                outcome = "invalid_len"
+                assert e.metadata["needed_pages"] == str(NEEDED_PAGES)
             else:
-                k.results.append(None)
-            if driver.wiping:  # a secrets-page wipe its cancelled caller left running
-                await asyncio.wait(driver.wiping)
-            sent[c.vmpck] += 1
-            # snp_inc_msg_seqno() after every message the host may have seen, +2 each
-            assert k.counters[c.vmpck] == 2 * sent[c.vmpck], (c, k.exits)
-            assert outcome == upstream(c.ext, k.exits), (c, k.exits)
-            if k.exits[-1] in BUSY_ANSWERS:  # gave up: only past the retry timeout
-                assert k.now - started > TIMEOUT_S
-            if outcome == "disabled":
-                assert k.vmpcks[c.vmpck] == bytes(32) and ("wiped", c.vmpck) in k.log
+                outcome = "kept"
+        except (asyncio.CancelledError, Exception) as e:
+            k.results.append(e)
+            if not k.exits:  # refused before anything was sent: the guest is gone
+                assert isinstance(e, Terminated) and k.terminated
+                continue
+            assert type(e) is RAISED[k.exits[-1]], (c, k.exits, e)  # re-raised as it was
+            outcome = "disabled"
+        else:
+            k.results.append(None)
+        if driver.wiping:  # a secrets-page wipe its cancelled caller left running
+            await asyncio.wait(driver.wiping)
+        sent[c.vmpck] += 1
+        # snp_inc_msg_seqno() after every message the host may have seen, +2 each
+        assert k.counters[c.vmpck] == 2 * sent[c.vmpck], (c, k.exits)
+        assert outcome == upstream(c.ext, k.exits), (c, k.exits)
+        if k.exits[-1] in BUSY_ANSWERS:  # gave up: only past the retry timeout
+            assert k.now - started > TIMEOUT_S
+        if outcome == "disabled":
+            assert k.vmpcks[c.vmpck] == bytes(32) and ("wiped", c.vmpck) in k.log
 
-    asyncio.run(body())
     return k
 
 
 @settings(max_examples=examples(300), deadline=None)
 @given(CALLS, SCRIPT)
-def test_no_sequence_number_is_ever_used_for_two_messages(
+async def test_no_sequence_number_is_ever_used_for_two_messages(
     calls: list[Call], script: list[str]
 ) -> None:
     """Whatever the host answers at every step, the driver never seals two different messages
     under one VMPCK with one sequence number (the AES-GCM IV), and once it wipes a VMPCK it
     sends nothing more under it (snp_send_guest_request(), __handle_guest_request())."""
-    k = _run(calls, script)
+    k = await _run(calls, script)
     pages: dict[tuple[int, int], bytes] = {}
     callers: dict[tuple[int, int], int] = {}
     wiped: set[int] = set()
@@ -333,28 +329,30 @@ def test_no_sequence_number_is_ever_used_for_two_messages(
         assert callers.setdefault(slot, entry.call) == entry.call, f"seqno reused at {slot}"
 
 
-def _plain_resend_case(resend: list[str]) -> FakeKernel:
-    return _run([Call(True, 0), Call(False, 0)], ["invalid_len", *resend])
+async def _plain_resend_case(resend: list[str]) -> FakeKernel:
+    return await _run([Call(True, 0), Call(False, 0)], ["invalid_len", *resend])
 
 
 @pytest.mark.parametrize("resend", [["busy", "ok"], ["busy", "fw_error"], ["fw_error"]])
-def test_plain_resend_after_invalid_len_consumes_the_sequence_number(resend: list[str]) -> None:
+async def test_plain_resend_after_invalid_len_consumes_the_sequence_number(
+    resend: list[str],
+) -> None:
     """__handle_guest_request(): -ENOSPC re-sends the message as a plain request through the
     same BUSY loop; snp_inc_msg_seqno() then runs whatever it answered, and the caller is told
     INVALID_LEN (snp_send_guest_request() keeps the VMPCK on -EIO with INVALID_LEN)."""
-    k = _plain_resend_case(resend)
+    k = await _plain_resend_case(resend)
     sent = [e for e in k.log if isinstance(e, Sent)]
     assert [e.seqno for e in sent if e.call == 0] == [1] * (1 + len(resend))
     assert [e.seqno for e in sent if e.call == 1] == [3]  # 1 + 2: the firmware's count too
     assert k.exits == ["ok"] and not k.disabled
 
 
-def test_plain_request_answered_invalid_len_keeps_the_vmpck() -> None:
+async def test_plain_request_answered_invalid_len_keeps_the_vmpck() -> None:
     """snp_issue_guest_request(): INVALID_LEN on a plain request falls through to -EIO with
     exitinfo2 SNP_GUEST_VMM_ERR(INVALID_LEN); snp_inc_msg_seqno() has run, and
     snp_send_guest_request() returns that before snp_disable_vmpck(). No pages are told: only
     an extended request's -ENOSPC sets data_npages."""
-    k = _run([Call(False, 0), Call(False, 0)], ["invalid_len"])
+    k = await _run([Call(False, 0), Call(False, 0)], ["invalid_len"])
     first, second = k.results
     assert isinstance(first, RequestFailed) and "needed_pages" not in first.metadata
     assert second is None and not k.disabled and ("wiped", 0) not in k.log
@@ -371,14 +369,14 @@ def test_plain_request_answered_invalid_len_keeps_the_vmpck() -> None:
         (["busy", "error"], Broken),
     ],
 )
-def test_an_exit_that_does_not_come_back_uses_up_the_seqno_and_the_vmpck(
+async def test_an_exit_that_does_not_come_back_uses_up_the_seqno_and_the_vmpck(
     script: list[str], raised: type[BaseException]
 ) -> None:
     """The message entered shared memory with the host, and whether the host or the firmware
     saw it is unknown: the sequence number is consumed (snp_inc_msg_seqno(), +2) and the VMPCK
     wiped (snp_disable_vmpck(), the secrets page copy too, a second cancellation during the
     wipe included), the caller sees its own error, and nothing more goes out under the key."""
-    k = _run([Call(False, 0), Call(False, 0), Call(False, 1)], script)
+    k = await _run([Call(False, 0), Call(False, 0), Call(False, 1)], script)
     assert [type(e) for e in k.results] == [raised, VmpckDisabled, type(None)]
     assert k.counters[:2] == [2, 2] and k.disabled == {0} and k.vmpcks[0] == bytes(32)
     assert ("wiped", 0) in k.log
@@ -387,13 +385,13 @@ def test_an_exit_that_does_not_come_back_uses_up_the_seqno_and_the_vmpck(
 
 
 @pytest.mark.parametrize("ext", [False, True])
-def test_a_terminated_reply_is_not_a_response(ext: bool) -> None:
+async def test_a_terminated_reply_is_not_a_response(ext: bool) -> None:
     """The host terminated the guest at the request's exit (kvm answers terminated, exit infos
     0): there is no response to read, the guest request fails with the guest's Terminated, and
     as for any exit whose outcome the guest never learns, the sequence number is consumed and
     the VMPCK wiped first (__handle_guest_request(), snp_disable_vmpck()). The guest sends
     nothing more."""
-    k = _run([Call(ext, 0), Call(False, 1)], ["terminated"])
+    k = await _run([Call(ext, 0), Call(False, 1)], ["terminated"])
     assert [type(e) for e in k.results] == [Terminated, Terminated]
     assert k.counters[0] == 2 and k.disabled == {0} and k.vmpcks[0] == bytes(32)
     assert ("wiped", 0) in k.log
@@ -401,11 +399,11 @@ def test_a_terminated_reply_is_not_a_response(ext: bool) -> None:
     assert not any("bad response" in detail for _, detail in k.events)
 
 
-def test_plain_resend_timing_out_wipes_the_vmpck() -> None:
+async def test_plain_resend_timing_out_wipes_the_vmpck() -> None:
     """-ETIMEDOUT on the plain re-send is not the INVALID_LEN answer: snp_send_guest_request()
     wipes the VMPCK. The timeout counts from the first exit of the message (req_start) and is
     passed only when more than SNP_REQ_MAX_RETRY_DURATION has gone by."""
-    k = _plain_resend_case(["timeout"])
+    k = await _plain_resend_case(["timeout"])
     assert k.disabled == {0}
     sent = [e for e in k.log if isinstance(e, Sent)]
     assert {e.call for e in sent} == {0}  # the second call is refused before it is sent

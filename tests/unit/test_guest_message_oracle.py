@@ -46,7 +46,7 @@ from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 
 from tests.conftest import examples
-from tests.unit.psp.launch_helpers import make_host, run
+from tests.unit.psp.launch_helpers import make_host
 
 PAGE = 4096
 HDR = struct.Struct("<32sQ8sBBHBBHIB35s")  # struct snp_guest_msg_hdr, field by field
@@ -237,43 +237,40 @@ def report_req(vmpl: int = 0) -> bytes:
     return b"U" * 64 + struct.pack("<I", vmpl) + bytes(28)
 
 
-def test_the_firmware_answers_a_request_sealed_from_the_layout(tmp: Path) -> None:
-    async def body() -> None:
-        host = make_host(tmp)
-        await host.start()
-        await host.place(0x5000, None, PageType.SECRETS)
-        host.secrets_gpa = 0x5000
-        await host.finish()
-        key = host.vmpck(0)
+async def test_the_firmware_answers_a_request_sealed_from_the_layout(tmp: Path) -> None:
+    host = make_host(tmp)
+    await host.start()
+    await host.place(0x5000, None, PageType.SECRETS)
+    host.secrets_gpa = 0x5000
+    await host.finish()
+    key = host.vmpck(0)
 
-        async def ask(page: bytes) -> bytes:
-            req, res = host.shared_page(), host.firmware_page()
-            host.rmp.frames.replace(req >> 12, page)
-            await host.fw.guest_request(host.gctx, req, res)
-            return host.rmp.fw_read(res, PAGE)
+    async def ask(page: bytes) -> bytes:
+        req, res = host.shared_page(), host.firmware_page()
+        host.rmp.frames.replace(req >> 12, page)
+        await host.fw.guest_request(host.gctx, req, res)
+        return host.rmp.fw_read(res, PAGE)
 
-        back = await ask(oracle_seal(key, 1, REPORT_REQ, 1, 0, report_req()))
-        f = oracle_fields(back)
-        assert (f["msg_seqno"], f["msg_type"], f["msg_version"], f["msg_vmpck"]) == (
-            2, REPORT_RSP, 1, 0,
-        )  # fmt: skip
-        assert (f["algo"], f["hdr_version"], f["hdr_sz"]) == (1, 1, 0x60)
-        assert f["rsvd1"] == bytes(8) and f["rsvd2"] == 0 and f["rsvd3"] == bytes(35)
-        payload = oracle_open(key, back)
-        # struct snp_report_resp: u32 status, u32 report_size, rsvd[24], report
-        status, size = struct.unpack_from("<II", payload)
-        assert (status, size) == (0, 0x4A0) and len(payload) == 0x20 + 0x4A0
-        assert payload[0x20 + 0x50 : 0x20 + 0x90] == b"U" * 64  # REPORT_DATA
+    back = await ask(oracle_seal(key, 1, REPORT_REQ, 1, 0, report_req()))
+    f = oracle_fields(back)
+    assert (f["msg_seqno"], f["msg_type"], f["msg_version"], f["msg_vmpck"]) == (
+        2, REPORT_RSP, 1, 0,
+    )  # fmt: skip
+    assert (f["algo"], f["hdr_version"], f["hdr_sz"]) == (1, 1, 0x60)
+    assert f["rsvd1"] == bytes(8) and f["rsvd2"] == 0 and f["rsvd3"] == bytes(35)
+    payload = oracle_open(key, back)
+    # struct snp_report_resp: u32 status, u32 report_size, rsvd[24], report
+    status, size = struct.unpack_from("<II", payload)
+    assert (status, size) == (0, 0x4A0) and len(payload) == 0x20 + 0x4A0
+    assert payload[0x20 + 0x50 : 0x20 + 0x90] == b"U" * 64  # REPORT_DATA
 
-        # tampered tag, seqno (an IV the firmware did not expect) and AAD: all refused
-        for at in (0, 0x20, 0x34, 0x3C):
-            page = bytearray(oracle_seal(key, 3, REPORT_REQ, 1, 0, report_req()))
-            page[at] ^= 1
-            with pytest.raises(FirmwareError) as info:
-                await ask(bytes(page))
-            assert info.value.status == SevStatus.INVALID_PARAM, at
-        # the refused requests consumed nothing: seqno 3 is still the next one
-        f = oracle_fields(await ask(oracle_seal(key, 3, REPORT_REQ, 1, 0, report_req())))
-        assert f["msg_seqno"] == 4
-
-    run(body())
+    # tampered tag, seqno (an IV the firmware did not expect) and AAD: all refused
+    for at in (0, 0x20, 0x34, 0x3C):
+        page = bytearray(oracle_seal(key, 3, REPORT_REQ, 1, 0, report_req()))
+        page[at] ^= 1
+        with pytest.raises(FirmwareError) as info:
+            await ask(bytes(page))
+        assert info.value.status == SevStatus.INVALID_PARAM, at
+    # the refused requests consumed nothing: seqno 3 is still the next one
+    f = oracle_fields(await ask(oracle_seal(key, 3, REPORT_REQ, 1, 0, report_req())))
+    assert f["msg_seqno"] == 4

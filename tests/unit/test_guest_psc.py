@@ -8,7 +8,6 @@ terminates the guest with SEV_TERM_SET_LINUX / GHCB_TERM_PSC.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -85,18 +84,20 @@ def kernel(host: Host) -> GuestKernel:
 ENTRIES = [psc.Entry(0, 0x100 + i, psc.Op.PRIVATE, False) for i in range(10)]
 
 
-def run_psc(script: list[Answer], entries: list[psc.Entry] = ENTRIES) -> tuple[Host, GuestKernel]:
+async def run_psc(
+    script: list[Answer], entries: list[psc.Entry] = ENTRIES
+) -> tuple[Host, GuestKernel]:
     host = Host(script)
     k = kernel(host)
-    asyncio.run(k.psc(entries))
+    await k.psc(entries)
     return host, k
 
 
-def assert_terminated_for_psc(script: list[Answer]) -> Host:
+async def assert_terminated_for_psc(script: list[Answer]) -> Host:
     host = Host(script)
     k = kernel(host)
     with pytest.raises(Terminated):
-        asyncio.run(k.psc(ENTRIES))
+        await k.psc(ENTRIES)
     assert k.term_reason == (SEV_TERM_SET_LINUX, GHCB_TERM_PSC)
     assert host.msrs == [TERM_PSC_MSR]
     return host
@@ -112,25 +113,25 @@ def assert_terminated_for_psc(script: list[Answer]) -> Host:
         (g.RESP_MALFORMED_INPUT, g.ERR_INVALID_INPUT),  # sev_es_ghcb_hv_call() failed
     ],
 )
-def test_any_psc_error_terminates_at_once(info1: int, info2: int) -> None:
+async def test_any_psc_error_terminates_at_once(info1: int, info2: int) -> None:
     """vmgexit_psc(): WARN(ret || sw_exit_info_2) -> __set_pages_state() terminates with
     SEV_TERM_SET_LINUX, GHCB_TERM_PSC. PSC_ERROR_GENERIC is not retried either."""
-    host = assert_terminated_for_psc([lambda h: (info1, info2, (h[0] + 3, h[1], h[2]))])
+    host = await assert_terminated_for_psc([lambda h: (info1, info2, (h[0] + 3, h[1], h[2]))])
     assert len(host.sent) == 1
 
 
-def test_reserved_header_field_terminates() -> None:
+async def test_reserved_header_field_terminates() -> None:
     """vmgexit_psc(): "Reserved bit is set in the PSC header"."""
-    host = assert_terminated_for_psc([lambda h: (0, 0, (h[0] + 2, h[1], 1))])
+    host = await assert_terminated_for_psc([lambda h: (0, 0, (h[0] + 2, h[1], 1))])
     assert len(host.sent) == 1
 
 
-def test_end_entry_growing_terminates() -> None:
+async def test_end_entry_growing_terminates() -> None:
     """vmgexit_psc(): data->hdr.end_entry > end_entry is processing going backward."""
-    assert_terminated_for_psc([lambda h: (0, 0, (h[0] + 1, h[1] + 1, 0))])
+    await assert_terminated_for_psc([lambda h: (0, 0, (h[0] + 1, h[1] + 1, 0))])
 
 
-def test_cur_entry_below_the_start_terminates() -> None:
+async def test_cur_entry_below_the_start_terminates() -> None:
     """vmgexit_psc(): cur_entry > data->hdr.cur_entry, against the cur_entry the call began
     with. The descriptors psc() builds start at 0, so drive vmgexit_psc() with one that
     starts at 4 and have the host move it back to 3."""
@@ -138,31 +139,31 @@ def test_cur_entry_below_the_start_terminates() -> None:
     k = kernel(host)
     buf = bytearray(g.SHARED_BUFFER_SIZE)
     psc.Descriptor(4, 9, 0, ENTRIES).encode_into(buf)
-    why = asyncio.run(k.vmgexit_psc(buf))
+    why = await k.vmgexit_psc(buf)
     assert "backward" in why and host.sent == [(4, 9, 0)]
 
 
-def test_cur_entry_moving_back_within_the_call_is_accepted() -> None:
+async def test_cur_entry_moving_back_within_the_call_is_accepted() -> None:
     """Upstream compares with the header as the call began (cur_entry 0 here), not with the
     previous exit: a host that goes 0 -> 5 -> 3 is asked again from 3, as vmgexit_psc() does."""
-    host, k = run_psc([lambda h: (0, 0, (5, h[1], 0)), lambda h: (0, 0, (3, h[1], 0))])
+    host, k = await run_psc([lambda h: (0, 0, (5, h[1], 0)), lambda h: (0, 0, (3, h[1], 0))])
     assert [h[0] for h in host.sent] == [0, 5, 3]
     assert not host.msrs and k.term_reason == (0, 0)
 
 
-def test_partial_progress_is_resumed_without_a_retry_limit() -> None:
+async def test_partial_progress_is_resumed_without_a_retry_limit() -> None:
     """vmgexit_psc(): while (cur_entry <= end_entry) VMGEXIT again; the host may stop after
     any entry, as often as it likes (the old loop gave up after 16 exits)."""
     stall = [lambda h: (0, 0, h)] * 40  # no progress at all, 40 times
     step = [lambda h: (0, 0, (h[0] + 1, h[1], h[2]))] * 9  # one entry at a time
-    host, k = run_psc([*stall, *step])
+    host, k = await run_psc([*stall, *step])
     assert len(host.sent) == 40 + 9 + 1
     assert host.sent[-1] == (9, 9, 0) and not host.msrs and k.term_reason == (0, 0)
 
 
-def test_each_batch_of_253_is_its_own_descriptor() -> None:
+async def test_each_batch_of_253_is_its_own_descriptor() -> None:
     """__set_pages_state(): at most VMGEXIT_PSC_MAX_ENTRY (253) entries per descriptor,
     end_entry inclusive."""
     entries = [psc.Entry(0, 0x1000 + i, psc.Op.SHARED, False) for i in range(300)]
-    host, _ = run_psc([], entries)
+    host, _ = await run_psc([], entries)
     assert host.sent == [(0, 252, 0), (0, 46, 0)]

@@ -8,7 +8,6 @@ injected."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import struct
 from types import SimpleNamespace
@@ -320,25 +319,22 @@ class Netd:
         return SimpleNamespace(SendPacket=send, ReceivePackets=receive)
 
 
-def exchange(mangle: Any, rounds: int = 4) -> Books:
+async def exchange(mangle: Any, rounds: int = 4) -> Books:
     """`rounds` rounds of Traffic's own send-then-receive, then its finish()."""
     ticks = iter(range(10_000))
     traffic = Traffic(Netd(mangle), [1, 2, 3], clock=lambda: float(next(ticks)))
 
-    async def go() -> Books:
-        ring = traffic.innocents
-        for _ in range(rounds):
-            for k, s in enumerate(ring):
-                await traffic._send(s, ring[(k + 1) % len(ring)])
-            for i in ring:
-                await traffic.receive(i)
-        return await traffic.finish()
-
-    return asyncio.run(go())
+    ring = traffic.innocents
+    for _ in range(rounds):
+        for k, s in enumerate(ring):
+            await traffic._send(s, ring[(k + 1) % len(ring)])
+        for i in ring:
+            await traffic.receive(i)
+    return await traffic.finish()
 
 
-def test_traffic_through_an_honest_netd_is_all_delivered() -> None:
-    a = exchange(lambda n, dst, p: [(dst, p)]).audit()
+async def test_traffic_through_an_honest_netd_is_all_delivered() -> None:
+    a = (await exchange(lambda n, dst, p: [(dst, p)])).audit()
     assert (a.sent, a.delivered, a.silent_corruptions, a.silently_lost) == (12, 12, 0, 0)
 
 
@@ -353,21 +349,21 @@ def test_traffic_through_an_honest_netd_is_all_delivered() -> None:
     ],
     ids=["flipped", "truncated", "renumbered", "misrouted", "duplicated"],
 )
-def test_traffic_counts_what_a_bad_netd_did(mangle: Any, kind: str) -> None:
-    a = exchange(mangle).audit()
+async def test_traffic_counts_what_a_bad_netd_did(mangle: Any, kind: str) -> None:
+    a = (await exchange(mangle)).audit()
     assert getattr(a, kind) == 1 and a.silent_corruptions == 1
     lost = 0 if kind == "duplicated" else 1
     assert a.silently_lost == lost and a.delivered == 12 - lost and a.balanced()
 
 
-def test_traffic_notices_a_netd_that_says_delivered_and_drops() -> None:
-    a = exchange(lambda n, dst, p: [] if n == 7 else [(dst, p)]).audit(host_panicked=True)
+async def test_traffic_notices_a_netd_that_says_delivered_and_drops() -> None:
+    a = (await exchange(lambda n, dst, p: [] if n == 7 else [(dst, p)])).audit(host_panicked=True)
     # guest 2's ring was emptied after netd's answer: the packet was not lost with the host
     assert a.silently_lost == 1 and a.lost_with_host == 0 and a.balanced()
 
 
-def test_a_look_that_returns_all_it_asked_for_is_not_complete() -> None:
-    burst = exchange(lambda n, dst, p: [(dst, p)] * (MAX_PACKETS if n == 1 else 1), rounds=1)
+async def test_a_look_that_returns_all_it_asked_for_is_not_complete() -> None:
+    burst = await exchange(lambda n, dst, p: [(dst, p)] * (MAX_PACKETS if n == 1 else 1), rounds=1)
     first = [lk for lk in burst.looks if lk.guest == 2]
     assert [lk.complete for lk in first] == [False, True, True, True]
 

@@ -3,7 +3,6 @@ what each violation outcome does to it, and hostile rings (no gRPC here)."""
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from pathlib import Path
 
@@ -103,10 +102,6 @@ async def pair(mem: FakeMemory, **kw: object) -> tuple[NetDaemon, Guest, Guest, 
     return d, a, b, da.device_id, db.device_id
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
 def test_layout_matches_the_virtio_alignment_rules() -> None:
     lay = virtio.Layout(128)
     assert (lay.avail, lay.used, lay.end) == (2048, 2312, 3342)  # desc 16*N, avail 6+2N, used /4
@@ -119,20 +114,17 @@ def test_layout_matches_the_virtio_alignment_rules() -> None:
     assert virtio.net_header() == bytes([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0])
 
 
-def test_a_packet_lands_in_the_next_rx_buffer_and_both_used_rings() -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, b, da, _ = await pair(mem)
-        raw = virtio.frame(B, A, b"payload")
-        a.offer_tx(raw)
-        assert await d.notify_tx(da) == [Result.DELIVERED]
-        assert b.used(b.rx) == (1, [(0, len(raw))])
-        assert b.get(b.rx.buffers_gpa, len(raw)) == raw
-        assert a.used(a.tx) == (1, [(0, 0)])  # TX: nothing written into the buffer
-        assert await d.notify_tx(da) == []  # nothing new offered
-        assert d.results[Result.DELIVERED] == 1
-
-    run(body())
+async def test_a_packet_lands_in_the_next_rx_buffer_and_both_used_rings() -> None:
+    mem = FakeMemory()
+    d, a, b, da, _ = await pair(mem)
+    raw = virtio.frame(B, A, b"payload")
+    a.offer_tx(raw)
+    assert await d.notify_tx(da) == [Result.DELIVERED]
+    assert b.used(b.rx) == (1, [(0, len(raw))])
+    assert b.get(b.rx.buffers_gpa, len(raw)) == raw
+    assert a.used(a.tx) == (1, [(0, 0)])  # TX: nothing written into the buffer
+    assert await d.notify_tx(da) == []  # nothing new offered
+    assert d.results[Result.DELIVERED] == 1
 
 
 @pytest.mark.parametrize(
@@ -142,100 +134,87 @@ def test_a_packet_lands_in_the_next_rx_buffer_and_both_used_rings() -> None:
         (WriteOutcome.CONVERTED, Result.CONVERTED, None),
     ],
 )
-def test_a_private_rx_buffer(outcome: WriteOutcome, result: Result, used_len: int | None) -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, b, da, db = await pair(mem)
-        mem.private.add(((1 << 19) + b.rx.buffers_gpa) // PAGE)
-        mem.outcome = outcome
-        raw = virtio.frame(B, A, b"x" * 100)
-        a.offer_tx(raw)
-        assert await d.notify_tx(da) == [result]
-        # the buffer always comes back; refused ones empty, so the driver sees an RX error
-        assert b.used(b.rx) == (1, [(0, len(raw) if used_len is None else used_len)])
-        assert d.devices[db].counters.violations == 1
-        assert d.devices[db].counters.dropped == (1 if outcome == WriteOutcome.REFUSED else 0)
-
-    run(body())
-
-
-def test_sigbus_ends_the_copy_at_once() -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, b, da, _ = await pair(mem, copy_chunk=256)
-        mem.private.add(((1 << 19) + b.rx.buffers_gpa) // PAGE)
-        mem.outcome = WriteOutcome.SIGBUS
-        a.offer_tx(virtio.frame(B, A, b"y" * 1000))
-        with pytest.raises(Sigbus):
-            await d.notify_tx(da)
-        assert b.used(b.rx) == (0, [])
-
-    run(body())
+async def test_a_private_rx_buffer(
+    outcome: WriteOutcome, result: Result, used_len: int | None
+) -> None:
+    mem = FakeMemory()
+    d, a, b, da, db = await pair(mem)
+    mem.private.add(((1 << 19) + b.rx.buffers_gpa) // PAGE)
+    mem.outcome = outcome
+    raw = virtio.frame(B, A, b"x" * 100)
+    a.offer_tx(raw)
+    assert await d.notify_tx(da) == [result]
+    # the buffer always comes back; refused ones empty, so the driver sees an RX error
+    assert b.used(b.rx) == (1, [(0, len(raw) if used_len is None else used_len)])
+    assert d.devices[db].counters.violations == 1
+    assert d.devices[db].counters.dropped == (1 if outcome == WriteOutcome.REFUSED else 0)
 
 
-def test_copies_go_in_chunks_within_pages() -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, b, da, _ = await pair(mem, copy_chunk=256)
-        raw = virtio.frame(B, A, b"z" * 1400)
-        a.offer_tx(raw)
-        mem.writes.clear()
+async def test_sigbus_ends_the_copy_at_once() -> None:
+    mem = FakeMemory()
+    d, a, b, da, _ = await pair(mem, copy_chunk=256)
+    mem.private.add(((1 << 19) + b.rx.buffers_gpa) // PAGE)
+    mem.outcome = WriteOutcome.SIGBUS
+    a.offer_tx(virtio.frame(B, A, b"y" * 1000))
+    with pytest.raises(Sigbus):
         await d.notify_tx(da)
-        data_writes = [n for spa, n in mem.writes if spa >= (1 << 19) + b.rx.buffers_gpa]
-        assert data_writes == [256] * (len(raw) // 256) + [len(raw) % 256]
-
-    run(body())
+    assert b.used(b.rx) == (0, [])
 
 
-def test_hostile_rings_are_dropped_with_a_count() -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, b, da, _ = await pair(mem)
-        good = virtio.frame(B, A, b"ok")
-        a.offer_tx(good, slot=9)  # slot beyond the ring
-        a.offer_tx(virtio.frame(B, "02:00:00:00:00:0c", b"spoofed"))  # not its own MAC
-        a.offer_tx(good, length=5000)  # longer than any frame
-        a.offer_tx(b"\xff" * 40)  # not a virtio-net header
-        assert await d.notify_tx(da) == [Result.BAD_FRAME] * 4
-        a.offer_tx(virtio.frame("02:00:00:00:00:0d", A, b"nobody"))
-        # a descriptor that points outside the guest's memory
-        a.put(a.tx.ring_gpa + a.lay.desc(1), virtio.Desc(1 << 30, 60, 0, 0).encode())
-        a.put(a.tx.ring_gpa + a.lay.avail_slot(a.tx_next), struct.pack("<H", 1))
-        a.tx_next += 1
-        a.put(a.tx.ring_gpa + a.lay.avail_idx, struct.pack("<H", a.tx_next))
-        assert await d.notify_tx(da) == [Result.NO_ROUTE, Result.BAD_FRAME]
-        assert b.used(b.rx) == (0, [])
-        a.offer_tx(good)
-        assert await d.notify_tx(da) == [Result.DELIVERED]  # the queue still works
-
-    run(body())
+async def test_copies_go_in_chunks_within_pages() -> None:
+    mem = FakeMemory()
+    d, a, b, da, _ = await pair(mem, copy_chunk=256)
+    raw = virtio.frame(B, A, b"z" * 1400)
+    a.offer_tx(raw)
+    mem.writes.clear()
+    await d.notify_tx(da)
+    data_writes = [n for spa, n in mem.writes if spa >= (1 << 19) + b.rx.buffers_gpa]
+    assert data_writes == [256] * (len(raw) // 256) + [len(raw) % 256]
 
 
-def test_no_buffer_and_registration_rules() -> None:
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, _b, da, db = await pair(mem)
-        for _ in range(4):
-            a.offer_tx(virtio.frame(B, A, b"p"))
-        assert await d.notify_tx(da) == [Result.DELIVERED] * 4
-        a.offer_tx(virtio.frame(B, A, b"p"))  # B has not offered its buffers again
-        assert await d.notify_tx(da) == [Result.NO_BUFFER]
-        with pytest.raises(AlreadyExists):
-            await d.register("vm-a", A, *rings())
-        with pytest.raises(InvalidArgument):
-            await d.register("vm-a", "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1])
-        with pytest.raises(InvalidArgument):
-            await d.register("vm-a", "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1])
-        with pytest.raises(NotFound):
-            await d.register("vm-x", "02:00:00:00:00:0c", *rings())
-        assert set(d.devices) == {da, db}
-        d.unregister(db)
-        a.offer_tx(virtio.frame(B, A, b"gone"))
-        assert await d.notify_tx(da) == [Result.NO_ROUTE]
-        with pytest.raises(NotFound):
-            await d.notify_tx(db)
+async def test_hostile_rings_are_dropped_with_a_count() -> None:
+    mem = FakeMemory()
+    d, a, b, da, _ = await pair(mem)
+    good = virtio.frame(B, A, b"ok")
+    a.offer_tx(good, slot=9)  # slot beyond the ring
+    a.offer_tx(virtio.frame(B, "02:00:00:00:00:0c", b"spoofed"))  # not its own MAC
+    a.offer_tx(good, length=5000)  # longer than any frame
+    a.offer_tx(b"\xff" * 40)  # not a virtio-net header
+    assert await d.notify_tx(da) == [Result.BAD_FRAME] * 4
+    a.offer_tx(virtio.frame("02:00:00:00:00:0d", A, b"nobody"))
+    # a descriptor that points outside the guest's memory
+    a.put(a.tx.ring_gpa + a.lay.desc(1), virtio.Desc(1 << 30, 60, 0, 0).encode())
+    a.put(a.tx.ring_gpa + a.lay.avail_slot(a.tx_next), struct.pack("<H", 1))
+    a.tx_next += 1
+    a.put(a.tx.ring_gpa + a.lay.avail_idx, struct.pack("<H", a.tx_next))
+    assert await d.notify_tx(da) == [Result.NO_ROUTE, Result.BAD_FRAME]
+    assert b.used(b.rx) == (0, [])
+    a.offer_tx(good)
+    assert await d.notify_tx(da) == [Result.DELIVERED]  # the queue still works
 
-    run(body())
+
+async def test_no_buffer_and_registration_rules() -> None:
+    mem = FakeMemory()
+    d, a, _b, da, db = await pair(mem)
+    for _ in range(4):
+        a.offer_tx(virtio.frame(B, A, b"p"))
+    assert await d.notify_tx(da) == [Result.DELIVERED] * 4
+    a.offer_tx(virtio.frame(B, A, b"p"))  # B has not offered its buffers again
+    assert await d.notify_tx(da) == [Result.NO_BUFFER]
+    with pytest.raises(AlreadyExists):
+        await d.register("vm-a", A, *rings())
+    with pytest.raises(InvalidArgument):
+        await d.register("vm-a", "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1])
+    with pytest.raises(InvalidArgument):
+        await d.register("vm-a", "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1])
+    with pytest.raises(NotFound):
+        await d.register("vm-x", "02:00:00:00:00:0c", *rings())
+    assert set(d.devices) == {da, db}
+    d.unregister(db)
+    a.offer_tx(virtio.frame(B, A, b"gone"))
+    assert await d.notify_tx(da) == [Result.NO_ROUTE]
+    with pytest.raises(NotFound):
+        await d.notify_tx(db)
 
 
 @settings(max_examples=examples(300), deadline=None)
@@ -250,26 +229,23 @@ def test_parse_frame_never_crashes(raw: bytes) -> None:
 
 @settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=256), st.integers(0, 0xFFFF))
-def test_a_garbage_tx_ring_never_crashes_the_daemon(area: bytes, avail: int) -> None:
+async def test_a_garbage_tx_ring_never_crashes_the_daemon(area: bytes, avail: int) -> None:
     """Descriptors and the driver area full of garbage (the idx kept small enough to run)."""
 
-    async def body() -> None:
-        mem = FakeMemory()
-        d, a, _b, da, _ = await pair(mem)
-        page = bytearray(PAGE)
-        page[: len(area)] = area
-        struct.pack_into("<H", page, a.lay.avail_idx, avail % 64)
-        a.put(a.tx.ring_gpa, bytes(page))
-        if avail % 64 > 4:
-            with pytest.raises(InvalidArgument):  # more offered than the queue holds
-                await d.notify_tx(da)
-            assert d.devices[da].tx_avail == 0
-            return
-        results = await d.notify_tx(da)
-        assert all(isinstance(r, Result) for r in results)
-        assert len(results) == struct.unpack_from("<H", page, a.lay.avail_idx)[0]
-
-    run(body())
+    mem = FakeMemory()
+    d, a, _b, da, _ = await pair(mem)
+    page = bytearray(PAGE)
+    page[: len(area)] = area
+    struct.pack_into("<H", page, a.lay.avail_idx, avail % 64)
+    a.put(a.tx.ring_gpa, bytes(page))
+    if avail % 64 > 4:
+        with pytest.raises(InvalidArgument):  # more offered than the queue holds
+            await d.notify_tx(da)
+        assert d.devices[da].tx_avail == 0
+        return
+    results = await d.notify_tx(da)
+    assert all(isinstance(r, Result) for r in results)
+    assert len(results) == struct.unpack_from("<H", page, a.lay.avail_idx)[0]
 
 
 def test_starts_are_counted_in_the_data_dir(tmp_path: Path) -> None:

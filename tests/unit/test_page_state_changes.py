@@ -13,7 +13,6 @@ VMGEXIT_PSC_ERROR_INVALID_ENTRY ((1 << 32) | 2), VMGEXIT_PSC_ERROR_GENERIC (0x10
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections import Counter
 from types import SimpleNamespace
@@ -86,18 +85,14 @@ def rmp_state(spa: int, gpa: int, assigned: bool, asid: int) -> bytes:
     return struct.pack("<QQBBBBI", spa, gpa, int(assigned), 0, 0, 0, asid)
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 # --- the MSR protocol ----------------------------------------------------------------------------
 
 
-def test_msr_private_and_shared_are_one_4k_rmpupdate() -> None:
+async def test_msr_private_and_shared_are_one_4k_rmpupdate() -> None:
     rmp = Rmp()
     h, kvm = handler(rmp)
-    assert run(h.msr(vm(), 0x3, PRIVATE)) is True
-    assert run(h.msr(vm(), 0x4, SHARED)) is True
+    assert await h.msr(vm(), 0x3, PRIVATE) is True
+    assert await h.msr(vm(), 0x4, SHARED) is True
     assert rmp.unary == [
         (0x103 << 12, True, 0x3000, ASID, types_pb2.PAGE_SIZE_4K),
         (0x104 << 12, False, 0, 0, types_pb2.PAGE_SIZE_4K),
@@ -105,49 +100,49 @@ def test_msr_private_and_shared_are_one_4k_rmpupdate() -> None:
     assert kvm.counters.psc_pages == Counter({("private", "4k"): 1, ("shared", "4k"): 1})
 
 
-def test_msr_refuses_other_operations_unmapped_gfns_and_failed_updates() -> None:
+async def test_msr_refuses_other_operations_unmapped_gfns_and_failed_updates() -> None:
     rmp = Rmp(fail={0x105 << 12: 3})
     h, kvm = handler(rmp)
-    assert run(h.msr(vm(), 0x3, PSMASH)) is False
-    assert run(h.msr(vm(), 0x3, 0)) is False
-    assert run(h.msr(vm(), 0x10, PRIVATE)) is False  # GPA 64 KiB: outside the memslots
+    assert await h.msr(vm(), 0x3, PSMASH) is False
+    assert await h.msr(vm(), 0x3, 0) is False
+    assert await h.msr(vm(), 0x10, PRIVATE) is False  # GPA 64 KiB: outside the memslots
     assert rmp.unary == []
-    assert run(h.msr(vm(), 0x5, PRIVATE)) is False  # RMPUPDATE failed
+    assert await h.msr(vm(), 0x5, PRIVATE) is False  # RMPUPDATE failed
     assert len(rmp.unary) == 1 and kvm.counters.psc_pages == Counter()
 
 
 # --- snp_begin_psc() -----------------------------------------------------------------------------
 
 
-def test_an_end_entry_past_the_buffer_is_invalid_hdr() -> None:
+async def test_an_end_entry_past_the_buffer_is_invalid_hdr() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     d = descriptor(0, 253, [entry(0, 1, PRIVATE)])
-    assert run(h.apply(vm(), d, ExitState(speculate=False))) == INVALID_HDR
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == INVALID_HDR
     assert (d.cur_entry, d.entries[0].cur_page) == (0, 0) and rmp.batches == []
     # 252, the last entry of a full buffer, is a valid end
     d = descriptor(252, 252, [0] * 252 + [entry(0, 1, PRIVATE)])
-    assert run(h.apply(vm(), d, ExitState(speculate=False))) == 0
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == 0
     assert d.cur_entry == 253 and d.entries[252].cur_page == 1
 
 
-def test_cur_entry_past_end_entry_does_nothing() -> None:
+async def test_cur_entry_past_end_entry_does_nothing() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     d = descriptor(2, 1, [entry(0, 1, PRIVATE)] * 3)
-    assert run(h.apply(vm(), d, ExitState(speculate=False))) == 0
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == 0
     assert d.cur_entry == 2 and [e.cur_page for e in d.entries[:3]] == [0, 0, 0]
     assert rmp.batches == [] and rmp.unary == []
 
 
-def test_4k_entries_go_as_one_batch_and_complete() -> None:
+async def test_4k_entries_go_as_one_batch_and_complete() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     entries = [entry(0, 0, SHARED), entry(0, 2, PRIVATE, reserved=0x41), entry(0, 9, PSMASH)]
     entries.append(entry(0, 1, PRIVATE))  # past end_entry: left alone
     d = descriptor(0, 2, entries)
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == 0
+    assert await h.apply(vm(), d, state) == 0
     assert rmp.batches == [
         rmp_state(0x100 << 12, 0, False, 0) + rmp_state(0x102 << 12, 0x2000, True, ASID)
     ]
@@ -157,12 +152,12 @@ def test_4k_entries_go_as_one_batch_and_complete() -> None:
     assert state.psc_pages == Counter({("private", "4k"): 1, ("shared", "4k"): 1})
 
 
-def test_the_loop_starts_at_cur_entry_and_cur_page() -> None:
+async def test_the_loop_starts_at_cur_entry_and_cur_page() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     # entry 0 is before cur_entry; entry 1 is a 2M entry already 510 pages in
     d = descriptor(1, 1, [entry(0, 3, PRIVATE), entry(510, 0x200, SHARED, size_2m=True)])
-    assert run(h.apply(vm(), d, ExitState(speculate=False))) == 0
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == 0
     # two 4K pages (510, 511) of the 2M range at GPA 2 MiB (frames 0x400..), no 2M RMPUPDATE
     assert rmp.unary == []
     assert rmp.batches == [
@@ -171,24 +166,24 @@ def test_the_loop_starts_at_cur_entry_and_cur_page() -> None:
     assert (d.cur_entry, d.entries[0].cur_page, d.entries[1].cur_page) == (2, 0, 512)
 
 
-def test_a_2m_entry_on_a_2m_mapping_is_one_2m_rmpupdate() -> None:
+async def test_a_2m_entry_on_a_2m_mapping_is_one_2m_rmpupdate() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     d = descriptor(0, 0, [entry(0, 0x200, PRIVATE, size_2m=True)])
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == 0
+    assert await h.apply(vm(), d, state) == 0
     assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, types_pb2.PAGE_SIZE_2M)]
     assert rmp.batches == [] and d.entries[0].cur_page == 512 and d.cur_entry == 1
     assert state.psc_pages == Counter({("private", "2m"): 1})
 
 
-def test_a_2m_entry_falls_back_to_4k_pages() -> None:
+async def test_a_2m_entry_falls_back_to_4k_pages() -> None:
     # a range whose frames are not 2M-aligned: 512 4K RMPUPDATEs in one batch
     rmp = Rmp()
     h, _ = handler(rmp)
     d = descriptor(0, 0, [entry(0, 0x600, SHARED, size_2m=True)])
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == 0
+    assert await h.apply(vm(), d, state) == 0
     assert rmp.unary == []
     assert rmp.batches == [b"".join(rmp_state((0x901 + i) << 12, 0, False, 0) for i in range(512))]
     assert d.entries[0].cur_page == 512 and state.psc_pages == Counter({("shared", "4k"): 512})
@@ -197,7 +192,7 @@ def test_a_2m_entry_falls_back_to_4k_pages() -> None:
     h, _ = handler(rmp)
     d = descriptor(0, 0, [entry(0, 0x200, PRIVATE, size_2m=True)])
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == 0
+    assert await h.apply(vm(), d, state) == 0
     assert len(rmp.unary) == 1
     assert rmp.batches == [
         b"".join(rmp_state((0x400 + i) << 12, (2 << 20) + i * 4096, True, ASID) for i in range(512))
@@ -205,35 +200,35 @@ def test_a_2m_entry_falls_back_to_4k_pages() -> None:
     assert state.psc_pages == Counter({("private", "4k"): 512})
 
 
-def test_an_invalid_entry_stops_the_loop_there() -> None:
+async def test_an_invalid_entry_stops_the_loop_there() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     # entry 1: a 2M entry at a GFN not 2M-aligned
     entries = [entry(0, 1, PRIVATE), entry(0, 0x201, PRIVATE, size_2m=True), entry(0, 2, PRIVATE)]
     d = descriptor(0, 2, entries)
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == INVALID_ENTRY
+    assert await h.apply(vm(), d, state) == INVALID_ENTRY
     assert rmp.batches == [rmp_state(0x101 << 12, 0x1000, True, ASID)]  # the entry before it
     assert d.cur_entry == 1 and [e.cur_page for e in d.entries[:3]] == [1, 0, 0]
     # cur_page 2 on a 4K entry (npages 1) is invalid; cur_page 1 is not (it is done)
     d = descriptor(0, 1, [entry(1, 1, PRIVATE), entry(2, 2, SHARED)])
-    assert run(h.apply(vm(), d, ExitState(speculate=False))) == INVALID_ENTRY
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == INVALID_ENTRY
     assert d.cur_entry == 1 and [e.cur_page for e in d.entries[:2]] == [1, 2]
 
 
-def test_an_unmapped_gfn_is_generic_at_that_entry() -> None:
+async def test_an_unmapped_gfn_is_generic_at_that_entry() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     entries = [entry(0, 1, SHARED), entry(0, 0x10, PRIVATE), entry(0, 2, PRIVATE)]
     d = descriptor(0, 2, entries)
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == GENERIC
+    assert await h.apply(vm(), d, state) == GENERIC
     assert rmp.batches == [rmp_state(0x101 << 12, 0, False, 0)]
     assert d.cur_entry == 1 and [e.cur_page for e in d.entries[:3]] == [1, 0, 0]
     assert state.psc_pages == Counter({("shared", "4k"): 1})
 
 
-def test_a_failed_page_stops_progress_at_that_page() -> None:
+async def test_a_failed_page_stops_progress_at_that_page() -> None:
     # the third page of the batch (entry 1's page 1) fails; later pages are not counted
     rmp = Rmp(codes=bytes([0, 0, 6, 0, 0]))
     h, _ = handler(rmp)
@@ -245,7 +240,7 @@ def test_a_failed_page_stops_progress_at_that_page() -> None:
     ]
     d = descriptor(0, 3, entries)
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == GENERIC
+    assert await h.apply(vm(), d, state) == GENERIC
     assert d.cur_entry == 1
     assert [e.cur_page for e in d.entries[:4]] == [1, 0x1FF, 0, 0]
     assert state.psc_pages == Counter({("private", "4k"): 1, ("shared", "4k"): 1})
@@ -254,17 +249,17 @@ def test_a_failed_page_stops_progress_at_that_page() -> None:
     h, _ = handler(rmp)
     d = descriptor(0, 1, [entry(0, 1, PRIVATE), entry(0, 2, PRIVATE)])
     state = ExitState(speculate=False)
-    assert run(h.apply(vm(), d, state)) == GENERIC
+    assert await h.apply(vm(), d, state) == GENERIC
     assert (d.cur_entry, d.entries[0].cur_page, d.entries[1].cur_page) == (0, 0, 0)
     assert state.psc_pages == Counter()
 
 
-def test_a_speculating_exit_sends_no_rpc_and_known_codes_are_used() -> None:
+async def test_a_speculating_exit_sends_no_rpc_and_known_codes_are_used() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     d = descriptor(0, 1, [entry(0, 1, PRIVATE), entry(0, 2, SHARED)])
     state = ExitState(speculate=True)
-    assert run(h.apply(vm(), d, state)) == 0
+    assert await h.apply(vm(), d, state) == 0
     assert rmp.batches == [] and state.batch is not None
     assert bytes(state.batch.entries) == rmp_state(0x101 << 12, 0x1000, True, ASID) + rmp_state(
         0x102 << 12, 0, False, 0
@@ -275,7 +270,7 @@ def test_a_speculating_exit_sends_no_rpc_and_known_codes_are_used() -> None:
     # handled again with the codes rmp really answered: the second page failed
     d = descriptor(0, 1, [entry(0, 1, PRIVATE), entry(0, 2, SHARED)])
     state = ExitState(speculate=False, codes=bytes([0, 4]))
-    assert run(h.apply(vm(), d, state)) == GENERIC
+    assert await h.apply(vm(), d, state) == GENERIC
     assert rmp.batches == [] and (d.cur_entry, d.entries[0].cur_page, d.entries[1].cur_page) == (
         1,
         1,
@@ -286,7 +281,7 @@ def test_a_speculating_exit_sends_no_rpc_and_known_codes_are_used() -> None:
 # --- the PSC exit: the descriptor in the GHCB's shared buffer ------------------------------------
 
 
-def exit_with(
+async def exit_with(
     desc: bytes, offset: int = 0, speculate: bool = True
 ) -> tuple[Any, Rmp, ExitState, bytes]:
     rmp = Rmp()
@@ -297,29 +292,29 @@ def exit_with(
     before = bytes(ghcb.shared)
     state = ExitState(speculate=speculate)
     vcpu = Vcpu(0, b"t", ghcb_gpa=GHCB_GPA)
-    return run(h.exit(vm(), vcpu, ghcb, state)), rmp, state, before
+    return await h.exit(vm(), vcpu, ghcb, state), rmp, state, before
 
 
-def test_a_scratch_area_outside_the_ghcb_is_malformed() -> None:
+async def test_a_scratch_area_outside_the_ghcb_is_malformed() -> None:
     rmp = Rmp()
     h, _ = handler(rmp)
     ghcb = g.Ghcb()
     ghcb.set("sw_scratch", 0x20000)  # guest memory, not the GHCB's shared buffer
-    out = run(h.exit(vm(), Vcpu(0, b"t", ghcb_gpa=GHCB_GPA), ghcb, ExitState()))
+    out = await h.exit(vm(), Vcpu(0, b"t", ghcb_gpa=GHCB_GPA), ghcb, ExitState())
     assert out == (ExitResult(2, 3), {}, None)  # MALFORMED_INPUT, GHCB_ERR_INVALID_SCRATCH_AREA
     ghcb.set("sw_scratch", GHCB_GPA + 0xFF0 - 4)  # in the GHCB, but no room for the header
-    out = run(h.exit(vm(), Vcpu(0, b"t", ghcb_gpa=GHCB_GPA), ghcb, ExitState()))
+    out = await h.exit(vm(), Vcpu(0, b"t", ghcb_gpa=GHCB_GPA), ghcb, ExitState())
     assert out == (ExitResult(2, 3), {}, None)
     # no GHCB registered: the page of GPA 0 is not where SW_SCRATCH points
-    out = run(h.exit(vm(), Vcpu(0, b"t"), ghcb, ExitState()))
+    out = await h.exit(vm(), Vcpu(0, b"t"), ghcb, ExitState())
     assert out == (ExitResult(2, 3), {}, None)
 
 
-def test_the_common_request_is_planned_and_written_back() -> None:
+async def test_the_common_request_is_planned_and_written_back() -> None:
     raw = struct.pack("<HHI", 0, 1, 0xAB) + struct.pack(
         "<2Q", entry(0, 1, PRIVATE), entry(0, 2, SHARED)
     )
-    (result, regs, buf), rmp, state, before = exit_with(raw, offset=16)
+    (result, regs, buf), rmp, state, before = await exit_with(raw, offset=16)
     assert (result, regs) == (ExitResult(0, 0), {})
     want = bytearray(before)
     want[16:40] = struct.pack("<HHI", 2, 1, 0xAB) + struct.pack(
@@ -334,9 +329,9 @@ def test_the_common_request_is_planned_and_written_back() -> None:
     assert state.psc_requests == Counter({("ghcb", "success"): 1})
 
 
-def test_a_request_of_operations_kvm_only_completes_sends_no_batch() -> None:
+async def test_a_request_of_operations_kvm_only_completes_sends_no_batch() -> None:
     raw = struct.pack("<HHI", 0, 1, 0) + struct.pack("<2Q", entry(0, 1, PSMASH), entry(0, 2, 0))
-    (result, _, buf), _, state, _ = exit_with(raw)
+    (result, _, buf), _, state, _ = await exit_with(raw)
     assert result == ExitResult(0, 0) and state.batch is None
     assert bytes(buf[:24]) == struct.pack("<HHI", 2, 1, 0) + struct.pack(
         "<2Q", entry(1, 1, PSMASH), entry(1, 2, 0)
@@ -344,11 +339,11 @@ def test_a_request_of_operations_kvm_only_completes_sends_no_batch() -> None:
     assert state.psc_pages == Counter() and state.psc_requests == Counter({("ghcb", "success"): 1})
 
 
-def test_a_2m_request_goes_through_the_loop_and_stops_speculating() -> None:
+async def test_a_2m_request_goes_through_the_loop_and_stops_speculating() -> None:
     raw = struct.pack("<HHI", 0, 1, 0) + struct.pack(
         "<2Q", entry(0, 0x200, PRIVATE, size_2m=True), entry(0, 3, SHARED)
     )
-    (result, _, buf), rmp, state, before = exit_with(raw, offset=8)
+    (result, _, buf), rmp, state, before = await exit_with(raw, offset=8)
     assert result == ExitResult(0, 0) and state.speculate is False
     assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, types_pb2.PAGE_SIZE_2M)]
     assert rmp.batches == [rmp_state(0x103 << 12, 0, False, 0)]
@@ -360,14 +355,14 @@ def test_a_2m_request_goes_through_the_loop_and_stops_speculating() -> None:
     assert state.psc_requests == Counter({("ghcb", "success"): 1})
 
 
-def test_a_refused_request_is_counted_by_its_result() -> None:
+async def test_a_refused_request_is_counted_by_its_result() -> None:
     raw = struct.pack("<HHI", 0, 300, 0) + struct.pack("<Q", entry(0, 1, PRIVATE))
-    (result, _, buf), rmp, state, before = exit_with(raw)
+    (result, _, buf), rmp, state, before = await exit_with(raw)
     assert result == ExitResult(0, INVALID_HDR) and bytes(buf) == before
     assert state.psc_requests == Counter({("ghcb", "invalid_hdr"): 1}) and rmp.batches == []
     # a 4K request the plan does not take (an unmapped GFN): the loop answers GENERIC
     raw = struct.pack("<HHI", 0, 0, 0) + struct.pack("<Q", entry(0, 0x10, PRIVATE))
-    (result, _, _), _, state, _ = exit_with(raw, speculate=False)
+    (result, _, _), _, state, _ = await exit_with(raw, speculate=False)
     assert result == ExitResult(0, GENERIC)
     assert state.psc_requests == Counter({("ghcb", "generic"): 1})
 
@@ -382,33 +377,33 @@ def test_result_names() -> None:
     ]
 
 
-def test_counts_add_up_over_requests_and_entries() -> None:
+async def test_counts_add_up_over_requests_and_entries() -> None:
     rmp = Rmp()
     h, kvm = handler(rmp)
-    assert run(h.msr(vm(), 0x3, PRIVATE)) and run(h.msr(vm(), 0x4, PRIVATE))
+    assert await h.msr(vm(), 0x3, PRIVATE) and await h.msr(vm(), 0x4, PRIVATE)
     assert kvm.counters.psc_pages == Counter({("private", "4k"): 2})
     # two 2M entries in one descriptor: two 2M page changes
     v = vm()
     v.memslots.add(4 << 20, list(range(0x800, 0xA00)))  # a second 2M-aligned run
     d = descriptor(0, 1, [entry(0, 0x200, PRIVATE, True), entry(0, 0x400, PRIVATE, True)])
     state = ExitState(speculate=False)
-    assert run(h.apply(v, d, state)) == 0
+    assert await h.apply(v, d, state) == 0
     assert state.psc_pages == Counter({("private", "2m"): 2})
 
 
-def test_a_descriptor_at_an_unaligned_offset_is_planned_the_same() -> None:
+async def test_a_descriptor_at_an_unaligned_offset_is_planned_the_same() -> None:
     """setup_vmgexit_scratch() asks no alignment of SW_SCRATCH: the descriptor may start at any
     byte of the shared buffer."""
     raw = struct.pack("<HHI", 0, 0, 0) + struct.pack("<Q", entry(0, 1, PRIVATE))
-    (result, _, buf), _, state, before = exit_with(raw, offset=3)
+    (result, _, buf), _, state, before = await exit_with(raw, offset=3)
     assert result == ExitResult(0, 0) and state.batch is not None
     want = bytearray(before)
     want[3:19] = struct.pack("<HHI", 1, 0, 0) + struct.pack("<Q", entry(1, 1, PRIVATE))
     assert bytes(buf) == bytes(want)
 
 
-def test_end_entry_253_of_a_full_buffer_is_invalid_hdr() -> None:
+async def test_end_entry_253_of_a_full_buffer_is_invalid_hdr() -> None:
     # the shared buffer at offset 0 holds (2032 - 8) / 8 = 253 entries: 0..252
     raw = struct.pack("<HHI", 0, 253, 0) + struct.pack("<Q", entry(0, 1, PRIVATE))
-    (result, _, buf), _, state, before = exit_with(raw)
+    (result, _, buf), _, state, before = await exit_with(raw)
     assert result == ExitResult(0, INVALID_HDR) and bytes(buf) == before and state.batch is None

@@ -3,7 +3,6 @@ descriptor written back, the same page counts, for every request the plan takes.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from types import SimpleNamespace
 from typing import Any
@@ -180,7 +179,7 @@ def batch_rows(batches: list[bytes]) -> list[tuple[int, int, int, int]]:
 @example(entries=[2 << 52, 2 | 1 << 52], cur=0, end_delta=0, hdr_reserved=0)
 @example(entries=[1 << 52, 1 << 52 | 0x200 << 12], cur=0, end_delta=0, hdr_reserved=0)
 @example(entries=[1 << 52] * psc.MAX_ENTRIES, cur=0, end_delta=1, hdr_reserved=0)
-def test_the_plan_equals_the_loop(
+async def test_the_plan_equals_the_loop(
     entries: list[int], cur: int, end_delta: int, hdr_reserved: int
 ) -> None:
     """Both follow KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc() (reserved bits unread, any
@@ -197,7 +196,7 @@ def test_the_plan_equals_the_loop(
     exits = Exits(SimpleNamespace(host=host))  # type: ignore[arg-type]
     desc = psc.Descriptor.decode(raw)
     state = ExitState(speculate=False)
-    result = asyncio.run(exits.psc.apply(v, desc, state))
+    result = await exits.psc.apply(v, desc, state)
     out = bytearray(raw)
     desc.encode_into(out)
     padded = entries + [0] * psc.MAX_ENTRIES
@@ -261,7 +260,7 @@ def test_translate_many_equals_translate() -> None:
     assert list(v.memslots.translate_many(gpas)) == [-1 if w is None else w for w in want]
 
 
-def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> None:
+async def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> None:
     """KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc(): KVM completes PSMASH/UNSMASH ranges
     (`default:`) as it reaches them and stops at an invalid entry (here cur_page 2 > npages 1):
     a PSMASH before it is done, one after it is left as the guest wrote it."""
@@ -269,7 +268,7 @@ def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> None:
     raw = struct.pack("<HHI", 0, 2, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
     desc = psc.Descriptor.decode(raw + bytes(8 * (psc.MAX_ENTRIES - 3)))
     exits = Exits(SimpleNamespace(host=Host()))  # type: ignore[arg-type]
-    result = asyncio.run(exits.psc.apply(vm(), desc, ExitState(speculate=False)))
+    result = await exits.psc.apply(vm(), desc, ExitState(speculate=False))
     assert result == (1 << 32) | 2 and desc.cur_entry == 1  # VMGEXIT_PSC_ERROR_INVALID_ENTRY
     assert [e.cur_page for e in desc.entries[:3]] == [1, 2, 0]
 

@@ -21,6 +21,7 @@ import asyncio
 
 import grpc
 import pytest
+import pytest_asyncio
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 from snpemu import rmp
 from snpemu.rmp.client import RmpUserWriter
@@ -32,19 +33,36 @@ HOST = (("x-snpemu-host-credential", CRED),)
 INFO = "snp.rmp.v1.RmpService/GetPlatformInfo"
 
 
+async def serve(body):
+    env = {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0",
+           "SNPEMU_HOST_CREDENTIAL": CRED, "SNPEMU_SHUTDOWN_GRACE_S": "0"}
+    rt = ServiceRuntime(rmp.SPEC, ServiceConfig.from_env("rmp", env),
+                        rmp.SPEC.options({"SNPEMU_RMP_MEMORY": "64M"}))
+    await rt.start()
+    try:
+        async with grpc.aio.insecure_channel(rt.address) as ch:
+            await body(rmp_pb2_grpc.RmpServiceStub(ch), rt)
+    finally:
+        await rt.stop()
+
+
 def with_rmp(body):
-    async def main():
-        env = {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0",
-               "SNPEMU_HOST_CREDENTIAL": CRED, "SNPEMU_SHUTDOWN_GRACE_S": "0"}
-        rt = ServiceRuntime(rmp.SPEC, ServiceConfig.from_env("rmp", env),
-                            rmp.SPEC.options({"SNPEMU_RMP_MEMORY": "64M"}))
-        await rt.start()
-        try:
-            async with grpc.aio.insecure_channel(rt.address) as ch:
-                await body(rmp_pb2_grpc.RmpServiceStub(ch), rt)
-        finally:
-            await rt.stop()
-    asyncio.run(main())
+    asyncio.run(serve(body))
+
+
+@pytest_asyncio.fixture
+async def rmp_stub():
+    # the channel opened by a fixture, before the test function runs: still the test's
+    env = {"SNPEMU_GRPC_PORT": "0", "SNPEMU_METRICS_PORT": "0",
+           "SNPEMU_HOST_CREDENTIAL": CRED, "SNPEMU_SHUTDOWN_GRACE_S": "0"}
+    rt = ServiceRuntime(rmp.SPEC, ServiceConfig.from_env("rmp", env),
+                        rmp.SPEC.options({"SNPEMU_RMP_MEMORY": "64M"}))
+    await rt.start()
+    try:
+        async with grpc.aio.insecure_channel(rt.address) as ch:
+            yield rmp_pb2_grpc.RmpServiceStub(ch)
+    finally:
+        await rt.stop()
 
 
 async def info_ok(stub, rt):
@@ -60,7 +78,9 @@ async def info_denied(stub, rt):
 
 def run_inner(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "conftest.py").write_text(
-        "from tests.conftest import pytest_runtest_call  # noqa\n"
+        "from tests.conftest import (  # noqa\n"
+        "    pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown,\n"
+        ")\n"
     )
     (tmp_path / "test_inner.py").write_text(HEADER + textwrap.dedent(body))
     env = {
@@ -96,10 +116,15 @@ def test_a_claim_the_test_bears_out_passes(tmp_path: Path) -> None:
                 await info_ok(stub, rt)
                 await info_denied(stub, rt)
             with_rmp(body)
+
+        @pytest.mark.rpc(INFO, "ok")
+        @pytest.mark.asyncio
+        async def test_through_an_async_fixture(rmp_stub):
+            await info_ok(rmp_stub, None)
         """,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 passed" in out.stdout
+    assert "4 passed" in out.stdout
 
 
 def test_an_error_claim_on_a_test_that_only_succeeds_fails(tmp_path: Path) -> None:
@@ -233,7 +258,7 @@ def test_grpcurl_runs_are_read_by_exit_status(argv: list[str], rc: int, seen: st
     assert rec.outcomes() == expected
 
 
-def test_the_real_grpcurl_is_recorded_by_its_exit_status() -> None:
+async def test_the_real_grpcurl_is_recorded_by_its_exit_status() -> None:
     """grpcurl run from test code: its exit status (64 + the code; 80 = UNAUTHENTICATED)."""
     import asyncio
 
@@ -273,6 +298,6 @@ def test_the_real_grpcurl_is_recorded_by_its_exit_status() -> None:
             await rt.stop()
 
     with rpc_record.recording() as rec:
-        codes = asyncio.run(main())
+        codes = await main()
     assert codes == [64 + 16, 0]
     assert rec.outcomes() == {(method, rpc_record.ERROR), (method, rpc_record.OK)}

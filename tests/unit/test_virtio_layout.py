@@ -23,7 +23,6 @@ SPEC: virtio 1.2 5.1.6: struct virtio_net_hdr (with VIRTIO_F_VERSION_1, 12 bytes
 
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import pytest
@@ -194,7 +193,7 @@ def test_a_frame_is_the_12_byte_header_then_ethernet() -> None:
     start=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF)),
     heads=st.randoms(use_true_random=False),
 )
-def test_tx_and_rx_follow_the_split_ring_rules(
+async def test_tx_and_rx_follow_the_split_ring_rules(
     n: int, payloads: list[bytes], start: int, heads: object
 ) -> None:
     """A sends k frames from descriptors it picks in any order, with both avail indexes
@@ -204,107 +203,98 @@ def test_tx_and_rx_follow_the_split_ring_rules(
     payloads = payloads[:n]
     k = len(payloads)
 
-    async def body() -> None:
-        d, mem, a, b, ida, idb = await pair(n)
-        # both devices begin at `start`, as after that many buffers (device state: 2.7.13)
-        for dev in (d.devices[ida], d.devices[idb]):
-            dev.tx_avail = dev.tx_used = dev.rx_avail = dev.rx_used = start
-        for guest in (a, b):
-            for gpa in (RX_RING, TX_RING):
-                page = guest.ring(gpa)
-                struct.pack_into("<H", page, offsets(n)[1] + 2, start)  # avail idx
-                struct.pack_into("<H", page, offsets(n)[2] + 2, start)  # used idx
-                guest.put(gpa, page)
-        # B offers all n RX buffers from `start`, heads reversed
-        rx = b.ring(RX_RING)
-        rx_heads = list(reversed(range(n)))
-        offer(rx, n, rx_heads, start)
-        b.put(RX_RING, rx)
-        # A fills k TX descriptors chosen at random and offers them
-        tx_heads = list(range(n))
-        heads.shuffle(tx_heads)  # type: ignore[attr-defined]
-        tx_heads = tx_heads[:k]
-        tx = a.ring(TX_RING)
-        frames = [net_frame(MAC_B, MAC_A, p) for p in payloads]
-        for head, f in zip(tx_heads, frames, strict=True):
-            addr = a.tx.buffers_gpa + head * BUF
-            a.put(addr, f)
-            put_desc(tx, n, head, addr, len(f), 0)
-        offer(tx, n, tx_heads, start)
-        a.put(TX_RING, tx)
-        tx_before = a.get(a.tx.buffers_gpa, n * BUF)
+    d, mem, a, b, ida, idb = await pair(n)
+    # both devices begin at `start`, as after that many buffers (device state: 2.7.13)
+    for dev in (d.devices[ida], d.devices[idb]):
+        dev.tx_avail = dev.tx_used = dev.rx_avail = dev.rx_used = start
+    for guest in (a, b):
+        for gpa in (RX_RING, TX_RING):
+            page = guest.ring(gpa)
+            struct.pack_into("<H", page, offsets(n)[1] + 2, start)  # avail idx
+            struct.pack_into("<H", page, offsets(n)[2] + 2, start)  # used idx
+            guest.put(gpa, page)
+    # B offers all n RX buffers from `start`, heads reversed
+    rx = b.ring(RX_RING)
+    rx_heads = list(reversed(range(n)))
+    offer(rx, n, rx_heads, start)
+    b.put(RX_RING, rx)
+    # A fills k TX descriptors chosen at random and offers them
+    tx_heads = list(range(n))
+    heads.shuffle(tx_heads)  # type: ignore[attr-defined]
+    tx_heads = tx_heads[:k]
+    tx = a.ring(TX_RING)
+    frames = [net_frame(MAC_B, MAC_A, p) for p in payloads]
+    for head, f in zip(tx_heads, frames, strict=True):
+        addr = a.tx.buffers_gpa + head * BUF
+        a.put(addr, f)
+        put_desc(tx, n, head, addr, len(f), 0)
+    offer(tx, n, tx_heads, start)
+    a.put(TX_RING, tx)
+    tx_before = a.get(a.tx.buffers_gpa, n * BUF)
 
-        results = await d.notify_tx(ida)
+    results = await d.notify_tx(ida)
 
-        assert results == [Result.DELIVERED] * k
-        flags, idx, elems = used_ring(a.get(TX_RING, PAGE), n, start)
-        # TX: a device-readable buffer had nothing written into it, so len is 0 (2.7.8)
-        assert (flags, idx, elems) == (0, (start + k) & 0xFFFF, [(h, 0) for h in tx_heads])
-        assert a.get(a.tx.buffers_gpa, n * BUF) == tx_before
-        flags, idx, elems = used_ring(b.get(RX_RING, PAGE), n, start)
-        assert (flags, idx) == (0, (start + k) & 0xFFFF)
-        assert elems == [(rx_heads[i], len(frames[i])) for i in range(k)]
-        for i in range(k):
-            assert b.get(b.rx.buffers_gpa + rx_heads[i] * BUF, len(frames[i])) == frames[i]
-        # each used element is written before the used idx that publishes it (2.7.8.2):
-        # replay the device's writes to the used ring; at every idx write, every element the
-        # new idx publishes must already hold its final value
-        for guest, ring_gpa in ((a, TX_RING), (b, RX_RING)):
-            used = guest.base + ring_gpa + offsets(n)[2]
-            final = used_ring(guest.get(ring_gpa, PAGE), n, start)[2]
-            shadow = bytearray(mem.mem[used : used + 4 + 8 * n])
-            shadow[4:] = bytes(8 * n)
-            published = 0
-            for spa, data in mem.writes:
-                if not used <= spa < used + 4 + 8 * n:
-                    continue
-                shadow[spa - used : spa - used + len(data)] = data
-                if spa == used + 2:
-                    published += 1
-                    now = used_ring(bytes(offsets(n)[2]) + bytes(shadow), n, start)[2]
-                    assert now == final[: len(now)] and len(now) == published
-            assert published == k
-
-    asyncio.run(body())
+    assert results == [Result.DELIVERED] * k
+    flags, idx, elems = used_ring(a.get(TX_RING, PAGE), n, start)
+    # TX: a device-readable buffer had nothing written into it, so len is 0 (2.7.8)
+    assert (flags, idx, elems) == (0, (start + k) & 0xFFFF, [(h, 0) for h in tx_heads])
+    assert a.get(a.tx.buffers_gpa, n * BUF) == tx_before
+    flags, idx, elems = used_ring(b.get(RX_RING, PAGE), n, start)
+    assert (flags, idx) == (0, (start + k) & 0xFFFF)
+    assert elems == [(rx_heads[i], len(frames[i])) for i in range(k)]
+    for i in range(k):
+        assert b.get(b.rx.buffers_gpa + rx_heads[i] * BUF, len(frames[i])) == frames[i]
+    # each used element is written before the used idx that publishes it (2.7.8.2):
+    # replay the device's writes to the used ring; at every idx write, every element the
+    # new idx publishes must already hold its final value
+    for guest, ring_gpa in ((a, TX_RING), (b, RX_RING)):
+        used = guest.base + ring_gpa + offsets(n)[2]
+        final = used_ring(guest.get(ring_gpa, PAGE), n, start)[2]
+        shadow = bytearray(mem.mem[used : used + 4 + 8 * n])
+        shadow[4:] = bytes(8 * n)
+        published = 0
+        for spa, data in mem.writes:
+            if not used <= spa < used + 4 + 8 * n:
+                continue
+            shadow[spa - used : spa - used + len(data)] = data
+            if spa == used + 2:
+                published += 1
+                now = used_ring(bytes(offsets(n)[2]) + bytes(shadow), n, start)[2]
+                assert now == final[: len(now)] and len(now) == published
+        assert published == k
 
 
-def test_the_device_does_not_write_a_device_readable_rx_buffer() -> None:
+async def test_the_device_does_not_write_a_device_readable_rx_buffer() -> None:
     """An RX descriptor without VIRTQ_DESC_F_WRITE: netd must not write into it."""
 
-    async def body() -> None:
-        d, _, a, b, ida, _ = await pair(4)
-        rx = b.ring(RX_RING)
-        put_desc(rx, 4, 0, b.rx.buffers_gpa, BUF, 0)  # WRITE cleared on the first offered one
-        b.put(RX_RING, rx)
-        b.put(b.rx.buffers_gpa, b"\xee" * 64)
-        f = net_frame(MAC_B, MAC_A, b"x" * 20)
-        tx = a.ring(TX_RING)
-        a.put(a.tx.buffers_gpa, f)
-        put_desc(tx, 4, 0, a.tx.buffers_gpa, len(f), 0)
-        offer(tx, 4, [0], 0)
-        a.put(TX_RING, tx)
-        assert await d.notify_tx(ida) == [Result.BAD_FRAME]
-        assert b.get(b.rx.buffers_gpa, 64) == b"\xee" * 64
-
-    asyncio.run(body())
+    d, _, a, b, ida, _ = await pair(4)
+    rx = b.ring(RX_RING)
+    put_desc(rx, 4, 0, b.rx.buffers_gpa, BUF, 0)  # WRITE cleared on the first offered one
+    b.put(RX_RING, rx)
+    b.put(b.rx.buffers_gpa, b"\xee" * 64)
+    f = net_frame(MAC_B, MAC_A, b"x" * 20)
+    tx = a.ring(TX_RING)
+    a.put(a.tx.buffers_gpa, f)
+    put_desc(tx, 4, 0, a.tx.buffers_gpa, len(f), 0)
+    offer(tx, 4, [0], 0)
+    a.put(TX_RING, tx)
+    assert await d.notify_tx(ida) == [Result.BAD_FRAME]
+    assert b.get(b.rx.buffers_gpa, 64) == b"\xee" * 64
 
 
-def test_a_tx_descriptor_with_next_or_indirect_is_not_read_as_a_frame() -> None:
+async def test_a_tx_descriptor_with_next_or_indirect_is_not_read_as_a_frame() -> None:
     """A chained (NEXT) or INDIRECT descriptor is not one whole frame: netd, which takes one
     descriptor per frame and does not offer VIRTIO_F_INDIRECT_DESC, must not deliver it as
     one. (The buffer still goes back through the used ring.)"""
 
-    async def body() -> None:
-        for flags in (F_NEXT, F_INDIRECT):
-            d, _, a, b, ida, _ = await pair(4)
-            f = net_frame(MAC_B, MAC_A, b"y" * 20)
-            tx = a.ring(TX_RING)
-            a.put(a.tx.buffers_gpa, f)
-            put_desc(tx, 4, 0, a.tx.buffers_gpa, len(f), flags)
-            offer(tx, 4, [0], 0)
-            a.put(TX_RING, tx)
-            assert await d.notify_tx(ida) == [Result.BAD_FRAME], flags
-            assert used_ring(a.get(TX_RING, PAGE), 4, 0)[1:] == (1, [(0, 0)])
-            assert used_ring(b.get(RX_RING, PAGE), 4, 0)[1] == 0
-
-    asyncio.run(body())
+    for flags in (F_NEXT, F_INDIRECT):
+        d, _, a, b, ida, _ = await pair(4)
+        f = net_frame(MAC_B, MAC_A, b"y" * 20)
+        tx = a.ring(TX_RING)
+        a.put(a.tx.buffers_gpa, f)
+        put_desc(tx, 4, 0, a.tx.buffers_gpa, len(f), flags)
+        offer(tx, 4, [0], 0)
+        a.put(TX_RING, tx)
+        assert await d.notify_tx(ida) == [Result.BAD_FRAME], flags
+        assert used_ring(a.get(TX_RING, PAGE), 4, 0)[1:] == (1, [(0, 0)])
+        assert used_ring(b.get(RX_RING, PAGE), 4, 0)[1] == 0

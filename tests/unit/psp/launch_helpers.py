@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 from dataclasses import dataclass, field
@@ -125,10 +124,6 @@ class Host:
 def make_host(tmp: Path, memory: int = 64 << 20, **rmp_kw: object) -> Host:
     rmp = RmpMachine(memory, **rmp_kw)  # type: ignore[arg-type]
     return Host(rmp, Firmware(identity(tmp), LocalRmp(rmp)))
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 def report_request(user_data: bytes = bytes(64), vmpl: int = 0) -> bytes:

@@ -26,7 +26,7 @@ from snpemu.psp.status import FirmwareError
 from snpemu.psp.topology import Topology
 from snpemu.rmp.machine import RmpMachine
 
-from tests.unit.psp.launch_helpers import Host, identity, run
+from tests.unit.psp.launch_helpers import Host, identity
 
 # SPEC: SNP ABI, Guest Policy
 SMT = 1 << 16
@@ -58,64 +58,58 @@ async def created(h: Host) -> None:
     ("smt_enabled", "policy_smt", "refused"),
     [(True, 0, True), (True, SMT, False), (False, 0, False), (False, SMT, False)],
 )
-def test_launch_start_refuses_smt_0_only_when_smt_is_enabled(
+async def test_launch_start_refuses_smt_0_only_when_smt_is_enabled(
     tmp: Path, smt_enabled: bool, policy_smt: int, refused: bool
 ) -> None:
-    async def body() -> None:
-        h = host_on(tmp, Topology(smt=smt_enabled))
-        await created(h)
-        start = h.fw.launch_start(
-            h.gctx, policy=RSVD_MBO | policy_smt, gosvw=b"", ma_en=False, imi_en=False
-        )
-        if not refused:
-            await start
-            assert h.fw.guests[h.gctx].state == GuestState.LAUNCH
-            return
-        with pytest.raises(FirmwareError) as info:
-            await start
-        assert info.value.status == POLICY_FAILURE
-        assert info.value.reason == "POLICY_FAILURE"
-        ctx = h.fw.guests[h.gctx]
-        assert (ctx.state, ctx.policy) == (GuestState.INIT, 0)
-
-    run(body())
+    h = host_on(tmp, Topology(smt=smt_enabled))
+    await created(h)
+    start = h.fw.launch_start(
+        h.gctx, policy=RSVD_MBO | policy_smt, gosvw=b"", ma_en=False, imi_en=False
+    )
+    if not refused:
+        await start
+        assert h.fw.guests[h.gctx].state == GuestState.LAUNCH
+        return
+    with pytest.raises(FirmwareError) as info:
+        await start
+    assert info.value.status == POLICY_FAILURE
+    assert info.value.reason == "POLICY_FAILURE"
+    ctx = h.fw.guests[h.gctx]
+    assert (ctx.state, ctx.policy) == (GuestState.INIT, 0)
 
 
 @pytest.mark.parametrize(
     ("sockets", "single_socket", "refused"),
     [(1, 0, False), (1, SINGLE_SOCKET, False), (2, 0, False), (2, SINGLE_SOCKET, True)],
 )
-def test_activate_refuses_single_socket_on_a_multi_socket_system(
+async def test_activate_refuses_single_socket_on_a_multi_socket_system(
     tmp: Path, sockets: int, single_socket: int, refused: bool
 ) -> None:
-    async def body() -> None:
-        h = host_on(tmp, Topology(sockets=sockets))
-        await created(h)
-        policy = SMT | RSVD_MBO | single_socket
-        await h.fw.launch_start(h.gctx, policy=policy, gosvw=b"", ma_en=False, imi_en=False)
-        if not refused:
-            await h.fw.activate(h.gctx, 5)
-            assert h.fw.asids == {5: h.gctx}
-            return
-        with pytest.raises(FirmwareError) as info:
-            await h.fw.activate(h.gctx, 5)
-        assert info.value.status == POLICY_FAILURE
-        assert (h.fw.guests[h.gctx].asid, h.fw.asids) == (0, {})
-        assert not h.rmp.keys.has(5)  # no key was installed for the ASID
-
-    run(body())
+    h = host_on(tmp, Topology(sockets=sockets))
+    await created(h)
+    policy = SMT | RSVD_MBO | single_socket
+    await h.fw.launch_start(h.gctx, policy=policy, gosvw=b"", ma_en=False, imi_en=False)
+    if not refused:
+        await h.fw.activate(h.gctx, 5)
+        assert h.fw.asids == {5: h.gctx}
+        return
+    with pytest.raises(FirmwareError) as info:
+        await h.fw.activate(h.gctx, 5)
+    assert info.value.status == POLICY_FAILURE
+    assert (h.fw.guests[h.gctx].asid, h.fw.asids) == (0, {})
+    assert not h.rmp.keys.has(5)  # no key was installed for the ASID
 
 
 @pytest.mark.parametrize("smt_enabled", [True, False])
-def test_report_platform_info_says_whether_smt_is_enabled(tmp: Path, smt_enabled: bool) -> None:
-    async def body() -> int:
-        h = host_on(tmp, Topology(smt=smt_enabled))
-        await h.start(policy=SMT | RSVD_MBO)
-        await h.finish()
-        report = h.fw.attestation_report(h.fw.guests[h.gctx], bytes(64), 0)
-        return int(struct.unpack_from("<Q", report, PLATFORM_INFO)[0])
-
-    assert run(body()) & 1 == int(smt_enabled)
+async def test_report_platform_info_says_whether_smt_is_enabled(
+    tmp: Path, smt_enabled: bool
+) -> None:
+    h = host_on(tmp, Topology(smt=smt_enabled))
+    await h.start(policy=SMT | RSVD_MBO)
+    await h.finish()
+    report = h.fw.attestation_report(h.fw.guests[h.gctx], bytes(64), 0)
+    result = int(struct.unpack_from("<Q", report, PLATFORM_INFO)[0])
+    assert result & 1 == int(smt_enabled)
 
 
 def test_topology_settings() -> None:

@@ -16,7 +16,7 @@ from snpemu.psp.status import FirmwareError, SevStatus
 from snpemu.psp.tcb import Tcb
 from snpemu.rmp.memory import Placement
 
-from tests.unit.psp.launch_helpers import Host, make_host, report_request, run
+from tests.unit.psp.launch_helpers import Host, make_host, report_request
 
 OK = SevStatus.SUCCESS
 IPS = SevStatus.INVALID_PLATFORM_STATE
@@ -101,17 +101,14 @@ PLATFORM_TABLE = {
 
 @pytest.mark.parametrize("platform", ["UNINIT", "INIT", "WORKING"])
 @pytest.mark.parametrize("name", sorted(PLATFORM_TABLE))
-def test_platform_state_command_pairs(tmp: Path, platform: str, name: str) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        if platform != "UNINIT":
-            await h.fw.snp_init()
-        if platform == "WORKING":
-            await h.fw.gctx_create(h.firmware_page())
-        column = ("UNINIT", "INIT", "WORKING").index(platform)
-        await expect(h, PLATFORM_COMMANDS[name](h), PLATFORM_TABLE[name][column])
-
-    run(body())
+async def test_platform_state_command_pairs(tmp: Path, platform: str, name: str) -> None:
+    h = make_host(tmp)
+    if platform != "UNINIT":
+        await h.fw.snp_init()
+    if platform == "WORKING":
+        await h.fw.gctx_create(h.firmware_page())
+    column = ("UNINIT", "INIT", "WORKING").index(platform)
+    await expect(h, PLATFORM_COMMANDS[name](h), PLATFORM_TABLE[name][column])
 
 
 async def _to_state(h: Host, state: str) -> None:
@@ -190,48 +187,37 @@ GUEST_STATES = ["INIT", "LAUNCH", "LAUNCH_ACTIVE", "RUNNING"]
 
 @pytest.mark.parametrize("state", GUEST_STATES)
 @pytest.mark.parametrize("name", sorted(GUEST_TABLE))
-def test_guest_state_command_pairs(tmp: Path, state: str, name: str) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, state)
-        await expect(h, GUEST_COMMANDS[name](h), GUEST_TABLE[name][GUEST_STATES.index(state)])
-
-    run(body())
+async def test_guest_state_command_pairs(tmp: Path, state: str, name: str) -> None:
+    h = make_host(tmp)
+    await _to_state(h, state)
+    await expect(h, GUEST_COMMANDS[name](h), GUEST_TABLE[name][GUEST_STATES.index(state)])
 
 
-def test_asid_rules(tmp: Path) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, "LAUNCH_ACTIVE")
-        other = h.firmware_page()
-        await h.fw.gctx_create(other)
-        await h.fw.launch_start(other, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
-        await expect(h, lambda: h.fw.activate(other, 7), SevStatus.ASID_OWNED)
-        await expect(h, lambda: h.fw.activate(other, 0), SevStatus.INVALID_ASID)
-        await expect(h, lambda: h.fw.activate(other, 100), SevStatus.INVALID_ASID)
-        await h.fw.decommission(h.gctx)
-        await expect(h, lambda: h.fw.activate(other, 7), SevStatus.DFFLUSH_REQUIRED)
-        await expect(h, lambda: h.fw.snp_shutdown(), IPS)
-        h.rmp.wbinvd()  # wbinvd_on_all_cpus() before DF_FLUSH, as sev_flush_asids() does
-        await h.fw.df_flush()
-        await expect(h, lambda: h.fw.activate(other, 7), OK)
-
-    run(body())
+async def test_asid_rules(tmp: Path) -> None:
+    h = make_host(tmp)
+    await _to_state(h, "LAUNCH_ACTIVE")
+    other = h.firmware_page()
+    await h.fw.gctx_create(other)
+    await h.fw.launch_start(other, policy=0x30000, gosvw=b"", ma_en=False, imi_en=False)
+    await expect(h, lambda: h.fw.activate(other, 7), SevStatus.ASID_OWNED)
+    await expect(h, lambda: h.fw.activate(other, 0), SevStatus.INVALID_ASID)
+    await expect(h, lambda: h.fw.activate(other, 100), SevStatus.INVALID_ASID)
+    await h.fw.decommission(h.gctx)
+    await expect(h, lambda: h.fw.activate(other, 7), SevStatus.DFFLUSH_REQUIRED)
+    await expect(h, lambda: h.fw.snp_shutdown(), IPS)
+    h.rmp.wbinvd()  # wbinvd_on_all_cpus() before DF_FLUSH, as sev_flush_asids() does
+    await h.fw.df_flush()
+    await expect(h, lambda: h.fw.activate(other, 7), OK)
 
 
-def test_shutdown_needs_df_flush_after_decommission(tmp: Path) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, "LAUNCH_ACTIVE")
-        await h.fw.decommission(h.gctx)
-        await expect(
-            h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), SevStatus.DFFLUSH_REQUIRED
-        )
-        h.rmp.wbinvd()
-        await h.fw.df_flush()
-        await expect(h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), OK)
-
-    run(body())
+async def test_shutdown_needs_df_flush_after_decommission(tmp: Path) -> None:
+    h = make_host(tmp)
+    await _to_state(h, "LAUNCH_ACTIVE")
+    await h.fw.decommission(h.gctx)
+    await expect(h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), SevStatus.DFFLUSH_REQUIRED)
+    h.rmp.wbinvd()
+    await h.fw.df_flush()
+    await expect(h, lambda: h.fw.snp_shutdown_ex(iommu=True, x86=True), OK)
 
 
 # KERNEL: include/uapi/linux/psp-sev.h SEV_RET_WBINVD_REQUIRED = 0x000E,
@@ -240,43 +226,37 @@ SEV_RET_WBINVD_REQUIRED = 0x000E
 SEV_RET_DFFLUSH_REQUIRED = 0x000F
 
 
-def test_df_flush_needs_a_wbinvd_since_the_last_decommission(tmp: Path) -> None:
+async def test_df_flush_needs_a_wbinvd_since_the_last_decommission(tmp: Path) -> None:
     """KERNEL: arch/x86/kvm/svm/sev.c sev_flush_asids(): "DEACTIVATE will clear the WBINVD
     indicator causing DF_FLUSH to fail", so wbinvd_on_all_cpus() runs right before DF_FLUSH.
     A refused DF_FLUSH changes nothing (the ASID stays unflushed)."""
 
-    async def body() -> None:
-        assert SevStatus.WBINVD_REQUIRED == SEV_RET_WBINVD_REQUIRED
-        assert SevStatus.DFFLUSH_REQUIRED == SEV_RET_DFFLUSH_REQUIRED
-        h = make_host(tmp)
-        await _to_state(h, "LAUNCH_ACTIVE")
-        await expect(h, h.fw.df_flush, OK)  # nothing decommissioned yet: the indicator is set
-        h.rmp.wbinvd()  # a WBINVD before the DECOMMISSION does not count
-        await h.fw.decommission(h.gctx)
-        await expect(h, h.fw.df_flush, SevStatus.WBINVD_REQUIRED)
-        assert h.fw.unflushed == {h.asid}
-        h.rmp.wbinvd()
-        await expect(h, h.fw.df_flush, OK)
-        assert h.fw.unflushed == set()
-        # the ASID is free again, and DF_FLUSH may repeat without another WBINVD
-        await expect(h, h.fw.df_flush, OK)
-
-    run(body())
+    assert SevStatus.WBINVD_REQUIRED == SEV_RET_WBINVD_REQUIRED
+    assert SevStatus.DFFLUSH_REQUIRED == SEV_RET_DFFLUSH_REQUIRED
+    h = make_host(tmp)
+    await _to_state(h, "LAUNCH_ACTIVE")
+    await expect(h, h.fw.df_flush, OK)  # nothing decommissioned yet: the indicator is set
+    h.rmp.wbinvd()  # a WBINVD before the DECOMMISSION does not count
+    await h.fw.decommission(h.gctx)
+    await expect(h, h.fw.df_flush, SevStatus.WBINVD_REQUIRED)
+    assert h.fw.unflushed == {h.asid}
+    h.rmp.wbinvd()
+    await expect(h, h.fw.df_flush, OK)
+    assert h.fw.unflushed == set()
+    # the ASID is free again, and DF_FLUSH may repeat without another WBINVD
+    await expect(h, h.fw.df_flush, OK)
 
 
-def test_decommission_of_a_guest_without_an_asid_leaves_the_indicator(tmp: Path) -> None:
+async def test_decommission_of_a_guest_without_an_asid_leaves_the_indicator(tmp: Path) -> None:
     """No ASID was bound, so no cache lines carry it: DF_FLUSH stays possible."""
 
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, "LAUNCH_ACTIVE")
-        other = h.firmware_page()
-        await h.fw.gctx_create(other)
-        await h.fw.decommission(other)
-        assert h.rmp.wbinvd_indicator
-        await expect(h, h.fw.df_flush, OK)
-
-    run(body())
+    h = make_host(tmp)
+    await _to_state(h, "LAUNCH_ACTIVE")
+    other = h.firmware_page()
+    await h.fw.gctx_create(other)
+    await h.fw.decommission(other)
+    assert h.rmp.wbinvd_indicator
+    await expect(h, h.fw.df_flush, OK)
 
 
 @pytest.mark.parametrize(
@@ -290,54 +270,48 @@ def test_decommission_of_a_guest_without_an_asid_leaves_the_indicator(tmp: Path)
         (0x30000 | 1 << 8 | 55, OK),  # ABI 1.55 is this firmware's
     ],
 )
-def test_launch_start_policy_checks(tmp: Path, policy: int, status: SevStatus) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, "INIT")
-        await expect(
-            h,
-            lambda: h.fw.launch_start(h.gctx, policy=policy, gosvw=b"", ma_en=False, imi_en=False),
-            status,
-        )
-
-    run(body())
+async def test_launch_start_policy_checks(tmp: Path, policy: int, status: SevStatus) -> None:
+    h = make_host(tmp)
+    await _to_state(h, "INIT")
+    await expect(
+        h,
+        lambda: h.fw.launch_start(h.gctx, policy=policy, gosvw=b"", ma_en=False, imi_en=False),
+        status,
+    )
 
 
-def test_page_state_errors(tmp: Path) -> None:
-    async def body() -> None:
-        h = make_host(tmp)
-        await h.fw.snp_init()
-        # the context page and the status page must be firmware pages
-        await expect(h, lambda: h.fw.gctx_create(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
-        await expect(h, lambda: h.fw.platform_status(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
-        await expect(h, lambda: h.fw.gctx_create(h.shared_page() | 8), SevStatus.INVALID_ADDRESS)
-        await _to_state_after_init(h)
-        # a page that is not pre-guest, or belongs to another ASID
-        spa = h.shared_page()
-        await expect(
-            h,
-            lambda: h.fw.launch_update(
-                h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
-            ),
-            SevStatus.INVALID_PAGE_STATE,
-        )
-        h.rmp.rmpupdate(spa, gpa=0, assigned=True, size_2m=False, immutable=True, asid=9)
-        await expect(
-            h,
-            lambda: h.fw.launch_update(
-                h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
-            ),
-            SevStatus.INVALID_PAGE_OWNER,
-        )
-        await expect(
-            h,
-            lambda: h.fw.launch_update(
-                h.gctx, address=spa, page_type=7, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
-            ),
-            SevStatus.INVALID_PARAM,
-        )
-
-    run(body())
+async def test_page_state_errors(tmp: Path) -> None:
+    h = make_host(tmp)
+    await h.fw.snp_init()
+    # the context page and the status page must be firmware pages
+    await expect(h, lambda: h.fw.gctx_create(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
+    await expect(h, lambda: h.fw.platform_status(h.shared_page()), SevStatus.INVALID_PAGE_STATE)
+    await expect(h, lambda: h.fw.gctx_create(h.shared_page() | 8), SevStatus.INVALID_ADDRESS)
+    await _to_state_after_init(h)
+    # a page that is not pre-guest, or belongs to another ASID
+    spa = h.shared_page()
+    await expect(
+        h,
+        lambda: h.fw.launch_update(
+            h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+        ),
+        SevStatus.INVALID_PAGE_STATE,
+    )
+    h.rmp.rmpupdate(spa, gpa=0, assigned=True, size_2m=False, immutable=True, asid=9)
+    await expect(
+        h,
+        lambda: h.fw.launch_update(
+            h.gctx, address=spa, page_type=1, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+        ),
+        SevStatus.INVALID_PAGE_OWNER,
+    )
+    await expect(
+        h,
+        lambda: h.fw.launch_update(
+            h.gctx, address=spa, page_type=7, size_2m=False, imi=False, vmpl_perms=(0, 0, 0)
+        ),
+        SevStatus.INVALID_PARAM,
+    )
 
 
 async def _to_state_after_init(h: Host) -> None:
@@ -348,40 +322,19 @@ async def _to_state_after_init(h: Host) -> None:
     h.asid = 7
 
 
-def test_cpuid_page_is_validated_and_corrected(tmp: Path) -> None:
+async def test_cpuid_page_is_validated_and_corrected(tmp: Path) -> None:
     import struct
 
-    async def body() -> None:
-        h = make_host(tmp)
-        await _to_state(h, "LAUNCH_ACTIVE")
-        table = bytearray(4096)
-        struct.pack_into("<I", table, 0, 2)
-        struct.pack_into("<IIQQIIIIQ", table, 16, 0x8000001F, 0, 0, 0, 0xFFFFFFFF, 0x33, 0, 0, 0)
-        struct.pack_into("<IIQQIIIIQ", table, 64, 0x1, 0, 0, 0, 0x00A00F11, 0, 0, 0, 0)
-        spa = h.shared_page()
-        h.rmp.frames.write(spa >> 12, 0, bytes(table))
-        h.rmp.rmpupdate(spa, gpa=0x6000, assigned=True, size_2m=False, immutable=True, asid=7)
-        with pytest.raises(FirmwareError) as info:
-            await h.fw.launch_update(
-                h.gctx,
-                address=spa,
-                page_type=PageType.CPUID,
-                size_2m=False,
-                imi=False,
-                vmpl_perms=(0, 0, 0),
-            )
-        assert info.value.status == SevStatus.INVALID_PARAM
-        back = h.rmp.host_read(spa, 4096)  # corrected and left unencrypted
-        # Which bits the firmware allows is product specific and unpublished
-        # (UNVERIFIED(cpuid-policy)), so the expectation is what any correction must be: fewer
-        # bits than asked for, keeping the SEV features of an SNP host. KERNEL:
-        # arch/x86/include/asm/cpufeatures.h word 19 (CPUID 0x8000001F EAX): X86_FEATURE_SME
-        # bit 0, X86_FEATURE_SEV 1, X86_FEATURE_SEV_ES 3, X86_FEATURE_SEV_SNP 4
-        sev_features = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4
-        eax = struct.unpack_from("<I", back, 16 + 24)[0]
-        assert eax != 0xFFFFFFFF and eax & sev_features == sev_features, hex(eax)
-        assert back[64:112] == table[64:112]
-        # the host fixes the table as told and retries
+    h = make_host(tmp)
+    await _to_state(h, "LAUNCH_ACTIVE")
+    table = bytearray(4096)
+    struct.pack_into("<I", table, 0, 2)
+    struct.pack_into("<IIQQIIIIQ", table, 16, 0x8000001F, 0, 0, 0, 0xFFFFFFFF, 0x33, 0, 0, 0)
+    struct.pack_into("<IIQQIIIIQ", table, 64, 0x1, 0, 0, 0, 0x00A00F11, 0, 0, 0, 0)
+    spa = h.shared_page()
+    h.rmp.frames.write(spa >> 12, 0, bytes(table))
+    h.rmp.rmpupdate(spa, gpa=0x6000, assigned=True, size_2m=False, immutable=True, asid=7)
+    with pytest.raises(FirmwareError) as info:
         await h.fw.launch_update(
             h.gctx,
             address=spa,
@@ -390,5 +343,23 @@ def test_cpuid_page_is_validated_and_corrected(tmp: Path) -> None:
             imi=False,
             vmpl_perms=(0, 0, 0),
         )
-
-    run(body())
+    assert info.value.status == SevStatus.INVALID_PARAM
+    back = h.rmp.host_read(spa, 4096)  # corrected and left unencrypted
+    # Which bits the firmware allows is product specific and unpublished
+    # (UNVERIFIED(cpuid-policy)), so the expectation is what any correction must be: fewer
+    # bits than asked for, keeping the SEV features of an SNP host. KERNEL:
+    # arch/x86/include/asm/cpufeatures.h word 19 (CPUID 0x8000001F EAX): X86_FEATURE_SME
+    # bit 0, X86_FEATURE_SEV 1, X86_FEATURE_SEV_ES 3, X86_FEATURE_SEV_SNP 4
+    sev_features = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4
+    eax = struct.unpack_from("<I", back, 16 + 24)[0]
+    assert eax != 0xFFFFFFFF and eax & sev_features == sev_features, hex(eax)
+    assert back[64:112] == table[64:112]
+    # the host fixes the table as told and retries
+    await h.fw.launch_update(
+        h.gctx,
+        address=spa,
+        page_type=PageType.CPUID,
+        size_2m=False,
+        imi=False,
+        vmpl_perms=(0, 0, 0),
+    )
