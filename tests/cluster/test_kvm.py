@@ -59,7 +59,7 @@ def test_launch_with_grpcurl_measures_like_sev_snp_measure(cluster: Cluster) -> 
     assert grpcurl(cluster, "DestroyVm", {"vm": vm}) == {}
 
 
-def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from snpemu.vmm import tiny_firmware
 
     cluster = prometheus
@@ -70,33 +70,31 @@ def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> None: 
     fw.write_bytes(tiny_firmware.build())
     cred = read_credential(cluster.state_dir)
 
-    async def body() -> tuple[bytes, bytes]:
-        md = (("x-snpemu-host-credential", cred),)
-        async with (
-            grpc.aio.insecure_channel(cluster.address("rmp")) as rc,
-            grpc.aio.insecure_channel(cluster.address("psp")) as pc,
-            grpc.aio.insecure_channel(cluster.address("kvm")) as kc,
-            grpc.aio.insecure_channel(cluster.address("netd")) as nc,
-        ):
-            stack = Stack(
-                rmp_pb2_grpc.RmpServiceStub(rc),
-                psp_pb2_grpc.PspServiceStub(pc),
-                kvm_pb2_grpc.KvmServiceStub(kc),
-                netd_pb2_grpc.NetdServiceStub(nc),
-                {},
-                fw,
-            )
-            cfg = kvm_pb2.VmConfig(memory_bytes=64 << 20, vcpus=1, firmware_path=str(fw))
-            vm = (await stack.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=md)).vm
-            r = await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=md)
-            guest = Guest(stack, vm, list(r.vcpus), bytes(r.measurement))
-            await guest.register_ghcb()
-            res, _, payload = await guest.guest_request(b"Z" * 64 + bytes(32))
-            assert res.sw_exit_info_2 == 0 and payload is not None
-            await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=md)
-            return payload[0x20 + 0x90 : 0x20 + 0xC0], guest.measurement
+    md = (("x-snpemu-host-credential", cred),)
+    async with (
+        grpc.aio.insecure_channel(cluster.address("rmp")) as rc,
+        grpc.aio.insecure_channel(cluster.address("psp")) as pc,
+        grpc.aio.insecure_channel(cluster.address("kvm")) as kc,
+        grpc.aio.insecure_channel(cluster.address("netd")) as nc,
+    ):
+        stack = Stack(
+            rmp_pb2_grpc.RmpServiceStub(rc),
+            psp_pb2_grpc.PspServiceStub(pc),
+            kvm_pb2_grpc.KvmServiceStub(kc),
+            netd_pb2_grpc.NetdServiceStub(nc),
+            {},
+            fw,
+        )
+        cfg = kvm_pb2.VmConfig(memory_bytes=64 << 20, vcpus=1, firmware_path=str(fw))
+        vm = (await stack.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=md)).vm
+        r = await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=md)
+        guest = Guest(stack, vm, list(r.vcpus), bytes(r.measurement))
+        await guest.register_ghcb()
+        res, _, payload = await guest.guest_request(b"Z" * 64 + bytes(32))
+        assert res.sw_exit_info_2 == 0 and payload is not None
+        await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=md)
+        reported, measured = payload[0x20 + 0x90 : 0x20 + 0xC0], guest.measurement
 
-    reported, measured = asyncio.run(body())
     assert reported == measured
     # Prometheus scraped kvm's exit counters: one report more than before this test
     deadline = time.monotonic() + 60
@@ -106,5 +104,5 @@ def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> None: 
         value = result[0]["value"][1] if result else ""
         if value == want:
             break
-        time.sleep(1)
+        await asyncio.sleep(1)
     assert value == want

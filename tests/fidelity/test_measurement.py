@@ -3,7 +3,6 @@ a VMM launches a guest, equals what the `sev-snp-measure --mode snp` CLI predict
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
 
@@ -46,21 +45,18 @@ def predicted(vcpus: int, vcpu_type: str) -> str:
 @pytest.mark.parametrize(
     ("vcpus", "vcpu_type"), [(1, "EPYC-Milan"), (2, "EPYC-Genoa"), (4, "EPYC")]
 )
-def test_debian_ovmf_measurement_matches_sev_snp_measure(
+async def test_debian_ovmf_measurement_matches_sev_snp_measure(
     tmp_path: Path, vcpus: int, vcpu_type: str
 ) -> None:
     assert OVMF.exists(), "Debian's ovmf package is not installed (make install installs it)"
     pages = plan(Ovmf.load(OVMF), vcpus=vcpus, vcpu_signature=VCPU_SIGNATURES[vcpu_type])
 
-    async def launch() -> bytes:
-        async with rmp_and_psp(tmp_path) as pair:
-            await pair.psp.SnpInit(psp_pb2.SnpInitRequest(), metadata=HOST)
-            gctx = await pair.start_guest(asid=1)
-            spas = await pair.alloc(len(pages), placement=1)
-            for page, spa in zip(pages, spas, strict=True):
-                await pair.launch_update(gctx, spa, page.gpa, 1, page.data, page.page_type)
-            r = await pair.psp.LaunchFinish(psp_pb2.LaunchFinishRequest(gctx=gctx), metadata=HOST)
-            return bytes(r.measurement)
-
     assert sum(p.page_type == PageType.VMSA for p in pages) == vcpus
-    assert asyncio.run(launch()).hex() == predicted(vcpus, vcpu_type)
+    async with rmp_and_psp(tmp_path) as pair:
+        await pair.psp.SnpInit(psp_pb2.SnpInitRequest(), metadata=HOST)
+        gctx = await pair.start_guest(asid=1)
+        spas = await pair.alloc(len(pages), placement=1)
+        for page, spa in zip(pages, spas, strict=True):
+            await pair.launch_update(gctx, spa, page.gpa, 1, page.data, page.page_type)
+        r = await pair.psp.LaunchFinish(psp_pb2.LaunchFinishRequest(gctx=gctx), metadata=HOST)
+    assert bytes(r.measurement).hex() == predicted(vcpus, vcpu_type)

@@ -3,7 +3,6 @@ the vCPU identity on the wire, Peer.invoke's and StreamPool's error translation.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -59,7 +58,7 @@ def test_the_identity_goes_on_the_wire_as_kvm_issued_it() -> None:
     assert identity_of(msg) == VCPU
 
 
-def test_invoke_translates_errors_as_call_does() -> None:
+async def test_invoke_translates_errors_as_call_does() -> None:
     peer = Peer("kvm", "unused", "cred", None)
 
     def failing(error: grpc.aio.AioRpcError) -> Any:
@@ -71,12 +70,12 @@ def test_invoke_translates_errors_as_call_does() -> None:
 
     req = kvm_pb2.VmgexitMsrRequest()
     with pytest.raises(Unavailable):
-        asyncio.run(peer.invoke(failing(rpc_error(grpc.StatusCode.UNAVAILABLE)), req))
+        (await peer.invoke(failing(rpc_error(grpc.StatusCode.UNAVAILABLE)), req))
     err = rpc_error(
         grpc.StatusCode.FAILED_PRECONDITION, WrongState("stopped", reason="VM_TERMINATED")
     )
     with pytest.raises(PeerError) as info:
-        asyncio.run(peer.invoke(failing(err), req))
+        (await peer.invoke(failing(err), req))
     assert info.value.reason == KvmReason.VM_TERMINATED
     assert info.value.message.startswith("kvm ") and info.value.message.endswith(": stopped")
 
@@ -95,7 +94,7 @@ class Stream:
         self.cancelled = True
 
 
-def test_guest_sessions_reuse_a_stream_and_raise_what_came_back() -> None:
+async def test_guest_sessions_reuse_a_stream_and_raise_what_came_back() -> None:
     ok = rmp_pb2.GuestSessionResponse(read=rmp_pb2.GuestReadResponse(data=b"x"))
     bad = rmp_pb2.GuestSessionResponse(error=rmp_pb2.SessionError(message="no", reason="NOPE"))
     stream = Stream([ok, bad, grpc.aio.EOF])
@@ -107,16 +106,13 @@ def test_guest_sessions_reuse_a_stream_and_raise_what_came_back() -> None:
     pool = GuestSessions(peer, size=1)
     msgs = [rmp_pb2.GuestSessionRequest(read=rmp_pb2.GuestReadRequest(gpa=i)) for i in range(3)]
 
-    async def body() -> None:
-        assert (await pool.exchange(msgs[0])).read.data == b"x"
-        with pytest.raises(SnpemuError) as info:
-            await pool.exchange(msgs[1])
-        assert info.value.reason == "NOPE"
-        with pytest.raises(Unavailable):
-            await pool.exchange(msgs[2])
-        assert stream.cancelled and pool.opened == 0
-
-    asyncio.run(body())
+    assert (await pool.exchange(msgs[0])).read.data == b"x"
+    with pytest.raises(SnpemuError) as info:
+        await pool.exchange(msgs[1])
+    assert info.value.reason == "NOPE"
+    with pytest.raises(Unavailable):
+        await pool.exchange(msgs[2])
+    assert stream.cancelled and pool.opened == 0
     assert stream.sent == msgs and opened == [()]
 
 
@@ -180,30 +176,30 @@ def kernel(host: Host, terminate_on_vc: bool = False) -> GuestKernel:
     return k
 
 
-def test_an_npf_goes_to_kvm_and_the_access_is_retried() -> None:
+async def test_an_npf_goes_to_kvm_and_the_access_is_retried() -> None:
     host = Host()
     host.faults = [Fault(False, True, 1 << 31, Gpa(0x5000), "rmp")]
     k = kernel(host)
-    assert asyncio.run(k.read(0x5000, 4, shared=True)) == b"dddd"
+    assert (await k.read(0x5000, 4, shared=True)) == b"dddd"
     assert host.npfs == [(VCPU, 0x5000)] and k.event_counts["npf"] == 1
 
 
-def test_a_vc_is_a_guest_fault_or_the_guest_terminates() -> None:
+async def test_a_vc_is_a_guest_fault_or_the_guest_terminates() -> None:
     host = Host()
     host.faults = [Fault(True, False, 0, Gpa(0x6000), "not validated")]
     with pytest.raises(GuestFault):
-        asyncio.run(kernel(host).write(0x6000, b"x", shared=False))
+        (await kernel(host).write(0x6000, b"x", shared=False))
     host.faults = [Fault(True, False, 0, Gpa(0x6000), "not validated")]
     k = kernel(host, terminate_on_vc=True)
     with pytest.raises(Terminated):
-        asyncio.run(k.write(0x6000, b"x", shared=False))
+        (await k.write(0x6000, b"x", shared=False))
     assert k.state == BootState.TERMINATED
 
 
-def test_a_vm_the_host_terminated_answers_as_terminated() -> None:
+async def test_a_vm_the_host_terminated_answers_as_terminated() -> None:
     host = Host()
     host.terminated_by_host = True
     k = kernel(host)
     with pytest.raises(Terminated):
-        asyncio.run(k.msr_exit(0x2))
+        (await k.msr_exit(0x2))
     assert k.state == BootState.TERMINATED and k.term_reason == (1, 2)

@@ -19,7 +19,7 @@ def note(seq: int, asid: int = 5, terminate: bool = False) -> MmuNotification:
     return MmuNotification(seq, asid, Pfn(0x100 + seq), "convert", terminate)
 
 
-def follow(
+async def follow(
     rmp: FakeRmp, sleeps_before_stop: int
 ) -> tuple[list[tuple[int, bool, str]], list[float]]:
     kicks: list[tuple[int, bool, str]] = []
@@ -34,23 +34,23 @@ def follow(
         kicks.append((asid, terminate, reason))
 
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(follow_kicks(rmp, kick, sleep=sleep, first_delay=0.5, max_delay=4.0))
+        (await follow_kicks(rmp, kick, sleep=sleep, first_delay=0.5, max_delay=4.0))
     return kicks, slept
 
 
-def test_each_notification_kicks_then_is_acknowledged() -> None:
+async def test_each_notification_kicks_then_is_acknowledged() -> None:
     rmp = FakeRmp(Faults())
     rmp.notes = [note(1), note(2, asid=7, terminate=True)]
-    kicks, slept = follow(rmp, 1)
+    kicks, slept = await follow(rmp, 1)
     assert kicks == [(5, False, "convert"), (7, True, "convert")]
     assert rmp.acked == [1, 2] and slept == [0.5]
 
 
-def test_a_lost_stream_backs_off_doubling_to_the_bound_and_a_note_resets_it() -> None:
+async def test_a_lost_stream_backs_off_doubling_to_the_bound_and_a_note_resets_it() -> None:
     rmp = FakeRmp(Faults())
     lost = Unavailable("rmp restarted")
     rmp.notes = [lost, lost, lost, lost, lost, note(1), lost]
-    kicks, slept = follow(rmp, 8)
+    kicks, slept = await follow(rmp, 8)
     # five losses: 0.5, 1, 2, 4, 4; then a notification and a loss: 0.5 again; then an empty
     # stream (rmp answers, nothing to kick): the delay goes on doubling
     assert slept == [0.5, 1.0, 2.0, 4.0, 4.0, 0.5, 1.0, 2.0]

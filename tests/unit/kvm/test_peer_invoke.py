@@ -4,7 +4,6 @@ PeerError with the ErrorInfo reason and the firmware status)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -38,24 +37,24 @@ def rpc_error(code: grpc.StatusCode, err: WrongState | None = None) -> grpc.aio.
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="refused")
 
 
-def test_invoke_passes_the_credential_and_a_timeout() -> None:
+async def test_invoke_passes_the_credential_and_a_timeout() -> None:
     peer = Peer("psp", "127.0.0.1:1", "secret", object)
     rpc = Rpc()
-    assert asyncio.run(peer.invoke(rpc, object(), timeout=5)) == "reply"
+    assert (await peer.invoke(rpc, object(), timeout=5)) == "reply"
     assert rpc.calls == [{"metadata": peer.md, "timeout": 5}] and peer.md
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
-def test_an_unreachable_peer_is_unavailable(code: grpc.StatusCode) -> None:
+async def test_an_unreachable_peer_is_unavailable(code: grpc.StatusCode) -> None:
     peer = Peer("psp", "127.0.0.1:1", None, object)
     with pytest.raises(Unavailable, match="psp is unreachable: refused"):
-        asyncio.run(peer.invoke(Rpc(rpc_error(code)), object()))
+        (await peer.invoke(Rpc(rpc_error(code)), object()))
 
 
-def test_a_refusal_is_a_peer_error_with_the_firmware_status() -> None:
+async def test_a_refusal_is_a_peer_error_with_the_firmware_status() -> None:
     peer = Peer("psp", "127.0.0.1:1", None, object)
     err = WrongState("refused", reason="POLICY_FAILURE", metadata={"fw_status": "0x0007"})
     with pytest.raises(PeerError) as info:
-        asyncio.run(peer.invoke(Rpc(rpc_error(grpc.StatusCode.FAILED_PRECONDITION, err)), object()))
+        (await peer.invoke(Rpc(rpc_error(grpc.StatusCode.FAILED_PRECONDITION, err)), object()))
     e = info.value
     assert (e.reason, e.fw_status, e.message) == ("POLICY_FAILURE", 7, "psp LaunchStart: refused")

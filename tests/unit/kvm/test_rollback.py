@@ -26,12 +26,12 @@ from tests.unit.kvm.fakes import FakePsp, FakeRmp, Faults, peer_error
 CONFIG = VmConfig(memory_bytes=16 << 20, vcpus=2)
 
 
-def host() -> tuple[Kvm, FakeRmp, FakePsp, Faults]:
+async def host() -> tuple[Kvm, FakeRmp, FakePsp, Faults]:
     faults = Faults()
     rmp = FakeRmp(faults)
     psp = FakePsp(faults, rmp)
     kvm = Kvm(rmp, psp)
-    asyncio.run(kvm.bring_up())
+    (await kvm.bring_up())
     assert kvm.snp_enabled
     return kvm, rmp, psp, faults
 
@@ -50,16 +50,16 @@ def held(kvm: Kvm, rmp: FakeRmp, psp: FakePsp) -> dict[str, Any]:
     }
 
 
-def trace(step: str) -> list[tuple[str, int]]:
+async def trace(step: str) -> list[tuple[str, int]]:
     """The port calls of a create ("create") or a launch ("launch") that succeeds."""
-    kvm, _, _, faults = host()
+    kvm, _, _, faults = await host()
     if step == "create":
         faults.arm("none")
-        asyncio.run(kvm.create_vm(CONFIG))
+        (await kvm.create_vm(CONFIG))
         return list(faults.trace)
-    vm = asyncio.run(kvm.create_vm(CONFIG))
+    vm = await kvm.create_vm(CONFIG)
     faults.arm("none")
-    asyncio.run(kvm.launch_vm(vm))
+    (await kvm.launch_vm(vm))
     return list(faults.trace)
 
 
@@ -76,8 +76,8 @@ def steps(calls: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return out
 
 
-CREATE = trace("create")
-LAUNCH = trace("launch")
+CREATE = asyncio.run(trace("create"))  # at collection, for the parametrisation
+LAUNCH = asyncio.run(trace("launch"))
 # launch_start() is all or nothing: up to SNP_ACTIVATE a failure leaves the VM as created
 ACTIVATED = LAUNCH.index(("psp.activate", 1))
 
@@ -109,84 +109,88 @@ def test_the_traced_steps_are_what_create_and_launch_do() -> None:
 
 
 @pytest.mark.parametrize("step", steps(CREATE), ids=lambda s: f"{s[0]}#{s[1]}")
-def test_a_failed_create_leaves_nothing_and_a_retry_succeeds(step: tuple[str, int]) -> None:
-    kvm, rmp, psp, faults = host()
+async def test_a_failed_create_leaves_nothing_and_a_retry_succeeds(step: tuple[str, int]) -> None:
+    kvm, rmp, psp, faults = await host()
     before = held(kvm, rmp, psp)
     asids = list(kvm.free_asids)
     faults.arm(*step)
     with pytest.raises(Unavailable, match="injected"):
-        asyncio.run(kvm.create_vm(CONFIG))
+        (await kvm.create_vm(CONFIG))
     assert held(kvm, rmp, psp) == before
     assert kvm.free_asids == asids  # the next VM gets the same ASID
     faults.disarm()
-    vm = asyncio.run(kvm.create_vm(CONFIG))
+    vm = await kvm.create_vm(CONFIG)
     assert vm.asid == before["free asids"][0] and len(rmp.identities) == CONFIG.vcpus
-    assert asyncio.run(kvm.destroy_vm(vm)) == 0
+    assert (await kvm.destroy_vm(vm)) == 0
     assert held(kvm, rmp, psp) == before
 
 
-def test_a_create_refused_by_its_checks_takes_nothing() -> None:
-    kvm, rmp, psp, faults = host()
+async def test_a_create_refused_by_its_checks_takes_nothing() -> None:
+    kvm, rmp, psp, faults = await host()
     before = held(kvm, rmp, psp)
     faults.arm("none")
     with pytest.raises(InvalidArgument):
-        asyncio.run(kvm.create_vm(VmConfig(memory_bytes=16 << 20, vcpus=0)))
+        (await kvm.create_vm(VmConfig(memory_bytes=16 << 20, vcpus=0)))
     assert faults.trace == [] and held(kvm, rmp, psp) == before
 
 
 @pytest.mark.parametrize("step", steps(LAUNCH[: ACTIVATED + 1]), ids=lambda s: f"{s[0]}#{s[1]}")
-def test_a_launch_failed_up_to_activate_leaves_the_vm_as_created(step: tuple[str, int]) -> None:
-    kvm, rmp, psp, faults = host()
+async def test_a_launch_failed_up_to_activate_leaves_the_vm_as_created(
+    step: tuple[str, int],
+) -> None:
+    kvm, rmp, psp, faults = await host()
     booted = held(kvm, rmp, psp)
-    vm = asyncio.run(kvm.create_vm(CONFIG))
+    vm = await kvm.create_vm(CONFIG)
     created = held(kvm, rmp, psp)
     faults.arm(*step)
     with pytest.raises(Unavailable, match="injected"):
-        asyncio.run(kvm.launch_vm(vm))
+        (await kvm.launch_vm(vm))
     assert (vm.state, vm.gctx) == (VmState.CREATED, 0)
     assert held(kvm, rmp, psp) == created
     assert rmp.leaked == set()
     faults.disarm()
-    assert len(asyncio.run(kvm.launch_vm(vm))) == 48 and vm.state == VmState.RUNNING
-    assert asyncio.run(kvm.destroy_vm(vm)) == 0
+    assert len(await kvm.launch_vm(vm)) == 48 and vm.state == VmState.RUNNING
+    assert (await kvm.destroy_vm(vm)) == 0
     assert held(kvm, rmp, psp) == booted
 
 
 @pytest.mark.parametrize("step", steps(LAUNCH[ACTIVATED + 1 :]), ids=lambda s: f"{s[0]}#{s[1]}")
-def test_a_launch_failed_after_activate_is_only_left_by_destroy(step: tuple[str, int]) -> None:
-    kvm, rmp, psp, faults = host()
+async def test_a_launch_failed_after_activate_is_only_left_by_destroy(
+    step: tuple[str, int],
+) -> None:
+    kvm, rmp, psp, faults = await host()
     booted = held(kvm, rmp, psp)
-    vm = asyncio.run(kvm.create_vm(CONFIG))
+    vm = await kvm.create_vm(CONFIG)
     faults.arm(*step)
     with pytest.raises(Unavailable, match="injected"):
-        asyncio.run(kvm.launch_vm(vm))
+        (await kvm.launch_vm(vm))
     assert vm.state == VmState.CREATED and vm.gctx in psp.contexts
     faults.disarm()
     with pytest.raises(WrongState) as again:
-        asyncio.run(kvm.launch_vm(vm))
+        (await kvm.launch_vm(vm))
     assert again.value.reason == KvmReason.LAUNCH_STARTED and faults.trace == []
-    leaked = asyncio.run(kvm.destroy_vm(vm))
+    leaked = await kvm.destroy_vm(vm)
     assert leaked == len(rmp.leaked)
     assert held(kvm, rmp, psp) == booted
     # the host launches the next VM
-    vm = asyncio.run(kvm.create_vm(CONFIG))
-    assert len(asyncio.run(kvm.launch_vm(vm))) == 48
+    vm = await kvm.create_vm(CONFIG)
+    assert len(await kvm.launch_vm(vm)) == 48
 
 
-def test_a_launch_start_the_firmware_refuses_is_its_error_and_leaves_nothing() -> None:
+async def test_a_launch_start_the_firmware_refuses_is_its_error_and_leaves_nothing() -> None:
     """POLICY_FAILURE at SNP_LAUNCH_START: the caller sees the firmware's status (as
     KVM returns it in kvm_sev_cmd.error) and the context is decommissioned and freed."""
-    kvm, rmp, psp, faults = host()
-    vm = asyncio.run(kvm.create_vm(CONFIG))
+    kvm, rmp, psp, faults = await host()
+    vm = await kvm.create_vm(CONFIG)
     created = held(kvm, rmp, psp)
     faults.arm("psp.launch_start", error=peer_error("POLICY_FAILURE", 0x07))
     with pytest.raises(InvalidArgument) as info:
-        asyncio.run(kvm.launch_vm(vm))
+        (await kvm.launch_vm(vm))
     assert (info.value.reason, info.value.metadata) == ("POLICY_FAILURE", {"fw_status": "0x0007"})
     assert held(kvm, rmp, psp) == created and (vm.state, vm.gctx) == (VmState.CREATED, 0)
 
 
-def test_a_failed_bring_up_gives_the_tmr_back() -> None:
+async def test_a_failed_bring_up_gives_the_tmr_back() -> None:
     """SEV INIT unreachable: the TMR's firmware pages come back, so that the retried bring-up
     (kvm/__init__.py _startup) does not lose 2 MiB each time."""
     faults = Faults()
@@ -195,8 +199,8 @@ def test_a_failed_bring_up_gives_the_tmr_back() -> None:
     kvm = Kvm(rmp, psp)
     faults.arm("psp.sev_init")
     with pytest.raises(Unavailable):
-        asyncio.run(kvm.bring_up())
+        (await kvm.bring_up())
     assert rmp.owned() == set() and rmp.entries == {} and not kvm.snp_enabled
     faults.disarm()
-    asyncio.run(kvm.bring_up())
+    (await kvm.bring_up())
     assert kvm.snp_enabled and len(rmp.owned()) == 512

@@ -3,14 +3,12 @@ error is what the caller sees; a committed block undoes nothing."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from snpemu.errors import Unavailable
 from snpemu.kvm.undo import Undo
 
 
-def test_undo_runs_newest_first_goes_on_past_a_failing_step_and_keeps_the_error() -> None:
+async def test_undo_runs_newest_first_goes_on_past_a_failing_step_and_keeps_the_error() -> None:
     ran: list[str] = []
 
     async def step(name: str, fail: bool = False) -> None:
@@ -18,22 +16,16 @@ def test_undo_runs_newest_first_goes_on_past_a_failing_step_and_keeps_the_error(
         if fail:
             raise Unavailable(f"{name} failed")
 
-    async def body() -> None:
+    with pytest.raises(KeyError, match="the error"):
         async with Undo() as undo:
             undo.push("a", lambda: step("a"))
             undo.push("b", lambda: step("b", fail=True))
             undo.push("c", lambda: step("c"))
             raise KeyError("the error")
-
-    with pytest.raises(KeyError, match="the error"):
-        asyncio.run(body())
     assert ran == ["c", "b", "a"]
 
-    async def committed() -> None:
-        async with Undo() as undo:
-            undo.push("a", lambda: step("a"))
-            undo.commit()
-
     ran.clear()
-    asyncio.run(committed())
+    async with Undo() as undo:
+        undo.push("a", lambda: step("a"))
+        undo.commit()
     assert ran == []
