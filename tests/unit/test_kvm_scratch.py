@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 from snpemu.kvm.exits import ap
-from snpemu.kvm.scratch import setup_vmgexit_scratch
+from snpemu.kvm.exits.scratch import setup_vmgexit_scratch
 
 GHCB = 0x5000
 

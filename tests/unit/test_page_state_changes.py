@@ -18,13 +18,12 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
-from snp.common.v1 import types_pb2
-from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc
 from snpemu.kvm.exits.outcome import ExitResult, ExitState
 from snpemu.kvm.exits.psc import PageStateChanges, result_name
 from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.ports import RmpState
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vcpu, Vm
 
@@ -32,11 +31,13 @@ ASID = 5
 INVALID_HDR, INVALID_ENTRY, GENERIC = (1 << 32) | 1, (1 << 32) | 2, 0x100 << 32
 GHCB_GPA = 0x7000
 PRIVATE, SHARED, PSMASH = 1, 2, 3
+PAGE_4K, PAGE_2M = False, True  # RmpState.size_2m
 
 
 class Rmp:
-    """Stands in for rmp: RmpUpdate (unary) answers eax from `fail` (by SPA); the batch answers
-    the codes `codes` gives for its entries (all 0 by default)."""
+    """Stands in for kvm's RmpPort (the two methods the PSC handler uses): rmpupdate() answers
+    the code `fail` gives its SPA (0 by default); the session batch answers the codes `codes`
+    gives for its entries (all 0 by default)."""
 
     def __init__(self, fail: dict[int, int] | None = None, codes: bytes | None = None) -> None:
         self.fail = fail or {}
@@ -44,22 +45,21 @@ class Rmp:
         self.unary: list[tuple[int, bool, int, int, int]] = []
         self.batches: list[bytes] = []
 
-    async def call(self, op: str, request: Any) -> Any:
-        if op == "RmpUpdate":
-            s = request.state
-            self.unary.append((request.spa, s.assigned, s.gpa, s.asid, s.page_size))
-            return rmp_pb2.RmpUpdateResponse(eax=self.fail.get(request.spa, 0))
-        assert op == "rmp_update_batch"
-        n = len(request.entries) // 24
-        self.batches.append(bytes(request.entries))
-        return rmp_pb2.RmpUpdateBatchResponse(codes=self.codes or bytes(n))
+    async def rmpupdate(self, spa: int, state: RmpState) -> int:
+        self.unary.append((spa, state.assigned, state.gpa, state.asid, state.size_2m))
+        return self.fail.get(spa, 0)
+
+    async def session_rmpupdate_batch(self, entries: bytes) -> bytes:
+        n = len(entries) // 24
+        self.batches.append(bytes(entries))
+        return self.codes or bytes(n)
 
 
 def handler(rmp: Rmp) -> tuple[PageStateChanges, Any]:
     kvm = SimpleNamespace(
-        rmp=rmp, host=rmp, counters=SimpleNamespace(psc_pages=Counter(), psc_requests=Counter())
+        rmp=rmp, counters=SimpleNamespace(psc_pages=Counter(), psc_requests=Counter())
     )
-    return PageStateChanges(kvm, HostAccess(kvm)), kvm  # type: ignore[arg-type]
+    return PageStateChanges(kvm, HostAccess(rmp)), kvm  # type: ignore[arg-type]
 
 
 def vm() -> Vm:
@@ -94,8 +94,8 @@ async def test_msr_private_and_shared_are_one_4k_rmpupdate() -> None:
     assert await h.msr(vm(), 0x3, PRIVATE) is True
     assert await h.msr(vm(), 0x4, SHARED) is True
     assert rmp.unary == [
-        (0x103 << 12, True, 0x3000, ASID, types_pb2.PAGE_SIZE_4K),
-        (0x104 << 12, False, 0, 0, types_pb2.PAGE_SIZE_4K),
+        (0x103 << 12, True, 0x3000, ASID, PAGE_4K),
+        (0x104 << 12, False, 0, 0, PAGE_4K),
     ]
     assert kvm.counters.psc_pages == Counter({("private", "4k"): 1, ("shared", "4k"): 1})
 
@@ -172,7 +172,7 @@ async def test_a_2m_entry_on_a_2m_mapping_is_one_2m_rmpupdate() -> None:
     d = descriptor(0, 0, [entry(0, 0x200, PRIVATE, size_2m=True)])
     state = ExitState(speculate=False)
     assert await h.apply(vm(), d, state) == 0
-    assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, types_pb2.PAGE_SIZE_2M)]
+    assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, PAGE_2M)]
     assert rmp.batches == [] and d.entries[0].cur_page == 512 and d.cur_entry == 1
     assert state.psc_pages == Counter({("private", "2m"): 1})
 
@@ -345,7 +345,7 @@ async def test_a_2m_request_goes_through_the_loop_and_stops_speculating() -> Non
     )
     (result, _, buf), rmp, state, before = await exit_with(raw, offset=8)
     assert result == ExitResult(0, 0) and state.speculate is False
-    assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, types_pb2.PAGE_SIZE_2M)]
+    assert rmp.unary == [(0x400 << 12, True, 2 << 20, ASID, PAGE_2M)]
     assert rmp.batches == [rmp_state(0x103 << 12, 0, False, 0)]
     want = bytearray(before)
     want[8:32] = struct.pack("<HHI", 2, 1, 0) + struct.pack(

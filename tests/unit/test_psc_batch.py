@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import struct
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from snp.rmp.v1 import rmp_pb2
 from snpemu.abi import psc
+from snpemu.abi.addr import PAGE_SIZE
 from snpemu.kvm.exits import Exits
 from snpemu.kvm.exits.outcome import ExitState
 from snpemu.kvm.exits.psc import plan_4k
 from snpemu.kvm.throttle import Throttle
-from snpemu.kvm.vm import PAGE, Vm
+from snpemu.kvm.vm import Vm
 
 from tests.conftest import examples
 
@@ -24,15 +23,15 @@ ASID = 9
 
 
 class Host:
-    """Stands in for rmp: every RMPUPDATE succeeds; the batches are kept."""
+    """Stands in for kvm's RmpPort (the session batch the PSC loop sends): every RMPUPDATE
+    succeeds; the batches are kept."""
 
     def __init__(self) -> None:
         self.batches: list[bytes] = []
 
-    async def call(self, op: str, request: Any) -> Any:
-        assert op == "rmp_update_batch"
-        self.batches.append(bytes(request.entries))
-        return rmp_pb2.RmpUpdateBatchResponse(codes=bytes(len(request.entries) // 24))
+    async def session_rmpupdate_batch(self, entries: bytes) -> bytes:
+        self.batches.append(bytes(entries))
+        return bytes(len(entries) // 24)
 
 
 def vm() -> Vm:
@@ -193,7 +192,7 @@ async def test_the_plan_equals_the_loop(
     v = vm()
     fast = plan_4k(raw, v.memslots.translate_many, ASID)
     host = Host()
-    exits = Exits(SimpleNamespace(host=host))  # type: ignore[arg-type]
+    exits = Exits(SimpleNamespace(rmp=host))  # type: ignore[arg-type]
     desc = psc.Descriptor.decode(raw)
     state = ExitState(speculate=False)
     result = await exits.psc.apply(v, desc, state)
@@ -250,7 +249,7 @@ def test_the_plan_takes_the_common_request() -> None:
     fast = plan_4k(raw, vm().memslots.translate_many, ASID)
     assert fast is not None and fast.private == 253
     first = np.frombuffer(fast.entries, dtype="<u8", count=2)
-    assert (int(first[0]), int(first[1])) == (0x300 << 12, 0x400 * PAGE)  # SPA, GPA
+    assert (int(first[0]), int(first[1])) == (0x300 << 12, 0x400 * PAGE_SIZE)  # SPA, GPA
 
 
 def test_translate_many_equals_translate() -> None:
@@ -267,7 +266,7 @@ async def test_the_loop_marks_only_entries_before_the_one_that_stopped_it() -> N
     entries = [raw_entry(0, 0, 3, False), raw_entry(2, 0, 1, False), raw_entry(0, 0, 3, False)]
     raw = struct.pack("<HHI", 0, 2, 0) + b"".join(e.to_bytes(8, "little") for e in entries)
     desc = psc.Descriptor.decode(raw + bytes(8 * (psc.MAX_ENTRIES - 3)))
-    exits = Exits(SimpleNamespace(host=Host()))  # type: ignore[arg-type]
+    exits = Exits(SimpleNamespace(rmp=Host()))  # type: ignore[arg-type]
     result = await exits.psc.apply(vm(), desc, ExitState(speculate=False))
     assert result == (1 << 32) | 2 and desc.cur_entry == 1  # VMGEXIT_PSC_ERROR_INVALID_ENTRY
     assert [e.cur_page for e in desc.entries[:3]] == [1, 2, 0]

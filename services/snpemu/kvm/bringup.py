@@ -12,8 +12,8 @@ from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.pages import release_firmware_pages, to_firmware
 from snpemu.kvm.ports import Placement, PlatformState
-from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.undo import Undo
+from snpemu.psp.status import SevStatus
 from snpemu.runtime.peers import PeerError
 
 if TYPE_CHECKING:
@@ -49,7 +49,9 @@ async def bring_up(kvm: Kvm) -> None:
     try:
         await kvm.psp.snp_init()
     except PeerError as e:
-        if e.reason != KvmReason.INVALID_PLATFORM_STATE:  # already initialised (kvm restarted)
+        if (
+            SevStatus.from_reason(e.reason) is not SevStatus.INVALID_PLATFORM_STATE
+        ):  # already initialised (kvm restarted)
             raise
     await kvm.rmp.wbinvd()
     await kvm.psp.snp_df_flush()

@@ -17,7 +17,7 @@ class VmConfig:
     memory_bytes: int
     vcpus: int
     vcpu_type: int = 0  # snp.kvm.v1.VcpuType; 0: EPYC-Milan
-    policy: int = 0  # 0: the default policy (DEFAULT_POLICY)
+    policy: int = 0  # 0: the default policy (abi/policy.py DEFAULT)
     firmware_path: str = ""
     kernel_path: str = ""
     initrd_path: str = ""

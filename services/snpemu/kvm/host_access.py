@@ -2,61 +2,43 @@
 
 from __future__ import annotations
 
-from snp.common.v1 import types_pb2
-from snp.rmp.v1 import rmp_pb2
-
-from snpemu.abi.addr import PAGE_SIZE
-from snpemu.kvm.machine import Kvm
+from snpemu.abi.addr import PAGE_SIZE, Gpa, Spa
+from snpemu.abi.rmp import Code
+from snpemu.kvm.ports import GPA_NONE, HostCopy, HostRead, HostWrite, RmpPort, RmpState
 from snpemu.kvm.vm import Vm
 
 
-def kernel_write(spa: int, data: bytes) -> rmp_pb2.HostWriteRequest:
+def kernel_write(spa: Spa, data: bytes) -> HostWrite:
     """A kernel write into guest memory: an RMP violation if the guest made it private."""
-    return rmp_pb2.HostWriteRequest(
-        spa=spa, data=data, origin=rmp_pb2.ACCESS_ORIGIN_KERNEL, writer="kvm"
-    )
+    return HostWrite(spa, data)
 
 
-def kernel_copy(src: int, dst: int, peek: int = 0) -> rmp_pb2.HostCopyRequest:
+def kernel_copy(src: Spa, dst: Spa, peek: int = 0) -> HostCopy:
     """A kernel memcpy of one page (the write through the violation policy), answering the
     first `peek` bytes copied."""
-    return rmp_pb2.HostCopyRequest(
-        src_spa=src,
-        dst_spa=dst,
-        length=PAGE_SIZE,
-        origin=rmp_pb2.ACCESS_ORIGIN_KERNEL,
-        writer="kvm",
-        peek=peek,
-    )
+    return HostCopy(src, dst, PAGE_SIZE, peek=peek)
 
 
 class HostAccess:
-    def __init__(self, kvm: Kvm) -> None:
-        self.kvm = kvm
+    def __init__(self, rmp: RmpPort) -> None:
+        self.rmp = rmp
 
-    async def read(self, spa: int, length: int = PAGE_SIZE) -> bytes:
-        r = await self.kvm.host.call("read", rmp_pb2.HostReadRequest(spa=spa, length=length))
-        return bytes(r.data)
+    async def read(self, spa: Spa, length: int = PAGE_SIZE) -> bytes:
+        return await self.rmp.session_read(HostRead(spa, length))
 
-    async def write(self, spa: int, data: bytes) -> int:
-        return int((await self.kvm.host.call("write", kernel_write(spa, data))).outcome)
+    async def write(self, spa: Spa, data: bytes) -> int:
+        return (await self.rmp.session_write(kernel_write(spa, data))).outcome
 
-    async def copy(self, src: int, dst: int, peek: int = 0) -> bytes:
-        return bytes((await self.kvm.host.call("copy", kernel_copy(src, dst, peek))).head)
+    async def copy(self, src: Spa, dst: Spa, peek: int = 0) -> bytes:
+        return (await self.rmp.session_copy(kernel_copy(src, dst, peek))).head
 
     async def rmpupdate(
-        self, spa: int, *, private: bool, vm: Vm, gpa: int, size_2m: bool = False
-    ) -> int:
-        r = await self.kvm.rmp.call(
-            "RmpUpdate",
-            rmp_pb2.RmpUpdateRequest(
-                spa=spa,
-                state=rmp_pb2.RmpState(
-                    gpa=gpa if private else 0,
-                    assigned=private,
-                    asid=vm.asid if private else 0,
-                    page_size=types_pb2.PAGE_SIZE_2M if size_2m else types_pb2.PAGE_SIZE_4K,
-                ),
-            ),
+        self, spa: Spa, *, private: bool, vm: Vm, gpa: Gpa, size_2m: bool = False
+    ) -> Code:
+        state = RmpState(
+            assigned=private,
+            gpa=gpa if private else GPA_NONE,
+            asid=vm.asid if private else 0,
+            size_2m=size_2m,
         )
-        return int(r.eax)
+        return await self.rmp.rmpupdate(spa, state)

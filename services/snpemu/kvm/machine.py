@@ -4,7 +4,7 @@
 it does is in the modules named for it: bringup.py (SNP_INIT and the legacy init at load),
 launch.py (KVM_CREATE_VM and QEMU's launch), teardown.py (sev_vm_destroy()), policy.py (the
 checks of a VM's configuration). It reaches rmp and psp only through the ports of ports.py.
-Exit handling is in exits.py and the modules it names.
+Exit handling is in the exits/ package.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from snpemu.abi.addr import Pfn
+from snpemu.abi.asid import MAX_SNP_ASID, MIN_SNP_ASID
 from snpemu.errors import NotFound, WrongState
 from snpemu.kvm import bringup, launch, teardown
 from snpemu.kvm.config import VmConfig
@@ -26,28 +26,9 @@ from snpemu.kvm.ports import PspPort, RmpPort
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.trace import TraceHub
 from snpemu.kvm.vm import Vm
-from snpemu.runtime.peers import SessionPool
 
-MIN_SNP_ASID, MAX_SNP_ASID = 1, 99
 CBIT = 51
 DEFAULT_FIRMWARE = "/usr/share/OVMF/OVMF_CODE.fd"
-
-
-class RmpLink(RmpPort, Protocol):
-    """TRANSITIONAL(exits-ports): the rmp port, plus what the exits still use by name
-    (`kvm.rmp.call("Psmash", ...)`, `kvm.host.call("sequence", ...)`); becomes RmpPort when the
-    exits call the port's methods."""
-
-    @property
-    def host(self) -> SessionPool: ...
-
-    async def call(self, method: str, request: Any, timeout: float = 30) -> Any: ...
-
-
-class PspLink(PspPort, Protocol):
-    """TRANSITIONAL(exits-ports): the psp port, plus `kvm.psp.call("GuestRequest", ...)`."""
-
-    async def call(self, method: str, request: Any, timeout: float = 30) -> Any: ...
 
 
 @dataclass
@@ -64,8 +45,8 @@ class Counters:
 class Kvm:
     def __init__(
         self,
-        rmp: RmpLink,
-        psp: PspLink,
+        rmp: RmpPort,
+        psp: PspPort,
         *,
         snp: bool = True,
         firmware: str = DEFAULT_FIRMWARE,
@@ -98,12 +79,6 @@ class Kvm:
         self.deactivate_lock = asyncio.Lock()
         # CPUID(1).EAX of the host processor, from the chip psp emulates (None until known)
         self.host_signature: int | None = None
-
-    @property
-    def host(self) -> SessionPool:
-        """TRANSITIONAL(exits-ports): rmp's HostSession streams by op name, for the exits
-        until they call rmp.sequence() and rmp.session_*()."""
-        return self.rmp.host
 
     def need_snp(self) -> None:
         if not self.snp_enabled:

@@ -10,8 +10,8 @@ from snpemu.abi.addr import PAGES_PER_2M, Pfn, Spa, pfn_to_spa, spa_to_pfn
 from snpemu.abi.rmp import Code, PageState
 from snpemu.errors import Unavailable
 from snpemu.kvm.ports import Placement, PspPort, RmpEntry, RmpPort, RmpState
-from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.undo import Undo
+from snpemu.psp.status import SevStatus
 from snpemu.runtime.peers import PeerError
 
 FIRMWARE = RmpState(assigned=True, immutable=True)
@@ -61,7 +61,7 @@ async def reclaim(rmp: RmpPort, psp: PspPort, spa: Spa) -> bool:
     try:
         await psp.page_reclaim(spa)
     except PeerError as e:
-        if e.reason != KvmReason.INVALID_PAGE_STATE:
+        if SevStatus.from_reason(e.reason) is not SevStatus.INVALID_PAGE_STATE:
             return False
     return not await all_shared(rmp, [spa_to_pfn(spa)])
 

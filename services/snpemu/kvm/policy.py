@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from snpemu.abi import policy as guest_policy
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.reasons import KvmReason
@@ -16,18 +17,14 @@ MIN_RAM = 16 << 20
 MAX_VCPUS = 64
 VCPU_TYPES = {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}
 DEFAULT_VCPU_TYPE = 3
-# KERNEL: arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_* and SNP_POLICY_MASK_VALID (API_MINOR,
-# API_MAJOR, SMT, RSVD_MBO, DEBUG, SINGLE_SOCKET)
-SNP_POLICY_MASK_RSVD_MBO = 1 << 17
-SNP_POLICY_MASK_VALID = 0xFF | 0xFF << 8 | 1 << 16 | SNP_POLICY_MASK_RSVD_MBO | 1 << 19 | 1 << 20
-DEFAULT_POLICY = 0x30000  # SMT allowed, RSVD_MBO: QEMU's default for sev-snp-guest
 # KERNEL: arch/x86/include/asm/svm.h SVM_SEV_FEAT_*
 SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
 SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
 
 
 def policy_of(config: VmConfig) -> int:
-    return config.policy or DEFAULT_POLICY
+    # 0: QEMU's default for sev-snp-guest (SMT allowed, RSVD_MBO)
+    return config.policy or int(guest_policy.DEFAULT)
 
 
 def check_config(config: VmConfig, supported_vmsa_features: int, firmware: str) -> int:
@@ -56,13 +53,16 @@ def check_policy(policy: int) -> None:
     """The guest policy checks KVM makes before the firmware sees it; SMT and SINGLE_SOCKET
     are the firmware's to refuse (SPEC: SNP ABI, SNP_LAUNCH_START and SNP_ACTIVATE).
     KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start() (-EINVAL for either)."""
-    if policy & ~SNP_POLICY_MASK_VALID:
+    # KERNEL: sev.c SNP_POLICY_MASK_VALID (abi/policy.py KVM_VALID_MASK: API_MINOR, API_MAJOR,
+    # SMT, RSVD_MBO, DEBUG, SINGLE_SOCKET)
+    valid = guest_policy.KVM_VALID_MASK
+    if policy & ~valid:
         raise InvalidArgument(
-            f"policy {policy:#x} sets bits {policy & ~SNP_POLICY_MASK_VALID:#x} KVM does not "
-            f"support (SNP_POLICY_MASK_VALID is {SNP_POLICY_MASK_VALID:#x})",
+            f"policy {policy:#x} sets bits {policy & ~valid:#x} KVM does not "
+            f"support (SNP_POLICY_MASK_VALID is {valid:#x})",
             reason=KvmReason.POLICY_UNSUPPORTED,
         )
-    if not policy & SNP_POLICY_MASK_RSVD_MBO:
+    if not policy & guest_policy.GuestPolicy.RSVD_MBO:
         raise InvalidArgument(
             f"policy {policy:#x}: bit 17 (reserved, must be one) is zero",
             reason=KvmReason.POLICY_MBO,

@@ -115,10 +115,5 @@ class GrpcPsp:
             pb.GuestRequestRequest(gctx=_gctx(gctx), req_paddr=req, res_paddr=res),
         )
 
-    async def call(self, method: str, request: Any, timeout: float = 30) -> Any:
-        """TRANSITIONAL(exits-ports): psp by method name, for the exits until they use
-        guest_request(); goes with kvm/machine.py's ByName."""
-        return await self.peer.call(method, request, timeout)
-
     async def close(self) -> None:
         await self.peer.close()

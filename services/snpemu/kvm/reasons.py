@@ -8,16 +8,10 @@ import enum
 class KvmReason(enum.StrEnum):
     SNP_DISABLED = "SNP_DISABLED"  # the host came up without SNP
     ASID_EXHAUSTED = "ASID_EXHAUSTED"  # every SNP ASID is in use
-    VM_STATE = "VM_STATE"  # the VM is not in the state the call needs
+    VM_STATE = "VM_STATE"  # the VM is not in the state the call needs (not launched, ...)
     # a launch failed after SNP_LAUNCH_START: the VM keeps its context until DestroyVm
     LAUNCH_STARTED = "LAUNCH_STARTED"
     PAGE_NOT_SHARED = "PAGE_NOT_SHARED"  # a launch page is not in hypervisor state
     POLICY_UNSUPPORTED = "POLICY_UNSUPPORTED"  # policy bits outside SNP_POLICY_MASK_VALID
     POLICY_MBO = "POLICY_MBO"  # policy bit 17 (reserved, must be one) is zero
     VMSA_FEATURES_UNSUPPORTED = "VMSA_FEATURES_UNSUPPORTED"
-    # a scratch area KVM fails the vCPU run for (kvm/scratch.py)
-    STRING_IO_COUNT = "STRING_IO_COUNT"  # count * size overflows (sev_es_string_io())
-    SCRATCH_NOT_MAPPED = "SCRATCH_NOT_MAPPED"  # kvm_read_guest() of the area fails
-    # what psp answers that kvm tells apart
-    INVALID_PLATFORM_STATE = "INVALID_PLATFORM_STATE"  # SNP_INIT when already initialised
-    INVALID_PAGE_STATE = "INVALID_PAGE_STATE"  # PAGE_RECLAIM of a page already reclaimed

@@ -253,11 +253,6 @@ class GrpcRmp:
             pb.AcknowledgeMmuNotificationRequest(sequence=sequence),
         )
 
-    async def call(self, method: str, request: Any, timeout: float = 30) -> Any:
-        """TRANSITIONAL(exits-ports): rmp by method name, for the exits until they use the
-        methods above; goes with kvm/machine.py's ByName."""
-        return await self.peer.call(method, request, timeout)
-
     async def close(self) -> None:
         await self.host.close()
         await self.peer.close()

@@ -11,10 +11,11 @@ from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
 from snpemu.abi.addr import page_bytes, pfn_to_spa
+from snpemu.abi.asid import MAX_SNP_ASID
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
-from snpemu.kvm.machine import CBIT, MAX_SNP_ASID, Kvm
+from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.vm import Vm
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb

@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
+from snpemu.abi.addr import PAGES_PER_2M, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.throttle import Throttle
 
-# TRANSITIONAL(exits-ports): the exits still import PAGE from here; they take abi/addr.py's
-# PAGE_SIZE, then this goes.
-PAGE = PAGE_SIZE
 NO_PAGE = Spa(0)  # a page not (yet) taken
 
 
@@ -109,7 +106,7 @@ class Vcpu:
     runnable: bool = False
     kicks: int = 0
     # AP reset hold (KERNEL: sev.c ap_reset_hold_type, AP_RESET_HOLD_*): how the vCPU is held,
-    # and whether a wake-up (AP creation) arrived since; see kvm/nae.py reset_hold()
+    # and whether a wake-up (AP creation) arrived since; see kvm/exits/ap.py reset_hold()
     reset_hold: int = 0
     hold_woken: bool = False
 

@@ -16,8 +16,8 @@ arch/x86/kvm/svm/svm.c npf_interception().
     ap.py             AP creation, the AP jump table, the AP reset hold
     npf.py            nested page faults
     cpuid.py          CPUID and MSR_AMD64_SEV
+    scratch.py        the scratch area (setup_vmgexit_scratch()), IOIO and MMIO
     reasons.py        ExitReason: why an exit is refused
-  (kvm/scratch.py: the scratch area, IOIO and MMIO)
 
 The peers are called from few places: the GHCB read and the write-back sequence
 (dispatch.py), the unbatched PSC RMPUPDATEs (psc.py), PSMASH and the RMP entry read (npf.py),
@@ -49,7 +49,7 @@ __all__ = ["ExitReason", "ExitResult", "Exits", "cpuid", "sev_status"]
 class Exits:
     def __init__(self, kvm: Kvm, tsc: Callable[[], int] = time.monotonic_ns) -> None:
         self.kvm = kvm
-        self.host = HostAccess(kvm)
+        self.host = HostAccess(kvm.rmp)
         self.psc = PageStateChanges(kvm, self.host)
         self.requests = GuestRequests(kvm, self.host)
         self.msr = MsrProtocol(kvm, self.psc)

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from snpemu.kvm.machine import Counters, PspLink, RmpLink
+    from snpemu.kvm.machine import Counters
+    from snpemu.kvm.ports import PspPort, RmpPort
     from snpemu.kvm.trace import TraceHub
     from snpemu.kvm.vm import Vm
-    from snpemu.runtime.peers import SessionPool
 
 
 class ExitContext(Protocol):
@@ -37,12 +37,7 @@ class ExitContext(Protocol):
         ...
 
     @property
-    def rmp(self) -> RmpLink: ...
+    def rmp(self) -> RmpPort: ...
 
     @property
-    def psp(self) -> PspLink: ...
-
-    @property
-    def host(self) -> SessionPool:
-        """rmp's HostSession streams: kvm's own memory accesses and RMPUPDATEs."""
-        ...
+    def psp(self) -> PspPort: ...

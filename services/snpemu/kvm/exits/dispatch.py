@@ -11,15 +11,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from snp.rmp.v1 import rmp_pb2
-
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
-from snpemu.abi.addr import PAGE_SIZE
+from snpemu.abi.addr import PAGE_SIZE, Spa
 from snpemu.errors import InvalidArgument, WrongState
-
-# the module, not its names: kvm/scratch.py imports kvm/nae.py, which imports this package
-from snpemu.kvm import scratch
 from snpemu.kvm.exits import ap, nae
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.cpuid import cpuid_exit
@@ -27,10 +22,11 @@ from snpemu.kvm.exits.guest_request import GuestRequests
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Handler, Outcome, malformed
 from snpemu.kvm.exits.psc import PageStateChanges
 from snpemu.kvm.exits.reasons import ExitReason
+from snpemu.kvm.exits.scratch import GuestMemory, ioio, mmio
 from snpemu.kvm.exits.vcpus import terminate
 from snpemu.kvm.host_access import HostAccess, kernel_write
+from snpemu.kvm.ports import BatchResult, HostOp
 from snpemu.kvm.vm import Vcpu, Vm
-from snpemu.runtime.peers import session_error
 
 U64 = 2**64 - 1
 
@@ -114,7 +110,7 @@ class GhcbExits:
         return result, b"" if result.terminated else out
 
     async def _handle(
-        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, page: bytes, spa: int, state: ExitState
+        self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, page: bytes, spa: Spa, state: ExitState
     ) -> tuple[ExitResult, bytes]:
         """Dispatch the exit, then write the GHCB back after the accesses that precede it."""
         result, regs, shared = await self._dispatch(vm, vcpu, ghcb, state)
@@ -132,18 +128,18 @@ class GhcbExits:
             struct.pack_into("<Q", out, g.OFFSETS[reg], value & U64)
         if shared is not None:
             out[g.SHARED_BUFFER : g.SHARED_BUFFER + len(shared)] = shared
-        ops = list(state.tail)
+        ops: list[HostOp] = list(state.tail)
         if state.batch is not None:
-            ops.append(rmp_pb2.HostSessionRequest(rmp_update_batch=state.batch))
+            ops.append(state.batch)
         if not result.terminated:
-            ops.append(rmp_pb2.HostSessionRequest(write=kernel_write(spa, bytes(out))))
+            ops.append(kernel_write(spa, bytes(out)))
         if ops:
-            done = await self.ctx.host.call("sequence", rmp_pb2.HostSequenceRequest(ops=ops))
-            for r in done.results:
-                if r.WhichOneof("result") == "error":
-                    raise session_error(r.error)
+            # the first op that failed raises (an in-band session error, as a unary call would)
+            done = await self.ctx.rmp.sequence(ops)
             if state.batch is not None:
-                state.codes = bytes(done.results[len(state.tail)].rmp_update_batch.codes)
+                batch = done[len(state.tail)]
+                assert isinstance(batch, BatchResult)  # INVARIANT: answered in order, in kind
+                state.codes = batch.codes
                 if any(state.codes):
                     return result, bytes(out)  # speculated wrong: counted on the second pass
         self.ctx.counters.psc_pages.update(state.psc_pages)
@@ -165,15 +161,15 @@ class GhcbExits:
         assert reply is not None  # INVARIANT: validate() knows only the events handled here
         return _reply(reply)
 
-    # --- IO and MMIO: no device claims a port or an MMIO address (kvm/scratch.py) -------------
+    # --- IO and MMIO: no device claims a port or an MMIO address (scratch.py) -------------
 
     async def _ioio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = scratch.GuestMemory(vm.memslots.translate, self.host.write)
-        return _reply(await scratch.ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
+        guest = GuestMemory(vm.memslots.translate, self.host.write)
+        return _reply(await ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
     async def _mmio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = scratch.GuestMemory(vm.memslots.translate, self.host.write)
-        return _reply(await scratch.mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
+        guest = GuestMemory(vm.memslots.translate, self.host.write)
+        return _reply(await mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
 
 def _reply(reply: nae.Reply) -> Outcome:

@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from snp.common.v1 import handles_pb2
-from snp.psp.v1 import psp_pb2
-from snp.rmp.v1 import rmp_pb2
-
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi.addr import PAGE_SIZE, page_aligned, pages
@@ -100,14 +96,7 @@ class GuestRequests:
             self.ctx.counters.guest_requests[(kind, "busy")] += 1
             return ExitResult(0, vmm_error(VMM_ERR_BUSY)), regs, None
         try:
-            await self.ctx.psp.call(
-                "GuestRequest",
-                psp_pb2.GuestRequestRequest(
-                    gctx=handles_pb2.GuestContextHandle(gctx_paddr=vm.gctx),
-                    req_paddr=vm.bounce_req,
-                    res_paddr=vm.bounce_res,
-                ),
-            )
+            await self.ctx.psp.guest_request(vm.gctx, vm.bounce_req, vm.bounce_res)
         except PeerError as e:
             self.ctx.counters.guest_requests[(kind, "firmware_error")] += 1
             if not e.fw_status:
@@ -117,14 +106,14 @@ class GuestRequests:
                 return ExitResult(0, vmm_error(VMM_ERR_GENERIC)), regs, None
             # KERNEL: snp_handle_guest_req(): a firmware error still copies the response
             # bounce page to the guest, then answers SNP_GUEST_ERR(0, fw_err)
-            state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
+            state.tail.append(kernel_copy(vm.bounce_res, res_spa))
             return ExitResult(0, fw_error(e.fw_status)), regs, None
         except Unavailable:
             # The firmware is unreachable: ask the guest to retry (THR v5, second patch).
             self.ctx.counters.guest_requests[(kind, "busy")] += 1
             return ExitResult(0, vmm_error(VMM_ERR_BUSY)), regs, None
         # the response copy goes with the GHCB write (ExitState)
-        state.tail.append(rmp_pb2.HostSessionRequest(copy=kernel_copy(vm.bounce_res, res_spa)))
+        state.tail.append(kernel_copy(vm.bounce_res, res_spa))
         self.ctx.counters.guest_requests[(kind, "success")] += 1
         self.ctx.counters.observe_request(time.perf_counter() - started)
         return ExitResult(0, 0), regs, None

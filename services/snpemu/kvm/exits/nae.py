@@ -1,6 +1,6 @@
 """The NAE events of a full-GHCB VMGEXIT: which fields each needs valid, how the GHCB goes back,
 and what kvm does for the small ones (the rest: the modules of this package, and
-kvm/scratch.py for IOIO and MMIO).
+scratch.py for IOIO and MMIO).
 
 KERNEL: arch/x86/kvm/svm/sev.c sev_es_validate_vmgexit() (REQUIRED below), sev_handle_vmgexit()
 (its default case hands the SVM_EXIT_* codes to svm_invoke_exit_handler()), and the handlers of

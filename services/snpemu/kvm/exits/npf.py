@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import enum
 
-from snp.rmp.v1 import rmp_pb2
-
-from snpemu.abi.addr import PAGE_MASK, PMD_SIZE, spa_to_pfn
+from snpemu.abi.addr import PAGE_MASK, PMD_SIZE, Gpa, Spa, spa_to_pfn
 from snpemu.abi.rmp import Code
 from snpemu.kvm.exits import ap
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.ports import GPA_NONE
 from snpemu.kvm.vm import Vcpu, Vm
 
 PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
@@ -40,23 +39,18 @@ class NestedPageFaults:
         """The action taken, and whether the guest retries the access."""
         self.ctx.trace.emit("kvm_page_fault", vm, vcpu.vcpu_id, gpa=gpa, error_code=error_code)
         ap.leave_hold(vcpu)  # the vCPU was running
-        page = gpa & PAGE_MASK
+        page = Gpa(gpa & PAGE_MASK)
         spa = vm.memslots.translate(page)
         if spa is None:
             return NpfAction.NO_MEMSLOT, False
         if error_code & PFERR_GUEST_SIZEM:
-            head = spa & ~(PMD_SIZE - 1)
+            head = Spa(spa & ~(PMD_SIZE - 1))
             for _ in range(PSMASH_TRIES):
-                r = await self.ctx.rmp.call("Psmash", rmp_pb2.PsmashRequest(spa=head))
-                if r.eax != Code.FAIL_INUSE:
+                if await self.ctx.rmp.psmash(head) != Code.FAIL_INUSE:
                     break
             return NpfAction.PSMASH, True
         if error_code & PFERR_GUEST_RMP:
-            entry = (
-                await self.ctx.rmp.call(
-                    "ReadRmpEntry", rmp_pb2.ReadRmpEntryRequest(pfn=spa_to_pfn(spa))
-                )
-            ).entry
+            entry = await self.ctx.rmp.read_entry(spa_to_pfn(spa))
             private = bool(error_code & PFERR_GUEST_ENC)
             if private and not entry.assigned:
                 # KVM_EXIT_MEMORY_FAULT: the VMM makes the GPA private (guest-invalid); the
@@ -64,6 +58,6 @@ class NestedPageFaults:
                 await self.host.rmpupdate(spa, private=True, vm=vm, gpa=page)
                 return NpfAction.CONVERT_PRIVATE, True
             if not private and entry.assigned and entry.asid == vm.asid:
-                await self.host.rmpupdate(spa, private=False, vm=vm, gpa=0)
+                await self.host.rmpupdate(spa, private=False, vm=vm, gpa=GPA_NONE)
                 return NpfAction.CONVERT_SHARED, True
         return NpfAction.SPURIOUS, True

@@ -7,9 +7,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from snp.rmp.v1 import rmp_pb2
-
 from snpemu.abi import ghcb as g
+from snpemu.kvm.ports import HostOp, RmpUpdateBatch
 from snpemu.kvm.vm import Vcpu, Vm
 
 
@@ -31,8 +30,8 @@ class ExitState:
     written."""
 
     speculate: bool = True
-    tail: list[rmp_pb2.HostSessionRequest] = field(default_factory=list)
-    batch: rmp_pb2.RmpUpdateBatchRequest | None = None
+    tail: list[HostOp] = field(default_factory=list)
+    batch: RmpUpdateBatch | None = None
     codes: bytes | None = None
     # page and request counts, added to kvm's counters once the GHCB is written
     psc_pages: Counter[tuple[str, str]] = field(default_factory=Counter)

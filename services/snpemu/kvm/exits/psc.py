@@ -33,17 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from snp.rmp.v1 import rmp_pb2
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc, rmp_batch
 from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, gfn_to_gpa
-
-# the module, not its names: kvm/scratch.py imports kvm/nae.py, which imports this package
-from snpemu.kvm import scratch
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
+from snpemu.kvm.exits.scratch import setup_vmgexit_scratch
 from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.ports import RmpUpdateBatch
 from snpemu.kvm.vm import Vcpu, Vm
 
 
@@ -68,7 +66,7 @@ class PageStateChanges:
         least the header, then snp_begin_psc() on the entries the area holds. SW_SCRATCH was
         checked valid by nae.validate()."""
         ghcb_gpa = vcpu.ghcb_gpa or 0
-        area = scratch.setup_vmgexit_scratch(ghcb_gpa, ghcb.get("sw_scratch"), psc.HDR.size)
+        area = setup_vmgexit_scratch(ghcb_gpa, ghcb.get("sw_scratch"), psc.HDR.size)
         if area is None or not area.in_ghcb:
             # UNVERIFIED(psc-scratch-in-ghcb): as in kernels whose setup_vmgexit_scratch() takes
             # a min_len (sizeof(struct psc_hdr) for a PSC) and refuses a scratch area outside the
@@ -82,7 +80,7 @@ class PageStateChanges:
             if fast is not None:
                 # every page a 4K entry: the batch goes with the GHCB write (ExitState)
                 if fast.entries:  # none when every entry is an operation KVM only completes
-                    state.batch = rmp_pb2.RmpUpdateBatchRequest(entries=fast.entries)
+                    state.batch = RmpUpdateBatch(fast.entries)
                 for op, n in (("private", fast.private), ("shared", fast.shared)):
                     if n:
                         state.psc_pages[(op, "4k")] += n
@@ -177,11 +175,10 @@ class PageStateChanges:
                 assigned=[priv for *_, priv in work],
                 asid=[vm.asid if priv else 0 for *_, priv in work],
             )
-            batch = rmp_pb2.RmpUpdateBatchRequest(entries=entries)
             if state.speculate:
-                state.batch, codes = batch, bytes(len(work))
+                state.batch, codes = RmpUpdateBatch(entries), bytes(len(work))
             else:
-                codes = bytes((await self.ctx.host.call("rmp_update_batch", batch)).codes)
+                codes = await self.ctx.rmp.session_rmpupdate_batch(entries)
         done_entries: set[int] = set()
         for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
             e = desc.entries[idx]

@@ -1,4 +1,5 @@
-"""Why kvm refuses an exit: the `reason` of the error the caller gets (the wire strings)."""
+"""Why kvm refuses an exit: the `reason` of the error the caller gets (the wire strings). An
+exit of a VM not running is kvm/reasons.py KvmReason.VM_STATE, as for every other call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ class ExitReason(enum.StrEnum):
     # the exit does not carry the vCPU identity kvm issued (token, ASID or vCPU unknown)
     BAD_VCPU_IDENTITY = "BAD_VCPU_IDENTITY"
     VM_TERMINATED = "VM_TERMINATED"
-    VM_STATE = "VM_STATE"  # not launched yet (or being torn down)
     GHCB_NOT_REGISTERED = "GHCB_NOT_REGISTERED"
     GHCB_NOT_MAPPED = "GHCB_NOT_MAPPED"
     UNSUPPORTED_EVENT = (
@@ -17,3 +17,6 @@ class ExitReason(enum.StrEnum):
     )
     # KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: an exit with no KVM handler (nae.py)
     UNEXPECTED_EXIT_REASON = "UNEXPECTED_EXIT_REASON"
+    # a scratch area KVM fails the vCPU run for (scratch.py)
+    STRING_IO_COUNT = "STRING_IO_COUNT"  # count * size overflows (sev_es_string_io())
+    SCRATCH_NOT_MAPPED = "SCRATCH_NOT_MAPPED"  # kvm_read_guest() of the area fails

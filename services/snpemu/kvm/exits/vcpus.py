@@ -8,6 +8,7 @@ from snpemu.errors import PermissionDenied, WrongState
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.reasons import ExitReason
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.vm import Vcpu, Vm, VmState
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def running_vcpu(ctx: ExitContext, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
         raise WrongState(f"{vm.vm_id} has terminated", reason=ExitReason.VM_TERMINATED)
     if vm.state != VmState.RUNNING:
         raise WrongState(
-            f"{vm.vm_id} is {vm.state.name}: launch it first", reason=ExitReason.VM_STATE
+            f"{vm.vm_id} is {vm.state.name}: launch it first", reason=KvmReason.VM_STATE
         )
     return vm, vcpu
 

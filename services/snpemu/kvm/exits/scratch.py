@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from snpemu.abi import ghcb as g
-from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, page_bytes, page_offset
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Spa, page_bytes, page_offset
 from snpemu.errors import WrongState
-from snpemu.kvm import nae
-from snpemu.kvm.reasons import KvmReason
+from snpemu.kvm.exits.nae import Reply, ioio_size, port_in
+from snpemu.kvm.exits.reasons import ExitReason
 
 GHCB_SCRATCH_AREA_LIMIT = page_bytes(16)  # KERNEL: sev.c GHCB_SCRATCH_AREA_LIMIT
 U64 = 1 << 64
@@ -79,28 +79,28 @@ class GuestMemory:
     """What the accesses need of kvm: GPA -> SPA (None outside every memslot) and a kernel
     write of one page piece."""
 
-    translate: Callable[[int], int | None]
-    write: Callable[[int, bytes], Awaitable[int]]
+    translate: Callable[[int], Spa | None]
+    write: Callable[[Spa, bytes], Awaitable[int]]
 
 
-async def ioio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
+async def ioio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> Reply:
     """KERNEL: arch/x86/kvm/svm/svm.c io_interception(); sev.c sev_es_string_io() for INS/OUTS
     (SW_EXIT_INFO_2 is the count), x86.c kvm_sev_es_string_io()."""
     info1, count = x.get("sw_exit_info_1"), x.get("sw_exit_info_2")
     is_in = bool(info1 & g.IOIO_TYPE_IN)
     if not info1 & g.IOIO_STR:
-        return nae.port_in(x) if is_in else nae.Reply()  # OUT: dropped
-    size = nae.ioio_size(info1)
+        return port_in(x) if is_in else Reply()  # OUT: dropped
+    size = ioio_size(info1)
     if count > INT_MAX or count * size > INT_MAX:
         # sev_es_string_io(): -EINVAL (count, or check_mul_overflow() of count * size)
         raise WrongState(
             f"string IO of {count} x {size} bytes: KVM fails the run",
-            reason=KvmReason.STRING_IO_COUNT,
+            reason=ExitReason.STRING_IO_COUNT,
         )
     return await _access(mem, ghcb_gpa, x, count * size, is_in)
 
 
-async def mmio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
+async def mmio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> Reply:
     """KERNEL: sev.c sev_handle_vmgexit() SVM_VMGEXIT_MMIO_READ/WRITE: a scratch area of
     SW_EXIT_INFO_2 bytes for the GPA in SW_EXIT_INFO_1, then x86.c kvm_sev_es_mmio_read() /
     kvm_sev_es_mmio_write(), which hand the access to the VMM.
@@ -110,28 +110,28 @@ async def mmio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> nae.Reply:
     return await _access(mem, ghcb_gpa, x, x.get("sw_exit_info_2"), read)
 
 
-async def _access(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb, length: int, fill: bool) -> nae.Reply:
+async def _access(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb, length: int, fill: bool) -> Reply:
     """An access of `length` bytes through the scratch area; a read (`fill`) gets all ones,
     written into the GHCB's shared buffer or, outside the GHCB, to guest memory before the GHCB
     is written back (sev_es_unmap_ghcb() syncs the kernel buffer first)."""
     area = setup_vmgexit_scratch(ghcb_gpa, x.get("sw_scratch"), length)
     if area is None:
-        return nae.Reply(g.RESP_MALFORMED_INPUT, g.ERR_INVALID_SCRATCH_AREA)
+        return Reply(g.RESP_MALFORMED_INPUT, g.ERR_INVALID_SCRATCH_AREA)
     if area.in_ghcb:
         if not fill:
-            return nae.Reply()
+            return Reply()
         buf = bytearray(x.shared)
         buf[area.offset : area.offset + length] = b"\xff" * length
-        return nae.Reply(shared=buf)
+        return Reply(shared=buf)
     spas = [(mem.translate(gpa), n) for gpa, _, n in area.pages()]
     if any(spa is None for spa, _ in spas):
         # kvm_read_guest() of the area fails: -EFAULT, the vCPU run fails
         raise WrongState(
             f"scratch area {area.gpa:#x}+{length:#x} is outside guest memory",
-            reason=KvmReason.SCRATCH_NOT_MAPPED,
+            reason=ExitReason.SCRATCH_NOT_MAPPED,
         )
     if fill:
         for spa, n in spas:  # up to 17 page pieces, each its own kernel write
             assert spa is not None
             await mem.write(spa, b"\xff" * n)
-    return nae.Reply()
+    return Reply()
