@@ -19,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from snpemu.abi.vcpu_type import VCPU_TYPES, vcpu_type_of
 from snpemu.hostconfig import ConfigError, count, number
 from snpemu.rmp.options import parse_size
-
-VCPU_TYPES = {"EPYC": 1, "EPYC-Rome": 2, "EPYC-Milan": 3, "EPYC-Genoa": 4, "EPYC-Turin": 5}
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,10 @@ class GuestOptions:
             **env,
         }
         vtype = d.get("SNPEMU_GUEST_VCPU_TYPE", "EPYC-Milan")
-        if vtype not in VCPU_TYPES:
-            raise ConfigError(f"SNPEMU_GUEST_VCPU_TYPE={vtype!r}: one of {', '.join(VCPU_TYPES)}")
+        if vtype not in VCPU_TYPES.values():
+            raise ConfigError(
+                f"SNPEMU_GUEST_VCPU_TYPE={vtype!r}: one of {', '.join(VCPU_TYPES.values())}"
+            )
         try:
             policy = int(d.get("SNPEMU_GUEST_POLICY", "0x30000"), 0)
         except ValueError:
@@ -82,7 +83,7 @@ class GuestOptions:
         return cls(
             memory_bytes=memory,
             vcpus=count(d, "SNPEMU_GUEST_VCPUS", 1, 64),
-            vcpu_type=VCPU_TYPES[vtype],
+            vcpu_type=vcpu_type_of(vtype),
             policy=policy,
             firmware=d.get("SNPEMU_GUEST_FIRMWARE", ""),
             kernel=d.get("SNPEMU_GUEST_KERNEL", ""),

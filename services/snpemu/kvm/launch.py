@@ -20,13 +20,12 @@ from snpemu.abi import rmp_batch
 from snpemu.abi.addr import Spa, pages, pfn_to_spa, spa_to_pfn
 from snpemu.abi.page_type import PageType
 from snpemu.abi.rmp import PageState
+from snpemu.abi.vcpu_type import DEFAULT_VCPU_TYPE, VCPU_TYPES
 from snpemu.errors import InvalidArgument, Unavailable, WrongState
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.pages import assigned_entries, firmware_page, release_firmware_pages
 from snpemu.kvm.policy import (
-    DEFAULT_VCPU_TYPE,
     SVM_SEV_FEAT_SNP_ACTIVE,
-    VCPU_TYPES,
     check_config,
     firmware_failure,
     policy_of,

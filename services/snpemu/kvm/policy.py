@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from snpemu.abi import policy as guest_policy
+from snpemu.abi.vcpu_type import VCPU_TYPES
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.reasons import KvmReason
@@ -15,8 +16,6 @@ from snpemu.runtime.peers import PeerError
 MAX_RAM = 3 << 30  # RAM sits below the 32-bit hole here; no memory above 4 GiB yet
 MIN_RAM = 16 << 20
 MAX_VCPUS = 64
-VCPU_TYPES = {1: "EPYC", 2: "EPYC-Rome", 3: "EPYC-Milan", 4: "EPYC-Genoa", 5: "EPYC-Turin"}
-DEFAULT_VCPU_TYPE = 3
 # KERNEL: arch/x86/include/asm/svm.h SVM_SEV_FEAT_*
 SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
 SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 from snpemu.abi.addr import PAGE_MASK, PMD_SIZE, Gpa, Spa, spa_to_pfn
+from snpemu.abi.npf import PFERR_GUEST_ENC, PFERR_GUEST_RMP, PFERR_GUEST_SIZEM
 from snpemu.abi.rmp import Code
 from snpemu.kvm.exits import ap
 from snpemu.kvm.exits.context import ExitContext
@@ -16,7 +17,6 @@ from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.ports import GPA_NONE
 from snpemu.kvm.vm import Vcpu, Vm
 
-PFERR_GUEST_RMP, PFERR_GUEST_ENC, PFERR_GUEST_SIZEM = 1 << 31, 1 << 34, 1 << 35
 PSMASH_TRIES = 8  # KVM retries PSMASH while another CPU holds the entry (FAIL_INUSE)
 
 
