@@ -58,7 +58,7 @@ def test_the_identity_goes_on_the_wire_as_kvm_issued_it() -> None:
     assert identity_of(msg) == VCPU
 
 
-async def test_invoke_translates_errors_as_call_does() -> None:
+async def test_invoke_translates_a_peers_errors() -> None:
     peer = Peer("kvm", "unused", "cred", None)
 
     def failing(error: grpc.aio.AioRpcError) -> Any:

@@ -23,7 +23,7 @@ class StreamHold:
 
 
 async def held(name: str, call: Any) -> tuple[StreamHold, Any]:
-    """The hold and its first message, errors as Peer.call's; a stream that gave none is
+    """The hold and its first message, errors decoded as Peer.invoke's; a stream that gave none is
     cancelled."""
     try:
         return StreamHold(call), await call.read()

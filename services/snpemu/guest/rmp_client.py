@@ -33,7 +33,7 @@ class GuestSessions(SessionPool):
     """rmp's GuestSession, typed: a vCPU's memory accesses and PVALIDATE batches."""
 
     def __init__(self, peer: Peer, size: int = SESSIONS) -> None:
-        super().__init__(peer, size, "GuestSession")
+        super().__init__(peer, size)
 
     async def exchange(self, request: rmp_pb2.GuestSessionRequest) -> rmp_pb2.GuestSessionResponse:
         reply: rmp_pb2.GuestSessionResponse = await super().exchange(request)

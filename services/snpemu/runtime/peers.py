@@ -58,14 +58,6 @@ class Peer:
         except grpc.aio.AioRpcError as e:
             raise self._error(_method_name(rpc), e) from None
 
-    async def call(self, method: str, request: Any, timeout: float = 30) -> Any:
-        """The same by method name (the guest agent and netd still call so)."""
-        stub = self.ensure()
-        try:
-            return await getattr(stub, method)(request, metadata=self.md, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            raise self._error(method, e) from None
-
     def _error(self, method: str, e: grpc.aio.AioRpcError) -> SnpemuError:
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return Unavailable(f"{self.name} is unreachable: {e.details()}")
@@ -102,19 +94,15 @@ def session_error(err: Any) -> SnpemuError:
 class SessionPool:
     """Streams of one of rmp's session RPCs (one op in flight on each), reused so that each
     step costs one message, not one call: HostSession for kvm's exits (GHCB read, RMPUPDATE,
-    GHCB write), GuestSession for a guest's vCPU (its memory accesses and PVALIDATEs)."""
+    GHCB write), GuestSession for a guest's vCPU (its memory accesses and PVALIDATEs). A
+    subclass opens its stream on the typed stub (`_open`) and types `exchange`."""
 
-    def __init__(self, peer: Peer, size: int = 8, method: str = "HostSession") -> None:
-        self.peer, self.method = peer, method
-        self.request_cls = getattr(rmp_pb2, f"{method}Request")
+    def __init__(self, peer: Peer, size: int = 8) -> None:
+        self.peer = peer
         self.idle: list[Any] = []
         self.size = size
         self.opened = 0
         self.free = asyncio.Condition()
-
-    async def call(self, op: str, request: Any) -> Any:
-        """One op by its oneof field name (the guest kernel's GuestSession, kvm's exits)."""
-        return getattr(await self.exchange(self.request_cls(**{op: request})), op)
 
     async def exchange(self, request: Any) -> Any:
         """One session request, its reply (an in-band error raised as the unary call would)."""
@@ -143,7 +131,7 @@ class SessionPool:
         return self._open()
 
     def _open(self) -> Any:
-        return getattr(self.peer.ensure(), self.method)(metadata=self.peer.md)
+        raise NotImplementedError
 
     async def _release(self, stream: Any) -> None:
         async with self.free:
@@ -167,7 +155,7 @@ class HostSessions(SessionPool):
     and sequences of them in one message)."""
 
     def __init__(self, peer: Peer, size: int = 8) -> None:
-        super().__init__(peer, size, "HostSession")
+        super().__init__(peer, size)
 
     async def exchange(self, request: rmp_pb2.HostSessionRequest) -> rmp_pb2.HostSessionResponse:
         reply: rmp_pb2.HostSessionResponse = await super().exchange(request)

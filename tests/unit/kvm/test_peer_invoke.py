@@ -1,5 +1,5 @@
 """runtime/peers.py Peer.invoke(): a bound stub method called with the credential, its errors
-decoded as Peer.call() decodes them (UNAVAILABLE and DEADLINE_EXCEEDED: Unavailable; any other:
+decoded into snpemu errors (UNAVAILABLE and DEADLINE_EXCEEDED: Unavailable; any other:
 PeerError with the ErrorInfo reason and the firmware status)."""
 
 from __future__ import annotations
