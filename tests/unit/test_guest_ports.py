@@ -16,7 +16,6 @@ from snpemu.errors import SnpemuError, Unavailable, WrongState
 from snpemu.guest.errors import GuestFault, Terminated
 from snpemu.guest.exits import BootState
 from snpemu.guest.kernel import GuestKernel
-from snpemu.guest.kvm_client import identity_of, identity_pb
 from snpemu.guest.ports import (
     Batch,
     Fault,
@@ -31,6 +30,7 @@ from snpemu.guest.ports import (
 )
 from snpemu.guest.rmp_client import GuestSessions
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.wire import identity_from_pb, identity_to_pb
 from snpemu.runtime.peers import Peer, PeerError
 from snpemu.runtime.status import to_status
 
@@ -47,7 +47,7 @@ def rpc_error(code: grpc.StatusCode, err: SnpemuError | None = None) -> grpc.aio
 
 
 def test_the_identity_goes_on_the_wire_as_kvm_issued_it() -> None:
-    msg = identity_pb(VCPU)
+    msg = identity_to_pb(VCPU)
     assert (msg.vcpu.vm.id, msg.vcpu.vcpu_id, msg.asid, msg.vmpl, msg.token) == (
         "vm-1",
         0,
@@ -55,7 +55,7 @@ def test_the_identity_goes_on_the_wire_as_kvm_issued_it() -> None:
         0,
         b"t" * 32,
     )
-    assert identity_of(msg) == VCPU
+    assert identity_from_pb(msg) == VCPU
 
 
 async def test_invoke_translates_a_peers_errors() -> None:

@@ -20,26 +20,13 @@ from snpemu.guest.ports import (
     VmStatus,
 )
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.wire import identity_from_pb, identity_to_pb
 from snpemu.runtime.peers import Peer
 
 if TYPE_CHECKING:
     from snp.kvm.v1.kvm_pb2_grpc import KvmServiceAsyncStub
 
 LAUNCH_TIMEOUT_S = 300
-
-
-def identity_pb(vcpu: VcpuIdentity) -> handles_pb2.VcpuIdentity:
-    """The guest runs at VMPL0: kvm issues every identity with vmpl 0."""
-    return handles_pb2.VcpuIdentity(
-        vcpu=handles_pb2.VcpuHandle(vm=handles_pb2.VmHandle(id=vcpu.vm_id), vcpu_id=vcpu.vcpu_id),
-        asid=vcpu.asid,
-        vmpl=0,
-        token=vcpu.token,
-    )
-
-
-def identity_of(msg: handles_pb2.VcpuIdentity) -> VcpuIdentity:
-    return VcpuIdentity(msg.vcpu.vm.id, msg.vcpu.vcpu_id, msg.asid, bytes(msg.token))
 
 
 def _vm(vm: VmHandle) -> handles_pb2.VmHandle:
@@ -60,13 +47,13 @@ class GrpcKvm:
     async def vmgexit_msr(self, vcpu: VcpuIdentity, value: int) -> MsrReply:
         r = await self.peer.invoke(
             self._stub().VmgexitMsr,
-            kvm_pb2.VmgexitMsrRequest(identity=identity_pb(vcpu), ghcb_msr=value),
+            kvm_pb2.VmgexitMsrRequest(identity=identity_to_pb(vcpu), ghcb_msr=value),
         )
         return MsrReply(int(r.ghcb_msr), r.terminated)
 
     async def vmgexit(self, vcpu: VcpuIdentity, ghcb: bytes) -> GhcbReply:
         r = await self.peer.invoke(
-            self._stub().Vmgexit, kvm_pb2.VmgexitRequest(identity=identity_pb(vcpu), ghcb=ghcb)
+            self._stub().Vmgexit, kvm_pb2.VmgexitRequest(identity=identity_to_pb(vcpu), ghcb=ghcb)
         )
         return GhcbReply(int(r.sw_exit_info_1), int(r.sw_exit_info_2), r.terminated, bytes(r.ghcb))
 
@@ -74,7 +61,7 @@ class GrpcKvm:
         r = await self.peer.invoke(
             self._stub().NestedPageFault,
             kvm_pb2.NestedPageFaultRequest(
-                identity=identity_pb(vcpu), gpa=gpa, error_code=error_code
+                identity=identity_to_pb(vcpu), gpa=gpa, error_code=error_code
             ),
         )
         return NpfReply(r.action, r.retry)
@@ -107,7 +94,7 @@ class GrpcKvm:
         r = await self.peer.invoke(
             self._stub().LaunchVm, kvm_pb2.LaunchVmRequest(vm=_vm(vm)), timeout=LAUNCH_TIMEOUT_S
         )
-        return Launched(bytes(r.measurement), tuple(identity_of(v) for v in r.vcpus))
+        return Launched(bytes(r.measurement), tuple(identity_from_pb(v) for v in r.vcpus))
 
     async def get_vm(self, vm: VmHandle) -> VmStatus:
         info = (await self.peer.invoke(self._stub().GetVm, kvm_pb2.GetVmRequest(vm=_vm(vm)))).vm

@@ -10,9 +10,9 @@ from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2, rmp_pb2_grpc
 
 from snpemu.abi.addr import Gpa
-from snpemu.guest.kvm_client import identity_pb
 from snpemu.guest.ports import Batch, Fault, Instruction, Read
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.wire import identity_to_pb
 from snpemu.runtime.peers import Peer, SessionPool
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class GrpcGuestRmp:
 
     async def read(self, vcpu: VcpuIdentity, gpa: Gpa, length: int, *, private: bool) -> Read:
         req = rmp_pb2.GuestReadRequest(
-            identity=identity_pb(vcpu), gpa=gpa, length=length, private=private
+            identity=identity_to_pb(vcpu), gpa=gpa, length=length, private=private
         )
         r = (await self.sessions.exchange(rmp_pb2.GuestSessionRequest(read=req))).read
         return Read(bytes(r.data), fault_of(r.fault) if r.HasField("fault") else None)
@@ -67,7 +67,7 @@ class GrpcGuestRmp:
         self, vcpu: VcpuIdentity, gpa: Gpa, data: bytes, *, private: bool
     ) -> Fault | None:
         req = rmp_pb2.GuestWriteRequest(
-            identity=identity_pb(vcpu), gpa=gpa, data=data, private=private
+            identity=identity_to_pb(vcpu), gpa=gpa, data=data, private=private
         )
         r = (await self.sessions.exchange(rmp_pb2.GuestSessionRequest(write=req))).write
         return fault_of(r.fault) if r.HasField("fault") else None
@@ -76,7 +76,7 @@ class GrpcGuestRmp:
         self, vcpu: VcpuIdentity, gpas: Sequence[Gpa], *, validate: bool
     ) -> Batch:
         req = rmp_pb2.PvalidateBatchRequest(
-            identity=identity_pb(vcpu), gpas=gpas, validate=validate
+            identity=identity_to_pb(vcpu), gpas=gpas, validate=validate
         )
         msg = rmp_pb2.GuestSessionRequest(pvalidate_batch=req)
         r = (await self.sessions.exchange(msg)).pvalidate_batch
@@ -86,7 +86,7 @@ class GrpcGuestRmp:
         r = await self.peer.invoke(
             self._stub().GuestRead,
             rmp_pb2.GuestReadRequest(
-                identity=identity_pb(vcpu), gpa=gpa, length=length, private=private
+                identity=identity_to_pb(vcpu), gpa=gpa, length=length, private=private
             ),
         )
         return Read(bytes(r.data), fault_of(r.fault) if r.HasField("fault") else None)
@@ -97,7 +97,7 @@ class GrpcGuestRmp:
         r = await self.peer.invoke(
             self._stub().Pvalidate,
             rmp_pb2.PvalidateRequest(
-                identity=identity_pb(vcpu), gpa=gpa, page_size=_size(size_2m), validate=validate
+                identity=identity_to_pb(vcpu), gpa=gpa, page_size=_size(size_2m), validate=validate
             ),
         )
         return Instruction(r.eax, fault_of(r.fault) if r.HasField("fault") else None)
@@ -108,7 +108,7 @@ class GrpcGuestRmp:
         r = await self.peer.invoke(
             self._stub().RmpAdjust,
             rmp_pb2.RmpAdjustRequest(
-                identity=identity_pb(vcpu),
+                identity=identity_to_pb(vcpu),
                 gpa=gpa,
                 page_size=types_pb2.PAGE_SIZE_4K,
                 target_vmpl=target_vmpl,
