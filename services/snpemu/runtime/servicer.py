@@ -9,6 +9,7 @@ by an implementation becomes its gRPC status here, in one place.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,16 +35,21 @@ def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.N
 CREDENTIAL_HEADER = "x-snpemu-host-credential"
 
 
+class CredentialReason(enum.StrEnum):
+    HOST_CREDENTIAL_MISSING = "HOST_CREDENTIAL_MISSING"
+    HOST_CREDENTIAL_WRONG = "HOST_CREDENTIAL_WRONG"
+
+
 def _check_credential(context: grpc.aio.ServicerContext, credentials: tuple[str, ...]) -> None:
     given = dict(context.invocation_metadata() or ()).get(CREDENTIAL_HEADER)
     if given is None:
         raise errors.Unauthenticated(
             f"host-only RPC: send the host credential in the {CREDENTIAL_HEADER} header "
             "(the launcher writes it to .snpemu/host-credential)",
-            reason="HOST_CREDENTIAL_MISSING",
+            reason=CredentialReason.HOST_CREDENTIAL_MISSING,
         )
     if not any(hmac.compare_digest(str(given).encode(), c.encode()) for c in credentials):
-        raise errors.PermissionDenied("wrong host credential", reason="HOST_CREDENTIAL_WRONG")
+        raise errors.PermissionDenied("wrong host credential", reason=CredentialReason.HOST_CREDENTIAL_WRONG)
 
 
 def _behavior(
