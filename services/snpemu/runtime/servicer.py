@@ -49,7 +49,9 @@ def _check_credential(context: grpc.aio.ServicerContext, credentials: tuple[str,
             reason=CredentialReason.HOST_CREDENTIAL_MISSING,
         )
     if not any(hmac.compare_digest(str(given).encode(), c.encode()) for c in credentials):
-        raise errors.PermissionDenied("wrong host credential", reason=CredentialReason.HOST_CREDENTIAL_WRONG)
+        raise errors.PermissionDenied(
+            "wrong host credential", reason=CredentialReason.HOST_CREDENTIAL_WRONG
+        )
 
 
 def _behavior(
