@@ -28,7 +28,7 @@ from snpemu.guest.exits import (
 )
 from snpemu.guest.layout import GHCB_GPA, SHARED_GPAS
 from snpemu.guest.memory import GuestMemory
-from snpemu.guest.ports import VmConfig
+from snpemu.kvm.config import ThrottleConfig, VmConfig
 from snpemu.vmm import vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 
@@ -48,8 +48,7 @@ class GuestKernel(GuestMemory):
             initrd_path=o.initrd,
             cmdline=o.cmdline,
             host_data=o.host_data,
-            throttle_interval_ms=o.throttle_ms,
-            throttle_burst=o.throttle_burst,
+            throttle=ThrottleConfig(o.throttle_ms, o.throttle_burst),
         )
         self.vm = await self.vmm.create_vm(cfg)
         # Hold the VM as a VMM holds its VM fd: if this process dies, kvm destroys the VM.

@@ -15,12 +15,12 @@ from snpemu.guest.ports import (
     Launched,
     MsrReply,
     NpfReply,
-    VmConfig,
     VmHandle,
     VmStatus,
 )
+from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
-from snpemu.kvm.wire import identity_from_pb, identity_to_pb
+from snpemu.kvm.wire import config_to_pb, identity_from_pb, identity_to_pb
 from snpemu.runtime.peers import Peer
 
 if TYPE_CHECKING:
@@ -67,22 +67,9 @@ class GrpcKvm:
         return NpfReply(r.action, r.retry)
 
     async def create_vm(self, config: VmConfig) -> VmHandle:
-        c = config
-        cfg = kvm_pb2.VmConfig(
-            memory_bytes=c.memory_bytes,
-            vcpus=c.vcpus,
-            vcpu_type=kvm_pb2.VcpuType.ValueType(c.vcpu_type),
-            policy=c.policy,
-            firmware_path=c.firmware_path,
-            kernel_path=c.kernel_path,
-            initrd_path=c.initrd_path,
-            cmdline=c.cmdline,
-            host_data=c.host_data,
-            throttle=kvm_pb2.GuestRequestThrottle(
-                interval_ms=c.throttle_interval_ms, burst=c.throttle_burst
-            ),
+        r = await self.peer.invoke(
+            self._stub().CreateVm, kvm_pb2.CreateVmRequest(config=config_to_pb(config))
         )
-        r = await self.peer.invoke(self._stub().CreateVm, kvm_pb2.CreateVmRequest(config=cfg))
         return VmHandle(r.vm.id)
 
     async def hold_vm(self, vm: VmHandle) -> StreamHold:

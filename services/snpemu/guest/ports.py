@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from snpemu.abi.addr import Gpa
+from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
 
 
@@ -65,21 +66,6 @@ class VmHandle:
     """A VM as kvm's CreateVm named it."""
 
     id: str
-
-
-@dataclass(frozen=True)
-class VmConfig:
-    memory_bytes: int
-    vcpus: int
-    vcpu_type: int
-    policy: int
-    firmware_path: str
-    kernel_path: str
-    initrd_path: str
-    cmdline: str
-    host_data: bytes
-    throttle_interval_ms: int
-    throttle_burst: int
 
 
 @dataclass(frozen=True)
