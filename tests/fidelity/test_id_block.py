@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sevsnpmeasure.id_block import snp_calc_id_block
 from snpemu.abi import guest_message as gm
-from snpemu.psp.firmware import PageType
+from snpemu.abi.page_type import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 
 from tests.unit.psp.launch_helpers import Host, make_host, report_request

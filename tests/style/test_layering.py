@@ -3,7 +3,7 @@
 - Only servicers (they translate RPCs) and gRPC adapters (they implement a port on a generated
   stub) import the generated `snp.*_pb2` modules; models reach peers through typed ports.
 - A constant two modules need lives in one module (abi/ when two services share it): an
-  UPPER_CASE module-level name is defined once in services/snpemu.
+  UPPER_CASE module-level name, and an enum class, is defined once in services/snpemu.
 - A page shift is written once, in abi/addr.py: no raw `<< 12` / `>> 12` outside abi/.
 """
 
@@ -101,6 +101,31 @@ def test_each_constant_is_defined_once() -> None:
     assert twice == {}, "define a shared constant once (abi/ when services share it) and import it"
 
 
+ENUM_BASES = {"Enum", "IntEnum", "StrEnum", "IntFlag", "Flag"}
+
+
+def _enums(tree: ast.Module) -> list[str]:
+    """The module-level enum classes (values two services agree on belong in abi/ once)."""
+
+    def name(base: ast.expr) -> str:
+        return base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", "")
+
+    return [
+        n.name
+        for n in tree.body
+        if isinstance(n, ast.ClassDef) and any(name(b) in ENUM_BASES for b in n.bases)
+    ]
+
+
+def test_each_enum_is_defined_once() -> None:
+    where: dict[str, list[str]] = defaultdict(list)
+    for p in _modules():
+        for name in _enums(ast.parse(p.read_text())):
+            where[name].append(_rel(p))
+    twice = {n: m for n, m in where.items() if len(m) > 1}
+    assert twice == {}, "an enum two modules need is defined once (abi/ when services share it)"
+
+
 def _is_twelve(node: ast.expr) -> bool:
     if isinstance(node, ast.Constant):
         return node.value == 12
@@ -133,6 +158,7 @@ def test_the_checks_see_what_they_forbid() -> None:
     # each rule, fed a line it forbids, objects (so an empty finding above means something)
     assert _pb2_imports(ast.parse("from snp.rmp.v1 import rmp_pb2")) == ["snp.rmp.v1.rmp_pb2"]
     assert _constants(ast.parse("PAGE = 4096\nA, B = 1, 2")) == ["PAGE", "A", "B"]
+    assert _enums(ast.parse("class P(enum.IntEnum): ...\nclass Q(StrEnum): ...")) == ["P", "Q"]
     shift = ast.parse("x = pfn << 12").body[0]
     assert isinstance(shift, ast.Assign) and isinstance(shift.value, ast.BinOp)
     assert _is_twelve(shift.value.right)

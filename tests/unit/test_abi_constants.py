@@ -19,8 +19,8 @@ from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import npf as abi_npf
 from snpemu.abi import rmp as abi_rmp
+from snpemu.abi.page_type import PageType
 from snpemu.abi.policy import GuestPolicy
-from snpemu.psp.firmware import PageType
 from snpemu.psp.status import SevStatus
 from snpemu.rmp import entry as rmp_entry
 

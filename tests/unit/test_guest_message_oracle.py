@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from snpemu.abi import guest_message as gm
+from snpemu.abi.page_type import PageType
 from snpemu.guest.driver import Driver
-from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 
 from tests.conftest import examples

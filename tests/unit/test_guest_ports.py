@@ -21,7 +21,6 @@ from snpemu.guest.ports import (
     Fault,
     GhcbReply,
     Instruction,
-    KvmReason,
     MsrReply,
     NpfReply,
     Read,
@@ -29,6 +28,7 @@ from snpemu.guest.ports import (
     VmStatus,
 )
 from snpemu.guest.rmp_client import GuestSessions
+from snpemu.kvm.exits.reasons import ExitReason
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.wire import identity_from_pb, identity_to_pb
 from snpemu.runtime.peers import Peer, PeerError
@@ -76,7 +76,7 @@ async def test_invoke_translates_a_peers_errors() -> None:
     )
     with pytest.raises(PeerError) as info:
         (await peer.invoke(failing(err), req))
-    assert info.value.reason == KvmReason.VM_TERMINATED
+    assert info.value.reason == ExitReason.VM_TERMINATED
     assert info.value.message.startswith("kvm ") and info.value.message.endswith(": stopped")
 
 

@@ -14,10 +14,10 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from snpemu.abi.rmp import Placement
 from snpemu.errors import InvalidArgument
 from snpemu.rmp.crypto import MemoryKeys
 from snpemu.rmp.machine import RmpMachine
-from snpemu.rmp.memory import Placement
 
 from tests.conftest import examples
 

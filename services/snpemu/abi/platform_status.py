@@ -68,3 +68,12 @@ class PlatformStatus:
             current_tcb=cur,
             reported_tcb=rep,
         )
+
+
+class PlatformState(enum.IntEnum):
+    """The legacy SEV platform state: KERNEL: drivers/crypto/ccp/sev-dev.h enum sev_state, plus
+    one (matches snp.psp.v1.PlatformState)."""
+
+    UNINIT = 1
+    INIT = 2
+    WORKING = 3

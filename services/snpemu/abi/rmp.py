@@ -52,3 +52,21 @@ class FwOp(enum.IntEnum):
     VMSA = 5  # the VMSA bit of a Pre-Guest page of the ASID (SNP_LAUNCH_UPDATE, type VMSA)
     HV_FIXED = 6  # Hypervisor/Firmware -> Hypervisor-Fixed (SNP_INIT_EX range list)
     UNSMASH = 7  # 512 matching 4K entries -> one 2M entry (SNP_PAGE_UNSMASH)
+
+
+class Placement(enum.IntEnum):
+    """Where rmp's frame allocator takes frames from. Values match snp.rmp.v1.Placement."""
+
+    ANY = 1
+    ALIGNED_2M = 2  # 2M-aligned runs (guest RAM, the TMR)
+    # Never 2 MiB aligned: a 2M-aligned VMSA/VMCB page can take a spurious RMP #PF.
+    # KERNEL: arch/x86/kvm/svm/sev.c snp_safe_alloc_page()
+    SNP_SAFE = 3
+
+
+class AccessOrigin(enum.IntEnum):
+    """Who makes a host access; the violation policy tells them apart. Values match
+    snp.rmp.v1.AccessOrigin."""
+
+    USER = 1
+    KERNEL = 2

@@ -29,11 +29,11 @@ from snpemu.guest.ports import (
     GhcbReply,
     GuestRmp,
     Hold,
-    KvmReason,
     NpfReply,
     VmHandle,
     Vmm,
 )
+from snpemu.kvm.exits.reasons import ExitReason
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.runtime.peers import PeerError
 
@@ -130,14 +130,14 @@ class VcpuExits:
         try:
             return await exit
         except PeerError as e:
-            if e.reason == KvmReason.VM_TERMINATED and self.state != BootState.TERMINATED:
+            if e.reason == ExitReason.VM_TERMINATED and self.state != BootState.TERMINATED:
                 with contextlib.suppress(Exception):
                     assert self.vm is not None
                     info = await self.vmm.get_vm(self.vm)
                     self.term_reason = (info.term_reason_set, info.term_reason_code)
                 self.state = BootState.TERMINATED
                 self.event("terminated", detail=f"by the host: {e.message}")
-            if e.reason == KvmReason.VM_TERMINATED:
+            if e.reason == ExitReason.VM_TERMINATED:
                 rs, code = self.term_reason
                 raise Terminated(
                     f"the host terminated this guest (reason set {rs}, code {code})"

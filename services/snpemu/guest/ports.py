@@ -17,13 +17,6 @@ from snpemu.abi.addr import Gpa
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
 
-
-class KvmReason(enum.StrEnum):
-    """The reasons of kvm's errors the guest acts on."""
-
-    VM_TERMINATED = "VM_TERMINATED"
-
-
 # --- kvm: the exits of a vCPU ---------------------------------------------------------------
 
 

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 from snpemu.abi import cert_table
 from snpemu.abi.addr import page_bytes, pfn_to_spa
+from snpemu.abi.platform_status import PlatformState
+from snpemu.abi.rmp import Placement
 from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument
 from snpemu.kvm.pages import release_firmware_pages, to_firmware
-from snpemu.kvm.ports import Placement, PlatformState
 from snpemu.kvm.undo import Undo
 from snpemu.psp.status import SevStatus
 from snpemu.runtime.peers import PeerError

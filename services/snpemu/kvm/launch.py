@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from snpemu.abi import rmp_batch
 from snpemu.abi.addr import Spa, pages, pfn_to_spa, spa_to_pfn
 from snpemu.abi.page_type import PageType
-from snpemu.abi.rmp import PageState
+from snpemu.abi.rmp import AccessOrigin, PageState, Placement
 from snpemu.abi.vcpu_type import DEFAULT_VCPU_TYPE, VCPU_TYPES
 from snpemu.errors import InvalidArgument, Unavailable, WrongState
 from snpemu.kvm.config import VmConfig
@@ -30,7 +30,7 @@ from snpemu.kvm.policy import (
     firmware_failure,
     policy_of,
 )
-from snpemu.kvm.ports import AccessOrigin, HostWrite, LaunchFinish, Placement
+from snpemu.kvm.ports import HostWrite, LaunchFinish
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.teardown import decommission
 from snpemu.kvm.throttle import Throttle

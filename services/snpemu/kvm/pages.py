@@ -7,9 +7,9 @@ from collections.abc import Iterable, Sequence
 
 from snpemu.abi import rmp_batch
 from snpemu.abi.addr import PAGES_PER_2M, Pfn, Spa, pfn_to_spa, spa_to_pfn
-from snpemu.abi.rmp import Code, PageState
+from snpemu.abi.rmp import Code, PageState, Placement
 from snpemu.errors import Unavailable
-from snpemu.kvm.ports import Placement, PspPort, RmpEntry, RmpPort, RmpState
+from snpemu.kvm.ports import PspPort, RmpEntry, RmpPort, RmpState
 from snpemu.kvm.undo import Undo
 from snpemu.psp.status import SevStatus
 from snpemu.runtime.peers import PeerError

@@ -9,35 +9,19 @@ firmware's status in `fw_status` when it was a firmware command).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from snpemu.abi.addr import Gpa, Pfn, Spa
-from snpemu.abi.rmp import Code, PageState
+from snpemu.abi.platform_status import PlatformState
+from snpemu.abi.rmp import AccessOrigin, Code, PageState, Placement
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.vm import Run
 
 # --- rmp ------------------------------------------------------------------------------------
 
 GPA_NONE = Gpa(0)  # the GPA of a page no guest has
-
-
-class Placement(enum.IntEnum):
-    """Where the allocator takes frames from. Values match snp.rmp.v1.Placement."""
-
-    ANY = 1
-    ALIGNED_2M = 2  # 2M-aligned runs (guest RAM, the TMR)
-    SNP_SAFE = 3  # never 2M-aligned (KERNEL: arch/x86/kvm/svm/sev.c snp_safe_alloc_page())
-
-
-class AccessOrigin(enum.IntEnum):
-    """Who makes a host access (the violation policy tells them apart). Values match
-    snp.rmp.v1.AccessOrigin."""
-
-    USER = 1
-    KERNEL = 2
 
 
 @dataclass(frozen=True)
@@ -196,14 +180,6 @@ class RmpPort(Protocol):
 
 
 # --- psp ------------------------------------------------------------------------------------
-
-
-class PlatformState(enum.IntEnum):
-    """Legacy SEV platform state. Values match snp.psp.v1.PlatformState."""
-
-    UNINIT = 1
-    INIT = 2
-    WORKING = 3
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2 as pb
 
 from snpemu.abi.addr import Spa
-from snpemu.kvm.ports import Certificates, LaunchFinish, PlatformState, SevPlatformStatus
+from snpemu.abi.platform_status import PlatformState
+from snpemu.kvm.ports import Certificates, LaunchFinish, SevPlatformStatus
 from snpemu.runtime.peers import Peer
 
 

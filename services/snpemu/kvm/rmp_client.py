@@ -9,7 +9,7 @@ from snp.common.v1 import handles_pb2, types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
 from snpemu.abi.addr import Gpa, Pfn, Spa
-from snpemu.abi.rmp import Code, PageState
+from snpemu.abi.rmp import Code, PageState, Placement
 from snpemu.errors import Unavailable
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.ports import (
@@ -21,7 +21,6 @@ from snpemu.kvm.ports import (
     HostResult,
     HostWrite,
     MmuNotification,
-    Placement,
     PlatformInfo,
     ReadResult,
     RmpEntry,

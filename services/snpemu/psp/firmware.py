@@ -11,13 +11,11 @@ host drives each command.
 
 from __future__ import annotations
 
-from snpemu.abi.page_type import PageType
 from snpemu.psp.guest_request import GuestRequestCommands
 from snpemu.psp.launch import LaunchCommands
-from snpemu.psp.mailbox import PlatformState
 from snpemu.psp.platform import PlatformCommands
 
-__all__ = ["Firmware", "PageType", "PlatformState"]
+__all__ = ["Firmware"]
 
 
 class Firmware(PlatformCommands, LaunchCommands, GuestRequestCommands):

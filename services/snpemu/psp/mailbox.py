@@ -9,7 +9,6 @@ arch/x86/kvm/svm/sev.c for how the host drives each command.
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from snpemu.abi.addr import Spa, page_aligned
+from snpemu.abi.platform_status import PlatformState
 from snpemu.abi.rmp import PageState
 from snpemu.psp.guest import GuestContext, GuestState
 from snpemu.psp.identity import ChipIdentity
@@ -29,14 +29,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 API_MAJOR, API_MINOR, BUILD = 1, 55, 21
-
-
-class PlatformState(enum.IntEnum):
-    """enum sev_state + 1 (matches snp.psp.v1.PlatformState)."""
-
-    UNINIT = 1
-    INIT = 2
-    WORKING = 3
 
 
 @dataclass

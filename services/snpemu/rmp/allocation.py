@@ -12,11 +12,12 @@ import logging
 import numpy as np
 
 from snpemu.abi.addr import PAGE_SIZE
+from snpemu.abi.rmp import Placement
 from snpemu.errors import InvalidArgument, WrongState
 from snpemu.rmp.counters import Counters
 from snpemu.rmp.dump import dump_entry
 from snpemu.rmp.entry import ASSIGNED, IMMUTABLE
-from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
+from snpemu.rmp.memory import FrameAllocator, FrameStore
 from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.table import RmpTable
 

@@ -39,7 +39,7 @@ from snpemu.abi.addr import (
     pages,
     spa_to_pfn,
 )
-from snpemu.abi.rmp import Code, FwOp, PageState
+from snpemu.abi.rmp import AccessOrigin, Code, FwOp, PageState, Placement
 from snpemu.errors import InvalidArgument
 from snpemu.rmp.access import MemoryAccess
 from snpemu.rmp.allocation import Allocation
@@ -50,19 +50,11 @@ from snpemu.rmp.fault import Fault
 from snpemu.rmp.guest_insns import GuestInstructions
 from snpemu.rmp.host_maps import HeldMap, HostMap, HostMaps
 from snpemu.rmp.identities import Identities, Identity
-from snpemu.rmp.memory import FrameAllocator, FrameStore, Placement
+from snpemu.rmp.memory import FrameAllocator, FrameStore
 from snpemu.rmp.npt import NestedPageTable
 from snpemu.rmp.paging import NestedPaging
 from snpemu.rmp.table import RmpTable
-from snpemu.rmp.violations import (
-    HostPanic,
-    NoSubscriber,
-    Notifier,
-    Origin,
-    Outcome,
-    Policy,
-    Violations,
-)
+from snpemu.rmp.violations import HostPanic, NoSubscriber, Notifier, Outcome, Policy, Violations
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +334,7 @@ class RmpMachine:
         return self.access.host_read(spa, length)
 
     async def host_write(
-        self, spa: int, data: bytes, origin: Origin, writer: str
+        self, spa: int, data: bytes, origin: AccessOrigin, writer: str
     ) -> tuple[Outcome, Entry | None, list[str]]:
         """A host write. A write to an assigned page is an RMP violation: the policy decides."""
         self.check_alive()

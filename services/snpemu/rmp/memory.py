@@ -7,11 +7,10 @@ host kernel does for KVM and the firmware driver, and never hands out a leaked f
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 
 from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M
+from snpemu.abi.rmp import Placement
 from snpemu.errors import InvalidArgument, WrongState
 from snpemu.rmp.reasons import RmpReason
 
@@ -43,16 +42,6 @@ class FrameStore:
             self._frames.pop(pfn, None)
         else:
             self._frames[pfn] = bytearray(page)
-
-
-class Placement(enum.IntEnum):
-    """Values match snp.rmp.v1.Placement."""
-
-    ANY = 1
-    ALIGNED_2M = 2
-    # Never 2 MiB aligned: a 2M-aligned VMSA/VMCB page can take a spurious RMP #PF.
-    # KERNEL: arch/x86/kvm/svm/sev.c snp_safe_alloc_page()
-    SNP_SAFE = 3
 
 
 class FrameAllocator:

@@ -18,9 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from snpemu.abi.addr import PAGE_SIZE
-from snpemu.abi.rmp import Code, PageState
+from snpemu.abi.rmp import AccessOrigin, Code, PageState
 from snpemu.rmp.machine import RmpMachine
-from snpemu.rmp.violations import Origin, Outcome, Policy
+from snpemu.rmp.violations import Outcome, Policy
 
 INSTRUCTIONS = ("rmpupdate", "psmash", "pvalidate", "rmpadjust")
 # -1: the instruction faulted (#NPF/#VC) instead of returning a code
@@ -53,7 +53,7 @@ class RmpCollector(Collector):
             "Host writes to pages the RMP assigns (RMP violations), by origin, policy, outcome.",
             labels=["origin", "policy", "outcome"],
         )
-        for origin in Origin:
+        for origin in AccessOrigin:
             for policy in Policy:
                 for outcome in Outcome:
                     if outcome == Outcome.NONE:

@@ -10,16 +10,15 @@ from grpc_health.v1 import health_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 
 from snpemu.abi.addr import PAGE_SIZE, pfn_to_spa, spa_to_pfn
-from snpemu.abi.rmp import FwOp, PageState
+from snpemu.abi.rmp import AccessOrigin, FwOp, PageState, Placement
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument
 from snpemu.rmp.entry import RMP_STATE
 from snpemu.rmp.fault import Fault
 from snpemu.rmp.identities import Identity
 from snpemu.rmp.machine import RmpMachine
-from snpemu.rmp.memory import Placement
 from snpemu.rmp.sessions import Handler, host_sequence, run_session
-from snpemu.rmp.violations import KickHub, Origin, Policy
+from snpemu.rmp.violations import KickHub, Policy
 from snpemu.rmp.wire import entry_pb, fault_pb, kick_pb, result_pb, size_2m
 
 # RPCs a guest vCPU issues (with its identity); every other rmp RPC is host only.
@@ -215,7 +214,7 @@ class RmpServicer:
         if request.origin == pb.ACCESS_ORIGIN_UNSPECIFIED:
             raise InvalidArgument("origin is required: ACCESS_ORIGIN_USER or ACCESS_ORIGIN_KERNEL")
         outcome, entry, dump = await self.m.host_write(
-            request.spa, request.data, Origin(request.origin), request.writer
+            request.spa, request.data, AccessOrigin(request.origin), request.writer
         )
         return pb.HostWriteResponse(
             outcome=pb.ViolationOutcome.ValueType(int(outcome)),

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from snpemu.abi.rmp import Code
+from snpemu.abi.rmp import AccessOrigin, Code
 from snpemu.errors import InvalidArgument, NotFound, Unavailable
 from snpemu.rmp.counters import Counters
 from snpemu.rmp.dump import dump_entry
@@ -53,11 +53,6 @@ class Policy(enum.IntEnum):
         raise InvalidArgument(
             f"unknown RMP violation policy {text!r}: one of {', '.join(p.label for p in cls)}"
         )
-
-
-class Origin(enum.IntEnum):
-    USER = 1
-    KERNEL = 2
 
 
 class Outcome(enum.IntEnum):
@@ -174,7 +169,13 @@ class Violations:
         return previous
 
     async def violation(
-        self, pfn: int, lo: int, origin: Origin, writer: str, asid: int, write: Callable[[], None]
+        self,
+        pfn: int,
+        lo: int,
+        origin: AccessOrigin,
+        writer: str,
+        asid: int,
+        write: Callable[[], None],
     ) -> tuple[Outcome, list[str]]:
         """A host write hit assigned page pfn (effective entry lo): `write` completes it if
         the policy lets it through. Returns the outcome and the kernel's dump of the entry."""
@@ -198,20 +199,20 @@ class Violations:
             await self.panic(f"RMP violation by a kernel write to PFN 0x{pfn:x}", dump)
         return outcome, dump
 
-    async def _outcome(self, pfn: int, lo: int, origin: Origin) -> Outcome:
+    async def _outcome(self, pfn: int, lo: int, origin: AccessOrigin) -> Outcome:
         policy = self.policy
         if policy == Policy.SIGBUS:
-            return Outcome.SIGBUS if origin == Origin.USER else Outcome.PANIC
+            return Outcome.SIGBUS if origin == AccessOrigin.USER else Outcome.PANIC
         if policy == Policy.GMEM:
             # guest_memfd: private memory is never mapped into host userspace, so the user
             # access fails cleanly; a kernel RMP #PF is fatal.
-            return Outcome.REFUSED if origin == Origin.USER else Outcome.PANIC
+            return Outcome.REFUSED if origin == AccessOrigin.USER else Outcome.PANIC
         asid = (lo & ASID_MASK) >> ASID_SHIFT
         if await self._convert_to_shared(pfn, lo):
             if policy == Policy.CONVERT_KILL and asid:
                 await self.notifier.kick(asid, pfn, "guest memory converted by the host", True)
             return Outcome.CONVERTED
-        return Outcome.SIGBUS if origin == Origin.USER else Outcome.PANIC
+        return Outcome.SIGBUS if origin == AccessOrigin.USER else Outcome.PANIC
 
     async def _convert_to_shared(self, pfn: int, lo: int) -> bool:
         """RMPUPDATE the page to shared, kicking the guest's vCPUs where they are in the way."""

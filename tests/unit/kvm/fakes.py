@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 import numpy as np
 from snpemu.abi.addr import PAGES_PER_2M, Pfn, Spa, pfn_to_spa, spa_to_pfn
-from snpemu.abi.rmp import Code, PageState
+from snpemu.abi.platform_status import PlatformState
+from snpemu.abi.rmp import Code, PageState, Placement
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import SnpemuError, Unavailable, WrongState
 from snpemu.kvm.identity import VcpuIdentity
@@ -32,9 +33,7 @@ from snpemu.kvm.ports import (
     HostWrite,
     LaunchFinish,
     MmuNotification,
-    Placement,
     PlatformInfo,
-    PlatformState,
     RmpEntry,
     RmpState,
     SevPlatformStatus,

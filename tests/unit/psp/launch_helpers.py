@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snpemu.abi import guest_message as gm
-from snpemu.abi.rmp import VMSA_GPA
-from snpemu.psp.firmware import Firmware, PageType
+from snpemu.abi.page_type import PageType
+from snpemu.abi.rmp import VMSA_GPA, Placement
+from snpemu.psp.firmware import Firmware
 from snpemu.psp.identity import ChipIdentity
 from snpemu.psp.local_rmp import LocalRmp
 from snpemu.rmp.machine import Identity, RmpMachine
-from snpemu.rmp.memory import Placement
 
 _IDENTITY_CACHE: dict[str, ChipIdentity] = {}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from snpemu.psp.firmware import PageType
+from snpemu.abi.page_type import PageType
 from snpemu.psp.status import FirmwareError
 
 from tests.unit.psp.launch_helpers import make_host

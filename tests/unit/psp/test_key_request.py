@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from snpemu.abi import guest_message as gm
-from snpemu.psp.firmware import PageType
+from snpemu.abi.page_type import PageType
 
 from tests.unit.psp.launch_helpers import make_host
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sevsnpmeasure.gctx import GCTX
 from snpemu.abi import guest_message as gm
+from snpemu.abi.page_type import PageType
 from snpemu.abi.rmp import VMSA_GPA, PageState
 from snpemu.psp import report as rpt
-from snpemu.psp.firmware import PageType
 from snpemu.psp.status import FirmwareError, SevStatus
 
 from tests.conftest import examples

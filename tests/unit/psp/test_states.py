@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from snpemu.abi import guest_message as gm
-from snpemu.psp.firmware import PageType
+from snpemu.abi.page_type import PageType
+from snpemu.abi.rmp import Placement
 from snpemu.psp.status import FirmwareError, SevStatus
 from snpemu.psp.tcb import Tcb
-from snpemu.rmp.memory import Placement
 
 from tests.unit.psp.launch_helpers import Host, make_host, report_request
 
