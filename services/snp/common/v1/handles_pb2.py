@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnp/common/v1/handles.proto\x12\rsnp.common.v1\"\x16\n\x08VmHandle\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\nVcpuHandle\x12#\n\x02vm\x18\x01 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"b\n\x0cVcpuIdentity\x12\'\n\x04vcpu\x18\x01 \x01(\x0b\x32\x19.snp.common.v1.VcpuHandle\x12\x0c\n\x04\x61sid\x18\x02 \x01(\r\x12\x0c\n\x04vmpl\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\"(\n\x12GuestContextHandle\x12\x12\n\ngctx_paddr\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnp/common/v1/handles.proto\x12\rsnp.common.v1\"%\n\x08VmHandle\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"B\n\nVcpuHandle\x12#\n\x02vm\x18\x01 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"b\n\x0cVcpuIdentity\x12\'\n\x04vcpu\x18\x01 \x01(\x0b\x32\x19.snp.common.v1.VcpuHandle\x12\x0c\n\x04\x61sid\x18\x02 \x01(\r\x12\x0c\n\x04vmpl\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\"(\n\x12GuestContextHandle\x12\x12\n\ngctx_paddr\x18\x01 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snp.common.v1.handles_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VMHANDLE']._serialized_start=46
-  _globals['_VMHANDLE']._serialized_end=68
-  _globals['_VCPUHANDLE']._serialized_start=70
-  _globals['_VCPUHANDLE']._serialized_end=136
-  _globals['_VCPUIDENTITY']._serialized_start=138
-  _globals['_VCPUIDENTITY']._serialized_end=236
-  _globals['_GUESTCONTEXTHANDLE']._serialized_start=238
-  _globals['_GUESTCONTEXTHANDLE']._serialized_end=278
+  _globals['_VMHANDLE']._serialized_end=83
+  _globals['_VCPUHANDLE']._serialized_start=85
+  _globals['_VCPUHANDLE']._serialized_end=151
+  _globals['_VCPUIDENTITY']._serialized_start=153
+  _globals['_VCPUIDENTITY']._serialized_end=251
+  _globals['_GUESTCONTEXTHANDLE']._serialized_start=253
+  _globals['_GUESTCONTEXTHANDLE']._serialized_end=293
 # @@protoc_insertion_point(module_scope)

@@ -30,16 +30,25 @@ class VmHandle(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Opaque identifier chosen by kvm; stable for the life of the VM."""
+    """Opaque identifier chosen by kvm; stable for the life of the VM. Not a secret: ListVms,
+    GetStatus and the metrics show it.
+    """
+    token: _builtins.bytes
+    """The capability (the VM fd itself): 32 random bytes, returned only by CreateVm to its
+    caller. A VMM's call on the VM must carry it; a host call may omit it, but a token that is
+    sent must be the VM's. Never shown by GetVm or ListVms.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
