@@ -25,10 +25,11 @@ from psp_bench import crypto_floor
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 from snpemu.psp import report as signature
+from snpemu.runtime.credentials import vmm_credential
 
 from services import free_port, pct, start
 
-CRED, VMM = MD[0][1], "bench-vmm-credential-0123456789"
+CRED = MD[0][1]
 MEMORY = 256 << 20
 
 
@@ -49,8 +50,11 @@ def boot(
 ) -> tuple[float, subprocess.Popen[bytes], str]:
     """Start an agent; seconds from SERVING (it boots in the background) to RUNNING."""
     port = free_port()
+    host_only = {"SNPEMU_HOST_CREDENTIAL"}
     env = {
-        **common,
+        **{k: v for k, v in common.items() if k not in host_only},
+        # each agent its own VMM credential, never the host's
+        "SNPEMU_VMM_CREDENTIAL": vmm_credential(CRED, f"guest-{index}"),
         "SNPEMU_INSTANCE": f"guest-{index}",
         "SNPEMU_GRPC_PORT": str(port),
         "SNPEMU_METRICS_PORT": str(free_port()),
@@ -82,7 +86,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         common = {
             "SNPEMU_HOST_CREDENTIAL": CRED,
-            "SNPEMU_VMM_CREDENTIAL": VMM,
             "SNPEMU_RMP_ADDR": addrs["rmp"],
             "SNPEMU_PSP_ADDR": addrs["psp"],
             "SNPEMU_KVM_ADDR": addrs["kvm"],

@@ -40,6 +40,7 @@ from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snpemu.hostconfig import HostConfig
 from snpemu.launcher.supervisor import grpc_health
 from snpemu.rmp.client import read_credential
+from snpemu.runtime.credentials import OWNER_HEADER, read_owner_credential
 from snpemu.runtime.servicer import CREDENTIAL_HEADER
 
 from tests.conftest import free_ports, tool
@@ -109,16 +110,25 @@ class Cluster:
         return json.loads((self.state_dir / "launcher.json").read_text())
 
     def grpcurl(
-        self, *args: str, host: bool = True, timeout: float = 120
+        self, *args: str, host: bool = True, owner: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """The real grpcurl, plaintext, with the host credential unless host=False."""
+        """The real grpcurl, plaintext, with the host credential unless host=False and, on a
+        call to a guest agent, that guest owner's credential unless owner=False."""
         header = ["-H", f"{CREDENTIAL_HEADER}: {read_credential(self.state_dir)}"] if host else []
+        for guest in self.guests if owner else ():
+            if self.address(guest) in args:
+                secret = read_owner_credential(self.state_dir, guest)
+                header += ["-H", f"{OWNER_HEADER}: {secret}"]
         return subprocess.run(
             [tool("grpcurl"), "-plaintext", *header, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
         )
+
+    def owner_md(self, guest: str) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata with `guest`'s owner credential, for a call to its agent."""
+        return ((OWNER_HEADER, read_owner_credential(self.state_dir, guest)),)
 
     def metric(self, service: str, sample: str, **labels: str) -> float:
         """The sum of one sample's values on a service's own /metrics page (no Prometheus),
@@ -269,7 +279,9 @@ def wait_guests_running(cluster: Cluster, timeout: float = 300) -> None:
                 try:
                     state = (
                         guest_pb2_grpc.GuestServiceStub(channel)
-                        .GetStatus(guest_pb2.GetStatusRequest(), timeout=5)
+                        .GetStatus(
+                            guest_pb2.GetStatusRequest(), timeout=5, metadata=cluster.owner_md(name)
+                        )
                         .state
                     )
                 except grpc.RpcError:

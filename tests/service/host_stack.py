@@ -26,11 +26,13 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.credentials import vmm_credential
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.vmm import tiny_firmware
 
 CRED = "stack-credential-0123456789"
-VMM = "stack-vmm-credential-0123456"
+# the VMM credential of the default agent name (each agent gets its own: agent() below)
+VMM = vmm_credential(CRED, "guest-t")
 HOST = (("x-snpemu-host-credential", CRED),)
 GHCB_GPA = 0x100000  # Guest.register_ghcb's default: a page the tiny firmware leaves shared
 
@@ -170,7 +172,6 @@ async def host_stack(
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
         "SNPEMU_HOST_CREDENTIAL": CRED,
-        "SNPEMU_VMM_CREDENTIAL": VMM,
         "SNPEMU_SHUTDOWN_GRACE_S": "0",
     }
     started: list[ServiceRuntime] = []
@@ -251,18 +252,23 @@ Agent = tuple[guest_pb2_grpc.GuestServiceStub, ServiceRuntime]
 
 
 @contextlib.asynccontextmanager
-async def agent(s: Stack, name: str = "guest-t", **opts: str) -> AsyncIterator[Agent]:
-    """The guest agent `name` on stack `s`, once it has booted (or the guest terminated)."""
+async def agent(
+    s: Stack, name: str = "guest-t", owner: str | None = None, **opts: str
+) -> AsyncIterator[Agent]:
+    """The guest agent `name` on stack `s`, once it has booted (or the guest terminated).
+    With `owner`, its API requires that owner credential (as under the launcher)."""
     env = {
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
         "SNPEMU_INSTANCE": name,
-        "SNPEMU_VMM_CREDENTIAL": VMM,
+        "SNPEMU_VMM_CREDENTIAL": vmm_credential(CRED, name),
         "SNPEMU_SHUTDOWN_GRACE_S": "0",
+        **({"SNPEMU_OWNER_CREDENTIAL": owner} if owner else {}),
         **{
             f"SNPEMU_{c.upper()}_ADDR": s.runtimes[c].address for c in ("rmp", "psp", "kvm", "netd")
         },
     }
+    md = (("x-snpemu-owner-credential", owner),) if owner else ()
     options = {"SNPEMU_GUEST_FIRMWARE": str(s.firmware), "SNPEMU_GUEST_MEMORY": "64M", **opts}
     rt = ServiceRuntime(
         guest.SPEC, ServiceConfig.from_env("guest", env), guest.SPEC.options(options)
@@ -272,7 +278,7 @@ async def agent(s: Stack, name: str = "guest-t", **opts: str) -> AsyncIterator[A
         async with grpc.aio.insecure_channel(rt.address) as ch:
             stub = guest_pb2_grpc.GuestServiceStub(ch)
             deadline = asyncio.get_running_loop().time() + 120
-            while (await stub.GetStatus(guest_pb2.GetStatusRequest())).state not in (
+            while (await stub.GetStatus(guest_pb2.GetStatusRequest(), metadata=md)).state not in (
                 guest_pb2.BOOT_STATE_RUNNING,
                 guest_pb2.BOOT_STATE_TERMINATED,
             ):

@@ -58,7 +58,7 @@ async def test_vm_control(stack: Stack) -> None:
     message = await refused(
         stack.kvm.KickVcpus(pb.KickVcpusRequest(), metadata=HOST),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        "VM_ID_INVALID",
     )
     assert "vm.id is required" in message
 
@@ -97,7 +97,7 @@ async def test_vm_control(stack: Stack) -> None:
                 pb.SetGuestRequestThrottleRequest(vm=one.vm, throttle=bad), metadata=HOST
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            "THROTTLE_OUT_OF_RANGE",
         )
     await stack.kvm.SetGuestRequestThrottle(
         pb.SetGuestRequestThrottleRequest(

@@ -8,11 +8,15 @@ import yaml
 from snpemu.hostconfig import HostConfig
 from snpemu.launcher import prometheus
 from snpemu.launcher.plan import plan
+from snpemu.runtime.credentials import vmm_principal
 
 
 def test_plan_order_commands_and_credentials(tmp_path: Path) -> None:
     config = HostConfig.load({})
-    specs = plan(config, state_dir=tmp_path, host_credential="c", vmm_credential="v", python="py")
+    owners = {"guest-0": "o0", "guest-1": "o1"}
+    specs = plan(
+        config, state_dir=tmp_path, host_credential="c", owner_credentials=owners, python="py"
+    )
     assert [s.name for s in specs] == ["rmp", "psp", "kvm", "netd", "guest-0", "guest-1"]
     assert specs[0].argv == ("py", "-m", "snpemu.rmp")
     assert specs[4].argv == ("py", "-m", "snpemu.guest")
@@ -23,7 +27,14 @@ def test_plan_order_commands_and_credentials(tmp_path: Path) -> None:
         assert s.env["SNPEMU_KVM_ADDR"] == "127.0.0.1:50073"
         # docs/design.md#host-credential: guests never hold the host credential
         assert ("SNPEMU_HOST_CREDENTIAL" in s.env) == s.is_host_side
-        assert s.env["SNPEMU_VMM_CREDENTIAL"] == "v"
+        # each guest its own VMM and owner credentials; no host service holds either
+        if s.is_host_side:
+            assert "SNPEMU_VMM_CREDENTIAL" not in s.env and "SNPEMU_OWNER_CREDENTIAL" not in s.env
+        else:
+            assert vmm_principal("c", s.env["SNPEMU_VMM_CREDENTIAL"]) == s.name
+            assert s.env["SNPEMU_OWNER_CREDENTIAL"] == owners[s.name]
+    vmms = {s.env["SNPEMU_VMM_CREDENTIAL"] for s in specs if not s.is_host_side}
+    assert len(vmms) == 2
     assert [s.service_name for s in specs][-1] == "snp.guest.v1.GuestService"
 
 

@@ -30,7 +30,7 @@ LAUNCH_TIMEOUT_S = 300
 
 
 def _vm(vm: VmHandle) -> handles_pb2.VmHandle:
-    return handles_pb2.VmHandle(id=vm.id)
+    return handles_pb2.VmHandle(id=vm.id, token=vm.token)
 
 
 class GrpcKvm:
@@ -70,7 +70,7 @@ class GrpcKvm:
         r = await self.peer.invoke(
             self._stub().CreateVm, kvm_pb2.CreateVmRequest(config=config_to_pb(config))
         )
-        return VmHandle(r.vm.id)
+        return VmHandle(r.vm.id, bytes(r.vm.token))
 
     async def hold_vm(self, vm: VmHandle) -> StreamHold:
         call = self._stub().HoldVm(kvm_pb2.HoldVmRequest(vm=_vm(vm)), metadata=self.peer.md)

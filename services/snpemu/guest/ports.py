@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from snpemu.abi.addr import Gpa
@@ -56,9 +56,11 @@ class Exits(Protocol):
 
 @dataclass(frozen=True)
 class VmHandle:
-    """A VM as kvm's CreateVm named it."""
+    """A VM as kvm's CreateVm named it: its id, and the token that is the VM fd (every call
+    on the VM carries it; see kvm/handles.py)."""
 
     id: str
+    token: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from snp.kvm.v1 import kvm_pb2 as pb
 from snpemu.abi.addr import page_bytes, pfn_to_spa
 from snpemu.abi.asid import MAX_SNP_ASID
 from snpemu.abi.msr_protocol import HV_FEATURES
-from snpemu.errors import InvalidArgument
 from snpemu.kvm.exits import Exits, sev_status
+from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
-from snpemu.kvm.throttle import Throttle
+from snpemu.kvm.throttle import Throttle, check_throttle
 from snpemu.kvm.vm import Vm
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
+from snpemu.runtime.caller import current_caller
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ class KvmServicer:
         self.releases: set[asyncio.Task[None]] = set()
 
     def _vm(self, handle: Any) -> Vm:
-        if not handle.id:
-            raise InvalidArgument("vm.id is required")
-        return self.kvm.vm(handle.id)
+        """The VM a handle names, if the caller may act on it (kvm/handles.py)."""
+        check_id(handle.id)
+        vm = self.kvm.vm(handle.id)
+        check_token(vm.vm_id, vm.token, handle.token, current_caller())
+        return vm
 
     async def GetCapabilities(self, request: Any, context: Any) -> pb.GetCapabilitiesResponse:
         k = self.kvm
@@ -63,8 +66,14 @@ class KvmServicer:
         )
 
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
+        t = request.config.throttle
+        check_throttle(t.interval_ms, t.burst)
         vm = await self.kvm.create_vm(config_from_pb(request.config))
-        return pb.CreateVmResponse(vm=handles_pb2.VmHandle(id=vm.vm_id), asid=vm.asid)
+        vm.owner = current_caller().name
+        # the only answer that carries the token: the VM fd goes to its creator alone
+        return pb.CreateVmResponse(
+            vm=handles_pb2.VmHandle(id=vm.vm_id, token=vm.token), asid=vm.asid
+        )
 
     async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
         vm = self._vm(request.vm)
@@ -128,8 +137,7 @@ class KvmServicer:
     ) -> pb.SetGuestRequestThrottleResponse:
         vm = self._vm(request.vm)
         t = request.throttle
-        if t.interval_ms > 3_600_000 or (t.interval_ms and not 1 <= t.burst <= 1000):
-            raise InvalidArgument("interval_ms 0..3600000 and burst 1..1000")
+        check_throttle(t.interval_ms, t.burst)
         vm.throttle = Throttle(t.interval_ms, t.burst or 1, clock=self.kvm.clock)
         return pb.SetGuestRequestThrottleResponse()
 

@@ -7,9 +7,31 @@ From "kvm: sev: Add SNP guest request throttling" v5 (KVM_SEV_SNP_SET_REQUEST_TH
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from snpemu.errors import InvalidArgument
+
+# UNVERIFIED(throttle-bounds): the v5 patch takes any u32 pair; these bounds (an hour, a
+# thousand requests) are snpemu's, applied alike by CreateVm and SetGuestRequestThrottle.
+MAX_INTERVAL_MS = 3_600_000
+MAX_BURST = 1000
+
+
+class ThrottleReason(enum.StrEnum):
+    THROTTLE_OUT_OF_RANGE = "THROTTLE_OUT_OF_RANGE"
+
+
+def check_throttle(interval_ms: int, burst: int) -> None:
+    """The one rule both RPCs that set a throttle apply; interval 0 turns it off."""
+    if interval_ms > MAX_INTERVAL_MS or (interval_ms and not 1 <= burst <= MAX_BURST):
+        raise InvalidArgument(
+            f"throttle interval_ms {interval_ms}, burst {burst}: interval_ms must be "
+            f"0..{MAX_INTERVAL_MS} and, when not 0, burst 1..{MAX_BURST}",
+            reason=ThrottleReason.THROTTLE_OUT_OF_RANGE,
+        )
 
 
 @dataclass

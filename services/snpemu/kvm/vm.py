@@ -12,6 +12,7 @@ import numpy as np
 
 from snpemu.abi.addr import PAGES_PER_2M, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
 from snpemu.kvm.config import VmConfig
+from snpemu.kvm.handles import new_token
 from snpemu.kvm.throttle import Throttle
 
 NO_PAGE = Spa(0)  # a page not (yet) taken
@@ -117,6 +118,9 @@ class Vm:
     asid: int
     config: VmConfig
     throttle: Throttle
+    # the capability CreateVm hands its caller (kvm/handles.py), and who that caller was
+    token: bytes = field(default_factory=new_token, repr=False)
+    owner: str = ""
     state: VmState = VmState.CREATED
     memslots: Memslots = field(default_factory=Memslots)
     vcpus: dict[int, Vcpu] = field(default_factory=dict)

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -23,10 +22,11 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from snpemu.hostconfig import ConfigError, HostConfig
+from snpemu.hostconfig import HOST_COMPONENTS, ConfigError, HostConfig
 from snpemu.launcher import prometheus
 from snpemu.launcher.plan import ProcessSpec, plan, service_name_of
 from snpemu.launcher.supervisor import Child, LaunchError, Supervisor, grpc_health, http_ready
+from snpemu.runtime.credentials import new_secret, owner_credential_file, write_secret
 
 log = logging.getLogger("snpemu")
 
@@ -173,14 +173,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     state = state_dir()
     (state / "logs").mkdir(parents=True, exist_ok=True)
-    credential = secrets.token_hex(32)
-    cred_file = state / "host-credential"
-    cred_file.touch(mode=0o600)
-    cred_file.write_text(credential)
+    credential = new_secret()
+    write_secret(state / "host-credential", credential)
 
-    specs = plan(
-        config, state_dir=state, host_credential=credential, vmm_credential=secrets.token_hex(32)
-    )
+    owners = {e.name: new_secret() for e in config.endpoints if e.name not in HOST_COMPONENTS}
+    for name, secret in owners.items():
+        write_secret(owner_credential_file(state, name), secret)
+    specs = plan(config, state_dir=state, host_credential=credential, owner_credentials=owners)
     children = {s.name: _grpc_child(s, state / "logs") for s in specs}
     groups: list[list[Child]] = [[children[s.name]] for s in specs if s.is_host_side]
     groups.append([children[s.name] for s in specs if not s.is_host_side])

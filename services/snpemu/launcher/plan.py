@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snpemu.hostconfig import HOST_COMPONENTS, Endpoint, HostConfig
+from snpemu.runtime.credentials import vmm_credential
 
 # gRPC service each component serves (the health check asks for it by name).
 SERVICE_NAMES = {
@@ -60,11 +61,14 @@ def plan(
     *,
     state_dir: Path,
     host_credential: str,
-    vmm_credential: str = "",
+    owner_credentials: Mapping[str, str] | None = None,
     bind: str = "127.0.0.1",
     python: str = sys.executable,
 ) -> list[ProcessSpec]:
-    """Processes in start order: host components, then guest agents."""
+    """Processes in start order: host components, then guest agents. Each guest agent gets
+    its own VMM credential (derived from the host credential, runtime/credentials.py) and its
+    owner's credential from `owner_credentials`; no host service holds either."""
+    owners = owner_credentials or {}
     peers = {
         f"SNPEMU_{c.upper()}_ADDR": f"{bind}:{config.endpoint(c).grpc_port}"
         for c in HOST_COMPONENTS
@@ -77,8 +81,6 @@ def plan(
             "SNPEMU_METRICS_PORT": str(e.metrics_port),
             "SNPEMU_INSTANCE": e.name,
             "SNPEMU_DATA_DIR": str(state_dir / "data" / e.name),
-            # a guest's VMM side creates and launches its own VM with this one
-            "SNPEMU_VMM_CREDENTIAL": vmm_credential,
             **peers,
         }
         component = e.module.rsplit(".", 1)[-1]
@@ -88,5 +90,10 @@ def plan(
             # Host-only RPCs require the launcher's credential (docs/design.md#host-credential);
             # guest agents never get it.
             env["SNPEMU_HOST_CREDENTIAL"] = host_credential
+        else:
+            # its VMM side creates, launches and holds its own VM with this one
+            env["SNPEMU_VMM_CREDENTIAL"] = vmm_credential(host_credential, e.name)
+            if e.name in owners:
+                env["SNPEMU_OWNER_CREDENTIAL"] = owners[e.name]
         specs.append(ProcessSpec(e, service_command(e.module, python), env))
     return specs

@@ -44,8 +44,11 @@ class ServiceConfig:
     shutdown_grace_s: float
     peers: Mapping[str, str]
     host_credential: str | None
+    # this guest's VMM credential (runtime/credentials.py), guest agents only
     vmm_credential: str | None
     data_dir: Path
+    # the guest owner's credential, guest agents only: every RPC of the agent requires it
+    owner_credential: str | None = None
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -101,4 +104,7 @@ class ServiceConfig:
             host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
             vmm_credential=env.get("SNPEMU_VMM_CREDENTIAL") or None,
             data_dir=data_dir,
+            owner_credential=(env.get("SNPEMU_OWNER_CREDENTIAL") or None)
+            if service == "guest"
+            else None,
         )

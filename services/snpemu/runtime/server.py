@@ -33,7 +33,7 @@ from snpemu.runtime import logs
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.metrics import GrpcServerMetrics, rpc_type
 from snpemu.runtime.reflection_pool import ReflectionPool
-from snpemu.runtime.servicer import build_handler
+from snpemu.runtime.servicer import DEFAULT_REQUEST_LIMIT, Authority, build_handler
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,10 @@ class ServiceSpec(Generic[T]):
     servicers: Callable[[T], Sequence[object]] = _itself
     # Which RPCs only the host may call (guest agents never hold the host credential).
     host_only: Callable[[str], bool] = lambda _name: True
-    # Host-only RPCs that a guest's VMM side may also call with the VMM credential.
+    # Host-only RPCs that a guest's VMM side may also call with its VMM credential.
     vmm_rpcs: frozenset[str] = frozenset()
+    # Largest request per RPC, in bytes, where it is not DEFAULT_REQUEST_LIMIT.
+    request_limits: Mapping[str, int] = field(default_factory=dict)
     # Service-specific settings from the environment, checked at start like ServiceConfig
     # (a ConfigError exits 2 naming the variable).
     options: Callable[[Mapping[str, str]], Any] = lambda _env: None
@@ -114,15 +116,24 @@ class ServiceRuntime:
             *spec.extra_services,
         ]
         self.impl = spec.make_impl(self)
-        server = grpc.aio.server(interceptors=[self.metrics.interceptor()], options=SERVER_OPTIONS)
+        # grpc's transport limit is the largest of the per-RPC ones, which the handler
+        # enforces itself with a clear error (runtime/servicer.py _deserializer)
+        largest = max([DEFAULT_REQUEST_LIMIT, *spec.request_limits.values()])
+        server = grpc.aio.server(
+            interceptors=[self.metrics.interceptor()],
+            options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", largest)],
+        )
         handler = build_handler(
             spec.name,
             spec.descriptor,
             spec.servicers(self.impl),
-            host_only=spec.host_only,
-            credential=config.host_credential,
-            vmm_rpcs=spec.vmm_rpcs,
-            vmm_credential=config.vmm_credential,
+            authority=Authority(
+                host_credential=config.host_credential,
+                vmm_rpcs=spec.vmm_rpcs,
+                host_only=spec.host_only,
+                owner_credential=config.owner_credential,
+            ),
+            request_limits=spec.request_limits,
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

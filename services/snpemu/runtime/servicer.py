@@ -10,17 +10,23 @@ by an implementation becomes its gRPC status here, in one place.
 from __future__ import annotations
 
 import enum
-import hmac
 import inspect
-from collections.abc import AsyncIterator, Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
 
 from snpemu import errors
+from snpemu.runtime.caller import HOST, OPEN, Caller, Role, set_caller
+from snpemu.runtime.credentials import HOST_HEADER, OWNER_HEADER, same_secret, vmm_principal
 from snpemu.runtime.status import to_status
+
+log = logging.getLogger(__name__)
 
 
 def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.NotBuilt:
@@ -31,27 +37,136 @@ def _not_built(service: ServiceDescriptor, method: MethodDescriptor) -> errors.N
     )
 
 
-# gRPC metadata key carrying the host credential (docs/design.md#host-credential).
-CREDENTIAL_HEADER = "x-snpemu-host-credential"
+# gRPC metadata keys carrying the credentials (runtime/credentials.py).
+CREDENTIAL_HEADER = HOST_HEADER
 
 
 class CredentialReason(enum.StrEnum):
     HOST_CREDENTIAL_MISSING = "HOST_CREDENTIAL_MISSING"
     HOST_CREDENTIAL_WRONG = "HOST_CREDENTIAL_WRONG"
+    OWNER_CREDENTIAL_MISSING = "OWNER_CREDENTIAL_MISSING"
+    OWNER_CREDENTIAL_WRONG = "OWNER_CREDENTIAL_WRONG"
 
 
-def _check_credential(context: grpc.aio.ServicerContext, credentials: tuple[str, ...]) -> None:
-    given = dict(context.invocation_metadata() or ()).get(CREDENTIAL_HEADER)
-    if given is None:
-        raise errors.Unauthenticated(
-            f"host-only RPC: send the host credential in the {CREDENTIAL_HEADER} header "
-            "(the launcher writes it to .snpemu/host-credential)",
-            reason=CredentialReason.HOST_CREDENTIAL_MISSING,
-        )
-    if not any(hmac.compare_digest(str(given).encode(), c.encode()) for c in credentials):
+@dataclass(frozen=True)
+class Authority:
+    """Who may call what on one service. With no credential configured (a service started by
+    hand) every RPC is open and every caller acts as the host."""
+
+    host_credential: str | None = None
+    # Host-only RPCs a guest's VMM side may also call with its own VMM credential.
+    vmm_rpcs: frozenset[str] = frozenset()
+    host_only: Callable[[str], bool] = lambda _name: True
+    # A guest agent: every RPC is its owner's, and the host credential opens nothing here.
+    owner_credential: str | None = None
+
+    def caller(self, method: str, metadata: Mapping[str, str]) -> Caller:
+        if self.owner_credential:
+            return self._owner(metadata.get(OWNER_HEADER))
+        if not self.host_credential or not self.host_only(method):
+            return OPEN
+        given = metadata.get(HOST_HEADER)
+        if given is None:
+            raise errors.Unauthenticated(
+                f"host-only RPC: send the host credential in the {HOST_HEADER} header "
+                "(the launcher writes it to .snpemu/host-credential)",
+                reason=CredentialReason.HOST_CREDENTIAL_MISSING,
+            )
+        if same_secret(given, self.host_credential):
+            return HOST
+        if method in self.vmm_rpcs:
+            guest = vmm_principal(self.host_credential, given)
+            if guest is not None:
+                return Caller(Role.VMM, guest)
         raise errors.PermissionDenied(
             "wrong host credential", reason=CredentialReason.HOST_CREDENTIAL_WRONG
         )
+
+    def _owner(self, given: str | None) -> Caller:
+        assert self.owner_credential
+        if given is None:
+            raise errors.Unauthenticated(
+                f"this guest's API is its owner's: send the owner credential in the "
+                f"{OWNER_HEADER} header (the launcher writes it to "
+                ".snpemu/<guest>.owner-credential)",
+                reason=CredentialReason.OWNER_CREDENTIAL_MISSING,
+            )
+        if not same_secret(given, self.owner_credential):
+            raise errors.PermissionDenied(
+                "wrong owner credential", reason=CredentialReason.OWNER_CREDENTIAL_WRONG
+            )
+        return Caller(Role.OWNER, "owner")
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class _Refused:
+    """What the deserializer hands the behaviour for a request it would not parse, so the
+    caller gets a clear status with ErrorInfo instead of grpc's bare INTERNAL."""
+
+    def __init__(self, error: errors.SnpemuError) -> None:
+        self.error = error
+
+
+def _deserializer(method: MethodDescriptor, limit: int) -> Callable[[bytes], Any]:
+    cls = message_factory.GetMessageClass(method.input_type)
+
+    def parse(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Refused(
+                errors.InvalidArgument(
+                    f"{method.name} request is {len(data)} bytes; this RPC takes at most {limit}",
+                    reason=RequestReason.REQUEST_TOO_LARGE,
+                    metadata={"limit": str(limit), "size": str(len(data))},
+                )
+            )
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return _Refused(
+                errors.InvalidArgument(
+                    f"{method.name} request is not a valid {method.input_type.full_name}: "
+                    f"{str(e)[:80]}",
+                    reason=RequestReason.MALFORMED_REQUEST,
+                )
+            )
+
+    return parse
+
+
+class RequestReason(enum.StrEnum):
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    INTERNAL = "INTERNAL"
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A session's requests, ending the stream with a clear status on one it would not parse."""
+    async for r in requests:
+        if isinstance(r, _Refused):
+            raise r.error
+        yield r
+
+
+def _bug(short_name: str, method: str, e: Exception) -> errors.SnpemuError:
+    """An exception no model meant to raise: a bug. It is logged once, as one JSON line with
+    its traceback, and the caller gets INTERNAL with ErrorInfo (grpc's own answer would be
+    UNKNOWN with the traceback printed across many lines)."""
+    log.error(
+        "%s/%s failed: %s: %s",
+        short_name,
+        method,
+        type(e).__name__,
+        str(e)[:200],
+        exc_info=e,
+        extra={"event": "rpc_bug", "method": method},
+    )
+    return errors.SnpemuError(
+        f"{method}: internal error ({type(e).__name__}); the service log has the traceback",
+        reason=RequestReason.INTERNAL,
+    )
 
 
 def _behavior(
@@ -59,13 +174,20 @@ def _behavior(
     service: ServiceDescriptor,
     method: MethodDescriptor,
     impls: Sequence[object],
-    credential: tuple[str, ...] | None,
+    authority: Authority,
 ) -> Callable[..., Any]:
     fn = _find(impls, method.name)
+    name = method.name
 
     async def abort(context: grpc.aio.ServicerContext, err: errors.SnpemuError) -> None:
         status = to_status(err, short_name)
         await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Check the credential, then the request; record the caller for the models."""
+        set_caller(authority.caller(name, _metadata(context)))
+        if isinstance(request, _Refused):
+            raise request.error
 
     if fn is None:
         err = _not_built(service, method)
@@ -88,22 +210,30 @@ def _behavior(
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                if credential is not None:
-                    _check_credential(context, credential)
+                admit(request, context)
+                if method.client_streaming:
+                    request = _checked(request)
                 async for item in fn(request, context):
                     yield item
             except errors.SnpemuError as e:
                 await abort(context, e)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # the last line before grpc answers UNKNOWN
+                await abort(context, _bug(short_name, name, e))
 
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            if credential is not None:
-                _check_credential(context, credential)
+            admit(request, context)
             return await fn(request, context)
         except errors.SnpemuError as e:
             await abort(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # the last line before grpc answers UNKNOWN
+            await abort(context, _bug(short_name, name, e))
 
     return unary
 
@@ -121,24 +251,26 @@ def method_kinds(service: ServiceDescriptor) -> list[tuple[bool, bool, str]]:
     return [(m.client_streaming, m.server_streaming, m.name) for m in service.methods]
 
 
+# Largest request an RPC takes unless its service says otherwise: gRPC's own default.
+DEFAULT_REQUEST_LIMIT = 4 * 1024 * 1024
+
+
 def build_handler(
     short_name: str,
     service: ServiceDescriptor,
     impls: Sequence[object],
     *,
-    host_only: Callable[[str], bool] = lambda _name: False,
-    credential: str | None = None,
-    vmm_rpcs: frozenset[str] = frozenset(),
-    vmm_credential: str | None = None,
+    authority: Authority | None = None,
+    request_limits: Mapping[str, int] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """Handlers for every RPC. With a credential, RPCs for which host_only(name) is true
-    require it; without one (a service started by hand), they are open. Each RPC is served by
-    the first object of `impls` that has a method of its name."""
+    """Handlers for every RPC, each served by the first object of `impls` that has a method of
+    its name, behind `authority` (by default: open) and a per-RPC request size limit."""
+    authority = authority or Authority()
+    limits = request_limits or {}
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         if method.client_streaming and not method.server_streaming:
             raise ValueError(f"{service.full_name}/{method.name}: client streaming is not used")
-        request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         if method.client_streaming:
             factory = grpc.stream_stream_rpc_method_handler
@@ -147,33 +279,13 @@ def build_handler(
         else:
             factory = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(
-            _behavior(
-                short_name,
-                service,
-                method,
-                impls,
-                _accepted(method.name, host_only, credential, vmm_rpcs, vmm_credential),
+            _behavior(short_name, service, method, impls, authority),
+            request_deserializer=_deserializer(
+                method, limits.get(method.name, DEFAULT_REQUEST_LIMIT)
             ),
-            request_deserializer=request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-def _accepted(
-    name: str,
-    host_only: Callable[[str], bool],
-    credential: str | None,
-    vmm_rpcs: frozenset[str],
-    vmm_credential: str | None,
-) -> tuple[str, ...] | None:
-    """The credentials a method accepts: None = open. The VMM credential (a guest's VMM side,
-    creating and launching its own VM) opens only the methods in vmm_rpcs."""
-    if not credential or not host_only(name):
-        return None
-    if name in vmm_rpcs and vmm_credential:
-        return (credential, vmm_credential)
-    return (credential,)
 
 
 def built_methods(service: ServiceDescriptor, impls: Sequence[object]) -> list[str]:

@@ -24,6 +24,16 @@ _CODES: dict[type[errors.SnpemuError], grpc.StatusCode] = {
 
 DOMAIN = "snpemu"
 
+# A status travels in trailing metadata, which clients cap (8 KiB by default): an error that
+# quoted a megabyte of its input would reach the caller as RESOURCE_EXHAUSTED instead of
+# itself. Models quote short prefixes; this is the backstop.
+MAX_MESSAGE = 1024
+MAX_METADATA_VALUE = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
 
 def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
     for cls in type(err).__mro__:
@@ -34,12 +44,18 @@ def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
 
 def to_status(err: errors.SnpemuError, service: str) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=f"{service}.{DOMAIN}", metadata=err.metadata
+        reason=_clip(err.reason, MAX_METADATA_VALUE),
+        domain=f"{service}.{DOMAIN}",
+        metadata={
+            _clip(k, 64): _clip(v, MAX_METADATA_VALUE) for k, v in list(err.metadata.items())[:16]
+        },
     )
     detail = any_pb2.Any()
     detail.Pack(info)
     code = grpc_code(err)
-    proto = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    proto = status_pb2.Status(
+        code=code.value[0], message=_clip(err.message, MAX_MESSAGE), details=[detail]
+    )
     return rpc_status.to_status(proto)
 
 
