@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from pathlib import Path
 
 import grpc
 from snp.common.v1 import types_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snpemu.hostconfig import HostConfig
+from snpemu.runtime.channels import owner_channel
+from snpemu.runtime.credentials import read_owner_credential
 
 
 async def guest_loop(stub: guest_pb2_grpc.GuestServiceStub, i: int, peer: str, until: float) -> int:
@@ -50,7 +54,11 @@ async def main(seconds: float) -> None:
     config = HostConfig.load()
     until = time.monotonic() + seconds
     guests = config.guests[:2]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{g.grpc_port}") for g in guests]
+    state = Path(os.environ.get("SNPEMU_STATE_DIR", ".snpemu"))
+    channels = [
+        owner_channel(f"127.0.0.1:{g.grpc_port}", read_owner_credential(state, g.name))
+        for g in guests
+    ]
     try:
         rounds = await asyncio.gather(
             *(

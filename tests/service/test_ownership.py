@@ -6,8 +6,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from snp.common.v1 import handles_pb2
-from snp.guest.v1 import guest_pb2
+from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2 as pb
+from snpemu.runtime.channels import owner_channel
 from snpemu.runtime.credentials import vmm_credential
 from snpemu.runtime.status import error_info
 
@@ -111,7 +112,11 @@ async def test_create_vm_takes_the_throttle_set_throttle_takes(stack: Stack) -> 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetStatus", "ok", "error")
 async def test_a_guest_agents_api_is_its_owners(stack: Stack) -> None:
-    async with agent(stack, "guest-o", owner="owner-secret-0123") as (stub, _rt):
+    async with agent(stack, "guest-o", owner="owner-secret-0123") as (stub, rt):
+        # a channel that sends the owner credential on every call (the lab and scripts use it)
+        async with owner_channel(rt.address, "owner-secret-0123") as ch:
+            got = await guest_pb2_grpc.GuestServiceStub(ch).GetStatus(guest_pb2.GetStatusRequest())
+            assert got.vm_id
         owner = (("x-snpemu-owner-credential", "owner-secret-0123"),)
         status = await stub.GetStatus(guest_pb2.GetStatusRequest(), metadata=owner)
         assert status.vm_id

@@ -30,6 +30,9 @@ CRD_SCHEMA = yaml.safe_load(
 SNPEMU = ["rmp", "psp", "kvm", "netd", "guest"]
 
 
+CREDENTIALS = ("SNPEMU_HOST_CREDENTIAL", "SNPEMU_VMM_CREDENTIAL", "SNPEMU_OWNER_CREDENTIAL")
+
+
 def kubectl() -> str:
     """Debian's kubectl (kubernetes-client), unpacked into the virtualenv by scripts/install.sh."""
     path = Path(sys.executable).parent.parent / "opt/kubernetes-client/usr/bin/kubectl"
@@ -127,10 +130,12 @@ def test_images_ports_commands_and_probes_match_compose() -> None:
         assert set(ports.values()) == published, name
         k8s_env = {e["name"]: e.get("value") for e in c["env"]}
         for key, value in env.items():
-            if key in ("SNPEMU_INSTANCE", "SNPEMU_HOST_CREDENTIAL", "SNPEMU_VMM_CREDENTIAL"):
+            if key in ("SNPEMU_INSTANCE", *CREDENTIALS):
                 continue  # instance from the pod name; credentials from a Secret
             assert k8s_env.get(key) == str(value), (name, key)
-        assert set(k8s_env) - set(env) == set(), name
+        assert set(k8s_env) - set(env) - {"SNPEMU_CREDENTIALS_DIR"} == set(), name
+        # no host service holds a guest's credential
+        assert {"SNPEMU_VMM_CREDENTIAL", "SNPEMU_OWNER_CREDENTIAL"} & set(k8s_env) == set(), name
         # compose's health check is `snpemu-healthcheck ADDRESS SERVICE`: the same service
         health_service = svc["healthcheck"]["test"][-1]
         for probe in ("startupProbe", "readinessProbe"):

@@ -8,7 +8,10 @@ SNPEMU_LOG_LEVEL         DEBUG, INFO, WARNING or ERROR (INFO)
 SNPEMU_SHUTDOWN_GRACE_S  seconds in-flight RPCs get after SIGTERM (5)
 SNPEMU_<PEER>_ADDR       host:port of rmp, psp, kvm, netd (127.0.0.1:<its port in .env>)
 SNPEMU_HOST_CREDENTIAL   secret shared by host services, made by the launcher (unset)
-SNPEMU_VMM_CREDENTIAL    secret a guest's VMM side uses to create and launch its VM (unset)
+SNPEMU_VMM_CREDENTIAL    a guest agent's own VMM credential (runtime/credentials.py; unset)
+SNPEMU_OWNER_CREDENTIAL  a guest agent's owner credential: its API requires it (unset: open)
+SNPEMU_CREDENTIALS_DIR   where <instance>.vmm-credential and .owner-credential are read from
+                         when the two above are unset (a mounted Kubernetes Secret)
 SNPEMU_DATA_DIR          persistent state, e.g. psp's identity (./.snpemu/data/<instance>)
 """
 
@@ -31,6 +34,20 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
         raise ConfigError(f"{name}={raw!r}: expected host:port")
     port({name: port_text}, name)
     return raw
+
+
+def _from_dir(env: Mapping[str, str], name: str) -> str | None:
+    """A credential from SNPEMU_CREDENTIALS_DIR (a Kubernetes Secret mounted as files, one
+    key per guest: the StatefulSet's pods differ only by name)."""
+    folder = env.get("SNPEMU_CREDENTIALS_DIR")
+    if not folder:
+        return None
+    try:
+        return (Path(folder) / name).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"SNPEMU_CREDENTIALS_DIR={folder!r}: cannot read {name}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -102,9 +119,12 @@ class ServiceConfig:
             shutdown_grace_s=number(env, "SNPEMU_SHUTDOWN_GRACE_S", "5", 300),
             peers=peers,
             host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
-            vmm_credential=env.get("SNPEMU_VMM_CREDENTIAL") or None,
+            vmm_credential=env.get("SNPEMU_VMM_CREDENTIAL")
+            or _from_dir(env, f"{instance}.vmm-credential"),
             data_dir=data_dir,
-            owner_credential=(env.get("SNPEMU_OWNER_CREDENTIAL") or None)
+            owner_credential=(
+                env.get("SNPEMU_OWNER_CREDENTIAL") or _from_dir(env, f"{instance}.owner-credential")
+            )
             if service == "guest"
             else None,
         )

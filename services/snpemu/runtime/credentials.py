@@ -1,6 +1,6 @@
 """The credentials a caller presents, and the principal each one names.
 
-Three kinds, each in its own header (docs/design.md#credentials):
+Three kinds (docs/design.md#credentials):
 
 - the host credential (x-snpemu-host-credential): root on the virtual host. The launcher
   draws it at random and gives it to the host services only.
