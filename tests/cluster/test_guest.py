@@ -15,6 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from snpemu.rmp.client import read_credential
+from snpemu.runtime.credentials import vmm_credential
+from snpemu.runtime.servicer import CREDENTIAL_HEADER
 
 from tests.cluster.conftest import Cluster
 from tests.conftest import sev_snp_measure, tool
@@ -217,3 +220,34 @@ def test_a_killed_agent_takes_its_vm_with_it(cluster: Cluster) -> None:
     wait_running(cluster, "guest-1")
     after = vm_ids()
     assert len(after) == 2 and len(after & before) == 1, (before, after)
+
+
+def test_one_guests_side_cannot_touch_another_guests_vm(cluster: Cluster) -> None:
+    """Under the launcher: each agent has a VMM credential of its own and the owner's API is
+    closed to everyone else, the host included."""
+    vm0 = wait_running(cluster, "guest-0")["vm_id"]
+    wait_running(cluster, "guest-1")
+    # guest-1's VMM credential (derived here from the host's, as kvm checks it) names guest-0's
+    # VM by its public id: refused, and the VM runs on
+    own = vmm_credential(read_credential(cluster.state_dir), "guest-1")
+    for method in ("DestroyVm", "GetVm", "LaunchVm"):
+        out = cluster.grpcurl(
+            "-H",
+            f"{CREDENTIAL_HEADER}: {own}",
+            *("-d", json.dumps({"vm": {"id": vm0}}), cluster.address("kvm")),
+            f"snp.kvm.v1.KvmService/{method}",
+            host=False,
+        )
+        assert out.returncode != 0 and "PermissionDenied" in out.stderr, out.stderr
+        assert "VM_TOKEN_MISSING" in out.stderr, out.stderr
+    assert wait_running(cluster, "guest-0")["vm_id"] == vm0
+    # a guest agent without its owner's credential, or with the host's, answers nothing
+    for header in ([], ["-H", f"{CREDENTIAL_HEADER}: {read_credential(cluster.state_dir)}"]):
+        out = cluster.grpcurl(
+            *header,
+            *("-d", "{}", cluster.address("guest-0")),
+            "snp.guest.v1.GuestService/ReadMemory",
+            host=False,
+            owner=False,
+        )
+        assert out.returncode != 0 and "Unauthenticated" in out.stderr, out.stderr
