@@ -224,7 +224,7 @@ def snapshot(m: RmpMachine) -> tuple[Any, ...]:
         m.table.kind.tobytes(),
         m.allocator.free.tobytes(),
         m.allocator.leaked.tobytes(),
-        {pfn: m.frames.read(pfn) for pfn in range(NPAGES) if m.frames.read(pfn) != bytes(4096)},
+        {pfn: bytes(frame) for pfn, frame in m.frames._frames.items()},
         (dict(c.updates), dict(c.violations), c.leaked_pages, c.panics, c.leaked_maps),
         m.policy,
         sorted(m.keys._keys),

@@ -243,21 +243,23 @@ class LaunchCommands(Mailbox):
     @command("SNP_DBG_DECRYPT")
     async def dbg_decrypt(self, gctx_paddr: Spa, src: Spa, dst: Spa) -> None:
         ctx = self._debuggable(gctx_paddr)
-        page = await self._guest_page(ctx, await self._address(src, "source page"))
-        await self._expect(
+        src, dst = (
+            await self._address(src, "source page"),
             await self._address(dst, "destination page"),
-            PageState.FIRMWARE,
-            what="destination page",
         )
+        page = await self._guest_page(ctx, src)
+        await self._expect(dst, PageState.FIRMWARE, what="destination page")
         await self.rmp.write(dst, await self.rmp.read(src, PAGE_SIZE, asid=page.asid))
 
     @command("SNP_DBG_ENCRYPT")
     async def dbg_encrypt(self, gctx_paddr: Spa, src: Spa, dst: Spa) -> None:
         ctx = self._debuggable(gctx_paddr)
-        await self._expect(
-            await self._address(src, "source page"), PageState.FIRMWARE, what="source page"
+        src, dst = (
+            await self._address(src, "source page"),
+            await self._address(dst, "destination page"),
         )
-        page = await self._guest_page(ctx, await self._address(dst, "destination page"))
+        await self._expect(src, PageState.FIRMWARE, what="source page")
+        page = await self._guest_page(ctx, dst)
         await self.rmp.write(dst, await self.rmp.read(src, PAGE_SIZE), asid=page.asid)
 
     def _debuggable(self, gctx_paddr: int) -> GuestContext:
