@@ -180,7 +180,8 @@ class LaunchCommands(Mailbox):
                 )
             if block.policy != ctx.policy:
                 raise fail(SevStatus.POLICY_FAILURE, "ID block policy differs from the guest's")
-        await self.rmp.transition(list(ctx.launched), FwOp.FINISH, ctx.asid)
+        # a page launched twice (measured twice) becomes guest-valid once
+        await self.rmp.transition(list(dict.fromkeys(ctx.launched)), FwOp.FINISH, ctx.asid)
         if block is not None:
             ctx.family_id, ctx.image_id, ctx.guest_svn = (
                 block.family_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from snp.common.v1 import types_pb2
 
 from snpemu.abi.addr import Spa
@@ -80,8 +79,9 @@ def size_2m(size: int) -> bool:
     return size == types_pb2.PAGE_SIZE_2M
 
 
-def defined(enum: EnumTypeWrapper, value: int, field: str) -> int:
-    """value, one the proto enum defines (UNSPECIFIED included: the firmware judges that)."""
+def defined(enum: Any, value: int, field: str) -> int:
+    """value, one the proto enum (a generated enum wrapper) defines; UNSPECIFIED included, as
+    the firmware judges that."""
     if value not in enum.values():
         raise InvalidArgument(
             f"{field} {value} is not one of {', '.join(enum.keys())}",

@@ -35,7 +35,7 @@ MAX_TOKEN = 64
 # Other pages a firmware read's state check covers (a command names a few, never many).
 MAX_CHECKS = 16
 # RMPADJUST takes the target VMPL in RDX bits 7:0 and the permission mask in bits 15:8.
-U8_MAX = 0xFF
+RDX_BYTE_MAX = 0xFF
 
 
 class RmpServicer:
@@ -188,8 +188,8 @@ class RmpServicer:
 
     async def RmpAdjust(self, request: Any, context: Any) -> pb.RmpAdjustResponse:
         ident = self._identity(request.identity)
-        checks.in_range(request.target_vmpl, 0, U8_MAX, "target_vmpl (RDX bits 7:0)")
-        checks.in_range(request.perms, 0, U8_MAX, "perms (RDX bits 15:8)")
+        checks.in_range(request.target_vmpl, 0, RDX_BYTE_MAX, "target_vmpl (RDX bits 7:0)")
+        checks.in_range(request.perms, 0, RDX_BYTE_MAX, "perms (RDX bits 15:8)")
         r = self.m.rmpadjust(
             ident,
             request.gpa,
