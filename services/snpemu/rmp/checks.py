@@ -41,7 +41,7 @@ def member(enum_cls: type[E], value: int, field: str) -> E:
     names = ", ".join(m.name for m in enum_cls)
     if value == 0:
         raise InvalidArgument(
-            f"{field} is required: one of {names}", reason=RmpReason.MISSING_FIELD
+            f"{field} is unspecified (0): give one of {names}", reason=RmpReason.MISSING_FIELD
         ) from None
     raise InvalidArgument(
         f"{field} {value} is not one of {names}", reason=RmpReason.UNKNOWN_ENUM_VALUE
