@@ -25,6 +25,7 @@ from snpemu.errors import InvalidArgument
 from snpemu.rmp.machine import RmpMachine
 from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.servicer import RmpServicer
+from snpemu.rmp.sessions import run_session
 from snpemu.rmp.violations import KickHub
 
 from tests.conftest import examples
@@ -468,3 +469,26 @@ def test_a_refused_nested_page_table_update_changes_no_mapping(host: Host) -> No
             ],
         ),
     )
+
+
+def test_a_session_op_that_fails_unexpectedly_answers_internal_and_the_stream_goes_on() -> None:
+    """Not a caller's error (a bug): that op answers INTERNAL in-band, the next op is served."""
+
+    async def broken(request: Any, context: Any) -> Any:
+        raise ValueError("a bug")
+
+    async def read(request: Any, context: Any) -> Any:
+        return pb.HostReadResponse(data=b"ok")
+
+    async def ops() -> Any:
+        yield pb.HostSessionRequest(write=pb.HostWriteRequest())
+        yield pb.HostSessionRequest(read=pb.HostReadRequest())
+
+    async def run() -> list[Any]:
+        handlers = {"write": broken, "read": read}
+        return [r async for r in run_session(ops(), None, pb.HostSessionResponse, handlers)]
+
+    first, second = asyncio.run(run())
+    assert first.error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert "a bug" not in first.error.message  # the exception text stays in the log
+    assert second.read.data == b"ok"
