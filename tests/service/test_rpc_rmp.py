@@ -14,6 +14,7 @@ from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu import rmp
 from snpemu.rmp.options import RmpOptions
+from snpemu.rmp.reasons import RmpReason
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
 
@@ -125,15 +126,13 @@ async def test_firmware_access_and_memory_keys(stub: Stub) -> None:
         grpc.StatusCode.FAILED_PRECONDITION,
         "NO_KEY",
     )
-    for bad in (
-        pb.InstallMemoryKeyRequest(asid=5, key=KEY[:32]),
-        pb.InstallMemoryKeyRequest(asid=5, key=bytes(64)),  # Key1 == Key2
-        pb.InstallMemoryKeyRequest(asid=0, key=KEY),
+    for bad, why in (
+        (pb.InstallMemoryKeyRequest(asid=5, key=KEY[:32]), RmpReason.INVALID_ARGUMENT),
+        (pb.InstallMemoryKeyRequest(asid=5, key=bytes(64)), RmpReason.INVALID_ARGUMENT),  # K1==K2
+        (pb.InstallMemoryKeyRequest(asid=0, key=KEY), RmpReason.OUT_OF_RANGE),
     ):
         await refused(
-            stub.InstallMemoryKey(bad, metadata=HOST),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            stub.InstallMemoryKey(bad, metadata=HOST), grpc.StatusCode.INVALID_ARGUMENT, why
         )
 
     # the state checks go with the access
@@ -151,17 +150,17 @@ async def test_firmware_access_and_memory_keys(stub: Stub) -> None:
     await refused(
         stub.FirmwareRead(pb.FirmwareReadRequest(spa=plain << 12, length=0), metadata=HOST),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.OUT_OF_RANGE,
     )
     await refused(
         stub.FirmwareWrite(pb.FirmwareWriteRequest(spa=plain << 12), metadata=HOST),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await refused(
         stub.HostRead(pb.HostReadRequest(spa=plain << 12, length=0), metadata=HOST),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.OUT_OF_RANGE,
     )
 
     # SNP ABI ch. 5 page states: Firmware -> Context (GCTX_CREATE), Context -> Reclaim
@@ -187,7 +186,7 @@ async def test_firmware_access_and_memory_keys(stub: Stub) -> None:
     await refused(
         stub.FirmwareTransition(pb.FirmwareTransitionRequest(spas=[hv << 12]), metadata=HOST),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await unauthenticated(stub.FirmwareWbinvdIndicator(pb.FirmwareWbinvdIndicatorRequest()))
 
@@ -215,14 +214,14 @@ async def test_guest_instructions_need_a_registered_identity(stub: Stub) -> None
             metadata=HOST,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.OUT_OF_RANGE,
     )
     me = ident()
     for bad in (ident(token=b"short"), ident(asid=0)):
         await refused(
             stub.RegisterVcpuIdentity(pb.RegisterVcpuIdentityRequest(identity=bad), metadata=HOST),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            RmpReason.OUT_OF_RANGE,
         )
     await stub.RegisterVcpuIdentity(pb.RegisterVcpuIdentityRequest(identity=me), metadata=HOST)
     await refused(
@@ -247,12 +246,12 @@ async def test_guest_instructions_need_a_registered_identity(stub: Stub) -> None
     await refused(
         stub.Pvalidate(pb.PvalidateRequest(identity=me, gpa=0)),  # no page size
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await refused(
         stub.PvalidateBatch(pb.PvalidateBatchRequest(identity=ident(vm=""), gpas=[0])),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await stub.RevokeVcpuIdentity(pb.RevokeVcpuIdentityRequest(identity=me), metadata=HOST)
     # revoked: the same identity is refused now
@@ -299,7 +298,7 @@ async def test_frames_and_the_table(stub: Stub) -> None:
     await refused(
         stub.AllocatePages(pb.AllocatePagesRequest(count=1), metadata=HOST),  # no placement
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
 
     listed = await stub.ListRmpEntries(
@@ -316,7 +315,7 @@ async def test_frames_and_the_table(stub: Stub) -> None:
         await refused(
             stub.ListRmpEntries(bad, metadata=HOST),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            RmpReason.OUT_OF_RANGE,
         )
     await refused(
         stub.RmpUpdate(
@@ -324,17 +323,17 @@ async def test_frames_and_the_table(stub: Stub) -> None:
             metadata=HOST,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await refused(
         stub.HostWrite(pb.HostWriteRequest(spa=a << 12, data=b"x"), metadata=HOST),  # origin
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await refused(
         stub.LeakPages(pb.LeakPagesRequest(pfns=[a]), metadata=HOST),  # no reason
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        RmpReason.MISSING_FIELD,
     )
     await unauthenticated(stub.ListLeakedPages(pb.ListLeakedPagesRequest()))
     await unauthenticated(stub.ListHostMaps(pb.ListHostMapsRequest()))
@@ -365,7 +364,7 @@ async def test_violation_policy_and_notifications() -> None:
         await refused(
             stub.SetViolationPolicy(pb.SetViolationPolicyRequest(), metadata=HOST),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            RmpReason.MISSING_FIELD,
         )
         got = await stub.GetViolationPolicy(pb.GetViolationPolicyRequest(), metadata=HOST)
         assert got.policy == pb.VIOLATION_POLICY_GMEM  # the refused change changed nothing

@@ -16,7 +16,7 @@ from snpemu.abi.report import SIGNING_KEY_NONE, SIGNING_KEY_VCEK
 from snpemu.abi.rmp import PageState
 from snpemu.psp import report as rpt
 from snpemu.psp.guest import GuestContext, GuestState, derive_key, tcb_le
-from snpemu.psp.mailbox import API_MAJOR, API_MINOR, BUILD, Mailbox, aligned, command
+from snpemu.psp.mailbox import API_MAJOR, API_MINOR, BUILD, Mailbox, command
 from snpemu.psp.status import SevStatus, fail
 
 MAX_VMPL = 3
@@ -29,8 +29,8 @@ class GuestRequestCommands(Mailbox):
     @command("SNP_GUEST_REQUEST")
     async def guest_request(self, gctx_paddr: Spa, req_paddr: Spa, res_paddr: Spa) -> None:
         ctx = self._guest(gctx_paddr, GuestState.RUNNING)
-        aligned(req_paddr, "request page")
-        aligned(res_paddr, "response page")
+        await self._address(req_paddr, "request page")
+        await self._address(res_paddr, "response page")
         # The request comes from a hypervisor page, the response goes to a firmware page
         # (KVM's bounce pages); each state is checked in the same step as the access.
         page = await self.rmp.read(

@@ -24,7 +24,7 @@ from snpemu.psp.guest import (
     secrets_page,
     verify_id,
 )
-from snpemu.psp.mailbox import API_MAJOR, API_MINOR, Mailbox, aligned, command
+from snpemu.psp.mailbox import API_MAJOR, API_MINOR, Mailbox, command
 from snpemu.psp.rmp_port import Page
 from snpemu.psp.status import SevStatus, fail
 
@@ -35,7 +35,7 @@ class LaunchCommands(Mailbox):
     @command("SNP_GCTX_CREATE")
     async def gctx_create(self, gctx_paddr: Spa) -> None:
         self._need_snp()
-        aligned(gctx_paddr, "context page")
+        await self._address(gctx_paddr, "context page")
         if len(self.guests) >= MAX_SNP_ASID:
             raise fail(SevStatus.RESOURCE_LIMIT, "no room for another guest context")
         await self._expect(gctx_paddr, PageState.FIRMWARE, what="context page")
@@ -98,7 +98,7 @@ class LaunchCommands(Mailbox):
         vmpl_perms: tuple[int, int, int],
     ) -> bytes:
         ctx = self._guest(gctx_paddr, GuestState.LAUNCH)
-        aligned(address)
+        await self._address(address)
         if not ctx.asid:
             raise fail(SevStatus.INACTIVE, "guest has no ASID yet (SNP_ACTIVATE)")
         try:
@@ -180,7 +180,8 @@ class LaunchCommands(Mailbox):
                 )
             if block.policy != ctx.policy:
                 raise fail(SevStatus.POLICY_FAILURE, "ID block policy differs from the guest's")
-        await self.rmp.transition(list(ctx.launched), FwOp.FINISH, ctx.asid)
+        # a page launched twice (measured twice) becomes guest-valid once
+        await self.rmp.transition(list(dict.fromkeys(ctx.launched)), FwOp.FINISH, ctx.asid)
         if block is not None:
             ctx.family_id, ctx.image_id, ctx.guest_svn = (
                 block.family_id,
@@ -215,7 +216,7 @@ class LaunchCommands(Mailbox):
     @command("SNP_PAGE_RECLAIM")
     async def page_reclaim(self, paddr: Spa, size_2m: bool) -> None:
         self._need_snp()
-        aligned(paddr)
+        await self._address(paddr, size=PMD_SIZE if size_2m else PAGE_SIZE)
         page = await self._expect(
             paddr, PageState.FIRMWARE, PageState.CONTEXT, PageState.PRE_GUEST, PageState.METADATA
         )
@@ -236,21 +237,30 @@ class LaunchCommands(Mailbox):
         self._need_snp()
         if paddr % PMD_SIZE:
             raise fail(SevStatus.INVALID_ADDRESS, "UNSMASH takes a 2 MiB-aligned address")
+        await self._address(paddr, "2 MiB page", size=PMD_SIZE)
         if not (await self.rmp.transition([paddr], FwOp.UNSMASH))[0]:
             raise fail(SevStatus.INVALID_PAGE_STATE, "the 512 entries do not describe one 2M page")
 
     @command("SNP_DBG_DECRYPT")
     async def dbg_decrypt(self, gctx_paddr: Spa, src: Spa, dst: Spa) -> None:
         ctx = self._debuggable(gctx_paddr)
-        page = await self._guest_page(ctx, aligned(src))
-        await self._expect(aligned(dst), PageState.FIRMWARE, what="destination page")
+        src, dst = (
+            await self._address(src, "source page"),
+            await self._address(dst, "destination page"),
+        )
+        page = await self._guest_page(ctx, src)
+        await self._expect(dst, PageState.FIRMWARE, what="destination page")
         await self.rmp.write(dst, await self.rmp.read(src, PAGE_SIZE, asid=page.asid))
 
     @command("SNP_DBG_ENCRYPT")
     async def dbg_encrypt(self, gctx_paddr: Spa, src: Spa, dst: Spa) -> None:
         ctx = self._debuggable(gctx_paddr)
-        await self._expect(aligned(src), PageState.FIRMWARE, what="source page")
-        page = await self._guest_page(ctx, aligned(dst))
+        src, dst = (
+            await self._address(src, "source page"),
+            await self._address(dst, "destination page"),
+        )
+        await self._expect(src, PageState.FIRMWARE, what="source page")
+        page = await self._guest_page(ctx, dst)
         await self.rmp.write(dst, await self.rmp.read(src, PAGE_SIZE), asid=page.asid)
 
     def _debuggable(self, gctx_paddr: int) -> GuestContext:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from snpemu.abi.addr import Spa, page_aligned
+from snpemu.abi.addr import PAGE_SIZE, Spa, page_aligned
 from snpemu.abi.platform_status import PlatformState
 from snpemu.abi.rmp import PageState
 from snpemu.psp.guest import GuestContext, GuestState
@@ -86,6 +86,7 @@ class Mailbox:
         self.snp_initialized = False
         self.legacy_initialized = False
         self.tmr = 0
+        self.tmr_len = 0
         self.current_tcb = identity.product.tcb
         self.reported_tcb = identity.product.tcb
         self.committed_tcb = identity.product.tcb
@@ -96,6 +97,7 @@ class Mailbox:
         self.guests: dict[int, GuestContext] = {}
         self.asids: dict[int, int] = {}  # ASID -> gctx_paddr
         self.unflushed: set[int] = set()  # ASIDs decommissioned, awaiting SNP_DF_FLUSH
+        self._memory_bytes: int | None = None  # asked of rmp once, when an address is checked
 
     @property
     def platform_state(self) -> PlatformState:
@@ -118,6 +120,22 @@ class Mailbox:
                 SevStatus.INVALID_GUEST_STATE, f"guest is {ctx.state.name}, command needs {want}"
             )
         return ctx
+
+    async def _address(self, spa: int, what: str = "address", size: int = PAGE_SIZE) -> Spa:
+        """spa, page aligned and with [spa, spa + size) inside system memory, else
+        INVALID_ADDRESS: checked before the command reaches memory or the RMP, so an address
+        beyond memory fails as the firmware fails it, not as a failed DMA.
+        SPEC: SNP ABI, status codes (INVALID_ADDRESS 0x09); which commands check the bound
+        first is not from the spec (a row for docs/fidelity.md)."""
+        aligned(spa, what)
+        if self._memory_bytes is None:
+            self._memory_bytes = (await self.rmp.platform()).memory_bytes
+        if spa + size > self._memory_bytes:
+            raise fail(
+                SevStatus.INVALID_ADDRESS,
+                f"{what} {spa:#x}+{size:#x} is beyond memory ({self._memory_bytes:#x} bytes)",
+            )
+        return Spa(spa)
 
     async def _expect(self, spa: int, *states: PageState, what: str = "page") -> Page:
         page = await self.rmp.page(spa)

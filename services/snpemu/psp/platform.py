@@ -9,7 +9,7 @@ from __future__ import annotations
 from snpemu.abi.addr import PAGE_SIZE, PMD_SIZE, Spa, page_aligned, page_bytes
 from snpemu.abi.platform_status import PlatformStatus, StatusFlag
 from snpemu.abi.rmp import FwOp, PageState
-from snpemu.psp.mailbox import API_MAJOR, API_MINOR, BUILD, Mailbox, aligned, command
+from snpemu.psp.mailbox import API_MAJOR, API_MINOR, BUILD, Mailbox, command
 from snpemu.psp.status import SevStatus, fail
 from snpemu.psp.tcb import Tcb
 
@@ -56,9 +56,14 @@ class PlatformCommands(Mailbox):
         if plat.rmp_covered_bytes < plat.memory_bytes:
             raise fail(SevStatus.RMP_INITIALIZATION_FAILED, "the RMP does not cover all memory")
         spas: list[int] = []
-        for base, count in hv_fixed:
+        for base, count in sorted(hv_fixed):
             if not page_aligned(base) or count <= 0:
                 raise fail(SevStatus.INVALID_PARAM, f"range {base:#x}+{count} is not page aligned")
+            await self._address(base, "HV-fixed range", size=page_bytes(count))
+            if spas and base <= spas[-1]:
+                # A page listed twice would be made HV-fixed twice; the status for it is not
+                # from the spec (a row for docs/fidelity.md).
+                raise fail(SevStatus.INVALID_PARAM, f"range {base:#x}+{count} overlaps another")
             spas += [base + page_bytes(i) for i in range(count)]
         for spa in spas:
             await self._expect(
@@ -126,9 +131,18 @@ class PlatformCommands(Mailbox):
 
     @command("SNP_PLATFORM_STATUS")
     async def platform_status(self, status_paddr: Spa) -> bytes:
-        aligned(status_paddr, "status page")
+        await self._address(status_paddr, "status page")
+        if self.legacy_initialized and self.tmr <= status_paddr < self.tmr + self.tmr_len:
+            # The TMR's pages are in firmware state too, but they are the firmware's own (the
+            # SEV-ES save areas it keeps there): a status written over them, and the page then
+            # left in reclaim, would take them from under it. Which status the firmware answers
+            # is not from the spec (a row for docs/fidelity.md).
+            raise fail(SevStatus.INVALID_PAGE_STATE, f"status page {status_paddr:#x} is in the TMR")
         if self.snp_initialized:
-            # The page must be firmware-owned; afterwards it is left in reclaim state.
+            # The page must be in firmware state; afterwards it is left in reclaim state.
+            # KERNEL: drivers/crypto/ccp/sev-dev.c sev_ioctl_do_snp_platform_status() ("Firmware
+            # expects the status page to be in Firmware state, otherwise it will report an
+            # error INVALID_PAGE_STATE"; "The status page will be in Reclaim state on success")
             await self._expect(status_paddr, PageState.FIRMWARE, what="status page")
         data = self.status_bytes()
         await self.rmp.write(status_paddr, data)
@@ -178,14 +192,16 @@ class PlatformCommands(Mailbox):
     async def sev_init(self, tmr_paddr: Spa, tmr_len: int) -> None:
         if self.legacy_initialized:
             raise fail(SevStatus.INVALID_PLATFORM_STATE, "legacy SEV is already initialised")
+        # With SNP on, the TMR is 2 MiB of firmware pages. KERNEL: sev-dev.c
+        if self.snp_initialized and (tmr_len != TMR_SIZE or tmr_paddr % TMR_SIZE):
+            raise fail(SevStatus.INVALID_ADDRESS, "the TMR must be 2 MiB, 2 MiB aligned")
+        if tmr_len:
+            await self._address(tmr_paddr, "TMR", size=tmr_len)
         if self.snp_initialized:
-            # With SNP on, the TMR is 2 MiB of firmware pages. KERNEL: sev-dev.c
-            if tmr_len != TMR_SIZE or tmr_paddr % TMR_SIZE:
-                raise fail(SevStatus.INVALID_ADDRESS, "the TMR must be 2 MiB, 2 MiB aligned")
             for spa in range(tmr_paddr, tmr_paddr + tmr_len, PAGE_SIZE):
                 await self._expect(spa, PageState.FIRMWARE, what="TMR page")
         self.legacy_initialized = True
-        self.tmr = tmr_paddr
+        self.tmr, self.tmr_len = tmr_paddr, tmr_len
 
     @command("SEV_SHUTDOWN")
     async def sev_shutdown(self) -> None:

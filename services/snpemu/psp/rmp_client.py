@@ -12,6 +12,7 @@ from snp.common.v1 import types_pb2
 from snp.rmp.v1 import rmp_pb2 as pb
 from snp.rmp.v1 import rmp_pb2_grpc
 
+from snpemu import errors
 from snpemu.abi.addr import spa_to_pfn
 from snpemu.abi.rmp import FwOp, PageState
 from snpemu.errors import SnpemuError, Unavailable
@@ -22,6 +23,29 @@ from snpemu.runtime.servicer import CREDENTIAL_HEADER
 from snpemu.runtime.status import error_info
 
 R = TypeVar("R")
+
+# The classes a refusal from rmp keeps (the caller caused it: its code goes on to psp's caller).
+_KEEPS: dict[grpc.StatusCode, type[SnpemuError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.WrongState,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+}
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def rmp_error(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
+) -> SnpemuError:
+    """What rmp refused, as the firmware reports it: a page in the wrong state is
+    INVALID_PAGE_STATE and an address beyond memory INVALID_ADDRESS (firmware statuses, as a
+    DMA the AMD-SP refuses); any other refusal keeps its code and reason."""
+    if reason == RmpReason.PAGE_STATE_MISMATCH:
+        return fail(SevStatus.INVALID_PAGE_STATE, message or "page state")
+    if reason == RmpReason.BEYOND_MEMORY:
+        return fail(SevStatus.INVALID_ADDRESS, message or "beyond memory")
+    cls = _KEEPS.get(code, SnpemuError)
+    return cls(f"rmp: {message}", reason=reason or code.name, metadata=metadata)
 
 
 def _states(expect: tuple[PageState, ...]) -> list[types_pb2.PageState.ValueType]:
@@ -51,9 +75,9 @@ class GrpcRmp:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"rmp is unreachable: {e.details()}") from None
             info = error_info(e)
-            if info is not None and info.reason == RmpReason.PAGE_STATE_MISMATCH:
-                raise fail(SevStatus.INVALID_PAGE_STATE, e.details() or "page state") from None
-            raise
+            reason = info.reason if info is not None else ""
+            metadata = dict(info.metadata) if info is not None else {}
+            raise rmp_error(e.code(), e.details() or "", reason, metadata) from None
 
     async def platform(self) -> Platform:
         r = await self._call(self._stub.GetPlatformInfo, pb.GetPlatformInfoRequest())
@@ -93,9 +117,8 @@ class GrpcRmp:
                 raise Unavailable("rmp closed the firmware session")
         if reply.WhichOneof("result") == "error":
             err = reply.error
-            if err.reason == RmpReason.PAGE_STATE_MISMATCH:
-                raise fail(SevStatus.INVALID_PAGE_STATE, err.message)
-            raise SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+            code = _BY_NUMBER.get(err.code, grpc.StatusCode.UNKNOWN)
+            raise rmp_error(code, err.message, err.reason, dict(err.metadata))
         return reply  # type: ignore[no-any-return]
 
     async def read(

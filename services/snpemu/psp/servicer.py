@@ -8,32 +8,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from snp.common.v1 import handles_pb2, types_pb2
 from snp.psp.v1 import psp_pb2 as pb
 
-from snpemu.abi.addr import Spa
+from snpemu.abi.addr import PAGE_SIZE, Spa
 from snpemu.abi.platform_status import PlatformStatus, StatusFlag
-from snpemu.errors import InvalidArgument
+from snpemu.abi.secrets import GOSVW_SIZE
 from snpemu.psp.firmware import Firmware
-from snpemu.psp.status import PspReason
+from snpemu.psp.guest import ID_BLOCK
+from snpemu.psp.launch import HOST_DATA_SIZE
+from snpemu.psp.platform import FW_BLOB_MAX
 from snpemu.psp.tcb import Tcb
-
-
-def tcb_pb(tcb: Tcb) -> types_pb2.TcbVersion:
-    return types_pb2.TcbVersion(
-        raw=tcb.raw, boot_loader=tcb.boot_loader, tee=tcb.tee, snp=tcb.snp, microcode=tcb.microcode
-    )
-
-
-def _gctx(handle: Any) -> Spa:
-    if not handle.gctx_paddr:
-        raise InvalidArgument("gctx.gctx_paddr is required", reason=PspReason.INVALID_ARGUMENT)
-    return Spa(int(handle.gctx_paddr))
-
-
-def _size_2m(size: int) -> bool:
-    if size not in (types_pb2.PAGE_SIZE_4K, types_pb2.PAGE_SIZE_2M):
-        raise InvalidArgument(
-            "page_size must be PAGE_SIZE_4K or PAGE_SIZE_2M", reason=PspReason.INVALID_ARGUMENT
-        )
-    return size == types_pb2.PAGE_SIZE_2M
+from snpemu.psp.wire import MAX_RANGES, at_most, defined, gctx, size_2m, tcb_pb, tcb_raw, u8
 
 
 class PspServicer:
@@ -47,6 +30,7 @@ class PspServicer:
         return pb.SnpInitResponse()
 
     async def SnpInitEx(self, request: Any, context: Any) -> pb.SnpInitExResponse:
+        at_most(len(request.hv_fixed_ranges), MAX_RANGES, "hv_fixed_ranges")
         await self.fw.snp_init_ex(
             init_rmp=request.init_rmp,
             hv_fixed=[(r.base, r.page_count) for r in request.hv_fixed_ranges],
@@ -93,7 +77,7 @@ class PspServicer:
 
     async def SnpConfig(self, request: Any, context: Any) -> pb.SnpConfigResponse:
         await self.fw.config(
-            reported_tcb=int(request.reported_tcb.raw),
+            reported_tcb=tcb_raw(request.reported_tcb, "reported_tcb"),
             mask_chip_id=request.mask_chip_id,
             mask_chip_key=request.mask_chip_key,
         )
@@ -108,6 +92,9 @@ class PspServicer:
         return pb.SnpFeatureInfoResponse(eax=eax, ebx=ebx, ecx=ecx, edx=edx)
 
     async def SetExtendedConfig(self, request: Any, context: Any) -> pb.SetExtendedConfigResponse:
+        # the firmware answers INVALID_LEN up to a page past its limit; beyond that the blob is
+        # not a command buffer's worth and is refused before anything reads it
+        at_most(len(request.certs_blob), 2 * FW_BLOB_MAX, "certs_blob")
         await self.fw.set_ext_config(request.certs_blob)
         return pb.SetExtendedConfigResponse()
 
@@ -144,12 +131,13 @@ class PspServicer:
         )
 
     async def Activate(self, request: Any, context: Any) -> pb.ActivateResponse:
-        await self.fw.activate(_gctx(request.gctx), request.asid)
+        await self.fw.activate(gctx(request.gctx), request.asid)
         return pb.ActivateResponse()
 
     async def LaunchStart(self, request: Any, context: Any) -> pb.LaunchStartResponse:
+        at_most(len(request.gosvw), GOSVW_SIZE, "gosvw")
         await self.fw.launch_start(
-            _gctx(request.gctx),
+            gctx(request.gctx),
             policy=request.policy,
             gosvw=request.gosvw,
             ma_en=request.ma_en,
@@ -158,19 +146,31 @@ class PspServicer:
         return pb.LaunchStartResponse()
 
     async def LaunchUpdate(self, request: Any, context: Any) -> pb.LaunchUpdateResponse:
+        # PAGE_TYPE is bits 3:1 of the command's flags: a value it cannot hold is the wire's,
+        # one it can (7 included) the firmware's to judge
+        if request.page_type >= 8:
+            defined(pb.PageType, request.page_type, "page_type")
+        perms = (
+            u8(request.vmpl1_perms, "vmpl1_perms"),
+            u8(request.vmpl2_perms, "vmpl2_perms"),
+            u8(request.vmpl3_perms, "vmpl3_perms"),
+        )
         digest = await self.fw.launch_update(
-            _gctx(request.gctx),
+            gctx(request.gctx),
             address=Spa(request.address),
             page_type=request.page_type,
-            size_2m=_size_2m(request.page_size),
+            size_2m=size_2m(request.page_size),
             imi=request.imi_page,
-            vmpl_perms=(request.vmpl1_perms, request.vmpl2_perms, request.vmpl3_perms),
+            vmpl_perms=perms,
         )
         return pb.LaunchUpdateResponse(launch_digest=digest)
 
     async def LaunchFinish(self, request: Any, context: Any) -> pb.LaunchFinishResponse:
+        at_most(len(request.id_block), ID_BLOCK.size, "id_block")
+        at_most(len(request.id_auth), PAGE_SIZE, "id_auth")
+        at_most(len(request.host_data), HOST_DATA_SIZE, "host_data")
         measurement = await self.fw.launch_finish(
-            _gctx(request.gctx),
+            gctx(request.gctx),
             id_block=request.id_block,
             id_auth=request.id_auth,
             id_block_en=request.id_block_en,
@@ -181,7 +181,7 @@ class PspServicer:
         return pb.LaunchFinishResponse(measurement=measurement)
 
     async def GuestStatus(self, request: Any, context: Any) -> pb.GuestStatusResponse:
-        ctx = await self.fw.guest_status(_gctx(request.gctx))
+        ctx = await self.fw.guest_status(gctx(request.gctx))
         return pb.GuestStatusResponse(
             policy=ctx.policy,
             asid=ctx.asid,
@@ -190,34 +190,39 @@ class PspServicer:
         )
 
     async def Decommission(self, request: Any, context: Any) -> pb.DecommissionResponse:
-        await self.fw.decommission(_gctx(request.gctx))
+        await self.fw.decommission(gctx(request.gctx))
         return pb.DecommissionResponse()
 
     async def PageReclaim(self, request: Any, context: Any) -> pb.PageReclaimResponse:
-        await self.fw.page_reclaim(Spa(request.paddr), _size_2m(request.page_size))
+        await self.fw.page_reclaim(Spa(request.paddr), size_2m(request.page_size))
         return pb.PageReclaimResponse()
 
     async def PageUnsmash(self, request: Any, context: Any) -> pb.PageUnsmashResponse:
+        defined(types_pb2.PageSize, request.page_size, "page_size")
         await self.fw.page_unsmash(Spa(request.paddr))
         return pb.PageUnsmashResponse()
 
     async def DbgDecrypt(self, request: Any, context: Any) -> pb.DbgDecryptResponse:
-        await self.fw.dbg_decrypt(_gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
+        await self.fw.dbg_decrypt(gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
         return pb.DbgDecryptResponse()
 
     async def DbgEncrypt(self, request: Any, context: Any) -> pb.DbgEncryptResponse:
-        await self.fw.dbg_encrypt(_gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
+        await self.fw.dbg_encrypt(gctx(request.gctx), Spa(request.src_addr), Spa(request.dst_addr))
         return pb.DbgEncryptResponse()
 
     async def GuestRequest(self, request: Any, context: Any) -> pb.GuestRequestResponse:
         await self.fw.guest_request(
-            _gctx(request.gctx), Spa(request.req_paddr), Spa(request.res_paddr)
+            gctx(request.gctx), Spa(request.req_paddr), Spa(request.res_paddr)
         )
         return pb.GuestRequestResponse()
 
     async def GetCertificates(self, request: Any, context: Any) -> pb.GetCertificatesResponse:
         ident = self.fw.id
-        tcb = Tcb.from_raw(request.tcb.raw) if request.HasField("tcb") else self.fw.reported_tcb
+        tcb = (
+            Tcb.from_raw(tcb_raw(request.tcb, "tcb"))
+            if request.HasField("tcb")
+            else self.fw.reported_tcb
+        )
         der = Encoding.DER
         return pb.GetCertificatesResponse(
             ark_der=ident.ark_cert.public_bytes(der),

@@ -68,6 +68,15 @@ class PspReason(enum.StrEnum):
 
     # a request field the servicer refuses before the firmware sees it
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    MISSING_FIELD = "MISSING_FIELD"
+    # an enum value the proto does not define
+    UNKNOWN_ENUM_VALUE = "UNKNOWN_ENUM_VALUE"
+    # a number wider than the command buffer's field (a u8 SPL of 999)
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    # more bytes or entries than the command buffer holds
+    TOO_LONG = "TOO_LONG"
+    # a TcbVersion whose raw u64 and decoded fields disagree
+    TCB_MISMATCH = "TCB_MISMATCH"
 
 
 # snp_psp_commands_total's status label for a command that raised something other than a

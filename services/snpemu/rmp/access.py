@@ -52,7 +52,7 @@ def spans(addr: int, length: int) -> Iterator[tuple[int, int, int]]:
 
 def _check_length(length: int, what: str = "length") -> None:
     if not 0 < length <= MAX_ACCESS:
-        raise InvalidArgument(f"{what} must be in 1..{MAX_ACCESS}")
+        raise InvalidArgument(f"{what} must be in 1..{MAX_ACCESS}", reason=RmpReason.OUT_OF_RANGE)
 
 
 class MemoryAccess:
@@ -77,7 +77,8 @@ class MemoryAccess:
         pfn = spa_to_pfn(spa)
         if not 0 <= pfn < self.npages:
             raise InvalidArgument(
-                f"SPA {spa:#x} is beyond host memory ({self.memory_bytes:#x} bytes)"
+                f"SPA {spa:#x} is beyond host memory ({self.memory_bytes:#x} bytes)",
+                reason=RmpReason.BEYOND_MEMORY,
             )
         return pfn
 
@@ -184,7 +185,9 @@ class MemoryAccess:
     def check_state(self, pfn: int, expect: tuple[PageState, ...]) -> None:
         """WrongState(PAGE_STATE_MISMATCH) unless the page is in one of the states."""
         if not 0 <= pfn < self.npages:
-            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
+            raise InvalidArgument(
+                f"PFN {pfn:#x} is beyond host memory", reason=RmpReason.BEYOND_MEMORY
+            )
         state = self.table.entry(pfn).state
         if state not in expect:
             raise WrongState(

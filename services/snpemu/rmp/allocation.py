@@ -13,7 +13,8 @@ import numpy as np
 
 from snpemu.abi.addr import PAGE_SIZE
 from snpemu.abi.rmp import Placement
-from snpemu.errors import InvalidArgument, WrongState
+from snpemu.errors import WrongState
+from snpemu.rmp import checks
 from snpemu.rmp.counters import Counters
 from snpemu.rmp.dump import dump_entry
 from snpemu.rmp.entry import ASSIGNED, IMMUTABLE
@@ -42,9 +43,11 @@ class Allocation:
         return self.allocator.allocate(count, placement)
 
     def free(self, pfns: list[int]) -> None:
+        """Every page back to the pool, or none: each must be inside memory, named once, in
+        hypervisor state, allocated and not leaked."""
+        checks.distinct_pfns(pfns, self.npages)
         for pfn in pfns:
-            lo = self.table.effective(pfn)[0] if 0 <= pfn < self.npages else 0
-            if lo & (ASSIGNED | IMMUTABLE):
+            if self.table.effective(pfn)[0] & (ASSIGNED | IMMUTABLE):
                 raise WrongState(
                     f"PFN 0x{pfn:x} is not in hypervisor state; reclaim and RMPUPDATE it to "
                     "shared first, or leak it",
@@ -55,9 +58,8 @@ class Allocation:
             self.frames.replace(pfn, bytes(PAGE_SIZE))
 
     def leak(self, pfns: list[int], reason: str) -> int:
-        for pfn in pfns:
-            if not 0 <= pfn < self.npages:
-                raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
+        # named once each, so the leak count is the pages leaked
+        checks.distinct_pfns(pfns, self.npages)
         new = self.allocator.leak(pfns)
         self.counters.leaked_pages += new
         for pfn in pfns:

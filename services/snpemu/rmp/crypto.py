@@ -22,9 +22,14 @@ class MemoryKeys:
 
     def install(self, asid: int, key: bytes) -> None:
         if not 1 <= asid <= MAX_ASID:
-            raise InvalidArgument(f"ASID {asid} is outside 1..{MAX_ASID}")
+            raise InvalidArgument(
+                f"ASID {asid} is outside 1..{MAX_ASID}", reason=RmpReason.OUT_OF_RANGE
+            )
         if len(key) != KEY_BYTES or key[:32] == key[32:]:
-            raise InvalidArgument("an AES-256-XTS key is 64 bytes with two different halves")
+            raise InvalidArgument(
+                "an AES-256-XTS key is 64 bytes with two different halves",
+                reason=RmpReason.INVALID_ARGUMENT,
+            )
         self._keys[asid] = algorithms.AES(key)
 
     def remove(self, asid: int) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from snpemu.errors import InvalidArgument, NotFound, WrongState
+from snpemu.rmp.checks import quote
 from snpemu.rmp.entry import ASSIGNED
 from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.table import RmpTable
@@ -43,7 +44,9 @@ class HostMaps:
 
     def map_page(self, pfn: int, holder: str) -> HostMap:
         if not 0 <= pfn < self.table.npages:
-            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory")
+            raise InvalidArgument(
+                f"PFN {pfn:#x} is beyond host memory", reason=RmpReason.BEYOND_MEMORY
+            )
         if self.table.effective(pfn)[0] & ASSIGNED:
             raise WrongState(
                 f"PFN 0x{pfn:x} is private (assigned in the RMP); "
@@ -58,7 +61,7 @@ class HostMaps:
     def unmap_page(self, map_id: str) -> None:
         m = self.maps.pop(map_id, None)
         if m is None:
-            raise NotFound(f"no host mapping {map_id!r}")
+            raise NotFound(f"no host mapping {quote(map_id)}")
         left = self.table.pinned[m.pfn] - 1
         if left:
             self.table.pinned[m.pfn] = left

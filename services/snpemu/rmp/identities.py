@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from snpemu.errors import InvalidArgument, NotFound, PermissionDenied, WrongState
+from snpemu.rmp.checks import quote
 from snpemu.rmp.entry import MAX_ASID
 from snpemu.rmp.reasons import RmpReason
 
@@ -34,20 +35,25 @@ class Identities:
 
     def register(self, ident: Identity) -> None:
         if not 1 <= ident.asid <= MAX_ASID or not 0 <= ident.vmpl <= 3:
-            raise InvalidArgument("identity needs an ASID in 1..1023 and a VMPL in 0..3")
+            raise InvalidArgument(
+                "identity needs an ASID in 1..1023 and a VMPL in 0..3",
+                reason=RmpReason.OUT_OF_RANGE,
+            )
         if len(ident.token) < 16:
-            raise InvalidArgument("identity token must be at least 16 bytes")
+            raise InvalidArgument(
+                "identity token must be at least 16 bytes", reason=RmpReason.OUT_OF_RANGE
+            )
         key = (ident.vm_id, ident.vcpu_id)
         if key in self._by_vcpu:
             raise WrongState(
-                f"vCPU {ident.vcpu_id} of VM {ident.vm_id} already has an identity",
+                f"vCPU {ident.vcpu_id} of VM {quote(ident.vm_id)} already has an identity",
                 reason=RmpReason.ALREADY_REGISTERED,
             )
         self._by_vcpu[key] = ident
 
     def revoke(self, vm_id: str, vcpu_id: int) -> None:
         if self._by_vcpu.pop((vm_id, vcpu_id), None) is None:
-            raise NotFound(f"no identity for vCPU {vcpu_id} of VM {vm_id}")
+            raise NotFound(f"no identity for vCPU {vcpu_id} of VM {quote(vm_id)}")
 
     def check(self, vm_id: str, vcpu_id: int, asid: int, token: bytes) -> Identity:
         """The registered identity a guest operation presents, or PermissionDenied."""

@@ -41,6 +41,7 @@ from snpemu.abi.addr import (
 )
 from snpemu.abi.rmp import AccessOrigin, Code, FwOp, PageState, Placement
 from snpemu.errors import InvalidArgument
+from snpemu.rmp import checks
 from snpemu.rmp.access import MemoryAccess
 from snpemu.rmp.allocation import Allocation
 from snpemu.rmp.counters import Counters
@@ -53,6 +54,7 @@ from snpemu.rmp.identities import Identities, Identity
 from snpemu.rmp.memory import FrameAllocator, FrameStore
 from snpemu.rmp.npt import NestedPageTable
 from snpemu.rmp.paging import NestedPaging
+from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.table import RmpTable
 from snpemu.rmp.violations import HostPanic, NoSubscriber, Notifier, Outcome, Policy, Violations
 
@@ -193,18 +195,15 @@ class RmpMachine:
     # the RMP table
 
     def entry(self, pfn: int) -> Entry:
-        if not 0 <= pfn < self.npages:
-            raise InvalidArgument(f"PFN {pfn:#x} is beyond host memory (max {self.npages - 1:#x})")
+        checks.pfn(pfn, self.npages)
         return self.table.entry(pfn, leaked=bool(self.allocator.leaked[pfn]))
 
     def list_entries(self, first: int, count: int, non_default_only: bool) -> list[Entry]:
         """count entries from PFN first (fewer at the end of memory); optionally only those
         that are not all zero."""
         self.check_alive()
-        if not 1 <= count <= MAX_LIST:
-            raise InvalidArgument(f"count must be in 1..{MAX_LIST}")
-        if first >= self.npages:
-            raise InvalidArgument(f"first_pfn {first:#x} is beyond host memory")
+        checks.in_range(count, 1, MAX_LIST, "count")
+        checks.pfn(first, self.npages, "first_pfn")
         last = min(first + count, self.npages)
         if not non_default_only:
             return [self.entry(p) for p in range(first, last)]
@@ -340,7 +339,9 @@ class RmpMachine:
         self.check_alive()
         offset = page_offset(spa)
         if not data or offset + len(data) > PAGE_SIZE:
-            raise InvalidArgument("a host write covers 1..4096 bytes within one page")
+            raise InvalidArgument(
+                "a host write covers 1..4096 bytes within one page", reason=RmpReason.OUT_OF_RANGE
+            )
         pfn = self.access.pfn(spa)
         lo = self.table.effective(pfn)[0]
         if not lo & ASSIGNED:

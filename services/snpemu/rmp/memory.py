@@ -61,11 +61,14 @@ class FrameAllocator:
 
     def allocate(self, count: int, placement: Placement) -> list[int]:
         if not 1 <= count <= self.MAX_COUNT:
-            raise InvalidArgument(f"count must be in 1..{self.MAX_COUNT}, got {count}")
+            raise InvalidArgument(
+                f"count must be in 1..{self.MAX_COUNT}, got {count}", reason=RmpReason.OUT_OF_RANGE
+            )
         if placement == Placement.ALIGNED_2M:
             if count % PAGES_PER_2M:
                 raise InvalidArgument(
-                    f"2 MiB-aligned allocations come in 512-page units, got {count}"
+                    f"2 MiB-aligned allocations come in 512-page units, got {count}",
+                    reason=RmpReason.OUT_OF_RANGE,
                 )
             regions = self.free.reshape(-1, PAGES_PER_2M).all(axis=1)
             starts = np.flatnonzero(regions)[: count // PAGES_PER_2M] * PAGES_PER_2M
@@ -99,7 +102,7 @@ class FrameAllocator:
     def release(self, pfns: list[int]) -> None:
         arr = np.asarray(pfns, dtype=np.int64)
         if np.any((arr < 0) | (arr >= self.npages)):
-            raise InvalidArgument("PFN out of range")
+            raise InvalidArgument("PFN out of range", reason=RmpReason.BEYOND_MEMORY)
         if np.any(self.free[arr]):
             raise WrongState("page is not allocated", reason=RmpReason.NOT_ALLOCATED)
         if np.any(self.leaked[arr]):

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, gpa_to_gfn
 from snpemu.errors import InvalidArgument
+from snpemu.rmp.reasons import RmpReason
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,18 @@ class NestedPageTable:
 
     def map(self, gpa: int, pfn: int, npages: int) -> None:
         if gpa % PAGE_SIZE or npages <= 0 or pfn < 0:
-            raise InvalidArgument("mappings are page-aligned and non-empty")
+            raise InvalidArgument(
+                "mappings are page-aligned and non-empty", reason=RmpReason.INVALID_ARGUMENT
+            )
         gfn = gpa_to_gfn(gpa)
         i = bisect.bisect_left(self._starts, gfn)
         prev_overlaps = i > 0 and self._maps[i - 1].gfn + self._maps[i - 1].npages > gfn
         next_overlaps = i < len(self._maps) and self._maps[i].gfn < gfn + npages
         if prev_overlaps or next_overlaps:
-            raise InvalidArgument(f"GPA range at {gpa:#x} overlaps an existing mapping")
+            raise InvalidArgument(
+                f"GPA range at {gpa:#x} overlaps an existing mapping",
+                reason=RmpReason.INVALID_ARGUMENT,
+            )
         self._starts.insert(i, gfn)
         self._maps.insert(i, Mapping(gfn, pfn, npages))
 
@@ -44,9 +50,16 @@ class NestedPageTable:
         gfn = gpa_to_gfn(gpa)
         i = bisect.bisect_left(self._starts, gfn)
         if i == len(self._maps) or self._maps[i].gfn != gfn or self._maps[i].npages != npages:
-            raise InvalidArgument(f"no mapping of {npages} pages at GPA {gpa:#x}")
+            raise InvalidArgument(
+                f"no mapping of {npages} pages at GPA {gpa:#x}", reason=RmpReason.INVALID_ARGUMENT
+            )
         del self._starts[i]
         del self._maps[i]
+
+    def copy(self) -> NestedPageTable:
+        other = NestedPageTable()
+        other._starts, other._maps = list(self._starts), list(self._maps)
+        return other
 
     def translate(self, gpa: int) -> int | None:
         """The PFN backing gpa, or None (an NPF for a missing mapping)."""

@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from snpemu.errors import InvalidArgument
 from snpemu.rmp.entry import MAX_ASID
 from snpemu.rmp.npt import NestedPageTable
+from snpemu.rmp.reasons import RmpReason
 
 
 class NestedPaging:
@@ -25,16 +26,21 @@ class NestedPaging:
     def update(
         self, asid: int, unmap: list[tuple[int, int]], map: list[tuple[int, int, int]]
     ) -> None:
-        """Unmap (gpa, npages) ranges, then map (gpa, first_pfn, npages) ranges, in order."""
+        """Unmap (gpa, npages) ranges, then map (gpa, first_pfn, npages) ranges, in order; all
+        of it or, when one range is refused, none (the work is done on a copy)."""
         if not 1 <= asid <= MAX_ASID:
-            raise InvalidArgument("asid must be in 1..1023")
-        table = self.npt(asid)
+            raise InvalidArgument("asid must be in 1..1023", reason=RmpReason.OUT_OF_RANGE)
+        table = self.npts.get(asid, NestedPageTable()).copy()
         for gpa, npages in unmap:
             table.unmap(gpa, npages)
         for gpa, first_pfn, npages in map:
             if first_pfn + npages > self.npages:
-                raise InvalidArgument(f"mapping at GPA {gpa:#x} runs beyond host memory")
+                raise InvalidArgument(
+                    f"mapping at GPA {gpa:#x} runs beyond host memory",
+                    reason=RmpReason.BEYOND_MEMORY,
+                )
             table.map(gpa, first_pfn, npages)
+        self.npts[asid] = table
 
     def translate(self, asid: int, gpa: int) -> int | None:
         table = self.npts.get(asid)
@@ -51,5 +57,7 @@ class NestedPaging:
         """The PFN the ASID's table maps gpa to, or InvalidArgument."""
         pfn = self.translate(asid, gpa)
         if pfn is None:
-            raise InvalidArgument(f"GPA {gpa:#x} is not mapped for ASID {asid}")
+            raise InvalidArgument(
+                f"GPA {gpa:#x} is not mapped for ASID {asid}", reason=RmpReason.INVALID_ARGUMENT
+            )
         return pfn

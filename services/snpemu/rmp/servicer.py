@@ -13,10 +13,12 @@ from snpemu.abi.addr import PAGE_SIZE, pfn_to_spa, spa_to_pfn
 from snpemu.abi.rmp import AccessOrigin, FwOp, PageState, Placement
 from snpemu.abi.rmp_batch import BATCH_ENTRY
 from snpemu.errors import InvalidArgument
-from snpemu.rmp.entry import RMP_STATE
+from snpemu.rmp import checks
+from snpemu.rmp.entry import MAX_ASID, RMP_STATE
 from snpemu.rmp.fault import Fault
 from snpemu.rmp.identities import Identity
 from snpemu.rmp.machine import RmpMachine
+from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.sessions import Handler, host_sequence, run_session
 from snpemu.rmp.violations import KickHub, Policy
 from snpemu.rmp.wire import entry_pb, fault_pb, kick_pb, result_pb, size_2m
@@ -28,6 +30,12 @@ GUEST_RPCS = frozenset(
 
 assert BATCH_ENTRY.itemsize == 8 + RMP_STATE.size
 MAX_BATCH = 1 << 16
+# A vCPU identity's token: kvm issues 32 random bytes; room to spare, not a megabyte.
+MAX_TOKEN = 64
+# Other pages a firmware read's state check covers (a command names a few, never many).
+MAX_CHECKS = 16
+# RMPADJUST takes the target VMPL in RDX bits 7:0 and the permission mask in bits 15:8.
+RDX_BYTE_MAX = 0xFF
 
 
 class RmpServicer:
@@ -44,9 +52,23 @@ class RmpServicer:
         }
 
     def _identity(self, ident: Any) -> Identity:
-        if not ident.vcpu.vm.id:
-            raise InvalidArgument("identity.vcpu.vm.id is required")
+        self._identity_fields(ident)
         return self.m.guest(ident.vcpu.vm.id, ident.vcpu.vcpu_id, ident.asid, ident.token)
+
+    @staticmethod
+    def _identity_fields(ident: Any) -> None:
+        checks.text(ident.vcpu.vm.id, "identity.vcpu.vm.id", limit=checks.MAX_ID, required=True)
+        if len(ident.token) > MAX_TOKEN:
+            raise InvalidArgument(
+                f"identity.token is {len(ident.token)} bytes, at most {MAX_TOKEN}",
+                reason=RmpReason.TOO_LONG,
+            )
+
+    def _spa(self, spa: int, field: str = "spa") -> int:
+        return checks.spa(spa, self.m.npages, field)
+
+    def _asid(self, asid: int, field: str = "asid", low: int = 1) -> int:
+        return checks.in_range(asid, low, MAX_ASID, field)
 
     # --- platform ------------------------------------------------------------------------
 
@@ -69,12 +91,12 @@ class RmpServicer:
         return pb.WbinvdResponse()
 
     async def AllocatePages(self, request: Any, context: Any) -> pb.AllocatePagesResponse:
-        if request.placement == pb.PLACEMENT_UNSPECIFIED:
-            raise InvalidArgument("placement is required")
-        pfns = self.m.allocate(request.count, Placement(request.placement))
+        placement = checks.member(Placement, request.placement, "placement")
+        pfns = self.m.allocate(request.count, placement)
         return pb.AllocatePagesResponse(pfns=pfns)
 
     async def FreePages(self, request: Any, context: Any) -> pb.FreePagesResponse:
+        checks.count(len(request.pfns), MAX_BATCH, "pfns")
         self.m.free(list(request.pfns))
         return pb.FreePagesResponse()
 
@@ -105,17 +127,22 @@ class RmpServicer:
         raw = request.entries
         if len(raw) % BATCH_ENTRY.itemsize:
             raise InvalidArgument(
-                f"entries is {len(raw)} bytes, not a multiple of {BATCH_ENTRY.itemsize}"
+                f"entries is {len(raw)} bytes, not a multiple of {BATCH_ENTRY.itemsize}",
+                reason=RmpReason.INVALID_ARGUMENT,
             )
         arr = np.frombuffer(raw, dtype=BATCH_ENTRY)
         if len(arr) > MAX_BATCH:
-            raise InvalidArgument(f"at most {MAX_BATCH} entries per batch")
+            raise InvalidArgument(
+                f"at most {MAX_BATCH} entries per batch", reason=RmpReason.TOO_LONG
+            )
         if (
             np.any(arr["pagesize"] > 1)
             or np.any(arr["assigned"] > 1)
             or np.any(arr["immutable"] > 1)
         ):
-            raise InvalidArgument("assigned, pagesize and immutable are 0 or 1")
+            raise InvalidArgument(
+                "assigned, pagesize and immutable are 0 or 1", reason=RmpReason.OUT_OF_RANGE
+            )
         codes = self.m.rmpupdate_batch(
             arr["spa"],
             arr["gpa"].copy(),
@@ -132,8 +159,8 @@ class RmpServicer:
 
     async def LeakPages(self, request: Any, context: Any) -> pb.LeakPagesResponse:
         self.m.check_alive()
-        if not request.reason:
-            raise InvalidArgument("reason is required (it is logged with the RMP entry)")
+        checks.text(request.reason, "reason (logged with the RMP entry)", required=True)
+        checks.count(len(request.pfns), MAX_BATCH, "pfns")
         self.m.leak(list(request.pfns), request.reason)
         return pb.LeakPagesResponse()
 
@@ -154,13 +181,15 @@ class RmpServicer:
     async def PvalidateBatch(self, request: Any, context: Any) -> pb.PvalidateBatchResponse:
         ident = self._identity(request.identity)
         if len(request.gpas) > MAX_BATCH:
-            raise InvalidArgument(f"at most {MAX_BATCH} pages per batch")
+            raise InvalidArgument(f"at most {MAX_BATCH} pages per batch", reason=RmpReason.TOO_LONG)
         gpas = np.fromiter(request.gpas, dtype=np.uint64, count=len(request.gpas))
         codes, fault = self.m.pvalidate_batch(ident, gpas, validate=request.validate)
         return pb.PvalidateBatchResponse(codes=codes.tobytes(), fault=fault_pb(fault))
 
     async def RmpAdjust(self, request: Any, context: Any) -> pb.RmpAdjustResponse:
         ident = self._identity(request.identity)
+        checks.in_range(request.target_vmpl, 0, RDX_BYTE_MAX, "target_vmpl (RDX bits 7:0)")
+        checks.in_range(request.perms, 0, RDX_BYTE_MAX, "perms (RDX bits 15:8)")
         r = self.m.rmpadjust(
             ident,
             request.gpa,
@@ -178,6 +207,8 @@ class RmpServicer:
     async def UpdateNestedPageTable(
         self, request: Any, context: Any
     ) -> pb.UpdateNestedPageTableResponse:
+        checks.count(len(request.map) + len(request.unmap), MAX_BATCH, "map and unmap")
+        checks.text(request.vm.id, "vm.id", limit=checks.MAX_ID)
         self.m.update_npt(
             request.asid,
             unmap=[(u.gpa, u.npages) for u in request.unmap],
@@ -200,7 +231,13 @@ class RmpServicer:
 
     async def HostCopy(self, request: Any, context: Any) -> pb.HostCopyResponse:
         if not 0 < request.length <= PAGE_SIZE or request.peek > min(256, request.length):
-            raise InvalidArgument("length is 1..4096 and peek at most 256 and at most length")
+            raise InvalidArgument(
+                "length is 1..4096 and peek at most 256 and at most length",
+                reason=RmpReason.OUT_OF_RANGE,
+            )
+        checks.member(AccessOrigin, request.origin, "origin")
+        checks.text(request.writer, "writer")
+        self._spa(request.dst_spa, "dst_spa")
         data = self.m.host_read(request.src_spa, request.length)
         write = await self.HostWrite(
             pb.HostWriteRequest(
@@ -211,10 +248,10 @@ class RmpServicer:
         return pb.HostCopyResponse(write=write, head=data[: request.peek])
 
     async def HostWrite(self, request: Any, context: Any) -> pb.HostWriteResponse:
-        if request.origin == pb.ACCESS_ORIGIN_UNSPECIFIED:
-            raise InvalidArgument("origin is required: ACCESS_ORIGIN_USER or ACCESS_ORIGIN_KERNEL")
+        origin = checks.member(AccessOrigin, request.origin, "origin")
+        checks.text(request.writer, "writer")
         outcome, entry, dump = await self.m.host_write(
-            request.spa, request.data, AccessOrigin(request.origin), request.writer
+            request.spa, request.data, origin, request.writer
         )
         return pb.HostWriteResponse(
             outcome=pb.ViolationOutcome.ValueType(int(outcome)),
@@ -225,18 +262,21 @@ class RmpServicer:
     async def MapHostPage(self, request: Any, context: Any) -> pb.MapHostPageResponse:
         which = request.WhichOneof("page")
         pfn: int
+        checks.text(request.holder, "holder (named when a map leaks)", required=True)
         if which == "spa":
-            pfn = spa_to_pfn(request.spa)
+            pfn = spa_to_pfn(self._spa(request.spa))
         elif which == "guest":
+            self._asid(request.guest.asid, "guest.asid")
             pfn = self.m.guest_pfn(request.guest.asid, request.guest.gpa)
         else:
-            raise InvalidArgument("give the page as spa or as guest {asid, gpa}")
-        if not request.holder:
-            raise InvalidArgument("holder is required (named when a map leaks)")
+            raise InvalidArgument(
+                "give the page as spa or as guest {asid, gpa}", reason=RmpReason.MISSING_FIELD
+            )
         m = self.m.map_page(pfn, request.holder)
         return pb.MapHostPageResponse(map_id=m.map_id, spa=pfn_to_spa(pfn))
 
     async def UnmapHostPage(self, request: Any, context: Any) -> pb.UnmapHostPageResponse:
+        checks.text(request.map_id, "map_id", limit=checks.MAX_ID, required=True)
         self.m.unmap_page(request.map_id)
         return pb.UnmapHostPageResponse()
 
@@ -260,13 +300,13 @@ class RmpServicer:
         self, request: Any, context: Any
     ) -> pb.RegisterVcpuIdentityResponse:
         i = request.identity
-        if not i.vcpu.vm.id:
-            raise InvalidArgument("identity.vcpu.vm.id is required")
+        self._identity_fields(i)
         self.m.register(Identity(i.vcpu.vm.id, i.vcpu.vcpu_id, i.asid, i.vmpl, i.token))
         return pb.RegisterVcpuIdentityResponse()
 
     async def RevokeVcpuIdentity(self, request: Any, context: Any) -> pb.RevokeVcpuIdentityResponse:
         i = request.identity
+        self._identity_fields(i)
         self.m.revoke(i.vcpu.vm.id, i.vcpu.vcpu_id)
         return pb.RevokeVcpuIdentityResponse()
 
@@ -275,6 +315,7 @@ class RmpServicer:
         return pb.InstallMemoryKeyResponse()
 
     async def RemoveMemoryKey(self, request: Any, context: Any) -> pb.RemoveMemoryKeyResponse:
+        self._asid(request.asid)
         self.m.remove_key(request.asid)
         return pb.RemoveMemoryKeyResponse()
 
@@ -286,28 +327,34 @@ class RmpServicer:
         return pb.FirmwareWbinvdIndicatorResponse(set=self.m.fw_wbinvd_indicator(request.clear))
 
     async def FirmwareTransition(self, request: Any, context: Any) -> pb.FirmwareTransitionResponse:
-        if request.op == pb.FIRMWARE_OP_UNSPECIFIED:
-            raise InvalidArgument("op is required")
-        try:
-            op = FwOp(request.op)
-        except ValueError:
-            raise InvalidArgument(f"unknown firmware transition {request.op}") from None
-        changed = self.m.fw_transition(list(request.spas), op, request.asid)
+        op = checks.member(FwOp, request.op, "op")
+        self._asid(request.asid, low=0)
+        checks.count(len(request.spas), MAX_BATCH, "spas")
+        spas = list(request.spas)
+        checks.distinct_pfns([spa_to_pfn(self._spa(s, "spas")) for s in spas], self.m.npages)
+        changed = self.m.fw_transition(spas, op, request.asid)
         return pb.FirmwareTransitionResponse(changed=changed)
 
     async def FirmwareRead(self, request: Any, context: Any) -> pb.FirmwareReadResponse:
-        expect = tuple(PageState(s) for s in request.expect_states)
-        checks = tuple(
-            (c.spa, tuple(PageState(s) for s in c.expect_states)) for c in request.checks
+        self._asid(request.asid, low=0)
+        expect = checks.members(PageState, request.expect_states, "expect_states")
+        checks.count(len(request.checks), MAX_CHECKS, "checks")
+        others = tuple(
+            (
+                self._spa(c.spa, "checks.spa"),
+                checks.members(PageState, c.expect_states, "checks.expect_states"),
+            )
+            for c in request.checks
         )
         return pb.FirmwareReadResponse(
-            data=self.m.fw_read(request.spa, request.length, request.asid, expect, checks)
+            data=self.m.fw_read(request.spa, request.length, request.asid, expect, others)
         )
 
     async def FirmwareWrite(self, request: Any, context: Any) -> pb.FirmwareWriteResponse:
         if not request.data:
-            raise InvalidArgument("data is required")
-        expect = tuple(PageState(s) for s in request.expect_states)
+            raise InvalidArgument("data is required", reason=RmpReason.MISSING_FIELD)
+        self._asid(request.asid, low=0)
+        expect = checks.members(PageState, request.expect_states, "expect_states")
         self.m.fw_write(request.spa, request.data, request.asid, expect)
         return pb.FirmwareWriteResponse()
 
@@ -348,9 +395,7 @@ class RmpServicer:
 
     async def SetViolationPolicy(self, request: Any, context: Any) -> pb.SetViolationPolicyResponse:
         self.m.check_alive()
-        if request.policy == pb.VIOLATION_POLICY_UNSPECIFIED:
-            raise InvalidArgument("policy is required")
-        previous = self.m.set_policy(Policy(request.policy))
+        previous = self.m.set_policy(checks.member(Policy, request.policy, "policy"))
         return pb.SetViolationPolicyResponse(previous=pb.ViolationPolicy.ValueType(int(previous)))
 
     async def WatchMmuNotifications(

@@ -1,18 +1,23 @@
 """rmp's session streams: many small accesses on one stream, each answered in order.
 
 A session op runs through the same handler as its unary RPC; an error stays in-band as a
-SessionError (the status the unary call would have had) and the stream goes on.
+SessionError (the status the unary call would have had) and the stream goes on, whatever the op
+was: a field the handler refuses, an op the session does not know, or a bug (INTERNAL).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from snp.rmp.v1 import rmp_pb2 as pb
 
 from snpemu.errors import InvalidArgument, SnpemuError
+from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.wire import session_error
+
+log = logging.getLogger(__name__)
 
 # A kernel path between two guest entries is a handful of accesses (rmp.proto HostSequenceRequest).
 MAX_SEQUENCE = 8
@@ -31,10 +36,18 @@ async def run_session(
         which = op.WhichOneof("op")
         try:
             if which not in handlers:
-                raise InvalidArgument(f"a session request is one of {', '.join(handlers)}")
+                raise InvalidArgument(
+                    f"a session request is one of {', '.join(handlers)}",
+                    reason=RmpReason.UNKNOWN_SESSION_OP,
+                )
             yield response_cls(**{which: await handlers[which](getattr(op, which), context)})
         except SnpemuError as e:
             yield response_cls(error=session_error(e))
+        except Exception:
+            # A bug, not the caller's doing: logged (one line, the runtime's JSON format), and
+            # answered as INTERNAL so that the stream and the caller's other ops go on.
+            log.exception("session op %s failed", which, extra={"event": "session_op_failed"})
+            yield response_cls(error=session_error(SnpemuError(f"internal error in {which}")))
 
 
 async def host_sequence(
@@ -42,10 +55,15 @@ async def host_sequence(
 ) -> pb.HostSequenceResponse:
     """A kernel path's accesses in order, up to the first that fails (see rmp.proto)."""
     if not 0 < len(request.ops) <= MAX_SEQUENCE:
-        raise InvalidArgument(f"a sequence has 1 to {MAX_SEQUENCE} ops")
+        raise InvalidArgument(
+            f"a sequence has 1 to {MAX_SEQUENCE} ops", reason=RmpReason.OUT_OF_RANGE
+        )
     kinds = [op.WhichOneof("op") for op in request.ops]
     if any(k not in handlers for k in kinds):
-        raise InvalidArgument(f"each op of a sequence is one of {', '.join(handlers)}")
+        raise InvalidArgument(
+            f"each op of a sequence is one of {', '.join(handlers)}",
+            reason=RmpReason.UNKNOWN_SESSION_OP,
+        )
     results = []
     for op, kind in zip(request.ops, kinds, strict=True):
         try:

@@ -8,6 +8,7 @@ from snp.rmp.v1 import rmp_pb2 as pb
 from snpemu.errors import InvalidArgument, SnpemuError
 from snpemu.rmp.entry import Entry
 from snpemu.rmp.fault import Fault
+from snpemu.rmp.reasons import RmpReason
 from snpemu.rmp.violations import Kick
 from snpemu.runtime.status import grpc_code
 
@@ -22,7 +23,10 @@ def size_2m(size: int, field: str = "page_size") -> bool:
         return False
     if size == types_pb2.PAGE_SIZE_2M:
         return True
-    raise InvalidArgument(f"{field} must be PAGE_SIZE_4K or PAGE_SIZE_2M")
+    raise InvalidArgument(
+        f"{field} must be PAGE_SIZE_4K or PAGE_SIZE_2M",
+        reason=RmpReason.MISSING_FIELD if size == 0 else RmpReason.UNKNOWN_ENUM_VALUE,
+    )
 
 
 def entry_pb(e: Entry) -> pb.RmpEntry:
