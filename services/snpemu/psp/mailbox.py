@@ -125,8 +125,8 @@ class Mailbox:
         """spa, page aligned and with [spa, spa + size) inside system memory, else
         INVALID_ADDRESS: checked before the command reaches memory or the RMP, so an address
         beyond memory fails as the firmware fails it, not as a failed DMA.
-        SPEC: SNP ABI, status codes (INVALID_ADDRESS 0x09); which commands check the bound
-        first is not from the spec (a row for docs/fidelity.md)."""
+        SPEC: SNP ABI, status codes (INVALID_ADDRESS 0x09); UNVERIFIED(address-beyond-memory):
+        which commands check the bound first is not from the spec."""
         aligned(spa, what)
         if self._memory_bytes is None:
             self._memory_bytes = (await self.rmp.platform()).memory_bytes

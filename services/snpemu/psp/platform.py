@@ -61,8 +61,8 @@ class PlatformCommands(Mailbox):
                 raise fail(SevStatus.INVALID_PARAM, f"range {base:#x}+{count} is not page aligned")
             await self._address(base, "HV-fixed range", size=page_bytes(count))
             if spas and base <= spas[-1]:
-                # A page listed twice would be made HV-fixed twice; the status for it is not
-                # from the spec (a row for docs/fidelity.md).
+                # A page listed twice would be made HV-fixed twice.
+                # UNVERIFIED(hv-fixed-overlap): the status for it is not from the spec.
                 raise fail(SevStatus.INVALID_PARAM, f"range {base:#x}+{count} overlaps another")
             spas += [base + page_bytes(i) for i in range(count)]
         for spa in spas:
@@ -135,8 +135,8 @@ class PlatformCommands(Mailbox):
         if self.legacy_initialized and self.tmr <= status_paddr < self.tmr + self.tmr_len:
             # The TMR's pages are in firmware state too, but they are the firmware's own (the
             # SEV-ES save areas it keeps there): a status written over them, and the page then
-            # left in reclaim, would take them from under it. Which status the firmware answers
-            # is not from the spec (a row for docs/fidelity.md).
+            # left in reclaim, would take them from under it. UNVERIFIED(status-page-in-tmr):
+            # which status the firmware answers is not from the spec.
             raise fail(SevStatus.INVALID_PAGE_STATE, f"status page {status_paddr:#x} is in the TMR")
         if self.snp_initialized:
             # The page must be in firmware state; afterwards it is left in reclaim state.

@@ -85,10 +85,20 @@ def psp_peer(address: str, credential: str | None) -> Peer:
     return Peer("psp", address, credential, psp_pb2_grpc.PspServiceStub)
 
 
+class SessionRefused(SnpemuError):
+    """An error an rmp session answered in-band, with the status code it carried."""
+
+    def __init__(self, err: Any) -> None:
+        super().__init__(err.message, reason=err.reason, metadata=dict(err.metadata))
+        self.code = next(
+            (c for c in grpc.StatusCode if c.value[0] == err.code), grpc.StatusCode.UNKNOWN
+        )
+
+
 def session_error(err: Any) -> SnpemuError:
     """The error an rmp session answered in-band (rmp.proto SessionError), as the exception a
     unary call would have raised."""
-    return SnpemuError(err.message, reason=err.reason, metadata=dict(err.metadata))
+    return SessionRefused(err)
 
 
 class SessionPool:

@@ -35,10 +35,30 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
+# A peer's refusal that the caller caused reaches the caller with the peer's code (a VM token
+# netd forwarded to kvm, a page rmp found beyond memory); a peer refusing the service itself
+# (its credential, its bug) is the service's internal error.
+_PASSED_ON = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
 def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
     for cls in type(err).__mro__:
         if cls in _CODES:
             return _CODES[cls]
+    peer_code = getattr(err, "code", None)
+    if isinstance(peer_code, grpc.StatusCode) and peer_code in _PASSED_ON:
+        return peer_code
     return grpc.StatusCode.INTERNAL
 
 
