@@ -208,3 +208,45 @@ async def test_agent_whose_vm_is_destroyed_boots_again_and_attests(tmp_path: Pat
             assert r.fields.report_data[:5] == b"after"
         finally:
             await watch.close()
+
+
+async def _reboots_and_attests(g: Any, watch: HealthLog, old_vm: str, nonce: bytes) -> None:
+    await until(lambda: _true(NOT_SERVING in watch.seen), "the agent NOT_SERVING")
+
+    async def booted_again() -> bool:
+        st = await g.GetStatus(guest_pb2.GetStatusRequest())
+        return st.vm_id != old_vm and st.state == guest_pb2.BOOT_STATE_RUNNING
+
+    await until(booted_again, "the agent booted a new VM")
+    await until(lambda: _true(watch.seen[-1] == SERVING), "the agent SERVING again")
+    st = await g.GetStatus(guest_pb2.GetStatusRequest())
+    assert not st.disabled_vmpcks and "vm_lost" in [e.kind for e in st.events]
+    r = await g.GetReport(guest_pb2.GetReportRequest(report_data=nonce))
+    assert r.fields.report_data[: len(nonce)] == nonce
+
+
+async def test_agents_boot_again_after_a_firmware_reset(tmp_path: Path) -> None:
+    async with host_stack(tmp_path) as s, agent(s) as (g, rt):
+        old_vm = (await g.GetStatus(guest_pb2.GetStatusRequest())).vm_id
+        watch = HealthLog(rt.address, "snp.guest.v1.GuestService")
+        try:
+            await until(lambda: _true(watch.seen), "the agent's health watched")
+            async with restarted(s, "psp", psp_service.SPEC):
+                await _reboots_and_attests(g, watch, old_vm, b"after psp")
+                # the old VM went with its agent's DestroyVm: only the new one is left
+                vms = (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
+                assert [v.state for v in vms] == [kvm_pb2.VM_STATE_RUNNING]
+        finally:
+            await watch.close()
+
+
+async def test_agents_boot_again_after_a_kvm_restart(tmp_path: Path) -> None:
+    async with host_stack(tmp_path) as s, agent(s) as (g, rt):
+        old_vm = (await g.GetStatus(guest_pb2.GetStatusRequest())).vm_id
+        watch = HealthLog(rt.address, "snp.guest.v1.GuestService")
+        try:
+            await until(lambda: _true(watch.seen), "the agent's health watched")
+            async with restarted(s, "kvm", kvm_service.SPEC):
+                await _reboots_and_attests(g, watch, old_vm, b"after kvm")
+        finally:
+            await watch.close()

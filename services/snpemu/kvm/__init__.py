@@ -66,10 +66,11 @@ class _Kvm:
 
 
 async def _startup(impl: _Kvm) -> None:
-    from snpemu.errors import Unavailable
+    from snpemu.errors import SnpemuError, Unavailable
     from snpemu.kvm.bringup import bring_up
     from snpemu.kvm.firmware_watch import follow_firmware
     from snpemu.kvm.kicks import follow_kicks
+    from snpemu.kvm.leftovers import sweep
 
     clock = impl.kvm.clock
     deadline = clock() + impl.wait_s
@@ -88,6 +89,11 @@ async def _startup(impl: _Kvm) -> None:
                 break
             log.info("waiting for rmp and psp: %s", e.message)
             await asyncio.sleep(0.5)
+    if impl.kvm.snp_enabled:
+        try:
+            await sweep(impl.kvm)
+        except SnpemuError as e:  # what is left stays as it was: serve anyway
+            log.error("reading what a previous kvm left failed: %s", e.message)
     impl.kicks = asyncio.ensure_future(follow_kicks(impl.rmp, impl.servicer.exits.kick))
     if impl.kvm.snp_enabled:
         impl.firmware = asyncio.ensure_future(
