@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SWEEP_MAX_PFNS = 1 << 26  # 256 GiB: past this the scan stops even if rmp answers
+
 # the states only a VM's pages (or a firmware's) are in; the TMR is told apart by its PFNs
 _LEFT = frozenset(
     {
@@ -49,7 +51,7 @@ async def sweep(kvm: Kvm) -> int:
     contexts: list[Pfn] = []
     asids: set[int] = set()
     first = 0
-    while True:
+    while first < SWEEP_MAX_PFNS:
         try:
             entries = await kvm.rmp.read_entries(Pfn(first), LIST_MAX)
         except PeerError:  # beyond the end of memory
