@@ -2,8 +2,9 @@
 
 The CCP driver knows of a reset because it does the reset itself (SEV_FACTORY_RESET,
 DOWNLOAD_FIRMWARE) and then brings the platform up again: KERNEL: drivers/crypto/ccp/sev-dev.c
-sev_ioctl_do_reset() leaves the platform UNINIT and sev_move_to_init_state() /
-__sev_platform_init_locked() run the init again before the next command that needs it. Here
+sev_ioctl_do_reset() leaves the platform UNINIT, and the next command that needs it initialises
+it again (sev_ioctl_do_pek_pdh_gen(), and arch/x86/kvm/svm/sev.c sev_guest_init(), call
+__sev_platform_init_locked() / sev_platform_init() while the state is UNINIT). Here
 psp restarts on its own, so kvm asks the firmware for its state (SEV PLATFORM_STATUS, cheap)
 every `interval` seconds: the legacy SEV state kvm's bring-up left INIT reads UNINIT after a
 reset. Unlike a real host, which learns of its reset synchronously, kvm notices it up to one
