@@ -57,10 +57,13 @@ async def terminate_lost_vms(kvm: Kvm) -> int:
     for vm in list(kvm.vms.values()):
         if teardown.is_released(vm):
             continue
-        if vm.state != VmState.TERMINATED:
-            vm.state = VmState.TERMINATED
-            vm.term_reason = (TERM_SET_HOST, TERM_HOST_FIRMWARE_RESET)
+        was = vm.state
+        vm.state = VmState.TERMINATED  # its exits are refused from here on
         leaked += await teardown.release(kvm, vm)
+        if was != VmState.TERMINATED:
+            # the reason last: a VMM that reads it destroys the VM, which must not race the
+            # release of its pages
+            vm.term_reason = (TERM_SET_HOST, TERM_HOST_FIRMWARE_RESET)
         log.warning(
             "%s terminated: the firmware was reset",
             vm.vm_id,
