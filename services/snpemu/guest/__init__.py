@@ -41,6 +41,7 @@ class _Guest:
         from snpemu.guest.network import Network
         from snpemu.guest.rmp_client import GrpcGuestRmp
         from snpemu.guest.servicer import GuestServicer
+        from snpemu.guest.vm_keeper import VmKeeper
         from snpemu.kvm.machine import DEFAULT_FIRMWARE
 
         config, opts = runtime.config, runtime.options
@@ -64,6 +65,9 @@ class _Guest:
         self.servicer = GuestServicer(self.kernel, self.attestation, self.net)
         self.net_servicer = NetServicer(self.net)
         self.boot_task: asyncio.Task[None] | None = None
+        self.health = runtime.health
+        self.service_name = runtime.spec.descriptor.full_name
+        self.keeper = VmKeeper(self.kernel, driver, self.net, self.set_health)
         kernel, attestation, net = self.kernel, self.attestation, self.net
 
         class AgentCollector(Collector):
@@ -107,23 +111,24 @@ class _Guest:
 
         runtime.registry.register(AgentCollector())
 
-    async def run_boot(self) -> None:
-        try:
-            await self.kernel.boot()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the guest cannot boot: say so in its state and log
-            log.error("boot failed: %s", e, extra={"event": "boot_failed"})
-            from snpemu.guest.exits import BootState
+    async def set_health(self, serving: bool) -> None:
+        """The agent's health as it is: NOT_SERVING while its VM is gone."""
+        from grpc_health.v1 import health_pb2
 
-            self.kernel.state = BootState.TERMINATED
-            self.kernel.event("terminated", detail=f"boot failed: {e}")
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            await self.health.set(name, status)
 
 
 async def _startup(impl: _Guest) -> None:
     if impl.kernel.opts.boot:
-        # SERVING at once; the boot shows in GetStatus (launching, booting, running)
-        impl.boot_task = asyncio.ensure_future(impl.run_boot())
+        # SERVING at once; the boot shows in GetStatus (launching, booting, running), and a
+        # VM lost later makes the agent NOT_SERVING until a new one runs (guest/vm_keeper.py)
+        impl.boot_task = asyncio.ensure_future(impl.keeper.run())
 
 
 async def _shutdown(impl: _Guest) -> None:

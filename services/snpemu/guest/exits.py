@@ -83,11 +83,17 @@ class VcpuExits:
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.firmware = opts.firmware or default_firmware
-        self.state = BootState.CREATED
-        self.term_reason = (0, 0)
         self.events: list[Event] = []
         # totals survive the trimming of `events` (Prometheus counters never go down)
         self.event_counts: dict[str, int] = {}
+        self.forget_vm()
+
+    def forget_vm(self) -> None:
+        """The state of a VM that is gone, dropped before the next one boots: the keys and
+        sequence numbers of its secrets page, its accepted memory, its vCPUs."""
+        opts = self.opts
+        self.state = BootState.CREATED
+        self.term_reason = (0, 0)
         self.vm: VmHandle | None = None
         self.hold: Hold | None = None  # the VM held, as a VMM holds its VM fd
         self.vcpus: list[VcpuIdentity] = []

@@ -28,6 +28,7 @@ class _Kvm:
         from snpemu.kvm.psp_client import GrpcPsp
         from snpemu.kvm.rmp_client import GrpcRmp
         from snpemu.kvm.servicer import KvmServicer
+        from snpemu.kvm.tmr_record import TmrRecord
         from snpemu.runtime.peers import psp_peer, rmp_peer
 
         config, opts = runtime.config, runtime.options
@@ -45,18 +46,37 @@ class _Kvm:
         register(self.kvm, runtime.registry)
         self.servicer = KvmServicer(self.kvm)
         self.kicks: asyncio.Task[None] | None = None
+        self.firmware: asyncio.Task[None] | None = None
         self.wait_s = opts.peer_wait_s
+        self.tmr_record = TmrRecord(config.data_dir / "tmr.json")
+        self.health = runtime.health
+        self.service_name = runtime.spec.descriptor.full_name
+
+    async def set_health(self, serving: bool) -> None:
+        """kvm's health as it is: NOT_SERVING while its firmware is gone or coming back."""
+        from grpc_health.v1 import health_pb2
+
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            await self.health.set(name, status)
 
 
 async def _startup(impl: _Kvm) -> None:
-    from snpemu.errors import Unavailable
+    from snpemu.errors import SnpemuError, Unavailable
+    from snpemu.kvm.bringup import bring_up
+    from snpemu.kvm.firmware_watch import follow_firmware
     from snpemu.kvm.kicks import follow_kicks
+    from snpemu.kvm.leftovers import sweep
 
     clock = impl.kvm.clock
     deadline = clock() + impl.wait_s
     while True:
         try:
-            await impl.kvm.bring_up()
+            await bring_up(impl.kvm, tmr_record=impl.tmr_record)
             break
         except Unavailable as e:
             if clock() >= deadline:
@@ -69,14 +89,24 @@ async def _startup(impl: _Kvm) -> None:
                 break
             log.info("waiting for rmp and psp: %s", e.message)
             await asyncio.sleep(0.5)
+    if impl.kvm.snp_enabled:
+        try:
+            await sweep(impl.kvm)
+        except SnpemuError as e:  # what is left stays as it was: serve anyway
+            log.error("reading what a previous kvm left failed: %s", e.message)
     impl.kicks = asyncio.ensure_future(follow_kicks(impl.rmp, impl.servicer.exits.kick))
+    if impl.kvm.snp_enabled:
+        impl.firmware = asyncio.ensure_future(
+            follow_firmware(impl.kvm, impl.set_health, tmr_record=impl.tmr_record)
+        )
 
 
 async def _shutdown(impl: _Kvm) -> None:
-    if impl.kicks is not None:
-        impl.kicks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await impl.kicks
+    for task in (impl.kicks, impl.firmware):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await impl.rmp.close()
     await impl.psp.close()
 

@@ -4,15 +4,17 @@ the certificate table extended guest requests return."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from snpemu.abi import cert_table
-from snpemu.abi.addr import page_bytes, pfn_to_spa
+from snpemu.abi.addr import Pfn, page_bytes, pfn_to_spa
 from snpemu.abi.platform_status import PlatformState
-from snpemu.abi.rmp import Placement
+from snpemu.abi.rmp import PageState, Placement
 from snpemu.cpu import Cpu
 from snpemu.errors import InvalidArgument
-from snpemu.kvm.pages import release_firmware_pages, to_firmware
+from snpemu.kvm.pages import LIST_MAX, release_firmware_pages, to_firmware
+from snpemu.kvm.tmr_record import TmrRecord
 from snpemu.kvm.undo import Undo
 from snpemu.psp.status import SevStatus
 from snpemu.runtime.peers import PeerError
@@ -26,8 +28,14 @@ MIN_API = (1, 51)  # SNP_MIN_API: KERNEL drivers/crypto/ccp/sev-dev.c
 TMR_PAGES = 512
 
 
-async def bring_up(kvm: Kvm) -> None:
-    """SNP_INIT, SNP_DF_FLUSH, then SEV INIT.
+async def bring_up(
+    kvm: Kvm,
+    *,
+    tmr_record: TmrRecord | None = None,
+    after_snp_init: Callable[[Kvm], Awaitable[object]] | None = None,
+) -> None:
+    """SNP_INIT, SNP_DF_FLUSH, then SEV INIT. `after_snp_init` runs once SNP is up again, before
+    the TMR is taken (the recovery from a firmware reset takes the old VMs' pages back there).
 
     KERNEL: arch/x86/kvm/svm/sev.c sev_hardware_setup(); drivers/crypto/ccp/sev-dev.c
     """
@@ -56,18 +64,44 @@ async def bring_up(kvm: Kvm) -> None:
             raise
     await kvm.rmp.wbinvd()
     await kvm.psp.snp_df_flush()
-    await legacy_init(kvm)
+    if after_snp_init is not None:
+        await after_snp_init(kvm)
+    await legacy_init(kvm, tmr_record)
     await publish_certificates(kvm)
     kvm.snp_enabled = True
     log.info("SNP enabled: firmware API %d.%d", *kvm.api, extra={"event": "snp_on"})
 
 
-async def legacy_init(kvm: Kvm) -> None:
+async def legacy_init(kvm: Kvm, tmr_record: TmrRecord | None = None) -> None:
     """Legacy SEV INIT with a 2 MiB TMR of firmware pages (needed once SNP is on). A failure
-    takes the TMR back, so that the retried bring-up does not lose it."""
+    takes the TMR back, so that the retried bring-up does not lose it.
+
+    A TMR from before (this kvm's, or the one a previous kvm recorded): kept while the
+    firmware is initialised (it still uses it), reclaimed and freed once the firmware was
+    reset (it no longer does), so that there is one TMR, never a second one beside a lost
+    first. KERNEL: drivers/crypto/ccp/sev-dev.c __sev_platform_init_locked() allocates
+    sev_es_tmr once and keeps it across SEV_SHUTDOWN/INIT; snp_free_firmware_page() (leaking
+    a page that will not come back) for the one of a reset firmware."""
     status = await kvm.psp.platform_status()
+    previous = kvm.tmr_pfns
+    if not previous and tmr_record is not None:
+        recorded = tmr_record.load()
+        previous = recorded if recorded and await _firmware_pages(kvm, recorded) else []
     if status.state != PlatformState.UNINIT:
+        kvm.tmr_pfns = previous
         return
+    if previous:
+        log.warning(
+            "the firmware was reset: its TMR at PFN %#x goes back to the host",
+            previous[0],
+            extra={"event": "tmr_released"},
+        )
+        kvm.tmr_pfns = []
+        await release_firmware_pages(
+            kvm.rmp, kvm.psp, [pfn_to_spa(p) for p in previous], "the TMR of a reset firmware"
+        )
+    if tmr_record is not None:
+        tmr_record.clear()
     pfns = await kvm.rmp.allocate(TMR_PAGES, Placement.ALIGNED_2M)
     async with Undo() as undo:
         spas = [pfn_to_spa(p) for p in pfns]
@@ -76,6 +110,21 @@ async def legacy_init(kvm: Kvm) -> None:
         await kvm.psp.sev_init(pfn_to_spa(pfns[0]), page_bytes(TMR_PAGES))
         undo.commit()
     kvm.tmr_pfns = pfns
+    if tmr_record is not None:
+        tmr_record.save(pfns)
+
+
+async def _firmware_pages(kvm: Kvm, pfns: list[Pfn]) -> bool:
+    """Whether every page is in firmware state (a recorded TMR still given to a firmware)."""
+    seen = 0
+    for off in range(0, len(pfns), LIST_MAX):
+        count = min(LIST_MAX, len(pfns) - off)
+        try:
+            entries = await kvm.rmp.read_entries(pfns[off], count)
+        except PeerError:  # beyond this host's memory: not a TMR of this host
+            return False
+        seen += sum(1 for e in entries if e.state == PageState.FIRMWARE)
+    return seen == len(pfns)
 
 
 async def publish_certificates(kvm: Kvm) -> None:

@@ -1,9 +1,14 @@
 """sev_vm_destroy(): a VM's context decommissioned, its pages back to the host (or leaked), its
-identities revoked, its ASID freed after the flush."""
+identities revoked, its ASID freed after the flush.
+
+A VM a firmware reset terminated has had its pages taken back already (release(), from
+kvm/firmware_watch.py): its destroy only frees the ASID and forgets it.
+"""
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import Pfn, Spa, spa_to_pfn
@@ -26,9 +31,29 @@ async def decommission(kvm: Kvm, gctx: Spa) -> None:
         await kvm.psp.decommission(gctx)
 
 
+# VMs whose pages release() took back (by id; the entry goes with the VM object)
+_released: weakref.WeakValueDictionary[str, Vm] = weakref.WeakValueDictionary()
+
+
+def is_released(vm: Vm) -> bool:
+    return _released.get(vm.vm_id) is vm
+
+
 async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
     """DECOMMISSION, reclaim, every page back to hypervisor state, frames freed, ASID freed
     after DF_FLUSH. Pages that fail are leaked (never reused); returns how many."""
+    leaked = 0 if is_released(vm) else await release(kvm, vm)
+    _released.pop(vm.vm_id, None)
+    kvm.free_asids.append(vm.asid)
+    vm.state = VmState.DESTROYED
+    del kvm.vms[vm.vm_id]
+    log.info("destroyed %s: %d pages leaked", vm.vm_id, leaked, extra={"event": "vm_destroyed"})
+    return leaked
+
+
+async def release(kvm: Kvm, vm: Vm) -> int:
+    """Everything of destroy_vm() but the ASID and the VM itself: its pages back to the host
+    (or leaked), its identities revoked, the flush. Returns the pages leaked."""
     rmp = kvm.rmp
     leaked: list[Pfn] = []
     if vm.gctx:
@@ -62,10 +87,5 @@ async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
     async with kvm.deactivate_lock:
         await rmp.wbinvd()
         await kvm.psp.snp_df_flush()
-    kvm.free_asids.append(vm.asid)
-    vm.state = VmState.DESTROYED
-    del kvm.vms[vm.vm_id]
-    log.info(
-        "destroyed %s: %d pages leaked", vm.vm_id, len(leaked), extra={"event": "vm_destroyed"}
-    )
+    _released[vm.vm_id] = vm
     return len(leaked)

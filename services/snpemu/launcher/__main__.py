@@ -184,7 +184,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     groups: list[list[Child]] = [[children[s.name]] for s in specs if s.is_host_side]
     groups.append([children[s.name] for s in specs if not s.is_host_side])
     prom = None if args.no_prometheus else _prometheus_child(config, state)
-    sup = Supervisor()
+    # rmp is the host's memory: its restart is a host reboot
+    sup = Supervisor(reboot_on=frozenset({"rmp"}))
 
     stopping = False
 

@@ -122,17 +122,28 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    """Keeps children running: a child that dies after start-up is restarted with backoff."""
+    """Keeps children running: a child that dies after start-up is restarted with backoff.
+
+    A child named in `reboot_on` holds what every other one stands on (rmp: the host's memory
+    and RMP); its death is a host reboot: when it is due to restart, every child start_all
+    started is stopped (in reverse order) and started again in start order, each group ready
+    before the next, so that none carries on with state that no longer exists."""
 
     MAX_BACKOFF_S = 10.0
     HEALTHY_RESET_S = 30.0
 
-    def __init__(self, stop_timeout: float = 10.0) -> None:
+    def __init__(self, stop_timeout: float = 10.0, reboot_on: frozenset[str] = frozenset()) -> None:
         self.stop_timeout = stop_timeout
+        self.reboot_on = reboot_on
         self.running: list[Child] = []
+        self.groups: list[list[Child]] = []
+        self.ready_timeout = 30.0
+        self.reboots = 0
 
     def start_all(self, ready_timeout: float, groups: Sequence[Sequence[Child]]) -> None:
         """Start group by group; each group must be ready before the next starts."""
+        self.ready_timeout = ready_timeout
+        self.groups = [list(g) for g in groups]
         for group in groups:
             for child in group:
                 child.start()
@@ -175,9 +186,32 @@ class Supervisor:
             elif now >= child.next_start:
                 child.next_start = 0.0
                 child.backoff_s = min(child.backoff_s * 2, self.MAX_BACKOFF_S)
+                if child.name in self.reboot_on:
+                    self.reboot(child)
+                    return
                 child.restarts += 1
                 child.start()
                 log.info("restarted %s (pid %d, restart %d)", child.name, child.pid, child.restarts)
+
+    def reboot(self, cause: Child) -> None:
+        """Every child of start_all stopped and started again in start order."""
+        self.reboots += 1
+        log.warning("%s restarts: the host reboots (every service, in start order)", cause.name)
+        members = [c for g in self.groups for c in g]
+        for child in reversed(members):
+            if child is not cause:
+                child.stop(self.stop_timeout)
+        for group in self.groups:
+            for child in group:
+                child.next_start = 0.0
+                child.restarts += 1
+                child.start()
+                log.info("restarted %s (pid %d, host reboot)", child.name, child.pid)
+            for child in group:
+                try:
+                    child.wait_ready(self.ready_timeout)
+                except LaunchError as e:  # poll() restarts it as any child that died
+                    log.error("%s did not come back after the reboot: %s", child.name, e)
 
     def stop_all(self) -> None:
         for child in reversed(self.running):
