@@ -205,7 +205,14 @@ async def host_stack(
         k = ServiceRuntime(
             kvm.SPEC,
             ServiceConfig.from_env(
-                "kvm", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_PSP_ADDR": p.address}
+                "kvm",
+                {
+                    **common,
+                    "SNPEMU_RMP_ADDR": r.address,
+                    "SNPEMU_PSP_ADDR": p.address,
+                    # its TMR record (kvm/tmr_record.py) stays with this stack
+                    "SNPEMU_DATA_DIR": str(tmp / "kvm"),
+                },
             ),
             kvm_options,
         )

@@ -7,8 +7,8 @@ it again (sev_ioctl_do_pek_pdh_gen(), and arch/x86/kvm/svm/sev.c sev_guest_init(
 __sev_platform_init_locked() / sev_platform_init() while the state is UNINIT). Here
 psp restarts on its own, so kvm asks the firmware for its state (SEV PLATFORM_STATUS, cheap)
 every `interval` seconds: the legacy SEV state kvm's bring-up left INIT reads UNINIT after a
-reset. Unlike a real host, which learns of its reset synchronously, kvm notices it up to one
-interval late.
+reset. UNVERIFIED(firmware-reset-poll): unlike a real host, which learns of its reset
+synchronously, kvm notices it up to one interval late.
 
 A reset loses every guest context, so the VMs on it can never run again: each is terminated
 with TERM_HOST_FIRMWARE_RESET and its pages taken back as at destroy (teardown.release()); the
