@@ -11,6 +11,8 @@ import http.client
 import io
 import json
 import logging
+import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,5 +229,35 @@ def test_a_failure_outside_the_handler_is_one_json_log_line_too(
     lines = json_log.getvalue().splitlines()
     assert len(lines) == 1, lines
     assert "RuntimeError" in json.loads(lines[0])["exc"]
+    assert "Traceback" not in capfd.readouterr().err
+    assert get(kds, "/vcek/v1/Milan/cert_chain")[0] == 200
+
+
+def test_a_client_hanging_up_mid_request_is_no_error(
+    kds: KdsServer,
+    json_log: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="snpemu.psp.kds")
+
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    for i in range(3):
+        before = serving()
+        s = socket.create_connection(("127.0.0.1", kds.port), timeout=10)
+        for _ in range(400):  # until a thread has taken the connection and reads from it
+            if serving() > before:
+                break
+            threading.Event().wait(0.025)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset, not a FIN
+        for _ in range(400):
+            if json_log.getvalue().count("hung up") + json_log.getvalue().count("failed") > i:
+                break
+            threading.Event().wait(0.025)
+    lines = json_log.getvalue().splitlines()
+    assert len(lines) == 3 and all(json.loads(ln)["level"] == "DEBUG" for ln in lines), lines
     assert "Traceback" not in capfd.readouterr().err
     assert get(kds, "/vcek/v1/Milan/cert_chain")[0] == 200

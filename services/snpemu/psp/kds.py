@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -82,6 +83,10 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver prints a traceback to stderr here: log one line instead."""
+        e = sys.exc_info()[1]
+        if isinstance(e, _HANG_UPS):
+            log.debug("KDS client hung up", extra={"client": str(client_address), "error": str(e)})
+            return
         log.error("KDS connection failed", exc_info=True, extra={"client": str(client_address)})
 
 
