@@ -4,6 +4,7 @@ first requests that read a half-written DER)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -152,9 +153,10 @@ def test_a_restart_keeps_the_newest_files_within_the_cap_and_rederives_a_cut_sho
 
 
 def test_the_identity_signs_a_tcb_once_and_the_metrics_count_evictions(
-    tmp_path_factory: pytest.TempPathFactory,
+    chip: ChipIdentity, tmp_path: Path
 ) -> None:
-    ident = ChipIdentity.load_or_create(tmp_path_factory.mktemp("own-chip"), "Milan")
+    # the shared chip's keys (no RSA-4096 generation), a data directory of its own
+    ident = dataclasses.replace(chip, data_dir=tmp_path)
     fw = Firmware(ident, LocalRmp(RmpMachine(16 << 20)))
     reg = CollectorRegistry()
     register(fw, reg)
