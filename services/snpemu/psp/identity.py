@@ -15,7 +15,8 @@ import functools
 import json
 import os
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -24,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
+from snpemu.psp.atomic_write import write_atomic
 from snpemu.psp.tcb import PRODUCTS, Product, Tcb
+from snpemu.psp.vcek_cache import VcekCache
 
 AMD_OID = "1.3.6.1.4.1.3704.1"
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
@@ -112,6 +115,17 @@ class ChipIdentity:
     ark_cert: x509.Certificate
     ask_cert: x509.Certificate
     data_dir: Path
+    vceks: VcekCache = field(init=False, repr=False, compare=False)
+    _crl_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+    _crl_der: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # named for the product too: its productName extension names the stepping
+        self.vceks = VcekCache(
+            self.data_dir, f"vcek-{self.product.stepping_name}", self._sign_vcek, self._check_vcek
+        )
 
     # --- creation and persistence -----------------------------------------------------------
 
@@ -197,11 +211,21 @@ class ChipIdentity:
         and TCB always give the same key; another TCB gives another."""
         return _vcek_key(self.chip_secret, tcb)
 
+    def vcek_der(self, tcb: Tcb) -> bytes:
+        """The VCEK certificate for tcb, DER: signed once, then the same bytes while cached."""
+        return self.vceks.get(tcb)
+
     def vcek_cert(self, tcb: Tcb) -> x509.Certificate:
-        # named for the product too: its productName extension names the stepping
-        path = self.data_dir / f"vcek-{self.product.stepping_name}-{tcb.raw:016x}.der"
-        if path.exists():
-            return x509.load_der_x509_certificate(path.read_bytes())
+        return x509.load_der_x509_certificate(self.vcek_der(tcb))
+
+    def _check_vcek(self, tcb: Tcb, der: bytes) -> None:
+        """ValueError unless der is this chip's certificate of tcb's VCEK (a file from a crash
+        mid-write, or another chip's, is not)."""
+        cert = x509.load_der_x509_certificate(der)  # ValueError for a cut-short DER
+        if cert.public_key() != self.vcek_key(tcb).public_key():
+            raise ValueError("certifies another key than this chip's VCEK at that TCB")
+
+    def _sign_vcek(self, tcb: Tcb) -> bytes:
         exts = [
             _ext("1", _der_int(1)),
             _ext("2", _der_ia5(self.product.stepping_name)),
@@ -225,14 +249,29 @@ class ChipIdentity:
         for ext in exts:
             builder = builder.add_extension(ext, critical=False)
         cert = builder.sign(self.ask_key, hashes.SHA384(), rsa_padding=PSS)
-        path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-        return cert
+        return cert.public_bytes(serialization.Encoding.DER)
 
     def crl(self) -> x509.CertificateRevocationList:
         """An empty CRL signed by the ARK (nothing revoked)."""
+        return x509.load_der_x509_crl(self.crl_der())
+
+    def crl_der(self) -> bytes:
+        """Signed once (concurrent first callers wait for it) and kept, in memory and on disk."""
+        with self._crl_lock:
+            if self._crl_der is None:
+                self._crl_der = self._load_or_sign_crl()
+            return self._crl_der
+
+    def _load_or_sign_crl(self) -> bytes:
         path = self.data_dir / "crl.der"
         if path.exists():
-            return x509.load_der_x509_crl(path.read_bytes())
+            der = path.read_bytes()
+            try:
+                crl = x509.load_der_x509_crl(der)
+                if crl.is_signature_valid(self.ark_key.public_key()):
+                    return der
+            except ValueError:
+                pass  # cut short by a crash mid-write (before writes were atomic): sign again
         crl = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.ark_cert.subject)
@@ -240,5 +279,6 @@ class ChipIdentity:
             .next_update(_EPOCH + _VALID)
             .sign(self.ark_key, hashes.SHA384(), rsa_padding=PSS)
         )
-        path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
-        return crl
+        der = crl.public_bytes(serialization.Encoding.DER)
+        write_atomic(path, der)
+        return der

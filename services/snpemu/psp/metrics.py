@@ -4,6 +4,7 @@ snp_psp_commands_total{command,status}      counter  firmware commands by SEV st
 snp_psp_command_duration_seconds{command}   histogram time per command
 snp_psp_platform_state                      gauge    enum sev_state: 0 UNINIT, 1 INIT, 2 WORKING
 snp_guests{state}                           gauge    guest contexts by state (init, launch, running)
+snp_psp_vcek_cache_evictions_total          counter  VCEKs dropped to stay within the cap
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ class PspCollector(Collector):
             n = sum(1 for g in self.fw.guests.values() if g.state == state)
             guests.add_metric([state.name.lower()], float(n))
         yield guests
+        yield CounterMetricFamily(
+            "snp_psp_vcek_cache_evictions",
+            "VCEK certificates dropped from the bounded cache (memory and disk), least recently "
+            "used first.",
+            value=float(self.fw.id.vceks.evictions),
+        )
 
 
 def register(fw: Firmware, registry: CollectorRegistry) -> None:
