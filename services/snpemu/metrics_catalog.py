@@ -119,6 +119,14 @@ CATALOG: tuple[Family, ...] = (
         ("psp",),
     ),
     Family("snp_guests", "gauge", ("state",), "Guest contexts by firmware state.", ("psp",)),
+    Family(
+        "snp_psp_vcek_cache_evictions_total",
+        "counter",
+        (),
+        "VCEK certificates dropped from psp's bounded cache (memory and disk), least recently "
+        "used first.",
+        ("psp",),
+    ),
     # --- kvm -------------------------------------------------------------------------------
     Family(
         "snp_vmgexit_total",

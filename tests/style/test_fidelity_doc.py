@@ -26,7 +26,7 @@ _ROW = re.compile(
 )
 # an upstream citation: a kernel path, or a named specification
 _UPSTREAM = re.compile(
-    r"(arch|drivers|include|virt|Documentation)/\S+|SNP ABI|GHCB|APM|PPR|QEMU|OVMF"
+    r"(arch|drivers|include|virt|Documentation)/\S+|SNP ABI|GHCB|APM|PPR|QEMU|OVMF|AMD [0-9]{5}"
 )
 
 

@@ -24,7 +24,7 @@ from snpemu.runtime.caller import Caller
 TOKEN_BYTES = 32
 # VM ids are "vm-" and 12 hex digits; anything much longer is not one of ours, and is not
 # quoted back whole
-MAX_ID = 64
+MAX_VM_ID = 64
 
 
 class HandleReason(enum.StrEnum):
@@ -40,7 +40,7 @@ def new_token() -> bytes:
 def check_id(vm_id: str) -> None:
     if not vm_id:
         raise InvalidArgument("vm.id is required", reason=HandleReason.VM_ID_INVALID)
-    if len(vm_id) > MAX_ID:
+    if len(vm_id) > MAX_VM_ID:
         raise InvalidArgument(
             f"vm.id {vm_id[:16]!r}... ({len(vm_id)} chars) is not a VM id",
             reason=HandleReason.VM_ID_INVALID,

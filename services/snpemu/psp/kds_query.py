@@ -12,10 +12,12 @@ abi.ChipIDSize bytes).
 
 Status codes: a product or a chip KDS does not know is 404 (observed of AMD's KDS: a wrong
 product name or an all-zero CHIP_ID answers 404, virtee/snpguest issue 37, go-sev-guest issue
-69). UNVERIFIED: a malformed request (an hwid that is not 128 hex digits, an SPL that is not a
-decimal 0..255, an SPL given twice or empty) answers 400 Bad Request; chapter 4.1 lists KDS's
-status codes, but its text was not at hand, so 400 is RFC 9110's "client error" reading of it.
-Query parameters other than the SPLs are ignored, as HTTP services commonly do (UNVERIFIED).
+69). UNVERIFIED(kds-malformed-400): a malformed request (an hwid that is not 128 hex digits,
+an SPL that is not a decimal 0..255, an SPL given twice or empty) answers 400 Bad Request;
+chapter 4.1 lists KDS's status codes, but its text was not at hand, so 400 is RFC 9110's
+"client error" reading of it.
+Query parameters other than the SPLs are ignored, as HTTP services commonly do (also
+UNVERIFIED(kds-malformed-400)).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class VcekCache:
         # tcb.raw -> DER, most recently used last; None: on disk from an earlier run, unread
         self._entries: OrderedDict[int, bytes | None] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
-        # certificates dropped to stay within cap: snp_psp_vcek_cache_evictions_total
+        # certificates dropped to stay within cap: snp_psp_vcek_cache_evictions_total.
+        # UNVERIFIED(vcek-resign): one asked for again is signed again (same key, new bytes)
         self.evictions = 0
         self._adopt_files()
 
