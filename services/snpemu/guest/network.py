@@ -17,8 +17,7 @@ from snpemu.guest.driver import Driver, report_request
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.layout import RESP_GPA
-from snpemu.guest.netdev import NetDevice
-from snpemu.guest.ports import Netd
+from snpemu.guest.netdev import Netd, NetDevice
 
 DEFAULT_ENTRIES = 16
 
@@ -52,8 +51,9 @@ class Network:
         if self.dev is not None:  # detach first, as a driver reload does
             old, self.dev = self.dev, None
             await old.close()
-            with contextlib.suppress(SnpemuError):
-                await self.netd.unregister_device(old.device_id)
+            if old.dev is not None:
+                with contextlib.suppress(SnpemuError):
+                    await self.netd.unregister_device(old.dev)
         dev = NetDevice(self.k, self.netd, mac, entries)
         await dev.attach(skip_rx_conversion=skip)
         self.dev = dev
