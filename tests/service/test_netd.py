@@ -91,15 +91,24 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
         await attach(a, A)
         vms = (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
         vm = handles_pb2.VmHandle(id=vms[0].vm.id)
-        ring = netd_pb2.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
+        rx = netd_pb2.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
+        tx = netd_pb2.Ring(ring_gpa=0x210000, buffers_gpa=0x211000, entries=8, buffer_size=2048)
+        huge = "v" * (1 << 20)  # the issue's 1 MiB id
         bad = [
-            (dict(vm=vm, mac=A, rx=ring, tx=ring), "ALREADY_EXISTS"),
-            (dict(vm=vm, mac="01:00:00:00:00:01", rx=ring, tx=ring), "INVALID_ARGUMENT"),
-            (dict(vm=vm, mac="nonsense", rx=ring, tx=ring), "INVALID_ARGUMENT"),
+            # the issue: a MAC in use answered INTERNAL
+            (dict(vm=vm, mac=A, rx=rx, tx=tx), "ALREADY_EXISTS", "MAC_IN_USE"),
+            (dict(vm=vm, mac="01:00:00:00:00:01", rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            (dict(vm=vm, mac="00:00:00:00:00:00", rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            (dict(vm=vm, mac="nonsense", rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            (dict(vm=vm, mac="+1:00:00:00:00:0c", rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            (dict(vm=vm, mac=huge, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
             (
-                dict(vm=handles_pb2.VmHandle(id="vm-none"), mac=C, rx=ring, tx=ring),
+                dict(vm=handles_pb2.VmHandle(id="vm-none"), mac=C, rx=rx, tx=tx),
                 "NOT_FOUND",
+                "UNKNOWN_VM",
             ),
+            (dict(vm=handles_pb2.VmHandle(id=huge), mac=C, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            (dict(mac=C, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
             (
                 dict(
                     vm=vm,
@@ -107,9 +116,10 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
                     rx=netd_pb2.Ring(
                         ring_gpa=0x200000, buffers_gpa=0x201000, entries=6, buffer_size=2048
                     ),
-                    tx=ring,
+                    tx=tx,
                 ),
                 "INVALID_ARGUMENT",
+                None,
             ),
             (
                 dict(
@@ -118,19 +128,25 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
                     rx=netd_pb2.Ring(
                         ring_gpa=1 << 40, buffers_gpa=0x201000, entries=8, buffer_size=2048
                     ),
-                    tx=ring,
+                    tx=tx,
                 ),
                 "INVALID_ARGUMENT",
+                None,
             ),
-            (dict(vm=vm, mac=C, tx=ring), "INVALID_ARGUMENT"),
+            # the issue: RX and TX rings at the same GPA were accepted
+            (dict(vm=vm, mac=C, rx=rx, tx=rx), "INVALID_ARGUMENT", "RINGS_OVERLAP"),
+            (dict(vm=vm, mac=C, tx=tx), "INVALID_ARGUMENT", None),
         ]
-        for fields, code in bad:
+        for fields, code, reason in bad:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await s.netd.RegisterDevice(
-                    netd_pb2.RegisterDeviceRequest(**fields),
-                    metadata=VMM_MD,  # type: ignore[arg-type]
+                    netd_pb2.RegisterDeviceRequest(**fields),  # type: ignore[arg-type]
+                    metadata=VMM_MD,
                 )
             assert info.value.code().name == code, (fields, info.value.details())
+            assert len(info.value.details() or "") < 300  # a prefix of the input at most
+            if reason is not None:
+                assert error_info(info.value).reason == reason  # type: ignore[union-attr]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.netd.NotifyQueue(
                 netd_pb2.NotifyQueueRequest(
@@ -139,11 +155,19 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
                 metadata=VMM_MD,
             )
         assert error_info(info.value).reason == "UNKNOWN_DEVICE"  # type: ignore[union-attr]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await s.netd.GetDeviceStats(
+                netd_pb2.GetDeviceStatsRequest(device=netd_pb2.DeviceHandle(id=huge)),
+                metadata=VMM_MD,
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(info.value.details() or "") < 300
         # a guest agent without a credential may not list the host's devices
         with pytest.raises(grpc.aio.AioRpcError):
             await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=VMM_MD)
         devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
         assert [d.mac for d in devices.devices] == [A]
+        assert not any(d.device.token for d in devices.devices)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "ok")
@@ -251,3 +275,52 @@ async def test_flip_mid_copy_is_refused_under_gmem(tmp_path: Path) -> None:
         assert sent.result == "refused"
         assert await receive_all(b) == []
         assert dict((await status(b)).net_received) == {"rx_error": 1}
+
+
+async def test_a_device_the_host_unregisters_comes_back(tmp_path: Path) -> None:
+    """The issue: after another party unregistered a guest's device, its sends answered `lost`
+    forever and it never registered again. Now netd ends the device's hold, and the guest
+    registers again; a send in between answers a clear error, never a silent `lost`."""
+
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (a, _),
+        agent(s, "guest-1") as (b, _),
+    ):
+        await attach(a, A)
+        old = await attach(b, B)
+        # a MAC in use: the guest's caller is told so (it answered INTERNAL)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await a.AttachNetDevice(guest_pb2.AttachNetDeviceRequest(mac=B))
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert error_info(info.value).reason == "MAC_IN_USE"  # type: ignore[union-attr]
+        await attach(a, A)  # a's driver reload above dropped its device: attach it again
+
+        await s.netd.UnregisterDevice(
+            netd_pb2.UnregisterDeviceRequest(device=netd_pb2.DeviceHandle(id=old)), metadata=HOST
+        )
+        deadline = asyncio.get_running_loop().time() + 20
+        answers: list[str] = []
+        while True:
+            assert asyncio.get_running_loop().time() < deadline, answers
+            try:
+                r = await b.SendPacket(
+                    guest_pb2.SendPacketRequest(destination_mac=A, payload=b"back")
+                )
+                answers.append(r.result)
+            except grpc.aio.AioRpcError as e:
+                answers.append(f"{e.code().name}:{error_info(e).reason}")  # type: ignore[union-attr]
+            if answers[-1] == "delivered":
+                break
+            await asyncio.sleep(0.05)
+        assert set(answers[:-1]) <= {"FAILED_PRECONDITION:NO_DEVICE"}, answers
+        assert [p.payload for p in await receive_all(a)] == [b"back"]
+        st = await status(b)
+        assert st.net_reconnects == 1
+        devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        by_mac = {d.mac: d.device.id for d in devices.devices}
+        assert set(by_mac) == {A, B} and by_mac[B] != old
+        # and a packet to b arrives on the new device
+        r = await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=b"hi"))
+        assert r.result == "delivered"
+        assert [p.payload for p in await receive_all(b)] == [b"hi"]
