@@ -202,7 +202,9 @@ async def test_no_buffer_and_registration_rules() -> None:
     with pytest.raises(AlreadyExists):
         await d.register(VmRef("vm-a"), A, *rings())
     with pytest.raises(InvalidArgument):
-        await d.register(VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1])
+        await d.register(
+            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1]
+        )
     with pytest.raises(InvalidArgument):
         await d.register(VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1])
     with pytest.raises(NotFound):
