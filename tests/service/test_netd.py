@@ -324,3 +324,29 @@ async def test_a_device_the_host_unregisters_comes_back(tmp_path: Path) -> None:
         r = await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=b"hi"))
         assert r.result == "delivered"
         assert [p.payload for p in await receive_all(b)] == [b"hi"]
+
+
+async def test_the_guest_checks_macs_before_it_changes_anything(tmp_path: Path) -> None:
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (a, _),
+        agent(s, "guest-1") as (b, _),
+    ):
+        await attach(a, A)
+        await attach(b, B)
+        huge = "0" * (1 << 20)
+        for bad in ("00:00:00:00:00:00", "01:00:5e:00:00:01", huge):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await a.AttachNetDevice(guest_pb2.AttachNetDeviceRequest(mac=bad))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert len(info.value.details() or "") < 300
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await b.SendPacket(guest_pb2.SendPacketRequest(destination_mac=bad, payload=b"x"))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert len(info.value.details() or "") < 300
+        # a's device was left as it was: it still sends and receives
+        r = await b.SendPacket(guest_pb2.SendPacketRequest(destination_mac=A, payload=b"ok"))
+        assert r.result == "delivered"
+        assert [p.payload for p in await receive_all(a)] == [b"ok"]
+        devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        assert {d.mac for d in devices.devices} == {A, B}

@@ -33,6 +33,19 @@ WINDOW_GPA = 0x100_0000  # 16 MiB: above the firmware's metadata pages, below an
 BUFFER_SIZE = 2048  # a virtio_net_hdr and a 1514-byte frame fit
 
 
+def check_mac(what: str, mac: str) -> None:
+    """A unicast station address, checked before the driver touches anything; an error quotes
+    no more of the input than a MAC's 17 characters."""
+    if len(mac) != len("02:00:00:00:00:01"):
+        raise InvalidArgument(f"{what} is not six hex octets like 02:00:00:00:00:01")
+    try:
+        raw = virtio.mac_bytes(mac)
+    except virtio.VirtioError as e:
+        raise InvalidArgument(f"{what}: {e}") from None
+    if not any(raw):  # KERNEL: include/linux/etherdevice.h is_valid_ether_addr()
+        raise InvalidArgument(f"{what} {mac} is the all-zero address")
+
+
 @dataclass(frozen=True)
 class DeviceRef:
     """A device as RegisterDevice returned it: netd's id and the capability token."""
@@ -243,6 +256,7 @@ class NetDevice:
     async def send(self, dst: str, payload: bytes) -> str:
         """start_xmit: the frame into the next TX buffer, offer it, ring the doorbell. Returns
         what netd did with it, or "lost" when netd was not there to take it."""
+        check_mac("destination_mac", dst)
         try:
             raw = virtio.frame(dst, self.mac, payload)
         except virtio.VirtioError as e:

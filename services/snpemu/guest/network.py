@@ -17,7 +17,7 @@ from snpemu.guest.driver import Driver, report_request
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.layout import RESP_GPA
-from snpemu.guest.netdev import Netd, NetDevice
+from snpemu.guest.netdev import Netd, NetDevice, check_mac
 
 DEFAULT_ENTRIES = 16
 
@@ -48,6 +48,7 @@ class Network:
         if entries > 64 or entries & (entries - 1):
             raise InvalidArgument("ring_entries is a power of two up to 64")
         mac = mac or _mac_for(self.k.name)
+        check_mac("mac", mac)  # before the old device goes or any page is converted
         if self.dev is not None:  # detach first, as a driver reload does
             old, self.dev = self.dev, None
             await old.close()
