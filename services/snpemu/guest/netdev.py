@@ -197,8 +197,8 @@ class NetDevice:
         self.connected.set()
         self.k.event("net_attached", detail=f"{self.mac} device {dev.id}")
 
-    async def _hold_ends(self) -> str:
-        """Until the device is lost: why (netd died, or it dropped the device)."""
+    async def _hold_ends(self) -> bool:
+        """Until the device is lost; whether netd dropped it (else netd went away)."""
         assert self.hold is not None
         ended = asyncio.ensure_future(self.hold.wait())
         stale = asyncio.ensure_future(self.stale.wait())
@@ -209,22 +209,21 @@ class NetDevice:
             if not ended.done():
                 ended.cancel()
                 self.hold.cancel()
-        if ended.done() and not ended.cancelled() and ended.exception() is not None:
-            return "netd went away"
-        # netd ended the hold itself (or a doorbell was refused): the device is not there
-        return "netd dropped the device (unregistered by the host)"
+        # a broken stream is netd gone; one netd ended (or a refused doorbell) is the device
+        broke = ended.done() and not ended.cancelled() and ended.exception() is not None
+        return not broke
 
     async def _keep_connected(self) -> None:
         """When netd goes away the hold breaks, and when netd drops the device it ends the
         hold: keep what was received, reconnect, register again."""
         while not self.closed:
-            cause = await self._hold_ends()
+            dropped = await self._hold_ends()
             if self.closed:
                 return
             self.connected.clear()
-            if "dropped" in cause:
-                self.gone = cause
-            self.k.event("net_disconnected", detail=cause)
+            if dropped:
+                self.gone = f"netd dropped device {self.device_id} (the host unregistered it)"
+            self.k.event("net_disconnected", detail=self.gone or "netd went away")
             delay = 0.1
             while not self.closed:
                 await asyncio.sleep(delay)
