@@ -16,12 +16,18 @@ from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2
 from snp.netd.v1 import netd_pb2
+from snpemu.runtime.credentials import vmm_credential
 from snpemu.runtime.status import error_info
 
-from tests.service.host_stack import HOST, VMM, host_stack
+from tests.service.host_stack import CRED, HOST, host_stack
 from tests.service.test_guest import agent
 
-VMM_MD = (("x-snpemu-host-credential", VMM),)
+
+def vmm_md(guest: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of `guest`'s VMM side: its own VMM credential."""
+    return (("x-snpemu-host-credential", vmm_credential(CRED, guest)),)
+
+
 # VIRTIO 1.2, 5.1.6 Device Operation: struct virtio_net_hdr, 12 bytes with num_buffers
 NET_HDR_LEN = 12
 
@@ -87,10 +93,12 @@ async def test_packets_go_between_guests_and_are_counted(tmp_path: Path) -> None
 
 
 async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
-    async with host_stack(tmp_path) as s, agent(s, "guest-0") as (a, _):
+    async with host_stack(tmp_path) as s, agent(s, "guest-0") as (a, a_rt):
         await attach(a, A)
-        vms = (await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
-        vm = handles_pb2.VmHandle(id=vms[0].vm.id)
+        mine = a_rt.impl.kernel.vm  # type: ignore[union-attr]
+        # guest-0's VMM, with the handle CreateVm gave it
+        vm = handles_pb2.VmHandle(id=mine.id, token=mine.token)
+        md = vmm_md("guest-0")
         rx = netd_pb2.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
         tx = netd_pb2.Ring(ring_gpa=0x210000, buffers_gpa=0x211000, entries=8, buffer_size=2048)
         huge = "v" * (1 << 20)  # the issue's 1 MiB id
@@ -103,11 +111,22 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
             (dict(vm=vm, mac="+1:00:00:00:00:0c", rx=rx, tx=tx), "INVALID_ARGUMENT", None),
             (dict(vm=vm, mac=huge, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
             (
-                dict(vm=handles_pb2.VmHandle(id="vm-none"), mac=C, rx=rx, tx=tx),
+                dict(vm=handles_pb2.VmHandle(id="vm-none", token=bytes(32)), mac=C, rx=rx, tx=tx),
                 "NOT_FOUND",
                 "UNKNOWN_VM",
             ),
             (dict(vm=handles_pb2.VmHandle(id=huge), mac=C, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
+            # the VM's id alone is public: a VMM must hold the VM's token
+            (
+                dict(vm=handles_pb2.VmHandle(id=mine.id), mac=C, rx=rx, tx=tx),
+                "PERMISSION_DENIED",
+                "VM_TOKEN_MISSING",
+            ),
+            (
+                dict(vm=handles_pb2.VmHandle(id=mine.id, token=bytes(32)), mac=C, rx=rx, tx=tx),
+                "PERMISSION_DENIED",
+                None,  # kvm's refusal, its code kept
+            ),
             (dict(mac=C, rx=rx, tx=tx), "INVALID_ARGUMENT", None),
             (
                 dict(
@@ -141,7 +160,7 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await s.netd.RegisterDevice(
                     netd_pb2.RegisterDeviceRequest(**fields),  # type: ignore[arg-type]
-                    metadata=VMM_MD,
+                    metadata=md,
                 )
             assert info.value.code().name == code, (fields, info.value.details())
             assert len(info.value.details() or "") < 300  # a prefix of the input at most
@@ -152,22 +171,43 @@ async def test_register_validates_and_changes_nothing(tmp_path: Path) -> None:
                 netd_pb2.NotifyQueueRequest(
                     device=netd_pb2.DeviceHandle(id="nope"), queue=netd_pb2.QUEUE_TX
                 ),
-                metadata=VMM_MD,
+                metadata=md,
             )
         assert error_info(info.value).reason == "UNKNOWN_DEVICE"  # type: ignore[union-attr]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.netd.GetDeviceStats(
                 netd_pb2.GetDeviceStatsRequest(device=netd_pb2.DeviceHandle(id=huge)),
-                metadata=VMM_MD,
+                metadata=md,
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert len(info.value.details() or "") < 300
         # a guest agent without a credential may not list the host's devices
         with pytest.raises(grpc.aio.AioRpcError):
-            await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=VMM_MD)
+            await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=md)
         devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
         assert [d.mac for d in devices.devices] == [A]
         assert not any(d.device.token for d in devices.devices)
+        # the issue: another guest's VMM unregistered guest-0's device. Its id is no secret,
+        # but its token is guest-0's alone
+        theirs = netd_pb2.DeviceHandle(id=devices.devices[0].device.id)
+        for call in (
+            s.netd.UnregisterDevice(
+                netd_pb2.UnregisterDeviceRequest(device=theirs), metadata=vmm_md("guest-1")
+            ),
+            s.netd.NotifyQueue(
+                netd_pb2.NotifyQueueRequest(device=theirs, queue=netd_pb2.QUEUE_TX),
+                metadata=vmm_md("guest-1"),
+            ),
+            s.netd.GetDeviceStats(
+                netd_pb2.GetDeviceStatsRequest(device=theirs), metadata=vmm_md("guest-1")
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error_info(info.value).reason == "DEVICE_TOKEN_MISSING"  # type: ignore[union-attr]
+        after = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        assert after.devices == devices.devices
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "ok")

@@ -68,8 +68,7 @@ class GrpcNetd:
 
     async def register_device(self, vm: VmHandle, mac: str, rx: Ring, tx: Ring) -> DeviceRef:
         # the VM's handle as kvm made it, token included: netd passes it to kvm, which checks it
-        # (a handle without one, from an older kvm client, is refused by netd for a VMM)
-        handle = handles_pb2.VmHandle(id=vm.id, token=getattr(vm, "token", b""))
+        handle = handles_pb2.VmHandle(id=vm.id, token=vm.token)
         try:
             r = await self.peer.invoke(
                 self._stub().RegisterDevice,
