@@ -16,7 +16,10 @@ from snp.common.v1 import handles_pb2
 from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2
 from snp.netd.v1 import netd_pb2
+from snpemu import netd
+from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.credentials import vmm_credential
+from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
 from tests.service.host_stack import CRED, HOST, host_stack
@@ -390,3 +393,55 @@ async def test_the_guest_checks_macs_before_it_changes_anything(tmp_path: Path) 
         assert [p.payload for p in await receive_all(a)] == [b"ok"]
         devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
         assert {d.mac for d in devices.devices} == {A, B}
+
+
+async def test_after_netd_restarts_guests_register_again_and_sends_meanwhile_are_lost(
+    tmp_path: Path,
+) -> None:
+    """netd's death is not the host dropping a device: a send meanwhile answers `lost` (counted),
+    never the dropped-device error, and each guest registers again with its own tokens."""
+
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (a, _),
+        agent(s, "guest-1") as (b, _),
+    ):
+        await attach(a, A)
+        await attach(b, B)
+        old = s.runtimes["netd"]
+        await old.stop()
+        env = {
+            "SNPEMU_GRPC_PORT": str(old.grpc_port),
+            "SNPEMU_METRICS_PORT": "0",
+            "SNPEMU_HOST_CREDENTIAL": CRED,
+            "SNPEMU_SHUTDOWN_GRACE_S": "0",
+            "SNPEMU_RMP_ADDR": s.runtimes["rmp"].address,
+            "SNPEMU_KVM_ADDR": s.runtimes["kvm"].address,
+            "SNPEMU_DATA_DIR": str(tmp_path / "netd"),
+        }
+        r = await a.SendPacket(guest_pb2.SendPacketRequest(destination_mac=B, payload=b"x"))
+        assert r.result == "lost"
+        new = ServiceRuntime(netd.SPEC, ServiceConfig.from_env("netd", env), netd.SPEC.options({}))
+        await new.start()
+        try:
+            answers: list[str] = []
+            deadline = asyncio.get_running_loop().time() + 30
+            while not answers or answers[-1] != "delivered":
+                assert asyncio.get_running_loop().time() < deadline, answers
+                try:
+                    r = await a.SendPacket(
+                        guest_pb2.SendPacketRequest(destination_mac=B, payload=b"again")
+                    )
+                    answers.append(r.result)
+                except grpc.aio.AioRpcError as e:
+                    answers.append(e.code().name)
+                await asyncio.sleep(0.05)
+            # no_route: a is back before b is
+            assert set(answers[:-1]) <= {"lost", "no_route"}, answers
+            assert [p.payload for p in await receive_all(b)] == [b"again"]
+            for g in (a, b):
+                assert (await status(g)).net_reconnects == 1
+            devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+            assert {d.mac for d in devices.devices} == {A, B} and devices.restarts == 1
+        finally:
+            await new.stop()
