@@ -95,8 +95,8 @@ class Guest:
 async def pair(mem: FakeMemory, **kw: object) -> tuple[NetDaemon, Guest, Guest, str, str]:
     d = NetDaemon(mem, FakeVmm(), **kw)  # type: ignore[arg-type]
     a, b = Guest(mem, 0), Guest(mem, 1 << 19)
-    da = await d.register(VmRef("vm-a"), A, *rings())
-    db = await d.register(VmRef("vm-b"), B, *rings())
+    da = await d.register(VmRef("vm-a"), A, *rings(), host=True)
+    db = await d.register(VmRef("vm-b"), B, *rings(), host=True)
     return d, a, b, da.device_id, db.device_id
 
 
@@ -200,15 +200,17 @@ async def test_no_buffer_and_registration_rules() -> None:
     a.offer_tx(virtio.frame(B, A, b"p"))  # B has not offered its buffers again
     assert await d.notify_tx(da) == [Result.NO_BUFFER]
     with pytest.raises(AlreadyExists):
-        await d.register(VmRef("vm-a"), A, *rings())
+        await d.register(VmRef("vm-a"), A, *rings(), host=True)
     with pytest.raises(InvalidArgument):
         await d.register(
-            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1]
+            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1], host=True
         )
     with pytest.raises(InvalidArgument):
-        await d.register(VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1])
+        await d.register(
+            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1], host=True
+        )
     with pytest.raises(NotFound):
-        await d.register(VmRef("vm-x"), "02:00:00:00:00:0c", *rings())
+        await d.register(VmRef("vm-x"), "02:00:00:00:00:0c", *rings(), host=True)
     assert set(d.devices) == {da, db}
     d.unregister(db)
     a.offer_tx(virtio.frame(B, A, b"gone"))

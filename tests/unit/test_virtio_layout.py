@@ -138,8 +138,8 @@ async def pair(n: int) -> tuple[NetDaemon, Memory, Guest, Guest, str, str]:
     mem = Memory()
     d = NetDaemon(mem, Vmm())
     a, b = Guest(mem, "vm-a", n), Guest(mem, "vm-b", n)
-    da = await d.register(VmRef("vm-a"), "02:00:00:00:00:0a", a.rx, a.tx)
-    db = await d.register(VmRef("vm-b"), "02:00:00:00:00:0b", b.rx, b.tx)
+    da = await d.register(VmRef("vm-a"), "02:00:00:00:00:0a", a.rx, a.tx, host=True)
+    db = await d.register(VmRef("vm-b"), "02:00:00:00:00:0b", b.rx, b.tx, host=True)
     return d, mem, a, b, da.device_id, db.device_id
 
 

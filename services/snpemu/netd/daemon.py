@@ -197,9 +197,7 @@ class NetDaemon:
 
     # --- registration ---------------------------------------------------------------------
 
-    async def register(
-        self, vm: VmRef, mac: str, rx: Ring, tx: Ring, *, host: bool = True
-    ) -> Device:
+    async def register(self, vm: VmRef, mac: str, rx: Ring, tx: Ring, *, host: bool) -> Device:
         """A device on the caller's VM. A VMM (host False) proves the VM is its own with the
         VM's token, which kvm checks; everything is checked before anything is kept."""
         limits.check_id("vm id", vm.id)
@@ -214,8 +212,8 @@ class NetDaemon:
                 "with its token",
                 reason=NetdReason.VM_TOKEN_MISSING,
             )
-        self._check_room(vm.id)
-        # kvm first: a caller that may not use the VM learns nothing about the MACs in use
+        # kvm first: a caller that may not use the VM learns nothing of the MACs in use or the
+        # VM's devices
         memory = MemoryMap(await self.vmm.memory_map(vm))
         for name, ring in (("rx", rx), ("tx", tx)):
             try:
@@ -223,7 +221,6 @@ class NetDaemon:
                 memory.spa(ring.buffers_gpa, ring.entries * ring.buffer_size)
             except virtio.VirtioError as e:
                 raise InvalidArgument(f"{name}: {e}") from None
-        # after kvm's answer too: another registration may have come in meanwhile
         if raw_mac in self.by_mac:
             raise AlreadyExists(f"MAC {mac} is already registered", reason=NetdReason.MAC_IN_USE)
         self._check_room(vm.id)
@@ -256,7 +253,7 @@ class NetDaemon:
             )
         return dev
 
-    def claim(self, device_id: str, token: bytes, *, host: bool = True) -> Device:
+    def claim(self, device_id: str, token: bytes, *, host: bool) -> Device:
         """The device, when the caller holds its capability: a VMM must send the device's token;
         the host may omit it, but a token that is sent must be the device's (as kvm treats a
         VM's token)."""
