@@ -49,16 +49,22 @@ class Network:
             raise InvalidArgument("ring_entries is a power of two up to 64")
         mac = mac or _mac_for(self.k.name)
         check_mac("mac", mac)  # before the old device goes or any page is converted
-        if self.dev is not None:  # detach first, as a driver reload does
-            old, self.dev = self.dev, None
-            await old.close()
-            if old.dev is not None:
-                with contextlib.suppress(SnpemuError):
-                    await self.netd.unregister_device(old.dev)
+        await self.detach()  # first, as a driver reload does
         dev = NetDevice(self.k, self.netd, mac, entries)
         await dev.attach(skip_rx_conversion=skip)
         self.dev = dev
         return dev
+
+    async def detach(self) -> None:
+        """Drop the device, as a driver unload does: its hold ends and netd forgets it (asked
+        with the device's token, which only this driver holds)."""
+        old, self.dev = self.dev, None
+        if old is None:
+            return
+        await old.close()
+        if old.dev is not None:
+            with contextlib.suppress(SnpemuError):
+                await self.netd.unregister_device(old.dev)
 
     # --- misbehaviour ---------------------------------------------------------------------
 
