@@ -118,3 +118,38 @@ async def test_a_device_whose_hold_closes_is_dropped(stack: Stack, launched_vm: 
         await asyncio.sleep(0.02)
     gone = stack.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
     await refused(gone.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_DEVICE")
+
+
+async def test_a_device_token_is_its_capability(stack: Stack, launched_vm: Guest) -> None:
+    """RegisterDevice returns the device's token; a call that sends another is refused, even
+    the host's, and changes nothing. The host may omit it."""
+
+    dev = await register(stack, launched_vm.vm, A)
+    other = await register(stack, launched_vm.vm, B)
+    assert len(dev.token) == 32 and other.token != dev.token
+    wrong = pb.DeviceHandle(id=dev.id, token=other.token)
+    hold = stack.netd.HoldDevice(pb.HoldDeviceRequest(device=wrong), metadata=HOST)
+    for call in (
+        stack.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=wrong), metadata=HOST),
+        stack.netd.NotifyQueue(
+            pb.NotifyQueueRequest(device=wrong, queue=pb.QUEUE_TX), metadata=HOST
+        ),
+        stack.netd.UnregisterDevice(pb.UnregisterDeviceRequest(device=wrong), metadata=HOST),
+        hold.read(),
+    ):
+        await refused(call, grpc.StatusCode.PERMISSION_DENIED, "DEVICE_TOKEN_WRONG")
+    assert set(await listed(stack)) == {A, B}
+    assert not any(d.device.token for d in (await listed(stack)).values())
+    stats = await stack.netd.GetDeviceStats(pb.GetDeviceStatsRequest(device=dev), metadata=HOST)
+    assert stats.stats.device == pb.DeviceHandle(id=dev.id)  # the token is never shown again
+
+    # the host unregisters the device: netd ends its hold, so its VMM knows to register again
+    hold = stack.netd.HoldDevice(pb.HoldDeviceRequest(device=dev), metadata=HOST)
+    first = await hold.read()
+    assert first.device == pb.DeviceHandle(id=dev.id)
+    await stack.netd.UnregisterDevice(
+        pb.UnregisterDeviceRequest(device=pb.DeviceHandle(id=dev.id)), metadata=HOST
+    )
+    assert await asyncio.wait_for(hold.read(), 10) == grpc.aio.EOF
+    assert await hold.code() == grpc.StatusCode.OK
+    assert set(await listed(stack)) == {B}

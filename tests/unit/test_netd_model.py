@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from snpemu.abi import virtio
 from snpemu.errors import AlreadyExists, InvalidArgument, NotFound
-from snpemu.netd.daemon import NetDaemon, Result, Ring, Sigbus, WriteOutcome
+from snpemu.netd.daemon import NetDaemon, Result, Ring, Sigbus, VmRef, WriteOutcome
 
 from tests.conftest import examples
 
@@ -44,12 +44,10 @@ class FakeMemory:
 
 
 class FakeVmm:
-    async def memory_map(self, vm_id: str) -> list[tuple[int, int, int]]:
-        if vm_id not in ("vm-a", "vm-b"):
-            from snpemu.errors import NotFound
-
-            raise NotFound(f"no VM {vm_id}")
-        base = 0 if vm_id == "vm-a" else 1 << 19
+    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+        if vm.id not in ("vm-a", "vm-b"):
+            raise NotFound(f"no VM {vm.id}")
+        base = 0 if vm.id == "vm-a" else 1 << 19
         return [(0, base, 1 << 19)]
 
 
@@ -97,8 +95,8 @@ class Guest:
 async def pair(mem: FakeMemory, **kw: object) -> tuple[NetDaemon, Guest, Guest, str, str]:
     d = NetDaemon(mem, FakeVmm(), **kw)  # type: ignore[arg-type]
     a, b = Guest(mem, 0), Guest(mem, 1 << 19)
-    da = await d.register("vm-a", A, *rings())
-    db = await d.register("vm-b", B, *rings())
+    da = await d.register(VmRef("vm-a"), A, *rings(), host=True)
+    db = await d.register(VmRef("vm-b"), B, *rings(), host=True)
     return d, a, b, da.device_id, db.device_id
 
 
@@ -202,13 +200,17 @@ async def test_no_buffer_and_registration_rules() -> None:
     a.offer_tx(virtio.frame(B, A, b"p"))  # B has not offered its buffers again
     assert await d.notify_tx(da) == [Result.NO_BUFFER]
     with pytest.raises(AlreadyExists):
-        await d.register("vm-a", A, *rings())
+        await d.register(VmRef("vm-a"), A, *rings(), host=True)
     with pytest.raises(InvalidArgument):
-        await d.register("vm-a", "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1])
+        await d.register(
+            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0x10, 0x2000, 4, 2048), rings()[1], host=True
+        )
     with pytest.raises(InvalidArgument):
-        await d.register("vm-a", "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1])
+        await d.register(
+            VmRef("vm-a"), "02:00:00:00:00:0c", Ring(0, 1 << 30, 4, 2048), rings()[1], host=True
+        )
     with pytest.raises(NotFound):
-        await d.register("vm-x", "02:00:00:00:00:0c", *rings())
+        await d.register(VmRef("vm-x"), "02:00:00:00:00:0c", *rings(), host=True)
     assert set(d.devices) == {da, db}
     d.unregister(db)
     a.offer_tx(virtio.frame(B, A, b"gone"))

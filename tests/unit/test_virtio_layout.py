@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from snpemu.abi import virtio
-from snpemu.netd.daemon import NetDaemon, Result, Ring, WriteOutcome
+from snpemu.netd.daemon import NetDaemon, Result, Ring, VmRef, WriteOutcome
 
 from tests.conftest import examples
 
@@ -103,8 +103,8 @@ BASE = {"vm-a": 0, "vm-b": 1 << 20}
 
 
 class Vmm:
-    async def memory_map(self, vm_id: str) -> list[tuple[int, int, int]]:
-        return [(0, BASE[vm_id], 1 << 20)]
+    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+        return [(0, BASE[vm.id], 1 << 20)]
 
 
 RX_RING, TX_RING, BUFFERS = 0x0, 0x1000, 0x2000
@@ -138,8 +138,8 @@ async def pair(n: int) -> tuple[NetDaemon, Memory, Guest, Guest, str, str]:
     mem = Memory()
     d = NetDaemon(mem, Vmm())
     a, b = Guest(mem, "vm-a", n), Guest(mem, "vm-b", n)
-    da = await d.register("vm-a", "02:00:00:00:00:0a", a.rx, a.tx)
-    db = await d.register("vm-b", "02:00:00:00:00:0b", b.rx, b.tx)
+    da = await d.register(VmRef("vm-a"), "02:00:00:00:00:0a", a.rx, a.tx, host=True)
+    db = await d.register(VmRef("vm-b"), "02:00:00:00:00:0b", b.rx, b.tx, host=True)
     return d, mem, a, b, da.device_id, db.device_id
 
 

@@ -1,16 +1,25 @@
 """netd over gRPC as the VMM's vhost-user side and the guest's doorbells reach it
-(guest/ports.py Netd)."""
+(guest/netdev.py Netd).
+
+netd's refusals keep their code here (a MAC in use is ALREADY_EXISTS to the guest's caller too,
+not an INTERNAL error of the agent); a device netd no longer has raises DeviceGone, so the
+driver registers it again.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import grpc
 from snp.common.v1 import handles_pb2
 from snp.netd.v1 import netd_pb2, netd_pb2_grpc
 
+from snpemu import errors
 from snpemu.guest.holds import held
+from snpemu.guest.netdev import DeviceGone, DeviceRef
 from snpemu.guest.ports import DeviceHold, PacketResult, Queue, Ring, VmHandle
-from snpemu.runtime.peers import Peer
+from snpemu.netd.reasons import NetdReason
+from snpemu.runtime.peers import Peer, PeerError
 
 if TYPE_CHECKING:
     from snp.netd.v1.netd_pb2_grpc import NetdServiceAsyncStub
@@ -27,8 +36,23 @@ def _ring(r: Ring) -> netd_pb2.Ring:
     )
 
 
-def _device(device_id: str) -> netd_pb2.DeviceHandle:
-    return netd_pb2.DeviceHandle(id=device_id)
+def _device(dev: DeviceRef) -> netd_pb2.DeviceHandle:
+    return netd_pb2.DeviceHandle(id=dev.id, token=dev.token)
+
+
+def _refused(e: PeerError) -> errors.SnpemuError:
+    """netd's refusal with its own code, reason and metadata (the caller caused it)."""
+    if e.code == grpc.StatusCode.NOT_FOUND and e.reason == NetdReason.UNKNOWN_DEVICE:
+        return DeviceGone(e.message, metadata=e.metadata)
+    by_code: dict[grpc.StatusCode, type[errors.SnpemuError]] = {
+        grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+        grpc.StatusCode.NOT_FOUND: errors.NotFound,
+        grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+        grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+        grpc.StatusCode.FAILED_PRECONDITION: errors.WrongState,
+    }
+    cls = by_code.get(e.code)
+    return e if cls is None else cls(e.message, reason=e.reason, metadata=e.metadata)
 
 
 class GrpcNetd:
@@ -42,36 +66,48 @@ class GrpcNetd:
     def _stub(self) -> NetdServiceAsyncStub:
         return self.peer.ensure()  # type: ignore[no-any-return]
 
-    async def register_device(self, vm: VmHandle, mac: str, rx: Ring, tx: Ring) -> str:
-        r = await self.peer.invoke(
-            self._stub().RegisterDevice,
-            netd_pb2.RegisterDeviceRequest(
-                vm=handles_pb2.VmHandle(id=vm.id), mac=mac, rx=_ring(rx), tx=_ring(tx)
-            ),
-        )
-        return str(r.device.id)
+    async def register_device(self, vm: VmHandle, mac: str, rx: Ring, tx: Ring) -> DeviceRef:
+        # the VM's handle as kvm made it, token included: netd passes it to kvm, which checks it
+        handle = handles_pb2.VmHandle(id=vm.id, token=vm.token)
+        try:
+            r = await self.peer.invoke(
+                self._stub().RegisterDevice,
+                netd_pb2.RegisterDeviceRequest(vm=handle, mac=mac, rx=_ring(rx), tx=_ring(tx)),
+            )
+        except PeerError as e:
+            raise _refused(e) from None
+        return DeviceRef(str(r.device.id), bytes(r.device.token))
 
-    async def hold_device(self, device_id: str) -> DeviceHold:
+    async def hold_device(self, dev: DeviceRef) -> DeviceHold:
         call = self._stub().HoldDevice(
-            netd_pb2.HoldDeviceRequest(device=_device(device_id)), metadata=self.peer.md
+            netd_pb2.HoldDeviceRequest(device=_device(dev)), metadata=self.peer.md
         )
-        hold, first = await held(self.peer.name, call)
+        try:
+            hold, first = await held(self.peer.name, call)
+        except PeerError as e:
+            raise _refused(e) from None
         return DeviceHold(hold, first.daemon_boot_id)
 
-    async def notify_queue(self, device_id: str, queue: Queue) -> list[PacketResult]:
-        r = await self.peer.invoke(
-            self._stub().NotifyQueue,
-            netd_pb2.NotifyQueueRequest(
-                device=_device(device_id), queue=netd_pb2.Queue.ValueType(int(queue))
-            ),
-        )
+    async def notify_queue(self, dev: DeviceRef, queue: Queue) -> list[PacketResult]:
+        try:
+            r = await self.peer.invoke(
+                self._stub().NotifyQueue,
+                netd_pb2.NotifyQueueRequest(
+                    device=_device(dev), queue=netd_pb2.Queue.ValueType(int(queue))
+                ),
+            )
+        except PeerError as e:
+            raise _refused(e) from None
         return [PACKET_RESULTS.get(v, PacketResult.UNSPECIFIED) for v in r.results]
 
-    async def unregister_device(self, device_id: str) -> None:
-        await self.peer.invoke(
-            self._stub().UnregisterDevice,
-            netd_pb2.UnregisterDeviceRequest(device=_device(device_id)),
-        )
+    async def unregister_device(self, dev: DeviceRef) -> None:
+        try:
+            await self.peer.invoke(
+                self._stub().UnregisterDevice,
+                netd_pb2.UnregisterDeviceRequest(device=_device(dev)),
+            )
+        except PeerError as e:
+            raise _refused(e) from None
 
     async def close(self) -> None:
         await self.peer.close()

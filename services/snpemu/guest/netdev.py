@@ -3,7 +3,9 @@
 Rings and buffers live in a device window of guest RAM that the driver converts to shared
 (set_memory_decrypted, as virtio's DMA API does under SNP) before it hands it to netd. The VMM
 keeps the device held (the vhost-user socket); when netd dies the hold breaks and the VMM
-reconnects and registers again, as QEMU's vhost-user `reconnect` does.
+reconnects and registers again, as QEMU's vhost-user `reconnect` does. The device is netd's
+capability: RegisterDevice returns its token, which every later call on it carries. When the
+host unregisters the device netd ends the hold, and the driver registers again the same way.
 KERNEL: drivers/net/virtio_net.c (start_xmit, receive_buf), drivers/virtio/virtio_ring.c.
 """
 
@@ -14,14 +16,14 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from snpemu.abi import virtio
 from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa, gpa_to_gfn, page_bytes, pages
-from snpemu.errors import InvalidArgument, SnpemuError, Unavailable, WrongState
+from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.guest.errors import GuestFault, GuestReason
-from snpemu.guest.ports import Hold, Netd, Queue, Ring
-from snpemu.runtime.peers import PeerError
+from snpemu.guest.exits import BootState
+from snpemu.guest.ports import DeviceHold, Hold, PacketResult, Queue, Ring, VmHandle
 
 if TYPE_CHECKING:
     from snpemu.guest.kernel import GuestKernel
@@ -29,6 +31,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WINDOW_GPA = 0x100_0000  # 16 MiB: above the firmware's metadata pages, below anything else used
 BUFFER_SIZE = 2048  # a virtio_net_hdr and a 1514-byte frame fit
+
+
+def check_mac(what: str, mac: str) -> None:
+    """A unicast station address, checked before the driver touches anything; an error quotes
+    no more of the input than a MAC's 17 characters."""
+    if len(mac) != len("02:00:00:00:00:01"):
+        raise InvalidArgument(f"{what} is not six hex octets like 02:00:00:00:00:01")
+    try:
+        raw = virtio.mac_bytes(mac)
+    except virtio.VirtioError as e:
+        raise InvalidArgument(f"{what}: {e}") from None
+    if not any(raw):  # KERNEL: include/linux/etherdevice.h is_valid_ether_addr()
+        raise InvalidArgument(f"{what} {mac} is the all-zero address")
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """A device as RegisterDevice returned it: netd's id and the capability token."""
+
+    id: str
+    token: bytes = field(repr=False)
+
+
+class DeviceGone(WrongState):
+    """netd no longer has the device (the host unregistered it, or netd restarted)."""
+
+    default_reason = GuestReason.NO_DEVICE
+
+
+class Netd(Protocol):
+    """netd's vhost-user side as the driver needs it: every call on a device carries its
+    token (guest/netd_client.py implements it)."""
+
+    async def register_device(self, vm: VmHandle, mac: str, rx: Ring, tx: Ring) -> DeviceRef: ...
+    async def hold_device(self, dev: DeviceRef) -> DeviceHold: ...
+    async def notify_queue(self, dev: DeviceRef, queue: Queue) -> list[PacketResult]: ...
+    async def unregister_device(self, dev: DeviceRef) -> None: ...
 
 
 @dataclass
@@ -83,7 +122,7 @@ class NetDevice:
         self.k, self.netd, self.mac = kernel, netd, mac
         self.layout = Layout(entries)
         self.ring = virtio.Layout(entries)
-        self.device_id = ""
+        self.dev: DeviceRef | None = None
         self.boot_id = ""
         self.lock = asyncio.Lock()
         self.stats = NetStats()
@@ -95,7 +134,15 @@ class NetDevice:
         self.hold: Hold | None = None
         self.watch: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # a send found the device gone before its hold ended: the watcher registers again
+        self.stale = asyncio.Event()
+        # why sends are refused until the device is registered again ("" while it is there)
+        self.gone = ""
         self.closed = False
+
+    @property
+    def device_id(self) -> str:
+        return self.dev.id if self.dev is not None else ""
 
     # --- set-up: what the virtio-net probe and QEMU's vhost-user start do ------------------
 
@@ -136,22 +183,47 @@ class NetDevice:
         assert self.k.vm is not None
         rx = Ring(Gpa(lay.rx_ring), Gpa(lay.rx_buffers), n, BUFFER_SIZE)
         tx = Ring(Gpa(lay.tx_ring), Gpa(lay.tx_buffers), n, BUFFER_SIZE)
-        self.device_id = await self.netd.register_device(self.k.vm, self.mac, rx, tx)
-        held = await self.netd.hold_device(self.device_id)
-        self.hold, self.boot_id = held.hold, held.daemon_boot_id
+        dev = await self.netd.register_device(self.k.vm, self.mac, rx, tx)
+        try:
+            held = await self.netd.hold_device(dev)
+        except SnpemuError:
+            # not held: netd would keep it (and its MAC) for nobody
+            with contextlib.suppress(SnpemuError):
+                await self.netd.unregister_device(dev)
+            raise
+        self.dev, self.hold, self.boot_id = dev, held.hold, held.daemon_boot_id
+        self.gone = ""
+        self.stale.clear()
         self.connected.set()
-        self.k.event("net_attached", detail=f"{self.mac} device {self.device_id}")
+        self.k.event("net_attached", detail=f"{self.mac} device {dev.id}")
+
+    async def _hold_ends(self) -> bool:
+        """Until the device is lost; whether netd dropped it (else netd went away)."""
+        assert self.hold is not None
+        ended = asyncio.ensure_future(self.hold.wait())
+        stale = asyncio.ensure_future(self.stale.wait())
+        try:
+            await asyncio.wait({ended, stale}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stale.cancel()
+            if not ended.done():
+                ended.cancel()
+                self.hold.cancel()
+        # a broken stream is netd gone; one netd ended (or a refused doorbell) is the device
+        broke = ended.done() and not ended.cancelled() and ended.exception() is not None
+        return not broke
 
     async def _keep_connected(self) -> None:
-        """When netd goes away the hold breaks: keep what was received, reconnect, register."""
+        """When netd goes away the hold breaks, and when netd drops the device it ends the
+        hold: keep what was received, reconnect, register again."""
         while not self.closed:
-            with contextlib.suppress(Exception):
-                assert self.hold is not None
-                await self.hold.wait()  # returns only when the stream ends
+            dropped = await self._hold_ends()
             if self.closed:
                 return
             self.connected.clear()
-            self.k.event("net_disconnected", detail="netd went away")
+            if dropped:
+                self.gone = f"netd dropped device {self.device_id} (the host unregistered it)"
+            self.k.event("net_disconnected", detail=self.gone or "netd went away")
             delay = 0.1
             while not self.closed:
                 await asyncio.sleep(delay)
@@ -161,12 +233,13 @@ class NetDevice:
                         await self._register()
                     self.stats.reconnects += 1
                     break
-                except (Unavailable, PeerError) as e:
-                    log.info("netd not back yet: %s", e)
+                except SnpemuError as e:
+                    if self.k.state != BootState.RUNNING:  # the guest itself cannot go on
+                        log.warning("cannot reattach: %s", e)
+                        return
+                    # netd not back yet, or it refused (the MAC taken meanwhile): again later
+                    log.info("cannot reattach yet: %s", e.message[:200])
                     delay = min(delay * 2, 2.0)
-                except SnpemuError as e:  # the guest itself cannot go on (terminated)
-                    log.warning("cannot reattach: %s", e)
-                    return
 
     async def close(self) -> None:
         self.closed = True
@@ -182,6 +255,7 @@ class NetDevice:
     async def send(self, dst: str, payload: bytes) -> str:
         """start_xmit: the frame into the next TX buffer, offer it, ring the doorbell. Returns
         what netd did with it, or "lost" when netd was not there to take it."""
+        check_mac("destination_mac", dst)
         try:
             raw = virtio.frame(dst, self.mac, payload)
         except virtio.VirtioError as e:
@@ -190,7 +264,10 @@ class NetDevice:
         async with self.lock:
             if not self.connected.is_set():
                 self.stats.add(self.stats.sent, "lost")
+                if self.gone:
+                    raise DeviceGone(f"{self.gone}: not sent; the driver is registering it again")
                 return "lost"
+            assert self.dev is not None
             lay, n = self.layout, self.layout.entries
             slot = self.tx_next % n
             await self.k.write(lay.tx_buffer(slot), raw, shared=True)
@@ -204,8 +281,20 @@ class NetDevice:
                 lay.tx_ring + self.ring.avail_idx, virtio.U16.pack(self.tx_next), shared=True
             )
             try:
-                results = await self.netd.notify_queue(self.device_id, Queue.TX)
-            except (Unavailable, PeerError) as e:
+                results = await self.netd.notify_queue(self.dev, Queue.TX)
+            except DeviceGone as e:
+                self.k.event("net_lost", detail=e.message[:200])
+                self.stats.add(self.stats.sent, "lost")
+                if e.metadata.get("daemon_boot_id", self.boot_id) != self.boot_id:
+                    return "lost"  # a new netd: the broken hold brings the watcher round
+                # the same netd dropped it, before its end of the hold reached the watcher:
+                # tell the watcher, and the caller
+                self.stale.set()
+                raise DeviceGone(
+                    f"netd no longer has device {self.dev.id}: not sent; the driver is "
+                    "registering it again"
+                ) from None
+            except SnpemuError as e:
                 # netd died with the packet (or forgot the device): lost, and counted
                 self.k.event("net_lost", detail=str(e))
                 self.stats.add(self.stats.sent, "lost")

@@ -17,8 +17,7 @@ from snpemu.guest.driver import Driver, report_request
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.layout import RESP_GPA
-from snpemu.guest.netdev import NetDevice
-from snpemu.guest.ports import Netd
+from snpemu.guest.netdev import Netd, NetDevice, check_mac
 
 DEFAULT_ENTRIES = 16
 
@@ -49,15 +48,23 @@ class Network:
         if entries > 64 or entries & (entries - 1):
             raise InvalidArgument("ring_entries is a power of two up to 64")
         mac = mac or _mac_for(self.k.name)
-        if self.dev is not None:  # detach first, as a driver reload does
-            old, self.dev = self.dev, None
-            await old.close()
-            with contextlib.suppress(SnpemuError):
-                await self.netd.unregister_device(old.device_id)
+        check_mac("mac", mac)  # before the old device goes or any page is converted
+        await self.detach()  # first, as a driver reload does
         dev = NetDevice(self.k, self.netd, mac, entries)
         await dev.attach(skip_rx_conversion=skip)
         self.dev = dev
         return dev
+
+    async def detach(self) -> None:
+        """Drop the device, as a driver unload does: its hold ends and netd forgets it (asked
+        with the device's token, which only this driver holds)."""
+        old, self.dev = self.dev, None
+        if old is None:
+            return
+        await old.close()
+        if old.dev is not None:
+            with contextlib.suppress(SnpemuError):
+                await self.netd.unregister_device(old.dev)
 
     # --- misbehaviour ---------------------------------------------------------------------
 

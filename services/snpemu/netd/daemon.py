@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import enum
+import hmac
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,18 +21,15 @@ from typing import Protocol
 
 from snpemu.abi import virtio
 from snpemu.abi.addr import PAGE_SIZE
-from snpemu.errors import AlreadyExists, InvalidArgument, NotFound
+from snpemu.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, WrongState
+from snpemu.netd import limits
+from snpemu.netd.reasons import NetdReason
 
 log = logging.getLogger(__name__)
-
-
-class NetdReason(enum.StrEnum):
-    """The reasons netd's errors carry (google.rpc.ErrorInfo.reason on the wire)."""
-
-    MAC_IN_USE = "MAC_IN_USE"
-    UNKNOWN_DEVICE = "UNKNOWN_DEVICE"
-    BROKEN_RING = "BROKEN_RING"
-    UNKNOWN_VM = "UNKNOWN_VM"
+# virtio-net devices a VM may have at once (QEMU has no fixed limit; a guest agent uses one) and
+# devices netd keeps in all
+DEVICES_PER_VM = 8
+DEVICES_MAX = 1024
 
 
 class WriteOutcome(enum.Enum):
@@ -65,9 +64,18 @@ class Memory(Protocol):
     async def write(self, spa: int, data: bytes) -> WriteOutcome: ...
 
 
+@dataclass(frozen=True)
+class VmRef:
+    """A VM handle as the caller sent it: kvm's id and, from a VMM, the VM's token."""
+
+    id: str
+    token: bytes = b""
+
+
 class Vmm(Protocol):
-    async def memory_map(self, vm_id: str) -> list[tuple[int, int, int]]:
-        """(gpa, spa, size) regions of the VM's memory."""
+    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+        """(gpa, spa, size) regions of the VM's memory. The handle goes to kvm unchanged, so kvm
+        checks the token: a wrong one raises PermissionDenied, an unknown VM NotFound."""
         ...
 
 
@@ -91,6 +99,32 @@ class Ring:
             raise InvalidArgument(f"{name}: ring_gpa {self.ring_gpa:#x} is not page aligned")
         if not 64 <= self.buffer_size <= PAGE_SIZE:
             raise InvalidArgument(f"{name}: buffer_size must be 64..4096")
+
+    def areas(self, name: str) -> list[tuple[str, int, int]]:
+        """(what, first byte, end) of the ring page and of the buffer array."""
+        return [
+            (f"{name} ring", self.ring_gpa, self.ring_gpa + PAGE_SIZE),
+            (
+                f"{name} buffers",
+                self.buffers_gpa,
+                self.buffers_gpa + self.entries * self.buffer_size,
+            ),
+        ]
+
+
+def check_apart(rx: Ring, tx: Ring) -> None:
+    """No two areas of a device share a byte: netd writes RX buffers and both used rings, so an
+    overlap would have it write a packet over a ring, or a ring over a packet the guest sends.
+    Stricter than vhost, which checks each area against the memory table only.
+    KERNEL: drivers/vhost/vhost.c vhost_vq_access_ok()"""
+    areas = rx.areas("rx") + tx.areas("tx")
+    for i, (a, a0, a1) in enumerate(areas):
+        for b, b0, b1 in areas[i + 1 :]:
+            if a0 < b1 and b0 < a1:
+                raise InvalidArgument(
+                    f"{a} {a0:#x}..{a1:#x} overlaps {b} {b0:#x}..{b1:#x}",
+                    reason=NetdReason.RINGS_OVERLAP,
+                )
 
 
 class MemoryMap:
@@ -136,6 +170,10 @@ class Device:
     # RX queues, so taking TX locks before RX locks (never the other way) cannot deadlock
     tx_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     rx_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the capability RegisterDevice returned; never shown again
+    token: bytes = field(default_factory=lambda: secrets.token_bytes(limits.DEVICE_TOKEN_BYTES))
+    # set when the device is unregistered: its holds end, so its VMM knows to register again
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class NetDaemon:
@@ -159,35 +197,77 @@ class NetDaemon:
 
     # --- registration ---------------------------------------------------------------------
 
-    async def register(self, vm_id: str, mac: str, rx: Ring, tx: Ring) -> Device:
-        try:
-            raw_mac = virtio.mac_bytes(mac)
-        except virtio.VirtioError as e:
-            raise InvalidArgument(str(e)) from None
+    async def register(self, vm: VmRef, mac: str, rx: Ring, tx: Ring, *, host: bool) -> Device:
+        """A device on the caller's VM. A VMM (host False) proves the VM is its own with the
+        VM's token, which kvm checks; everything is checked before anything is kept."""
+        limits.check_id("vm id", vm.id)
+        limits.check_vm_token(vm.token)
+        raw_mac = limits.mac_bytes(mac)
         rx.check("rx")
         tx.check("tx")
-        if raw_mac in self.by_mac:
-            raise AlreadyExists(f"MAC {mac} is already registered", reason=NetdReason.MAC_IN_USE)
-        memory = MemoryMap(await self.vmm.memory_map(vm_id))
+        check_apart(rx, tx)
+        if not host and not vm.token:
+            raise PermissionDenied(
+                "a VMM registers a device on its own VM: send the VM handle CreateVm returned, "
+                "with its token",
+                reason=NetdReason.VM_TOKEN_MISSING,
+            )
+        # kvm first: a caller that may not use the VM learns nothing of the MACs in use or the
+        # VM's devices
+        memory = MemoryMap(await self.vmm.memory_map(vm))
         for name, ring in (("rx", rx), ("tx", tx)):
             try:
                 memory.spa(ring.ring_gpa, PAGE_SIZE)
                 memory.spa(ring.buffers_gpa, ring.entries * ring.buffer_size)
             except virtio.VirtioError as e:
                 raise InvalidArgument(f"{name}: {e}") from None
-        if raw_mac in self.by_mac:  # registered while we asked kvm
+        if raw_mac in self.by_mac:
             raise AlreadyExists(f"MAC {mac} is already registered", reason=NetdReason.MAC_IN_USE)
-        dev = Device(uuid.uuid4().hex[:16], vm_id, raw_mac, rx, tx, memory)
+        self._check_room(vm.id)
+        dev = Device(uuid.uuid4().hex[:16], vm.id, raw_mac, rx, tx, memory)
         self.devices[dev.device_id] = dev
         self.by_mac[raw_mac] = dev
-        log.info("registered %s for %s", mac, vm_id, extra={"event": "device_registered"})
+        log.info("registered %s for %s", mac, vm.id, extra={"event": "device_registered"})
         return dev
 
+    def _check_room(self, vm_id: str) -> None:
+        """A bound on what callers can make netd keep: devices per VM and in all. A device
+        outlives its VM when its VMM never held it, so the bound is what stops that leak."""
+        mine = sum(1 for d in self.devices.values() if d.vm_id == vm_id)
+        if mine >= DEVICES_PER_VM or len(self.devices) >= DEVICES_MAX:
+            raise WrongState(
+                f"VM {vm_id} has {mine} devices and netd {len(self.devices)}: at most "
+                f"{DEVICES_PER_VM} a VM and {DEVICES_MAX} in all (unregister one first)",
+                reason=NetdReason.TOO_MANY_DEVICES,
+            )
+
     def device(self, device_id: str) -> Device:
+        limits.check_id("device id", device_id)
         dev = self.devices.get(device_id)
         if dev is None:
             raise NotFound(
-                f"no device {device_id!r} (netd restarted?)", reason=NetdReason.UNKNOWN_DEVICE
+                f"no device {limits.quote(device_id)} (netd restarted, or it was unregistered?)",
+                reason=NetdReason.UNKNOWN_DEVICE,
+                # a VMM tells "netd restarted" (a new boot id) from "my device was dropped"
+                metadata={"daemon_boot_id": self.boot_id},
+            )
+        return dev
+
+    def claim(self, device_id: str, token: bytes, *, host: bool) -> Device:
+        """The device, when the caller holds its capability: a VMM must send the device's token;
+        the host may omit it, but a token that is sent must be the device's (as kvm treats a
+        VM's token)."""
+        limits.check_device_token(token)
+        dev = self.device(device_id)
+        if token:
+            if not hmac.compare_digest(token, dev.token):
+                raise PermissionDenied(
+                    f"wrong token for device {device_id}", reason=NetdReason.DEVICE_TOKEN_WRONG
+                )
+        elif not host:
+            raise PermissionDenied(
+                f"device {device_id}: a VMM sends the token RegisterDevice returned",
+                reason=NetdReason.DEVICE_TOKEN_MISSING,
             )
         return dev
 
@@ -195,6 +275,7 @@ class NetDaemon:
         dev = self.device(device_id)
         del self.devices[device_id]
         self.by_mac.pop(dev.mac, None)
+        dev.gone.set()
         log.info("unregistered %s", virtio.mac_text(dev.mac), extra={"event": "device_gone"})
 
     # --- guest memory, as the daemon touches it -------------------------------------------

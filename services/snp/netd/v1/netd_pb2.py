@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from snp.common.v1 import handles_pb2 as snp_dot_common_dot_v1_dot_handles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16snp/netd/v1/netd.proto\x12\x0bsnp.netd.v1\x1a\x1bsnp/common/v1/handles.proto\"\x1a\n\x0c\x44\x65viceHandle\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x04Ring\x12\x10\n\x08ring_gpa\x18\x01 \x01(\x04\x12\x13\n\x0b\x62uffers_gpa\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\r\x12\x13\n\x0b\x62uffer_size\x18\x04 \x01(\r\"\xe7\x01\n\x0b\x44\x65viceStats\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x12\n\nrx_packets\x18\x03 \x01(\x04\x12\x12\n\ntx_packets\x18\x04 \x01(\x04\x12\x17\n\x0f\x64ropped_packets\x18\x05 \x01(\x04\x12\x10\n\x08rx_bytes\x18\x06 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x07 \x01(\x04\x12#\n\x02vm\x18\x08 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x16\n\x0ermp_violations\x18\t \x01(\x04\"\x87\x01\n\x15RegisterDeviceRequest\x12#\n\x02vm\x18\x01 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x1d\n\x02rx\x18\x03 \x01(\x0b\x32\x11.snp.netd.v1.Ring\x12\x1d\n\x02tx\x18\x04 \x01(\x0b\x32\x11.snp.netd.v1.Ring\"C\n\x16RegisterDeviceResponse\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\">\n\x11HoldDeviceRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"W\n\x12HoldDeviceResponse\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12\x16\n\x0e\x64\x61\x65mon_boot_id\x18\x02 \x01(\t\"D\n\x17UnregisterDeviceRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"\x1a\n\x18UnregisterDeviceResponse\"b\n\x12NotifyQueueRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12!\n\x05queue\x18\x02 \x01(\x0e\x32\x12.snp.netd.v1.Queue\"T\n\x13NotifyQueueResponse\x12\x11\n\tprocessed\x18\x01 \x01(\r\x12*\n\x07results\x18\x02 \x03(\x0e\x32\x19.snp.netd.v1.PacketResult\"B\n\x15GetDeviceStatsRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"A\n\x16GetDeviceStatsResponse\x12\'\n\x05stats\x18\x01 \x01(\x0b\x32\x18.snp.netd.v1.DeviceStats\"\x14\n\x12ListDevicesRequest\"j\n\x13ListDevicesResponse\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.snp.netd.v1.DeviceStats\x12\x16\n\x0e\x64\x61\x65mon_boot_id\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x04*:\n\x05Queue\x12\x15\n\x11QUEUE_UNSPECIFIED\x10\x00\x12\x0c\n\x08QUEUE_RX\x10\x01\x12\x0c\n\x08QUEUE_TX\x10\x02*\xd8\x01\n\x0cPacketResult\x12\x1d\n\x19PACKET_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17PACKET_RESULT_DELIVERED\x10\x01\x12\x1b\n\x17PACKET_RESULT_CONVERTED\x10\x02\x12\x1a\n\x16PACKET_RESULT_NO_ROUTE\x10\x03\x12\x1b\n\x17PACKET_RESULT_NO_BUFFER\x10\x04\x12\x19\n\x15PACKET_RESULT_REFUSED\x10\x05\x12\x1b\n\x17PACKET_RESULT_BAD_FRAME\x10\x06\x32\x99\x04\n\x0bNetdService\x12Y\n\x0eRegisterDevice\x12\".snp.netd.v1.RegisterDeviceRequest\x1a#.snp.netd.v1.RegisterDeviceResponse\x12O\n\nHoldDevice\x12\x1e.snp.netd.v1.HoldDeviceRequest\x1a\x1f.snp.netd.v1.HoldDeviceResponse0\x01\x12_\n\x10UnregisterDevice\x12$.snp.netd.v1.UnregisterDeviceRequest\x1a%.snp.netd.v1.UnregisterDeviceResponse\x12P\n\x0bNotifyQueue\x12\x1f.snp.netd.v1.NotifyQueueRequest\x1a .snp.netd.v1.NotifyQueueResponse\x12Y\n\x0eGetDeviceStats\x12\".snp.netd.v1.GetDeviceStatsRequest\x1a#.snp.netd.v1.GetDeviceStatsResponse\x12P\n\x0bListDevices\x12\x1f.snp.netd.v1.ListDevicesRequest\x1a .snp.netd.v1.ListDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16snp/netd/v1/netd.proto\x12\x0bsnp.netd.v1\x1a\x1bsnp/common/v1/handles.proto\")\n\x0c\x44\x65viceHandle\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"S\n\x04Ring\x12\x10\n\x08ring_gpa\x18\x01 \x01(\x04\x12\x13\n\x0b\x62uffers_gpa\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\r\x12\x13\n\x0b\x62uffer_size\x18\x04 \x01(\r\"\xe7\x01\n\x0b\x44\x65viceStats\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x12\n\nrx_packets\x18\x03 \x01(\x04\x12\x12\n\ntx_packets\x18\x04 \x01(\x04\x12\x17\n\x0f\x64ropped_packets\x18\x05 \x01(\x04\x12\x10\n\x08rx_bytes\x18\x06 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x07 \x01(\x04\x12#\n\x02vm\x18\x08 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x16\n\x0ermp_violations\x18\t \x01(\x04\"\x87\x01\n\x15RegisterDeviceRequest\x12#\n\x02vm\x18\x01 \x01(\x0b\x32\x17.snp.common.v1.VmHandle\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x1d\n\x02rx\x18\x03 \x01(\x0b\x32\x11.snp.netd.v1.Ring\x12\x1d\n\x02tx\x18\x04 \x01(\x0b\x32\x11.snp.netd.v1.Ring\"C\n\x16RegisterDeviceResponse\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\">\n\x11HoldDeviceRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"W\n\x12HoldDeviceResponse\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12\x16\n\x0e\x64\x61\x65mon_boot_id\x18\x02 \x01(\t\"D\n\x17UnregisterDeviceRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"\x1a\n\x18UnregisterDeviceResponse\"b\n\x12NotifyQueueRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\x12!\n\x05queue\x18\x02 \x01(\x0e\x32\x12.snp.netd.v1.Queue\"T\n\x13NotifyQueueResponse\x12\x11\n\tprocessed\x18\x01 \x01(\r\x12*\n\x07results\x18\x02 \x03(\x0e\x32\x19.snp.netd.v1.PacketResult\"B\n\x15GetDeviceStatsRequest\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.snp.netd.v1.DeviceHandle\"A\n\x16GetDeviceStatsResponse\x12\'\n\x05stats\x18\x01 \x01(\x0b\x32\x18.snp.netd.v1.DeviceStats\"\x14\n\x12ListDevicesRequest\"j\n\x13ListDevicesResponse\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.snp.netd.v1.DeviceStats\x12\x16\n\x0e\x64\x61\x65mon_boot_id\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x04*:\n\x05Queue\x12\x15\n\x11QUEUE_UNSPECIFIED\x10\x00\x12\x0c\n\x08QUEUE_RX\x10\x01\x12\x0c\n\x08QUEUE_TX\x10\x02*\xd8\x01\n\x0cPacketResult\x12\x1d\n\x19PACKET_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17PACKET_RESULT_DELIVERED\x10\x01\x12\x1b\n\x17PACKET_RESULT_CONVERTED\x10\x02\x12\x1a\n\x16PACKET_RESULT_NO_ROUTE\x10\x03\x12\x1b\n\x17PACKET_RESULT_NO_BUFFER\x10\x04\x12\x19\n\x15PACKET_RESULT_REFUSED\x10\x05\x12\x1b\n\x17PACKET_RESULT_BAD_FRAME\x10\x06\x32\x99\x04\n\x0bNetdService\x12Y\n\x0eRegisterDevice\x12\".snp.netd.v1.RegisterDeviceRequest\x1a#.snp.netd.v1.RegisterDeviceResponse\x12O\n\nHoldDevice\x12\x1e.snp.netd.v1.HoldDeviceRequest\x1a\x1f.snp.netd.v1.HoldDeviceResponse0\x01\x12_\n\x10UnregisterDevice\x12$.snp.netd.v1.UnregisterDeviceRequest\x1a%.snp.netd.v1.UnregisterDeviceResponse\x12P\n\x0bNotifyQueue\x12\x1f.snp.netd.v1.NotifyQueueRequest\x1a .snp.netd.v1.NotifyQueueResponse\x12Y\n\x0eGetDeviceStats\x12\".snp.netd.v1.GetDeviceStatsRequest\x1a#.snp.netd.v1.GetDeviceStatsResponse\x12P\n\x0bListDevices\x12\x1f.snp.netd.v1.ListDevicesRequest\x1a .snp.netd.v1.ListDevicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snp.netd.v1.netd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUEUE']._serialized_start=1324
-  _globals['_QUEUE']._serialized_end=1382
-  _globals['_PACKETRESULT']._serialized_start=1385
-  _globals['_PACKETRESULT']._serialized_end=1601
+  _globals['_QUEUE']._serialized_start=1339
+  _globals['_QUEUE']._serialized_end=1397
+  _globals['_PACKETRESULT']._serialized_start=1400
+  _globals['_PACKETRESULT']._serialized_end=1616
   _globals['_DEVICEHANDLE']._serialized_start=68
-  _globals['_DEVICEHANDLE']._serialized_end=94
-  _globals['_RING']._serialized_start=96
-  _globals['_RING']._serialized_end=179
-  _globals['_DEVICESTATS']._serialized_start=182
-  _globals['_DEVICESTATS']._serialized_end=413
-  _globals['_REGISTERDEVICEREQUEST']._serialized_start=416
-  _globals['_REGISTERDEVICEREQUEST']._serialized_end=551
-  _globals['_REGISTERDEVICERESPONSE']._serialized_start=553
-  _globals['_REGISTERDEVICERESPONSE']._serialized_end=620
-  _globals['_HOLDDEVICEREQUEST']._serialized_start=622
-  _globals['_HOLDDEVICEREQUEST']._serialized_end=684
-  _globals['_HOLDDEVICERESPONSE']._serialized_start=686
-  _globals['_HOLDDEVICERESPONSE']._serialized_end=773
-  _globals['_UNREGISTERDEVICEREQUEST']._serialized_start=775
-  _globals['_UNREGISTERDEVICEREQUEST']._serialized_end=843
-  _globals['_UNREGISTERDEVICERESPONSE']._serialized_start=845
-  _globals['_UNREGISTERDEVICERESPONSE']._serialized_end=871
-  _globals['_NOTIFYQUEUEREQUEST']._serialized_start=873
-  _globals['_NOTIFYQUEUEREQUEST']._serialized_end=971
-  _globals['_NOTIFYQUEUERESPONSE']._serialized_start=973
-  _globals['_NOTIFYQUEUERESPONSE']._serialized_end=1057
-  _globals['_GETDEVICESTATSREQUEST']._serialized_start=1059
-  _globals['_GETDEVICESTATSREQUEST']._serialized_end=1125
-  _globals['_GETDEVICESTATSRESPONSE']._serialized_start=1127
-  _globals['_GETDEVICESTATSRESPONSE']._serialized_end=1192
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1194
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1214
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1216
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1322
-  _globals['_NETDSERVICE']._serialized_start=1604
-  _globals['_NETDSERVICE']._serialized_end=2141
+  _globals['_DEVICEHANDLE']._serialized_end=109
+  _globals['_RING']._serialized_start=111
+  _globals['_RING']._serialized_end=194
+  _globals['_DEVICESTATS']._serialized_start=197
+  _globals['_DEVICESTATS']._serialized_end=428
+  _globals['_REGISTERDEVICEREQUEST']._serialized_start=431
+  _globals['_REGISTERDEVICEREQUEST']._serialized_end=566
+  _globals['_REGISTERDEVICERESPONSE']._serialized_start=568
+  _globals['_REGISTERDEVICERESPONSE']._serialized_end=635
+  _globals['_HOLDDEVICEREQUEST']._serialized_start=637
+  _globals['_HOLDDEVICEREQUEST']._serialized_end=699
+  _globals['_HOLDDEVICERESPONSE']._serialized_start=701
+  _globals['_HOLDDEVICERESPONSE']._serialized_end=788
+  _globals['_UNREGISTERDEVICEREQUEST']._serialized_start=790
+  _globals['_UNREGISTERDEVICEREQUEST']._serialized_end=858
+  _globals['_UNREGISTERDEVICERESPONSE']._serialized_start=860
+  _globals['_UNREGISTERDEVICERESPONSE']._serialized_end=886
+  _globals['_NOTIFYQUEUEREQUEST']._serialized_start=888
+  _globals['_NOTIFYQUEUEREQUEST']._serialized_end=986
+  _globals['_NOTIFYQUEUERESPONSE']._serialized_start=988
+  _globals['_NOTIFYQUEUERESPONSE']._serialized_end=1072
+  _globals['_GETDEVICESTATSREQUEST']._serialized_start=1074
+  _globals['_GETDEVICESTATSREQUEST']._serialized_end=1140
+  _globals['_GETDEVICESTATSRESPONSE']._serialized_start=1142
+  _globals['_GETDEVICESTATSRESPONSE']._serialized_end=1207
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1209
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1229
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1231
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1337
+  _globals['_NETDSERVICE']._serialized_start=1619
+  _globals['_NETDSERVICE']._serialized_end=2156
 # @@protoc_insertion_point(module_scope)

@@ -87,20 +87,30 @@ Global___PacketResult: _TypeAlias = PacketResult  # noqa: Y015
 
 @_typing.final
 class DeviceHandle(_message.Message):
-    """A registered device. Made only by RegisterDevice."""
+    """A registered device. Made only by RegisterDevice, as a vhost-user socket is only made by
+    connecting it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Opaque identifier chosen by netd. Not a secret: ListDevices shows it to the host."""
+    token: _builtins.bytes
+    """The capability: 32 random bytes, returned only by RegisterDevice to its caller. A VMM's call
+    on the device must carry it; a host call may omit it, but a token that is sent must be the
+    device's. Never shown by GetDeviceStats, ListDevices or HoldDevice.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,11 +204,17 @@ class RegisterDeviceRequest(_message.Message):
     RX_FIELD_NUMBER: _builtins.int
     TX_FIELD_NUMBER: _builtins.int
     mac: _builtins.str
-    """The guest's MAC address, "02:00:00:00:00:01"."""
+    """The guest's MAC address, "02:00:00:00:00:01": unicast, not all zero, not in use."""
     @_builtins.property
-    def vm(self) -> _handles_pb2.VmHandle: ...
+    def vm(self) -> _handles_pb2.VmHandle:
+        """The VM whose memory holds the rings, as CreateVm returned it: a VMM must send its token
+        (netd passes the handle to kvm unchanged, and kvm checks it).
+        """
+
     @_builtins.property
-    def rx(self) -> Global___Ring: ...
+    def rx(self) -> Global___Ring:
+        """The four areas (both ring pages, both buffer arrays) must not overlap."""
+
     @_builtins.property
     def tx(self) -> Global___Ring: ...
     def __init__(
@@ -223,7 +239,9 @@ class RegisterDeviceResponse(_message.Message):
 
     DEVICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def device(self) -> Global___DeviceHandle: ...
+    def device(self) -> Global___DeviceHandle:
+        """With its token: the only time netd shows it."""
+
     def __init__(
         self,
         *,
@@ -259,7 +277,9 @@ Global___HoldDeviceRequest: _TypeAlias = HoldDeviceRequest  # noqa: Y015
 
 @_typing.final
 class HoldDeviceResponse(_message.Message):
-    """Sent once when the hold is in place; the stream then stays open until either side ends it."""
+    """Sent once when the hold is in place; the stream then stays open until either side ends it.
+    netd ends it (OK) when the device is unregistered, so the VMM knows to register again.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
