@@ -122,11 +122,11 @@ def net_header() -> bytes:
 def mac_bytes(mac: str) -> bytes:
     parts = mac.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise VirtioError(f"MAC {mac!r} is not six hex octets like 02:00:00:00:00:01")
+        raise VirtioError(f"MAC {mac[:24]!r} is not six hex octets like 02:00:00:00:00:01")
     try:
         raw = bytes(int(p, 16) for p in parts)
     except ValueError:
-        raise VirtioError(f"MAC {mac!r} is not six hex octets") from None
+        raise VirtioError(f"MAC {mac[:24]!r} is not six hex octets") from None
     if raw[0] & 1:
         raise VirtioError(f"MAC {mac} is a multicast address")
     return raw

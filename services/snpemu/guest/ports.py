@@ -158,6 +158,7 @@ class GuestRmp(Protocol):
 
 
 # --- netd: the vhost-user backend ---------------------------------------------------------
+# (the Netd port itself, on DeviceRef handles with their tokens, is in guest/netdev.py)
 
 
 class Queue(enum.IntEnum):
@@ -191,13 +192,3 @@ class Ring:
 class DeviceHold:
     hold: Hold
     daemon_boot_id: str  # changes each time netd starts
-
-
-class Netd(Protocol):
-    async def register_device(self, vm: VmHandle, mac: str, rx: Ring, tx: Ring) -> str:
-        """The device id netd chose."""
-        ...
-
-    async def hold_device(self, device_id: str) -> DeviceHold: ...
-    async def notify_queue(self, device_id: str, queue: Queue) -> list[PacketResult]: ...
-    async def unregister_device(self, device_id: str) -> None: ...

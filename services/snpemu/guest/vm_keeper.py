@@ -100,11 +100,10 @@ class VmKeeper:
         dev = self.net.dev
         device = (dev.mac, dev.layout.entries) if dev is not None else None
         if dev is not None:
-            self.net.dev = None
+            # the device lived in the lost VM's memory: dropped with its token, re-attached
+            # on the new VM below
             with contextlib.suppress(Exception):
-                await dev.close()
-            with contextlib.suppress(Exception):
-                await self.net.netd.unregister_device(dev.device_id)
+                await self.net.detach()
         # a request in flight on the lost VM ends (failing) before its state goes, so that
         # its VMPCK wipe cannot reach the new VM's keys
         async with self.driver.lock:
