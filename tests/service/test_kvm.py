@@ -36,7 +36,8 @@ def report_req(data: bytes = bytes(64)) -> bytes:
 
 
 async def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path) -> None:
-    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    (tmp_path / "images").mkdir()  # host_stack's: kvm's image directory
+    kernel, initrd = tmp_path / "images" / "vmlinuz", tmp_path / "images" / "initrd"
     kernel.write_bytes(b"kernel" * 1000)
     initrd.write_bytes(b"initrd" * 500)
 
