@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import struct
 import threading
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from snpemu.kvm.machine import Kvm
 from snpemu.kvm.options import KvmOptions
 from snpemu.kvm.reasons import KvmReason
 from snpemu.vmm import tiny_firmware
+from snpemu.vmm.ovmf import SEV_META_DATA_GUID, _footer_table
 
 from tests.unit.kvm.fakes import FakePsp, FakeRmp, Faults
 from tests.unit.kvm.test_rollback import held
@@ -41,8 +43,15 @@ def store(tmp_path: Path) -> ImageStore:
     return ImageStore(str(d), str(d / "fw.fd"), SMALL)
 
 
-def cfg(**kw: object) -> VmConfig:
-    return VmConfig(memory_bytes=16 << 20, vcpus=2, **kw)  # type: ignore[arg-type]
+def cfg(vcpus: int = 2, **kw: object) -> VmConfig:
+    return VmConfig(memory_bytes=16 << 20, vcpus=vcpus, **kw)  # type: ignore[arg-type]
+
+
+def bad_metadata() -> bytes:
+    """The tiny firmware with its SEV metadata offset pointing past the image's end."""
+    table = _footer_table(TINY)[SEV_META_DATA_GUID]
+    at = TINY.rindex(table)
+    return TINY[:at] + struct.pack("<I", 0) + TINY[at + 4 :]
 
 
 def refused(store: ImageStore, config: VmConfig) -> SnpemuError:
@@ -163,16 +172,33 @@ def test_each_image_has_its_cap(store: ImageStore) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [Path("/etc/hostname").read_bytes(), bytes(4096), os.urandom(8192), b""],
-    ids=["etc-hostname", "a-zero-page", "random-pages", "empty"],
+    [Path("/etc/hostname").read_bytes(), bytes(4096), os.urandom(8192), b"", bad_metadata()],
+    ids=["etc-hostname", "a-zero-page", "random-pages", "empty", "metadata-past-the-end"],
 )
-def test_a_firmware_that_is_not_ovmf_is_invalid_argument(store: ImageStore, data: bytes) -> None:
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_a_firmware_that_is_not_ovmf_is_invalid_argument(
+    store: ImageStore, data: bytes, vcpus: int
+) -> None:
     (Path(store.directory) / "hostname").write_bytes(data)
-    e = refused(store, cfg(firmware_path="hostname"))
+    e = refused(store, cfg(vcpus, firmware_path="hostname"))
     assert isinstance(e, InvalidArgument) and e.reason == KvmReason.FIRMWARE_INVALID, e
     if data:
-        e = refused(store, cfg(firmware=data))
+        e = refused(store, cfg(vcpus, firmware=data))
         assert isinstance(e, InvalidArgument) and e.reason == KvmReason.FIRMWARE_INVALID, e
+
+
+def test_a_firmware_that_cannot_launch_this_vm_is_invalid_argument(store: ImageStore) -> None:
+    """QEMU refuses a kernel for a firmware without a hashes table; a section outside the VM's
+    memory would fail the launch after LAUNCH_START."""
+    no_hashes = tiny_firmware.build(with_hashes=False)
+    assert asyncio.run(
+        images.load(store, cfg(firmware=no_hashes), vcpu_signature=0, sev_features=1)
+    )
+    e = refused(store, cfg(firmware=no_hashes, kernel=b"k"))
+    assert isinstance(e, InvalidArgument) and e.reason == KvmReason.FIRMWARE_INVALID
+    small = VmConfig(memory_bytes=4 << 20, vcpus=1, firmware=TINY)  # sections at 8 MiB
+    e = refused(store, small)
+    assert isinstance(e, InvalidArgument) and e.reason == KvmReason.FIRMWARE_INVALID
 
 
 def test_the_requests_own_mistakes(store: ImageStore) -> None:
@@ -307,3 +333,13 @@ def test_the_launch_uses_what_create_read(store: ImageStore) -> None:
             assert vm.config.images is None  # launched: not kept
 
     asyncio.run(run())
+
+
+def test_a_file_swapped_between_the_check_and_the_open_is_refused(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was opened must be the file that was checked (a directory on the way replaced by a
+    symlink in between): procfs names the opened file, here as if it had been swapped."""
+    monkeypatch.setattr(images.os, "readlink", lambda _path: "/etc/hostname")
+    e = refused(store, cfg(kernel_path="vmlinuz"))
+    assert isinstance(e, PermissionDenied) and e.reason == KvmReason.IMAGE_OUTSIDE_DIR
