@@ -176,8 +176,8 @@ class VmConfig(_message.Message):
     directory. It is resolved (symlinks and "..") and must stay inside the directory
     (PERMISSION_DENIED, IMAGE_OUTSIDE_DIR), except for the default firmware's own path. Only a
     regular file is read (a directory, FIFO or device is INVALID_ARGUMENT, IMAGE_NOT_REGULAR); a
-    missing one is NOT_FOUND (IMAGE_NOT_FOUND), one kvm may not read PERMISSION_DENIED
-    (IMAGE_UNREADABLE). Each image is at most its cap (SNPEMU_KVM_MAX_FIRMWARE_MIB, _KERNEL_MIB,
+    missing one in the directory is NOT_FOUND (IMAGE_NOT_FOUND), one kvm may not read
+    PERMISSION_DENIED (IMAGE_UNREADABLE). Each image is at most its cap (SNPEMU_KVM_MAX_FIRMWARE_MIB, _KERNEL_MIB,
     _INITRD_MIB; default 16, 64, 256 MiB), else INVALID_ARGUMENT (IMAGE_TOO_LARGE).
 
     The firmware (default: kvm's, SNPEMU_KVM_FIRMWARE, Debian ovmf's OVMF_CODE.fd) must be an
