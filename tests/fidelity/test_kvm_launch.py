@@ -18,7 +18,7 @@ OVMF = "/usr/share/OVMF/OVMF_CODE.fd"
 async def test_debian_ovmf_launch_through_kvm(tmp_path: Path) -> None:
     assert Path(OVMF).exists(), "Debian's ovmf package is not installed (make install installs it)"
 
-    async with host_stack(tmp_path, memory="1G") as s:
+    async with host_stack(tmp_path, memory="1G", SNPEMU_KVM_FIRMWARE=OVMF) as s:
         out = []
         for vcpus in (1, 2, 4):
             g = await s.launch(

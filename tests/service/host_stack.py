@@ -199,6 +199,15 @@ async def host_stack(
         )
         await p.start()
         started.append(p)
+        # kvm reads images only from its image directory: the tiny firmware is its default
+        fw = tmp / "images" / "tiny.fd"
+        fw.parent.mkdir(exist_ok=True)
+        fw.write_bytes(tiny_firmware.build())
+        kvm_env = {
+            "SNPEMU_KVM_FIRMWARE": str(fw),
+            "SNPEMU_KVM_IMAGE_DIR": str(fw.parent),
+            **kvm_env,
+        }
         kvm_options: Any = kvm.SPEC.options(kvm_env)
         if kvm_clock is not None:
             kvm_options = dataclasses.replace(kvm_options, clock=kvm_clock)
@@ -233,8 +242,6 @@ async def host_stack(
         )
         await n.start()
         started.append(n)
-        fw = tmp / "tiny.fd"
-        fw.write_bytes(tiny_firmware.build())
         async with (
             grpc.aio.insecure_channel(r.address) as rc,
             grpc.aio.insecure_channel(p.address) as pc,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +24,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi import psc
+from snpemu.kvm.reasons import KvmReason
 from snpemu.psp import report as rpt
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.server import ServiceRuntime
@@ -36,7 +39,8 @@ def report_req(data: bytes = bytes(64)) -> bytes:
 
 
 async def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path: Path) -> None:
-    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    (tmp_path / "images").mkdir()  # host_stack's: kvm's image directory
+    kernel, initrd = tmp_path / "images" / "vmlinuz", tmp_path / "images" / "initrd"
     kernel.write_bytes(b"kernel" * 1000)
     initrd.write_bytes(b"initrd" * 500)
 
@@ -51,6 +55,16 @@ async def test_bring_up_and_launch_measurement_matches_sev_snp_measure(tmp_path:
             initrd_path=str(initrd),
             cmdline="console=ttyS0",
         )
+        sent = await s.launch(  # the same images as bytes: the same measurement
+            vcpus=1,
+            vcpu_type=kvm_pb2.VCPU_TYPE_EPYC_GENOA,
+            firmware_path="",
+            firmware=s.firmware.read_bytes(),
+            kernel=kernel.read_bytes(),
+            initrd=initrd.read_bytes(),
+            cmdline="console=ttyS0",
+        )
+        assert sent.measurement == hashed.measurement
         plain, hashed, fw = plain.measurement, hashed.measurement, s.firmware
 
     assert plain.hex() == sev_snp_measure(ovmf=str(fw))
@@ -109,20 +123,52 @@ async def test_host_stepping_names_the_vcek_and_is_the_guests_cpuid(
 
 @pytest.mark.rpc("snp.kvm.v1.KvmService/CreateVm", "error")
 async def test_create_vm_validates_its_config(stack: Stack) -> None:
-    bad = [
-        {"memory_bytes": 1 << 20, "vcpus": 1},
-        {"memory_bytes": 64 << 20, "vcpus": 0},
-        {"memory_bytes": 64 << 20, "vcpus": 1, "policy": 0x10000},  # bit 17 clear
-        {"memory_bytes": 64 << 20, "vcpus": 1, "firmware_path": "/nonexistent"},
-        {"memory_bytes": 64 << 20, "vcpus": 1, "host_data": b"short"},
+    """Bad configs, and images kvm must not read (the issue's cases: a FIFO as kernel_path
+    froze kvm, /etc/hostname as firmware and a missing or directory kernel answered UNKNOWN),
+    each answered promptly with its code and reason, and no VM made."""
+    d = stack.firmware.parent  # kvm's image directory
+    os.mkfifo(d / "fifo")
+    shutil.copy("/etc/hostname", d / "hostname")
+    (d / "kernels").mkdir()
+    (d / "escape").symlink_to("/etc/hostname")
+    invalid, not_found, denied = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    bad: list[tuple[dict[str, Any], grpc.StatusCode, str | None]] = [
+        ({"memory_bytes": 1 << 20, "vcpus": 1}, invalid, None),
+        ({"memory_bytes": 64 << 20, "vcpus": 0}, invalid, None),
+        ({"memory_bytes": 64 << 20, "vcpus": 1, "policy": 0x10000}, invalid, None),  # bit 17
+        ({"memory_bytes": 64 << 20, "vcpus": 1, "host_data": b"short"}, invalid, None),
+        ({"firmware_path": "nonexistent"}, not_found, KvmReason.IMAGE_NOT_FOUND),
+        ({"firmware_path": "/nonexistent"}, denied, KvmReason.IMAGE_OUTSIDE_DIR),
+        ({"firmware_path": "/etc/hostname"}, denied, KvmReason.IMAGE_OUTSIDE_DIR),
+        ({"firmware_path": "hostname"}, invalid, KvmReason.FIRMWARE_INVALID),
+        ({"kernel_path": str(d / "fifo")}, invalid, KvmReason.IMAGE_NOT_REGULAR),
+        ({"kernel_path": "kernels"}, invalid, KvmReason.IMAGE_NOT_REGULAR),
+        ({"kernel_path": "kernels/vmlinuz"}, not_found, KvmReason.IMAGE_NOT_FOUND),
+        ({"kernel_path": "escape"}, denied, KvmReason.IMAGE_OUTSIDE_DIR),
+        ({"kernel_path": "/dev/zero"}, denied, KvmReason.IMAGE_OUTSIDE_DIR),
+        ({"firmware": b"x" * 4096, "firmware_path": ""}, invalid, KvmReason.FIRMWARE_INVALID),
+        ({"firmware": stack.firmware.read_bytes()}, invalid, KvmReason.IMAGE_PATH_AND_BYTES),
     ]
-    for cfg in bad:
-        cfg.setdefault("firmware_path", str(stack.firmware))
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stack.kvm.CreateVm(
-                kvm_pb2.CreateVmRequest(config=kvm_pb2.VmConfig(**cfg)), metadata=HOST
-            )  # type: ignore[arg-type]
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, cfg
+    try:
+        for cfg, code, reason in bad:
+            cfg = {"memory_bytes": 64 << 20, "vcpus": 1, **cfg}
+            cfg.setdefault("firmware_path", str(stack.firmware))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stack.kvm.CreateVm(
+                    kvm_pb2.CreateVmRequest(config=kvm_pb2.VmConfig(**cfg)),
+                    metadata=HOST,
+                    timeout=30,  # a FIFO opened for reading would block: a deadline, not a hang
+                )
+            assert info.value.code() == code, cfg
+            if reason is not None:
+                assert error_info(info.value).reason == reason, cfg  # type: ignore[union-attr]
+    finally:  # a reader stuck opening the FIFO is released by a writer end
+        with contextlib.suppress(OSError):
+            os.close(os.open(d / "fifo", os.O_WRONLY | os.O_NONBLOCK))
     assert not (await stack.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)).vms
 
 

@@ -1,9 +1,14 @@
 """A VM's configuration as kvm's model takes it: decoded from snp.kvm.v1.VmConfig once, by the
-servicer, which encodes it back for GetVm exactly as it came."""
+servicer, which encodes it back for GetVm as it came, but for the images' bytes: CreateVm keeps
+what it read of them (`images`) instead."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snpemu.kvm.images import LaunchImages
 
 
 @dataclass(frozen=True)
@@ -29,3 +34,9 @@ class VmConfig:
     host_data: bytes = b""
     guest_features: int = 0
     throttle: ThrottleConfig | None = None  # None: not given (kept so GetVm echoes it)
+    # the images themselves, instead of a path (kvm/images.py)
+    firmware: bytes = field(default=b"", repr=False)
+    kernel: bytes = field(default=b"", repr=False)
+    initrd: bytes = field(default=b"", repr=False)
+    # Never on the wire: what CreateVm read of the images, for LaunchVm.
+    images: LaunchImages | None = field(default=None, repr=False, compare=False)

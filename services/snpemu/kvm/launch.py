@@ -10,10 +10,10 @@ launch took is recorded on the Vm as it is taken, for DestroyVm to give back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snpemu.abi import rmp_batch
@@ -22,6 +22,7 @@ from snpemu.abi.page_type import PageType
 from snpemu.abi.rmp import AccessOrigin, PageState, Placement
 from snpemu.abi.vcpu_type import DEFAULT_VCPU_TYPE, VCPU_TYPES
 from snpemu.errors import InvalidArgument, Unavailable, WrongState
+from snpemu.kvm import images
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.pages import assigned_entries, firmware_page, release_firmware_pages
 from snpemu.kvm.policy import (
@@ -38,7 +39,6 @@ from snpemu.kvm.undo import Undo
 from snpemu.kvm.vm import Vcpu, Vm, VmState, new_vm_id
 from snpemu.runtime.peers import PeerError
 from snpemu.vmm import launch_plan, vmsa
-from snpemu.vmm.ovmf import Ovmf
 
 if TYPE_CHECKING:
     from snpemu.kvm.machine import Kvm
@@ -49,8 +49,18 @@ log = logging.getLogger(__name__)
 async def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
     """An ASID, guest RAM in memslots mapped in the NPT, vCPUs with their identities."""
     kvm.need_snp()
-    firmware = config.firmware_path or kvm.default_firmware
-    vmsa_features = check_config(config, kvm.supported_vmsa_features, firmware)
+    vmsa_features = check_config(config, kvm.supported_vmsa_features, kvm.default_firmware)
+    # KERNEL: arch/x86/kvm/svm/sev.c __sev_guest_init(): SNP_ACTIVE ORed in for KVM_X86_SNP_VM
+    sev_features = vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE
+    signature = vmsa.vcpu_signature(
+        VCPU_TYPES[config.vcpu_type or DEFAULT_VCPU_TYPE], kvm.host_signature
+    )
+    # The images are read and checked here, not at LaunchVm (as QEMU reads them before its
+    # first ioctl), so a launch cannot fail on them; the VM keeps what was read, not the bytes.
+    loaded = await images.load(
+        images.store_of(kvm), config, vcpu_signature=signature, sev_features=sev_features
+    )
+    config = dataclasses.replace(config, firmware=b"", kernel=b"", initrd=b"", images=loaded)
     if not kvm.free_asids:
         raise WrongState("no SNP ASID left (all in use)", reason=KvmReason.ASID_EXHAUSTED)
     t = config.throttle
@@ -63,18 +73,8 @@ async def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
     async with Undo() as undo:
         asid = kvm.free_asids.pop(0)
         undo.push("the ASID", functools.partial(_give_back_asid, kvm, asid))
-        # KERNEL: arch/x86/kvm/svm/sev.c __sev_guest_init(): SNP_ACTIVE ORed in for
-        # KVM_X86_SNP_VM
-        vm = Vm(
-            new_vm_id(),
-            asid,
-            config,
-            throttle,
-            sev_features=vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE,
-        )
-        vm.cpuid_signature = vmsa.vcpu_signature(
-            VCPU_TYPES[config.vcpu_type or DEFAULT_VCPU_TYPE], kvm.host_signature
-        )
+        vm = Vm(new_vm_id(), asid, config, throttle, sev_features=sev_features)
+        vm.cpuid_signature = signature
         ram = await rmp.allocate(pages(config.memory_bytes), Placement.ALIGNED_2M)
         undo.push("guest RAM", functools.partial(rmp.free, ram))
         runs = vm.memslots.add(0, ram)
@@ -130,24 +130,21 @@ async def launch_vm(kvm: Kvm, vm: Vm) -> bytes:
 async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     cfg = vm.config
     rmp = kvm.rmp
+    loaded = cfg.images
+    assert loaded is not None  # INVARIANT: create_vm read them
+    ovmf = loaded.ovmf
     # QEMU target/i386/sev.c sev_common_kvm_init(): launch_start comes before any guest
     # memory is filled, so a policy the firmware refuses costs nothing else.
     await launch_start(kvm, vm, policy_of(cfg))
-    ovmf = Ovmf.load(cfg.firmware_path or kvm.default_firmware)
     fw_pfns = await rmp.allocate(pages(len(ovmf.data)), Placement.ANY)
     runs = vm.memslots.add(ovmf.gpa, fw_pfns)
     await rmp.update_npt(vm.vm_id, vm.asid, map=runs)
-    kernel_hashes = None
-    if cfg.kernel_path:
-        kernel = Path(cfg.kernel_path).read_bytes()
-        initrd = Path(cfg.initrd_path).read_bytes() if cfg.initrd_path else b""
-        kernel_hashes = launch_plan.kernel_hashes_table(kernel, initrd, cfg.cmdline)
     plan = launch_plan.plan(
         ovmf,
         vcpus=len(vm.vcpus),
         vcpu_signature=vm.cpuid_signature,
         sev_features=vm.sev_features,
-        kernel_hashes=kernel_hashes,
+        kernel_hashes=loaded.kernel_hashes,
     )
     vmsa_count = sum(p.page_type == PageType.VMSA for p in plan)
     vm.vmsa_pages = [pfn_to_spa(p) for p in await rmp.allocate(vmsa_count, Placement.SNP_SAFE)]
@@ -175,6 +172,7 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     vm.bounce_res = await firmware_page(rmp, kvm.psp, f"guest-request page of {vm.vm_id}")
     vm.measurement = measurement
     vm.state = VmState.RUNNING
+    vm.config = dataclasses.replace(cfg, images=None)  # launched: the images are not needed
     log.info(
         "launched %s: measurement %s",
         vm.vm_id,

@@ -43,6 +43,9 @@ def config_from_pb(m: pb.VmConfig) -> VmConfig:
             if m.HasField("throttle")
             else None
         ),
+        firmware=bytes(m.firmware),
+        kernel=bytes(m.kernel),
+        initrd=bytes(m.initrd),
     )
 
 
@@ -62,6 +65,9 @@ def config_to_pb(c: VmConfig) -> pb.VmConfig:
         vcek_disabled=c.vcek_disabled,
         host_data=c.host_data,
         guest_features=c.guest_features,
+        firmware=c.firmware,
+        kernel=c.kernel,
+        initrd=c.initrd,
     )
     if c.throttle is not None:
         m.throttle.CopyFrom(

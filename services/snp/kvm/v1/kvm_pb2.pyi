@@ -157,16 +157,41 @@ class VmConfig(_message.Message):
     HOST_DATA_FIELD_NUMBER: _builtins.int
     GUEST_FEATURES_FIELD_NUMBER: _builtins.int
     THROTTLE_FIELD_NUMBER: _builtins.int
+    FIRMWARE_FIELD_NUMBER: _builtins.int
+    KERNEL_FIELD_NUMBER: _builtins.int
+    INITRD_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     vcpus: _builtins.int
     vcpu_type: Global___VcpuType.ValueType
     policy: _builtins.int
     """Guest policy (docs/abi.md#guest-policy); default 0x30000."""
     firmware_path: _builtins.str
-    """Path of the firmware image (default: Debian ovmf's OVMF_CODE.fd)."""
+    """The images (firmware, kernel, initrd) are each named by a path or sent as bytes (fields 16
+    to 18), never both (INVALID_ARGUMENT, IMAGE_PATH_AND_BYTES). kvm reads them at CreateVm,
+    which answers every problem with one, so LaunchVm never fails on an image; GetVm answers
+    the config without the images' bytes.
+
+    A path names a file in kvm's image directory (SNPEMU_KVM_IMAGE_DIR, by default the
+    directory of kvm's default firmware, /usr/share/OVMF); a relative path is taken in that
+    directory. It is resolved (symlinks and "..") and must stay inside the directory
+    (PERMISSION_DENIED, IMAGE_OUTSIDE_DIR), except for the default firmware's own path. Only a
+    regular file is read (a directory, FIFO or device is INVALID_ARGUMENT, IMAGE_NOT_REGULAR); a
+    missing one in the directory is NOT_FOUND (IMAGE_NOT_FOUND), one kvm may not read
+    PERMISSION_DENIED (IMAGE_UNREADABLE). Each image is at most its cap (SNPEMU_KVM_MAX_FIRMWARE_MIB, _KERNEL_MIB,
+    _INITRD_MIB; default 16, 64, 256 MiB), else INVALID_ARGUMENT (IMAGE_TOO_LARGE).
+
+    The firmware (default: kvm's, SNPEMU_KVM_FIRMWARE, Debian ovmf's OVMF_CODE.fd) must be an
+    OVMF image with SEV metadata that fits the VM (a reset block for APs, a hashes table when a
+    kernel is given), else INVALID_ARGUMENT (FIRMWARE_INVALID).
+    """
     kernel_path: _builtins.str
+    """A kernel for measured direct boot: its hash, the initrd's and the command line's go into the
+    firmware's hashes table (QEMU's kernel-hashes=on). An initrd or a command line without a
+    kernel is INVALID_ARGUMENT (KERNEL_REQUIRED), as QEMU refuses -initrd/-append without -kernel.
+    """
     initrd_path: _builtins.str
     cmdline: _builtins.str
+    """At most 2047 bytes (the x86 kernel's COMMAND_LINE_SIZE with its NUL)."""
     id_block: _builtins.bytes
     """96-byte ID block and 4096-byte ID auth (docs/abi.md#id-block)."""
     id_auth: _builtins.bytes
@@ -178,6 +203,10 @@ class VmConfig(_message.Message):
     """KVM_SEV_INIT2 vmsa_features: DEBUG_SWAP (0x20) is the only bit accepted besides SNP_ACTIVE
     (0x1), which kvm always sets; any other bit is INVALID_ARGUMENT.
     """
+    firmware: _builtins.bytes
+    """The images themselves, instead of firmware_path, kernel_path, initrd_path."""
+    kernel: _builtins.bytes
+    initrd: _builtins.bytes
     @_builtins.property
     def throttle(self) -> Global___GuestRequestThrottle: ...
     def __init__(
@@ -198,10 +227,13 @@ class VmConfig(_message.Message):
         host_data: _builtins.bytes = ...,
         guest_features: _builtins.int = ...,
         throttle: Global___GuestRequestThrottle | None = ...,
+        firmware: _builtins.bytes = ...,
+        kernel: _builtins.bytes = ...,
+        initrd: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["throttle", b"throttle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author_key_en", b"author_key_en", "cmdline", b"cmdline", "firmware_path", b"firmware_path", "guest_features", b"guest_features", "host_data", b"host_data", "id_auth", b"id_auth", "id_block", b"id_block", "initrd_path", b"initrd_path", "kernel_path", b"kernel_path", "memory_bytes", b"memory_bytes", "policy", b"policy", "throttle", b"throttle", "vcek_disabled", b"vcek_disabled", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author_key_en", b"author_key_en", "cmdline", b"cmdline", "firmware", b"firmware", "firmware_path", b"firmware_path", "guest_features", b"guest_features", "host_data", b"host_data", "id_auth", b"id_auth", "id_block", b"id_block", "initrd", b"initrd", "initrd_path", b"initrd_path", "kernel", b"kernel", "kernel_path", b"kernel_path", "memory_bytes", b"memory_bytes", "policy", b"policy", "throttle", b"throttle", "vcek_disabled", b"vcek_disabled", "vcpu_type", b"vcpu_type", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
