@@ -42,6 +42,7 @@ class _Kvm:
             throttle_ms=opts.throttle_ms,
             throttle_burst=opts.throttle_burst,
             clock=opts.clock,
+            images=opts.images(),
         )
         register(self.kvm, runtime.registry)
         self.servicer = KvmServicer(self.kvm)
@@ -130,4 +131,7 @@ SPEC: ServiceSpec[_Kvm] = ServiceSpec(
     vmm_rpcs=frozenset(
         {"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "HoldVm", "SetGuestRequestThrottle"}
     ),
+    # a VM's firmware and kernel may come as bytes (kvm/images.py); larger images go by path
+    # from the image directory
+    request_limits={"CreateVm": 32 * 1024 * 1024},
 )

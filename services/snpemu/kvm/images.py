@@ -27,7 +27,7 @@ from snpemu.vmm import launch_plan
 from snpemu.vmm.ovmf import FOUR_GB, Ovmf
 
 if TYPE_CHECKING:
-    from snpemu.kvm.machine import Kvm
+    pass
 
 MIB = 1 << 20
 # KERNEL: include/uapi/linux/limits.h PATH_MAX (with its NUL)
@@ -36,7 +36,7 @@ PATH_LIMIT = 4096
 # cmdline_size (with its NUL), 2048 for Linux's x86 COMMAND_LINE_SIZE
 # (arch/x86/include/asm/setup.h).
 CMDLINE_LIMIT = 2048
-_QUOTE = 48  # how much of a caller's path an error message repeats
+_PATH_QUOTE = 48  # how much of a caller's path an error message repeats
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _CHUNK = 1 << 20
 
@@ -74,12 +74,6 @@ class LaunchImages:
 
     ovmf: Ovmf = field(repr=False)
     kernel_hashes: bytes | None = field(default=None, repr=False)
-
-
-def store_of(kvm: Kvm) -> ImageStore:
-    """The Kvm's image store; a Kvm made without one reads images beside its default firmware."""
-    store = getattr(kvm, "images", None)
-    return store if isinstance(store, ImageStore) else ImageStore.beside(kvm.default_firmware)
 
 
 def check_request(config: VmConfig, limits: ImageLimits) -> None:
@@ -270,4 +264,4 @@ def _too_large(kind: str, path: str, cap: int) -> InvalidArgument:
 
 
 def quote(path: str) -> str:
-    return repr(path if len(path) <= _QUOTE else path[:_QUOTE] + "...")
+    return repr(path if len(path) <= _PATH_QUOTE else path[:_PATH_QUOTE] + "...")

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 async def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
     """An ASID, guest RAM in memslots mapped in the NPT, vCPUs with their identities."""
     kvm.need_snp()
-    vmsa_features = check_config(config, kvm.supported_vmsa_features, kvm.default_firmware)
+    vmsa_features = check_config(config, kvm.supported_vmsa_features)
     # KERNEL: arch/x86/kvm/svm/sev.c __sev_guest_init(): SNP_ACTIVE ORed in for KVM_X86_SNP_VM
     sev_features = vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE
     signature = vmsa.vcpu_signature(
@@ -58,7 +58,7 @@ async def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
     # The images are read and checked here, not at LaunchVm (as QEMU reads them before its
     # first ioctl), so a launch cannot fail on them; the VM keeps what was read, not the bytes.
     loaded = await images.load(
-        images.store_of(kvm), config, vcpu_signature=signature, sev_features=sev_features
+        kvm.images, config, vcpu_signature=signature, sev_features=sev_features
     )
     config = dataclasses.replace(config, firmware=b"", kernel=b"", initrd=b"", images=loaded)
     if not kvm.free_asids:

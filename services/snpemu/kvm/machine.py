@@ -21,6 +21,7 @@ from snpemu.errors import NotFound, WrongState
 from snpemu.kvm import bringup, launch, teardown
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.images import ImageStore
 from snpemu.kvm.policy import SVM_SEV_FEAT_DEBUG_SWAP
 from snpemu.kvm.ports import PspPort, RmpPort
 from snpemu.kvm.reasons import KvmReason
@@ -53,8 +54,11 @@ class Kvm:
         throttle_ms: int = 0,
         throttle_burst: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        images: ImageStore | None = None,
     ) -> None:
         self.rmp, self.psp = rmp, psp
+        # where CreateVm may read images from (kvm/images.py); by default beside the firmware
+        self.images = images or ImageStore.beside(firmware)
         # the clock of the per-VM guest-request throttles (seconds; tests drive a fake one)
         self.clock = clock
         self.snp_requested = snp

@@ -3,8 +3,6 @@ firmware command's failure reaches kvm's caller."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from snpemu.abi import policy as guest_policy
 from snpemu.abi.vcpu_type import VCPU_TYPES
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
@@ -26,7 +24,7 @@ def policy_of(config: VmConfig) -> int:
     return config.policy or int(guest_policy.DEFAULT)
 
 
-def check_config(config: VmConfig, supported_vmsa_features: int, firmware: str) -> int:
+def check_config(config: VmConfig, supported_vmsa_features: int) -> int:
     """What KVM_CREATE_VM + KVM_SEV_INIT2 refuse, before anything is taken: returns the VMSA
     features (without SNP_ACTIVE)."""
     mem, vcpus = config.memory_bytes, config.vcpus
@@ -43,8 +41,6 @@ def check_config(config: VmConfig, supported_vmsa_features: int, firmware: str) 
         raise InvalidArgument(f"unknown vcpu_type {config.vcpu_type}")
     if config.host_data and len(config.host_data) != 32:
         raise InvalidArgument("host_data is 32 bytes")
-    if not Path(firmware).is_file():
-        raise InvalidArgument(f"firmware image {firmware} not found (install Debian's ovmf)")
     return vmsa_features
 
 
