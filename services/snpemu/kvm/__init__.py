@@ -131,6 +131,8 @@ SPEC: ServiceSpec[_Kvm] = ServiceSpec(
     vmm_rpcs=frozenset(
         {"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "HoldVm", "SetGuestRequestThrottle"}
     ),
+    # its VMs live in the host's memory, gone with a host reboot
+    follows_host=True,
     # a VM's firmware and kernel may come as bytes (kvm/images.py); larger images go by path
     # from the image directory
     request_limits={"CreateVm": 32 * 1024 * 1024},

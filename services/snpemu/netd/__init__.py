@@ -85,6 +85,8 @@ SPEC: ServiceSpec[_Netd] = ServiceSpec(
     servicers=lambda impl: (impl.servicer,),
     options=_options,
     shutdown=_shutdown,
+    # its devices are rings in guest memory, gone with a host reboot
+    follows_host=True,
     # the guest's VMM attaches its device (the vhost-user socket) and its guest rings the
     # doorbell (ioeventfd); only the host lists every device
     vmm_rpcs=frozenset(

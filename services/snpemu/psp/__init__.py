@@ -65,4 +65,6 @@ SPEC: ServiceSpec[_Psp] = ServiceSpec(
     options=_options,
     startup=_startup,
     shutdown=_shutdown,
+    # the firmware's pages are the host's memory: a host reboot resets it
+    follows_host=True,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,6 +44,8 @@ class RmpServicer:
         """hub: the machine's notifier, which WatchMmuNotifications streams to kvm."""
         self.m = machine
         self.hub = hub
+        # this boot of the host (GetPlatformInfo.boot_id)
+        self.boot_id = uuid.uuid4().hex
         # a HostSession op (and a HostSequence step) by name
         self.host_handlers: dict[str, Handler] = {
             "read": self.HostRead,
@@ -84,6 +87,7 @@ class RmpServicer:
             free_pages=p.free_pages,
             leaked_pages=p.leaked_pages,
             resident_pages=p.resident_pages,
+            boot_id=self.boot_id,
         )
 
     async def Wbinvd(self, request: Any, context: Any) -> pb.WbinvdResponse:

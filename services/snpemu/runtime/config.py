@@ -12,6 +12,7 @@ SNPEMU_VMM_CREDENTIAL    a guest agent's own VMM credential (runtime/credentials
 SNPEMU_OWNER_CREDENTIAL  a guest agent's owner credential: its API requires it (unset: open)
 SNPEMU_CREDENTIALS_DIR   where <instance>.vmm-credential and .owner-credential are read from
                          when the two above are unset (a mounted Kubernetes Secret)
+SNPEMU_HOST_POLL_S       seconds between asking rmp for its boot id, psp/kvm/netd (1)
 SNPEMU_DATA_DIR          persistent state, e.g. psp's identity (./.snpemu/data/<instance>)
 """
 
@@ -66,6 +67,8 @@ class ServiceConfig:
     data_dir: Path
     # the guest owner's credential, guest agents only: every RPC of the agent requires it
     owner_credential: str | None = None
+    # how often a service that follows the host asks rmp which boot this is
+    host_poll_s: float = 1.0
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -117,6 +120,7 @@ class ServiceConfig:
             metrics_port=metrics_port,
             log_level=level,
             shutdown_grace_s=number(env, "SNPEMU_SHUTDOWN_GRACE_S", "5", 300),
+            host_poll_s=number(env, "SNPEMU_HOST_POLL_S", "1", 60),
             peers=peers,
             host_credential=env.get("SNPEMU_HOST_CREDENTIAL") or None,
             vmm_credential=env.get("SNPEMU_VMM_CREDENTIAL")

@@ -13,6 +13,7 @@ Life of a service process:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from snpemu.hostconfig import ConfigError
 from snpemu.runtime import logs
 from snpemu.runtime.config import ServiceConfig
+from snpemu.runtime.host_epoch import EXIT_HOST_REBOOTED, follow_host
 from snpemu.runtime.metrics import GrpcServerMetrics, rpc_type
 from snpemu.runtime.reflection_pool import ReflectionPool
 from snpemu.runtime.servicer import DEFAULT_REQUEST_LIMIT, Authority, build_handler
@@ -76,6 +78,9 @@ class ServiceSpec(Generic[T]):
     host_only: Callable[[str], bool] = lambda _name: True
     # Host-only RPCs that a guest's VMM side may also call with its VMM credential.
     vmm_rpcs: frozenset[str] = frozenset()
+    # Whether the service keeps state about memory and so starts over when the host reboots
+    # (rmp restarts: runtime/host_epoch.py).
+    follows_host: bool = False
     # Largest request per RPC, in bytes, where it is not DEFAULT_REQUEST_LIMIT.
     request_limits: Mapping[str, int] = field(default_factory=dict)
     # Service-specific settings from the environment, checked at start like ServiceConfig
@@ -102,6 +107,10 @@ class ServiceRuntime:
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
+        # set when rmp restarted under a service that follows the host: it must start over
+        self.host_rebooted = asyncio.Event()
+        self.host_boot = ""  # rmp's boot id when this service first asked
+        self._epoch: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -164,8 +173,21 @@ class ServiceRuntime:
         await server.start()
         if spec.startup is not None:
             await spec.startup(self.impl)
+        if spec.follows_host:
+            self._epoch = asyncio.ensure_future(
+                follow_host(
+                    config.peers["rmp"],
+                    config.host_credential,
+                    self.host_rebooted.set,
+                    interval=config.host_poll_s,
+                    booted=self._booted,
+                )
+            )
         for name in ("", spec.descriptor.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _booted(self, boot_id: str) -> None:
+        self.host_boot = boot_id
 
     def _all_methods(self) -> list[tuple[str, str, str]]:
         services = [
@@ -180,6 +202,11 @@ class ServiceRuntime:
         ]
 
     async def stop(self) -> None:
+        if self._epoch is not None:
+            self._epoch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._epoch
+            self._epoch = None
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.config.shutdown_grace_s)
@@ -215,11 +242,15 @@ async def _serve(spec: ServiceSpec[Any], config: ServiceConfig, options: Any) ->
             "service_name": spec.descriptor.full_name,
         },
     )
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    rebooted = asyncio.ensure_future(runtime.host_rebooted.wait())
+    await asyncio.wait((stopping, rebooted), return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (stopping, rebooted):
+        waiter.cancel()
     log.info("stopping", extra={"event": "stopping", "grace_s": config.shutdown_grace_s})
     await runtime.stop()
     log.info("stopped", extra={"event": "stopped"})
-    return 0
+    return EXIT_HOST_REBOOTED if runtime.host_rebooted.is_set() else 0
 
 
 def run_service(spec: ServiceSpec[Any], argv: list[str] | None = None) -> None:

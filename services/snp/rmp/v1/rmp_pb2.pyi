@@ -369,6 +369,7 @@ class GetPlatformInfoResponse(_message.Message):
     FREE_PAGES_FIELD_NUMBER: _builtins.int
     LEAKED_PAGES_FIELD_NUMBER: _builtins.int
     RESIDENT_PAGES_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     max_pfn: _builtins.int
     rmp_covered_bytes: _builtins.int
@@ -381,6 +382,10 @@ class GetPlatformInfoResponse(_message.Message):
     leaked_pages: _builtins.int
     resident_pages: _builtins.int
     """Frames whose contents have been written (memory actually used)."""
+    boot_id: _builtins.str
+    """Random, new each time rmp starts: a host reboot (memory and the RMP start over), which
+    every service that keeps state about them follows by starting over too.
+    """
     def __init__(
         self,
         *,
@@ -393,10 +398,11 @@ class GetPlatformInfoResponse(_message.Message):
         free_pages: _builtins.int = ...,
         leaked_pages: _builtins.int = ...,
         resident_pages: _builtins.int = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_pages", b"free_pages", "iommu_mode", b"iommu_mode", "leaked_pages", b"leaked_pages", "max_pfn", b"max_pfn", "memory_bytes", b"memory_bytes", "resident_pages", b"resident_pages", "rmp_covered_bytes", b"rmp_covered_bytes", "snp_capable", b"snp_capable", "violation_policy", b"violation_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "free_pages", b"free_pages", "iommu_mode", b"iommu_mode", "leaked_pages", b"leaked_pages", "max_pfn", b"max_pfn", "memory_bytes", b"memory_bytes", "resident_pages", b"resident_pages", "rmp_covered_bytes", b"rmp_covered_bytes", "snp_capable", b"snp_capable", "violation_policy", b"violation_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
