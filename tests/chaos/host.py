@@ -65,6 +65,14 @@ class Outcome:
     held: bool  # a server stream that was open and answering when the client hung up
 
 
+def without(msg: Message, *fields: str) -> Message:
+    out = type(msg)()
+    out.CopyFrom(msg)
+    for f in fields:
+        out.ClearField(f)
+    return out
+
+
 def method_path(service: ServiceDescriptor, method: MethodDescriptor) -> str:
     return f"/{service.full_name}/{method.name}"
 
@@ -293,7 +301,9 @@ class FuzzHost:
         vms = await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)
         devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
         snap: dict[str, Any] = {
-            "platform": str(info),
+            # resident_pages left out: the first touch of any page makes it resident (memory
+            # backing, not RMP state), and a refused access may touch one
+            "platform": str(without(info, "resident_pages")),
             "rmp": entries,
             "host_maps": sorted((m.map_id, m.pfn, m.holder) for m in maps.maps),
             "leaked": list(leaked.pfns),
