@@ -15,7 +15,7 @@ from snpemu.guest.network import Network
 # which no device has as its own
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 # the most packets one ReceivePackets answers (the RX ring holds at most 64 per refill)
-MAX_PACKETS = 1024
+RECEIVE_LIMIT = 1024
 
 
 def _mac(name: str, mac: str, *, required: bool) -> str:
@@ -46,9 +46,9 @@ class NetServicer:
         return pb.SendPacketResponse(result=result)
 
     async def ReceivePackets(self, request: Any, context: Any) -> pb.ReceivePacketsResponse:
-        if request.max_packets > MAX_PACKETS:
+        if request.max_packets > RECEIVE_LIMIT:
             raise InvalidArgument(
-                f"max_packets is at most {MAX_PACKETS}", reason=GuestReason.BAD_FIELD
+                f"max_packets is at most {RECEIVE_LIMIT}", reason=GuestReason.BAD_FIELD
             )
         got = await self.net.device().receive(request.max_packets or 64)
         return pb.ReceivePacketsResponse(

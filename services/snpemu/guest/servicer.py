@@ -26,8 +26,8 @@ CERTS_PAGES_MAX = 16
 # ID, family ID, measurement, guest SVN, TCB version); bit 6 (launch mitigation vector) is
 # taken too, as the agent always has. Anything above is reserved.
 GUEST_FIELD_SELECT_BITS = 7
-CONVERSIONS = {pb.CONVERSION_TO_PRIVATE: True, pb.CONVERSION_TO_SHARED: False}
-PAGE_SIZES = {types_pb2.PAGE_SIZE_4K: False, types_pb2.PAGE_SIZE_2M: True}
+CONVERSIONS: dict[int, bool] = {pb.CONVERSION_TO_PRIVATE: True, pb.CONVERSION_TO_SHARED: False}
+PAGE_SIZES: dict[int, bool] = {types_pb2.PAGE_SIZE_4K: False, types_pb2.PAGE_SIZE_2M: True}
 
 GUID_NAMES = {
     cert_table.VCEK: "vcek",
