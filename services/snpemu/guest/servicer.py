@@ -22,9 +22,9 @@ MAX_TRANSFER = 1 << 20
 REPORT_DATA_MAX, VMPL_MAX = 64, 3
 # the certificate buffer the agent offers an extended request, in pages
 CERTS_PAGES_MAX = 16
-# SPEC: SNP ABI, MSG_KEY_REQ: GUEST_FIELD_SELECT bits 5:0 are defined (guest policy, image
-# ID, family ID, measurement, guest SVN, TCB version); bit 6 (launch mitigation vector) is
-# taken too, as the agent always has. Anything above is reserved.
+# SPEC: SNP ABI, MSG_KEY_REQ GUEST_FIELD_SELECT: bits 0..5 select guest policy, image ID,
+# family ID, measurement, guest SVN and TCB version, bit 6 the launch mitigation vector (in
+# the revisions that define it); the bits above are reserved.
 GUEST_FIELD_SELECT_BITS = 7
 CONVERSIONS: dict[int, bool] = {pb.CONVERSION_TO_PRIVATE: True, pb.CONVERSION_TO_SHARED: False}
 PAGE_SIZES: dict[int, bool] = {types_pb2.PAGE_SIZE_4K: False, types_pb2.PAGE_SIZE_2M: True}
