@@ -111,18 +111,19 @@ FINDINGS: dict[str, tuple[str, str]] = {
         "the client drops trailers past 16 KiB",
     ),
     "rmp.HostSession": (
-        "a stream of read {spa: 2^53-1, length: 2477}, rmp_update_batch {entries: 7 bytes}, "
-        "write {spa: 1, ...}",
-        "INTERNAL (Internal error from Core): the stream dies",
+        "a session message write {origin: 99}, or one with an undefined enum among others",
+        "UNKNOWN (ValueError: 99 is not a valid AccessOrigin), INTERNAL (Internal error from "
+        "Core) when more messages follow: the stream dies instead of answering in band",
     ),
     "rmp.FirmwareRead": (
         "expect_states: PAGE_STATE_UNSPECIFIED",
         "UNKNOWN (ValueError: 0 is not a valid PageState)",
     ),
     "rmp.FirmwareSession": (
-        "a stream of write {asid: 11651, expect_states: PAGE_STATE_HYPERVISOR_FIXED, data}, "
-        "read {spa: 2^31-1, length: 2}, ...",
-        "INTERNAL (Internal error from Core): the stream dies",
+        "a session message read {expect_states: [PAGE_STATE_UNSPECIFIED]}, or one with an "
+        "undefined enum among others",
+        "UNKNOWN (ValueError: 0 is not a valid PageState), INTERNAL (Internal error from Core) "
+        "when more messages follow: the stream dies instead of answering in band",
     ),
     "rmp.SetViolationPolicy": (
         "policy: -1",
@@ -141,6 +142,8 @@ EXAMPLES: dict[str, list[dict[str, object]]] = {
     "rmp.SetViolationPolicy": [{"policy": 99}, {"policy": -1}],
     "rmp.UnmapHostPage": [{"map_id": "x" * MiB}],
     "rmp.FirmwareRead": [{"spa": 0x200000, "length": 8, "expect_states": [0]}],
+    "rmp.HostSession": [{"write": {"spa": 0x200000, "data": b"x", "origin": 99}}],
+    "rmp.FirmwareSession": [{"read": {"spa": 0x200000, "length": 2, "expect_states": [0]}}],
     "psp.SnpPlatformStatus": [{"status_paddr": 1 << 40}],
     "psp.SnpConfig": [{"reported_tcb": {"snp": 999}}],
     "kvm.NestedPageFault": [{"identity": {"vcpu": {"vm": {"id": "x" * MiB}}}, "gpa": 0x1000}],
