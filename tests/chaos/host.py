@@ -232,7 +232,11 @@ class FuzzHost:
                 )
                 responses = 1
         except grpc.aio.AioRpcError as e:
-            return Outcome(e.code(), error_info(e), str(e.details() or ""), responses, False)
+            try:
+                info = error_info(e)
+            except ValueError:  # status details whose code is not the call's (trailers cut)
+                info = None
+            return Outcome(e.code(), info, str(e.details() or ""), responses, False)
         return Outcome(grpc.StatusCode.OK, None, "", responses, held)
 
     def serving(self, service: str) -> bool:

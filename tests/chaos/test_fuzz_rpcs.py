@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from snpemu.guest.errors import GuestReason
 
 from tests.chaos import strategies
-from tests.chaos.host import METADATA, SERVICES, FuzzHost
+from tests.chaos.host import MAC_A, METADATA, SERVICES, FuzzHost
 from tests.conftest import examples
 from tests.service.host_stack import HOST
 
@@ -105,6 +105,23 @@ FINDINGS: dict[str, tuple[str, str]] = {
         "device.id of 1 MiB",
         "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
     ),
+    "netd.NotifyQueue": (
+        "device.id of 1 MiB",
+        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
+    ),
+    "kvm.GetMemoryMap": (
+        "vm.id of 1 MiB",
+        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
+    ),
+    "kvm.HoldVm": (
+        "vm.id of 1 MiB",
+        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
+    ),
+    "kvm.VmgexitMsr": (
+        "identity.vcpu.vm.id of 1 MiB",
+        "RESOURCE_EXHAUSTED without ErrorInfo (the status details say NOT_FOUND: the "
+        "trailers were cut)",
+    ),
     "rmp.UnmapHostPage": (
         "map_id of 1 MiB",
         "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message and "
@@ -149,6 +166,11 @@ EXAMPLES: dict[str, list[dict[str, object]]] = {
     "kvm.NestedPageFault": [{"identity": {"vcpu": {"vm": {"id": "x" * MiB}}}, "gpa": 0x1000}],
     "kvm.GetVm": [{"vm": {"id": "x" * MiB}}],
     "netd.UnregisterDevice": [{"device": {"id": "x" * MiB}}],
+    "netd.NotifyQueue": [{"device": {"id": "x" * MiB}, "queue": 2}],
+    "kvm.GetMemoryMap": [{"vm": {"id": "x" * MiB}}],
+    "kvm.HoldVm": [{"vm": {"id": "x" * MiB}}],
+    "kvm.VmgexitMsr": [{"identity": {"vcpu": {"vm": {"id": "x" * MiB}}}, "ghcb_msr": 0x12}],
+    "guest.AttachNetDevice": [{"mac": MAC_A}],  # VM A's device has it
     "guest.WriteMemory": [{"gpa": 0x400000, "data": b"x" * (MiB + 1)}],
     "guest.ConvertMemory": [{"gpa": 0x400000, "size": 4096, "conversion": 99, "page_size": 1}],
     "guest.SendPacket": [{"destination_mac": "02:" * (MiB // 3)}],

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from snp.guest.v1 import guest_pb2 as pb
 
+from snpemu import errors
 from snpemu.errors import InvalidArgument
 from snpemu.guest.errors import GuestReason
 from snpemu.guest.network import Network
+from snpemu.runtime.peers import PeerError
 
 # SPEC: IEEE 802: six octets; bit 0 of the first set means a group (multicast) address,
 # which no device has as its own
@@ -31,13 +35,36 @@ def _mac(name: str, mac: str, *, required: bool) -> str:
     return mac
 
 
+# netd's refusals of a registration the caller asked for (a MAC in use, a bad ring) keep their
+# code rather than becoming INTERNAL: the caller's request caused them
+_PEER_CODES: dict[str, type[errors.SnpemuError]] = {
+    "INVALID_ARGUMENT": errors.InvalidArgument,
+    "ALREADY_EXISTS": errors.AlreadyExists,
+    "FAILED_PRECONDITION": errors.WrongState,
+    "NOT_FOUND": errors.NotFound,
+    "PERMISSION_DENIED": errors.PermissionDenied,
+}
+
+
+@contextlib.contextmanager
+def _caller_codes() -> Iterator[None]:
+    try:
+        yield
+    except PeerError as e:
+        cls = _PEER_CODES.get(e.code.name)
+        if cls is None:
+            raise
+        raise cls(e.message[:200], reason=e.reason, metadata=e.metadata) from None
+
+
 class NetServicer:
     def __init__(self, net: Network) -> None:
         self.net = net
 
     async def AttachNetDevice(self, request: Any, context: Any) -> pb.AttachNetDeviceResponse:
         mac = _mac("mac", request.mac, required=False)
-        dev = await self.net.attach(mac, request.ring_entries, skip=False)
+        with _caller_codes():
+            dev = await self.net.attach(mac, request.ring_entries, skip=False)
         return pb.AttachNetDeviceResponse(device_id=dev.device_id)
 
     async def SendPacket(self, request: Any, context: Any) -> pb.SendPacketResponse:
@@ -57,7 +84,8 @@ class NetServicer:
 
     async def SkipDmaConversion(self, request: Any, context: Any) -> pb.SkipDmaConversionResponse:
         mac = _mac("mac", request.mac, required=False)
-        outcome = await self.net.skip_dma_conversion(mac, request.ring_entries)
+        with _caller_codes():
+            outcome = await self.net.skip_dma_conversion(mac, request.ring_entries)
         return pb.SkipDmaConversionResponse(outcome=outcome)
 
     async def FlipBufferDuringCopy(
