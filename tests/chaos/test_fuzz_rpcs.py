@@ -122,6 +122,12 @@ FINDINGS: dict[str, tuple[str, str]] = {
         "RESOURCE_EXHAUSTED without ErrorInfo (the status details say NOT_FOUND: the "
         "trailers were cut)",
     ),
+    "guest.AttachNetDevice": (
+        "mac: the MAC of another VM's netd device",
+        "ALREADY_EXISTS (MAC_IN_USE), but the RX/TX pages were already made shared "
+        "(accepted_bytes and the RMP changed): the attach converts before it registers and "
+        "does not undo it",
+    ),
     "rmp.UnmapHostPage": (
         "map_id of 1 MiB",
         "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message and "
