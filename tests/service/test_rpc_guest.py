@@ -55,7 +55,7 @@ async def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
         await refused(
             g.ConvertMemory(pb.ConvertMemoryRequest(gpa=0x400000, size=4096, page_size=1)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            "BAD_FIELD",
         )
         await refused(  # beyond guest RAM
             g.AcceptMemory(pb.AcceptMemoryRequest(gpa=ram, size=4096)),
@@ -70,12 +70,12 @@ async def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
         await refused(
             g.WriteMemory(pb.WriteMemoryRequest(gpa=0x400000)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            "BAD_FIELD",
         )
         await refused(
             g.ReadMemory(pb.ReadMemoryRequest(gpa=0x400000, length=(1 << 20) + 1)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            "TOO_LARGE",
         )
         # the device calls before any device is attached
         for call in (
@@ -99,7 +99,7 @@ async def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
         await refused(
             g.SendPacket(pb.SendPacketRequest(payload=b"x")),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            "BAD_MAC",
         )
         await refused(
             g.FlipBufferDuringCopy(pb.FlipBufferDuringCopyRequest(timeout_ms=60_001)),
@@ -116,6 +116,99 @@ async def test_wrong_requests_and_the_vmsa_page(tmp_path: Path) -> None:
         ).entry
         vm = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm={"id": st.vm_id}), metadata=HOST)).vm
         assert (e.assigned, e.vmsa, e.asid) == (True, True, vm.asid)
+
+
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetExtendedReport", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/GetDerivedKey", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/WriteMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReadMemory", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/AttachNetDevice", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SendPacket", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/ReceivePackets", "error")
+async def test_every_field_is_checked_before_the_guest_acts(tmp_path: Path) -> None:
+    """The agent's own API refuses an out-of-range field with INVALID_ARGUMENT (or
+    FAILED_PRECONDITION BAD_RANGE for an address outside guest RAM, as AcceptMemory does) and
+    ErrorInfo, quotes at most a prefix of what it was sent, and changes nothing: not the
+    guest's memory state, not its device (issue 19: WriteMemory over 1 MiB answered INTERNAL,
+    ConvertMemory with conversion 99 converted a page)."""
+    async with host_stack(tmp_path) as s, agent(s, "guest-0") as (g, rt):
+        kernel = rt.impl.kernel
+        dev = (await g.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A))).device_id
+
+        async def state() -> tuple[object, ...]:
+            st = await status(g)
+            del st.events[:]
+            devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+            return str(st), str(devices), bytes(kernel.unaccepted), bytes(kernel.accepted)
+
+        before = await state()
+        ram = (await status(g)).memory_bytes
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        huge_mac = "02:" * (1 << 18)
+        for call, code, reason in (
+            # SPEC: SNP ABI MSG_REPORT_REQ: REPORT_DATA is 64 bytes, VMPL 0..3
+            (g.GetReport(pb.GetReportRequest(report_data=b"x" * 65)), bad, "TOO_LARGE"),
+            (g.GetReport(pb.GetReportRequest(vmpl=4)), bad, "BAD_FIELD"),
+            (g.GetExtendedReport(pb.GetExtendedReportRequest(certs_pages=17)), bad, "BAD_FIELD"),
+            (g.GetDerivedKey(pb.GetDerivedKeyRequest(guest_field_select=1 << 7)), bad, "BAD_FIELD"),
+            (g.GetDerivedKey(pb.GetDerivedKeyRequest(vmpl=0xFFFFFFFF)), bad, "BAD_FIELD"),
+            (
+                g.ConvertMemory(
+                    pb.ConvertMemoryRequest(gpa=0x400000, size=4096, conversion=99, page_size=1)  # type: ignore[arg-type]
+                ),
+                bad,
+                "BAD_ENUM",
+            ),
+            (
+                g.ConvertMemory(
+                    pb.ConvertMemoryRequest(
+                        gpa=0x400000,
+                        size=4096,
+                        conversion=pb.CONVERSION_TO_SHARED,
+                        page_size=99,  # type: ignore[arg-type]
+                    )
+                ),
+                bad,
+                "BAD_ENUM",
+            ),
+            (  # a 2M conversion of a range that is not 2M aligned: refused before any page moves
+                g.ConvertMemory(
+                    pb.ConvertMemoryRequest(
+                        gpa=0x400000, size=4096, conversion=pb.CONVERSION_TO_SHARED, page_size=2
+                    )
+                ),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "BAD_RANGE",
+            ),
+            (
+                g.WriteMemory(pb.WriteMemoryRequest(gpa=0x400000, data=b"x" * ((1 << 20) + 1))),
+                bad,
+                "TOO_LARGE",
+            ),
+            (
+                g.WriteMemory(pb.WriteMemoryRequest(gpa=ram - 4, data=b"12345678", shared=True)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "BAD_RANGE",
+            ),
+            (
+                g.ReadMemory(pb.ReadMemoryRequest(gpa=(1 << 64) - 1, length=1)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "BAD_RANGE",
+            ),
+            # SPEC: IEEE 802: bit 0 of the first octet marks a group address
+            (g.AttachNetDevice(pb.AttachNetDeviceRequest(mac="01:00:00:00:00:01")), bad, "BAD_MAC"),
+            (g.SkipDmaConversion(pb.SkipDmaConversionRequest(mac="02:00")), bad, "BAD_MAC"),
+            (g.SendPacket(pb.SendPacketRequest(destination_mac=huge_mac)), bad, "BAD_MAC"),
+            (g.ReceivePackets(pb.ReceivePacketsRequest(max_packets=1 << 31)), bad, "BAD_FIELD"),
+        ):
+            details = await refused(call, code, reason)
+            assert len(details) < 200, details[:300]
+        assert await state() == before
+        listed = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        assert [d.device.id for d in listed.devices] == [dev]
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/FlipResponsePage", "ok", "error")

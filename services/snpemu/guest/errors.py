@@ -20,6 +20,11 @@ class GuestReason(enum.StrEnum):
     BAD_RING = "BAD_RING"
     NO_COPY = "NO_COPY"
     RMPADJUST_FAILED = "RMPADJUST_FAILED"
+    # caller errors of the agent's own API, refused before the guest does anything
+    BAD_ENUM = "BAD_ENUM"  # an enum field holds a number its .proto does not define
+    BAD_FIELD = "BAD_FIELD"  # a field outside its range, or a required one missing
+    TOO_LARGE = "TOO_LARGE"  # a length past the RPC's limit
+    BAD_MAC = "BAD_MAC"  # not six hex octets of a unicast MAC
 
 
 class GuestFault(WrongState):

@@ -168,11 +168,12 @@ class GuestMemory(VcpuExits):
     async def convert(self, gpa: int, size: int, private: bool, size_2m: bool) -> int:
         """set_memory_encrypted()/set_memory_decrypted(): PVALIDATE around a PSC."""
         frames = list(self._pages(gpa, size))
-        self.unaccepted[frames] = False
+        # refused before the pages lose their unaccepted mark: a refusal changes nothing
         if size_2m and (gpa % PMD_SIZE or size % PMD_SIZE):
             raise WrongState(
                 "2M conversions take 2 MiB-aligned ranges", reason=GuestReason.BAD_RANGE
             )
+        self.unaccepted[frames] = False
         step = PAGES_PER_2M if size_2m else 1
         heads = frames[::step]
         entries = [
