@@ -76,81 +76,11 @@ OVERRIDES: strategies.Overrides = {
 # The known failures: "service.Method" -> (the input, what it answered). Each is a strict
 # xfail; the suite passes again when the RPC is fixed and its entry removed.
 FINDINGS: dict[str, tuple[str, str]] = {
-    "rmp.AllocatePages": (
-        "placement: -2147483648 (a Placement the .proto does not define)",
-        "UNKNOWN (ValueError: -2147483648 is not a valid Placement)",
-    ),
-    "rmp.FreePages": (
-        "pfns: [2^64-1]",
-        "UNKNOWN (OverflowError: Python int too large to convert to C long)",
-    ),
-    "rmp.HostWrite": (
-        "origin: 99 (an AccessOrigin the .proto does not define)",
-        "UNKNOWN (ValueError: 99 is not a valid AccessOrigin)",
-    ),
-    "psp.SnpPlatformStatus": (
-        "status_paddr: 2^40 (beyond host memory)",
-        "UNKNOWN: rmp's INVALID_ARGUMENT (PFN beyond host memory) escapes psp as an uncaught "
-        "AioRpcError",
-    ),
-    "kvm.GetVm": (
-        "vm.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "kvm.NestedPageFault": (
-        "identity.vcpu.vm.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "netd.UnregisterDevice": (
-        "device.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "netd.NotifyQueue": (
-        "device.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "kvm.GetMemoryMap": (
-        "vm.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "kvm.HoldVm": (
-        "vm.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message",
-    ),
-    "kvm.VmgexitMsr": (
-        "identity.vcpu.vm.id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo (the status details say NOT_FOUND: the "
-        "trailers were cut)",
-    ),
     "guest.AttachNetDevice": (
         "mac: the MAC of another VM's netd device",
         "ALREADY_EXISTS (MAC_IN_USE), but the RX/TX pages were already made shared "
         "(accepted_bytes and the RMP changed): the attach converts before it registers and "
         "does not undo it",
-    ),
-    "rmp.UnmapHostPage": (
-        "map_id of 1 MiB",
-        "RESOURCE_EXHAUSTED without ErrorInfo: the id is echoed into the status message and "
-        "the client drops trailers past 16 KiB",
-    ),
-    "rmp.HostSession": (
-        "a session message write {origin: 99}, or one with an undefined enum among others",
-        "UNKNOWN (ValueError: 99 is not a valid AccessOrigin), INTERNAL (Internal error from "
-        "Core) when more messages follow: the stream dies instead of answering in band",
-    ),
-    "rmp.FirmwareRead": (
-        "expect_states: PAGE_STATE_UNSPECIFIED",
-        "UNKNOWN (ValueError: 0 is not a valid PageState)",
-    ),
-    "rmp.FirmwareSession": (
-        "a session message read {expect_states: [PAGE_STATE_UNSPECIFIED]}, or one with an "
-        "undefined enum among others",
-        "UNKNOWN (ValueError: 0 is not a valid PageState), INTERNAL (Internal error from Core) "
-        "when more messages follow: the stream dies instead of answering in band",
-    ),
-    "rmp.SetViolationPolicy": (
-        "policy: -1",
-        "UNKNOWN (ValueError: -1 is not a valid Policy)",
     ),
 }
 
@@ -210,7 +140,11 @@ class Hosts:
     def get(self, service: str) -> FuzzHost:
         if self.service != service:
             self.close()
-            self.host = FuzzHost(self.factory.mktemp(f"fuzz-{service}"), service == "guest")
+            self.host = FuzzHost(
+                self.factory.mktemp(f"fuzz-{service}"),
+                service == "guest",
+                follow_firmware=service != "psp",
+            )
             self.service = service
         assert self.host is not None
         return self.host

@@ -49,6 +49,7 @@ class _Kvm:
         self.kicks: asyncio.Task[None] | None = None
         self.firmware: asyncio.Task[None] | None = None
         self.wait_s = opts.peer_wait_s
+        self.poll_s = opts.firmware_poll_s
         self.tmr_record = TmrRecord(config.data_dir / "tmr.json")
         self.health = runtime.health
         self.service_name = runtime.spec.descriptor.full_name
@@ -96,9 +97,11 @@ async def _startup(impl: _Kvm) -> None:
         except SnpemuError as e:  # what is left stays as it was: serve anyway
             log.error("reading what a previous kvm left failed: %s", e.message)
     impl.kicks = asyncio.ensure_future(follow_kicks(impl.rmp, impl.servicer.exits.kick))
-    if impl.kvm.snp_enabled:
+    if impl.kvm.snp_enabled and impl.poll_s > 0:
         impl.firmware = asyncio.ensure_future(
-            follow_firmware(impl.kvm, impl.set_health, tmr_record=impl.tmr_record)
+            follow_firmware(
+                impl.kvm, impl.set_health, tmr_record=impl.tmr_record, interval=impl.poll_s
+            )
         )
 
 

@@ -33,6 +33,9 @@ class KvmOptions:
     peer_wait_s: float
     image_dir: str = os.path.dirname(DEFAULT_FIRMWARE)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    # seconds between asking the firmware for its state (kvm/firmware_watch.py); 0: kvm does
+    # not follow its firmware (a reset goes unnoticed, as before the watch existed)
+    firmware_poll_s: float = 0.5
     # Not from the environment: the clock of the throttles and of the start-up wait (seconds,
     # monotonic). An in-process caller (a test) may hand kvm a clock it drives itself.
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
@@ -67,6 +70,7 @@ class KvmOptions:
             peer_wait_s=number(env, "SNPEMU_KVM_PEER_WAIT_S", "30", 3600),
             image_dir=image_dir,
             image_limits=limits,
+            firmware_poll_s=number(env, "SNPEMU_KVM_FIRMWARE_POLL_S", "0.5", 60),
         )
 
     def images(self) -> ImageStore:

@@ -22,6 +22,8 @@ QUOTE_CHARS = 32
 MAX_TEXT = 256
 # Handles and ids the caller echoes back (a VM id, a map id).
 MAX_ID = 128
+# the most one read answers: its reply must fit a gRPC message (4 MiB by default) whole
+MAX_READ = 1 << 20
 
 
 def quote(text: str | bytes) -> str:

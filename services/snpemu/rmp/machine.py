@@ -83,6 +83,11 @@ class PlatformInfo:
     resident_pages: int
 
 
+def _read_length(length: int) -> None:
+    """One read's reply must fit one gRPC message whole."""
+    checks.in_range(length, 0, checks.MAX_READ, "length")
+
+
 class RmpMachine:
     def __init__(
         self,
@@ -324,12 +329,14 @@ class RmpMachine:
     def guest_read(
         self, ident: Identity, gpa: int, length: int, *, private: bool
     ) -> tuple[bytes, Fault | None]:
+        _read_length(length)
         return self.access.guest_read(ident, gpa, length, private=private)
 
     def guest_write(self, ident: Identity, gpa: int, data: bytes, *, private: bool) -> Fault | None:
         return self.access.guest_write(ident, gpa, data, private=private)
 
     def host_read(self, spa: int, length: int) -> bytes:
+        _read_length(length)
         return self.access.host_read(spa, length)
 
     async def host_write(
@@ -366,6 +373,7 @@ class RmpMachine:
         expect: tuple[PageState, ...] = (),
         checks: tuple[tuple[int, tuple[PageState, ...]], ...] = (),
     ) -> bytes:
+        _read_length(length)
         return self.access.fw_read(spa, length, asid, expect, checks)
 
     def fw_write(

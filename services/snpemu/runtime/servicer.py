@@ -9,6 +9,8 @@ by an implementation becomes its gRPC status here, in one place.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import inspect
 import logging
@@ -142,6 +144,22 @@ class RequestReason(enum.StrEnum):
     INTERNAL = "INTERNAL"
 
 
+async def _drain(requests: AsyncIterator[Any], most: int = 64, seconds: float = 1.0) -> None:
+    """Read what a refused session's client already sent (a few messages, briefly) before the
+    refusal: a bidirectional stream ended while the client is still writing reaches that
+    client as INTERNAL "Internal error from Core" instead of the status sent."""
+
+    async def read() -> None:
+        n = 0
+        async for _ in requests:
+            n += 1
+            if n >= most:
+                return
+
+    with contextlib.suppress(Exception, TimeoutError):
+        await asyncio.wait_for(read(), seconds)
+
+
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """A session's requests, ending the stream with a clear status on one it would not parse."""
     async for r in requests:
@@ -210,7 +228,12 @@ def _behavior(
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                admit(request, context)
+                try:
+                    admit(request, context)
+                except errors.SnpemuError:
+                    if method.client_streaming:
+                        await _drain(request)
+                    raise
                 if method.client_streaming:
                     request = _checked(request)
                 async for item in fn(request, context):
