@@ -10,23 +10,15 @@ from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2 as pb
 from snpemu.runtime.channels import owner_channel
 from snpemu.runtime.credentials import vmm_credential
-from snpemu.runtime.status import error_info
 
 from tests.service.host_stack import CRED, HOST, Stack, agent
+from tests.service.test_rpc_netd import refused
 
 HEADER = "x-snpemu-host-credential"
 
 
 def vmm(guest: str) -> tuple[tuple[str, str], ...]:
     return ((HEADER, vmm_credential(CRED, guest)),)
-
-
-async def refused(call: object, code: grpc.StatusCode, reason: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, info.value.details()
-    detail = error_info(info.value)
-    assert detail is not None and detail.reason == reason, detail
 
 
 def config() -> pb.VmConfig:

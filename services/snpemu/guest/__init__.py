@@ -65,8 +65,8 @@ class _Guest:
         self.servicer = GuestServicer(self.kernel, self.attestation, self.net)
         self.net_servicer = NetServicer(self.net)
         self.boot_task: asyncio.Task[None] | None = None
-        self.health = runtime.health
-        self.service_name = runtime.spec.descriptor.full_name
+        # NOT_SERVING while it recovers from a peer's crash
+        self.set_health = runtime.set_serving
         self.keeper = VmKeeper(self.kernel, driver, self.net, self.set_health)
         kernel, attestation, net = self.kernel, self.attestation, self.net
 
@@ -110,18 +110,6 @@ class _Guest:
                 yield state
 
         runtime.registry.register(AgentCollector())
-
-    async def set_health(self, serving: bool) -> None:
-        """The agent's health as it is: NOT_SERVING while its VM is gone."""
-        from grpc_health.v1 import health_pb2
-
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", self.service_name):
-            await self.health.set(name, status)
 
 
 async def _startup(impl: _Guest) -> None:

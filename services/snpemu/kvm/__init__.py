@@ -51,20 +51,8 @@ class _Kvm:
         self.wait_s = opts.peer_wait_s
         self.poll_s = opts.firmware_poll_s
         self.tmr_record = TmrRecord(config.data_dir / "tmr.json")
-        self.health = runtime.health
-        self.service_name = runtime.spec.descriptor.full_name
-
-    async def set_health(self, serving: bool) -> None:
-        """kvm's health as it is: NOT_SERVING while its firmware is gone or coming back."""
-        from grpc_health.v1 import health_pb2
-
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", self.service_name):
-            await self.health.set(name, status)
+        # NOT_SERVING while it recovers from a peer's crash
+        self.set_health = runtime.set_serving
 
 
 async def _startup(impl: _Kvm) -> None:

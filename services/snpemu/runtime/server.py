@@ -186,6 +186,17 @@ class ServiceRuntime:
         for name in ("", spec.descriptor.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def set_serving(self, serving: bool) -> None:
+        """The service's health as it is (a service recovering from a peer's crash is
+        NOT_SERVING until it has), for the whole server and its service name."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.spec.descriptor.full_name):
+            await self.health.set(name, status)
+
     def _booted(self, boot_id: str) -> None:
         self.host_boot = boot_id
 
