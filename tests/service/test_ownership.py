@@ -77,6 +77,12 @@ async def test_only_the_creator_or_the_host_acts_on_a_vm(stack: Stack) -> None:
         "HOST_CREDENTIAL_WRONG",
     )
 
+    # a token handed to another guest's VMM opens nothing for it
+    await refused(
+        stack.kvm.GetVm(pb.GetVmRequest(vm=theirs), metadata=vmm("a")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VM_NOT_YOURS",
+    )
     # the creator's own handle works, and nothing above changed the other VM
     got = (await stack.kvm.GetVm(pb.GetVmRequest(vm=mine), metadata=vmm("a"))).vm
     assert got.state == pb.VM_STATE_CREATED

@@ -33,3 +33,12 @@ def test_peer_codes(peer: grpc.StatusCode, caller: grpc.StatusCode) -> None:
     # the same refusal answered in-band on a session stream (rmp.proto SessionError)
     inband = rmp_pb2.SessionError(code=peer.value[0], message="no", reason="R")
     assert grpc_code(session_error(inband)) == caller
+
+
+def test_a_peer_refusing_the_services_own_credential_is_internal() -> None:
+    for code in (S.PERMISSION_DENIED, S.UNAUTHENTICATED):
+        inband = rmp_pb2.SessionError(code=code.value[0], reason="HOST_CREDENTIAL_WRONG")
+        assert grpc_code(session_error(inband)) == S.INTERNAL
+    # a peer out of room is not the caller's doing either
+    inband = rmp_pb2.SessionError(code=S.RESOURCE_EXHAUSTED.value[0], reason="FULL")
+    assert grpc_code(session_error(inband)) == S.INTERNAL

@@ -58,8 +58,14 @@ class VmKeeper:
         if not await self._boot_once(first=True):
             return
         while True:
-            why = await self.gone()
-            await self.reboot(why)
+            try:
+                why = await self.gone()
+                await self.reboot(why)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: said once as a JSON line, then the watch goes on
+                log.exception("keeping the VM failed", extra={"event": "vm_keeper_bug"})
+                await asyncio.sleep(self.interval)
 
     async def gone(self) -> str:
         """Until the running VM is gone; says why."""

@@ -122,4 +122,8 @@ async def follow_firmware(
             log.error("recovery from the firmware reset failed: %s", e.message)
             await health(False)
             continue
+        except Exception:  # a bug: said once as a JSON line; the watch goes on, NOT_SERVING
+            log.exception("following the firmware failed", extra={"event": "fw_watch_bug"})
+            await health(False)
+            continue
         await health(True)

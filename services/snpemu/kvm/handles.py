@@ -31,6 +31,7 @@ class HandleReason(enum.StrEnum):
     VM_TOKEN_MISSING = "VM_TOKEN_MISSING"  # a VMM named a VM without its token
     VM_TOKEN_WRONG = "VM_TOKEN_WRONG"  # the token is not this VM's
     VM_ID_INVALID = "VM_ID_INVALID"  # empty or far too long to be a VM id
+    VM_NOT_YOURS = "VM_NOT_YOURS"  # the right token, from a VMM that did not create the VM
 
 
 def new_token() -> bytes:
@@ -47,8 +48,10 @@ def check_id(vm_id: str) -> None:
         )
 
 
-def check_token(vm_id: str, expected: bytes, given: bytes, caller: Caller) -> None:
-    """Refuse `caller` acting on the VM unless it holds the VM's token (the host may omit it)."""
+def check_token(vm_id: str, owner: str, expected: bytes, given: bytes, caller: Caller) -> None:
+    """Refuse `caller` acting on the VM unless it holds the VM's token (the host may omit it);
+    a VMM must also be the one that created it (a token handed to another guest's VMM opens
+    nothing for it, as a VM fd is of no use to another user's process)."""
     if not given:
         if caller.is_host:
             return
@@ -60,4 +63,8 @@ def check_token(vm_id: str, expected: bytes, given: bytes, caller: Caller) -> No
     if not hmac.compare_digest(given, expected):
         raise PermissionDenied(
             f"vm.token is not the token of {vm_id}", reason=HandleReason.VM_TOKEN_WRONG
+        )
+    if not caller.is_host and owner and caller.name != owner:
+        raise PermissionDenied(
+            f"{vm_id} was created by another VMM", reason=HandleReason.VM_NOT_YOURS
         )

@@ -17,7 +17,6 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from snpemu.abi.page_type import PageType
 from snpemu.errors import InvalidArgument, NotFound, PermissionDenied, SnpemuError, Unavailable
@@ -25,9 +24,6 @@ from snpemu.kvm.config import VmConfig
 from snpemu.kvm.reasons import KvmReason
 from snpemu.vmm import launch_plan
 from snpemu.vmm.ovmf import FOUR_GB, Ovmf
-
-if TYPE_CHECKING:
-    pass
 
 MIB = 1 << 20
 # KERNEL: include/uapi/linux/limits.h PATH_MAX (with its NUL)
@@ -63,7 +59,9 @@ class ImageStore:
     def beside(cls, default_firmware: str, limits: ImageLimits | None = None) -> ImageStore:
         """The default: the default firmware's own directory (Debian's /usr/share/OVMF)."""
         return cls(
-            os.path.dirname(default_firmware) or "/", default_firmware, limits or ImageLimits()
+            os.path.dirname(os.path.abspath(default_firmware)),
+            default_firmware,
+            limits or ImageLimits(),
         )
 
 

@@ -54,7 +54,9 @@ class KvmOptions:
         if snp not in ("0", "1"):
             raise ConfigError(f"SNPEMU_KVM_SNP={snp!r}: 1 or 0")
         firmware = env.get("SNPEMU_KVM_FIRMWARE", DEFAULT_FIRMWARE)
-        image_dir = env.get("SNPEMU_KVM_IMAGE_DIR") or os.path.dirname(firmware) or "/"
+        if not os.path.isabs(firmware):
+            raise ConfigError(f"SNPEMU_KVM_FIRMWARE={firmware[:64]!r}: an absolute path")
+        image_dir = env.get("SNPEMU_KVM_IMAGE_DIR") or os.path.dirname(firmware)
         if not os.path.isabs(image_dir):
             raise ConfigError(f"SNPEMU_KVM_IMAGE_DIR={image_dir[:64]!r}: an absolute path")
         limits = ImageLimits(

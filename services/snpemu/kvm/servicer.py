@@ -19,7 +19,7 @@ from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.throttle import Throttle, check_throttle
 from snpemu.kvm.vm import Vm
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
-from snpemu.runtime.caller import current_caller
+from snpemu.runtime.caller import Role, current_caller
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class KvmServicer:
         """The VM a handle names, if the caller may act on it (kvm/handles.py)."""
         check_id(handle.id)
         vm = self.kvm.vm(handle.id)
-        check_token(vm.vm_id, vm.token, handle.token, current_caller())
+        check_token(vm.vm_id, vm.owner, vm.token, handle.token, current_caller())
         return vm
 
     async def GetCapabilities(self, request: Any, context: Any) -> pb.GetCapabilitiesResponse:
@@ -69,7 +69,9 @@ class KvmServicer:
         t = request.config.throttle
         check_throttle(t.interval_ms, t.burst)
         vm = await self.kvm.create_vm(config_from_pb(request.config))
-        vm.owner = current_caller().name
+        caller = current_caller()
+        # a VM the host made is the host's to hand on (with its token) to any VMM
+        vm.owner = caller.name if caller.role is Role.VMM else ""
         # the only answer that carries the token: the VM fd goes to its creator alone
         return pb.CreateVmResponse(
             vm=handles_pb2.VmHandle(id=vm.vm_id, token=vm.token), asid=vm.asid

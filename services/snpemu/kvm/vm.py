@@ -118,7 +118,8 @@ class Vm:
     asid: int
     config: VmConfig
     throttle: Throttle
-    # the capability CreateVm hands its caller (kvm/handles.py), and who that caller was
+    # the capability CreateVm hands its caller (kvm/handles.py), and the VMM that caller was
+    # ("" for a VM the host made)
     token: bytes = field(default_factory=new_token, repr=False)
     owner: str = ""
     state: VmState = VmState.CREATED

@@ -215,7 +215,7 @@ class ServiceRuntime:
     async def stop(self) -> None:
         if self._epoch is not None:
             self._epoch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._epoch
             self._epoch = None
         await self.health.enter_graceful_shutdown()

@@ -46,10 +46,11 @@ _PASSED_ON = frozenset(
         grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.PERMISSION_DENIED,
     }
 )
+# a peer refusing this service's own credential: a misconfigured host, not the caller's doing
+_OWN_CREDENTIAL = frozenset({"HOST_CREDENTIAL_MISSING", "HOST_CREDENTIAL_WRONG"})
 
 
 def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
@@ -57,7 +58,11 @@ def grpc_code(err: errors.SnpemuError) -> grpc.StatusCode:
         if cls in _CODES:
             return _CODES[cls]
     peer_code = getattr(err, "code", None)
-    if isinstance(peer_code, grpc.StatusCode) and peer_code in _PASSED_ON:
+    if (
+        isinstance(peer_code, grpc.StatusCode)
+        and peer_code in _PASSED_ON
+        and err.reason not in _OWN_CREDENTIAL
+    ):
         return peer_code
     return grpc.StatusCode.INTERNAL
 

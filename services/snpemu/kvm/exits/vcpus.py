@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from snpemu.errors import PermissionDenied, WrongState
@@ -22,7 +23,7 @@ def running_vcpu(ctx: ExitContext, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
     """The VM and vCPU an exit comes from: the identity kvm issued, of a running VM."""
     vm = ctx.vm(ident.vm_id)
     vcpu = vm.vcpus.get(ident.vcpu_id)
-    if vcpu is None or vcpu.token != ident.token or ident.asid != vm.asid:
+    if vcpu is None or not hmac.compare_digest(vcpu.token, ident.token) or ident.asid != vm.asid:
         raise PermissionDenied(
             "exits need the vCPU identity kvm issued", reason=ExitReason.BAD_VCPU_IDENTITY
         )
