@@ -229,7 +229,8 @@ def main() -> int:
             for name, module, service, extra in (
                 ("rmp", "snpemu.rmp", "snp.rmp.v1.RmpService", {"SNPEMU_RMP_MEMORY": "8G"}),
                 ("psp", "snpemu.psp", "snp.psp.v1.PspService", {}),
-                ("kvm", "snpemu.kvm", "snp.kvm.v1.KvmService", {}),
+                # the tiny firmware is an image of its own directory (kvm/images.py)
+                ("kvm", "snpemu.kvm", "snp.kvm.v1.KvmService", {"SNPEMU_KVM_IMAGE_DIR": d}),
             ):
                 g_port, m_port = ports[name]
                 procs.append(

@@ -85,7 +85,8 @@ async def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> 
             {},
             fw,
         )
-        cfg = kvm_pb2.VmConfig(memory_bytes=64 << 20, vcpus=1, firmware_path=str(fw))
+        # kvm reads no file outside its image directory: the firmware goes as bytes
+        cfg = kvm_pb2.VmConfig(memory_bytes=64 << 20, vcpus=1, firmware=fw.read_bytes())
         vm = (await stack.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=md)).vm
         r = await stack.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=md)
         guest = Guest(stack, vm, list(r.vcpus), bytes(r.measurement))
