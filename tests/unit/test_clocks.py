@@ -81,6 +81,7 @@ async def test_kvm_hands_its_clock_to_every_throttle_it_makes() -> None:
         vm_id = "vm-x"
         throttle = Throttle()
         token = b"t" * 32
+        owner = ""
 
     vm = FakeVm()
     kvm.vms[vm.vm_id] = vm  # type: ignore[assignment]
