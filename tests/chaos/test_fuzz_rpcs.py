@@ -75,14 +75,7 @@ OVERRIDES: strategies.Overrides = {
 
 # The known failures: "service.Method" -> (the input, what it answered). Each is a strict
 # xfail; the suite passes again when the RPC is fixed and its entry removed.
-FINDINGS: dict[str, tuple[str, str]] = {
-    "guest.AttachNetDevice": (
-        "mac: the MAC of another VM's netd device",
-        "ALREADY_EXISTS (MAC_IN_USE), but the RX/TX pages were already made shared "
-        "(accepted_bytes and the RMP changed): the attach converts before it registers and "
-        "does not undo it",
-    ),
-}
+FINDINGS: dict[str, tuple[str, str]] = {}
 
 MiB = 1 << 20
 # Requests every run sends besides the generated ones (hypothesis's explicit examples, with the

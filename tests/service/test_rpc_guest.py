@@ -211,6 +211,67 @@ async def test_every_field_is_checked_before_the_guest_acts(tmp_path: Path) -> N
         assert [d.device.id for d in listed.devices] == [dev]
 
 
+async def rmp_entries(s: Stack) -> list[bytes]:
+    """Every RMP entry that is not the hypervisor default, as bytes."""
+    info = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+    entries: list[bytes] = []
+    for first in range(0, int(info.max_pfn) + 1, 4096):
+        r = await s.rmp.ListRmpEntries(
+            rmp_pb2.ListRmpEntriesRequest(first_pfn=first, count=4096, non_default_only=True),
+            metadata=HOST,
+        )
+        entries += [e.SerializeToString() for e in r.entries]
+    return entries
+
+
+@pytest.mark.rpc("snp.guest.v1.GuestService/AttachNetDevice", "ok", "error")
+@pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "error")
+async def test_an_attach_netd_refuses_leaves_the_window_and_the_old_device(tmp_path: Path) -> None:
+    """An attach with a MAC another VM's device holds is ALREADY_EXISTS, after the window was
+    converted to shared: the driver's error path puts every page back (issue 19: the window
+    stayed shared), and a driver that was attached before is attached again."""
+    async with (
+        host_stack(tmp_path) as s,
+        agent(s, "guest-0") as (g0, _),
+        agent(s, "guest-1") as (g1, rt1),
+    ):
+        await g0.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A))
+        kernel = rt1.impl.kernel
+
+        async def memory() -> tuple[object, ...]:
+            st = await status(g1)
+            rmp = await rmp_entries(s)
+            return st.accepted_bytes, rmp, bytes(kernel.unaccepted), bytes(kernel.accepted)
+
+        async def macs() -> list[str]:
+            listed = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+            return sorted(d.mac for d in listed.devices)
+
+        # a lazily accepting guest, so the window holds never-touched pages as well
+        await g1.AcceptMemory(pb.AcceptMemoryRequest(gpa=0x100_0000, size=0x4000))
+        before = await memory()
+        for attach in (  # one at a time: an aio call starts when it is made
+            lambda: g1.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A)),
+            lambda: g1.SkipDmaConversion(pb.SkipDmaConversionRequest(mac=A)),
+        ):
+            call = attach()
+            await refused(call, grpc.StatusCode.ALREADY_EXISTS, "MAC_IN_USE")
+            assert await memory() == before
+        assert await macs() == [A]
+
+        await g1.AttachNetDevice(pb.AttachNetDeviceRequest(mac=B))
+        before = await memory()
+        await refused(
+            g1.AttachNetDevice(pb.AttachNetDeviceRequest(mac=A)),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "MAC_IN_USE",
+        )
+        assert await macs() == [A, B]
+        assert await memory() == before
+        sent = await g1.SendPacket(pb.SendPacketRequest(destination_mac=A, payload=b"still up"))
+        assert sent.result == "delivered", sent
+
+
 @pytest.mark.rpc("snp.guest.v1.GuestService/FlipResponsePage", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/GetReport", "error")
 async def test_a_response_page_flipped_private_under_convert_kill(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc
-from snpemu.abi.addr import PAGES_PER_2M, PMD_SIZE, Gfn, Gpa, gfn_to_gpa, gpa_to_gfn, page_aligned
+from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M, PMD_SIZE, Gfn, Gpa, gfn_to_gpa, gpa_to_gfn, page_aligned
 from snpemu.abi.rmp import Code
 from snpemu.errors import WrongState
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
@@ -189,6 +189,26 @@ class GuestMemory(VcpuExits):
             await self.pvalidate([gfn_to_gpa(p) for p in frames], True)
             self.accepted[frames] = True
         return len(frames)
+
+    def page_states(self, gpa: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """What restore_pages() needs to put a range back: its accepted and unaccepted marks."""
+        frames = self._pages(gpa, size)
+        return self.accepted[frames].copy(), self.unaccepted[frames].copy()
+
+    async def restore_pages(self, gpa: int, saved: tuple[np.ndarray, np.ndarray]) -> None:
+        """Undo conversions of a range whose page_states() were `saved`, as a driver's probe
+        error path frees its DMA buffers (dma_free_coherent() -> set_memory_encrypted()): a
+        page private and accepted before is private again; one shared, or never touched
+        (hypervisor-owned: unaccepted memory is assigned only by its first accept), is shared
+        again and a never-touched one unaccepted again, so its first use still accepts it."""
+        was_accepted, was_unaccepted = saved
+        first = gpa_to_gfn(gpa)
+        frames = np.arange(first, first + len(was_accepted))
+        now = self.accepted[frames]
+        for private, pick in ((True, was_accepted & ~now), (False, ~was_accepted & now)):
+            for gfn in frames[pick].tolist():
+                await self.convert(gfn_to_gpa(gfn), PAGE_SIZE, private=private, size_2m=False)
+        self.unaccepted[frames[was_unaccepted]] = True
 
     # --- memory access with #VC / #NPF handling -------------------------------------------
 

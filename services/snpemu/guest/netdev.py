@@ -150,6 +150,20 @@ class NetDevice:
         k, lay = self.k, self.layout
         if lay.end > k.opts.memory_bytes:
             raise InvalidArgument("guest RAM is too small for the device window")
+        before = k.page_states(WINDOW_GPA, lay.end - WINDOW_GPA)
+        try:
+            await self._convert_window(skip_rx_conversion)
+            await self._register()
+        except SnpemuError:
+            # netd refused (a MAC in use, no room): the window as it was, as a failed probe
+            # frees its DMA buffers; a guest that cannot convert is terminated by then
+            if k.state == BootState.RUNNING:
+                await k.restore_pages(WINDOW_GPA, before)
+            raise
+        self.watch = asyncio.ensure_future(self._keep_connected())
+
+    async def _convert_window(self, skip_rx_conversion: bool) -> None:
+        k, lay = self.k, self.layout
         if skip_rx_conversion:  # the buggy driver: RX buffers stay private (and get accepted)
             await k.convert(lay.rx_ring, 2 * PAGE_SIZE, private=False, size_2m=False)
             await k.convert(lay.tx_buffers, lay.end - lay.tx_buffers, private=False, size_2m=False)
@@ -162,8 +176,6 @@ class NetDevice:
         else:
             await k.convert(WINDOW_GPA, lay.end - WINDOW_GPA, private=False, size_2m=False)
             self.private_rx = set()
-        await self._register()
-        self.watch = asyncio.ensure_future(self._keep_connected())
 
     async def _reset_rings(self) -> None:
         """Fresh rings with every RX buffer offered (virtio 3.1: the driver sets the queues up)."""

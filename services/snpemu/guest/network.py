@@ -15,6 +15,7 @@ from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.guest.driver import Driver, report_request
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
+from snpemu.guest.exits import BootState
 from snpemu.guest.kernel import GuestKernel
 from snpemu.guest.layout import RESP_GPA
 from snpemu.guest.netdev import Netd, NetDevice, check_mac
@@ -49,9 +50,20 @@ class Network:
             raise InvalidArgument("ring_entries is a power of two up to 64")
         mac = mac or _mac_for(self.k.name)
         check_mac("mac", mac)  # before the old device goes or any page is converted
+        old = self.dev
         await self.detach()  # first, as a driver reload does
         dev = NetDevice(self.k, self.netd, mac, entries)
-        await dev.attach(skip_rx_conversion=skip)
+        try:
+            await dev.attach(skip_rx_conversion=skip)
+        except SnpemuError:
+            await dev.close()
+            if old is not None and self.k.state == BootState.RUNNING:
+                # the reload failed: the driver that was there comes back (its MAC was its own)
+                again = NetDevice(self.k, self.netd, old.mac, old.layout.entries)
+                with contextlib.suppress(SnpemuError):
+                    await again.attach(skip_rx_conversion=bool(old.private_rx))
+                    self.dev = again
+            raise
         self.dev = dev
         return dev
 
