@@ -11,7 +11,16 @@ import numpy as np
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc
-from snpemu.abi.addr import PAGE_SIZE, PAGES_PER_2M, PMD_SIZE, Gfn, Gpa, gfn_to_gpa, gpa_to_gfn, page_aligned
+from snpemu.abi.addr import (
+    PAGE_SIZE,
+    PAGES_PER_2M,
+    PMD_SIZE,
+    Gfn,
+    Gpa,
+    gfn_to_gpa,
+    gpa_to_gfn,
+    page_aligned,
+)
 from snpemu.abi.rmp import Code
 from snpemu.errors import WrongState
 from snpemu.guest.errors import GuestFault, GuestReason, Terminated
