@@ -200,7 +200,7 @@ async def test_a_launch_that_failed_after_launch_start_is_not_started_again(stac
     after = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=made.vm), metadata=HOST)).vm
     assert after.gctx.gctx_paddr == vm.gctx.gctx_paddr
     assert await free_pages(stack) == before
-    # pages SNP_LAUNCH_UPDATE made pre-guest are leaked (counted), as before this rule
+    # pages SNP_LAUNCH_UPDATE made pre-guest are reclaimed (SNP_PAGE_RECLAIM) and freed
     await stack.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.vm), metadata=HOST)
     # the host is left in a state that launches the next VM
     guest = await stack.launch()

@@ -3,6 +3,7 @@ again, and the reading of which pages are not. Shared by bring-up, launch and te
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 from snpemu.abi import rmp_batch
@@ -79,10 +80,21 @@ async def assigned_entries(rmp: RmpPort, pfns: Iterable[Pfn]) -> dict[Pfn, RmpEn
     return out
 
 
-async def all_shared(rmp: RmpPort, pfns: Iterable[Pfn]) -> list[Pfn]:
+async def all_shared(rmp: RmpPort, pfns: Iterable[Pfn], psp: PspPort | None = None) -> list[Pfn]:
     """RMPUPDATE every assigned page among pfns back to shared (PSMASH 2M entries first);
-    returns the pages that would not go back."""
+    returns the pages that would not go back. With `psp`, pre-guest pages (a launch that
+    never finished) are reclaimed first: an immutable entry refuses RMPUPDATE
+    (FAIL_PERMISSION), and only SNP_PAGE_RECLAIM, once the guest is decommissioned, makes it
+    mutable. KERNEL: arch/x86/kvm/svm/sev.c sev_gmem_post_populate()'s error path takes the
+    page whose SNP_LAUNCH_UPDATE failed back with snp_page_reclaim() the same way.
+    UNVERIFIED(pre-guest-teardown): the kernel RMPUPDATEs the pages before it directly."""
     entries = await assigned_entries(rmp, pfns)
+    if psp is not None:
+        for p, e in sorted(entries.items()):
+            if e.state == PageState.PRE_GUEST:
+                # refused: its RMPUPDATE below fails, and the page is leaked (counted)
+                with contextlib.suppress(PeerError):
+                    await psp.page_reclaim(pfn_to_spa(p), size_2m=e.size_2m)
     assigned = sorted(entries)
     heads = {Pfn(p - p % PAGES_PER_2M) for p, e in entries.items() if e.size_2m}
     for head in sorted(heads):
