@@ -165,9 +165,12 @@ async def host_stack(
     netd_env: dict[str, str] | None = None,
     psp_env: dict[str, str] | None = None,
     kvm_clock: Callable[[], float] | None = None,
+    interceptors: dict[str, list[grpc.aio.ServerInterceptor]] | None = None,
     **kvm_env: str,
 ) -> AsyncIterator[Stack]:
-    """`kvm_clock`: kvm's clock (its guest-request throttles), for a test that moves it."""
+    """`kvm_clock`: kvm's clock (its guest-request throttles), for a test that moves it;
+    `interceptors`: extra server interceptors by service ("rmp", "psp", ...), for faults."""
+    extra = interceptors or {}
     common = {
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",
@@ -187,6 +190,7 @@ async def host_stack(
                     "SNPEMU_RMP_INSN_HOLD_US": str(hold_us),
                 }
             ),
+            extra.get("rmp", ()),
         )
         await r.start()
         started.append(r)
@@ -196,6 +200,7 @@ async def host_stack(
                 "psp", {**common, "SNPEMU_RMP_ADDR": r.address, "SNPEMU_DATA_DIR": str(tmp / "psp")}
             ),
             psp.SPEC.options({"SNPEMU_KDS_PORT": "0", **(psp_env or {})}),
+            extra.get("psp", ()),
         )
         await p.start()
         started.append(p)
@@ -224,6 +229,7 @@ async def host_stack(
                 },
             ),
             kvm_options,
+            extra.get("kvm", ()),
         )
         await k.start()
         started.append(k)
@@ -239,6 +245,7 @@ async def host_stack(
                 },
             ),
             netd.SPEC.options(netd_env or {}),
+            extra.get("netd", ()),
         )
         await n.start()
         started.append(n)

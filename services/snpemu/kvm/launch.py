@@ -138,7 +138,14 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     await launch_start(kvm, vm, policy_of(cfg))
     fw_pfns = await rmp.allocate(pages(len(ovmf.data)), Placement.ANY)
     runs = vm.memslots.add(ovmf.gpa, fw_pfns)
-    await rmp.update_npt(vm.vm_id, vm.asid, map=runs)
+    try:
+        await rmp.update_npt(vm.vm_id, vm.asid, map=runs)
+    except BaseException:
+        # not mapped: DestroyVm unmaps every memslot, and rmp refuses to unmap what it never
+        # mapped (the teardown would stop there, and the VM with it)
+        vm.memslots.remove(runs)
+        await rmp.free(fw_pfns)
+        raise
     plan = launch_plan.plan(
         ovmf,
         vcpus=len(vm.vcpus),

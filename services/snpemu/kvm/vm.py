@@ -58,12 +58,22 @@ class Memslots:
             j = bisect.bisect_left(self._starts, r.gpa)
             self._starts.insert(j, r.gpa)
             self.runs.insert(j, r)
+        self._index()
+        return added
+
+    def remove(self, runs: Sequence[Run]) -> None:
+        """Forget runs add() returned."""
+        gone = set(runs)
+        self.runs = [r for r in self.runs if r not in gone]
+        self._starts = [r.gpa for r in self.runs]
+        self._index()
+
+    def _index(self) -> None:
         self._arrays = (
             np.array(self._starts, dtype=np.int64),
             np.array([r.gpa + page_bytes(r.npages) for r in self.runs], dtype=np.int64),
             np.array([pfn_to_spa(r.first_pfn) for r in self.runs], dtype=np.int64),
         )
-        return added
 
     def translate_many(self, gpas: np.ndarray) -> np.ndarray:
         """translate() of an array of GPAs: the SPAs, -1 outside every memslot."""

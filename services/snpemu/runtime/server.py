@@ -95,8 +95,16 @@ class ServiceSpec(Generic[T]):
 class ServiceRuntime:
     """One running service: usable in-process (tests, port 0) and by `run_service`."""
 
-    def __init__(self, spec: ServiceSpec[Any], config: ServiceConfig, options: Any = None) -> None:
+    def __init__(
+        self,
+        spec: ServiceSpec[Any],
+        config: ServiceConfig,
+        options: Any = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        """`interceptors` run after the metrics one: a test's fault injection, in-process."""
         self.spec = spec
+        self.interceptors = list(interceptors)
         self.config = config
         self.options = options if options is not None else spec.options({})
         self.registry = CollectorRegistry()
@@ -129,7 +137,7 @@ class ServiceRuntime:
         # enforces itself with a clear error (runtime/servicer.py _deserializer)
         largest = max([DEFAULT_REQUEST_LIMIT, *spec.request_limits.values()])
         server = grpc.aio.server(
-            interceptors=[self.metrics.interceptor()],
+            interceptors=[self.metrics.interceptor(), *self.interceptors],
             options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", largest)],
         )
         handler = build_handler(
