@@ -116,9 +116,22 @@ class SessionPool:
 
     async def exchange(self, request: Any) -> Any:
         """One session request, its reply (an in-band error raised as the unary call would)."""
-        stream = await self._acquire()
+        for _ in range(self.size + 1):
+            stream = await self._acquire()
+            try:
+                await stream.write(request)
+            except asyncio.InvalidStateError:
+                # grpc.aio's answer to a write on a stream that ended while it sat idle (rmp
+                # closed it between two calls): nothing was sent, so a fresh stream takes it
+                await self._discard(stream)
+                continue
+            except grpc.aio.AioRpcError as e:
+                await self._discard(stream)
+                raise Unavailable(f"rmp session lost: {e.details()}") from None
+            break
+        else:
+            raise Unavailable("rmp session lost: every stream had ended")
         try:
-            await stream.write(request)
             reply = await stream.read()
         except grpc.aio.AioRpcError as e:
             await self._discard(stream)
