@@ -95,6 +95,11 @@ class GrpcRmp:
         )
         return list(r.changed)
 
+    def _forget_session(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+        self._session = None
+
     async def _session_call(self, op: pb.FirmwareSessionRequest) -> pb.FirmwareSessionResponse:
         """One access on the FirmwareSession stream (opened on first use, reopened if lost)."""
         async with self._session_lock:
@@ -103,8 +108,27 @@ class GrpcRmp:
                     self._session = self._stub.FirmwareSession(metadata=self.md)
                 try:
                     await self._session.write(op)
-                    reply = await self._session.read()
+                except asyncio.InvalidStateError:
+                    # grpc.aio's answer to a write on a stream that has ended (rmp went away
+                    # since the last command): nothing was sent, a new stream takes it
+                    self._session = None
+                    continue
                 except grpc.aio.AioRpcError as e:
+                    self._session = None
+                    if attempt == 2:
+                        raise Unavailable(f"rmp is unreachable: {e.details()}") from None
+                    continue
+                except BaseException:
+                    self._forget_session()  # a cancelled command: half an exchange
+                    raise
+                try:
+                    reply = await self._session.read()
+                except BaseException as e:
+                    if not isinstance(e, grpc.aio.AioRpcError):
+                        # cancelled while rmp answers: its reply must never reach the next
+                        # command on this stream
+                        self._forget_session()
+                        raise
                     self._session = None
                     if attempt == 2:
                         raise Unavailable(f"rmp is unreachable: {e.details()}") from None

@@ -113,6 +113,7 @@ class SessionPool:
         self.size = size
         self.opened = 0
         self.free = asyncio.Condition()
+        self._wakers: set[asyncio.Future[None]] = set()
 
     async def exchange(self, request: Any) -> Any:
         """One session request, its reply (an in-band error raised as the unary call would)."""
@@ -121,23 +122,31 @@ class SessionPool:
             try:
                 await stream.write(request)
             except asyncio.InvalidStateError:
-                # grpc.aio's answer to a write on a stream that ended while it sat idle (rmp
-                # closed it between two calls): nothing was sent, so a fresh stream takes it
-                await self._discard(stream)
+                # grpc.aio's answer to a write on a stream that has ended (rmp went away while
+                # it sat idle): nothing was sent, so a fresh stream takes it
+                self._drop(stream)
                 continue
             except grpc.aio.AioRpcError as e:
-                await self._discard(stream)
+                self._drop(stream)
                 raise Unavailable(f"rmp session lost: {e.details()}") from None
+            except BaseException:
+                self._drop(stream)  # a cancelled caller: the stream holds half an exchange
+                raise
             break
         else:
             raise Unavailable("rmp session lost: every stream had ended")
         try:
             reply = await stream.read()
         except grpc.aio.AioRpcError as e:
-            await self._discard(stream)
+            self._drop(stream)
             raise Unavailable(f"rmp session lost: {e.details()}") from None
+        except BaseException:
+            # cancelled while rmp answers (the caller's own call was cancelled): the reply
+            # must never reach the next op on this stream, so the stream goes
+            self._drop(stream)
+            raise
         if reply is grpc.aio.EOF:
-            await self._discard(stream)
+            self._drop(stream)
             raise Unavailable("rmp closed the session")
         await self._release(stream)
         if reply.WhichOneof("result") == "error":
@@ -161,10 +170,17 @@ class SessionPool:
             self.idle.append(stream)
             self.free.notify()
 
-    async def _discard(self, stream: Any) -> None:
+    def _drop(self, stream: Any) -> None:
+        """The stream cancelled and its slot given back; synchronous, so that a cancelled
+        caller's cleanup cannot itself be cut short."""
         stream.cancel()
+        self.opened -= 1
+        waker = asyncio.ensure_future(self._wake())
+        self._wakers.add(waker)
+        waker.add_done_callback(self._wakers.discard)
+
+    async def _wake(self) -> None:
         async with self.free:
-            self.opened -= 1
             self.free.notify()
 
     async def close(self) -> None:
