@@ -44,7 +44,6 @@ STREAM_FIRST_S = 2.0  # a server stream that has said nothing by then is taken a
 MAC_A = "02:00:00:00:00:a1"
 RX = netd_pb2.Ring(ring_gpa=0x200000, buffers_gpa=0x201000, entries=8, buffer_size=2048)
 TX = netd_pb2.Ring(ring_gpa=0x210000, buffers_gpa=0x211000, entries=8, buffer_size=2048)
-LIST_MAX = 4096
 # the credentials a fuzzed call carries: the host's most often, none, a wrong one, a VMM's
 METADATA: tuple[tuple[tuple[str, str], ...], ...] = (
     HOST,
@@ -294,15 +293,7 @@ class FuzzHost:
     async def _snapshot(self) -> dict[str, Any]:
         s = self.stack
         info = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
-        entries: list[bytes] = []
-        for first in range(0, int(info.max_pfn) + 1, LIST_MAX):
-            r = await s.rmp.ListRmpEntries(
-                rmp_pb2.ListRmpEntriesRequest(
-                    first_pfn=first, count=LIST_MAX, non_default_only=True
-                ),
-                metadata=HOST,
-            )
-            entries += [e.SerializeToString() for e in r.entries]
+        entries = await s.rmp_entries()
         maps = await s.rmp.ListHostMaps(rmp_pb2.ListHostMapsRequest(), metadata=HOST)
         leaked = await s.rmp.ListLeakedPages(rmp_pb2.ListLeakedPagesRequest(), metadata=HOST)
         policy = await s.rmp.GetViolationPolicy(rmp_pb2.GetViolationPolicyRequest(), metadata=HOST)

@@ -46,20 +46,13 @@ CLEAR = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-LIST_MAX = 4096
 MEMORY = 16 << 20
 
 
 async def snapshot(s: Stack) -> dict[str, Any]:
     """What a VM can leave behind, host-wide, as the services report it."""
     info = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
-    entries: list[bytes] = []
-    for first in range(0, int(info.max_pfn) + 1, LIST_MAX):
-        r = await s.rmp.ListRmpEntries(
-            rmp_pb2.ListRmpEntriesRequest(first_pfn=first, count=LIST_MAX, non_default_only=True),
-            metadata=HOST,
-        )
-        entries += [e.SerializeToString() for e in r.entries]
+    entries = await s.rmp_entries()
     maps = await s.rmp.ListHostMaps(rmp_pb2.ListHostMapsRequest(), metadata=HOST)
     sev = await s.psp.SevPlatformStatus(psp_pb2.SevPlatformStatusRequest(), metadata=HOST)
     vms = await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)

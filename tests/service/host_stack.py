@@ -34,6 +34,7 @@ CRED = "stack-credential-0123456789"
 # the VMM credential of the default agent name (each agent gets its own: agent() below)
 VMM = vmm_credential(CRED, "guest-t")
 HOST = (("x-snpemu-host-credential", CRED),)
+LIST_MAX = 4096  # ListRmpEntries answers at most this many entries a call
 GHCB_GPA = 0x100000  # Guest.register_ghcb's default: a page the tiny firmware leaves shared
 
 
@@ -45,6 +46,20 @@ class Stack:
     netd: netd_pb2_grpc.NetdServiceStub
     runtimes: dict[str, ServiceRuntime]
     firmware: Path
+
+    async def rmp_entries(self) -> list[bytes]:
+        """Every RMP entry that is not the hypervisor default, serialized, in PFN order."""
+        info = await self.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
+        entries: list[bytes] = []
+        for first in range(0, int(info.max_pfn) + 1, LIST_MAX):
+            r = await self.rmp.ListRmpEntries(
+                rmp_pb2.ListRmpEntriesRequest(
+                    first_pfn=first, count=LIST_MAX, non_default_only=True
+                ),
+                metadata=HOST,
+            )
+            entries += [e.SerializeToString() for e in r.entries]
+        return entries
 
     async def launch(self, memory: int = 64 << 20, vcpus: int = 1, **config: object) -> Guest:
         config.setdefault("firmware_path", str(self.firmware))

@@ -211,19 +211,6 @@ async def test_every_field_is_checked_before_the_guest_acts(tmp_path: Path) -> N
         assert [d.device.id for d in listed.devices] == [dev]
 
 
-async def rmp_entries(s: Stack) -> list[bytes]:
-    """Every RMP entry that is not the hypervisor default, as bytes."""
-    info = await s.rmp.GetPlatformInfo(rmp_pb2.GetPlatformInfoRequest(), metadata=HOST)
-    entries: list[bytes] = []
-    for first in range(0, int(info.max_pfn) + 1, 4096):
-        r = await s.rmp.ListRmpEntries(
-            rmp_pb2.ListRmpEntriesRequest(first_pfn=first, count=4096, non_default_only=True),
-            metadata=HOST,
-        )
-        entries += [e.SerializeToString() for e in r.entries]
-    return entries
-
-
 @pytest.mark.rpc("snp.guest.v1.GuestService/AttachNetDevice", "ok", "error")
 @pytest.mark.rpc("snp.guest.v1.GuestService/SkipDmaConversion", "error")
 async def test_an_attach_netd_refuses_leaves_the_window_and_the_old_device(tmp_path: Path) -> None:
@@ -240,7 +227,7 @@ async def test_an_attach_netd_refuses_leaves_the_window_and_the_old_device(tmp_p
 
         async def memory() -> tuple[object, ...]:
             st = await status(g1)
-            rmp = await rmp_entries(s)
+            rmp = await s.rmp_entries()
             return st.accepted_bytes, rmp, bytes(kernel.unaccepted), bytes(kernel.accepted)
 
         async def macs() -> list[str]:
