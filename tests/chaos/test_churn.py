@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2
 from snp.psp.v1 import psp_pb2
 from snp.rmp.v1 import rmp_pb2
@@ -66,16 +67,12 @@ async def snapshot(s: Stack) -> dict[str, Any]:
     }
 
 
-async def launch(s: Stack) -> kvm_pb2.VmHandle | None:
-    """CreateVm then LaunchVm; the VM if CreateVm made one. Raises what the caller is told."""
+async def launch(s: Stack, made: list[handles_pb2.VmHandle]) -> None:
+    """CreateVm then LaunchVm, the VM CreateVm made added to `made`. Raises what the caller
+    is told."""
     cfg = kvm_pb2.VmConfig(memory_bytes=MEMORY, vcpus=2, firmware_path=str(s.firmware))
-    vm = (await s.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=HOST)).vm
-    try:
-        await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=vm), metadata=HOST)
-    except grpc.aio.AioRpcError as e:
-        e.vm = vm  # type: ignore[attr-defined]
-        raise
-    return vm
+    made.append((await s.kvm.CreateVm(kvm_pb2.CreateVmRequest(config=cfg), metadata=HOST)).vm)
+    await s.kvm.LaunchVm(kvm_pb2.LaunchVmRequest(vm=made[-1]), metadata=HOST)
 
 
 def steps_of(trace: list[Step]) -> list[Step]:
@@ -100,10 +97,10 @@ async def test_a_failure_at_any_launch_step_leaves_nothing_behind(tmp_path: Path
     ) as s:
         baseline = await snapshot(s)
         faults.record()
-        vm = await launch(s)
+        made: list[handles_pb2.VmHandle] = []
+        await launch(s, made)
         steps = steps_of(faults.disarm())
-        assert vm is not None
-        await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=HOST)
+        await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.pop()), metadata=HOST)
         assert await snapshot(s) == baseline
         # the calls a launch makes to its peers, in order: enough of them to mean something
         methods = {(svc, m) for svc, m, _ in steps}
@@ -115,29 +112,27 @@ async def test_a_failure_at_any_launch_step_leaves_nothing_behind(tmp_path: Path
         answered: collections.Counter[str] = collections.Counter()
         for i in range(cycles):
             step = steps[i % len(steps)]
-            # every code in the short form; every (step, code) pair within 3 x steps cycles
-            code = FAULT_CODES[(i + i // len(steps)) % len(FAULT_CODES)]
+            # every code in the short form; each round of the steps shifts the codes by one,
+            # so 3 rounds try every (step, code) pair
+            code = FAULT_CODES[(i % len(steps) + i // len(steps)) % len(FAULT_CODES)]
             faults.arm(step, code)
-            made: kvm_pb2.VmHandle | None = None
             try:
-                made = await launch(s)
+                await launch(s, made)
                 answered["OK"] += 1
             except grpc.aio.AioRpcError as e:
-                made = getattr(e, "vm", None)
                 answered[e.code().name] += 1
                 assert e.code() in CLEAR, (step, code, e.code(), e.details())
                 assert error_info(e) is not None, (step, e.details())
             finally:
                 faults.disarm()
             assert faults.injected[-1:] == [step], f"{step} was never called"
-            if made is not None:
-                await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made), metadata=HOST)
+            while made:  # what CreateVm made, launched or not
+                await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.pop()), metadata=HOST)
             assert await snapshot(s) == baseline, (step, code)
 
         # and the host still launches
-        vm = await launch(s)
-        assert vm is not None
-        await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=vm), metadata=HOST)
+        await launch(s, made)
+        await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=made.pop()), metadata=HOST)
         assert await snapshot(s) == baseline
         if figures := os.environ.get("SNPEMU_CHURN_FIGURES"):
             with open(figures, "a") as f:

@@ -46,7 +46,7 @@ class Tally:
         key = f"{kind} {e.code().name}"  # type: ignore[attr-defined]
         with self.lock:
             self.errors[key] += 1
-            self.first.setdefault(key, e.details()[:300])  # type: ignore[attr-defined]
+            self.first.setdefault(key, (e.details() or "")[:300])  # type: ignore[attr-defined]
 
     def bad(self, what: str) -> None:
         with self.lock:

@@ -186,6 +186,7 @@ async def host_stack(
     """`kvm_clock`: kvm's clock (its guest-request throttles), for a test that moves it;
     `interceptors`: extra server interceptors by service ("rmp", "psp", ...), for faults."""
     extra = interceptors or {}
+    assert set(extra) <= {"rmp", "psp", "kvm", "netd"}, f"no such host service: {sorted(extra)}"
     common = {
         "SNPEMU_GRPC_PORT": "0",
         "SNPEMU_METRICS_PORT": "0",

@@ -57,6 +57,16 @@ async def test_an_ended_idle_stream_is_dropped_and_the_request_goes_on_a_fresh_o
     assert second.sent == 1 and pool.idle == [second] and pool.opened == 1
 
 
+async def test_a_stream_that_ended_while_idle_is_dropped_for_a_fresh_one() -> None:
+    pool = Pool(ended=0)
+    assert await pool.exchange(object()) is REPLY
+    (used,) = pool.idle
+    used.ended = True  # rmp closed it while it sat in the pool
+    assert await pool.exchange(object()) is REPLY
+    assert used.cancelled and len(pool.made) == 2 and pool.idle == [pool.made[1]]
+    assert pool.opened == 1
+
+
 async def test_a_pool_whose_every_stream_ended_is_unavailable() -> None:
     pool = Pool(ended=100)
     with pytest.raises(Unavailable, match="session lost"):

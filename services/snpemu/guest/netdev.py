@@ -139,6 +139,7 @@ class NetDevice:
         # why sends are refused until the device is registered again ("" while it is there)
         self.gone = ""
         self.closed = False
+        self.skip_rx_conversion = False  # attached as the buggy driver (SkipDmaConversion)
 
     @property
     def device_id(self) -> str:
@@ -150,13 +151,15 @@ class NetDevice:
         k, lay = self.k, self.layout
         if lay.end > k.opts.memory_bytes:
             raise InvalidArgument("guest RAM is too small for the device window")
+        self.skip_rx_conversion = skip_rx_conversion
         before = k.page_states(WINDOW_GPA, lay.end - WINDOW_GPA)
         try:
             await self._convert_window(skip_rx_conversion)
             await self._register()
-        except SnpemuError:
-            # netd refused (a MAC in use, no room): the window as it was, as a failed probe
-            # frees its DMA buffers; a guest that cannot convert is terminated by then
+        except BaseException:
+            # netd refused (a MAC in use, no room), or the call was cancelled: the window as
+            # it was, as a failed probe frees its DMA buffers; a guest that cannot convert is
+            # terminated by then
             if k.state == BootState.RUNNING:
                 await k.restore_pages(WINDOW_GPA, before)
             raise

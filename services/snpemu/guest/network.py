@@ -8,6 +8,7 @@ shows what happened. The lab drives these across every violation policy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from snpemu.abi import guest_message as gm
@@ -33,6 +34,7 @@ class Network:
     def __init__(self, kernel: GuestKernel, driver: Driver, netd: Netd) -> None:
         self.k, self.driver, self.netd = kernel, driver, netd
         self.dev: NetDevice | None = None
+        self.lock = asyncio.Lock()
 
     def device(self) -> NetDevice:
         if self.dev is None:
@@ -50,26 +52,32 @@ class Network:
             raise InvalidArgument("ring_entries is a power of two up to 64")
         mac = mac or _mac_for(self.k.name)
         check_mac("mac", mac)  # before the old device goes or any page is converted
-        old = self.dev
-        await self.detach()  # first, as a driver reload does
-        dev = NetDevice(self.k, self.netd, mac, entries)
-        try:
-            await dev.attach(skip_rx_conversion=skip)
-        except SnpemuError:
-            await dev.close()
-            if old is not None and self.k.state == BootState.RUNNING:
-                # the reload failed: the driver that was there comes back (its MAC was its own)
-                again = NetDevice(self.k, self.netd, old.mac, old.layout.entries)
-                with contextlib.suppress(SnpemuError):
-                    await again.attach(skip_rx_conversion=bool(old.private_rx))
-                    self.dev = again
-            raise
-        self.dev = dev
-        return dev
+        async with self.lock:  # one reload at a time: each may have to put the last back
+            old = self.dev
+            await self._detach()  # first, as a driver reload does
+            dev = NetDevice(self.k, self.netd, mac, entries)
+            try:
+                await dev.attach(skip_rx_conversion=skip)
+            except BaseException:
+                await dev.close()
+                if old is not None and self.k.state == BootState.RUNNING:
+                    # the reload failed: the driver that was there comes back (its MAC was its
+                    # own)
+                    again = NetDevice(self.k, self.netd, old.mac, old.layout.entries)
+                    with contextlib.suppress(SnpemuError):
+                        await again.attach(skip_rx_conversion=old.skip_rx_conversion)
+                        self.dev = again
+                raise
+            self.dev = dev
+            return dev
 
     async def detach(self) -> None:
         """Drop the device, as a driver unload does: its hold ends and netd forgets it (asked
         with the device's token, which only this driver holds)."""
+        async with self.lock:
+            await self._detach()
+
+    async def _detach(self) -> None:
         old, self.dev = self.dev, None
         if old is None:
             return

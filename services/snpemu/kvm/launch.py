@@ -137,15 +137,10 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     # memory is filled, so a policy the firmware refuses costs nothing else.
     await launch_start(kvm, vm, policy_of(cfg))
     fw_pfns = await rmp.allocate(pages(len(ovmf.data)), Placement.ANY)
+    # in the memslots first: if the mapping fails, or its answer is lost, DestroyVm still
+    # unmaps whatever rmp mapped and frees the frames (teardown.py unmap_all)
     runs = vm.memslots.add(ovmf.gpa, fw_pfns)
-    try:
-        await rmp.update_npt(vm.vm_id, vm.asid, map=runs)
-    except BaseException:
-        # not mapped: DestroyVm unmaps every memslot, and rmp refuses to unmap what it never
-        # mapped (the teardown would stop there, and the VM with it)
-        vm.memslots.remove(runs)
-        await rmp.free(fw_pfns)
-        raise
+    await rmp.update_npt(vm.vm_id, vm.asid, map=runs)
     plan = launch_plan.plan(
         ovmf,
         vcpus=len(vm.vcpus),

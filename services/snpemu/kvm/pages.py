@@ -92,8 +92,8 @@ async def all_shared(rmp: RmpPort, pfns: Iterable[Pfn], psp: PspPort | None = No
     if psp is not None:
         for p, e in sorted(entries.items()):
             if e.state == PageState.PRE_GUEST:
-                # refused: its RMPUPDATE below fails, and the page is leaked (counted)
-                with contextlib.suppress(PeerError):
+                # refused, or psp gone: its RMPUPDATE below fails, and it is leaked (counted)
+                with contextlib.suppress(PeerError, Unavailable):
                     await psp.page_reclaim(pfn_to_spa(p), size_2m=e.size_2m)
     assigned = sorted(entries)
     heads = {Pfn(p - p % PAGES_PER_2M) for p, e in entries.items() if e.size_2m}

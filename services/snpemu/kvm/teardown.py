@@ -7,6 +7,7 @@ kvm/firmware_watch.py): its destroy only frees the ASID and forgets it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from typing import TYPE_CHECKING
@@ -51,6 +52,17 @@ async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
     return leaked
 
 
+async def unmap_all(kvm: Kvm, vm: Vm) -> None:
+    """Every memslot out of the NPT. A run rmp never mapped (a launch whose mapping of it
+    failed) is refused, and does not stop the others: each is then unmapped on its own."""
+    try:
+        await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=vm.memslots.runs)
+    except PeerError:
+        for run in vm.memslots.runs:
+            with contextlib.suppress(PeerError):
+                await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=[run])
+
+
 async def release(kvm: Kvm, vm: Vm) -> int:
     """Everything of destroy_vm() but the ASID and the VM itself: its pages back to the host
     (or leaked), its identities revoked, the flush. Returns the pages leaked."""
@@ -73,7 +85,7 @@ async def release(kvm: Kvm, vm: Vm) -> int:
     failed_set = set(failed)
     free = [p for p in pfns if p not in failed_set]
     free += [spa_to_pfn(s) for s in firmware_pages if spa_to_pfn(s) not in leaked]
-    await rmp.update_npt(vm.vm_id, vm.asid, unmap=vm.memslots.runs)
+    await unmap_all(kvm, vm)
     for vcpu_id in vm.vcpus:
         await rmp.revoke_identity(kvm.identity(vm, vcpu_id))
     if leaked:

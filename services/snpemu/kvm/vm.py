@@ -61,13 +61,6 @@ class Memslots:
         self._index()
         return added
 
-    def remove(self, runs: Sequence[Run]) -> None:
-        """Forget runs add() returned."""
-        gone = set(runs)
-        self.runs = [r for r in self.runs if r not in gone]
-        self._starts = [r.gpa for r in self.runs]
-        self._index()
-
     def _index(self) -> None:
         self._arrays = (
             np.array(self._starts, dtype=np.int64),
