@@ -80,7 +80,8 @@ async def release(kvm: Kvm, vm: Vm) -> int:
     pfns = vm.memslots.pfns() + [spa_to_pfn(s) for s in vm.vmsa_pages]
     if vm.bounce_req:
         pfns.append(spa_to_pfn(vm.bounce_req))
-    failed = await all_shared(rmp, pfns, kvm.psp)  # decommissioned: pre-guest pages reclaim
+    # decommissioned: its pre-guest pages can be reclaimed now
+    failed = await all_shared(rmp, pfns, kvm.psp)
     leaked += failed
     failed_set = set(failed)
     free = [p for p in pfns if p not in failed_set]
