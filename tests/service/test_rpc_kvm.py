@@ -6,7 +6,6 @@ import grpc
 import pytest
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
-from snpemu.runtime.status import error_info
 
 from tests.service.host_stack import HOST, Stack
 from tests.service.test_rpc_netd import refused
@@ -143,57 +142,3 @@ async def test_vm_control(stack: Stack) -> None:
     )
     vms = (await stack.kvm.ListVms(pb.ListVmsRequest(), metadata=HOST)).vms
     assert [v.vm.id for v in vms] == [one.vm.id]
-
-
-@pytest.mark.rpc("snp.kvm.v1.KvmService/CreateVcpu", "unbuilt")
-@pytest.mark.rpc("snp.kvm.v1.KvmService/SetMemoryRegion", "unbuilt")
-@pytest.mark.rpc("snp.kvm.v1.KvmService/SetMemoryAttributes", "unbuilt")
-@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchStart", "unbuilt")
-@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchUpdate", "unbuilt")
-@pytest.mark.rpc("snp.kvm.v1.KvmService/SnpLaunchFinish", "unbuilt")
-async def test_step_by_step_launch_rpcs_are_not_built(stack: Stack) -> None:
-    """LaunchVm does the launch in one call; the ioctl-by-ioctl RPCs answer UNIMPLEMENTED with
-    NOT_BUILT and the method's name, not some other error."""
-
-    vm = (
-        await stack.kvm.CreateVm(
-            pb.CreateVmRequest(
-                config=pb.VmConfig(
-                    memory_bytes=64 << 20, vcpus=1, firmware_path=str(stack.firmware)
-                )
-            ),
-            metadata=HOST,
-        )
-    ).vm
-    calls = {
-        "CreateVcpu": stack.kvm.CreateVcpu(pb.CreateVcpuRequest(vm=vm), metadata=HOST),
-        "SetMemoryRegion": stack.kvm.SetMemoryRegion(
-            pb.SetMemoryRegionRequest(vm=vm, memory_size=1 << 20), metadata=HOST
-        ),
-        "SetMemoryAttributes": stack.kvm.SetMemoryAttributes(
-            pb.SetMemoryAttributesRequest(vm=vm, size=4096, private=True), metadata=HOST
-        ),
-        "SnpLaunchStart": stack.kvm.SnpLaunchStart(
-            pb.SnpLaunchStartRequest(vm=vm, policy=0x30000), metadata=HOST
-        ),
-        "SnpLaunchUpdate": stack.kvm.SnpLaunchUpdate(
-            pb.SnpLaunchUpdateRequest(vm=vm, data=bytes(4096), type=1), metadata=HOST
-        ),
-        "SnpLaunchFinish": stack.kvm.SnpLaunchFinish(
-            pb.SnpLaunchFinishRequest(vm=vm), metadata=HOST
-        ),
-    }
-    for name, call in calls.items():
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
-        detail = error_info(info.value)
-        assert detail is not None
-        assert (detail.reason, dict(detail.metadata)) == (
-            "NOT_BUILT",
-            {"method": KVM + name},
-        )
-    # and the VM they named is untouched: still CREATED, launchable
-    got = (await stack.kvm.GetVm(pb.GetVmRequest(vm=vm), metadata=HOST)).vm
-    assert got.state == pb.VM_STATE_CREATED
-    await stack.kvm.LaunchVm(pb.LaunchVmRequest(vm=vm), metadata=HOST)

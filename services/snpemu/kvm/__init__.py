@@ -120,11 +120,26 @@ SPEC: ServiceSpec[_Kvm] = ServiceSpec(
     host_only=lambda name: name not in GUEST_RPCS,
     # what QEMU asks of KVM for its own VM; the guest agent plays QEMU for its VM
     vmm_rpcs=frozenset(
-        {"CreateVm", "LaunchVm", "GetVm", "DestroyVm", "HoldVm", "SetGuestRequestThrottle"}
+        {
+            "CreateVm",
+            "LaunchVm",
+            "GetVm",
+            "DestroyVm",
+            "HoldVm",
+            "SetGuestRequestThrottle",
+            "SnpInit2",
+            "CreateGuestMemfd",
+            "SetMemoryRegion",
+            "SetMemoryAttributes",
+            "SnpLaunchStart",
+            "SnpLaunchUpdate",
+            "SnpLaunchFinish",
+            "CreateVcpu",
+        }
     ),
     # its VMs live in the host's memory, gone with a host reboot
     follows_host=True,
     # a VM's firmware and kernel may come as bytes (kvm/images.py); larger images go by path
     # from the image directory
-    request_limits={"CreateVm": 32 * 1024 * 1024},
+    request_limits={"CreateVm": 32 * 1024 * 1024, "SnpLaunchUpdate": 32 * 1024 * 1024},
 )

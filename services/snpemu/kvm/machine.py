@@ -2,7 +2,9 @@
 
 `Kvm` holds the host's state (ASIDs, VMs, the certificate table, counters, tracepoints); what
 it does is in the modules named for it: bringup.py (SNP_INIT and the legacy init at load),
-launch.py (KVM_CREATE_VM and QEMU's launch), teardown.py (sev_vm_destroy()), policy.py (the
+create.py (KVM_CREATE_VM), snp_cmds.py (the SEV commands and KVM_CREATE_VCPU),
+memory_ioctls.py (guest_memfd, memslots, memory attributes), launch.py (QEMU's launch over
+them), teardown.py (sev_vm_destroy()), policy.py (the
 checks of a VM's configuration). It reaches rmp and psp only through the ports of ports.py.
 Exit handling is in the exits/ package.
 """
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 from snpemu.abi.addr import Pfn
 from snpemu.abi.asid import MAX_SNP_ASID, MIN_SNP_ASID
 from snpemu.errors import NotFound, WrongState
-from snpemu.kvm import bringup, launch, teardown
+from snpemu.kvm import bringup, create, launch, teardown
 from snpemu.kvm.config import VmConfig
+from snpemu.kvm.gmem import GuestMemfds
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.images import ImageStore
 from snpemu.kvm.policy import SVM_SEV_FEAT_DEBUG_SWAP
@@ -67,6 +70,7 @@ class Kvm:
         self.default_firmware = firmware
         self.default_throttle = (throttle_ms, throttle_burst)
         self.vms: dict[str, Vm] = {}
+        self.gmems = GuestMemfds()
         self.free_asids = list(range(MIN_SNP_ASID, MAX_SNP_ASID + 1))
         self.trace = TraceHub()
         self.counters = Counters()
@@ -100,8 +104,8 @@ class Kvm:
     async def bring_up(self) -> None:
         await bringup.bring_up(self)
 
-    async def create_vm(self, config: VmConfig) -> Vm:
-        return await launch.create_vm(self, config)
+    async def create_vm(self, config: VmConfig, owner: str = "") -> Vm:
+        return await create.create_vm(self, config, owner)
 
     async def launch_vm(self, vm: Vm) -> bytes:
         return await launch.launch_vm(self, vm)

@@ -66,9 +66,10 @@ class GrpcPsp:
     async def gctx_create(self, gctx: Spa) -> None:
         await self.peer.invoke(self.stub.GctxCreate, pb.GctxCreateRequest(gctx_paddr=gctx))
 
-    async def launch_start(self, gctx: Spa, policy: int) -> None:
+    async def launch_start(self, gctx: Spa, policy: int, gosvw: bytes = bytes(16)) -> None:
         await self.peer.invoke(
-            self.stub.LaunchStart, pb.LaunchStartRequest(gctx=_gctx(gctx), policy=policy)
+            self.stub.LaunchStart,
+            pb.LaunchStartRequest(gctx=_gctx(gctx), policy=policy, gosvw=gosvw),
         )
 
     async def activate(self, gctx: Spa, asid: int) -> None:

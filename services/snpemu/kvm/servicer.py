@@ -10,13 +10,17 @@ from typing import Any
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2 as pb
 
-from snpemu.abi.addr import page_bytes, pfn_to_spa
+from snpemu.abi.addr import PAGE_SIZE, page_bytes, pfn_to_spa
 from snpemu.abi.asid import MAX_SNP_ASID
 from snpemu.abi.msr_protocol import HV_FEATURES
+from snpemu.abi.page_type import PageType
+from snpemu.errors import InvalidArgument
+from snpemu.kvm import create, memory_ioctls, snp_cmds
 from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.throttle import Throttle, check_throttle
+from snpemu.kvm.uapi import KVM_X86_SNP_VM, Errno, refuse
 from snpemu.kvm.vm import Vm
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
 from snpemu.runtime.caller import Role, current_caller
@@ -35,7 +39,26 @@ def vm_info(vm: Vm) -> pb.VmInfo:
         term_reason_set=vm.term_reason[0],
         term_reason_code=vm.term_reason[1],
         sev_status=sev_status(vm),
+        vm_type=vm.vm_type,
+        memslots=[
+            pb.Memslot(
+                slot=m.slot,
+                flags=m.flags,
+                guest_phys_addr=m.gpa,
+                memory_size=m.size,
+                userspace_addr=m.userspace_addr,
+                guest_memfd=m.gmem_fd,
+                guest_memfd_offset=m.gmem_offset,
+            )
+            for m in sorted(vm.slots.values(), key=lambda m: m.slot)
+        ],
     )
+
+
+def check_u16(name: str, value: int) -> None:
+    """A __u16 of the uapi struct, carried in a proto uint32."""
+    if value > 0xFFFF:
+        raise refuse(InvalidArgument, Errno.EINVAL, f"{name} {value:#x} does not fit its __u16")
 
 
 class KvmServicer:
@@ -60,18 +83,26 @@ class KvmServicer:
             max_sev_asid=MAX_SNP_ASID + 1,
             firmware_api_major=k.api[0],
             firmware_api_minor=k.api[1],
-            supported_vm_types=[4] if k.snp_enabled else [],
+            supported_vm_types=[KVM_X86_SNP_VM] if k.snp_enabled else [],
             hv_features=HV_FEATURES,
             cbit_position=CBIT,
         )
 
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
-        t = request.config.throttle
-        check_throttle(t.interval_ms, t.burst)
-        vm = await self.kvm.create_vm(config_from_pb(request.config))
+        vm_type = request.vm_type if request.HasField("vm_type") else KVM_X86_SNP_VM
         caller = current_caller()
         # a VM the host made is the host's to hand on (with its token) to any VMM
-        vm.owner = caller.name if caller.role is Role.VMM else ""
+        owner = caller.name if caller.role is Role.VMM else ""
+        if request.HasField("config"):
+            t = request.config.throttle
+            check_throttle(t.interval_ms, t.burst)
+            if vm_type != KVM_X86_SNP_VM:
+                create.new_vm(self.kvm, vm_type)  # refuses it
+            vm = await self.kvm.create_vm(config_from_pb(request.config), owner)
+        else:
+            vm = create.new_vm(self.kvm, vm_type)
+            self.kvm.vms[vm.vm_id] = vm
+        vm.owner = owner
         # the only answer that carries the token: the VM fd goes to its creator alone
         return pb.CreateVmResponse(
             vm=handles_pb2.VmHandle(id=vm.vm_id, token=vm.token), asid=vm.asid
@@ -79,11 +110,118 @@ class KvmServicer:
 
     async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
         vm = self._vm(request.vm)
-        measurement = await self.kvm.launch_vm(vm)
+        async with vm.lock:
+            measurement = await self.kvm.launch_vm(vm)
         return pb.LaunchVmResponse(
             measurement=measurement,
             vcpus=[identity_to_pb(self.kvm.identity(vm, i)) for i in sorted(vm.vcpus)],
         )
+
+    async def SnpInit2(self, request: Any, context: Any) -> pb.SnpInit2Response:
+        vm = self._vm(request.vm)
+        check_u16("ghcb_version", request.ghcb_version)
+        async with vm.lock:
+            await snp_cmds.init2(
+                self.kvm, vm, request.vmsa_features, request.flags, request.ghcb_version
+            )
+        return pb.SnpInit2Response(asid=vm.asid)
+
+    async def CreateGuestMemfd(self, request: Any, context: Any) -> pb.CreateGuestMemfdResponse:
+        vm = self._vm(request.vm)
+        async with vm.lock:
+            g = await memory_ioctls.create_guest_memfd(
+                self.kvm, vm, request.size, request.flags, current_caller().name
+            )
+        return pb.CreateGuestMemfdResponse(fd=g.fd)
+
+    async def SetMemoryRegion(self, request: Any, context: Any) -> pb.SetMemoryRegionResponse:
+        vm = self._vm(request.vm)
+        caller = current_caller()
+        async with vm.lock:
+            await memory_ioctls.set_memory_region(
+                self.kvm,
+                vm,
+                slot=request.slot,
+                flags=request.flags,
+                gpa=request.guest_phys_addr,
+                size=request.memory_size,
+                userspace_addr=request.userspace_addr,
+                gmem_fd=request.guest_memfd,
+                gmem_offset=request.guest_memfd_offset,
+                caller=caller.name,
+                is_host=caller.is_host,
+            )
+        return pb.SetMemoryRegionResponse()
+
+    async def SetMemoryAttributes(
+        self, request: Any, context: Any
+    ) -> pb.SetMemoryAttributesResponse:
+        vm = self._vm(request.vm)
+        async with vm.lock:
+            memory_ioctls.set_memory_attributes(
+                vm, request.address, request.size, request.attributes, request.flags
+            )
+        return pb.SetMemoryAttributesResponse()
+
+    async def SnpLaunchStart(self, request: Any, context: Any) -> pb.SnpLaunchStartResponse:
+        vm = self._vm(request.vm)
+        check_u16("flags", request.flags)
+        async with vm.lock:
+            await snp_cmds.launch_start(
+                self.kvm, vm, request.policy, bytes(request.gosvw), request.flags
+            )
+        return pb.SnpLaunchStartResponse()
+
+    async def SnpLaunchUpdate(self, request: Any, context: Any) -> pb.SnpLaunchUpdateResponse:
+        vm = self._vm(request.vm)
+        check_u16("flags", request.flags)
+        if request.type > 0xFF:
+            raise refuse(InvalidArgument, Errno.EINVAL, f"type {request.type} is a __u8")
+        async with vm.lock:
+            done = await snp_cmds.launch_update(
+                self.kvm,
+                vm,
+                gfn_start=request.gfn_start,
+                uaddr=request.uaddr,
+                length=request.len,
+                page_type=request.type,
+                flags=request.flags,
+                source=bytes(request.source),
+            )
+        # KERNEL: snp_launch_update() writes the progress back; uaddr stays for ZERO
+        zero = request.type == PageType.ZERO
+        return pb.SnpLaunchUpdateResponse(
+            gfn_start=request.gfn_start + done,
+            uaddr=request.uaddr + (0 if zero else done * PAGE_SIZE),
+            len=request.len - done * PAGE_SIZE,
+        )
+
+    async def SnpLaunchFinish(self, request: Any, context: Any) -> pb.SnpLaunchFinishResponse:
+        vm = self._vm(request.vm)
+        check_u16("flags", request.flags)
+        async with vm.lock:
+            measurement = await snp_cmds.launch_finish(
+                self.kvm,
+                vm,
+                snp_cmds.Finish(
+                    id_block=bytes(request.id_block),
+                    id_auth=bytes(request.id_auth),
+                    id_block_en=request.id_block_en,
+                    auth_key_en=request.auth_key_en,
+                    vcek_disabled=request.vcek_disabled,
+                    host_data=bytes(request.host_data),
+                    flags=request.flags,
+                ),
+            )
+        return pb.SnpLaunchFinishResponse(measurement=measurement)
+
+    async def CreateVcpu(self, request: Any, context: Any) -> pb.CreateVcpuResponse:
+        vm = self._vm(request.vm)
+        async with vm.lock:
+            vcpu = await snp_cmds.create_vcpu(
+                self.kvm, vm, request.vcpu_id, request.reset_eip, int(request.vcpu_type)
+            )
+        return pb.CreateVcpuResponse(identity=identity_to_pb(self.kvm.identity(vm, vcpu.vcpu_id)))
 
     async def GetVm(self, request: Any, context: Any) -> pb.GetVmResponse:
         return pb.GetVmResponse(vm=vm_info(self._vm(request.vm)))
@@ -102,7 +240,9 @@ class KvmServicer:
         )
 
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
-        return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(self._vm(request.vm)))
+        vm = self._vm(request.vm)
+        async with vm.lock:
+            return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(vm))
 
     async def HoldVm(self, request: Any, context: Any) -> AsyncIterator[pb.HoldVmResponse]:
         vm = self._vm(request.vm)

@@ -8,12 +8,14 @@ kvm/firmware_watch.py): its destroy only frees the ASID and forgets it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import Pfn, Spa, spa_to_pfn
 from snpemu.kvm.pages import BATCH_MAX, all_shared, reclaim
+from snpemu.kvm.undo import Undo
 from snpemu.kvm.vm import Vm, VmState
 from snpemu.runtime.peers import PeerError
 
@@ -45,7 +47,8 @@ async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
     after DF_FLUSH. Pages that fail are leaked (never reused); returns how many."""
     leaked = 0 if is_released(vm) else await release(kvm, vm)
     _released.pop(vm.vm_id, None)
-    kvm.free_asids.append(vm.asid)
+    if vm.sev_active:
+        kvm.free_asids.append(vm.asid)
     vm.state = VmState.DESTROYED
     del kvm.vms[vm.vm_id]
     log.info("destroyed %s: %d pages leaked", vm.vm_id, leaked, extra={"event": "vm_destroyed"})
@@ -55,10 +58,13 @@ async def destroy_vm(kvm: Kvm, vm: Vm) -> int:
 async def unmap_all(kvm: Kvm, vm: Vm) -> None:
     """Every memslot out of the NPT. A run rmp never mapped (a launch whose mapping of it
     failed) is refused, and does not stop the others: each is then unmapped on its own."""
+    if not vm.sev_active:
+        return  # no ASID: nothing was mapped
+    runs = vm.memslots.runs + vm.stale_runs
     try:
-        await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=vm.memslots.runs)
+        await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=runs)
     except PeerError:
-        for run in vm.memslots.runs:
+        for run in runs:
             with contextlib.suppress(PeerError):
                 await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=[run])
 
@@ -77,7 +83,7 @@ async def release(kvm: Kvm, vm: Vm) -> int:
     for spa in firmware_pages:
         if not await reclaim(rmp, kvm.psp, spa):
             leaked.append(spa_to_pfn(spa))
-    pfns = vm.memslots.pfns() + [spa_to_pfn(s) for s in vm.vmsa_pages]
+    pfns = gmem_pfns(kvm, vm) + [spa_to_pfn(s) for s in vm.vmsa_pages]
     if vm.bounce_req:
         pfns.append(spa_to_pfn(vm.bounce_req))
     # decommissioned: its pre-guest pages can be reclaimed now
@@ -100,5 +106,43 @@ async def release(kvm: Kvm, vm: Vm) -> int:
     async with kvm.deactivate_lock:
         await rmp.wbinvd()
         await kvm.psp.snp_df_flush()
+    forget_gmems(kvm, vm)
     _released[vm.vm_id] = vm
     return len(leaked)
+
+
+def gmem_pfns(kvm: Kvm, vm: Vm) -> list[Pfn]:
+    """Every frame of the VM's guest_memfds, bound to a memslot or not."""
+    return [p for fd in vm.gmem_fds if (g := kvm.gmems.by_fd.get(fd)) for p in g.pfns]
+
+
+def forget_gmems(kvm: Kvm, vm: Vm) -> None:
+    for fd in vm.gmem_fds:
+        kvm.gmems.remove(fd)
+    vm.gmem_fds.clear()
+
+
+async def discard(kvm: Kvm, vm: Vm) -> None:
+    """A VM CreateVm could not finish, taken apart before anyone saw it: no context, no page
+    private yet. Each step runs even if one before it failed (logged)."""
+    async with Undo() as undo:
+        undo.push("the ASID", lambda: _give_back_asid(kvm, vm))
+        frames = gmem_pfns(kvm, vm)
+        undo.push("guest RAM", lambda: kvm.rmp.free(frames) if frames else _nothing())
+        undo.push("the NPT mappings", lambda: unmap_all(kvm, vm))
+        for vcpu_id in vm.vcpus:
+            ident = kvm.identity(vm, vcpu_id)
+            undo.push(
+                f"vCPU {vcpu_id}'s identity", functools.partial(kvm.rmp.revoke_identity, ident)
+            )
+        await undo.rollback()
+    forget_gmems(kvm, vm)
+
+
+async def _give_back_asid(kvm: Kvm, vm: Vm) -> None:
+    if vm.sev_active:
+        kvm.free_asids.insert(0, vm.asid)
+
+
+async def _nothing() -> None:
+    pass

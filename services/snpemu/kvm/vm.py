@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import enum
 import uuid
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from snpemu.abi.addr import PAGES_PER_2M, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
+from snpemu.kvm.attributes import PrivateRanges
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.handles import new_token
 from snpemu.kvm.throttle import Throttle
+from snpemu.kvm.uapi import GHCB_VERSION_DEFAULT, KVM_X86_SNP_VM
 
 NO_PAGE = Spa(0)  # a page not (yet) taken
 
@@ -61,6 +64,13 @@ class Memslots:
         self._index()
         return added
 
+    def remove(self, runs: Sequence[Run]) -> None:
+        """Take these runs (as add() returned them) out of the translation."""
+        gone = set(runs)
+        self.runs = [r for r in self.runs if r not in gone]
+        self._starts = [r.gpa for r in self.runs]
+        self._index()
+
     def _index(self) -> None:
         self._arrays = (
             np.array(self._starts, dtype=np.int64),
@@ -101,6 +111,24 @@ class Memslots:
         return spa
 
 
+@dataclass(frozen=True)
+class UserMemslot:
+    """A memslot as KVM_SET_USER_MEMORY_REGION2 made it (struct kvm_userspace_memory_region2),
+    and the translation runs it added."""
+
+    slot: int
+    flags: int
+    gpa: int
+    size: int
+    userspace_addr: int
+    gmem_fd: int
+    gmem_offset: int
+    runs: tuple[Run, ...]
+
+    def holds(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+
 @dataclass
 class Vcpu:
     vcpu_id: int
@@ -113,6 +141,10 @@ class Vcpu:
     # and whether a wake-up (AP creation) arrived since; see kvm/exits/ap.py reset_hold()
     reset_hold: int = 0
     hold_woken: bool = False
+    # where it starts (CreateVcpu reset_eip; 0: the reset vector), and its VMSA once
+    # SnpLaunchFinish measured it
+    reset_eip: int = 0
+    vmsa: Spa = NO_PAGE
 
 
 @dataclass
@@ -126,7 +158,21 @@ class Vm:
     token: bytes = field(default_factory=new_token, repr=False)
     owner: str = ""
     state: VmState = VmState.CREATED
+    vm_type: int = KVM_X86_SNP_VM
+    # KVM_SEV_INIT2 done (KERNEL: sev.c sev_snp_guest(): sev->active with SNP)
+    sev_active: bool = False
+    ghcb_version: int = GHCB_VERSION_DEFAULT
+    # the memslots (by slot id), the translation they make, and runs of a deleted or failed
+    # slot that rmp might still map (DestroyVm unmaps them)
+    slots: dict[int, UserMemslot] = field(default_factory=dict)
     memslots: Memslots = field(default_factory=Memslots)
+    stale_runs: list[Run] = field(default_factory=list)
+    # the fds of its guest_memfds (kvm/gmem.py)
+    gmem_fds: list[int] = field(default_factory=list)
+    attributes: PrivateRanges = field(default_factory=PrivateRanges)
+    # the VM ioctls run one at a time (KERNEL: kvm->lock for KVM_MEMORY_ENCRYPT_OP,
+    # kvm->slots_lock for memslots and attributes)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     vcpus: dict[int, Vcpu] = field(default_factory=dict)
     gctx: Spa = NO_PAGE  # the guest context page, once SNP_ACTIVATE succeeded
     vmsa_pages: list[Spa] = field(default_factory=list)
@@ -136,7 +182,7 @@ class Vm:
     # guest-request bounce pages: request (hypervisor page), response (firmware page)
     bounce_req: Spa = NO_PAGE
     bounce_res: Spa = NO_PAGE
-    sev_features: int = 1
+    sev_features: int = 0  # SEV_FEATURES of its VMSAs, SNP_ACTIVE included, from KVM_SEV_INIT2
     # CPUID(1).EAX of its vCPUs, fixed at creation: kvm's CPUID answer and the VMSA's RDX
     cpuid_signature: int = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from snpemu.abi.addr import PAGE_SIZE, page_offset
@@ -87,3 +88,34 @@ def plan(
     ap = vmsa.build(ovmf.reset_eip, vcpu_signature, sev_features) if vcpus > 1 else bsp
     pages += [LaunchPage(VMSA_GPA, PageType.VMSA, bsp if i == 0 else ap) for i in range(vcpus)]
     return pages
+
+
+@dataclass(frozen=True)
+class Update:
+    """One KVM_SEV_SNP_LAUNCH_UPDATE region: consecutive pages of one type."""
+
+    gpa: int
+    page_type: PageType
+    npages: int
+    source: bytes  # empty for ZERO
+
+
+def updates(plan: list[LaunchPage]) -> Iterator[Update]:
+    """The plan's pages but the VMSAs (LAUNCH_FINISH's), as QEMU queues them: consecutive
+    GPAs of one type in one update."""
+    pages = [p for p in plan if p.page_type != PageType.VMSA]
+    runs: list[list[LaunchPage]] = []
+    for p in pages:
+        last = runs[-1][-1] if runs else None
+        if last and last.page_type == p.page_type and last.gpa + PAGE_SIZE == p.gpa:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for run in runs:
+        zero = run[0].page_type == PageType.ZERO
+        yield Update(
+            run[0].gpa,
+            run[0].page_type,
+            len(run),
+            b"" if zero else b"".join(p.data or bytes(PAGE_SIZE) for p in run),
+        )

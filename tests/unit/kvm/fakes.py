@@ -310,7 +310,7 @@ class FakePsp:
             raise peer_error("INVALID_GUEST", 0x0A)
         return ctx
 
-    async def launch_start(self, gctx: Spa, policy: int) -> None:
+    async def launch_start(self, gctx: Spa, policy: int, gosvw: bytes = bytes(16)) -> None:
         self.faults.hit("psp.launch_start")
         self._ctx(gctx).started = True
 

@@ -7,6 +7,13 @@ kvm owns VMs, vCPUs, ASIDs, memslots (GPA to SPA), GHCB handling, exit handling,
 guest-request bounce pages and throttles. It changes the RMP only by issuing instructions to
 rmp and reaches the firmware only through psp. VM-control RPCs mirror KVM ioctls; exit RPCs
 are what a guest vCPU does when it leaves guest mode (VMGEXIT, #NPF).
+
+An RPC that mirrors an ioctl refuses what the ioctl refuses, and says which errno KVM would
+return in its google.rpc.ErrorInfo metadata: "errno" ("EINVAL", "EEXIST", "EBADF", "EIO",
+...). A firmware failure is errno EIO with the firmware's status in "fw_status", as KVM
+returns -EIO with kvm_sev_cmd.error set. The gRPC code says whose fault it was: the
+request's (INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND) or the VM's state
+(FAILED_PRECONDITION).
 """
 
 from collections import abc as _abc
@@ -276,6 +283,8 @@ class VmInfo(_message.Message):
     TERM_REASON_SET_FIELD_NUMBER: _builtins.int
     TERM_REASON_CODE_FIELD_NUMBER: _builtins.int
     SEV_STATUS_FIELD_NUMBER: _builtins.int
+    VM_TYPE_FIELD_NUMBER: _builtins.int
+    MEMSLOTS_FIELD_NUMBER: _builtins.int
     state: Global___VmState.ValueType
     asid: _builtins.int
     measurement: _builtins.bytes
@@ -284,12 +293,18 @@ class VmInfo(_message.Message):
     term_reason_code: _builtins.int
     sev_status: _builtins.int
     """What the guest reads from MSR_AMD64_SEV (0xC0010131): SEV, SEV-ES, SNP, then SEV_FEATURES."""
+    vm_type: _builtins.int
+    """KVM_X86_SNP_VM (4)."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     @_builtins.property
     def config(self) -> Global___VmConfig: ...
     @_builtins.property
     def gctx(self) -> _handles_pb2.GuestContextHandle: ...
+    @_builtins.property
+    def memslots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Memslot]:
+        """Its memslots, as SetMemoryRegion made them."""
+
     def __init__(
         self,
         *,
@@ -302,32 +317,82 @@ class VmInfo(_message.Message):
         term_reason_set: _builtins.int = ...,
         term_reason_code: _builtins.int = ...,
         sev_status: _builtins.int = ...,
+        vm_type: _builtins.int = ...,
+        memslots: _abc.Iterable[Global___Memslot] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "gctx", b"gctx", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "gctx", b"gctx", "measurement", b"measurement", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "gctx", b"gctx", "measurement", b"measurement", "memslots", b"memslots", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm", "vm_type", b"vm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmInfo: _TypeAlias = VmInfo  # noqa: Y015
 
 @_typing.final
+class Memslot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    GUEST_PHYS_ADDR_FIELD_NUMBER: _builtins.int
+    MEMORY_SIZE_FIELD_NUMBER: _builtins.int
+    USERSPACE_ADDR_FIELD_NUMBER: _builtins.int
+    GUEST_MEMFD_FIELD_NUMBER: _builtins.int
+    GUEST_MEMFD_OFFSET_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    flags: _builtins.int
+    guest_phys_addr: _builtins.int
+    memory_size: _builtins.int
+    userspace_addr: _builtins.int
+    guest_memfd: _builtins.int
+    guest_memfd_offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        flags: _builtins.int = ...,
+        guest_phys_addr: _builtins.int = ...,
+        memory_size: _builtins.int = ...,
+        userspace_addr: _builtins.int = ...,
+        guest_memfd: _builtins.int = ...,
+        guest_memfd_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "guest_memfd", b"guest_memfd", "guest_memfd_offset", b"guest_memfd_offset", "guest_phys_addr", b"guest_phys_addr", "memory_size", b"memory_size", "slot", b"slot", "userspace_addr", b"userspace_addr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Memslot: _TypeAlias = Memslot  # noqa: Y015
+
+@_typing.final
 class CreateVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONFIG_FIELD_NUMBER: _builtins.int
+    VM_TYPE_FIELD_NUMBER: _builtins.int
+    vm_type: _builtins.int
+    """KVM_X86_SNP_VM (4), the only type this host supports (GetCapabilities.supported_vm_types);
+    unset means 4. Another type is INVALID_ARGUMENT, errno EINVAL, as kvm_arch_init_vm()
+    refuses a type the host does not support. KERNEL: arch/x86/include/uapi/asm/kvm.h KVM_X86_*_VM
+    """
     @_builtins.property
-    def config(self) -> Global___VmConfig: ...
+    def config(self) -> Global___VmConfig:
+        """Unset: the VM alone (KVM_CREATE_VM), to be built with the RPCs that follow it."""
+
     def __init__(
         self,
         *,
         config: Global___VmConfig | None = ...,
+        vm_type: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type", "config", b"config", "vm_type", b"vm_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type", "config", b"config", "vm_type", b"vm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__vm_type: _TypeAlias = _typing.Literal["vm_type"]  # noqa: Y015
+    _WhichOneofArgType__vm_type: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vm_type) -> _WhichOneofReturnType__vm_type | None: ...
 
 Global___CreateVmRequest: _TypeAlias = CreateVmRequest  # noqa: Y015
 
@@ -338,6 +403,7 @@ class CreateVmResponse(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     ASID_FIELD_NUMBER: _builtins.int
     asid: _builtins.int
+    """0 until SnpInit2 (the ASID is taken by KVM_SEV_INIT2)."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -398,16 +464,139 @@ class LaunchVmResponse(_message.Message):
 Global___LaunchVmResponse: _TypeAlias = LaunchVmResponse  # noqa: Y015
 
 @_typing.final
+class SnpInit2Request(_message.Message):
+    """struct kvm_sev_init. KERNEL: arch/x86/include/uapi/asm/kvm.h"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    VMSA_FEATURES_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    GHCB_VERSION_FIELD_NUMBER: _builtins.int
+    vmsa_features: _builtins.int
+    """SVM_SEV_FEAT_* besides SNP_ACTIVE, which KVM sets itself: DEBUG_SWAP (0x20) on this host."""
+    flags: _builtins.int
+    """Must be 0."""
+    ghcb_version: _builtins.int
+    """__u16: 0 (the default, 2) or 2."""
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+        vmsa_features: _builtins.int = ...,
+        flags: _builtins.int = ...,
+        ghcb_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "ghcb_version", b"ghcb_version", "vm", b"vm", "vmsa_features", b"vmsa_features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpInit2Request: _TypeAlias = SnpInit2Request  # noqa: Y015
+
+@_typing.final
+class SnpInit2Response(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASID_FIELD_NUMBER: _builtins.int
+    asid: _builtins.int
+    def __init__(
+        self,
+        *,
+        asid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpInit2Response: _TypeAlias = SnpInit2Response  # noqa: Y015
+
+@_typing.final
+class CreateGuestMemfdRequest(_message.Message):
+    """struct kvm_create_guest_memfd. KERNEL: include/uapi/linux/kvm.h"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Bytes, a multiple of 4096."""
+    flags: _builtins.int
+    """GUEST_MEMFD_FLAG_*: none is supported for an SNP VM."""
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+        size: _builtins.int = ...,
+        flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "size", b"size", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGuestMemfdRequest: _TypeAlias = CreateGuestMemfdRequest  # noqa: Y015
+
+@_typing.final
+class CreateGuestMemfdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FD_FIELD_NUMBER: _builtins.int
+    fd: _builtins.int
+    """The guest_memfd's fd: SetMemoryRegion.guest_memfd names it. Only the VMM that made it can
+    use it.
+    """
+    def __init__(
+        self,
+        *,
+        fd: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fd", b"fd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGuestMemfdResponse: _TypeAlias = CreateGuestMemfdResponse  # noqa: Y015
+
+@_typing.final
 class SetMemoryRegionRequest(_message.Message):
+    """struct kvm_userspace_memory_region2. KERNEL: include/uapi/linux/kvm.h"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     GUEST_PHYS_ADDR_FIELD_NUMBER: _builtins.int
     MEMORY_SIZE_FIELD_NUMBER: _builtins.int
+    USERSPACE_ADDR_FIELD_NUMBER: _builtins.int
+    GUEST_MEMFD_OFFSET_FIELD_NUMBER: _builtins.int
+    GUEST_MEMFD_FIELD_NUMBER: _builtins.int
     slot: _builtins.int
+    """Bits 15:0 the slot id (0..32763), bits 31:16 the address space (0: SNP VMs have no SMM)."""
+    flags: _builtins.int
+    """KVM_MEM_GUEST_MEMFD (0x4) is required here; KVM_MEM_LOG_DIRTY_PAGES (0x1) and
+    KVM_MEM_READONLY (0x2) cannot go with it.
+    """
     guest_phys_addr: _builtins.int
     memory_size: _builtins.int
+    """Bytes; 0 deletes the slot."""
+    userspace_addr: _builtins.int
+    """The VMM's address of the slot's shared memory: checked as KVM checks it (page aligned,
+    inside user space); nothing is behind it yet (docs/fidelity.md, one-backing).
+    """
+    guest_memfd_offset: _builtins.int
+    guest_memfd: _builtins.int
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -415,12 +604,16 @@ class SetMemoryRegionRequest(_message.Message):
         *,
         vm: _handles_pb2.VmHandle | None = ...,
         slot: _builtins.int = ...,
+        flags: _builtins.int = ...,
         guest_phys_addr: _builtins.int = ...,
         memory_size: _builtins.int = ...,
+        userspace_addr: _builtins.int = ...,
+        guest_memfd_offset: _builtins.int = ...,
+        guest_memfd: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_phys_addr", b"guest_phys_addr", "memory_size", b"memory_size", "slot", b"slot", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "guest_memfd", b"guest_memfd", "guest_memfd_offset", b"guest_memfd_offset", "guest_phys_addr", b"guest_phys_addr", "memory_size", b"memory_size", "slot", b"slot", "userspace_addr", b"userspace_addr", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,16 +636,21 @@ Global___SetMemoryRegionResponse: _TypeAlias = SetMemoryRegionResponse  # noqa: 
 
 @_typing.final
 class SetMemoryAttributesRequest(_message.Message):
+    """struct kvm_memory_attributes. KERNEL: include/uapi/linux/kvm.h"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
-    PRIVATE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     address: _builtins.int
     size: _builtins.int
-    private: _builtins.bool
-    """KVM_MEMORY_ATTRIBUTE_PRIVATE"""
+    attributes: _builtins.int
+    """KVM_MEMORY_ATTRIBUTE_PRIVATE (0x8) or 0 (shared)."""
+    flags: _builtins.int
+    """Must be 0."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -461,11 +659,12 @@ class SetMemoryAttributesRequest(_message.Message):
         vm: _handles_pb2.VmHandle | None = ...,
         address: _builtins.int = ...,
         size: _builtins.int = ...,
-        private: _builtins.bool = ...,
+        attributes: _builtins.int = ...,
+        flags: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "private", b"private", "size", b"size", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attributes", b"attributes", "flags", b"flags", "size", b"size", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,8 +694,12 @@ class SnpLaunchStartRequest(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     GOSVW_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     policy: _builtins.int
     gosvw: _builtins.bytes
+    """16 bytes (empty: zeros)."""
+    flags: _builtins.int
+    """Must be 0."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -505,10 +708,11 @@ class SnpLaunchStartRequest(_message.Message):
         vm: _handles_pb2.VmHandle | None = ...,
         policy: _builtins.int = ...,
         gosvw: _builtins.bytes = ...,
+        flags: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gosvw", b"gosvw", "policy", b"policy", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "gosvw", b"gosvw", "policy", b"policy", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,23 +735,30 @@ Global___SnpLaunchStartResponse: _TypeAlias = SnpLaunchStartResponse  # noqa: Y0
 
 @_typing.final
 class SnpLaunchUpdateRequest(_message.Message):
-    """struct kvm_sev_snp_launch_update; on partial success gfn_start/len are advanced."""
+    """struct kvm_sev_snp_launch_update. KERNEL: arch/x86/include/uapi/asm/kvm.h"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
     GFN_START_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    PAGE_COUNT_FIELD_NUMBER: _builtins.int
+    UADDR_FIELD_NUMBER: _builtins.int
+    LEN_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     gfn_start: _builtins.int
-    data: _builtins.bytes
-    """Page contents to place (len = data length, page-aligned; empty for ZERO/SECRETS/CPUID pages
-    with page_count set).
-    """
-    page_count: _builtins.int
+    uaddr: _builtins.int
+    """The VMM's address of the source: page aligned and not 0 unless the type is ZERO."""
+    len: _builtins.int
+    """Bytes, a multiple of 4096, not 0."""
     type: _builtins.int
-    """KVM_SEV_SNP_PAGE_TYPE_* (same values as snp.psp.v1.PageType)."""
+    """KVM_SEV_SNP_PAGE_TYPE_NORMAL 1, ZERO 3, UNMEASURED 4, SECRETS 5, CPUID 6."""
+    flags: _builtins.int
+    """Must be 0."""
+    source: _builtins.bytes
+    """The len bytes at uaddr (kvm cannot read a VMM's memory, so they come with the request);
+    empty for ZERO. Fewer bytes than len is INVALID_ARGUMENT, errno EFAULT.
+    """
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -555,13 +766,15 @@ class SnpLaunchUpdateRequest(_message.Message):
         *,
         vm: _handles_pb2.VmHandle | None = ...,
         gfn_start: _builtins.int = ...,
-        data: _builtins.bytes = ...,
-        page_count: _builtins.int = ...,
+        uaddr: _builtins.int = ...,
+        len: _builtins.int = ...,
         type: _builtins.int = ...,
+        flags: _builtins.int = ...,
+        source: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "gfn_start", b"gfn_start", "page_count", b"page_count", "type", b"type", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "gfn_start", b"gfn_start", "len", b"len", "source", b"source", "type", b"type", "uaddr", b"uaddr", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -569,21 +782,29 @@ Global___SnpLaunchUpdateRequest: _TypeAlias = SnpLaunchUpdateRequest  # noqa: Y0
 
 @_typing.final
 class SnpLaunchUpdateResponse(_message.Message):
+    """The request's fields advanced past the pages done, as KVM writes them back: the call may do
+    fewer pages than asked (the range ends at its memslot's end, or a later page failed); the
+    VMM calls again until len is 0.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GFN_START_FIELD_NUMBER: _builtins.int
-    PAGES_DONE_FIELD_NUMBER: _builtins.int
+    UADDR_FIELD_NUMBER: _builtins.int
+    LEN_FIELD_NUMBER: _builtins.int
     gfn_start: _builtins.int
-    pages_done: _builtins.int
+    uaddr: _builtins.int
+    len: _builtins.int
     def __init__(
         self,
         *,
         gfn_start: _builtins.int = ...,
-        pages_done: _builtins.int = ...,
+        uaddr: _builtins.int = ...,
+        len: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gfn_start", b"gfn_start", "pages_done", b"pages_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gfn_start", b"gfn_start", "len", b"len", "uaddr", b"uaddr"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,7 +812,7 @@ Global___SnpLaunchUpdateResponse: _TypeAlias = SnpLaunchUpdateResponse  # noqa: 
 
 @_typing.final
 class SnpLaunchFinishRequest(_message.Message):
-    """struct kvm_sev_snp_launch_finish."""
+    """struct kvm_sev_snp_launch_finish. KERNEL: arch/x86/include/uapi/asm/kvm.h"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -602,12 +823,18 @@ class SnpLaunchFinishRequest(_message.Message):
     AUTH_KEY_EN_FIELD_NUMBER: _builtins.int
     VCEK_DISABLED_FIELD_NUMBER: _builtins.int
     HOST_DATA_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     id_block: _builtins.bytes
+    """96 and 4096 bytes; read only when id_block_en (then both are required)."""
     id_auth: _builtins.bytes
     id_block_en: _builtins.bool
     auth_key_en: _builtins.bool
+    """Honoured only with id_block_en."""
     vcek_disabled: _builtins.bool
     host_data: _builtins.bytes
+    """32 bytes (empty: zeros)."""
+    flags: _builtins.int
+    """Must be 0."""
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -620,10 +847,11 @@ class SnpLaunchFinishRequest(_message.Message):
         auth_key_en: _builtins.bool = ...,
         vcek_disabled: _builtins.bool = ...,
         host_data: _builtins.bytes = ...,
+        flags: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_key_en", b"auth_key_en", "host_data", b"host_data", "id_auth", b"id_auth", "id_block", b"id_block", "id_block_en", b"id_block_en", "vcek_disabled", b"vcek_disabled", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_key_en", b"auth_key_en", "flags", b"flags", "host_data", b"host_data", "id_auth", b"id_auth", "id_block", b"id_block", "id_block_en", b"id_block_en", "vcek_disabled", b"vcek_disabled", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,6 +863,7 @@ class SnpLaunchFinishResponse(_message.Message):
 
     MEASUREMENT_FIELD_NUMBER: _builtins.int
     measurement: _builtins.bytes
+    """The launch digest (KVM returns none; the attestation report carries it)."""
     def __init__(
         self,
         *,
@@ -920,7 +1149,21 @@ class CreateVcpuRequest(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     VCPU_ID_FIELD_NUMBER: _builtins.int
+    RESET_EIP_FIELD_NUMBER: _builtins.int
+    VCPU_TYPE_FIELD_NUMBER: _builtins.int
     vcpu_id: _builtins.int
+    """0..4095, once each (KVM_MAX_VCPU_IDS)."""
+    reset_eip: _builtins.int
+    """Where the vCPU starts: 0 is the architectural reset vector (0xFFFFFFF0). QEMU points an
+    AP at the firmware's SEV-ES reset block with KVM_SET_SREGS/KVM_SET_REGS before the launch
+    finishes (target/i386/sev.c sev_es_set_reset_vector()); kvm has no register ioctls, so
+    the vCPU is made with it. The VMSA SnpLaunchFinish measures starts here.
+    """
+    vcpu_type: Global___VcpuType.ValueType
+    """The CPU model, as QEMU's -cpu sets it with KVM_SET_CPUID2 (its CPUID(1).EAX goes into the
+    VMSA's RDX); unset: EPYC-Milan. Every vCPU of a VM is the same model (else
+    INVALID_ARGUMENT, errno EINVAL).
+    """
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     def __init__(
@@ -928,10 +1171,12 @@ class CreateVcpuRequest(_message.Message):
         *,
         vm: _handles_pb2.VmHandle | None = ...,
         vcpu_id: _builtins.int = ...,
+        reset_eip: _builtins.int = ...,
+        vcpu_type: Global___VcpuType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vcpu_id", b"vcpu_id", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reset_eip", b"reset_eip", "vcpu_id", b"vcpu_id", "vcpu_type", b"vcpu_type", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,16 @@ class KvmServiceStub:
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmRequest.SerializeToString,
                 response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmResponse.FromString,
                 _registered_method=True)
+        self.SnpInit2 = channel.unary_unary(
+                '/snp.kvm.v1.KvmService/SnpInit2',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Request.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Response.FromString,
+                _registered_method=True)
+        self.CreateGuestMemfd = channel.unary_unary(
+                '/snp.kvm.v1.KvmService/CreateGuestMemfd',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdRequest.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdResponse.FromString,
+                _registered_method=True)
         self.SetMemoryRegion = channel.unary_unary(
                 '/snp.kvm.v1.KvmService/SetMemoryRegion',
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetMemoryRegionRequest.SerializeToString,
@@ -152,31 +162,52 @@ class KvmServiceServicer:
     def CreateVm(self, request, context):
         """--- VM lifecycle ------------------------------------------------------------------------
 
-        KVM_CREATE_VM(KVM_X86_SNP_VM) + KVM_SEV_INIT2: an SNP VM with an ASID and its config.
-        KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init()
+        KVM_CREATE_VM(type). With a config, also what QEMU does next for that config: KVM_SEV_INIT2,
+        guest RAM (a guest_memfd bound to memslot 0) and the vCPUs; LaunchVm then completes it.
+        Without one, the VM alone: SnpInit2, CreateGuestMemfd, SetMemoryRegion and CreateVcpu
+        follow, as a VMM makes those ioctls. KERNEL: virt/kvm/kvm_main.c kvm_dev_ioctl_create_vm(),
+        arch/x86/kvm/x86.c kvm_arch_init_vm()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LaunchVm(self, request, context):
-        """What QEMU does to launch the VM from its config: memslots, GCTX_CREATE, LAUNCH_START,
-        ACTIVATE, firmware and metadata pages, VMSAs, LAUNCH_FINISH. QEMU: target/i386/sev.c
+        """The launch QEMU makes for the config CreateVm was given, over the RPCs below and in their
+        order: SnpLaunchStart, the firmware's guest_memfd and memslot, SetMemoryAttributes and
+        SnpLaunchUpdate for each firmware section, SnpLaunchFinish. QEMU: target/i386/sev.c
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnpInit2(self, request, context):
+        """KVM_SEV_INIT2 (22), struct kvm_sev_init: the VM becomes an SNP guest with an ASID.
+        KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init2(), __sev_guest_init()
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateGuestMemfd(self, request, context):
+        """KVM_CREATE_GUEST_MEMFD, struct kvm_create_guest_memfd: private memory for the VM, a handle
+        (the fd) to bind to memslots. KERNEL: virt/kvm/guest_memfd.c kvm_gmem_create()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetMemoryRegion(self, request, context):
-        """KVM_SET_USER_MEMORY_REGION2 with a guest_memfd: a memslot mapping GPAs to host frames.
-        KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region()
+        """KVM_SET_USER_MEMORY_REGION2, struct kvm_userspace_memory_region2: create or delete a
+        memslot. KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region(), virt/kvm/guest_memfd.c
+        kvm_gmem_bind()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetMemoryAttributes(self, request, context):
-        """KVM_SET_MEMORY_ATTRIBUTES: mark GPA ranges private or shared.
+        """KVM_SET_MEMORY_ATTRIBUTES, struct kvm_memory_attributes: GPA ranges private or shared.
         KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -184,23 +215,26 @@ class KvmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SnpLaunchStart(self, request, context):
-        """KVM_SEV_SNP_LAUNCH_START (100). KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()
+        """KVM_SEV_SNP_LAUNCH_START (100), struct kvm_sev_snp_launch_start.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SnpLaunchUpdate(self, request, context):
-        """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update.
-        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_update()
+        """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update: pages of a guest_memfd
+        memslot filled, made private and measured. KERNEL: arch/x86/kvm/svm/sev.c
+        snp_launch_update(), sev_gmem_post_populate(); virt/kvm/guest_memfd.c kvm_gmem_populate()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SnpLaunchFinish(self, request, context):
-        """KVM_SEV_SNP_LAUNCH_FINISH (102): VMSAs, then SNP_LAUNCH_FINISH.
-        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish()
+        """KVM_SEV_SNP_LAUNCH_FINISH (102), struct kvm_sev_snp_launch_finish: each vCPU's VMSA
+        measured, then SNP_LAUNCH_FINISH. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish(),
+        snp_launch_update_vmsa()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,7 +290,8 @@ class KvmServiceServicer:
     def CreateVcpu(self, request, context):
         """--- vCPUs ---------------------------------------------------------------------------------
 
-        KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations.
+        KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations (the vCPU fd).
+        KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_create_vcpu()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -323,6 +358,16 @@ def add_KvmServiceServicer_to_server(servicer, server):
                     servicer.LaunchVm,
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmRequest.FromString,
                     response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmResponse.SerializeToString,
+            ),
+            'SnpInit2': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnpInit2,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Request.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Response.SerializeToString,
+            ),
+            'CreateGuestMemfd': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGuestMemfd,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdRequest.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdResponse.SerializeToString,
             ),
             'SetMemoryRegion': grpc.unary_unary_rpc_method_handler(
                     servicer.SetMemoryRegion,
@@ -492,6 +537,60 @@ class KvmService:
             '/snp.kvm.v1.KvmService/LaunchVm',
             snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmRequest.SerializeToString,
             snp_dot_kvm_dot_v1_dot_kvm__pb2.LaunchVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnpInit2(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/SnpInit2',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Request.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.SnpInit2Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGuestMemfd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/CreateGuestMemfd',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdRequest.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateGuestMemfdResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,13 @@ kvm owns VMs, vCPUs, ASIDs, memslots (GPA to SPA), GHCB handling, exit handling,
 guest-request bounce pages and throttles. It changes the RMP only by issuing instructions to
 rmp and reaches the firmware only through psp. VM-control RPCs mirror KVM ioctls; exit RPCs
 are what a guest vCPU does when it leaves guest mode (VMGEXIT, #NPF).
+
+An RPC that mirrors an ioctl refuses what the ioctl refuses, and says which errno KVM would
+return in its google.rpc.ErrorInfo metadata: "errno" ("EINVAL", "EEXIST", "EBADF", "EIO",
+...). A firmware failure is errno EIO with the firmware's status in "fw_status", as KVM
+returns -EIO with kvm_sev_cmd.error set. The gRPC code says whose fault it was: the
+request's (INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND) or the VM's state
+(FAILED_PRECONDITION).
 """
 
 from collections import abc as _abc
@@ -46,30 +53,47 @@ class KvmServiceStub:
     CreateVm: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.CreateVmRequest, _kvm_pb2.CreateVmResponse]
     """--- VM lifecycle ------------------------------------------------------------------------
 
-    KVM_CREATE_VM(KVM_X86_SNP_VM) + KVM_SEV_INIT2: an SNP VM with an ASID and its config.
-    KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init()
+    KVM_CREATE_VM(type). With a config, also what QEMU does next for that config: KVM_SEV_INIT2,
+    guest RAM (a guest_memfd bound to memslot 0) and the vCPUs; LaunchVm then completes it.
+    Without one, the VM alone: SnpInit2, CreateGuestMemfd, SetMemoryRegion and CreateVcpu
+    follow, as a VMM makes those ioctls. KERNEL: virt/kvm/kvm_main.c kvm_dev_ioctl_create_vm(),
+    arch/x86/kvm/x86.c kvm_arch_init_vm()
     """
     LaunchVm: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.LaunchVmRequest, _kvm_pb2.LaunchVmResponse]
-    """What QEMU does to launch the VM from its config: memslots, GCTX_CREATE, LAUNCH_START,
-    ACTIVATE, firmware and metadata pages, VMSAs, LAUNCH_FINISH. QEMU: target/i386/sev.c
+    """The launch QEMU makes for the config CreateVm was given, over the RPCs below and in their
+    order: SnpLaunchStart, the firmware's guest_memfd and memslot, SetMemoryAttributes and
+    SnpLaunchUpdate for each firmware section, SnpLaunchFinish. QEMU: target/i386/sev.c
+    """
+    SnpInit2: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SnpInit2Request, _kvm_pb2.SnpInit2Response]
+    """KVM_SEV_INIT2 (22), struct kvm_sev_init: the VM becomes an SNP guest with an ASID.
+    KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init2(), __sev_guest_init()
+    """
+    CreateGuestMemfd: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.CreateGuestMemfdRequest, _kvm_pb2.CreateGuestMemfdResponse]
+    """KVM_CREATE_GUEST_MEMFD, struct kvm_create_guest_memfd: private memory for the VM, a handle
+    (the fd) to bind to memslots. KERNEL: virt/kvm/guest_memfd.c kvm_gmem_create()
     """
     SetMemoryRegion: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SetMemoryRegionRequest, _kvm_pb2.SetMemoryRegionResponse]
-    """KVM_SET_USER_MEMORY_REGION2 with a guest_memfd: a memslot mapping GPAs to host frames.
-    KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region()
+    """KVM_SET_USER_MEMORY_REGION2, struct kvm_userspace_memory_region2: create or delete a
+    memslot. KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region(), virt/kvm/guest_memfd.c
+    kvm_gmem_bind()
     """
     SetMemoryAttributes: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SetMemoryAttributesRequest, _kvm_pb2.SetMemoryAttributesResponse]
-    """KVM_SET_MEMORY_ATTRIBUTES: mark GPA ranges private or shared.
+    """KVM_SET_MEMORY_ATTRIBUTES, struct kvm_memory_attributes: GPA ranges private or shared.
     KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes()
     """
     SnpLaunchStart: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchStartRequest, _kvm_pb2.SnpLaunchStartResponse]
-    """KVM_SEV_SNP_LAUNCH_START (100). KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()"""
+    """KVM_SEV_SNP_LAUNCH_START (100), struct kvm_sev_snp_launch_start.
+    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()
+    """
     SnpLaunchUpdate: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchUpdateRequest, _kvm_pb2.SnpLaunchUpdateResponse]
-    """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update.
-    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_update()
+    """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update: pages of a guest_memfd
+    memslot filled, made private and measured. KERNEL: arch/x86/kvm/svm/sev.c
+    snp_launch_update(), sev_gmem_post_populate(); virt/kvm/guest_memfd.c kvm_gmem_populate()
     """
     SnpLaunchFinish: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchFinishRequest, _kvm_pb2.SnpLaunchFinishResponse]
-    """KVM_SEV_SNP_LAUNCH_FINISH (102): VMSAs, then SNP_LAUNCH_FINISH.
-    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish()
+    """KVM_SEV_SNP_LAUNCH_FINISH (102), struct kvm_sev_snp_launch_finish: each vCPU's VMSA
+    measured, then SNP_LAUNCH_FINISH. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish(),
+    snp_launch_update_vmsa()
     """
     GetVm: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.GetVmRequest, _kvm_pb2.GetVmResponse]
     """One VM's state."""
@@ -95,7 +119,8 @@ class KvmServiceStub:
     CreateVcpu: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.CreateVcpuRequest, _kvm_pb2.CreateVcpuResponse]
     """--- vCPUs ---------------------------------------------------------------------------------
 
-    KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations.
+    KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations (the vCPU fd).
+    KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_create_vcpu()
     """
     KickVcpus: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.KickVcpusRequest, _kvm_pb2.KickVcpusResponse]
     """Kick every vCPU of a VM out of guest mode (kvm_make_all_cpus_request + kick)."""
@@ -133,30 +158,47 @@ class KvmServiceAsyncStub(KvmServiceStub):
     CreateVm: _aio.UnaryUnaryMultiCallable[_kvm_pb2.CreateVmRequest, _kvm_pb2.CreateVmResponse]  # type: ignore[assignment]
     """--- VM lifecycle ------------------------------------------------------------------------
 
-    KVM_CREATE_VM(KVM_X86_SNP_VM) + KVM_SEV_INIT2: an SNP VM with an ASID and its config.
-    KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init()
+    KVM_CREATE_VM(type). With a config, also what QEMU does next for that config: KVM_SEV_INIT2,
+    guest RAM (a guest_memfd bound to memslot 0) and the vCPUs; LaunchVm then completes it.
+    Without one, the VM alone: SnpInit2, CreateGuestMemfd, SetMemoryRegion and CreateVcpu
+    follow, as a VMM makes those ioctls. KERNEL: virt/kvm/kvm_main.c kvm_dev_ioctl_create_vm(),
+    arch/x86/kvm/x86.c kvm_arch_init_vm()
     """
     LaunchVm: _aio.UnaryUnaryMultiCallable[_kvm_pb2.LaunchVmRequest, _kvm_pb2.LaunchVmResponse]  # type: ignore[assignment]
-    """What QEMU does to launch the VM from its config: memslots, GCTX_CREATE, LAUNCH_START,
-    ACTIVATE, firmware and metadata pages, VMSAs, LAUNCH_FINISH. QEMU: target/i386/sev.c
+    """The launch QEMU makes for the config CreateVm was given, over the RPCs below and in their
+    order: SnpLaunchStart, the firmware's guest_memfd and memslot, SetMemoryAttributes and
+    SnpLaunchUpdate for each firmware section, SnpLaunchFinish. QEMU: target/i386/sev.c
+    """
+    SnpInit2: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SnpInit2Request, _kvm_pb2.SnpInit2Response]  # type: ignore[assignment]
+    """KVM_SEV_INIT2 (22), struct kvm_sev_init: the VM becomes an SNP guest with an ASID.
+    KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init2(), __sev_guest_init()
+    """
+    CreateGuestMemfd: _aio.UnaryUnaryMultiCallable[_kvm_pb2.CreateGuestMemfdRequest, _kvm_pb2.CreateGuestMemfdResponse]  # type: ignore[assignment]
+    """KVM_CREATE_GUEST_MEMFD, struct kvm_create_guest_memfd: private memory for the VM, a handle
+    (the fd) to bind to memslots. KERNEL: virt/kvm/guest_memfd.c kvm_gmem_create()
     """
     SetMemoryRegion: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SetMemoryRegionRequest, _kvm_pb2.SetMemoryRegionResponse]  # type: ignore[assignment]
-    """KVM_SET_USER_MEMORY_REGION2 with a guest_memfd: a memslot mapping GPAs to host frames.
-    KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region()
+    """KVM_SET_USER_MEMORY_REGION2, struct kvm_userspace_memory_region2: create or delete a
+    memslot. KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region(), virt/kvm/guest_memfd.c
+    kvm_gmem_bind()
     """
     SetMemoryAttributes: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SetMemoryAttributesRequest, _kvm_pb2.SetMemoryAttributesResponse]  # type: ignore[assignment]
-    """KVM_SET_MEMORY_ATTRIBUTES: mark GPA ranges private or shared.
+    """KVM_SET_MEMORY_ATTRIBUTES, struct kvm_memory_attributes: GPA ranges private or shared.
     KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes()
     """
     SnpLaunchStart: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchStartRequest, _kvm_pb2.SnpLaunchStartResponse]  # type: ignore[assignment]
-    """KVM_SEV_SNP_LAUNCH_START (100). KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()"""
+    """KVM_SEV_SNP_LAUNCH_START (100), struct kvm_sev_snp_launch_start.
+    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()
+    """
     SnpLaunchUpdate: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchUpdateRequest, _kvm_pb2.SnpLaunchUpdateResponse]  # type: ignore[assignment]
-    """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update.
-    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_update()
+    """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update: pages of a guest_memfd
+    memslot filled, made private and measured. KERNEL: arch/x86/kvm/svm/sev.c
+    snp_launch_update(), sev_gmem_post_populate(); virt/kvm/guest_memfd.c kvm_gmem_populate()
     """
     SnpLaunchFinish: _aio.UnaryUnaryMultiCallable[_kvm_pb2.SnpLaunchFinishRequest, _kvm_pb2.SnpLaunchFinishResponse]  # type: ignore[assignment]
-    """KVM_SEV_SNP_LAUNCH_FINISH (102): VMSAs, then SNP_LAUNCH_FINISH.
-    KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish()
+    """KVM_SEV_SNP_LAUNCH_FINISH (102), struct kvm_sev_snp_launch_finish: each vCPU's VMSA
+    measured, then SNP_LAUNCH_FINISH. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish(),
+    snp_launch_update_vmsa()
     """
     GetVm: _aio.UnaryUnaryMultiCallable[_kvm_pb2.GetVmRequest, _kvm_pb2.GetVmResponse]  # type: ignore[assignment]
     """One VM's state."""
@@ -182,7 +224,8 @@ class KvmServiceAsyncStub(KvmServiceStub):
     CreateVcpu: _aio.UnaryUnaryMultiCallable[_kvm_pb2.CreateVcpuRequest, _kvm_pb2.CreateVcpuResponse]  # type: ignore[assignment]
     """--- vCPUs ---------------------------------------------------------------------------------
 
-    KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations.
+    KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations (the vCPU fd).
+    KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_create_vcpu()
     """
     KickVcpus: _aio.UnaryUnaryMultiCallable[_kvm_pb2.KickVcpusRequest, _kvm_pb2.KickVcpusResponse]  # type: ignore[assignment]
     """Kick every vCPU of a VM out of guest mode (kvm_make_all_cpus_request + kick)."""
@@ -229,8 +272,11 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kvm_pb2.CreateVmResponse, _abc.Awaitable[_kvm_pb2.CreateVmResponse]]:
         """--- VM lifecycle ------------------------------------------------------------------------
 
-        KVM_CREATE_VM(KVM_X86_SNP_VM) + KVM_SEV_INIT2: an SNP VM with an ASID and its config.
-        KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init()
+        KVM_CREATE_VM(type). With a config, also what QEMU does next for that config: KVM_SEV_INIT2,
+        guest RAM (a guest_memfd bound to memslot 0) and the vCPUs; LaunchVm then completes it.
+        Without one, the VM alone: SnpInit2, CreateGuestMemfd, SetMemoryRegion and CreateVcpu
+        follow, as a VMM makes those ioctls. KERNEL: virt/kvm/kvm_main.c kvm_dev_ioctl_create_vm(),
+        arch/x86/kvm/x86.c kvm_arch_init_vm()
         """
 
     @_abc_1.abstractmethod
@@ -239,8 +285,29 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.LaunchVmRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.LaunchVmResponse, _abc.Awaitable[_kvm_pb2.LaunchVmResponse]]:
-        """What QEMU does to launch the VM from its config: memslots, GCTX_CREATE, LAUNCH_START,
-        ACTIVATE, firmware and metadata pages, VMSAs, LAUNCH_FINISH. QEMU: target/i386/sev.c
+        """The launch QEMU makes for the config CreateVm was given, over the RPCs below and in their
+        order: SnpLaunchStart, the firmware's guest_memfd and memslot, SetMemoryAttributes and
+        SnpLaunchUpdate for each firmware section, SnpLaunchFinish. QEMU: target/i386/sev.c
+        """
+
+    @_abc_1.abstractmethod
+    def SnpInit2(
+        self,
+        request: _kvm_pb2.SnpInit2Request,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvm_pb2.SnpInit2Response, _abc.Awaitable[_kvm_pb2.SnpInit2Response]]:
+        """KVM_SEV_INIT2 (22), struct kvm_sev_init: the VM becomes an SNP guest with an ASID.
+        KERNEL: arch/x86/kvm/svm/sev.c sev_guest_init2(), __sev_guest_init()
+        """
+
+    @_abc_1.abstractmethod
+    def CreateGuestMemfd(
+        self,
+        request: _kvm_pb2.CreateGuestMemfdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvm_pb2.CreateGuestMemfdResponse, _abc.Awaitable[_kvm_pb2.CreateGuestMemfdResponse]]:
+        """KVM_CREATE_GUEST_MEMFD, struct kvm_create_guest_memfd: private memory for the VM, a handle
+        (the fd) to bind to memslots. KERNEL: virt/kvm/guest_memfd.c kvm_gmem_create()
         """
 
     @_abc_1.abstractmethod
@@ -249,8 +316,9 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.SetMemoryRegionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.SetMemoryRegionResponse, _abc.Awaitable[_kvm_pb2.SetMemoryRegionResponse]]:
-        """KVM_SET_USER_MEMORY_REGION2 with a guest_memfd: a memslot mapping GPAs to host frames.
-        KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region()
+        """KVM_SET_USER_MEMORY_REGION2, struct kvm_userspace_memory_region2: create or delete a
+        memslot. KERNEL: virt/kvm/kvm_main.c kvm_set_memory_region(), virt/kvm/guest_memfd.c
+        kvm_gmem_bind()
         """
 
     @_abc_1.abstractmethod
@@ -259,7 +327,7 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.SetMemoryAttributesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.SetMemoryAttributesResponse, _abc.Awaitable[_kvm_pb2.SetMemoryAttributesResponse]]:
-        """KVM_SET_MEMORY_ATTRIBUTES: mark GPA ranges private or shared.
+        """KVM_SET_MEMORY_ATTRIBUTES, struct kvm_memory_attributes: GPA ranges private or shared.
         KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes()
         """
 
@@ -269,7 +337,9 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.SnpLaunchStartRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.SnpLaunchStartResponse, _abc.Awaitable[_kvm_pb2.SnpLaunchStartResponse]]:
-        """KVM_SEV_SNP_LAUNCH_START (100). KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()"""
+        """KVM_SEV_SNP_LAUNCH_START (100), struct kvm_sev_snp_launch_start.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_start()
+        """
 
     @_abc_1.abstractmethod
     def SnpLaunchUpdate(
@@ -277,8 +347,9 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.SnpLaunchUpdateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.SnpLaunchUpdateResponse, _abc.Awaitable[_kvm_pb2.SnpLaunchUpdateResponse]]:
-        """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update.
-        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_update()
+        """KVM_SEV_SNP_LAUNCH_UPDATE (101), struct kvm_sev_snp_launch_update: pages of a guest_memfd
+        memslot filled, made private and measured. KERNEL: arch/x86/kvm/svm/sev.c
+        snp_launch_update(), sev_gmem_post_populate(); virt/kvm/guest_memfd.c kvm_gmem_populate()
         """
 
     @_abc_1.abstractmethod
@@ -287,8 +358,9 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvm_pb2.SnpLaunchFinishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvm_pb2.SnpLaunchFinishResponse, _abc.Awaitable[_kvm_pb2.SnpLaunchFinishResponse]]:
-        """KVM_SEV_SNP_LAUNCH_FINISH (102): VMSAs, then SNP_LAUNCH_FINISH.
-        KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish()
+        """KVM_SEV_SNP_LAUNCH_FINISH (102), struct kvm_sev_snp_launch_finish: each vCPU's VMSA
+        measured, then SNP_LAUNCH_FINISH. KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish(),
+        snp_launch_update_vmsa()
         """
 
     @_abc_1.abstractmethod
@@ -356,7 +428,8 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kvm_pb2.CreateVcpuResponse, _abc.Awaitable[_kvm_pb2.CreateVcpuResponse]]:
         """--- vCPUs ---------------------------------------------------------------------------------
 
-        KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations.
+        KVM_CREATE_VCPU: returns the handle and the identity for guest-mode operations (the vCPU fd).
+        KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_create_vcpu()
         """
 
     @_abc_1.abstractmethod

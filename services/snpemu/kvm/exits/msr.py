@@ -35,7 +35,8 @@ class MsrProtocol:
 
     async def _request(self, vm: Vm, vcpu: Vcpu, info: int, value: int) -> tuple[int, bool]:
         if info == msr.SEV_INFO_REQ:
-            return msr.sev_info(CBIT), False
+            # KERNEL: sev.c: GHCB_MSR_SEV_INFO(sev->ghcb_version, GHCB_VERSION_MIN, sev_enc_bit)
+            return msr.sev_info(CBIT, vm.ghcb_version), False
         if info == msr.CPUID_REQ:
             fn, reg = msr.cpuid_request(value)
             regs = cpuid(vm, fn, 0)
