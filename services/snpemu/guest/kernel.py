@@ -10,12 +10,15 @@ arch/x86/boot/compressed/sev.c (sev_enable: protocol, HV features).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
+from snpemu.abi import policy as guest_policy
 from snpemu.abi.addr import PAGE_SIZE, Gpa, gpa_to_gfn
 from snpemu.abi.secrets import SecretsPage
+from snpemu.guest import vmm_launch
 from snpemu.guest.exits import (
     GEN_PROT_UNSUPPORTED,
     GEN_REQ,
@@ -28,34 +31,43 @@ from snpemu.guest.exits import (
 )
 from snpemu.guest.layout import GHCB_GPA, SHARED_GPAS
 from snpemu.guest.memory import GuestMemory
-from snpemu.kvm.config import ThrottleConfig, VmConfig
-from snpemu.vmm import vmsa
+from snpemu.vmm import launch_plan, vmsa
 from snpemu.vmm.ovmf import Ovmf, SectionType
 
 
 class GuestKernel(GuestMemory):
     async def launch(self) -> None:
-        """The VMM's part: create and launch the VM (QEMU over KVM)."""
+        """The VMM's part: create and launch the VM, as QEMU does over KVM's ioctls
+        (guest/vmm_launch.py)."""
         o = self.opts
         self.state = BootState.LAUNCHING
-        cfg = VmConfig(
+        machine = await asyncio.to_thread(self._machine)
+        self.vm = await self.vmm.create_vm(None)
+        # Hold the VM as a VMM holds its VM fd: if this process dies, kvm destroys the VM.
+        self.hold = await self.vmm.hold_vm(self.vm)
+        if o.throttle_ms:
+            await self.vmm.set_guest_request_throttle(self.vm, o.throttle_ms, o.throttle_burst)
+        self.measurement, vcpus = await vmm_launch.launch(self.vmm, self.vm, machine)
+        self.vcpus = vcpus
+        self.event("launched", detail=self.measurement.hex())
+
+    def _machine(self) -> vmm_launch.Machine:
+        """The images read as QEMU reads -bios, -kernel, -initrd (kernel-hashes=on)."""
+        o = self.opts
+        hashes = None
+        if o.kernel:
+            initrd = Path(o.initrd).read_bytes() if o.initrd else b""
+            kernel = Path(o.kernel).read_bytes()
+            hashes = launch_plan.kernel_hashes_table(kernel, initrd, o.cmdline)
+        return vmm_launch.Machine(
             memory_bytes=o.memory_bytes,
             vcpus=o.vcpus,
             vcpu_type=o.vcpu_type,
-            policy=o.policy,
-            firmware_path=o.firmware,
-            kernel_path=o.kernel,
-            initrd_path=o.initrd,
-            cmdline=o.cmdline,
+            policy=o.policy or int(guest_policy.DEFAULT),
+            firmware=Path(self.firmware).read_bytes(),
+            kernel_hashes=hashes,
             host_data=o.host_data,
-            throttle=ThrottleConfig(o.throttle_ms, o.throttle_burst),
         )
-        self.vm = await self.vmm.create_vm(cfg)
-        # Hold the VM as a VMM holds its VM fd: if this process dies, kvm destroys the VM.
-        self.hold = await self.vmm.hold_vm(self.vm)
-        launched = await self.vmm.launch_vm(self.vm)
-        self.vcpus, self.measurement = list(launched.vcpus), launched.measurement
-        self.event("launched", detail=self.measurement.hex())
 
     async def boot(self) -> None:
         await self.launch()

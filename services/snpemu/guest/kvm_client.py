@@ -3,16 +3,20 @@ credential, its VM's lifecycle (guest/ports.py Exits and Vmm)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from snp.common.v1 import handles_pb2
 from snp.kvm.v1 import kvm_pb2, kvm_pb2_grpc
 
-from snpemu.abi.addr import Gpa
+from snpemu.abi.addr import PAGE_SIZE, Gpa
 from snpemu.guest.holds import StreamHold, held
 from snpemu.guest.ports import (
     GhcbReply,
     Launched,
+    LaunchFinish,
+    LaunchUpdate,
+    MemoryRegion,
     MsrReply,
     NpfReply,
     VmHandle,
@@ -20,6 +24,7 @@ from snpemu.guest.ports import (
 )
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SNP_VM
 from snpemu.kvm.wire import config_to_pb, identity_from_pb, identity_to_pb
 from snpemu.runtime.peers import Peer
 
@@ -66,11 +71,96 @@ class GrpcKvm:
         )
         return NpfReply(r.action, r.retry)
 
-    async def create_vm(self, config: VmConfig) -> VmHandle:
-        r = await self.peer.invoke(
-            self._stub().CreateVm, kvm_pb2.CreateVmRequest(config=config_to_pb(config))
-        )
+    async def create_vm(self, config: VmConfig | None) -> VmHandle:
+        request = kvm_pb2.CreateVmRequest(vm_type=KVM_X86_SNP_VM)
+        if config is not None:
+            request.config.CopyFrom(config_to_pb(config))
+        r = await self.peer.invoke(self._stub().CreateVm, request)
         return VmHandle(r.vm.id, bytes(r.vm.token))
+
+    async def snp_init2(self, vm: VmHandle, vmsa_features: int, ghcb_version: int) -> None:
+        await self.peer.invoke(
+            self._stub().SnpInit2,
+            kvm_pb2.SnpInit2Request(
+                vm=_vm(vm), vmsa_features=vmsa_features, ghcb_version=ghcb_version
+            ),
+        )
+
+    async def create_guest_memfd(self, vm: VmHandle, size: int) -> int:
+        r = await self.peer.invoke(
+            self._stub().CreateGuestMemfd, kvm_pb2.CreateGuestMemfdRequest(vm=_vm(vm), size=size)
+        )
+        return int(r.fd)
+
+    async def set_memory_region(self, vm: VmHandle, region: MemoryRegion) -> None:
+        await self.peer.invoke(
+            self._stub().SetMemoryRegion,
+            kvm_pb2.SetMemoryRegionRequest(vm=_vm(vm), **dataclasses.asdict(region)),
+        )
+
+    async def set_memory_attributes(
+        self, vm: VmHandle, address: int, size: int, private: bool
+    ) -> None:
+        await self.peer.invoke(
+            self._stub().SetMemoryAttributes,
+            kvm_pb2.SetMemoryAttributesRequest(
+                vm=_vm(vm),
+                address=address,
+                size=size,
+                attributes=KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0,
+            ),
+        )
+
+    async def create_vcpu(
+        self, vm: VmHandle, vcpu_id: int, reset_eip: int, vcpu_type: int
+    ) -> VcpuIdentity:
+        r = await self.peer.invoke(
+            self._stub().CreateVcpu,
+            kvm_pb2.CreateVcpuRequest(
+                vm=_vm(vm),
+                vcpu_id=vcpu_id,
+                reset_eip=reset_eip,
+                vcpu_type=kvm_pb2.VcpuType.ValueType(vcpu_type),
+            ),
+        )
+        return identity_from_pb(r.identity)
+
+    async def snp_launch_start(self, vm: VmHandle, policy: int) -> None:
+        await self.peer.invoke(
+            self._stub().SnpLaunchStart, kvm_pb2.SnpLaunchStartRequest(vm=_vm(vm), policy=policy)
+        )
+
+    async def snp_launch_update(self, vm: VmHandle, update: LaunchUpdate) -> LaunchUpdate:
+        r = await self.peer.invoke(
+            self._stub().SnpLaunchUpdate,
+            kvm_pb2.SnpLaunchUpdateRequest(vm=_vm(vm), **dataclasses.asdict(update)),
+            timeout=LAUNCH_TIMEOUT_S,
+        )
+        done = (update.len - r.len) // PAGE_SIZE
+        return dataclasses.replace(
+            update,
+            gfn_start=r.gfn_start,
+            uaddr=r.uaddr,
+            len=r.len,
+            source=update.source[done * PAGE_SIZE :],
+        )
+
+    async def snp_launch_finish(self, vm: VmHandle, finish: LaunchFinish) -> bytes:
+        r = await self.peer.invoke(
+            self._stub().SnpLaunchFinish,
+            kvm_pb2.SnpLaunchFinishRequest(vm=_vm(vm), **dataclasses.asdict(finish)),
+            timeout=LAUNCH_TIMEOUT_S,
+        )
+        return bytes(r.measurement)
+
+    async def set_guest_request_throttle(self, vm: VmHandle, interval_ms: int, burst: int) -> None:
+        await self.peer.invoke(
+            self._stub().SetGuestRequestThrottle,
+            kvm_pb2.SetGuestRequestThrottleRequest(
+                vm=_vm(vm),
+                throttle=kvm_pb2.GuestRequestThrottle(interval_ms=interval_ms, burst=burst),
+            ),
+        )
 
     async def hold_vm(self, vm: VmHandle) -> StreamHold:
         call = self._stub().HoldVm(kvm_pb2.HoldVmRequest(vm=_vm(vm)), metadata=self.peer.md)

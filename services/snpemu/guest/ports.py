@@ -85,14 +85,77 @@ class Hold(Protocol):
     def cancel(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class MemoryRegion:
+    """struct kvm_userspace_memory_region2 (KERNEL: include/uapi/linux/kvm.h)."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd: int
+    guest_memfd_offset: int = 0
+
+
+@dataclass(frozen=True)
+class LaunchUpdate:
+    """struct kvm_sev_snp_launch_update, with the bytes at uaddr (KERNEL:
+    arch/x86/include/uapi/asm/kvm.h)."""
+
+    gfn_start: int
+    uaddr: int
+    len: int
+    type: int
+    source: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class LaunchFinish:
+    """struct kvm_sev_snp_launch_finish."""
+
+    id_block: bytes = b""
+    id_auth: bytes = b""
+    id_block_en: bool = False
+    auth_key_en: bool = False
+    vcek_disabled: bool = False
+    host_data: bytes = b""
+
+
 class Vmm(Protocol):
-    async def create_vm(self, config: VmConfig) -> VmHandle: ...
+    async def create_vm(self, config: VmConfig | None) -> VmHandle:
+        """With a config, the VM built for it (LaunchVm launches it); without, the VM alone."""
+        ...
+
     async def hold_vm(self, vm: VmHandle) -> Hold:
         """The VM held as a VMM holds its VM fd (kvm destroys it when the hold goes), once kvm
         has confirmed the hold."""
         ...
 
     async def launch_vm(self, vm: VmHandle) -> Launched: ...
+
+    # the ioctls QEMU makes, one RPC each (kvm.proto)
+    async def snp_init2(self, vm: VmHandle, vmsa_features: int, ghcb_version: int) -> None: ...
+    async def create_guest_memfd(self, vm: VmHandle, size: int) -> int: ...
+    async def set_memory_region(self, vm: VmHandle, region: MemoryRegion) -> None: ...
+    async def set_memory_attributes(
+        self, vm: VmHandle, address: int, size: int, private: bool
+    ) -> None: ...
+    async def create_vcpu(
+        self, vm: VmHandle, vcpu_id: int, reset_eip: int, vcpu_type: int
+    ) -> VcpuIdentity: ...
+    async def snp_launch_start(self, vm: VmHandle, policy: int) -> None: ...
+    async def snp_launch_update(self, vm: VmHandle, update: LaunchUpdate) -> LaunchUpdate:
+        """The update advanced past the pages done, as KVM writes it back."""
+        ...
+
+    async def snp_launch_finish(self, vm: VmHandle, finish: LaunchFinish) -> bytes:
+        """The measurement."""
+        ...
+
+    async def set_guest_request_throttle(
+        self, vm: VmHandle, interval_ms: int, burst: int
+    ) -> None: ...
     async def get_vm(self, vm: VmHandle) -> VmStatus: ...
     async def destroy_vm(self, vm: VmHandle) -> None: ...
 
