@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -17,7 +20,7 @@ from snp.rmp.v1 import rmp_pb2_grpc
 from snpemu.rmp.client import read_credential
 
 from tests.cluster.conftest import Cluster
-from tests.conftest import sev_snp_measure
+from tests.conftest import ROOT, sev_snp_measure, tool
 from tests.service.host_stack import Guest, Stack
 
 pytestmark = pytest.mark.cluster
@@ -32,6 +35,33 @@ def grpcurl(
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_the_step_by_step_walk_through_measures_like_sev_snp_measure(cluster: Cluster) -> None:
+    """The README's walk-through (scripts/launch-step-by-step.sh): the guest launched RPC by
+    RPC with the real grpcurl, as QEMU launches it over KVM's ioctls."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "launch-step-by-step.sh"), OVMF, "256", "2"],
+        env={
+            **os.environ,
+            "KVM": cluster.address("kvm"),
+            "CREDENTIAL": str(cluster.state_dir / "host-credential"),
+            "GRPCURL": tool("grpcurl"),
+            "PYTHON": sys.executable,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    measurement, vm_id = out.stdout.split()
+    assert measurement == sev_snp_measure(ovmf=OVMF, vcpus=2)
+    info = grpcurl(cluster, "GetVm", {"vm": {"id": vm_id}})["vm"]
+    assert info["state"] == "VM_STATE_RUNNING"  # type: ignore[index]
+    slots = [m.get("slot", 0) for m in info["memslots"]]  # type: ignore[index]
+    assert slots == [0, 1]  # (grpcurl leaves out a 0)
+    assert grpcurl(cluster, "DestroyVm", {"vm": {"id": vm_id}}) == {}
 
 
 def test_host_came_up_with_snp(cluster: Cluster) -> None:

@@ -82,7 +82,6 @@ def test_grpcurl_describe_uses_reflection(cluster: Cluster) -> None:
 
 def test_every_rpc_the_readme_lists_as_not_built_answers_unimplemented(cluster: Cluster) -> None:
     not_built = not_built_from_readme()
-    assert not_built, "README lists nothing as not built"
     for name in ("rmp", "psp", "kvm", "netd", "guest-0"):
         service = service_name_of(name)
         for method in not_built.get(service, []):
@@ -90,6 +89,14 @@ def test_every_rpc_the_readme_lists_as_not_built_answers_unimplemented(cluster: 
             assert result.returncode != 0, f"{service}/{method} answered: {result.stdout}"
             assert "Code: Unimplemented" in result.stderr, (service, method, result.stderr)
             assert '"reason":"NOT_BUILT"' in result.stderr, (service, method, result.stderr)
+    # the ioctl RPCs the README listed until they were built answer an empty request without a
+    # credential as any built RPC does (refused), not UNIMPLEMENTED
+    for method in ("SetMemoryRegion", "SnpLaunchStart", "CreateVcpu"):
+        result = grpcurl(
+            "-d", "{}", cluster.address("kvm"), f"snp.kvm.v1.KvmService/{method}", check=False
+        )
+        assert result.returncode != 0, result.stdout
+        assert "Code: Unimplemented" not in result.stderr, (method, result.stderr)
 
 
 def test_prometheus_scrapes_every_service(prometheus: Cluster) -> None:
