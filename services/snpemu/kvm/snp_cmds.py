@@ -8,6 +8,7 @@ The VM's launch state is sev.c's: `sev_active` (KVM_SEV_INIT2 made it an SNP gue
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
@@ -221,27 +222,28 @@ async def launch_update(
     spas = [vm.memslots.translate(gpa + i * PAGE) for i in range(npages)]
     private = vm.attributes.private_prefix(gpa, gpa + npages * PAGE) // PAGE
     assigned = await assigned_entries(kvm.rmp, [spa_to_pfn(Spa(s)) for s in spas if s is not None])
-    done = 0
     cause: SnpemuError | None = None
+    ready = len(spas)  # the pages before the first one that cannot be populated
     for i, spa in enumerate(spas):
         assert spa is not None  # INVARIANT: inside the slot's runs
         if i >= private:
             # __kvm_gmem_populate(): a gfn without KVM_MEMORY_ATTRIBUTE_PRIVATE
             cause = _einval(f"GPA {gpa + i * PAGE:#x} is not private (SetMemoryAttributes)")
-            break
-        if spa_to_pfn(Spa(spa)) in assigned:
+        elif spa_to_pfn(Spa(spa)) in assigned:
             # sev_gmem_post_populate(): an RMP entry already assigned
             cause = refuse(WrongState, Errno.EEXIST, f"GPA {gpa + i * PAGE:#x} is private already")
+        if cause is not None:
+            ready = i
             break
+    todo = [Spa(s) for s in spas[:ready] if s is not None]
+    if not zero:
+        # the contents first: the kernel copies each page just before its RMPUPDATE, but a
+        # page left shared by a failure holds only what the VMM wrote to it either way
+        await _write_pages(kvm, todo, source)
+    done = 0
+    for i, spa in enumerate(todo):
         try:
-            data = (
-                None
-                if zero
-                else HostWrite(
-                    Spa(spa), source[i * PAGE : (i + 1) * PAGE], AccessOrigin.USER, "vmm"
-                )
-            )
-            await _populate(kvm, vm, Spa(spa), gpa + i * PAGE, page_type, data)
+            await _populate(kvm, vm, spa, gpa + i * PAGE, page_type, None)
         except PeerError as e:
             if e.fw_status is None:
                 raise
@@ -254,6 +256,28 @@ async def launch_update(
             cause.metadata["cause"] = cause.metadata.get("errno", "")
         raise with_errno(cause, Errno.EIO)
     return done
+
+
+WRITES_IN_FLIGHT = 64  # host writes (a page each) sent before their answers come back
+
+
+async def _write_pages(kvm: Kvm, spas: list[Spa], source: bytes) -> None:
+    """source[i * 4K:] to spas[i]: the writes are independent, so they overlap."""
+    for first in range(0, len(spas), WRITES_IN_FLIGHT):
+        chunk = spas[first : first + WRITES_IN_FLIGHT]
+        await asyncio.gather(
+            *(
+                kvm.rmp.host_write(
+                    HostWrite(
+                        spa,
+                        source[(first + i) * PAGE : (first + i + 1) * PAGE],
+                        AccessOrigin.USER,
+                        "vmm",
+                    )
+                )
+                for i, spa in enumerate(chunk)
+            )
+        )
 
 
 async def _populate(

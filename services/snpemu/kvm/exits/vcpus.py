@@ -52,7 +52,7 @@ def kick(ctx: ExitContext, asid: int, terminate_vm: bool, reason: str) -> bool:
     """rmp's MMU notification for an ASID: every vCPU of its VM kicked, the VM terminated if
     rmp asks (a private page converted under it); False if no VM has the ASID."""
     for vm in ctx.vms.values():
-        if vm.asid != asid:
+        if not vm.sev_active or vm.asid != asid:  # before KVM_SEV_INIT2 a VM has no ASID
             continue
         for vcpu in vm.vcpus.values():
             vcpu.kicks += 1
