@@ -132,3 +132,70 @@ async def test_a_guest_agents_api_is_its_owners(stack: Stack) -> None:
                 else grpc.StatusCode.PERMISSION_DENIED,
                 "OWNER_CREDENTIAL_MISSING" if md is HOST else "OWNER_CREDENTIAL_WRONG",
             )
+
+
+async def test_the_ioctl_rpcs_take_only_their_creators_handles(stack: Stack) -> None:
+    """Each ioctl RPC refuses another VMM's VM (as a VM fd works only in its process), and a
+    guest_memfd fd is its maker's: another VMM naming it gets EBADF, as an fd number means
+    nothing in another process (KERNEL: virt/kvm/guest_memfd.c kvm_gmem_bind(): fget() fails)."""
+    a = (await stack.kvm.CreateVm(pb.CreateVmRequest(), metadata=vmm("a"))).vm
+    b = (await stack.kvm.CreateVm(pb.CreateVmRequest(), metadata=vmm("b"))).vm
+    for vm, who in ((a, "a"), (b, "b")):
+        await stack.kvm.SnpInit2(pb.SnpInit2Request(vm=vm), metadata=vmm(who))
+    fd_b = (
+        await stack.kvm.CreateGuestMemfd(
+            pb.CreateGuestMemfdRequest(vm=b, size=1 << 20), metadata=vmm("b")
+        )
+    ).fd
+    calls = {
+        "SnpInit2": lambda h: stack.kvm.SnpInit2(pb.SnpInit2Request(vm=h), metadata=vmm("a")),
+        "CreateGuestMemfd": lambda h: stack.kvm.CreateGuestMemfd(
+            pb.CreateGuestMemfdRequest(vm=h, size=4096), metadata=vmm("a")
+        ),
+        "SetMemoryRegion": lambda h: stack.kvm.SetMemoryRegion(
+            pb.SetMemoryRegionRequest(vm=h, flags=4, memory_size=4096, guest_memfd=fd_b),
+            metadata=vmm("a"),
+        ),
+        "SetMemoryAttributes": lambda h: stack.kvm.SetMemoryAttributes(
+            pb.SetMemoryAttributesRequest(vm=h, size=4096, attributes=8), metadata=vmm("a")
+        ),
+        "CreateVcpu": lambda h: stack.kvm.CreateVcpu(pb.CreateVcpuRequest(vm=h), metadata=vmm("a")),
+        "SnpLaunchStart": lambda h: stack.kvm.SnpLaunchStart(
+            pb.SnpLaunchStartRequest(vm=h, policy=0x30000), metadata=vmm("a")
+        ),
+        "SnpLaunchUpdate": lambda h: stack.kvm.SnpLaunchUpdate(
+            pb.SnpLaunchUpdateRequest(vm=h, len=4096, type=3), metadata=vmm("a")
+        ),
+        "SnpLaunchFinish": lambda h: stack.kvm.SnpLaunchFinish(
+            pb.SnpLaunchFinishRequest(vm=h), metadata=vmm("a")
+        ),
+    }
+    before = (await stack.kvm.GetVm(pb.GetVmRequest(vm=b), metadata=HOST)).vm
+    for name, call in calls.items():
+        for handle, reason in (
+            (handles_pb2.VmHandle(id=b.id), "VM_TOKEN_MISSING"),
+            (b, "VM_NOT_YOURS"),
+        ):
+            try:
+                await refused(call(handle), grpc.StatusCode.PERMISSION_DENIED, reason)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+    assert (await stack.kvm.GetVm(pb.GetVmRequest(vm=b), metadata=HOST)).vm == before
+    # b's guest_memfd is not an fd of a's, even on a's own VM
+    await refused(
+        stack.kvm.SetMemoryRegion(
+            pb.SetMemoryRegionRequest(
+                vm=a, flags=4, memory_size=1 << 20, userspace_addr=1 << 40, guest_memfd=fd_b
+            ),
+            metadata=vmm("a"),
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "NOT_FOUND",
+    )
+    # and b binds it
+    await stack.kvm.SetMemoryRegion(
+        pb.SetMemoryRegionRequest(
+            vm=b, flags=4, memory_size=1 << 20, userspace_addr=1 << 40, guest_memfd=fd_b
+        ),
+        metadata=vmm("b"),
+    )

@@ -3,6 +3,8 @@ private pages, as KVM's mem_attr_array holds an attribute per GFN."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from snpemu.kvm.attributes import PrivateRanges
@@ -28,7 +30,7 @@ def test_private_ranges_are_the_pages_set_private(
     assert {p for s, e in ranges.ranges() for p in range(s, e)} == model
     # disjoint, sorted, never touching (merged)
     spans = ranges.ranges()
-    assert all(e1 < s2 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False))
+    assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(spans))
     end = start + length
     prefix = 0
     while start + prefix < end and start + prefix in model:
