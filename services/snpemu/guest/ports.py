@@ -16,6 +16,7 @@ from typing import Protocol
 from snpemu.abi.addr import Gpa
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.identity import VcpuIdentity
+from snpemu.kvm.ports import LaunchFinish as LaunchFinish  # SnpLaunchFinish's inputs too
 
 # --- kvm: the exits of a vCPU ---------------------------------------------------------------
 
@@ -108,18 +109,6 @@ class LaunchUpdate:
     len: int
     type: int
     source: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class LaunchFinish:
-    """struct kvm_sev_snp_launch_finish."""
-
-    id_block: bytes = b""
-    id_auth: bytes = b""
-    id_block_en: bool = False
-    auth_key_en: bool = False
-    vcek_disabled: bool = False
-    host_data: bytes = b""
 
 
 class Vmm(Protocol):

@@ -20,6 +20,7 @@ from snpemu.abi.page_type import PageType
 from snpemu.errors import WrongState
 from snpemu.kvm import memory_ioctls, snp_cmds
 from snpemu.kvm.policy import policy_of
+from snpemu.kvm.ports import LaunchFinish
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.uapi import KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE
 from snpemu.kvm.vm import Vm, VmState
@@ -97,7 +98,7 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     measurement = await snp_cmds.launch_finish(
         kvm,
         vm,
-        snp_cmds.Finish(
+        LaunchFinish(
             id_block=cfg.id_block,
             id_auth=cfg.id_auth,
             id_block_en=bool(cfg.id_block),

@@ -19,6 +19,7 @@ from snpemu.kvm import create, memory_ioctls, snp_cmds
 from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
+from snpemu.kvm.ports import LaunchFinish
 from snpemu.kvm.throttle import Throttle, check_throttle
 from snpemu.kvm.uapi import KVM_X86_SNP_VM, Errno, refuse
 from snpemu.kvm.vm import Vm
@@ -203,15 +204,15 @@ class KvmServicer:
             measurement = await snp_cmds.launch_finish(
                 self.kvm,
                 vm,
-                snp_cmds.Finish(
+                LaunchFinish(
                     id_block=bytes(request.id_block),
                     id_auth=bytes(request.id_auth),
                     id_block_en=request.id_block_en,
                     auth_key_en=request.auth_key_en,
                     vcek_disabled=request.vcek_disabled,
                     host_data=bytes(request.host_data),
-                    flags=request.flags,
                 ),
+                request.flags,
             )
         return pb.SnpLaunchFinishResponse(measurement=measurement)
 

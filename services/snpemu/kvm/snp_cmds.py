@@ -9,7 +9,6 @@ The VM's launch state is sev.c's: `sev_active` (KVM_SEV_INIT2 made it an SNP gue
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -301,20 +300,7 @@ async def _populate(
         raise
 
 
-@dataclasses.dataclass(frozen=True)
-class Finish:
-    """struct kvm_sev_snp_launch_finish as the request carries it."""
-
-    id_block: bytes = b""
-    id_auth: bytes = b""
-    id_block_en: bool = False
-    auth_key_en: bool = False
-    vcek_disabled: bool = False
-    host_data: bytes = b""
-    flags: int = 0
-
-
-async def launch_finish(kvm: Kvm, vm: Vm, f: Finish) -> bytes:
+async def launch_finish(kvm: Kvm, vm: Vm, f: LaunchFinish, flags: int = 0) -> bytes:
     """KERNEL: arch/x86/kvm/svm/sev.c snp_launch_finish(), snp_launch_update_vmsa()"""
     _snp_guest(vm, "KVM_SEV_SNP_LAUNCH_FINISH")
     if not vm.gctx:
@@ -323,8 +309,8 @@ async def launch_finish(kvm: Kvm, vm: Vm, f: Finish) -> bytes:
     # second SNP_LAUNCH_FINISH, after KVM re-synced VMSAs that are the guest's now
     if vm.state == VmState.RUNNING:
         raise _state(f"{vm.vm_id} is launched already")
-    if f.flags:
-        raise _einval(f"flags {f.flags:#x} must be 0")
+    if flags:
+        raise _einval(f"flags {flags:#x} must be 0")
     # KVM copies the ID block and auth after measuring the VMSAs (psp_copy_user_blob()); they
     # are checked first here, so a bad request changes nothing
     if f.id_block_en:
