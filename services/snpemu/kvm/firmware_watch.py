@@ -57,9 +57,12 @@ async def terminate_lost_vms(kvm: Kvm) -> int:
     for vm in list(kvm.vms.values()):
         if teardown.is_released(vm):
             continue
-        was = vm.state
-        vm.state = VmState.TERMINATED  # its exits are refused from here on
-        leaked += await teardown.release(kvm, vm)
+        async with vm.lock:  # after the ioctl under way on it, if any
+            if kvm.vms.get(vm.vm_id) is not vm or teardown.is_released(vm):
+                continue
+            was = vm.state
+            vm.state = VmState.TERMINATED  # its exits are refused from here on
+            leaked += await teardown.release(kvm, vm)
         if was != VmState.TERMINATED:
             # the reason last: a VMM that reads it destroys the VM, which must not race the
             # release of its pages

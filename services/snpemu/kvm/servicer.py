@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from snpemu.abi.addr import PAGE_SIZE, page_bytes, pfn_to_spa
 from snpemu.abi.asid import MAX_SNP_ASID
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.abi.page_type import PageType
-from snpemu.errors import InvalidArgument
+from snpemu.errors import InvalidArgument, NotFound
 from snpemu.kvm import create, memory_ioctls, snp_cmds
 from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.handles import check_id, check_token
@@ -76,6 +77,15 @@ class KvmServicer:
         check_token(vm.vm_id, vm.owner, vm.token, handle.token, current_caller())
         return vm
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, vm: Vm) -> AsyncIterator[None]:
+        """The VM's ioctls one at a time (KERNEL: kvm->lock, kvm->slots_lock), on a VM still
+        there when its turn comes (DestroyVm or a VMM's exit may have taken it meanwhile)."""
+        async with vm.lock:
+            if self.kvm.vms.get(vm.vm_id) is not vm:
+                raise NotFound(f"{vm.vm_id} was destroyed")
+            yield
+
     async def GetCapabilities(self, request: Any, context: Any) -> pb.GetCapabilitiesResponse:
         k = self.kvm
         return pb.GetCapabilitiesResponse(
@@ -111,7 +121,7 @@ class KvmServicer:
 
     async def LaunchVm(self, request: Any, context: Any) -> pb.LaunchVmResponse:
         vm = self._vm(request.vm)
-        async with vm.lock:
+        async with self._locked(vm):
             measurement = await self.kvm.launch_vm(vm)
         return pb.LaunchVmResponse(
             measurement=measurement,
@@ -121,7 +131,7 @@ class KvmServicer:
     async def SnpInit2(self, request: Any, context: Any) -> pb.SnpInit2Response:
         vm = self._vm(request.vm)
         check_u16("ghcb_version", request.ghcb_version)
-        async with vm.lock:
+        async with self._locked(vm):
             await snp_cmds.init2(
                 self.kvm, vm, request.vmsa_features, request.flags, request.ghcb_version
             )
@@ -129,7 +139,7 @@ class KvmServicer:
 
     async def CreateGuestMemfd(self, request: Any, context: Any) -> pb.CreateGuestMemfdResponse:
         vm = self._vm(request.vm)
-        async with vm.lock:
+        async with self._locked(vm):
             g = await memory_ioctls.create_guest_memfd(
                 self.kvm, vm, request.size, request.flags, current_caller().name
             )
@@ -138,7 +148,7 @@ class KvmServicer:
     async def SetMemoryRegion(self, request: Any, context: Any) -> pb.SetMemoryRegionResponse:
         vm = self._vm(request.vm)
         caller = current_caller()
-        async with vm.lock:
+        async with self._locked(vm):
             await memory_ioctls.set_memory_region(
                 self.kvm,
                 vm,
@@ -158,7 +168,7 @@ class KvmServicer:
         self, request: Any, context: Any
     ) -> pb.SetMemoryAttributesResponse:
         vm = self._vm(request.vm)
-        async with vm.lock:
+        async with self._locked(vm):
             memory_ioctls.set_memory_attributes(
                 vm, request.address, request.size, request.attributes, request.flags
             )
@@ -167,7 +177,7 @@ class KvmServicer:
     async def SnpLaunchStart(self, request: Any, context: Any) -> pb.SnpLaunchStartResponse:
         vm = self._vm(request.vm)
         check_u16("flags", request.flags)
-        async with vm.lock:
+        async with self._locked(vm):
             await snp_cmds.launch_start(
                 self.kvm, vm, request.policy, bytes(request.gosvw), request.flags
             )
@@ -178,7 +188,7 @@ class KvmServicer:
         check_u16("flags", request.flags)
         if request.type > 0xFF:
             raise refuse(InvalidArgument, Errno.EINVAL, f"type {request.type} is a __u8")
-        async with vm.lock:
+        async with self._locked(vm):
             done = await snp_cmds.launch_update(
                 self.kvm,
                 vm,
@@ -200,7 +210,7 @@ class KvmServicer:
     async def SnpLaunchFinish(self, request: Any, context: Any) -> pb.SnpLaunchFinishResponse:
         vm = self._vm(request.vm)
         check_u16("flags", request.flags)
-        async with vm.lock:
+        async with self._locked(vm):
             measurement = await snp_cmds.launch_finish(
                 self.kvm,
                 vm,
@@ -218,7 +228,7 @@ class KvmServicer:
 
     async def CreateVcpu(self, request: Any, context: Any) -> pb.CreateVcpuResponse:
         vm = self._vm(request.vm)
-        async with vm.lock:
+        async with self._locked(vm):
             vcpu = await snp_cmds.create_vcpu(
                 self.kvm, vm, request.vcpu_id, request.reset_eip, int(request.vcpu_type)
             )
@@ -242,7 +252,7 @@ class KvmServicer:
 
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
         vm = self._vm(request.vm)
-        async with vm.lock:
+        async with self._locked(vm):
             return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(vm))
 
     async def HoldVm(self, request: Any, context: Any) -> AsyncIterator[pb.HoldVmResponse]:
@@ -268,7 +278,10 @@ class KvmServicer:
             extra={"event": "vm_released", "vm": vm.vm_id},
         )
         try:
-            leaked = await self.kvm.destroy_vm(vm)
+            async with self._locked(vm):
+                leaked = await self.kvm.destroy_vm(vm)
+        except NotFound:
+            return  # DestroyVm took it while this waited
         except Exception as e:  # peers gone at host shutdown: say so, nothing else to do
             log.error("releasing %s failed: %s", vm.vm_id, e, extra={"event": "vm_release_failed"})
             return
