@@ -1,5 +1,6 @@
 """KVM_CREATE_VM: a VM alone (what the ioctl makes), or one built for a config the way QEMU
-builds it next: KVM_SEV_INIT2, guest RAM in a guest_memfd bound to memslot 0, the vCPUs.
+builds it next: KVM_SEV_INIT2, guest RAM in a guest_memfd bound to memslot 0 below 4 GiB and
+memslot 2 above (vmm/memory_layout.py), the vCPUs.
 
 Each step is the RPC's own (snp_cmds.py, memory_ioctls.py); a config VM that fails part way is
 discarded whole (teardown.py discard()), so a failed CreateVm leaves nothing.
@@ -21,8 +22,7 @@ from snpemu.kvm.teardown import discard
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.uapi import KVM_MEM_GUEST_MEMFD, KVM_X86_SNP_VM, Errno, refuse
 from snpemu.kvm.vm import Vm, new_vm_id
-from snpemu.vmm import vmsa
-from snpemu.vmm.memory_layout import RAM_SLOT, VMM_HVA_BASE
+from snpemu.vmm import memory_layout, vmsa
 
 if TYPE_CHECKING:
     from snpemu.kvm.machine import Kvm
@@ -70,24 +70,26 @@ async def create_vm(kvm: Kvm, config: VmConfig, owner: str) -> Vm:
         sev_features=vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE,
     )
     vm.config = dataclasses.replace(config, firmware=b"", kernel=b"", initrd=b"", images=loaded)
+    vm.e820 = tuple(memory_layout.e820(config.memory_bytes))
     if not kvm.free_asids:
         raise WrongState("no SNP ASID left (all in use)", reason=KvmReason.ASID_EXHAUSTED)
     try:
         await snp_cmds.init2(kvm, vm, vmsa_features, 0, 0)
         ram = await memory_ioctls.create_guest_memfd(kvm, vm, config.memory_bytes, 0, owner)
-        await memory_ioctls.set_memory_region(
-            kvm,
-            vm,
-            slot=RAM_SLOT,
-            flags=KVM_MEM_GUEST_MEMFD,
-            gpa=0,
-            size=config.memory_bytes,
-            userspace_addr=VMM_HVA_BASE,
-            gmem_fd=ram.fd,
-            gmem_offset=0,
-            caller=owner,
-            is_host=True,
-        )
+        for region in memory_layout.ram_regions(config.memory_bytes):
+            await memory_ioctls.set_memory_region(
+                kvm,
+                vm,
+                slot=region.slot,
+                flags=KVM_MEM_GUEST_MEMFD,
+                gpa=region.gpa,
+                size=region.size,
+                userspace_addr=region.hva,
+                gmem_fd=ram.fd,
+                gmem_offset=region.offset,
+                caller=owner,
+                is_host=True,
+            )
         for i in range(config.vcpus):
             # QEMU points the APs at the firmware's SEV-ES reset block
             # (target/i386/sev.c sev_es_set_reset_vector())

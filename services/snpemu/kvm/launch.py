@@ -25,7 +25,7 @@ from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.uapi import KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE
 from snpemu.kvm.vm import Vm, VmState
 from snpemu.vmm import launch_plan
-from snpemu.vmm.memory_layout import FIRMWARE_SLOT, RAM_SLOT, firmware_hva
+from snpemu.vmm.memory_layout import FIRMWARE_SLOT, firmware_hva
 
 if TYPE_CHECKING:
     from snpemu.kvm.machine import Kvm
@@ -72,7 +72,6 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
     await snp_cmds.launch_start(kvm, vm, policy_of(cfg), bytes(16), 0)
     size = -(-len(ovmf.data) // PAGE_SIZE) * PAGE_SIZE
     fw = await memory_ioctls.create_guest_memfd(kvm, vm, size, 0, vm.owner)
-    ram = vm.slots[RAM_SLOT]
     await memory_ioctls.set_memory_region(
         kvm,
         vm,
@@ -80,7 +79,7 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
         flags=KVM_MEM_GUEST_MEMFD,
         gpa=ovmf.gpa,
         size=size,
-        userspace_addr=firmware_hva(ram.size),
+        userspace_addr=firmware_hva(cfg.memory_bytes),
         gmem_fd=fw.fd,
         gmem_offset=0,
         caller=vm.owner,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import PAGE_SIZE as PAGE
-from snpemu.abi.addr import PMD_SIZE
-from snpemu.abi.rmp import Placement
 from snpemu.errors import AlreadyExists, InvalidArgument, NotBuilt
+from snpemu.kvm.faultin import faultin_ranges
 from snpemu.kvm.gmem import GuestMemfd
+from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
@@ -29,7 +29,6 @@ from snpemu.kvm.uapi import (
     refuse,
 )
 from snpemu.kvm.vm import UserMemslot, Vm
-from snpemu.runtime.peers import PeerError
 
 if TYPE_CHECKING:
     from snpemu.kvm.machine import Kvm
@@ -60,10 +59,8 @@ async def create_guest_memfd(kvm: Kvm, vm: Vm, size: int, flags: int, owner: str
     # size is a loff_t there: a u64 with the top bit set is negative
     if size == 0 or size >= 1 << 63 or size % PAGE:
         raise _einval(f"size {size:#x} must be a positive multiple of 4096")
-    npages = size // PAGE
-    placement = Placement.ALIGNED_2M if size % PMD_SIZE == 0 else Placement.ANY
-    pfns = await kvm.rmp.allocate(npages, placement)
-    g = kvm.gmems.add(vm.vm_id, owner, pfns)
+    # no frames yet: each chunk takes its own when first used (kvm/faultin.py)
+    g = kvm.gmems.add(vm.vm_id, owner, size // PAGE)
     vm.gmem_fds.append(g.fd)
     return g
 
@@ -137,42 +134,22 @@ async def set_memory_region(
             "bind a guest_memfd"
         )
     g = kvm.gmems.get(gmem_fd, vm.vm_id, caller, is_host)
-    pfns = g.bind(slot, gmem_offset, size)
-    runs = tuple(vm.memslots.add(gpa, pfns))
-    vm.slots[slot] = UserMemslot(slot, flags, gpa, size, userspace_addr, gmem_fd, gmem_offset, runs)
-    if not vm.sev_active:
-        return  # no ASID, no NPT yet: KVM_SEV_INIT2 maps it (snp_cmds.init2())
-    try:
-        await kvm.rmp.update_npt(vm.vm_id, vm.asid, map=list(runs))
-    except BaseException:
-        await _forget(kvm, vm, vm.slots.pop(slot), g)
-        raise
+    g.bind(slot, gmem_offset, size)
+    # nothing mapped yet: KVM maps a memslot's pages as the guest (or KVM) first uses them
+    vm.slots[slot] = UserMemslot(slot, flags, gpa, size, userspace_addr, gmem_fd, gmem_offset)
 
 
 async def _delete(kvm: Kvm, vm: Vm, old: UserMemslot) -> None:
     """KVM_MR_DELETE: out of the NPT and the translation, the guest_memfd unbound (its pages
     stay its own). KERNEL: kvm_set_memslot(), kvm_free_memslot() -> kvm_gmem_unbind()"""
-    if vm.sev_active:
-        await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=list(old.runs))
-    del vm.slots[old.slot]
-    vm.memslots.remove(old.runs)
+    async with vm.fault_lock:
+        if vm.sev_active and old.runs:
+            await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=list(old.runs))
+        del vm.slots[old.slot]
+        vm.memslots.remove(old.runs)
     g = kvm.gmems.by_fd.get(old.gmem_fd)
     if g is not None:
         g.unbind(old.slot)
-
-
-async def _forget(kvm: Kvm, vm: Vm, slot: UserMemslot, g: GuestMemfd) -> None:
-    """A slot whose mapping failed: out of the NPT if rmp lets it go, else kept for DestroyVm
-    to unmap (its frames must not be freed while rmp might map them)."""
-    vm.memslots.remove(slot.runs)
-    g.unbind(slot.slot)
-    try:
-        await kvm.rmp.update_npt(vm.vm_id, vm.asid, unmap=list(slot.runs))
-    except PeerError:
-        vm.stale_runs += slot.runs
-    except BaseException:
-        vm.stale_runs += slot.runs
-        raise
 
 
 def set_memory_attributes(vm: Vm, address: int, size: int, attributes: int, flags: int) -> None:
@@ -189,3 +166,31 @@ def set_memory_attributes(vm: Vm, address: int, size: int, attributes: int, flag
     if address % PAGE or size % PAGE:
         raise _einval(f"address {address:#x} and size {size:#x} must be page aligned")
     vm.attributes.set(address, address + size, bool(attributes))
+
+
+POPULATE_RANGES_MAX = 16
+POPULATE_BYTES_MAX = 1 << 30
+
+
+async def populate(kvm: Kvm, vm: Vm, ranges: list[tuple[int, int]]) -> None:
+    """A device backend's first touch of the VMM's memory (GetMemoryMap's `populate`): each
+    (gpa, size) backed where a memslot holds it, all checked before any is. The bounds keep one
+    call from backing a large guest whole."""
+    if len(ranges) > POPULATE_RANGES_MAX:
+        raise InvalidArgument(
+            f"populate takes at most {POPULATE_RANGES_MAX} ranges",
+            reason=KvmReason.POPULATE_INVALID,
+        )
+    for gpa, size in ranges:
+        if size == 0 or gpa + size > U64:
+            raise InvalidArgument(
+                f"populate range {gpa:#x}+{size:#x}: empty or past 2^64",
+                reason=KvmReason.POPULATE_INVALID,
+            )
+    if sum(size for _, size in ranges) > POPULATE_BYTES_MAX:
+        raise InvalidArgument(
+            f"populate covers at most {POPULATE_BYTES_MAX} bytes in all",
+            reason=KvmReason.POPULATE_INVALID,
+        )
+    if ranges:
+        await faultin_ranges(kvm, vm, [(gpa, gpa + size) for gpa, size in ranges])

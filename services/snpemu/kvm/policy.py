@@ -11,7 +11,9 @@ from snpemu.kvm.reasons import KvmReason
 from snpemu.psp.status import SevStatus, is_state_error
 from snpemu.runtime.peers import PeerError
 
-MAX_RAM = 3 << 30  # RAM sits below the 32-bit hole here; no memory above 4 GiB yet
+# RAM above 4 GiB goes on from there (vmm/memory_layout.py); up to 512 GiB, so it never reaches
+# the HyperTransport hole below 1 TiB that QEMU moves it past
+MAX_RAM = 512 << 30
 MIN_RAM = 16 << 20
 MAX_VCPUS = 64
 # KERNEL: arch/x86/include/asm/svm.h SVM_SEV_FEAT_*
@@ -29,7 +31,7 @@ def check_config(config: VmConfig, supported_vmsa_features: int) -> int:
     features (without SNP_ACTIVE)."""
     mem, vcpus = config.memory_bytes, config.vcpus
     if not MIN_RAM <= mem <= MAX_RAM or mem % (2 << 20):
-        raise InvalidArgument("memory_bytes must be a multiple of 2 MiB in 16 MiB..3 GiB")
+        raise InvalidArgument("memory_bytes must be a multiple of 2 MiB in 16 MiB..512 GiB")
     if not 1 <= vcpus <= MAX_VCPUS:
         raise InvalidArgument("vcpus must be in 1..64")
     # UNVERIFIED(policy-at-create): KVM checks the policy in snp_launch_start(); it is part

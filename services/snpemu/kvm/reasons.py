@@ -15,6 +15,7 @@ class KvmReason(enum.StrEnum):
     POLICY_UNSUPPORTED = "POLICY_UNSUPPORTED"  # policy bits outside SNP_POLICY_MASK_VALID
     POLICY_MBO = "POLICY_MBO"  # policy bit 17 (reserved, must be one) is zero
     VMSA_FEATURES_UNSUPPORTED = "VMSA_FEATURES_UNSUPPORTED"
+    POPULATE_INVALID = "POPULATE_INVALID"  # GetMemoryMap's populate: too many, empty, too large
     # the images of a VM's config (kvm/images.py)
     IMAGE_PATH_AND_BYTES = "IMAGE_PATH_AND_BYTES"  # a path and the bytes of one image
     IMAGE_PATH_INVALID = "IMAGE_PATH_INVALID"  # a NUL in the path, or longer than PATH_MAX

@@ -21,6 +21,7 @@ from snpemu.abi.rmp import VMSA_GPA, AccessOrigin, Code, Placement
 from snpemu.abi.vcpu_type import DEFAULT_VCPU_TYPE, VCPU_TYPES
 from snpemu.errors import InvalidArgument, SnpemuError, WrongState
 from snpemu.kvm import context
+from snpemu.kvm.faultin import faultin
 from snpemu.kvm.pages import assigned_entries, firmware_page, reclaim
 from snpemu.kvm.policy import (
     MAX_VCPUS,
@@ -218,16 +219,20 @@ async def launch_update(
         raise _einval(f"gfn {gfn_start:#x} is in no guest_memfd memslot")
     # kvm_gmem_populate(): the range is cut at the end of its memslot
     npages = min(length // PAGE, (slot.gpa + slot.size - gpa) // PAGE)
-    spas = [vm.memslots.translate(gpa + i * PAGE) for i in range(npages)]
     private = vm.attributes.private_prefix(gpa, gpa + npages * PAGE) // PAGE
+    if private:
+        # kvm_gmem_populate() takes each page's folio from the guest_memfd (new if it had none)
+        await faultin(kvm, vm, gpa, min(npages, private) * PAGE)
+    spas = [vm.memslots.translate(gpa + i * PAGE) for i in range(npages)]
     assigned = await assigned_entries(kvm.rmp, [spa_to_pfn(Spa(s)) for s in spas if s is not None])
     cause: SnpemuError | None = None
     ready = len(spas)  # the pages before the first one that cannot be populated
     for i, spa in enumerate(spas):
-        assert spa is not None  # INVARIANT: inside the slot's runs
         if i >= private:
             # __kvm_gmem_populate(): a gfn without KVM_MEMORY_ATTRIBUTE_PRIVATE
             cause = _einval(f"GPA {gpa + i * PAGE:#x} is not private (SetMemoryAttributes)")
+        elif spa is None:
+            raise AssertionError("a private page faultin() left unbacked")  # INVARIANT
         elif spa_to_pfn(Spa(spa)) in assigned:
             # sev_gmem_post_populate(): an RMP entry already assigned
             cause = refuse(WrongState, Errno.EEXIST, f"GPA {gpa + i * PAGE:#x} is private already")

@@ -71,7 +71,14 @@ async def unmap_all(kvm: Kvm, vm: Vm) -> None:
 
 async def release(kvm: Kvm, vm: Vm) -> int:
     """Everything of destroy_vm() but the ASID and the VM itself: its pages back to the host
-    (or leaked), its identities revoked, the flush. Returns the pages leaked."""
+    (or leaked), its identities revoked, the flush. Returns the pages leaked. No exit backs
+    memory meanwhile or after (its frames would be taken after the list of those to free)."""
+    async with vm.fault_lock:
+        vm.backing_released = True
+        return await _release(kvm, vm)
+
+
+async def _release(kvm: Kvm, vm: Vm) -> int:
     rmp = kvm.rmp
     leaked: list[Pfn] = []
     if vm.gctx:
@@ -113,7 +120,7 @@ async def release(kvm: Kvm, vm: Vm) -> int:
 
 def gmem_pfns(kvm: Kvm, vm: Vm) -> list[Pfn]:
     """Every frame of the VM's guest_memfds, bound to a memslot or not."""
-    return [p for fd in vm.gmem_fds if (g := kvm.gmems.by_fd.get(fd)) for p in g.pfns]
+    return [p for fd in vm.gmem_fds if (g := kvm.gmems.by_fd.get(fd)) for p in g.pfns()]
 
 
 def forget_gmems(kvm: Kvm, vm: Vm) -> None:

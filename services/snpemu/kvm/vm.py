@@ -17,6 +17,7 @@ from snpemu.kvm.config import VmConfig
 from snpemu.kvm.handles import new_token
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.uapi import GHCB_VERSION_DEFAULT, KVM_X86_SNP_VM
+from snpemu.vmm.memory_layout import E820Entry
 
 NO_PAGE = Spa(0)  # a page not (yet) taken
 
@@ -51,18 +52,25 @@ class Memslots:
 
     def add(self, gpa: int, pfns: Sequence[int]) -> list[Run]:
         """Map consecutive GPAs from gpa to these frames; returns the runs added."""
-        added: list[Run] = []
-        start = 0
-        for i in range(1, len(pfns) + 1):
-            if i == len(pfns) or pfns[i] != pfns[i - 1] + 1:
-                added.append(Run(gpa + page_bytes(start), pfns[start], i - start))
-                start = i
-        for r in added:
-            j = bisect.bisect_left(self._starts, r.gpa)
-            self._starts.insert(j, r.gpa)
-            self.runs.insert(j, r)
+        return self.add_many([(gpa, pfns)])[0]
+
+    def add_many(self, pieces: Sequence[tuple[int, Sequence[int]]]) -> list[list[Run]]:
+        """add() of each (gpa, frames), indexed once: the runs each added."""
+        out: list[list[Run]] = []
+        for gpa, pfns in pieces:
+            added: list[Run] = []
+            start = 0
+            for i in range(1, len(pfns) + 1):
+                if i == len(pfns) or pfns[i] != pfns[i - 1] + 1:
+                    added.append(Run(gpa + page_bytes(start), pfns[start], i - start))
+                    start = i
+            for r in added:
+                j = bisect.bisect_left(self._starts, r.gpa)
+                self._starts.insert(j, r.gpa)
+                self.runs.insert(j, r)
+            out.append(added)
         self._index()
-        return added
+        return out
 
     def remove(self, runs: Sequence[Run]) -> None:
         """Take these runs (as add() returned them) out of the translation."""
@@ -111,10 +119,10 @@ class Memslots:
         return spa
 
 
-@dataclass(frozen=True)
+@dataclass
 class UserMemslot:
     """A memslot as KVM_SET_USER_MEMORY_REGION2 made it (struct kvm_userspace_memory_region2),
-    and the translation runs it added."""
+    and the translation runs of its pages backed so far (kvm/faultin.py)."""
 
     slot: int
     flags: int
@@ -123,7 +131,7 @@ class UserMemslot:
     userspace_addr: int
     gmem_fd: int
     gmem_offset: int
-    runs: tuple[Run, ...]
+    runs: list[Run] = field(default_factory=list)
 
     def holds(self, gpa: int) -> bool:
         return self.gpa <= gpa < self.gpa + self.size
@@ -170,9 +178,16 @@ class Vm:
     # the fds of its guest_memfds (kvm/gmem.py)
     gmem_fds: list[int] = field(default_factory=list)
     attributes: PrivateRanges = field(default_factory=PrivateRanges)
+    # the e820 table of a VM made with a config (vmm/memory_layout.py); () for one made alone
+    e820: tuple[E820Entry, ...] = ()
     # the VM ioctls run one at a time (KERNEL: kvm->lock for KVM_MEMORY_ENCRYPT_OP,
     # kvm->slots_lock for memslots and attributes)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # backing memory on first use runs one at a time, inside `lock` when an ioctl does it
+    # (KERNEL: the guest_memfd's filemap invalidate lock, kvm->mmu_lock)
+    fault_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # set (under fault_lock) once its frames went back to the host: nothing is backed again
+    backing_released: bool = False
     vcpus: dict[int, Vcpu] = field(default_factory=dict)
     gctx: Spa = NO_PAGE  # the guest context page, once SNP_ACTIVATE succeeded
     vmsa_pages: list[Spa] = field(default_factory=list)
@@ -185,6 +200,9 @@ class Vm:
     sev_features: int = 0  # SEV_FEATURES of its VMSAs, SNP_ACTIVE included, from KVM_SEV_INIT2
     # CPUID(1).EAX of its vCPUs, fixed at creation: kvm's CPUID answer and the VMSA's RDX
     cpuid_signature: int = 0
+
+    def in_memslot(self, gpa: int) -> bool:
+        return any(s.holds(gpa) for s in self.slots.values())
 
 
 def new_vm_id() -> str:

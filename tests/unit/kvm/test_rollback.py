@@ -84,11 +84,8 @@ ACTIVATED = LAUNCH.index(("psp.activate", 1))
 
 def test_the_traced_steps_are_what_create_and_launch_do() -> None:
     """The parametrizations below cover every kind of call create and launch make."""
-    assert {n for n, _ in CREATE} == {
-        "rmp.allocate",
-        "rmp.update_npt",
-        "rmp.register_identity",
-    }
+    # guest RAM is backed and mapped as it is first used (kvm/faultin.py): not at create
+    assert {n for n, _ in CREATE} == {"rmp.register_identity"}
     assert [n for n, _ in LAUNCH[: ACTIVATED + 1]] == [
         "rmp.allocate",
         "rmp.rmpupdate",

@@ -21,7 +21,8 @@ arch/x86/kvm/svm/svm.c npf_interception().
 
 The peers are called from few places: the GHCB read and the write-back sequence
 (dispatch.py), the unbatched PSC RMPUPDATEs (psc.py), PSMASH and the RMP entry read (npf.py),
-the firmware's guest request (guest_request.py), and kvm/host_access.py's HostAccess.
+the firmware's guest request (guest_request.py), kvm/host_access.py's HostAccess, and
+kvm/faultin.py, which backs and maps a page the first time it is used.
 """
 
 from __future__ import annotations

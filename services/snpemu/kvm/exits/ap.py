@@ -110,9 +110,9 @@ async def ap_creation(vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Out
     else:
         return malformed(g.ERR_INVALID_INPUT)
     if op != AP_CREATE_ON_INIT:
-        # the reset: runnable with the new VMSA if a memslot backs it, else offline
+        # the reset: runnable with the new VMSA if a memslot holds it, else offline
         gpa = target.vmsa_gpa
-        target.runnable = gpa is not None and vm.memslots.translate(gpa) is not None
+        target.runnable = gpa is not None and vm.in_memslot(gpa)
         if target.runnable:
             # UNVERIFIED(ap-hold-wake): KVM's reset starts the AP afresh at its new VMSA, so
             # nothing reads the hold's result; snpemu has no AP context to restart and instead

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from snpemu.kvm.gmem import GuestMemfds
     from snpemu.kvm.machine import Counters
     from snpemu.kvm.ports import PspPort, RmpPort
     from snpemu.kvm.trace import TraceHub
@@ -38,6 +39,11 @@ class ExitContext(Protocol):
 
     @property
     def rmp(self) -> RmpPort: ...
+
+    @property
+    def gmems(self) -> GuestMemfds:
+        """The guest_memfds, whose frames a first use takes (kvm/faultin.py)."""
+        ...
 
     @property
     def psp(self) -> PspPort: ...

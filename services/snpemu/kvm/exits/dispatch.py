@@ -24,6 +24,7 @@ from snpemu.kvm.exits.psc import PageStateChanges
 from snpemu.kvm.exits.reasons import ExitReason
 from snpemu.kvm.exits.scratch import GuestMemory, ioio, mmio
 from snpemu.kvm.exits.vcpus import terminate
+from snpemu.kvm.faultin import faultin
 from snpemu.kvm.host_access import HostAccess, kernel_write
 from snpemu.kvm.ports import BatchResult, HostOp
 from snpemu.kvm.vm import Vcpu, Vm
@@ -71,6 +72,10 @@ class GhcbExits:
                 reason=ExitReason.GHCB_NOT_REGISTERED,
             )
         spa = vm.memslots.translate(vcpu.ghcb_gpa)
+        if spa is None:
+            # kvm_vcpu_map() faults the page in the first time
+            await faultin(self.ctx, vm, vcpu.ghcb_gpa, PAGE_SIZE)
+            spa = vm.memslots.translate(vcpu.ghcb_gpa)
         if spa is None:
             # UNVERIFIED(ghcb-not-mapped): KVM's sev_handle_vmgexit() resumes the guest with nothing
             # written when kvm_vcpu_map() of the GHCB fails; an exit here has no "resume unchanged"

@@ -23,6 +23,7 @@ from snpemu.abi.guest_request import (
 from snpemu.errors import Unavailable
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
+from snpemu.kvm.faultin import faultin, faultin_ranges
 from snpemu.kvm.host_access import HostAccess, kernel_copy
 from snpemu.kvm.vm import Vcpu, Vm
 from snpemu.runtime.peers import PeerError
@@ -42,6 +43,10 @@ class GuestRequests:
         sev_es_validate_vmgexit() checked the two GPAs page aligned and distinct (nae.py)."""
         code, req_gpa, res_gpa = (
             ghcb.get(f) for f in ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+        )
+        # kvm_read_guest()/kvm_write_guest() fault the pages in as any first use does
+        await faultin_ranges(
+            self.ctx, vm, [(req_gpa, req_gpa + PAGE_SIZE), (res_gpa, res_gpa + PAGE_SIZE)]
         )
         req_spa, res_spa = vm.memslots.translate(req_gpa), vm.memslots.translate(res_gpa)
         if req_spa is None or res_spa is None:
@@ -82,6 +87,7 @@ class GuestRequests:
             if npages < need:
                 self.ctx.counters.guest_requests[(kind, "invalid_len")] += 1
                 return ExitResult(0, vmm_error(VMM_ERR_INVALID_LEN)), {"rbx": need}, None
+            await faultin(self.ctx, vm, certs_gpa, need * PAGE_SIZE)
             spas = [vm.memslots.translate(certs_gpa + i * PAGE_SIZE) for i in range(need)]
             if None in spas:
                 return malformed(g.ERR_INVALID_INPUT)  # before any page is written

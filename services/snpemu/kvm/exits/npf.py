@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 
-from snpemu.abi.addr import PAGE_MASK, PMD_SIZE, Gpa, Spa, spa_to_pfn
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, PMD_SIZE, Gpa, Spa, spa_to_pfn
 from snpemu.abi.npf import PFERR_GUEST_ENC, PFERR_GUEST_RMP, PFERR_GUEST_SIZEM
 from snpemu.abi.rmp import Code
 from snpemu.kvm.exits import ap
 from snpemu.kvm.exits.context import ExitContext
+from snpemu.kvm.faultin import faultin
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.ports import GPA_NONE
 from snpemu.kvm.vm import Vcpu, Vm
@@ -24,6 +25,7 @@ class NpfAction(enum.StrEnum):
     """What kvm did (NestedPageFaultResponse.action)."""
 
     NO_MEMSLOT = "no_memslot"
+    MAP = "map"
     PSMASH = "psmash"
     CONVERT_PRIVATE = "convert_private"
     CONVERT_SHARED = "convert_shared"
@@ -42,7 +44,12 @@ class NestedPageFaults:
         page = Gpa(gpa & PAGE_MASK)
         spa = vm.memslots.translate(page)
         if spa is None:
-            return NpfAction.NO_MEMSLOT, False
+            # KERNEL: kvm_mmu_page_fault() -> kvm_faultin_pfn(): a page of a memslot not yet
+            # in the NPT is backed and mapped, and the guest retries the access
+            await faultin(self.ctx, vm, page, PAGE_SIZE)
+            if vm.memslots.translate(page) is None:
+                return NpfAction.NO_MEMSLOT, False
+            return NpfAction.MAP, True
         if error_code & PFERR_GUEST_SIZEM:
             head = Spa(spa & ~(PMD_SIZE - 1))
             for _ in range(PSMASH_TRIES):

@@ -40,6 +40,7 @@ from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, gfn_to_gpa
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.exits.scratch import setup_vmgexit_scratch
+from snpemu.kvm.faultin import faultin, faultin_ranges
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.ports import RmpUpdateBatch
 from snpemu.kvm.vm import Vcpu, Vm
@@ -53,6 +54,8 @@ class PageStateChanges:
     async def msr(self, vm: Vm, gfn: int, op: int) -> bool:
         """One 4K page by the GHCB MSR protocol (KERNEL: sev.c snp_begin_psc_msr())."""
         gpa = gfn_to_gpa(gfn)
+        if op in psc.STATE_CHANGES:
+            await faultin(self.ctx, vm, gpa, PAGE_SIZE)
         spa = vm.memslots.translate(gpa)
         if spa is None or op not in psc.STATE_CHANGES:
             return False
@@ -75,6 +78,7 @@ class PageStateChanges:
             return malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = area.gpa - (ghcb_gpa + g.SHARED_BUFFER)
         buf = bytearray(ghcb.shared)
+        await self._back(vm, bytes(buf[off:]))
         if state.speculate:
             fast = plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
             if fast is not None:
@@ -96,6 +100,21 @@ class PageStateChanges:
         buf[off:] = view[: len(buf) - off]
         state.psc_requests[("ghcb", result_name(result))] += 1
         return ExitResult(0, result), {}, buf
+
+    async def _back(self, vm: Vm, data: bytes) -> None:
+        """The pages the descriptor's entries to do name, backed and mapped before any is
+        looked up (the seed's series took each one's pfn through its memslot, which faults a
+        page in the first time; kvm/faultin.py)."""
+        desc = psc.Descriptor.decode(data)
+        if not psc.check_header(desc):
+            return
+        ranges = [
+            (gfn_to_gpa(e.gfn), gfn_to_gpa(e.gfn + e.npages))
+            for e in desc.entries[desc.cur_entry : desc.end_entry + 1]
+            if e.op in psc.STATE_CHANGES and psc.check_entry(e)
+        ]
+        if ranges:
+            await faultin_ranges(self.ctx, vm, ranges)
 
     async def apply(self, vm: Vm, desc: psc.Descriptor, state: ExitState) -> int:
         """KVM's PSC loop over the entries; returns sw_exit_info_2 and advances the descriptor.
