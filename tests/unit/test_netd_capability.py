@@ -45,7 +45,9 @@ class TokenVmm:
     def __init__(self) -> None:
         self.asked: list[VmRef] = []
 
-    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+    async def memory_map(
+        self, vm: VmRef, populate: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
         self.asked.append(vm)
         if vm.id not in TOKENS:
             raise NotFound(f"no VM {vm.id}", reason=NetdReason.UNKNOWN_VM)
@@ -341,7 +343,7 @@ async def test_kvm_refusals_keep_their_code(
 ) -> None:
     kvm = RefusingKvm(_kvm_refusal(kvm_says))
     with pytest.raises(netd_raises) as info:
-        await KvmVmm(kvm).memory_map(VmRef("vm-a", TOKENS["vm-a"]))  # type: ignore[arg-type]
+        await KvmVmm(kvm).memory_map(VmRef("vm-a", TOKENS["vm-a"]), [])  # type: ignore[arg-type]
     assert type(info.value) is netd_raises  # not PeerError: that is INTERNAL
     assert info.value.reason == (reason or kvm_says.reason)
     assert kvm.requests[0].vm == handles_pb2.VmHandle(id="vm-a", token=TOKENS["vm-a"])

@@ -44,7 +44,9 @@ class FakeMemory:
 
 
 class FakeVmm:
-    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+    async def memory_map(
+        self, vm: VmRef, populate: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
         if vm.id not in ("vm-a", "vm-b"):
             raise NotFound(f"no VM {vm.id}")
         base = 0 if vm.id == "vm-a" else 1 << 19

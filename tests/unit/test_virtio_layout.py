@@ -103,7 +103,9 @@ BASE = {"vm-a": 0, "vm-b": 1 << 20}
 
 
 class Vmm:
-    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+    async def memory_map(
+        self, vm: VmRef, populate: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
         return [(0, BASE[vm.id], 1 << 20)]
 
 

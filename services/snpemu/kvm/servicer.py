@@ -54,7 +54,12 @@ def vm_info(vm: Vm) -> pb.VmInfo:
             )
             for m in sorted(vm.slots.values(), key=lambda m: m.slot)
         ],
+        e820=e820_pb(vm),
     )
+
+
+def e820_pb(vm: Vm) -> list[pb.E820Entry]:
+    return [pb.E820Entry(addr=e.addr, size=e.size, type=int(e.type)) for e in vm.e820]
 
 
 def check_u16(name: str, value: int) -> None:
@@ -242,12 +247,17 @@ class KvmServicer:
 
     async def GetMemoryMap(self, request: Any, context: Any) -> pb.GetMemoryMapResponse:
         vm = self._vm(request.vm)
+        if request.populate:
+            ranges = [(int(r.gpa), int(r.size)) for r in request.populate]
+            async with self._locked(vm):
+                await memory_ioctls.populate(self.kvm, vm, ranges)
         return pb.GetMemoryMapResponse(
             asid=vm.asid,
             regions=[
                 pb.MemoryRegion(gpa=r.gpa, spa=pfn_to_spa(r.first_pfn), size=page_bytes(r.npages))
                 for r in vm.memslots.runs
             ],
+            e820=e820_pb(vm),
         )
 
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:

@@ -73,9 +73,13 @@ class VmRef:
 
 
 class Vmm(Protocol):
-    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
-        """(gpa, spa, size) regions of the VM's memory. The handle goes to kvm unchanged, so kvm
-        checks the token: a wrong one raises PermissionDenied, an unknown VM NotFound."""
+    async def memory_map(
+        self, vm: VmRef, populate: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """(gpa, spa, size) regions of the VM's backed memory, the (gpa, size) ranges of
+        `populate` backed first (kvm backs guest memory when it is first touched). The handle
+        goes to kvm unchanged, so kvm checks the token: a wrong one raises PermissionDenied, an
+        unknown VM NotFound."""
         ...
 
 
@@ -129,8 +133,29 @@ def check_apart(rx: Ring, tx: Ring) -> None:
 
 class MemoryMap:
     def __init__(self, regions: list[tuple[int, int, int]]) -> None:
-        self.regions = sorted(regions)
+        # kvm backs guest memory a piece at a time as it is used: pieces that follow each other
+        # in guest and host memory are one region here, so a buffer may span them
+        merged: list[tuple[int, int, int]] = []
+        for gpa, spa, size in sorted(regions):
+            if (
+                merged
+                and merged[-1][0] + merged[-1][2] == gpa
+                and merged[-1][1] + merged[-1][2] == spa
+            ):
+                merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + size)
+            else:
+                merged.append((gpa, spa, size))
+        self.regions = merged
         self._starts = [r[0] for r in self.regions]
+
+    def check(self, gpa: int, length: int) -> None:
+        """Every page of [gpa, gpa+length) lies in the map (the frames of two pages need not
+        be contiguous: kvm backs a guest's memory 2 MiB at a time, as it is first touched)."""
+        pos = gpa
+        while pos < gpa + length:
+            n = min(PAGE_SIZE - pos % PAGE_SIZE, gpa + length - pos)
+            self.spa(pos, n)
+            pos += n
 
     def spa(self, gpa: int, length: int) -> int:
         """The SPA of gpa, when [gpa, gpa+length) lies in one region (else the guest lied)."""
@@ -214,11 +239,14 @@ class NetDaemon:
             )
         # kvm first: a caller that may not use the VM learns nothing of the MACs in use or the
         # VM's devices
-        memory = MemoryMap(await self.vmm.memory_map(vm))
+        # what netd will touch, backed now: the first touch of a vhost-user backend faults the
+        # VMM's memory in, and netd reaches guest memory only through this map
+        areas = [(lo, hi - lo) for _, lo, hi in rx.areas("rx") + tx.areas("tx")]
+        memory = MemoryMap(await self.vmm.memory_map(vm, areas))
         for name, ring in (("rx", rx), ("tx", tx)):
             try:
-                memory.spa(ring.ring_gpa, PAGE_SIZE)
-                memory.spa(ring.buffers_gpa, ring.entries * ring.buffer_size)
+                memory.check(ring.ring_gpa, PAGE_SIZE)
+                memory.check(ring.buffers_gpa, ring.entries * ring.buffer_size)
             except virtio.VirtioError as e:
                 raise InvalidArgument(f"{name}: {e}") from None
         if raw_mac in self.by_mac:
@@ -281,7 +309,13 @@ class NetDaemon:
     # --- guest memory, as the daemon touches it -------------------------------------------
 
     async def _read(self, dev: Device, gpa: int, length: int) -> bytes:
-        return await self.memory.read(dev.memory.spa(gpa, length), length)
+        """Page by page, as frames of neighbouring pages need not be neighbours."""
+        out = b""
+        while len(out) < length:
+            at = gpa + len(out)
+            n = min(PAGE_SIZE - at % PAGE_SIZE, length - len(out))
+            out += await self.memory.read(dev.memory.spa(at, n), n)
+        return out
 
     async def _write(self, dev: Device, gpa: int, data: bytes) -> WriteOutcome:
         """A copy into guest memory, page by page and chunk by chunk as memcpy goes; the worst

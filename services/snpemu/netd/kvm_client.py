@@ -36,12 +36,16 @@ class KvmVmm:
     def __init__(self, kvm: Peer) -> None:
         self.kvm = kvm
 
-    async def memory_map(self, vm: VmRef) -> list[tuple[int, int, int]]:
+    async def memory_map(
+        self, vm: VmRef, populate: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
         stub: kvm_pb2_grpc.KvmServiceStub = self.kvm.ensure()
         # the caller's handle, unchanged: kvm checks the token against the VM
         handle = handles_pb2.VmHandle(id=vm.id, token=vm.token)
+        ranges = [kvm_pb2.GpaRange(gpa=gpa, size=size) for gpa, size in populate]
+        request = kvm_pb2.GetMemoryMapRequest(vm=handle, populate=ranges)
         try:
-            r = await self.kvm.invoke(stub.GetMemoryMap, kvm_pb2.GetMemoryMapRequest(vm=handle))
+            r = await self.kvm.invoke(stub.GetMemoryMap, request)
         except PeerError as e:
             raise _caller_error(vm, e) from None
         return [(m.gpa, m.spa, m.size) for m in r.regions]

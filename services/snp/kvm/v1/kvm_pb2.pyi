@@ -285,6 +285,7 @@ class VmInfo(_message.Message):
     SEV_STATUS_FIELD_NUMBER: _builtins.int
     VM_TYPE_FIELD_NUMBER: _builtins.int
     MEMSLOTS_FIELD_NUMBER: _builtins.int
+    E820_FIELD_NUMBER: _builtins.int
     state: Global___VmState.ValueType
     asid: _builtins.int
     measurement: _builtins.bytes
@@ -305,6 +306,12 @@ class VmInfo(_message.Message):
     def memslots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Memslot]:
         """Its memslots, as SetMemoryRegion made them."""
 
+    @_builtins.property
+    def e820(self) -> _containers.RepeatedCompositeFieldContainer[Global___E820Entry]:
+        """Its guest RAM as QEMU's e820 table gives it to the guest (a VM made with a config: RAM below
+        the PCI hole from 0, the rest from 4 GiB); empty for a VM made alone, whose VMM keeps its own.
+        """
+
     def __init__(
         self,
         *,
@@ -319,14 +326,42 @@ class VmInfo(_message.Message):
         sev_status: _builtins.int = ...,
         vm_type: _builtins.int = ...,
         memslots: _abc.Iterable[Global___Memslot] | None = ...,
+        e820: _abc.Iterable[Global___E820Entry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "gctx", b"gctx", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "gctx", b"gctx", "measurement", b"measurement", "memslots", b"memslots", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm", "vm_type", b"vm_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "e820", b"e820", "gctx", b"gctx", "measurement", b"measurement", "memslots", b"memslots", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm", "vm_type", b"vm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmInfo: _TypeAlias = VmInfo  # noqa: Y015
+
+@_typing.final
+class E820Entry(_message.Message):
+    """One e820 entry. QEMU hw/i386/e820_memory_layout.h struct e820_entry; type 1 RAM, 2 reserved."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDR_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    addr: _builtins.int
+    size: _builtins.int
+    type: _builtins.int
+    def __init__(
+        self,
+        *,
+        addr: _builtins.int = ...,
+        size: _builtins.int = ...,
+        type: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "size", b"size", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___E820Entry: _TypeAlias = E820Entry  # noqa: Y015
 
 @_typing.final
 class Memslot(_message.Message):
@@ -957,24 +992,57 @@ class GetMemoryMapRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
+    POPULATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
+    @_builtins.property
+    def populate(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpaRange]:
+        """Ranges to back before the map is read, as a vhost-user backend's first touch of the
+        VMM's memory faults it in: at most 16, each non-empty with gpa + size below 2^64, 1 GiB in
+        all; what lies in no memslot is left alone (and then absent from the regions).
+        """
+
     def __init__(
         self,
         *,
         vm: _handles_pb2.VmHandle | None = ...,
+        populate: _abc.Iterable[Global___GpaRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["populate", b"populate", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMemoryMapRequest: _TypeAlias = GetMemoryMapRequest  # noqa: Y015
 
 @_typing.final
+class GpaRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPA_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    gpa: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        gpa: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpa", b"gpa", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpaRange: _TypeAlias = GpaRange  # noqa: Y015
+
+@_typing.final
 class MemoryRegion(_message.Message):
-    """size bytes of guest memory from gpa are host frames from spa on (one memslot piece)."""
+    """size bytes of guest memory from gpa are host frames from spa on (one memslot piece). Only
+    memory the guest or KVM has used is backed: a GPA of a memslot in no region has no frame yet.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1005,18 +1073,24 @@ class GetMemoryMapResponse(_message.Message):
 
     ASID_FIELD_NUMBER: _builtins.int
     REGIONS_FIELD_NUMBER: _builtins.int
+    E820_FIELD_NUMBER: _builtins.int
     asid: _builtins.int
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRegion]: ...
+    @_builtins.property
+    def e820(self) -> _containers.RepeatedCompositeFieldContainer[Global___E820Entry]:
+        """As VmInfo.e820."""
+
     def __init__(
         self,
         *,
         asid: _builtins.int = ...,
         regions: _abc.Iterable[Global___MemoryRegion] | None = ...,
+        e820: _abc.Iterable[Global___E820Entry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "regions", b"regions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "e820", b"e820", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
