@@ -36,6 +36,7 @@ from snpemu.guest.ports import (
 from snpemu.kvm.exits.reasons import ExitReason
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.runtime.peers import PeerError
+from snpemu.vmm import memory_layout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,11 +100,15 @@ class VcpuExits:
         self.vcpus: list[VcpuIdentity] = []
         self.measurement = b""
         self.secrets_gpa = Gpa(0)
-        npages = pages(opts.memory_bytes)
+        # guest RAM as the VMM's e820 table gives it (RAM below the PCI hole, the rest from 4 GiB)
+        self.ram = memory_layout.e820(opts.memory_bytes)
+        npages = pages(memory_layout.ram_end(opts.memory_bytes))
         self.accepted = np.zeros(npages, dtype=bool)  # validated by this guest
         # Never touched yet (Linux's unaccepted-memory bitmap): only these are accepted on first
         # touch; a page the guest converted to shared stays shared until converted back.
-        self.unaccepted = np.ones(npages, dtype=bool)
+        self.unaccepted = np.zeros(npages, dtype=bool)
+        for e in self.ram:
+            self.unaccepted[pages(e.addr) : pages(e.addr + e.size)] = True
         self.vmpcks: list[bytes] = [bytes(32)] * 4
         self.disabled: set[int] = set()
         self.counters = [0, 0, 0, 0]  # last sequence number used per VMPCK (the OS area's copy)
@@ -129,6 +134,10 @@ class VcpuExits:
                 f"the guest is {self.state.name.lower()}, not running",
                 reason=GuestReason.GUEST_NOT_RUNNING,
             )
+
+    def in_ram(self, gpa: int, size: int) -> bool:
+        """[gpa, gpa+size) is non-empty and lies in one e820 RAM range."""
+        return size > 0 and any(e.addr <= gpa and gpa + size <= e.addr + e.size for e in self.ram)
 
     async def vmexit(self, exit: Awaitable[T]) -> T:
         """A VMGEXIT or #NPF exit. A VM the host terminated (convert-kill) never runs again:

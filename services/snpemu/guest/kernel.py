@@ -84,7 +84,7 @@ class GuestKernel(GuestMemory):
         if await self.msr_exit(GHCB_GPA | msr.REG_GPA_REQ) != GHCB_GPA | msr.REG_GPA_RESP:
             return await self.terminate(TERM_LINUX, LINUX_REGISTER, "GHCB registration refused")
         ovmf = Ovmf.load(self.firmware)
-        launched = [s for s in ovmf.sections if s.gpa + s.size <= self.opts.memory_bytes]
+        launched = [s for s in ovmf.sections if self.in_ram(s.gpa, s.size)]
         for s in launched:  # pages the firmware launched are private and validated already
             self.accepted[gpa_to_gfn(s.gpa) : gpa_to_gfn(s.gpa + s.size)] = True
             self.unaccepted[gpa_to_gfn(s.gpa) : gpa_to_gfn(s.gpa + s.size)] = False
@@ -99,7 +99,8 @@ class GuestKernel(GuestMemory):
         self.vmpcks = list(secrets_page.vmpcks)
         self.counters = list(secrets_page.msg_seqnos)
         if self.opts.eager:
-            await self.accept(0, self.opts.memory_bytes)
+            for e in self.ram:
+                await self.accept(e.addr, e.size)
         await self.start_aps(ovmf)
         if self.state == BootState.TERMINATED:
             return
@@ -112,8 +113,9 @@ class GuestKernel(GuestMemory):
     async def start_aps(self, ovmf: Ovmf) -> None:
         """AP_CREATION with a VMSA the guest builds and marks with RMPADJUST (snp_set_vmsa)."""
         for apic_id in range(1, len(self.vcpus)):
-            # never 2 MiB aligned
-            gpa = Gpa(self.opts.memory_bytes - (2 * apic_id + 1) * PAGE_SIZE)
+            # at the top of RAM below 4 GiB, never 2 MiB aligned
+            low = self.ram[0]
+            gpa = Gpa(low.addr + low.size - (2 * apic_id + 1) * PAGE_SIZE)
             await self.accept(gpa, PAGE_SIZE)
             page = vmsa.build(ovmf.reset_eip, 0, 1)
             await self.write_private(gpa, page)

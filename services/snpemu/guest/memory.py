@@ -121,8 +121,7 @@ class GuestMemory(VcpuExits):
                 chunk = chunk[done:]
 
     def _pages(self, gpa: int, size: int) -> range:
-        inside = size > 0 and gpa + size <= self.opts.memory_bytes
-        if not (page_aligned(gpa) and page_aligned(size) and inside):
+        if not (page_aligned(gpa) and page_aligned(size) and self.in_ram(gpa, size)):
             raise WrongState(
                 "range must be page aligned and inside guest RAM", reason=GuestReason.BAD_RANGE
             )

@@ -149,7 +149,7 @@ class NetDevice:
 
     async def attach(self, *, skip_rx_conversion: bool = False) -> None:
         k, lay = self.k, self.layout
-        if lay.end > k.opts.memory_bytes:
+        if not k.in_ram(WINDOW_GPA, lay.end - WINDOW_GPA):
             raise InvalidArgument("guest RAM is too small for the device window")
         self.skip_rx_conversion = skip_rx_conversion
         before = k.page_states(WINDOW_GPA, lay.end - WINDOW_GPA)

@@ -1,6 +1,6 @@
 """Guest agent settings from the environment, checked at start.
 
-SNPEMU_GUEST_MEMORY         guest RAM, e.g. 256M (default 256M, at most 3G)
+SNPEMU_GUEST_MEMORY         guest RAM, e.g. 256M (default 256M, at most 512G; 2 MiB multiple)
 SNPEMU_GUEST_VCPUS          vCPUs (default 2)
 SNPEMU_GUEST_VCPU_TYPE      EPYC | EPYC-Rome | EPYC-Milan | EPYC-Genoa | EPYC-Turin (EPYC-Milan)
 SNPEMU_GUEST_POLICY         guest policy (default 0x30000)
@@ -78,8 +78,8 @@ class GuestOptions:
             if d.get(name, allowed[0]) not in allowed:
                 raise ConfigError(f"{name}={d[name]!r}: one of {', '.join(allowed)}")
         memory = parse_size("SNPEMU_GUEST_MEMORY", d.get("SNPEMU_GUEST_MEMORY", "256M"))
-        if not 16 << 20 <= memory <= 3 << 30:
-            raise ConfigError("SNPEMU_GUEST_MEMORY: 16 MiB .. 3 GiB")
+        if not 16 << 20 <= memory <= 512 << 30 or memory % (2 << 20):
+            raise ConfigError("SNPEMU_GUEST_MEMORY: a multiple of 2 MiB in 16 MiB .. 512 GiB")
         return cls(
             memory_bytes=memory,
             vcpus=count(d, "SNPEMU_GUEST_VCPUS", 1, 64),

@@ -8,7 +8,7 @@ from snp.common.v1 import types_pb2
 from snp.guest.v1 import guest_pb2 as pb
 
 from snpemu.abi import cert_table, report
-from snpemu.abi.addr import Gpa, page_aligned, page_bytes
+from snpemu.abi.addr import PAGE_SIZE, Gpa, page_aligned, page_bytes
 from snpemu.errors import InvalidArgument, WrongState
 from snpemu.guest import probes
 from snpemu.guest.attestation import Attestation
@@ -96,7 +96,7 @@ class GuestServicer:
 
     def _in_ram(self, gpa: int, length: int) -> None:
         """The range lies in guest RAM (as AcceptMemory and ConvertMemory require)."""
-        if gpa + length > self.k.opts.memory_bytes:
+        if not self.k.in_ram(gpa, length):
             raise WrongState("range must be inside guest RAM", reason=GuestReason.BAD_RANGE)
 
     async def GetReport(self, request: Any, context: Any) -> pb.GetReportResponse:
@@ -206,7 +206,7 @@ class GuestServicer:
     async def RaceRmpAdjust(self, request: Any, context: Any) -> pb.RaceRmpAdjustResponse:
         """Drive the host side with rmp's RmpUpdate or a HostWrite under the convert policies."""
         k = self.k
-        if not page_aligned(request.gpa) or request.gpa >= k.opts.memory_bytes:
+        if not page_aligned(request.gpa) or not k.in_ram(request.gpa, PAGE_SIZE):
             raise InvalidArgument(
                 "gpa is a page-aligned address in guest RAM", reason=GuestReason.BAD_RANGE
             )

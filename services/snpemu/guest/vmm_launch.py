@@ -17,8 +17,7 @@ from snpemu.abi.page_type import PageType
 from snpemu.guest.ports import LaunchFinish, LaunchUpdate, MemoryRegion, VmHandle, Vmm
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.uapi import KVM_MEM_GUEST_MEMFD
-from snpemu.vmm import launch_plan
-from snpemu.vmm.memory_layout import FIRMWARE_SLOT, RAM_SLOT, VMM_HVA_BASE, firmware_hva
+from snpemu.vmm import launch_plan, memory_layout
 from snpemu.vmm.ovmf import Ovmf
 
 
@@ -44,9 +43,12 @@ async def launch(vmm: Vmm, vm: VmHandle, m: Machine) -> tuple[bytes, list[VcpuId
     ovmf = Ovmf.parse(m.firmware)
     await vmm.snp_init2(vm, vmsa_features=0, ghcb_version=0)
     ram = await vmm.create_guest_memfd(vm, m.memory_bytes)
-    await vmm.set_memory_region(
-        vm, MemoryRegion(RAM_SLOT, KVM_MEM_GUEST_MEMFD, 0, m.memory_bytes, VMM_HVA_BASE, ram)
-    )
+    # QEMU: one RAMBlock, as "ram-below-4g" and "ram-above-4g" (hw/i386/pc.c pc_memory_init())
+    regions = memory_layout.ram_regions(m.memory_bytes)
+    for r in regions:
+        await vmm.set_memory_region(
+            vm, MemoryRegion(r.slot, KVM_MEM_GUEST_MEMFD, r.gpa, r.size, r.hva, ram, r.offset)
+        )
     # QEMU points the APs at the firmware's SEV-ES reset block (sev_es_set_reset_vector())
     vcpus = [
         await vmm.create_vcpu(vm, i, ovmf.reset_eip if i else 0, m.vcpu_type)
@@ -55,13 +57,17 @@ async def launch(vmm: Vmm, vm: VmHandle, m: Machine) -> tuple[bytes, list[VcpuId
     await vmm.snp_launch_start(vm, m.policy)
     size = _round_up(len(ovmf.data), PAGE_SIZE)
     fw = await vmm.create_guest_memfd(vm, size)
-    fw_hva = firmware_hva(m.memory_bytes)
+    fw_hva = memory_layout.firmware_hva(m.memory_bytes)
     await vmm.set_memory_region(
-        vm, MemoryRegion(FIRMWARE_SLOT, KVM_MEM_GUEST_MEMFD, ovmf.gpa, size, fw_hva, fw)
+        vm,
+        MemoryRegion(memory_layout.FIRMWARE_SLOT, KVM_MEM_GUEST_MEMFD, ovmf.gpa, size, fw_hva, fw),
     )
 
     def hva(gpa: int) -> int:
-        return fw_hva + gpa - ovmf.gpa if gpa >= ovmf.gpa else VMM_HVA_BASE + gpa
+        if ovmf.gpa <= gpa < ovmf.gpa + size:
+            return fw_hva + gpa - ovmf.gpa
+        r = next(r for r in regions if r.gpa <= gpa < r.gpa + r.size)
+        return r.hva + gpa - r.gpa
 
     plan = launch_plan.plan(
         ovmf,
