@@ -301,10 +301,17 @@ class FuzzHost:
         ext = await s.psp.GetExtendedConfig(psp_pb2.GetExtendedConfigRequest(), metadata=HOST)
         vms = await s.kvm.ListVms(kvm_pb2.ListVmsRequest(), metadata=HOST)
         devices = await s.netd.ListDevices(netd_pb2.ListDevicesRequest(), metadata=HOST)
+        backed = 0
+        for v in vms.vms:
+            mm = await s.kvm.GetMemoryMap(kvm_pb2.GetMemoryMapRequest(vm=v.vm), metadata=HOST)
+            backed += sum(r.size for r in mm.regions) // 4096
         snap: dict[str, Any] = {
             # resident_pages left out: the first touch of any page makes it resident (memory
-            # backing, not RMP state), and a refused access may touch one
-            "platform": str(without(info, "resident_pages")),
+            # backing, not RMP state), and a refused access may touch one. Likewise kvm takes
+            # a guest's frames from the free ones when the guest first touches them: what
+            # must not move is the free frames and those backing guest memory together.
+            "platform": str(without(info, "resident_pages", "free_pages")),
+            "frames": info.free_pages + backed,
             "rmp": entries,
             "host_maps": sorted((m.map_id, m.pfn, m.holder) for m in maps.maps),
             "leaked": list(leaked.pfns),

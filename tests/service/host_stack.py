@@ -9,10 +9,10 @@ import asyncio
 import contextlib
 import dataclasses
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from snp.common.v1 import handles_pb2, types_pb2
@@ -29,6 +29,9 @@ from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.credentials import vmm_credential
 from snpemu.runtime.server import ServiceRuntime
 from snpemu.vmm import tiny_firmware
+
+R = TypeVar("R")
+PFERR_GUEST_RMP = 1 << 31  # KERNEL: arch/x86/include/asm/kvm_host.h PFERR_GUEST_RMP_MASK
 
 CRED = "stack-credential-0123456789"
 # the VMM credential of the default agent name (each agent gets its own: agent() below)
@@ -91,20 +94,49 @@ class Guest:
             kvm_pb2.VmgexitMsrRequest(identity=self.ident, ghcb_msr=value)
         )
 
+    async def _mapped(self, call: Callable[[], Awaitable[R]]) -> R:
+        """The access as the CPU makes it: a nested page table miss (#NPF without the RMP
+        bit) exits to kvm, and while kvm maps the page (the guest's memory is backed as it is
+        first used) the access is made again."""
+        for _ in range(4):
+            r = await call()
+            f = r.fault  # type: ignore[attr-defined]
+            if not (r.HasField("fault") and f.npf and not f.error_code & PFERR_GUEST_RMP):  # type: ignore[attr-defined]
+                return r
+            n = await self.stack.kvm.NestedPageFault(
+                kvm_pb2.NestedPageFaultRequest(
+                    identity=self.ident, gpa=f.gpa, error_code=f.error_code
+                )
+            )
+            if n.action != "map":
+                return r
+        raise AssertionError("the access keeps faulting")
+
     async def read(self, gpa: int, length: int, private: bool) -> rmp_pb2.GuestReadResponse:
-        return await self.stack.rmp.GuestRead(
-            rmp_pb2.GuestReadRequest(identity=self.ident, gpa=gpa, length=length, private=private)
+        return await self._mapped(
+            lambda: self.stack.rmp.GuestRead(
+                rmp_pb2.GuestReadRequest(
+                    identity=self.ident, gpa=gpa, length=length, private=private
+                )
+            )
         )
 
     async def write(self, gpa: int, data: bytes, private: bool) -> rmp_pb2.GuestWriteResponse:
-        return await self.stack.rmp.GuestWrite(
-            rmp_pb2.GuestWriteRequest(identity=self.ident, gpa=gpa, data=data, private=private)
+        return await self._mapped(
+            lambda: self.stack.rmp.GuestWrite(
+                rmp_pb2.GuestWriteRequest(identity=self.ident, gpa=gpa, data=data, private=private)
+            )
         )
 
     async def pvalidate(self, gpa: int, validate: bool = True) -> rmp_pb2.PvalidateResponse:
-        return await self.stack.rmp.Pvalidate(
-            rmp_pb2.PvalidateRequest(
-                identity=self.ident, gpa=gpa, page_size=types_pb2.PAGE_SIZE_4K, validate=validate
+        return await self._mapped(
+            lambda: self.stack.rmp.Pvalidate(
+                rmp_pb2.PvalidateRequest(
+                    identity=self.ident,
+                    gpa=gpa,
+                    page_size=types_pb2.PAGE_SIZE_4K,
+                    validate=validate,
+                )
             )
         )
 

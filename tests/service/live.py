@@ -47,13 +47,8 @@ class Live:
             self.run(guest.register_ghcb(gpa))
         vm = self.run(self.stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=self.guest.vm), metadata=HOST))
         self.asid = int(vm.vm.asid)
-        r = self.run(
-            self.stack.kvm.GetMemoryMap(
-                kvm_pb2.GetMemoryMapRequest(vm=self.guest.vm), metadata=HOST
-            )
-        )
-        # (gpa, spa, size) of each memslot run
-        self.regions = [(int(x.gpa), int(x.spa), int(x.size)) for x in r.regions]
+        # (gpa, size) of each memslot: memory the guest may touch, backed on first touch
+        self.slots = [(int(m.guest_phys_addr), int(m.memory_size)) for m in vm.vm.memslots]
         self.host_pfns = (
             int(
                 self.run(
@@ -73,10 +68,20 @@ class Live:
 
     def mapped(self, gpa: int) -> bool:
         """gpa lies in one of the guest's memslots."""
-        return any(lo <= gpa < lo + size for lo, _, size in self.regions)
+        return any(lo <= gpa < lo + size for lo, size in self.slots)
+
+    def regions(self) -> list[tuple[int, int, int]]:
+        """(gpa, spa, size) of each backed run of the guest's memory, read now: an exit may
+        have backed more (kvm backs memory the first time the guest or an exit touches it)."""
+        r = self.run(
+            self.stack.kvm.GetMemoryMap(
+                kvm_pb2.GetMemoryMapRequest(vm=self.guest.vm), metadata=HOST
+            )
+        )
+        return [(int(x.gpa), int(x.spa), int(x.size)) for x in r.regions]
 
     def guest_pfns(self) -> set[int]:
-        return {(spa >> 12) + i for _, spa, size in self.regions for i in range(size // PAGE)}
+        return {(spa >> 12) + i for _, spa, size in self.regions() for i in range(size // PAGE)}
 
     def rmp_snapshot(self) -> Snapshot:
         """Every non-default RMP entry of the host: (pfn, its own 16 bytes, the state rmp
@@ -116,10 +121,12 @@ class Live:
         vmsa, immutable). A page with a default entry of its own inside an assigned 2M page
         takes the 2M entry's state, its GPA offset by the page's place in it (SPEC: AMD64 APM
         vol. 2, "Reverse Map Table": a 2M entry covers the 512 pages of its 2M-aligned range);
-        any other default entry is a hypervisor page."""
+        any other default entry is a hypervisor page, as is a page not backed yet. The
+        regions are read now, so snapshots taken before and after an exit are seen through
+        the same map."""
         listed = {pfn: st for pfn, _, st in snapshot}
         out: dict[int, PageView] = {}
-        for gpa, spa, size in self.regions:
+        for gpa, spa, size in self.regions():
             for i in range(size // PAGE):
                 pfn = (spa >> 12) + i
                 st = listed.get(pfn)

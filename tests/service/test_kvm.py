@@ -417,7 +417,10 @@ async def psc_guest(tmp_path: Path) -> AsyncIterator[tuple[Any, Callable[[int], 
         vm = s.runtimes["kvm"].impl.kvm.vms[guest.vm.id]  # type: ignore[union-attr]
 
         async def assigned(gfn: int) -> bool:
-            pfn = vm.memslots.translate(gfn << 12) >> 12
+            spa = vm.memslots.translate(gfn << 12)
+            if spa is None:
+                return False  # never used, so never backed: no frame to be assigned
+            pfn = spa >> 12
             r = await s.rmp.ReadRmpEntry(rmp_pb2.ReadRmpEntryRequest(pfn=pfn), metadata=HOST)
             return bool(r.entry.assigned)
 

@@ -576,7 +576,7 @@ REGS = st.fixed_dictionaries(
 
 
 def mapped_ranges(live: Live) -> list[tuple[int, int]]:
-    return [(gpa, gpa + size) for gpa, _, size in live.regions]
+    return [(gpa, gpa + size) for gpa, size in live.slots]
 
 
 def jump_table(live: Live) -> int:

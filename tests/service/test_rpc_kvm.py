@@ -61,13 +61,44 @@ async def test_vm_control(stack: Stack) -> None:
     )
     assert "vm.id is required" in message
 
-    # the memory map covers the VM's RAM as configured (64 MiB) and the pages holding
-    # its firmware image (the file's size)
+    # the e820 map is the configured 64 MiB of RAM from GPA 0 (QEMU's q35 keeps RAM this
+    # small below 4 GiB); the memory map lists only backed memory: all of the firmware
+    # image's pages (launch measured them, the file's size, ending at 4 GiB) and RAM pages
+    # only inside the e820 RAM
     mm = await stack.kvm.GetMemoryMap(pb.GetMemoryMapRequest(vm=one.vm), metadata=HOST)
     info_one = (await stack.kvm.GetVm(pb.GetVmRequest(vm=one.vm), metadata=HOST)).vm
     assert mm.asid == info_one.asid
-    assert sum(r.size for r in mm.regions) == (64 << 20) + stack.firmware.stat().st_size
+    assert [(e.addr, e.size, e.type) for e in info_one.e820] == [(0, 64 << 20, 1)]
+    assert [(e.addr, e.size, e.type) for e in mm.e820] == [(0, 64 << 20, 1)]
+    fw = 1 << 32
+    fw -= stack.firmware.stat().st_size
+    assert sum(r.size for r in mm.regions if r.gpa >= fw) == stack.firmware.stat().st_size
+    assert all(r.gpa + r.size <= 64 << 20 for r in mm.regions if r.gpa < fw)
     assert all(r.spa % 4096 == 0 for r in mm.regions)
+
+    def covered(m: pb.GetMemoryMapResponse, gpa: int) -> bool:
+        return any(r.gpa <= gpa < r.gpa + r.size for r in m.regions)
+
+    # populate backs what lies in a memslot (past the RAM nothing): a bad range changes nothing
+    top = (64 << 20) - 4096
+    for bad in (
+        [pb.GpaRange(gpa=top, size=0)],
+        [pb.GpaRange(gpa=(1 << 64) - 4096, size=8192)],
+        [pb.GpaRange(gpa=0, size=(1 << 30) + 4096)],
+        [pb.GpaRange(gpa=top, size=4096)] * 17,
+    ):
+        await refused(
+            stack.kvm.GetMemoryMap(pb.GetMemoryMapRequest(vm=one.vm, populate=bad), metadata=HOST),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "POPULATE_INVALID",
+        )
+    still = await stack.kvm.GetMemoryMap(pb.GetMemoryMapRequest(vm=one.vm), metadata=HOST)
+    assert still.regions == mm.regions and not covered(still, top)
+    wide = [pb.GpaRange(gpa=top, size=8192)]  # its last page lies past the RAM
+    populated = await stack.kvm.GetMemoryMap(
+        pb.GetMemoryMapRequest(vm=one.vm, populate=wide), metadata=HOST
+    )
+    assert covered(populated, top) and not covered(populated, top + 4096)
     await refused(
         stack.kvm.GetMemoryMap(pb.GetMemoryMapRequest(vm=NOWHERE), metadata=HOST),
         grpc.StatusCode.NOT_FOUND,
