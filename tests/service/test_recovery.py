@@ -141,6 +141,17 @@ async def test_psp_restart_is_a_firmware_reset_kvm_recovers(tmp_path: Path) -> N
                 # one TMR, never a second beside a lost first: the old VM's firmware pages
                 # went back, the old TMR too, a new one taken
                 assert await firmware_pages(s) == TMR_PAGES <= fw_before
+                # its memory went back: no frame of it is in its map, and its ioctls are
+                # refused (EIO) without changing anything; only DestroyVm remains
+                mm = await s.kvm.GetMemoryMap(kvm_pb2.GetMemoryMapRequest(vm=old.vm), metadata=HOST)
+                assert list(mm.regions) == []
+                with pytest.raises(grpc.aio.AioRpcError) as ioctl:
+                    await s.kvm.SetMemoryAttributes(
+                        kvm_pb2.SetMemoryAttributesRequest(vm=old.vm, address=0, size=4096),
+                        metadata=HOST,
+                    )
+                assert ioctl.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert error_info(ioctl.value).metadata["errno"] == "EIO"  # type: ignore[union-attr]
                 # its VMM destroys it; a new VM launches and its report request works
                 d = await s.kvm.DestroyVm(kvm_pb2.DestroyVmRequest(vm=old.vm), metadata=HOST)
                 assert d.leaked_pages == 0

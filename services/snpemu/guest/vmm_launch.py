@@ -66,7 +66,9 @@ async def launch(vmm: Vmm, vm: VmHandle, m: Machine) -> tuple[bytes, list[VcpuId
     def hva(gpa: int) -> int:
         if ovmf.gpa <= gpa < ovmf.gpa + size:
             return fw_hva + gpa - ovmf.gpa
-        r = next(r for r in regions if r.gpa <= gpa < r.gpa + r.size)
+        r = next((r for r in regions if r.gpa <= gpa < r.gpa + r.size), None)
+        if r is None:  # QEMU refuses such an image the same way, before the VM runs
+            raise ValueError(f"the firmware places a page at GPA {gpa:#x}, in no memslot")
         return r.hva + gpa - r.gpa
 
     plan = launch_plan.plan(

@@ -22,7 +22,7 @@ from snpemu.abi.page_type import PageType
 from snpemu.errors import InvalidArgument, NotFound, PermissionDenied, SnpemuError, Unavailable
 from snpemu.kvm.config import VmConfig
 from snpemu.kvm.reasons import KvmReason
-from snpemu.vmm import launch_plan
+from snpemu.vmm import launch_plan, memory_layout
 from snpemu.vmm.ovmf import FOUR_GB, Ovmf
 
 MIB = 1 << 20
@@ -175,13 +175,15 @@ def check_launch(
         raise InvalidArgument(
             f"the firmware cannot launch this VM: {e}", reason=KvmReason.FIRMWARE_INVALID
         ) from None
+    ram = memory_layout.ram_regions(config.memory_bytes)
     for page in plan:
         if page.page_type == PageType.VMSA:
             continue
-        if not (page.gpa < config.memory_bytes or ovmf.gpa <= page.gpa < FOUR_GB):
+        in_ram = any(r.gpa <= page.gpa < r.gpa + r.size for r in ram)
+        if not (in_ram or ovmf.gpa <= page.gpa < FOUR_GB):
             raise InvalidArgument(
                 f"the firmware places a page at GPA {page.gpa:#x}, outside the VM's "
-                f"{config.memory_bytes >> 20} MiB of RAM and the firmware",
+                f"{config.memory_bytes >> 20} MiB of RAM (QEMU's q35 layout) and the firmware",
                 reason=KvmReason.FIRMWARE_INVALID,
             )
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import PAGE_SIZE
 from snpemu.abi.page_type import PageType
-from snpemu.errors import WrongState
+from snpemu.errors import InvalidArgument, WrongState
 from snpemu.kvm import memory_ioctls, snp_cmds
 from snpemu.kvm.policy import policy_of
 from snpemu.kvm.ports import LaunchFinish
@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 
 def hva(vm: Vm, gpa: int) -> int:
     """Where the VMM has the page of gpa: its memslot's userspace_addr on."""
-    slot = next(s for s in vm.slots.values() if s.holds(gpa))
+    slot = next((s for s in vm.slots.values() if s.holds(gpa)), None)
+    if slot is None:  # kvm/images.py check_launch() refuses such a firmware first
+        raise InvalidArgument(
+            f"the firmware places a page at GPA {gpa:#x}, in no memslot",
+            reason=KvmReason.FIRMWARE_INVALID,
+        )
     return slot.userspace_addr + (gpa - slot.gpa)
 
 

@@ -15,12 +15,13 @@ from snpemu.abi.addr import PAGE_SIZE, page_bytes, pfn_to_spa
 from snpemu.abi.asid import MAX_SNP_ASID
 from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.abi.page_type import PageType
-from snpemu.errors import InvalidArgument, NotFound
+from snpemu.errors import InvalidArgument, NotFound, WrongState
 from snpemu.kvm import create, memory_ioctls, snp_cmds
 from snpemu.kvm.exits import Exits, sev_status
 from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.ports import LaunchFinish
+from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.throttle import Throttle, check_throttle
 from snpemu.kvm.uapi import KVM_X86_SNP_VM, Errno, refuse
 from snpemu.kvm.vm import Vm
@@ -83,12 +84,22 @@ class KvmServicer:
         return vm
 
     @contextlib.asynccontextmanager
-    async def _locked(self, vm: Vm) -> AsyncIterator[None]:
+    async def _locked(self, vm: Vm, *, released_ok: bool = False) -> AsyncIterator[None]:
         """The VM's ioctls one at a time (KERNEL: kvm->lock, kvm->slots_lock), on a VM still
-        there when its turn comes (DestroyVm or a VMM's exit may have taken it meanwhile)."""
+        there when its turn comes (DestroyVm or a VMM's exit may have taken it meanwhile). A
+        VM a firmware reset terminated has given its frames back (kvm/teardown.py release()):
+        only its destruction (`released_ok`) may act on it then."""
         async with vm.lock:
             if self.kvm.vms.get(vm.vm_id) is not vm:
                 raise NotFound(f"{vm.vm_id} was destroyed")
+            if vm.backing_released and not released_ok:
+                raise refuse(
+                    WrongState,
+                    Errno.EIO,
+                    f"{vm.vm_id} was terminated and its memory released (a firmware reset): "
+                    "only DestroyVm remains",
+                    reason=KvmReason.VM_STATE,
+                )
             yield
 
     async def GetCapabilities(self, request: Any, context: Any) -> pb.GetCapabilitiesResponse:
@@ -262,7 +273,7 @@ class KvmServicer:
 
     async def DestroyVm(self, request: Any, context: Any) -> pb.DestroyVmResponse:
         vm = self._vm(request.vm)
-        async with self._locked(vm):
+        async with self._locked(vm, released_ok=True):
             return pb.DestroyVmResponse(leaked_pages=await self.kvm.destroy_vm(vm))
 
     async def HoldVm(self, request: Any, context: Any) -> AsyncIterator[pb.HoldVmResponse]:
@@ -288,7 +299,7 @@ class KvmServicer:
             extra={"event": "vm_released", "vm": vm.vm_id},
         )
         try:
-            async with self._locked(vm):
+            async with self._locked(vm, released_ok=True):
                 leaked = await self.kvm.destroy_vm(vm)
         except NotFound:
             return  # DestroyVm took it while this waited

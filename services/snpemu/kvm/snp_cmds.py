@@ -179,6 +179,9 @@ async def launch_start(kvm: Kvm, vm: Vm, policy: int, gosvw: bytes, flags: int) 
     vm.state = VmState.LAUNCHING
 
 
+LAUNCH_UPDATE_PAGES_MAX = 4096  # 16 MiB: a firmware image or kernel in one or a few calls
+
+
 async def launch_update(
     kvm: Kvm,
     vm: Vm,
@@ -217,8 +220,10 @@ async def launch_update(
     slot = next((s for s in vm.slots.values() if s.holds(gpa)), None)
     if slot is None:
         raise _einval(f"gfn {gfn_start:#x} is in no guest_memfd memslot")
-    # kvm_gmem_populate(): the range is cut at the end of its memslot
-    npages = min(length // PAGE, (slot.gpa + slot.size - gpa) // PAGE)
+    # kvm_gmem_populate(): the range is cut at the end of its memslot, and the loop stops
+    # early on a pending signal with the pages done so far (the VMM calls again for the
+    # rest); here it stops after LAUNCH_UPDATE_PAGES_MAX, so one call cannot hold kvm long
+    npages = min(length // PAGE, (slot.gpa + slot.size - gpa) // PAGE, LAUNCH_UPDATE_PAGES_MAX)
     private = vm.attributes.private_prefix(gpa, gpa + npages * PAGE) // PAGE
     if private:
         # kvm_gmem_populate() takes each page's folio from the guest_memfd (new if it had none)

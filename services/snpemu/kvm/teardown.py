@@ -114,6 +114,11 @@ async def _release(kvm: Kvm, vm: Vm) -> int:
         await rmp.wbinvd()
         await kvm.psp.snp_df_flush()
     forget_gmems(kvm, vm)
+    # the frames are free: nothing may translate to them any more (GetMemoryMap, netd)
+    vm.memslots.remove(vm.memslots.runs)
+    for slot in vm.slots.values():
+        slot.runs.clear()
+    vm.stale_runs.clear()
     _released[vm.vm_id] = vm
     return len(leaked)
 

@@ -84,3 +84,50 @@ async def test_a_mapping_rmp_refused_is_made_again_at_the_next_use() -> None:
     assert len(set(rmp.owned()) - before) == PAGES_PER_2M  # the same chunk's frames
     assert await kvm.destroy_vm(vm) == 0
     assert set(rmp.owned()) <= before
+
+
+async def test_a_released_vm_is_never_backed_again_and_translates_to_no_freed_frame() -> None:
+    """A firmware reset takes a VM's frames back (teardown.release()) and leaves the VM until
+    DestroyVm: no frame it gave back may still be translated, and no later use backs any."""
+    from snpemu.kvm import teardown
+
+    kvm, rmp, _psp, _faults = await host()
+    before = set(rmp.owned())
+    vm = await kvm.create_vm(VmConfig(memory_bytes=64 << 20, vcpus=1))
+    await faultin(kvm, vm, 0x200000, PAGE_SIZE)
+    assert vm.memslots.translate(0x200000) is not None
+    await teardown.release(kvm, vm)
+    assert vm.memslots.runs == [] and all(not s.runs for s in vm.slots.values())
+    await faultin(kvm, vm, 0x400000, PAGE_SIZE)
+    assert vm.memslots.translate(0x400000) is None and vm.memslots.translate(0x200000) is None
+    assert await kvm.destroy_vm(vm) == 0
+    assert set(rmp.owned()) == before
+
+
+async def test_an_mmio_read_into_untouched_ram_backs_its_scratch_area() -> None:
+    """KVM writes an MMIO read's data to a scratch area outside the GHCB with kvm_write_guest(),
+    which faults the page in (arch/x86/kvm/svm/sev.c setup_vmgexit_scratch()): RAM the guest
+    never touched takes the all-ones read, not SCRATCH_NOT_MAPPED."""
+    from snpemu.abi import ghcb as g
+    from snpemu.kvm.exits.scratch import GuestMemory, mmio
+
+    kvm, _rmp, _psp, _faults = await host()
+    vm = await kvm.create_vm(VmConfig(memory_bytes=16 << 20, vcpus=1))
+    ghcb_gpa, scratch = 0x100000, 12 << 20
+    assert vm.memslots.translate(scratch) is None
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_MMIO_READ)
+    x.set("sw_exit_info_1", 0xFEE00000)
+    x.set("sw_exit_info_2", 8)
+    x.set("sw_scratch", scratch)
+    written: list[tuple[int, bytes]] = []
+
+    async def write(spa: int, data: bytes) -> int:
+        written.append((spa, data))
+        return len(data)
+
+    async def back(gpa: int, size: int) -> None:
+        await faultin(kvm, vm, gpa, size)
+
+    await mmio(GuestMemory(vm.memslots.translate, write, back), ghcb_gpa, x)
+    assert written == [(vm.memslots.translate(scratch), b"\xff" * 8)]

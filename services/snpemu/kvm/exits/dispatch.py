@@ -9,7 +9,7 @@ explained in outcome.py (ExitState) and psc.py (the speculation).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
@@ -169,12 +169,15 @@ class GhcbExits:
     # --- IO and MMIO: no device claims a port or an MMIO address (scratch.py) -------------
 
     async def _ioio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = GuestMemory(vm.memslots.translate, self.host.write)
+        guest = GuestMemory(vm.memslots.translate, self.host.write, self._backer(vm))
         return _reply(await ioio(guest, vcpu.ghcb_gpa or 0, ghcb))
 
     async def _mmio(self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, state: ExitState) -> Outcome:
-        guest = GuestMemory(vm.memslots.translate, self.host.write)
+        guest = GuestMemory(vm.memslots.translate, self.host.write, self._backer(vm))
         return _reply(await mmio(guest, vcpu.ghcb_gpa or 0, ghcb))
+
+    def _backer(self, vm: Vm) -> Callable[[int, int], Awaitable[None]]:
+        return lambda gpa, size: faultin(self.ctx, vm, gpa, size)
 
 
 def _reply(reply: nae.Reply) -> Outcome:

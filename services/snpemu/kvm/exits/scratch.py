@@ -76,11 +76,13 @@ def setup_vmgexit_scratch(ghcb_gpa: int, sw_scratch: int, length: int) -> Scratc
 
 @dataclass(frozen=True)
 class GuestMemory:
-    """What the accesses need of kvm: GPA -> SPA (None outside every memslot) and a kernel
-    write of one page piece."""
+    """What the accesses need of kvm: GPA -> SPA (None outside every memslot), a kernel
+    write of one page piece, and the backing of a GPA range on first use (kvm/faultin.py:
+    kvm_read_guest()/kvm_write_guest() fault a page in as the guest's own access would)."""
 
     translate: Callable[[int], Spa | None]
     write: Callable[[Spa, bytes], Awaitable[int]]
+    back: Callable[[int, int], Awaitable[None]]
 
 
 async def ioio(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb) -> Reply:
@@ -123,6 +125,7 @@ async def _access(mem: GuestMemory, ghcb_gpa: int, x: g.Ghcb, length: int, fill:
         buf = bytearray(x.shared)
         buf[area.offset : area.offset + length] = b"\xff" * length
         return Reply(shared=buf)
+    await mem.back(area.gpa, length)
     spas = [(mem.translate(gpa), n) for gpa, _, n in area.pages()]
     if any(spa is None for spa, _ in spas):
         # kvm_read_guest() of the area fails: -EFAULT, the vCPU run fails
