@@ -24,6 +24,9 @@ from snpemu.vmm.ovmf import Ovmf
 
 # KERNEL: include/uapi/linux/kvm.h KVM_MEMORY_ATTRIBUTE_PRIVATE
 PRIVATE = 1 << 3
+# what kvm's SnpLaunchUpdate does in one call at most: a longer run is sent in pieces, so
+# the script need not resend the rest
+PAGES_PER_REQUEST = 4096
 
 
 def requests(
@@ -41,16 +44,20 @@ def requests(
                 {"vm": vm, "address": str(u.gpa), "size": str(length), "attributes": str(PRIVATE)},
             )
         )
-        update: dict[str, object] = {
-            "vm": vm,
-            "gfn_start": str(u.gpa // PAGE_SIZE),
-            "len": str(length),
-            "type": int(u.page_type),
-        }
-        if u.page_type != PageType.ZERO:
-            update["uaddr"] = str(hva_base + u.gpa)
-            update["source"] = base64.b64encode(u.source).decode()
-        out.append(("SnpLaunchUpdate", update))
+        for first in range(0, u.npages, PAGES_PER_REQUEST):
+            n = min(PAGES_PER_REQUEST, u.npages - first)
+            gpa = u.gpa + first * PAGE_SIZE
+            update: dict[str, object] = {
+                "vm": vm,
+                "gfn_start": str(gpa // PAGE_SIZE),
+                "len": str(n * PAGE_SIZE),
+                "type": int(u.page_type),
+            }
+            if u.page_type != PageType.ZERO:
+                piece = u.source[first * PAGE_SIZE : (first + n) * PAGE_SIZE]
+                update["uaddr"] = str(hva_base + gpa)
+                update["source"] = base64.b64encode(piece).decode()
+            out.append(("SnpLaunchUpdate", update))
     return out
 
 
