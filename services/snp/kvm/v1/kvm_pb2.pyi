@@ -1462,7 +1462,9 @@ class NestedPageFaultResponse(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """What kvm did: "psmash", "convert", "spurious", "terminate"."""
+    """What kvm did: "map" (a memslot page not yet in the NPT, backed and mapped), "no_memslot",
+    "psmash", "convert_private", "convert_shared", "spurious".
+    """
     retry: _builtins.bool
     """Whether the guest may retry the access."""
     def __init__(
