@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -131,6 +131,17 @@ def check_apart(rx: Ring, tx: Ring) -> None:
                 )
 
 
+def pieces(gpa: int, length: int, most: int = PAGE_SIZE) -> Iterator[tuple[int, int]]:
+    """(gpa, bytes) of [gpa, gpa+length) cut at page ends and into pieces of at most `most`:
+    the frames of two pages need not be neighbours (kvm backs guest memory as it is first
+    touched), so each piece is translated on its own."""
+    pos = gpa
+    while pos < gpa + length:
+        n = min(PAGE_SIZE - pos % PAGE_SIZE, most, gpa + length - pos)
+        yield pos, n
+        pos += n
+
+
 class MemoryMap:
     def __init__(self, regions: list[tuple[int, int, int]]) -> None:
         # kvm backs guest memory a piece at a time as it is used: pieces that follow each other
@@ -149,13 +160,9 @@ class MemoryMap:
         self._starts = [r[0] for r in self.regions]
 
     def check(self, gpa: int, length: int) -> None:
-        """Every page of [gpa, gpa+length) lies in the map (the frames of two pages need not
-        be contiguous: kvm backs a guest's memory 2 MiB at a time, as it is first touched)."""
-        pos = gpa
-        while pos < gpa + length:
-            n = min(PAGE_SIZE - pos % PAGE_SIZE, gpa + length - pos)
-            self.spa(pos, n)
-            pos += n
+        """Every page of [gpa, gpa+length) lies in the map."""
+        for at, n in pieces(gpa, length):
+            self.spa(at, n)
 
     def spa(self, gpa: int, length: int) -> int:
         """The SPA of gpa, when [gpa, gpa+length) lies in one region (else the guest lied)."""
@@ -311,9 +318,7 @@ class NetDaemon:
     async def _read(self, dev: Device, gpa: int, length: int) -> bytes:
         """Page by page, as frames of neighbouring pages need not be neighbours."""
         out = b""
-        while len(out) < length:
-            at = gpa + len(out)
-            n = min(PAGE_SIZE - at % PAGE_SIZE, length - len(out))
+        for at, n in pieces(gpa, length):
             out += await self.memory.read(dev.memory.spa(at, n), n)
         return out
 
@@ -321,22 +326,19 @@ class NetDaemon:
         """A copy into guest memory, page by page and chunk by chunk as memcpy goes; the worst
         outcome wins. SIGBUS ends the copy at once (the process dies mid-copy)."""
         worst = WriteOutcome.NONE
-        pos = 0
-        while pos < len(data):
-            room = PAGE_SIZE - ((gpa + pos) % PAGE_SIZE)
-            n = min(room, self.copy_chunk, len(data) - pos)
+        for at, n in pieces(gpa, len(data), self.copy_chunk):
+            pos = at - gpa
             if pos and self.copy_delay_s:
                 await self.sleep(self.copy_delay_s)
-            outcome = await self.memory.write(dev.memory.spa(gpa + pos, n), data[pos : pos + n])
+            outcome = await self.memory.write(dev.memory.spa(at, n), data[pos : pos + n])
             if outcome != WriteOutcome.NONE:
                 dev.counters.violations += 1
             if outcome == WriteOutcome.SIGBUS:
-                raise Sigbus(f"SIGBUS writing {dev.vm_id} GPA {gpa + pos:#x}")
+                raise Sigbus(f"SIGBUS writing {dev.vm_id} GPA {at:#x}")
             if outcome == WriteOutcome.REFUSED:
                 return outcome
             if outcome == WriteOutcome.CONVERTED:
                 worst = outcome
-            pos += n
         return worst
 
     async def _u16(self, dev: Device, gpa: int, value: int) -> WriteOutcome:
