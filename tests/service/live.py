@@ -80,8 +80,9 @@ class Live:
         )
         return [(int(x.gpa), int(x.spa), int(x.size)) for x in r.regions]
 
-    def guest_pfns(self) -> set[int]:
-        return {(spa >> 12) + i for _, spa, size in self.regions() for i in range(size // PAGE)}
+    @staticmethod
+    def guest_pfns(regions: list[tuple[int, int, int]]) -> set[int]:
+        return {(spa >> 12) + i for _, spa, size in regions for i in range(size // PAGE)}
 
     def rmp_snapshot(self) -> Snapshot:
         """Every non-default RMP entry of the host: (pfn, its own 16 bytes, the state rmp
@@ -116,17 +117,18 @@ class Live:
 
         return self.run(snap())
 
-    def guest_pages(self, snapshot: Snapshot) -> dict[int, PageView]:
+    @staticmethod
+    def guest_pages(snapshot: Snapshot, regions: list[tuple[int, int, int]]) -> dict[int, PageView]:
         """Each guest page (by GFN) as the RMP governs it: (assigned, asid, gpa, validated,
         vmsa, immutable). A page with a default entry of its own inside an assigned 2M page
         takes the 2M entry's state, its GPA offset by the page's place in it (SPEC: AMD64 APM
         vol. 2, "Reverse Map Table": a 2M entry covers the 512 pages of its 2M-aligned range);
-        any other default entry is a hypervisor page, as is a page not backed yet. The
-        regions are read now, so snapshots taken before and after an exit are seen through
-        the same map."""
+        any other default entry is a hypervisor page, as is a page not backed yet. Snapshots
+        taken before and after an exit are seen through the same `regions()`, read after it
+        (the exit may have backed more)."""
         listed = {pfn: st for pfn, _, st in snapshot}
         out: dict[int, PageView] = {}
-        for gpa, spa, size in self.regions():
+        for gpa, spa, size in regions:
             for i in range(size // PAGE):
                 pfn = (spa >> 12) + i
                 st = listed.get(pfn)

@@ -68,8 +68,17 @@ def hw_id(vcek_der: bytes) -> bytes:
     return ext.value.value
 
 
-def omne_accepts(ext: guest_pb2.GetExtendedReportResponse) -> None:
-    """omne-attest, pinning the report's own ARK, accepts it (raises if not)."""
+def verify_args(tmp: Path, ext: guest_pb2.GetExtendedReportResponse, ark: bytes) -> list[str]:
+    """snpemu-verify's arguments for the report, its certificates and the ARK to pin, written
+    to files in tmp."""
+    (tmp / "r").write_bytes(ext.report)
+    (tmp / "c").write_bytes(ext.certs_blob)
+    (tmp / "ark").write_bytes(ark)
+    return [str(tmp / "r"), str(tmp / "c"), "--ark", str(tmp / "ark")]
+
+
+def omne_verify(ext: guest_pb2.GetExtendedReportResponse) -> None:
+    """omne-attest, pinning the report's own ARK, verifies it (raises Fail if it refuses)."""
     from omne_attest import Policy
     from omne_attest import verify as omne
 
@@ -100,10 +109,7 @@ async def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     predicted = sev_snp_measure(ovmf=str(fw))
     assert ext.fields.measurement.hex() == predicted
     assert [c.guid for c in ext.certificates] == ["vcek", "ask", "ark"]
-    (tmp_path / "r").write_bytes(ext.report)
-    (tmp_path / "c").write_bytes(ext.certs_blob)
-    (tmp_path / "ark").write_bytes(ark)
-    args = [str(tmp_path / "r"), str(tmp_path / "c"), "--ark", str(tmp_path / "ark")]
+    args = verify_args(tmp_path, ext, ark)
     assert verify.main([*args, "--report-data", b"nonce-1".hex()]) == 0
     assert verify.main([*args, "--report-data", b"other".hex()]) == 1
     bad = bytearray(ext.report)
@@ -111,7 +117,7 @@ async def test_boot_report_measurement_and_verification(tmp_path: Path) -> None:
     (tmp_path / "r").write_bytes(bytes(bad))
     assert verify.main(args) == 1
     # a third-party verifier pinning the same ARK accepts the unmodified report
-    omne_accepts(ext)
+    omne_verify(ext)
 
 
 async def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Path) -> None:
@@ -119,8 +125,7 @@ async def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Pa
     whose raw ID starts like a DER OCTET STRING (its bug, see CHIP_ID), while the VCEK's hwID
     is exactly the report's CHIP_ID and snpemu-verify accepts it. If omne-attest fixes this,
     this test fails: CHIP_ID then needs no choosing."""
-    from omne_attest import Fail, FailKind, Policy
-    from omne_attest import verify as omne
+    from omne_attest import Fail, FailKind
 
     seed_chip(tmp_path, DER_LOOKALIKE_CHIP_ID)
 
@@ -130,20 +135,9 @@ async def test_omne_attest_misreads_a_raw_hwid_that_starts_like_der(tmp_path: Pa
         ext, ark = ext, ark
     certs = {c.guid: c.der for c in ext.certificates}
     assert ext.report[0x1A0:0x1E0] == DER_LOOKALIKE_CHIP_ID == hw_id(certs["vcek"])
-    (tmp_path / "r").write_bytes(ext.report)
-    (tmp_path / "c").write_bytes(ext.certs_blob)
-    (tmp_path / "ark").write_bytes(ark)
-    args = [str(tmp_path / "r"), str(tmp_path / "c"), "--ark", str(tmp_path / "ark")]
-    assert verify.main(args) == 0
+    assert verify.main(verify_args(tmp_path, ext, ark)) == 0
     with pytest.raises(Fail) as info:
-        omne(
-            ext.report,
-            certs["vcek"],
-            certs["ask"],
-            certs["ark"],
-            hashlib.sha256(certs["ark"]).digest(),
-            Policy(max_vmpl=0, reject_debug=True),
-        )
+        omne_verify(ext)
     # the signature and the chain passed (they come first); only the hwID comparison failed
     assert info.value.kind is FailKind.CHIP_ID_MISMATCH
 
@@ -396,12 +390,9 @@ async def test_a_64_gib_guest_is_backed_as_it_touches_memory_above_4_gib(tmp_pat
 
         ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(report_data=b"64g"))
         ark = (await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)).ark_der
-    (tmp_path / "r").write_bytes(ext.report)
-    (tmp_path / "c").write_bytes(ext.certs_blob)
-    (tmp_path / "ark").write_bytes(ark)
-    args = [str(tmp_path / "r"), str(tmp_path / "c"), "--ark", str(tmp_path / "ark")]
+    args = verify_args(tmp_path, ext, ark)
     assert verify.main([*args, "--report-data", b"64g".hex()]) == 0
-    omne_accepts(ext)
+    omne_verify(ext)
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/TamperSequenceNumber", "ok", "error")

@@ -217,11 +217,12 @@ def check_rmp(live: Live, before: Snapshot, changes: list[tuple[int, bool]]) -> 
     if not changes:
         assert after == before
         return
-    kept, made = after_psc(live.guest_pages(before), changes, live.asid)
-    pages = live.guest_pages(after)
+    regions = live.regions()
+    kept, made = after_psc(live.guest_pages(before, regions), changes, live.asid)
+    pages = live.guest_pages(after, regions)
     assert {gfn: pages[gfn] for gfn in kept} == kept
     assert {gfn: pages[gfn][:3] for gfn in made} == made
-    inside = live.guest_pfns()
+    inside = live.guest_pfns(regions)
     assert [e for e in after if e[0] not in inside] == [e for e in before if e[0] not in inside]
 
 
