@@ -115,6 +115,14 @@ class VcpuExits:
 
     @property
     def ident(self) -> VcpuIdentity:
+        """The BSP's identity. A call that began while the guest ran may get here after its VM
+        was lost (the vCPUs go with it, and a new boot makes new ones): it is refused as one
+        made while the guest is not running."""
+        if not self.vcpus:
+            raise WrongState(
+                "the guest's VM is gone (it is booting again): not running",
+                reason=GuestReason.GUEST_NOT_RUNNING,
+            )
         return self.vcpus[0]
 
     def event(self, kind: str, gpa: int = 0, detail: str = "") -> None:
