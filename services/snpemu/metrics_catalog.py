@@ -150,6 +150,14 @@ CATALOG: tuple[Family, ...] = (
         ("kvm",),
     ),
     Family(
+        "snp_kvm_exits_to_vmm_total",
+        "counter",
+        ("exit_reason",),
+        "Exits kvm handed to the VMM (KVM_RUN returned), by kvm_run exit reason (hypercall: a "
+        "gmem VM's page-state change as KVM_HC_MAP_GPA_RANGE).",
+        ("kvm",),
+    ),
+    Family(
         "snp_guest_requests_total",
         "counter",
         ("msg_type", "result"),

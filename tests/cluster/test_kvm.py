@@ -89,6 +89,34 @@ def test_launch_with_grpcurl_measures_like_sev_snp_measure(cluster: Cluster) -> 
     assert grpcurl(cluster, "DestroyVm", {"vm": vm}) == {}
 
 
+def test_a_gmem_vms_psc_reaches_the_vmm_with_grpcurl(cluster: Cluster) -> None:
+    """The README's gmem VM with the real grpcurl: the guest's GHCB MSR PSC comes back as a
+    KVM_HC_MAP_GPA_RANGE exit (KERNEL: arch/x86/kvm/svm/sev.c snp_begin_psc_msr()), the VMM
+    sets the attributes and runs the vCPU, and the guest gets GHCB_MSR_PSC_RESP (0x15)."""
+    vm = grpcurl(
+        cluster,
+        "CreateVm",
+        {
+            "config": {"memory_bytes": str(64 << 20), "vcpus": 1},
+            "memory_model": "MEMORY_MODEL_GMEM",
+        },
+    )["vm"]
+    assert grpcurl(cluster, "EnableCap", {"vm": vm, "cap": 201, "args": ["4096"]}) == {}
+    ident = grpcurl(cluster, "LaunchVm", {"vm": vm})["vcpus"][0]  # type: ignore[index]
+    gfn = 0x2000
+    request = 2 << 52 | gfn << 12 | 0x14  # GHCB_MSR_PSC_REQ: gfn, SNP_PAGE_STATE_SHARED
+    out = grpcurl(cluster, "VmgexitMsr", {"identity": ident, "ghcb_msr": str(request)})
+    hc = out["exit"]["hypercall"]  # type: ignore[index]
+    assert out["exit"]["exit_reason"] == 3 and hc["nr"] == "12"  # type: ignore[index]
+    # args {gpa, 1 page, KVM_MAP_GPA_RANGE_DECRYPTED | 4K}
+    assert hc["args"][:3] == [str(gfn << 12), "1", "0"]  # type: ignore[index]
+    body = {"vm": vm, "address": str(gfn << 12), "size": "4096", "attributes": "0"}
+    assert grpcurl(cluster, "SetMemoryAttributes", body) == {}
+    done = grpcurl(cluster, "RunVcpu", {"vcpu": {"vm": vm, "vcpu_id": 0}})
+    assert done["msr"]["ghcb_msr"] == str(0x15)  # type: ignore[index]
+    assert grpcurl(cluster, "DestroyVm", {"vm": vm}) == {}
+
+
 async def test_guest_request_across_processes(prometheus: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from snpemu.vmm import tiny_firmware
 

@@ -25,6 +25,7 @@ from snpemu import guest, kvm, netd, psp, rmp
 from snpemu.abi import ghcb as g
 from snpemu.abi import guest_message as gm
 from snpemu.abi import msr_protocol as msr
+from snpemu.abi import psc
 from snpemu.runtime.config import ServiceConfig
 from snpemu.runtime.credentials import vmm_credential
 from snpemu.runtime.server import ServiceRuntime
@@ -356,6 +357,11 @@ async def agent(
             yield stub, rt
     finally:
         await rt.stop()
+
+
+def psc_entry(gfn: int, op: int, size_2m: bool = False, cur_page: int = 0) -> int:
+    """One PSC descriptor entry as the guest writes it (abi/psc.py)."""
+    return psc.Entry(cur_page, gfn, op, size_2m).encode()
 
 
 def psc_buffer(entries: list[int], cur: int = 0, end: int | None = None) -> bytearray:

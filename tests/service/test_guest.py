@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -66,6 +67,14 @@ def hw_id(vcek_der: bytes) -> bytes:
     )
     assert isinstance(ext.value, x509.UnrecognizedExtension)
     return ext.value.value
+
+
+async def scrape(rt: ServiceRuntime, family: str, labels: str = 'exit_reason="hypercall"') -> float:
+    """One sample of a service's /metrics, as Prometheus scrapes it."""
+    url = f"http://127.0.0.1:{rt.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+    line = next(x for x in text.splitlines() if x.startswith(f"{family}{{{labels}}} "))
+    return float(line.split()[-1])
 
 
 def verify_args(tmp: Path, ext: guest_pb2.GetExtendedReportResponse, ark: bytes) -> list[str]:
@@ -265,8 +274,9 @@ async def test_wrong_sequence_number_wipes_the_vmpck(running_guest: Agent) -> No
 
 
 @pytest.mark.rpc("snp.guest.v1.GuestService/ConvertMemory", "ok")
-async def test_memory_conversion_access_and_vc(stack: Stack) -> None:
-    async with agent(stack, SNPEMU_GUEST_ON_VC="log") as (g, _):
+@pytest.mark.parametrize("model", ["v5", "gmem"])
+async def test_memory_conversion_access_and_vc(stack: Stack, model: str) -> None:
+    async with agent(stack, SNPEMU_GUEST_ON_VC="log", SNPEMU_GUEST_MEMORY_MODEL=model) as (g, _):
         await g.WriteMemory(guest_pb2.WriteMemoryRequest(gpa=0x200000, data=b"private bytes"))
         assert (
             await g.ReadMemory(guest_pb2.ReadMemoryRequest(gpa=0x200000, length=13))
@@ -297,7 +307,7 @@ async def test_memory_conversion_access_and_vc(stack: Stack) -> None:
             )
         )
         assert r.pages_changed == 512
-    async with agent(stack) as (g, _):  # ON_VC=terminate
+    async with agent(stack, SNPEMU_GUEST_MEMORY_MODEL=model) as (g, _):  # ON_VC=terminate
         await g.ConvertMemory(
             guest_pb2.ConvertMemoryRequest(
                 gpa=0x200000,
@@ -325,12 +335,16 @@ async def test_eager_acceptance_validates_all_memory(tmp_path: Path) -> None:
         assert st.accepted_bytes == (64 << 20) - shared_pages * 4096
 
 
-async def test_a_64_gib_guest_is_backed_as_it_touches_memory_above_4_gib(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["v5", "gmem"])
+async def test_a_64_gib_guest_is_backed_as_it_touches_memory_above_4_gib(
+    tmp_path: Path, model: str
+) -> None:
     """64 GiB of guest RAM on an 80 GiB host: the agent lays it out with QEMU's q35 split, 2 GiB
     below the PCI hole and 62 GiB from 4 GiB (hw/i386/pc_q35.c pc_q35_init(): RAM of 0xb0000000
     or more keeps 0x80000000 low); the guest boots with lazy acceptance having backed a small
     part of it, writes above 4 GiB privately (the host sees ciphertext) and shared (the host
-    sees the bytes), and its report verifies."""
+    sees the bytes), and its report verifies. Both kinds of SNP VM: a gmem VM's page-state
+    changes reach the agent's VMM as KVM_HC_MAP_GPA_RANGE exits, a v5 VM's never leave kvm."""
     from snp.kvm.v1 import kvm_pb2
     from snp.rmp.v1 import rmp_pb2
 
@@ -338,12 +352,18 @@ async def test_a_64_gib_guest_is_backed_as_it_touches_memory_above_4_gib(tmp_pat
     gib = 1 << 30
     async with (
         host_stack(tmp_path, memory="80G") as s,
-        agent(s, SNPEMU_GUEST_MEMORY=str(64 * gib), SNPEMU_GUEST_VCPUS="1") as (g, _),
+        agent(
+            s,
+            SNPEMU_GUEST_MEMORY=str(64 * gib),
+            SNPEMU_GUEST_VCPUS="1",
+            SNPEMU_GUEST_MEMORY_MODEL=model,
+        ) as (g, _),
     ):
         st = await g.GetStatus(guest_pb2.GetStatusRequest())
         assert st.state == guest_pb2.BOOT_STATE_RUNNING and st.memory_bytes == 64 * gib
         vm = handles_pb2.VmHandle(id=st.vm_id)
         info = (await s.kvm.GetVm(kvm_pb2.GetVmRequest(vm=vm), metadata=HOST)).vm
+        assert kvm_pb2.MemoryModel.Name(info.memory_model) == f"MEMORY_MODEL_{model.upper()}"
         # the agent is the VMM: it made the RAM's two memslots (the e820 map is a VMM's, so
         # kvm has none for this VM) and the firmware's, which ends at 4 GiB
         slots = sorted((m.guest_phys_addr, m.memory_size) for m in info.memslots)
@@ -390,6 +410,10 @@ async def test_a_64_gib_guest_is_backed_as_it_touches_memory_above_4_gib(tmp_pat
 
         ext = await g.GetExtendedReport(guest_pb2.GetExtendedReportRequest(report_data=b"64g"))
         ark = (await s.psp.GetCertificates(psp_pb2.GetCertificatesRequest(), metadata=HOST)).ark_der
+        exits = await scrape(s.runtimes["kvm"], "snp_kvm_exits_to_vmm_total")
+    # the boot's page-state changes (its GHCB, the request pages, the conversion) went to the
+    # VMM for the gmem VM only
+    assert (exits > 0) == (model == "gmem"), exits
     args = verify_args(tmp_path, ext, ark)
     assert verify.main([*args, "--report-data", b"64g".hex()]) == 0
     omne_verify(ext)

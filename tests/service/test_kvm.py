@@ -32,6 +32,7 @@ from snpemu.runtime.status import error_info
 
 from tests.conftest import FakeClock, eventually, sev_snp_measure, tool
 from tests.service.host_stack import CRED, HOST, Guest, Stack, host_stack, psc_buffer
+from tests.service.host_stack import psc_entry as entry
 
 
 def report_req(data: bytes = bytes(64)) -> bytes:
@@ -274,10 +275,6 @@ async def test_ghcb_protocol_errors_and_simple_events(stack: Stack) -> None:
     assert r.terminated
     vm = (await stack.kvm.GetVm(kvm_pb2.GetVmRequest(vm=guest.vm), metadata=HOST)).vm
     assert (vm.term_reason_set, vm.term_reason_code) == (1, 4)
-
-
-def entry(gfn: int, op: int, size_2m: bool = False, cur_page: int = 0) -> int:
-    return psc.Entry(cur_page, gfn, op, size_2m).encode()
 
 
 async def psc_exit(guest, entries: list[int], **kw: int) -> tuple[int, psc.Descriptor]:  # type: ignore[no-untyped-def]

@@ -44,6 +44,7 @@ class Rmp:
         self.codes = codes
         self.unary: list[tuple[int, bool, int, int, int]] = []
         self.batches: list[bytes] = []
+        self.psmashes: list[int] = []
 
     async def rmpupdate(self, spa: int, state: RmpState) -> int:
         self.unary.append((spa, state.assigned, state.gpa, state.asid, state.size_2m))
@@ -52,7 +53,15 @@ class Rmp:
     async def session_rmpupdate_batch(self, entries: bytes) -> bytes:
         n = len(entries) // 24
         self.batches.append(bytes(entries))
-        return self.codes or bytes(n)
+        codes, self.codes = self.codes, None  # a retry of the batch finds what it changed
+        return codes or bytes(n)
+
+    async def psmash(self, spa: int) -> int:
+        """The 2M entry at spa split: its pages' updates no longer fail."""
+        self.psmashes.append(spa)
+        for page in [p for p in self.fail if p & ~((2 << 20) - 1) == spa]:
+            del self.fail[page]
+        return 0
 
 
 def handler(rmp: Rmp) -> tuple[PageStateChanges, Any]:
@@ -269,13 +278,31 @@ async def test_a_speculating_exit_sends_no_rpc_and_known_codes_are_used() -> Non
     )
     # handled again with the codes rmp really answered: the second page failed
     d = descriptor(0, 1, [entry(0, 1, PRIVATE), entry(0, 2, SHARED)])
-    state = ExitState(speculate=False, codes=bytes([0, 4]))
+    state = ExitState(speculate=False, codes=bytes([0, 1]))
     assert await h.apply(vm(), d, state) == GENERIC
     assert rmp.batches == [] and (d.cur_entry, d.entries[0].cur_page, d.entries[1].cur_page) == (
         1,
         1,
         0,
     )
+
+
+async def test_a_page_to_share_under_a_2m_entry_is_psmashed_first() -> None:
+    """KERNEL (the v5 series): snp_make_page_shared(): a 4K page of an existing 2M RMP entry is
+    split with PSMASH before it is made shared; RMPUPDATE of it alone fails with FAIL_OVERLAP
+    (arch/x86/include/asm/sev.h RMPUPDATE_FAIL_OVERLAP, 4). A private page is not split."""
+    rmp = Rmp(codes=bytes([4, 4]))  # both 4K updates hit a 2M entry
+    h, _ = handler(rmp)
+    d = descriptor(0, 1, [entry(0, 0x201, SHARED), entry(0, 0x202, PRIVATE)])
+    assert await h.apply(vm(), d, ExitState(speculate=False)) == GENERIC
+    assert rmp.psmashes == [0x400 << 12]  # the 2M-aligned head of frame 0x401, once
+    assert rmp.batches[1] == rmp_state(0x401 << 12, 0, False, 0)  # the shared page again
+    assert (d.cur_entry, d.entries[0].cur_page, d.entries[1].cur_page) == (1, 1, 0)
+    # the MSR protocol's one page likewise
+    rmp = Rmp(fail={0x105 << 12: 4})
+    h, _ = handler(rmp)
+    assert await h.msr(vm(), 0x5, SHARED) is True
+    assert rmp.psmashes == [0] and len(rmp.unary) == 2  # frame 0x105: the 2M range from 0
 
 
 # --- the PSC exit: the descriptor in the GHCB's shared buffer ------------------------------------

@@ -21,6 +21,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi.addr import Gpa, pages
 from snpemu.errors import WrongState
+from snpemu.guest import vmm_exits
 from snpemu.guest.errors import GuestReason, Terminated
 from snpemu.guest.options import GuestOptions
 from snpemu.guest.ports import (
@@ -29,6 +30,7 @@ from snpemu.guest.ports import (
     GhcbReply,
     GuestRmp,
     Hold,
+    MsrReply,
     NpfReply,
     VmHandle,
     Vmm,
@@ -168,7 +170,20 @@ class VcpuExits:
             raise
 
     async def msr_exit(self, value: int) -> int:
-        return (await self.vmexit(self.exits.vmgexit_msr(self.ident, value))).ghcb_msr
+        ident = self.ident
+        r = await self.vmexit(self.exits.vmgexit_msr(ident, value))
+        if r.exit is not None:
+            done = await self.vmexit(self._in_vmm(ident, r))
+            assert isinstance(done, MsrReply)  # INVARIANT: completed in the exit's own kind
+            r = done
+        return r.ghcb_msr
+
+    async def _in_vmm(
+        self, ident: VcpuIdentity, reply: MsrReply | GhcbReply
+    ) -> MsrReply | GhcbReply:
+        """The exits kvm handed the VMM handled, as this agent's VMM (guest/vmm_exits.py)."""
+        assert self.vm is not None  # INVARIANT: a vCPU that exits has a VM
+        return await vmm_exits.complete(self.vmm, self.vm, ident.vcpu_id, reply)
 
     async def npf(self, fault: Fault, vcpu: VcpuIdentity | None = None) -> NpfReply:
         """The #NPF exit of a faulted access (as `vcpu`, by default this guest's BSP)."""
@@ -188,7 +203,12 @@ class VcpuExits:
         """Fill the GHCB and VMGEXIT. The page goes with the exit and comes back in the reply
         (kvm.proto VmgexitRequest.ghcb): the guest's write to its shared GHCB page and its read
         after the exit, without a round trip to memory each."""
-        r = await self.vmexit(self.exits.vmgexit(self.ident, ghcb.encode()))
+        ident = self.ident
+        r = await self.vmexit(self.exits.vmgexit(ident, ghcb.encode()))
+        if r.exit is not None:
+            done = await self.vmexit(self._in_vmm(ident, r))
+            assert isinstance(done, GhcbReply)  # INVARIANT: completed in the exit's own kind
+            r = done
         if r.terminated:
             self.state = BootState.TERMINATED
             return r, ghcb

@@ -42,7 +42,7 @@ class GuestKernel(GuestMemory):
         o = self.opts
         self.state = BootState.LAUNCHING
         machine = await asyncio.to_thread(self._machine)
-        self.vm = await self.vmm.create_vm(None)
+        self.vm = await self.vmm.create_vm(None, o.memory_model)
         # Hold the VM as a VMM holds its VM fd: if this process dies, kvm destroys the VM.
         self.hold = await self.vmm.hold_vm(self.vm)
         if o.throttle_ms:

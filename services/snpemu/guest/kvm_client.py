@@ -20,6 +20,7 @@ from snpemu.guest.ports import (
     MsrReply,
     NpfReply,
     VmHandle,
+    VmmExit,
     VmStatus,
 )
 from snpemu.kvm.config import VmConfig
@@ -38,6 +39,23 @@ def _vm(vm: VmHandle) -> handles_pb2.VmHandle:
     return handles_pb2.VmHandle(id=vm.id, token=vm.token)
 
 
+def _exit(r: kvm_pb2.VmgexitMsrResponse | kvm_pb2.VmgexitResponse) -> VmmExit | None:
+    if not r.HasField("exit"):
+        return None
+    hc = r.exit.hypercall
+    return VmmExit(r.exit.exit_reason, hc.nr, tuple(hc.args))
+
+
+def _msr_reply(r: kvm_pb2.VmgexitMsrResponse) -> MsrReply:
+    return MsrReply(int(r.ghcb_msr), r.terminated, _exit(r))
+
+
+def _ghcb_reply(r: kvm_pb2.VmgexitResponse) -> GhcbReply:
+    return GhcbReply(
+        int(r.sw_exit_info_1), int(r.sw_exit_info_2), r.terminated, bytes(r.ghcb), _exit(r)
+    )
+
+
 class GrpcKvm:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
@@ -54,13 +72,27 @@ class GrpcKvm:
             self._stub().VmgexitMsr,
             kvm_pb2.VmgexitMsrRequest(identity=identity_to_pb(vcpu), ghcb_msr=value),
         )
-        return MsrReply(int(r.ghcb_msr), r.terminated)
+        return _msr_reply(r)
 
     async def vmgexit(self, vcpu: VcpuIdentity, ghcb: bytes) -> GhcbReply:
         r = await self.peer.invoke(
             self._stub().Vmgexit, kvm_pb2.VmgexitRequest(identity=identity_to_pb(vcpu), ghcb=ghcb)
         )
-        return GhcbReply(int(r.sw_exit_info_1), int(r.sw_exit_info_2), r.terminated, bytes(r.ghcb))
+        return _ghcb_reply(r)
+
+    async def run_vcpu(self, vm: VmHandle, vcpu_id: int, ret: int) -> MsrReply | GhcbReply:
+        r = await self.peer.invoke(
+            self._stub().RunVcpu,
+            kvm_pb2.RunVcpuRequest(
+                vcpu=handles_pb2.VcpuHandle(vm=_vm(vm), vcpu_id=vcpu_id), hypercall_ret=ret
+            ),
+        )
+        return _msr_reply(r.msr) if r.HasField("msr") else _ghcb_reply(r.ghcb)
+
+    async def enable_cap(self, vm: VmHandle, cap: int, args: tuple[int, ...]) -> None:
+        await self.peer.invoke(
+            self._stub().EnableCap, kvm_pb2.EnableCapRequest(vm=_vm(vm), cap=cap, args=args)
+        )
 
     async def nested_page_fault(self, vcpu: VcpuIdentity, gpa: Gpa, error_code: int) -> NpfReply:
         r = await self.peer.invoke(
@@ -71,8 +103,10 @@ class GrpcKvm:
         )
         return NpfReply(r.action, r.retry)
 
-    async def create_vm(self, config: VmConfig | None) -> VmHandle:
-        request = kvm_pb2.CreateVmRequest(vm_type=KVM_X86_SNP_VM)
+    async def create_vm(self, config: VmConfig | None, memory_model: int = 0) -> VmHandle:
+        request = kvm_pb2.CreateVmRequest(
+            vm_type=KVM_X86_SNP_VM, memory_model=kvm_pb2.MemoryModel.ValueType(memory_model)
+        )
         if config is not None:
             request.config.CopyFrom(config_to_pb(config))
         r = await self.peer.invoke(self._stub().CreateVm, request)

@@ -11,6 +11,7 @@ SNPEMU_GUEST_THROTTLE_MS / _BURST          this VM's guest-request throttle (0: 
 SNPEMU_GUEST_ACCEPT         eager | lazy: validate all memory at boot, or on first touch (lazy)
 SNPEMU_GUEST_ON_VC          terminate | log: what a #VC for an unvalidated page does (terminate)
 SNPEMU_GUEST_BOOT           1 | 0: launch and boot at start (1)
+SNPEMU_GUEST_MEMORY_MODEL   v5 | gmem: the kind of SNP VM (kvm.proto MemoryModel; v5)
 SNPEMU_GUEST_RETRY_DELAY_S / _RETRY_TIMEOUT_S  VMM BUSY retry delay and give-up time (2, 60)
 """
 
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from snpemu.abi.vcpu_type import VCPU_TYPES, vcpu_type_of
 from snpemu.hostconfig import ConfigError, count, number
 from snpemu.rmp.options import parse_size
+
+# kvm.proto MemoryModel by name; the first is the default
+MEMORY_MODELS = {"v5": 2, "gmem": 1}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class GuestOptions:
     boot: bool
     retry_delay_s: float
     retry_timeout_s: float
+    memory_model: int = 0  # kvm.proto MemoryModel
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GuestOptions:
@@ -73,6 +78,7 @@ class GuestOptions:
             "SNPEMU_GUEST_ACCEPT": ("lazy", "eager"),
             "SNPEMU_GUEST_ON_VC": ("terminate", "log"),
             "SNPEMU_GUEST_BOOT": ("1", "0"),
+            "SNPEMU_GUEST_MEMORY_MODEL": tuple(MEMORY_MODELS),
         }
         for name, allowed in choices.items():
             if d.get(name, allowed[0]) not in allowed:
@@ -97,4 +103,5 @@ class GuestOptions:
             boot=d.get("SNPEMU_GUEST_BOOT", "1") == "1",
             retry_delay_s=number(d, "SNPEMU_GUEST_RETRY_DELAY_S", "2", 60),
             retry_timeout_s=number(d, "SNPEMU_GUEST_RETRY_TIMEOUT_S", "60", 3600),
+            memory_model=MEMORY_MODELS[d.get("SNPEMU_GUEST_MEMORY_MODEL", "v5")],
         )

@@ -22,9 +22,20 @@ from snpemu.kvm.ports import LaunchFinish as LaunchFinish  # SnpLaunchFinish's i
 
 
 @dataclass(frozen=True)
+class VmmExit:
+    """An exit kvm handed on to the VMM (kvm.proto KvmExit): KVM_EXIT_HYPERCALL's nr and args.
+    The guest is not resumed until the VMM's run_vcpu() completes it."""
+
+    exit_reason: int
+    nr: int
+    args: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class MsrReply:
     ghcb_msr: int
     terminated: bool = False
+    exit: VmmExit | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class GhcbReply:
     sw_exit_info_2: int
     terminated: bool
     ghcb: bytes
+    exit: VmmExit | None = None
 
 
 @dataclass(frozen=True)
@@ -112,8 +124,9 @@ class LaunchUpdate:
 
 
 class Vmm(Protocol):
-    async def create_vm(self, config: VmConfig | None) -> VmHandle:
-        """With a config, the VM built for it (LaunchVm launches it); without, the VM alone."""
+    async def create_vm(self, config: VmConfig | None, memory_model: int = 0) -> VmHandle:
+        """With a config, the VM built for it (LaunchVm launches it); without, the VM alone.
+        memory_model: kvm.proto MemoryModel (0: kvm's default)."""
         ...
 
     async def hold_vm(self, vm: VmHandle) -> Hold:
@@ -125,6 +138,12 @@ class Vmm(Protocol):
 
     # the ioctls QEMU makes, one RPC each (kvm.proto)
     async def snp_init2(self, vm: VmHandle, vmsa_features: int, ghcb_version: int) -> None: ...
+    async def enable_cap(self, vm: VmHandle, cap: int, args: tuple[int, ...]) -> None: ...
+    async def run_vcpu(self, vm: VmHandle, vcpu_id: int, ret: int) -> MsrReply | GhcbReply:
+        """KVM_RUN after an exit handed to the VMM: the completed exit's answer, in the kind
+        of the exit it came from (or the next exit)."""
+        ...
+
     async def create_guest_memfd(self, vm: VmHandle, size: int) -> int: ...
     async def set_memory_region(self, vm: VmHandle, region: MemoryRegion) -> None: ...
     async def set_memory_attributes(

@@ -135,6 +135,8 @@ SPEC: ServiceSpec[_Kvm] = ServiceSpec(
             "SnpLaunchUpdate",
             "SnpLaunchFinish",
             "CreateVcpu",
+            "EnableCap",
+            "RunVcpu",
         }
     ),
     # its VMs live in the host's memory, gone with a host reboot

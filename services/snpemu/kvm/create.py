@@ -21,7 +21,7 @@ from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.teardown import discard
 from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.uapi import KVM_MEM_GUEST_MEMFD, KVM_X86_SNP_VM, Errno, refuse
-from snpemu.kvm.vm import Vm, new_vm_id
+from snpemu.kvm.vm import MemoryModel, Vm, new_vm_id
 from snpemu.vmm import memory_layout, vmsa
 
 if TYPE_CHECKING:
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def new_vm(kvm: Kvm, vm_type: int, config: VmConfig | None = None) -> Vm:
+def new_vm(
+    kvm: Kvm, vm_type: int, config: VmConfig | None = None, model: MemoryModel = MemoryModel.V5
+) -> Vm:
     """KVM_CREATE_VM(type). KERNEL: arch/x86/kvm/x86.c kvm_arch_init_vm() (-EINVAL for a type
     the host does not support)"""
     kvm.need_snp()
@@ -47,7 +49,7 @@ def new_vm(kvm: Kvm, vm_type: int, config: VmConfig | None = None) -> Vm:
         if t is not None and t.interval_ms
         else Throttle(*kvm.default_throttle, clock=kvm.clock)
     )
-    vm = Vm(new_vm_id(), 0, cfg, throttle)
+    vm = Vm(new_vm_id(), 0, cfg, throttle, memory_model=model)
     # CPUID(1).EAX of its vCPUs: the config's model, else the default one (QEMU would set it
     # with KVM_SET_CPUID2, which kvm does not take)
     vm.cpuid_signature = vmsa.vcpu_signature(
@@ -56,11 +58,13 @@ def new_vm(kvm: Kvm, vm_type: int, config: VmConfig | None = None) -> Vm:
     return vm
 
 
-async def create_vm(kvm: Kvm, config: VmConfig, owner: str) -> Vm:
+async def create_vm(
+    kvm: Kvm, config: VmConfig, owner: str, model: MemoryModel = MemoryModel.V5
+) -> Vm:
     """A VM for `config`: INIT2, RAM, vCPUs, its images read for LaunchVm."""
     kvm.need_snp()
     vmsa_features = check_config(config, kvm.supported_vmsa_features)
-    vm = new_vm(kvm, KVM_X86_SNP_VM, config)
+    vm = new_vm(kvm, KVM_X86_SNP_VM, config, model)
     # The images are read and checked here, not at LaunchVm (as QEMU reads them before its
     # first ioctl), so a launch cannot fail on them; the VM keeps what was read, not the bytes.
     loaded = await images.load(
@@ -90,6 +94,7 @@ async def create_vm(kvm: Kvm, config: VmConfig, owner: str) -> Vm:
                 caller=owner,
                 is_host=True,
             )
+            await memory_ioctls.private_by_default(kvm, vm, region.gpa, region.size)
         for i in range(config.vcpus):
             # QEMU points the APs at the firmware's SEV-ES reset block
             # (target/i386/sev.c sev_es_set_reset_vector())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from snpemu.abi.addr import PAGE_SIZE, Gpa, Spa
+from snpemu.abi.addr import PAGE_SIZE, PMD_SIZE, Gpa, Spa
 from snpemu.abi.rmp import Code
 from snpemu.kvm.ports import GPA_NONE, HostCopy, HostRead, HostWrite, RmpPort, RmpState
 from snpemu.kvm.vm import Vm
+
+PSMASH_TRIES = 8  # KVM retries PSMASH while another CPU holds the entry (FAIL_INUSE)
 
 
 def kernel_write(spa: Spa, data: bytes) -> HostWrite:
@@ -42,3 +44,13 @@ class HostAccess:
             size_2m=size_2m,
         )
         return await self.rmp.rmpupdate(spa, state)
+
+    async def psmash(self, spa: Spa) -> Code:
+        """PSMASH of the 2M entry over spa, retried while another CPU holds it.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_rmptable_psmash()"""
+        code = Code.FAIL_INUSE
+        for _ in range(PSMASH_TRIES):
+            code = await self.rmp.psmash(Spa(spa & ~(PMD_SIZE - 1)))
+            if code != Code.FAIL_INUSE:
+                break
+        return code

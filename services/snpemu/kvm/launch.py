@@ -90,6 +90,7 @@ async def _launch(kvm: Kvm, vm: Vm) -> bytes:
         caller=vm.owner,
         is_host=True,
     )
+    await memory_ioctls.private_by_default(kvm, vm, ovmf.gpa, size)
     plan = launch_plan.plan(
         ovmf,
         vcpus=len(vm.vcpus),
@@ -119,7 +120,9 @@ async def launch_region(kvm: Kvm, vm: Vm, u: launch_plan.Update) -> None:
     """QEMU target/i386/sev.c sev_snp_launch_update(): the range made private, then
     KVM_SEV_SNP_LAUNCH_UPDATE again while KVM reports pages left."""
     length = u.npages * PAGE_SIZE
-    memory_ioctls.set_memory_attributes(vm, u.gpa, length, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+    await memory_ioctls.set_memory_attributes(
+        kvm, vm, u.gpa, length, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0
+    )
     gfn, uaddr, source = u.gpa // PAGE_SIZE, hva(vm, u.gpa), u.source
     zero = u.page_type == PageType.ZERO
     while True:

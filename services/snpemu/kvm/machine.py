@@ -29,7 +29,7 @@ from snpemu.kvm.policy import SVM_SEV_FEAT_DEBUG_SWAP
 from snpemu.kvm.ports import PspPort, RmpPort
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.trace import TraceHub
-from snpemu.kvm.vm import Vm
+from snpemu.kvm.vm import MemoryModel, Vm
 
 CBIT = 51
 DEFAULT_FIRMWARE = "/usr/share/OVMF/OVMF_CODE.fd"
@@ -41,6 +41,8 @@ class Counters:
     psc_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     psc_pages: Counter[tuple[str, str]] = field(default_factory=Counter)
     guest_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # exits handed to the VMM, by kvm_run exit reason ("hypercall")
+    vmm_exits: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     # Called with each guest request's duration (the metrics histogram).
     observe_request: Callable[[float], None] = lambda _seconds: None
@@ -104,8 +106,10 @@ class Kvm:
     async def bring_up(self) -> None:
         await bringup.bring_up(self)
 
-    async def create_vm(self, config: VmConfig, owner: str = "") -> Vm:
-        return await create.create_vm(self, config, owner)
+    async def create_vm(
+        self, config: VmConfig, owner: str = "", model: MemoryModel = MemoryModel.V5
+    ) -> Vm:
+        return await create.create_vm(self, config, owner, model)
 
     async def launch_vm(self, vm: Vm) -> bytes:
         return await launch.launch_vm(self, vm)

@@ -4,7 +4,8 @@ anything.
 
 UNVERIFIED(one-backing): an SNP VM here has one backing: the guest_memfd's frames back a GPA
 whether the guest uses it private or shared, and the memslot's userspace_addr is checked but
-has nothing behind it (mainline keeps shared memory behind userspace_addr).
+has nothing behind it (mainline keeps shared memory behind userspace_addr); a gmem VM's
+attributes therefore move its backed pages in the RMP at once (kvm/gmem_rmp.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import PAGE_SIZE as PAGE
 from snpemu.errors import AlreadyExists, InvalidArgument, NotBuilt
+from snpemu.kvm import gmem_rmp
 from snpemu.kvm.faultin import faultin_ranges
 from snpemu.kvm.gmem import GuestMemfd
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
+    KVM_CAP_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -152,8 +156,11 @@ async def _delete(kvm: Kvm, vm: Vm, old: UserMemslot) -> None:
         g.unbind(old.slot)
 
 
-def set_memory_attributes(vm: Vm, address: int, size: int, attributes: int, flags: int) -> None:
-    """KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes()"""
+async def set_memory_attributes(
+    kvm: Kvm, vm: Vm, address: int, size: int, attributes: int, flags: int
+) -> None:
+    """KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_set_mem_attributes(); a gmem VM's pages
+    already backed change in the RMP too (kvm/gmem_rmp.py)"""
     if flags:
         raise _einval(f"flags {flags:#x} must be 0")
     if attributes & ~KVM_MEMORY_ATTRIBUTE_PRIVATE:
@@ -166,6 +173,33 @@ def set_memory_attributes(vm: Vm, address: int, size: int, attributes: int, flag
     if address % PAGE or size % PAGE:
         raise _einval(f"address {address:#x} and size {size:#x} must be page aligned")
     vm.attributes.set(address, address + size, bool(attributes))
+    await gmem_rmp.convert(kvm, vm, address, address + size, bool(attributes))
+
+
+async def private_by_default(kvm: Kvm, vm: Vm, gpa: int, size: int) -> None:
+    """A guest_memfd memslot's range made private as soon as it exists, as QEMU does (QEMU:
+    accel/kvm/kvm-all.c kvm_set_phys_mem(): kvm_set_memory_attributes_private() for a region
+    with a guest_memfd): the guest's memory starts private, and it converts what it shares."""
+    await set_memory_attributes(kvm, vm, gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+
+
+def enable_cap(vm: Vm, cap: int, flags: int, args: list[int]) -> None:
+    """KVM_ENABLE_CAP on the VM. KERNEL: arch/x86/kvm/x86.c kvm_vm_ioctl_enable_cap(): nonzero
+    flags are -EINVAL; KVM_CAP_EXIT_HYPERCALL takes args[0] within
+    KVM_EXIT_HYPERCALL_VALID_MASK; an unknown cap is -EINVAL."""
+    if flags:
+        raise _einval(f"flags {flags:#x} must be 0")
+    if len(args) > 4:
+        raise _einval(f"{len(args)} args: struct kvm_enable_cap has 4")
+    if cap != KVM_CAP_EXIT_HYPERCALL:
+        raise _einval(f"cap {cap}: only KVM_CAP_EXIT_HYPERCALL ({KVM_CAP_EXIT_HYPERCALL}) is taken")
+    mask = args[0] if args else 0
+    if mask & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+        raise _einval(
+            f"args[0] {mask:#x}: only KVM_HC_MAP_GPA_RANGE "
+            f"({KVM_EXIT_HYPERCALL_VALID_MASK:#x}) may exit to the VMM"
+        )
+    vm.hypercall_exit_enabled = mask
 
 
 POPULATE_RANGES_MAX = 16

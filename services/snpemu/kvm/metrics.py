@@ -3,6 +3,7 @@
 snp_vmgexit_total{exit_code}                      VMGEXITs by NAE event (msr_protocol, psc, ...)
 snp_psc_requests_total{protocol,result}           page-state-change requests (ghcb, msr)
 snp_psc_pages_total{operation,page_size}          pages changed (private/shared, 4k/2m)
+snp_kvm_exits_to_vmm_total{exit_reason}           exits handed to the VMM (hypercall)
 snp_guest_requests_total{msg_type,result}         guest requests (report, key, other)
 snp_guest_request_duration_seconds                histogram, successful guest requests
 snp_guest_request_throttled_total                 answered VMM BUSY by the per-VM throttle
@@ -52,6 +53,13 @@ class KvmCollector(Collector):
             for size in ("4k", "2m"):
                 pages.add_metric([op, size], float(c.psc_pages[(op, size)]))
         yield pages
+        user = CounterMetricFamily(
+            "snp_kvm_exits_to_vmm",
+            "Exits kvm handed to the VMM (KVM_RUN returned).",
+            labels=["exit_reason"],
+        )
+        user.add_metric(["hypercall"], float(c.vmm_exits["hypercall"]))
+        yield user
         gr = CounterMetricFamily(
             "snp_guest_requests",
             "Guest requests (SNP_GUEST_REQUEST NAE).",

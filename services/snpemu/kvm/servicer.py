@@ -17,14 +17,16 @@ from snpemu.abi.msr_protocol import HV_FEATURES
 from snpemu.abi.page_type import PageType
 from snpemu.errors import InvalidArgument, NotFound, WrongState
 from snpemu.kvm import create, memory_ioctls, snp_cmds
-from snpemu.kvm.exits import Exits, sev_status
+from snpemu.kvm.exits import ExitResult, Exits, sev_status
+from snpemu.kvm.exits.map_gpa import Hypercall
+from snpemu.kvm.exits.msr import MsrOutcome
 from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.ports import LaunchFinish
 from snpemu.kvm.reasons import KvmReason
 from snpemu.kvm.throttle import Throttle, check_throttle
 from snpemu.kvm.uapi import KVM_X86_SNP_VM, Errno, refuse
-from snpemu.kvm.vm import Vm
+from snpemu.kvm.vm import MemoryModel, Vm
 from snpemu.kvm.wire import config_from_pb, config_to_pb, identity_from_pb, identity_to_pb
 from snpemu.runtime.caller import Role, current_caller
 
@@ -43,6 +45,7 @@ def vm_info(vm: Vm) -> pb.VmInfo:
         term_reason_code=vm.term_reason[1],
         sev_status=sev_status(vm),
         vm_type=vm.vm_type,
+        memory_model=pb.MemoryModel.ValueType(int(vm.memory_model)),
         memslots=[
             pb.Memslot(
                 slot=m.slot,
@@ -61,6 +64,41 @@ def vm_info(vm: Vm) -> pb.VmInfo:
 
 def e820_pb(vm: Vm) -> list[pb.E820Entry]:
     return [pb.E820Entry(addr=e.addr, size=e.size, type=int(e.type)) for e in vm.e820]
+
+
+def memory_model(value: int) -> MemoryModel:
+    """CreateVmRequest.memory_model; unset is the v5 kind for now."""
+    if value == 0:
+        return MemoryModel.V5
+    if value not in {m.value for m in MemoryModel}:
+        raise refuse(InvalidArgument, Errno.EINVAL, f"memory_model {value} is not a MemoryModel")
+    return MemoryModel(value)
+
+
+def kvm_exit_pb(hc: Hypercall | None) -> pb.KvmExit | None:
+    if hc is None:
+        return None
+    return pb.KvmExit(
+        exit_reason=hc.exit_reason,
+        hypercall=pb.KvmHypercall(nr=hc.nr, args=list(hc.args), flags=hc.flags),
+    )
+
+
+def msr_response(out: MsrOutcome) -> pb.VmgexitMsrResponse:
+    if out.hypercall is not None:
+        return pb.VmgexitMsrResponse(exit=kvm_exit_pb(out.hypercall))
+    return pb.VmgexitMsrResponse(ghcb_msr=out.ghcb_msr, terminated=out.terminated)
+
+
+def ghcb_response(r: ExitResult, page: bytes) -> pb.VmgexitResponse:
+    if r.hypercall is not None:
+        return pb.VmgexitResponse(exit=kvm_exit_pb(r.hypercall))
+    return pb.VmgexitResponse(
+        sw_exit_info_1=r.sw_exit_info_1,
+        sw_exit_info_2=r.sw_exit_info_2,
+        terminated=r.terminated,
+        ghcb=page,
+    )
 
 
 def check_u16(name: str, value: int) -> None:
@@ -117,6 +155,7 @@ class KvmServicer:
 
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
         vm_type = request.vm_type if request.HasField("vm_type") else KVM_X86_SNP_VM
+        model = memory_model(request.memory_model)
         caller = current_caller()
         # a VM the host made is the host's to hand on (with its token) to any VMM
         owner = caller.name if caller.role is Role.VMM else ""
@@ -125,9 +164,9 @@ class KvmServicer:
             check_throttle(t.interval_ms, t.burst)
             if vm_type != KVM_X86_SNP_VM:
                 create.new_vm(self.kvm, vm_type)  # refuses it
-            vm = await self.kvm.create_vm(config_from_pb(request.config), owner)
+            vm = await self.kvm.create_vm(config_from_pb(request.config), owner, model)
         else:
-            vm = create.new_vm(self.kvm, vm_type)
+            vm = create.new_vm(self.kvm, vm_type, model=model)
             self.kvm.vms[vm.vm_id] = vm
         vm.owner = owner
         # the only answer that carries the token: the VM fd goes to its creator alone
@@ -185,10 +224,16 @@ class KvmServicer:
     ) -> pb.SetMemoryAttributesResponse:
         vm = self._vm(request.vm)
         async with self._locked(vm):
-            memory_ioctls.set_memory_attributes(
-                vm, request.address, request.size, request.attributes, request.flags
+            await memory_ioctls.set_memory_attributes(
+                self.kvm, vm, request.address, request.size, request.attributes, request.flags
             )
         return pb.SetMemoryAttributesResponse()
+
+    async def EnableCap(self, request: Any, context: Any) -> pb.EnableCapResponse:
+        vm = self._vm(request.vm)
+        async with self._locked(vm):
+            memory_ioctls.enable_cap(vm, request.cap, request.flags, list(request.args))
+        return pb.EnableCapResponse()
 
     async def SnpLaunchStart(self, request: Any, context: Any) -> pb.SnpLaunchStartResponse:
         vm = self._vm(request.vm)
@@ -325,19 +370,20 @@ class KvmServicer:
         return pb.KickVcpusResponse(kicked=len(vm.vcpus))
 
     async def VmgexitMsr(self, request: Any, context: Any) -> pb.VmgexitMsrResponse:
-        value, terminated = await self.exits.msr_exit(
-            identity_from_pb(request.identity), request.ghcb_msr
-        )
-        return pb.VmgexitMsrResponse(ghcb_msr=value, terminated=terminated)
+        out = await self.exits.msr_exit(identity_from_pb(request.identity), request.ghcb_msr)
+        return msr_response(out)
 
     async def Vmgexit(self, request: Any, context: Any) -> pb.VmgexitResponse:
         r, page = await self.exits.ghcb_exit(identity_from_pb(request.identity), request.ghcb)
-        return pb.VmgexitResponse(
-            sw_exit_info_1=r.sw_exit_info_1,
-            sw_exit_info_2=r.sw_exit_info_2,
-            terminated=r.terminated,
-            ghcb=page if request.ghcb else b"",
-        )
+        return ghcb_response(r, page if request.ghcb else b"")
+
+    async def RunVcpu(self, request: Any, context: Any) -> pb.RunVcpuResponse:
+        vm = self._vm(request.vcpu.vm)
+        done = await self.exits.run_vcpu(vm, request.vcpu.vcpu_id, request.hypercall_ret)
+        if isinstance(done, MsrOutcome):
+            return pb.RunVcpuResponse(msr=msr_response(done))
+        r, page = done
+        return pb.RunVcpuResponse(ghcb=ghcb_response(r, page))
 
     async def NestedPageFault(self, request: Any, context: Any) -> pb.NestedPageFaultResponse:
         action, retry = await self.exits.npf(

@@ -8,6 +8,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,17 @@ from snpemu.kvm.throttle import Throttle
 from snpemu.kvm.uapi import GHCB_VERSION_DEFAULT, KVM_X86_SNP_VM
 from snpemu.vmm.memory_layout import E820Entry
 
+if TYPE_CHECKING:
+    from snpemu.kvm.exits.map_gpa import GhcbPending, MsrPending
+
 NO_PAGE = Spa(0)  # a page not (yet) taken
+
+
+class MemoryModel(enum.IntEnum):
+    """Which SNP VM it is; values match snp.kvm.v1.MemoryModel."""
+
+    GMEM = 1  # what merged: page-state changes go to the VMM (kvm/exits/map_gpa.py)
+    V5 = 2  # the 2021 v5 host series: kvm makes them itself with RMPUPDATE (kvm/exits/psc.py)
 
 
 class VmState(enum.IntEnum):
@@ -153,6 +164,9 @@ class Vcpu:
     # SnpLaunchFinish measured it
     reset_eip: int = 0
     vmsa: Spa = NO_PAGE
+    # the exit handed to the VMM that its next KVM_RUN completes (kvm/exits/map_gpa.py), as
+    # vcpu->arch.complete_userspace_io; None when the vCPU is not out in the VMM
+    pending: MsrPending | GhcbPending | None = None
 
 
 @dataclass
@@ -167,6 +181,9 @@ class Vm:
     owner: str = ""
     state: VmState = VmState.CREATED
     vm_type: int = KVM_X86_SNP_VM
+    memory_model: MemoryModel = MemoryModel.V5
+    # KVM_CAP_EXIT_HYPERCALL: the hypercalls that exit to the VMM (kvm->arch.hypercall_exit_enabled)
+    hypercall_exit_enabled: int = 0
     # KVM_SEV_INIT2 done (KERNEL: sev.c sev_snp_guest(): sev->active with SNP)
     sev_active: bool = False
     ghcb_version: int = GHCB_VERSION_DEFAULT

@@ -83,6 +83,38 @@ VM_STATE_TERMINATED: VmState.ValueType  # 4
 VM_STATE_DESTROYED: VmState.ValueType  # 5
 Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
+class _MemoryModel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryModel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_MODEL_UNSPECIFIED: _MemoryModel.ValueType  # 0
+    MEMORY_MODEL_GMEM: _MemoryModel.ValueType  # 1
+    """What merged: a guest page-state change leaves kvm as a KVM_HC_MAP_GPA_RANGE hypercall exit
+    to the VMM (VmgexitMsr / Vmgexit answer with `exit`), which answers with
+    SetMemoryAttributes and RunVcpu; kvm makes pages private as guest_memfd prepares them
+    (sev_gmem_prepare()) and shared as it invalidates them (sev_gmem_invalidate()). Its
+    shared pages are the guest_memfd's frames too (docs/fidelity.md, one backing).
+    """
+    MEMORY_MODEL_V5: _MemoryModel.ValueType  # 2
+    """The 2021 v5 host series: kvm handles page-state changes itself with RMPUPDATE."""
+
+class MemoryModel(_MemoryModel, metaclass=_MemoryModelEnumTypeWrapper):
+    """How an SNP VM's memory and page-state changes work."""
+
+MEMORY_MODEL_UNSPECIFIED: MemoryModel.ValueType  # 0
+MEMORY_MODEL_GMEM: MemoryModel.ValueType  # 1
+"""What merged: a guest page-state change leaves kvm as a KVM_HC_MAP_GPA_RANGE hypercall exit
+to the VMM (VmgexitMsr / Vmgexit answer with `exit`), which answers with
+SetMemoryAttributes and RunVcpu; kvm makes pages private as guest_memfd prepares them
+(sev_gmem_prepare()) and shared as it invalidates them (sev_gmem_invalidate()). Its
+shared pages are the guest_memfd's frames too (docs/fidelity.md, one backing).
+"""
+MEMORY_MODEL_V5: MemoryModel.ValueType  # 2
+"""The 2021 v5 host series: kvm handles page-state changes itself with RMPUPDATE."""
+Global___MemoryModel: _TypeAlias = MemoryModel  # noqa: Y015
+
 @_typing.final
 class GetCapabilitiesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -284,6 +316,7 @@ class VmInfo(_message.Message):
     TERM_REASON_CODE_FIELD_NUMBER: _builtins.int
     SEV_STATUS_FIELD_NUMBER: _builtins.int
     VM_TYPE_FIELD_NUMBER: _builtins.int
+    MEMORY_MODEL_FIELD_NUMBER: _builtins.int
     MEMSLOTS_FIELD_NUMBER: _builtins.int
     E820_FIELD_NUMBER: _builtins.int
     state: Global___VmState.ValueType
@@ -296,6 +329,7 @@ class VmInfo(_message.Message):
     """What the guest reads from MSR_AMD64_SEV (0xC0010131): SEV, SEV-ES, SNP, then SEV_FEATURES."""
     vm_type: _builtins.int
     """KVM_X86_SNP_VM (4)."""
+    memory_model: Global___MemoryModel.ValueType
     @_builtins.property
     def vm(self) -> _handles_pb2.VmHandle: ...
     @_builtins.property
@@ -325,12 +359,13 @@ class VmInfo(_message.Message):
         term_reason_code: _builtins.int = ...,
         sev_status: _builtins.int = ...,
         vm_type: _builtins.int = ...,
+        memory_model: Global___MemoryModel.ValueType = ...,
         memslots: _abc.Iterable[Global___Memslot] | None = ...,
         e820: _abc.Iterable[Global___E820Entry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "gctx", b"gctx", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "e820", b"e820", "gctx", b"gctx", "measurement", b"measurement", "memslots", b"memslots", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm", "vm_type", b"vm_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asid", b"asid", "config", b"config", "e820", b"e820", "gctx", b"gctx", "measurement", b"measurement", "memory_model", b"memory_model", "memslots", b"memslots", "sev_status", b"sev_status", "state", b"state", "term_reason_code", b"term_reason_code", "term_reason_set", b"term_reason_set", "vm", b"vm", "vm_type", b"vm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,11 +441,14 @@ class CreateVmRequest(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     VM_TYPE_FIELD_NUMBER: _builtins.int
+    MEMORY_MODEL_FIELD_NUMBER: _builtins.int
     vm_type: _builtins.int
     """KVM_X86_SNP_VM (4), the only type this host supports (GetCapabilities.supported_vm_types);
     unset means 4. Another type is INVALID_ARGUMENT, errno EINVAL, as kvm_arch_init_vm()
     refuses a type the host does not support. KERNEL: arch/x86/include/uapi/asm/kvm.h KVM_X86_*_VM
     """
+    memory_model: Global___MemoryModel.ValueType
+    """Which SNP VM this is (see MemoryModel); unset: MEMORY_MODEL_V5 for now."""
     @_builtins.property
     def config(self) -> Global___VmConfig:
         """Unset: the VM alone (KVM_CREATE_VM), to be built with the RPCs that follow it."""
@@ -420,10 +458,11 @@ class CreateVmRequest(_message.Message):
         *,
         config: Global___VmConfig | None = ...,
         vm_type: _builtins.int | None = ...,
+        memory_model: Global___MemoryModel.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type", "config", b"config", "vm_type", b"vm_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type", "config", b"config", "vm_type", b"vm_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type", "config", b"config", "memory_model", b"memory_model", "vm_type", b"vm_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__vm_type: _TypeAlias = _typing.Literal["vm_type"]  # noqa: Y015
     _WhichOneofArgType__vm_type: _TypeAlias = _typing.Literal["_vm_type", b"_vm_type"]  # noqa: Y015
@@ -719,6 +758,56 @@ class SetMemoryAttributesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetMemoryAttributesResponse: _TypeAlias = SetMemoryAttributesResponse  # noqa: Y015
+
+@_typing.final
+class EnableCapRequest(_message.Message):
+    """struct kvm_enable_cap. KERNEL: include/uapi/linux/kvm.h"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    CAP_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    cap: _builtins.int
+    flags: _builtins.int
+    """Must be 0."""
+    @_builtins.property
+    def vm(self) -> _handles_pb2.VmHandle: ...
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """args[4]; at most 4."""
+
+    def __init__(
+        self,
+        *,
+        vm: _handles_pb2.VmHandle | None = ...,
+        cap: _builtins.int = ...,
+        flags: _builtins.int = ...,
+        args: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap", b"cap", "flags", b"flags", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableCapRequest: _TypeAlias = EnableCapRequest  # noqa: Y015
+
+@_typing.final
+class EnableCapResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableCapResponse: _TypeAlias = EnableCapResponse  # noqa: Y015
 
 @_typing.final
 class SnpLaunchStartRequest(_message.Message):
@@ -1348,23 +1437,142 @@ class VmgexitMsrResponse(_message.Message):
 
     GHCB_MSR_FIELD_NUMBER: _builtins.int
     TERMINATED_FIELD_NUMBER: _builtins.int
+    EXIT_FIELD_NUMBER: _builtins.int
     ghcb_msr: _builtins.int
     """The GHCB MSR value on return to the guest."""
     terminated: _builtins.bool
     """The guest asked to terminate (TERM_REQ) and was stopped."""
+    @_builtins.property
+    def exit(self) -> Global___KvmExit:
+        """Set when the exit went on to the VMM (KVM_RUN returned): the guest is not resumed, and
+        the other fields are unset, until the VMM's RunVcpu completes it.
+        """
+
     def __init__(
         self,
         *,
         ghcb_msr: _builtins.int = ...,
         terminated: _builtins.bool = ...,
+        exit: Global___KvmExit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ghcb_msr", b"ghcb_msr", "terminated", b"terminated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "ghcb_msr", b"ghcb_msr", "terminated", b"terminated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmgexitMsrResponse: _TypeAlias = VmgexitMsrResponse  # noqa: Y015
+
+@_typing.final
+class KvmExit(_message.Message):
+    """What KVM_RUN returns in struct kvm_run for an exit kvm hands to the VMM.
+    KERNEL: include/uapi/linux/kvm.h struct kvm_run
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXIT_REASON_FIELD_NUMBER: _builtins.int
+    HYPERCALL_FIELD_NUMBER: _builtins.int
+    exit_reason: _builtins.int
+    """KVM_EXIT_HYPERCALL (3)."""
+    @_builtins.property
+    def hypercall(self) -> Global___KvmHypercall: ...
+    def __init__(
+        self,
+        *,
+        exit_reason: _builtins.int = ...,
+        hypercall: Global___KvmHypercall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hypercall", b"hypercall"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_reason", b"exit_reason", "hypercall", b"hypercall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvmExit: _TypeAlias = KvmExit  # noqa: Y015
+
+@_typing.final
+class KvmHypercall(_message.Message):
+    """kvm_run.hypercall. For KVM_HC_MAP_GPA_RANGE (12): args[0] the GPA, args[1] the pages,
+    args[2] KVM_MAP_GPA_RANGE_ENCRYPTED (0x10) or _DECRYPTED (0) | PAGE_SZ_4K (0) or _2M (1).
+    KERNEL: include/uapi/asm/kvm_para.h; Documentation/virt/kvm/x86/hypercalls.rst
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NR_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    nr: _builtins.int
+    flags: _builtins.int
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        nr: _builtins.int = ...,
+        args: _abc.Iterable[_builtins.int] | None = ...,
+        flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "flags", b"flags", "nr", b"nr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvmHypercall: _TypeAlias = KvmHypercall  # noqa: Y015
+
+@_typing.final
+class RunVcpuRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VCPU_FIELD_NUMBER: _builtins.int
+    HYPERCALL_RET_FIELD_NUMBER: _builtins.int
+    hypercall_ret: _builtins.int
+    """kvm_run.hypercall.ret: 0 when the VMM did what the exit asked, else an error (the guest's
+    page-state change fails).
+    """
+    @_builtins.property
+    def vcpu(self) -> _handles_pb2.VcpuHandle: ...
+    def __init__(
+        self,
+        *,
+        vcpu: _handles_pb2.VcpuHandle | None = ...,
+        hypercall_ret: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vcpu", b"vcpu"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypercall_ret", b"hypercall_ret", "vcpu", b"vcpu"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunVcpuRequest: _TypeAlias = RunVcpuRequest  # noqa: Y015
+
+@_typing.final
+class RunVcpuResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MSR_FIELD_NUMBER: _builtins.int
+    GHCB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def msr(self) -> Global___VmgexitMsrResponse: ...
+    @_builtins.property
+    def ghcb(self) -> Global___VmgexitResponse: ...
+    def __init__(
+        self,
+        *,
+        msr: Global___VmgexitMsrResponse | None = ...,
+        ghcb: Global___VmgexitResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "ghcb", b"ghcb", "msr", b"msr"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "ghcb", b"ghcb", "msr", b"msr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_completed: _TypeAlias = _typing.Literal["msr", "ghcb"]  # noqa: Y015
+    _WhichOneofArgType_completed: _TypeAlias = _typing.Literal["completed", b"completed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_completed) -> _WhichOneofReturnType_completed | None: ...
+
+Global___RunVcpuResponse: _TypeAlias = RunVcpuResponse  # noqa: Y015
 
 @_typing.final
 class VmgexitRequest(_message.Message):
@@ -1404,6 +1612,7 @@ class VmgexitResponse(_message.Message):
     SW_EXIT_INFO_2_FIELD_NUMBER: _builtins.int
     TERMINATED_FIELD_NUMBER: _builtins.int
     GHCB_FIELD_NUMBER: _builtins.int
+    EXIT_FIELD_NUMBER: _builtins.int
     sw_exit_info_1: _builtins.int
     """sw_exit_info_1 / sw_exit_info_2 as written back to the GHCB (also in guest memory)."""
     sw_exit_info_2: _builtins.int
@@ -1412,6 +1621,10 @@ class VmgexitResponse(_message.Message):
     """When the request carried the GHCB: the page as kvm wrote it back to guest memory (empty
     when the guest terminated).
     """
+    @_builtins.property
+    def exit(self) -> Global___KvmExit:
+        """As VmgexitMsrResponse.exit: the exit went on to the VMM, nothing is written back yet."""
+
     def __init__(
         self,
         *,
@@ -1419,10 +1632,11 @@ class VmgexitResponse(_message.Message):
         sw_exit_info_2: _builtins.int = ...,
         terminated: _builtins.bool = ...,
         ghcb: _builtins.bytes = ...,
+        exit: Global___KvmExit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ghcb", b"ghcb", "sw_exit_info_1", b"sw_exit_info_1", "sw_exit_info_2", b"sw_exit_info_2", "terminated", b"terminated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "ghcb", b"ghcb", "sw_exit_info_1", b"sw_exit_info_1", "sw_exit_info_2", b"sw_exit_info_2", "terminated", b"terminated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

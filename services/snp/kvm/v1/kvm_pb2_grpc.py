@@ -115,6 +115,11 @@ class KvmServiceStub:
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetGuestRequestThrottleRequest.SerializeToString,
                 response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetGuestRequestThrottleResponse.FromString,
                 _registered_method=True)
+        self.EnableCap = channel.unary_unary(
+                '/snp.kvm.v1.KvmService/EnableCap',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapRequest.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapResponse.FromString,
+                _registered_method=True)
         self.CreateVcpu = channel.unary_unary(
                 '/snp.kvm.v1.KvmService/CreateVcpu',
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateVcpuRequest.SerializeToString,
@@ -139,6 +144,11 @@ class KvmServiceStub:
                 '/snp.kvm.v1.KvmService/NestedPageFault',
                 request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultRequest.SerializeToString,
                 response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultResponse.FromString,
+                _registered_method=True)
+        self.RunVcpu = channel.unary_unary(
+                '/snp.kvm.v1.KvmService/RunVcpu',
+                request_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuRequest.SerializeToString,
+                response_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuResponse.FromString,
                 _registered_method=True)
         self.StreamTraceEvents = channel.unary_stream(
                 '/snp.kvm.v1.KvmService/StreamTraceEvents',
@@ -287,6 +297,17 @@ class KvmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnableCap(self, request, context):
+        """KVM_ENABLE_CAP on the VM, struct kvm_enable_cap. Only KVM_CAP_EXIT_HYPERCALL (201) is taken:
+        args[0] is the mask of hypercalls that exit to the VMM (KVM_HC_MAP_GPA_RANGE, bit 12, the
+        only one valid), as QEMU enables it for a confidential guest. Another cap, nonzero flags or
+        other mask bits: INVALID_ARGUMENT, errno EINVAL. KERNEL: arch/x86/kvm/x86.c
+        kvm_vm_ioctl_enable_cap()
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateVcpu(self, request, context):
         """--- vCPUs ---------------------------------------------------------------------------------
 
@@ -326,6 +347,17 @@ class KvmServiceServicer:
     def NestedPageFault(self, request, context):
         """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
         arch/x86/kvm/svm/sev.c sev_handle_rmp_fault()
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunVcpu(self, request, context):
+        """KVM_RUN again after an exit to the VMM (VmgexitMsr or Vmgexit answered with `exit`), with
+        what the VMM wrote to struct kvm_run (hypercall.ret): kvm completes the exit
+        (vcpu->arch.complete_userspace_io) and answers as the VMGEXIT would have, or with the next
+        exit to the VMM. Called with the vCPU handle (the vCPU fd), not the guest's identity.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_complete_psc_msr(), snp_complete_one_psc()
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -424,6 +456,11 @@ def add_KvmServiceServicer_to_server(servicer, server):
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetGuestRequestThrottleRequest.FromString,
                     response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.SetGuestRequestThrottleResponse.SerializeToString,
             ),
+            'EnableCap': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableCap,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapRequest.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapResponse.SerializeToString,
+            ),
             'CreateVcpu': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVcpu,
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.CreateVcpuRequest.FromString,
@@ -448,6 +485,11 @@ def add_KvmServiceServicer_to_server(servicer, server):
                     servicer.NestedPageFault,
                     request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultRequest.FromString,
                     response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultResponse.SerializeToString,
+            ),
+            'RunVcpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunVcpu,
+                    request_deserializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuRequest.FromString,
+                    response_serializer=snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuResponse.SerializeToString,
             ),
             'StreamTraceEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTraceEvents,
@@ -899,6 +941,33 @@ class KvmService:
             _registered_method=True)
 
     @staticmethod
+    def EnableCap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/EnableCap',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapRequest.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.EnableCapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateVcpu(request,
             target,
             options=(),
@@ -1023,6 +1092,33 @@ class KvmService:
             '/snp.kvm.v1.KvmService/NestedPageFault',
             snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultRequest.SerializeToString,
             snp_dot_kvm_dot_v1_dot_kvm__pb2.NestedPageFaultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunVcpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snp.kvm.v1.KvmService/RunVcpu',
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuRequest.SerializeToString,
+            snp_dot_kvm_dot_v1_dot_kvm__pb2.RunVcpuResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -116,6 +116,13 @@ class KvmServiceStub:
     """Per-VM guest-request throttle (interval, burst), answered with VMM BUSY when exceeded.
     From "kvm: sev: Add SNP guest request throttling" v5 KVM_SEV_SNP_SET_REQUEST_THROTTLE_RATE.
     """
+    EnableCap: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.EnableCapRequest, _kvm_pb2.EnableCapResponse]
+    """KVM_ENABLE_CAP on the VM, struct kvm_enable_cap. Only KVM_CAP_EXIT_HYPERCALL (201) is taken:
+    args[0] is the mask of hypercalls that exit to the VMM (KVM_HC_MAP_GPA_RANGE, bit 12, the
+    only one valid), as QEMU enables it for a confidential guest. Another cap, nonzero flags or
+    other mask bits: INVALID_ARGUMENT, errno EINVAL. KERNEL: arch/x86/kvm/x86.c
+    kvm_vm_ioctl_enable_cap()
+    """
     CreateVcpu: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.CreateVcpuRequest, _kvm_pb2.CreateVcpuResponse]
     """--- vCPUs ---------------------------------------------------------------------------------
 
@@ -138,6 +145,13 @@ class KvmServiceStub:
     NestedPageFault: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.NestedPageFaultRequest, _kvm_pb2.NestedPageFaultResponse]
     """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
     arch/x86/kvm/svm/sev.c sev_handle_rmp_fault()
+    """
+    RunVcpu: _grpc.UnaryUnaryMultiCallable[_kvm_pb2.RunVcpuRequest, _kvm_pb2.RunVcpuResponse]
+    """KVM_RUN again after an exit to the VMM (VmgexitMsr or Vmgexit answered with `exit`), with
+    what the VMM wrote to struct kvm_run (hypercall.ret): kvm completes the exit
+    (vcpu->arch.complete_userspace_io) and answers as the VMGEXIT would have, or with the next
+    exit to the VMM. Called with the vCPU handle (the vCPU fd), not the guest's identity.
+    KERNEL: arch/x86/kvm/svm/sev.c snp_complete_psc_msr(), snp_complete_one_psc()
     """
     StreamTraceEvents: _grpc.UnaryStreamMultiCallable[_kvm_pb2.StreamTraceEventsRequest, _kvm_pb2.StreamTraceEventsResponse]
     """--- Tracing ------------------------------------------------------------------------------
@@ -221,6 +235,13 @@ class KvmServiceAsyncStub(KvmServiceStub):
     """Per-VM guest-request throttle (interval, burst), answered with VMM BUSY when exceeded.
     From "kvm: sev: Add SNP guest request throttling" v5 KVM_SEV_SNP_SET_REQUEST_THROTTLE_RATE.
     """
+    EnableCap: _aio.UnaryUnaryMultiCallable[_kvm_pb2.EnableCapRequest, _kvm_pb2.EnableCapResponse]  # type: ignore[assignment]
+    """KVM_ENABLE_CAP on the VM, struct kvm_enable_cap. Only KVM_CAP_EXIT_HYPERCALL (201) is taken:
+    args[0] is the mask of hypercalls that exit to the VMM (KVM_HC_MAP_GPA_RANGE, bit 12, the
+    only one valid), as QEMU enables it for a confidential guest. Another cap, nonzero flags or
+    other mask bits: INVALID_ARGUMENT, errno EINVAL. KERNEL: arch/x86/kvm/x86.c
+    kvm_vm_ioctl_enable_cap()
+    """
     CreateVcpu: _aio.UnaryUnaryMultiCallable[_kvm_pb2.CreateVcpuRequest, _kvm_pb2.CreateVcpuResponse]  # type: ignore[assignment]
     """--- vCPUs ---------------------------------------------------------------------------------
 
@@ -243,6 +264,13 @@ class KvmServiceAsyncStub(KvmServiceStub):
     NestedPageFault: _aio.UnaryUnaryMultiCallable[_kvm_pb2.NestedPageFaultRequest, _kvm_pb2.NestedPageFaultResponse]  # type: ignore[assignment]
     """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
     arch/x86/kvm/svm/sev.c sev_handle_rmp_fault()
+    """
+    RunVcpu: _aio.UnaryUnaryMultiCallable[_kvm_pb2.RunVcpuRequest, _kvm_pb2.RunVcpuResponse]  # type: ignore[assignment]
+    """KVM_RUN again after an exit to the VMM (VmgexitMsr or Vmgexit answered with `exit`), with
+    what the VMM wrote to struct kvm_run (hypercall.ret): kvm completes the exit
+    (vcpu->arch.complete_userspace_io) and answers as the VMGEXIT would have, or with the next
+    exit to the VMM. Called with the vCPU handle (the vCPU fd), not the guest's identity.
+    KERNEL: arch/x86/kvm/svm/sev.c snp_complete_psc_msr(), snp_complete_one_psc()
     """
     StreamTraceEvents: _aio.UnaryStreamMultiCallable[_kvm_pb2.StreamTraceEventsRequest, _kvm_pb2.StreamTraceEventsResponse]  # type: ignore[assignment]
     """--- Tracing ------------------------------------------------------------------------------
@@ -421,6 +449,19 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def EnableCap(
+        self,
+        request: _kvm_pb2.EnableCapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvm_pb2.EnableCapResponse, _abc.Awaitable[_kvm_pb2.EnableCapResponse]]:
+        """KVM_ENABLE_CAP on the VM, struct kvm_enable_cap. Only KVM_CAP_EXIT_HYPERCALL (201) is taken:
+        args[0] is the mask of hypercalls that exit to the VMM (KVM_HC_MAP_GPA_RANGE, bit 12, the
+        only one valid), as QEMU enables it for a confidential guest. Another cap, nonzero flags or
+        other mask bits: INVALID_ARGUMENT, errno EINVAL. KERNEL: arch/x86/kvm/x86.c
+        kvm_vm_ioctl_enable_cap()
+        """
+
+    @_abc_1.abstractmethod
     def CreateVcpu(
         self,
         request: _kvm_pb2.CreateVcpuRequest,
@@ -471,6 +512,19 @@ class KvmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kvm_pb2.NestedPageFaultResponse, _abc.Awaitable[_kvm_pb2.NestedPageFaultResponse]]:
         """#NPF exit with EXITINFO1 error code. KERNEL: arch/x86/kvm/svm/svm.c npf_interception(),
         arch/x86/kvm/svm/sev.c sev_handle_rmp_fault()
+        """
+
+    @_abc_1.abstractmethod
+    def RunVcpu(
+        self,
+        request: _kvm_pb2.RunVcpuRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvm_pb2.RunVcpuResponse, _abc.Awaitable[_kvm_pb2.RunVcpuResponse]]:
+        """KVM_RUN again after an exit to the VMM (VmgexitMsr or Vmgexit answered with `exit`), with
+        what the VMM wrote to struct kvm_run (hypercall.ret): kvm completes the exit
+        (vcpu->arch.complete_userspace_io) and answers as the VMGEXIT would have, or with the next
+        exit to the VMM. Called with the vCPU handle (the vCPU fd), not the guest's identity.
+        KERNEL: arch/x86/kvm/svm/sev.c snp_complete_psc_msr(), snp_complete_one_psc()
         """
 
     @_abc_1.abstractmethod

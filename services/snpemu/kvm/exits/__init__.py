@@ -11,6 +11,7 @@ arch/x86/kvm/svm/svm.c npf_interception().
     outcome.py        ExitResult / ExitState: an exit's answer and what goes with its write
     nae.py            which GHCB fields each event needs; the small SVM exits KVM emulates
     msr.py            the GHCB MSR protocol
+    map_gpa.py        a gmem VM's PSC, forwarded to the VMM (KVM_HC_MAP_GPA_RANGE)
     psc.py            Page State Change: the loop, the 4K plan, the speculation
     guest_request.py  SNP guest requests and extended requests
     ap.py             AP creation, the AP jump table, the AP reset hold
@@ -29,22 +30,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
+from snpemu.errors import NotFound, WrongState
+from snpemu.kvm.exits import map_gpa
 from snpemu.kvm.exits.cpuid import cpuid, sev_status
 from snpemu.kvm.exits.dispatch import GhcbExits, check_inline
 from snpemu.kvm.exits.guest_request import GuestRequests
-from snpemu.kvm.exits.msr import MsrProtocol
+from snpemu.kvm.exits.msr import MsrOutcome, MsrProtocol
 from snpemu.kvm.exits.npf import NestedPageFaults
 from snpemu.kvm.exits.outcome import ExitResult
 from snpemu.kvm.exits.psc import PageStateChanges
 from snpemu.kvm.exits.reasons import ExitReason
-from snpemu.kvm.exits.vcpus import kick, running_vcpu
+from snpemu.kvm.exits.vcpus import check_running, kick, running_vcpu
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.machine import Kvm
 from snpemu.kvm.vm import Vcpu, Vm
 
 __all__ = ["ExitReason", "ExitResult", "Exits", "cpuid", "sev_status"]
+
+Done = TypeVar("Done", MsrOutcome, tuple[ExitResult, bytes])
 
 
 class Exits:
@@ -69,16 +75,42 @@ class Exits:
     def vcpu(self, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
         return running_vcpu(self.kvm, ident)
 
-    async def msr_exit(self, ident: VcpuIdentity, value: int) -> tuple[int, bool]:
+    async def msr_exit(self, ident: VcpuIdentity, value: int) -> MsrOutcome:
         vm, vcpu = self.vcpu(ident)
-        return await self.msr.exit(vm, vcpu, value)
+        return self._counted(await self.msr.exit(vm, vcpu, value))
+
+    async def run_vcpu(
+        self, vm: Vm, vcpu_id: int, ret: int
+    ) -> MsrOutcome | tuple[ExitResult, bytes]:
+        """KVM_RUN by the VMM after an exit it was handed: the exit completed
+        (complete_userspace_io), answered as the VMGEXIT it came from, or the next exit."""
+        vcpu = vm.vcpus.get(vcpu_id)
+        if vcpu is None:
+            raise NotFound(f"{vm.vm_id} has no vCPU {vcpu_id}")
+        check_running(vm)
+        pending, vcpu.pending = vcpu.pending, None
+        if isinstance(pending, map_gpa.MsrPending):
+            return self._counted(self.msr.resume(vm, vcpu, pending, ret))
+        if isinstance(pending, map_gpa.GhcbPending):
+            return self._counted(await self.ghcb.resume(vm, vcpu, pending, ret))
+        raise WrongState(
+            f"vCPU {vcpu_id} of {vm.vm_id} has no exit out in the VMM to complete",
+            reason=ExitReason.NO_PENDING_EXIT,
+        )
 
     async def ghcb_exit(self, ident: VcpuIdentity, inline: bytes = b"") -> tuple[ExitResult, bytes]:
         """Handle a VMGEXIT; returns the result and the GHCB page as written back. `inline` is
         the GHCB page carried with the exit instead of read from guest memory."""
         check_inline(inline)
         vm, vcpu = self.vcpu(ident)
-        return await self.ghcb.exit(vm, vcpu, inline)
+        return self._counted(await self.ghcb.exit(vm, vcpu, inline))
+
+    def _counted(self, done: Done) -> Done:
+        """`done`, an exit handed to the VMM counted (snp_kvm_exits_to_vmm_total)."""
+        hc = done.hypercall if isinstance(done, MsrOutcome) else done[0].hypercall
+        if hc is not None:
+            self.kvm.counters.vmm_exits["hypercall"] += 1
+        return done
 
     async def npf(self, ident: VcpuIdentity, gpa: int, error_code: int) -> tuple[str, bool]:
         vm, vcpu = self.vcpu(ident)

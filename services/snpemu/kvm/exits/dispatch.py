@@ -15,7 +15,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi.addr import PAGE_SIZE, Spa
 from snpemu.errors import InvalidArgument, WrongState
-from snpemu.kvm.exits import ap, nae
+from snpemu.kvm.exits import ap, map_gpa, nae
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.cpuid import cpuid_exit
 from snpemu.kvm.exits.guest_request import GuestRequests
@@ -43,6 +43,7 @@ class GhcbExits:
     ) -> None:
         self.ctx = ctx
         self.host = host
+        self.psc = psc
         self.tsc = tsc  # the guest's TSC (RDMSR of MSR_IA32_TSC)
         # sev_handle_vmgexit()'s switch; the SVM exits KVM emulates itself are in nae.simple()
         self.events: dict[int, Handler] = {
@@ -104,6 +105,32 @@ class GhcbExits:
                 # a page of the PSC failed: the GHCB write did not run; answer with the truth
                 state = ExitState(speculate=False, codes=state.codes, held=state.held)
                 result, out = await self._handle(vm, vcpu, ghcb, page, spa, state)
+        if state.forward is not None:
+            # KVM_RUN returns to the VMM; the GHCB stays as it is until RunVcpu completes it
+            state.forward.page, state.forward.spa, state.forward.inline = page, spa, bool(inline)
+            vcpu.pending = state.forward
+            return result, b""
+        return self._exited(vm, vcpu, code, result, out)
+
+    async def resume(
+        self, vm: Vm, vcpu: Vcpu, pending: map_gpa.GhcbPending, ret: int
+    ) -> tuple[ExitResult, bytes]:
+        """The VMM's KVM_RUN after a forwarded PSC (vcpu.pending already taken): the next range
+        to the VMM, or the GHCB written back with the answer."""
+        desc = pending.descriptor()
+        state = ExitState(speculate=False)
+        step = map_gpa.resume(vm, desc, pending.idx, pending.inflight, ret)
+        outcome = self.psc.step(pending, desc, step, state)
+        if state.forward is not None:
+            vcpu.pending = pending
+            return outcome[0], b""
+        ghcb = g.Ghcb.decode(pending.page)
+        result, out = await self._write_back(ghcb, pending.page, pending.spa, state, outcome)
+        return self._exited(vm, vcpu, g.EXIT_PSC, result, out)
+
+    def _exited(
+        self, vm: Vm, vcpu: Vcpu, code: int, result: ExitResult, out: bytes
+    ) -> tuple[ExitResult, bytes]:
         self.ctx.trace.emit(
             "kvm_vmgexit_exit",
             vm,
@@ -118,7 +145,15 @@ class GhcbExits:
         self, vm: Vm, vcpu: Vcpu, ghcb: g.Ghcb, page: bytes, spa: Spa, state: ExitState
     ) -> tuple[ExitResult, bytes]:
         """Dispatch the exit, then write the GHCB back after the accesses that precede it."""
-        result, regs, shared = await self._dispatch(vm, vcpu, ghcb, state)
+        outcome = await self._dispatch(vm, vcpu, ghcb, state)
+        if state.forward is not None:
+            return outcome[0], b""  # to the VMM: nothing written back yet
+        return await self._write_back(ghcb, page, spa, state, outcome)
+
+    async def _write_back(
+        self, ghcb: g.Ghcb, page: bytes, spa: Spa, state: ExitState, outcome: Outcome
+    ) -> tuple[ExitResult, bytes]:
+        result, regs, shared = outcome
         out = bytearray(page)
         valid, regs = nae.write_back(ghcb, regs)
         out[g.VALID_BITMAP : g.VALID_BITMAP + 16] = valid.to_bytes(16, "little")

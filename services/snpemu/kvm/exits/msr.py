@@ -6,15 +6,27 @@ abi/msr_protocol.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from snpemu.abi import msr_protocol as msr
 from snpemu.abi.addr import gfn_to_gpa
-from snpemu.kvm.exits import ap
+from snpemu.kvm.exits import ap, map_gpa
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.cpuid import cpuid
 from snpemu.kvm.exits.psc import PageStateChanges
 from snpemu.kvm.exits.vcpus import terminate
 from snpemu.kvm.machine import CBIT
-from snpemu.kvm.vm import Vcpu, Vm
+from snpemu.kvm.vm import MemoryModel, Vcpu, Vm
+
+
+@dataclass(frozen=True)
+class MsrOutcome:
+    """The GHCB MSR as kvm writes it back and whether the guest terminated; or, with
+    `hypercall`, the exit gone on to the VMM (the guest not resumed)."""
+
+    ghcb_msr: int
+    terminated: bool = False
+    hypercall: map_gpa.Hypercall | None = None
 
 
 class MsrProtocol:
@@ -22,16 +34,32 @@ class MsrProtocol:
         self.ctx = ctx
         self.psc = psc
 
-    async def exit(self, vm: Vm, vcpu: Vcpu, value: int) -> tuple[int, bool]:
-        """The GHCB MSR as kvm writes it back, and whether the guest terminated."""
+    async def exit(self, vm: Vm, vcpu: Vcpu, value: int) -> MsrOutcome:
         info = value & msr.INFO_MASK
         self.ctx.counters.vmgexits["msr_protocol"] += 1
         self.ctx.trace.emit("kvm_vmgexit_msr_protocol_enter", vm, vcpu.vcpu_id, ghcb_msr=value)
         if info != msr.AP_RESET_HOLD_REQ:
             ap.leave_hold(vcpu)
+        if info == msr.PSC_REQ and vm.memory_model == MemoryModel.GMEM:
+            gfn, op = msr.psc_request(value)
+            hc = map_gpa.begin_msr(vm, gfn, op)
+            if hc is not None:
+                vcpu.pending = map_gpa.MsrPending(hc)
+                return MsrOutcome(value, hypercall=hc)
+            return self._psc_done(vm, vcpu, msr.PSC_GENERIC_ERROR)
         out, terminated = await self._request(vm, vcpu, info, value)
         self.ctx.trace.emit("kvm_vmgexit_msr_protocol_exit", vm, vcpu.vcpu_id, ghcb_msr=out)
-        return out, terminated
+        return MsrOutcome(out, terminated)
+
+    def resume(self, vm: Vm, vcpu: Vcpu, pending: map_gpa.MsrPending, ret: int) -> MsrOutcome:
+        """The VMM's KVM_RUN after a forwarded PSC (vcpu.pending already taken)."""
+        return self._psc_done(vm, vcpu, map_gpa.complete_msr(ret))
+
+    def _psc_done(self, vm: Vm, vcpu: Vcpu, out: int) -> MsrOutcome:
+        ok = out == msr.PSC_RESP
+        self.ctx.counters.psc_requests[("msr", "success" if ok else "generic")] += 1
+        self.ctx.trace.emit("kvm_vmgexit_msr_protocol_exit", vm, vcpu.vcpu_id, ghcb_msr=out)
+        return MsrOutcome(out)
 
     async def _request(self, vm: Vm, vcpu: Vcpu, info: int, value: int) -> tuple[int, bool]:
         if info == msr.SEV_INFO_REQ:

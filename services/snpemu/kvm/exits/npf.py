@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import enum
 
-from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, PMD_SIZE, Gpa, Spa, spa_to_pfn
+from snpemu.abi.addr import PAGE_MASK, PAGE_SIZE, Gpa, spa_to_pfn
 from snpemu.abi.npf import PFERR_GUEST_ENC, PFERR_GUEST_RMP, PFERR_GUEST_SIZEM
-from snpemu.abi.rmp import Code
+from snpemu.kvm import gmem_rmp
 from snpemu.kvm.exits import ap
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.faultin import faultin
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.ports import GPA_NONE
-from snpemu.kvm.vm import Vcpu, Vm
-
-PSMASH_TRIES = 8  # KVM retries PSMASH while another CPU holds the entry (FAIL_INUSE)
+from snpemu.kvm.vm import MemoryModel, Vcpu, Vm
 
 
 class NpfAction(enum.StrEnum):
@@ -49,16 +47,21 @@ class NestedPageFaults:
             await faultin(self.ctx, vm, page, PAGE_SIZE)
             if vm.memslots.translate(page) is None:
                 return NpfAction.NO_MEMSLOT, False
+            # a gmem VM's private page is prepared as kvm_gmem_get_pfn() hands it to the fault
+            await gmem_rmp.prepare_fault(self.ctx, vm, page)
             return NpfAction.MAP, True
         if error_code & PFERR_GUEST_SIZEM:
-            head = Spa(spa & ~(PMD_SIZE - 1))
-            for _ in range(PSMASH_TRIES):
-                if await self.ctx.rmp.psmash(head) != Code.FAIL_INUSE:
-                    break
+            await self.host.psmash(spa)
             return NpfAction.PSMASH, True
         if error_code & PFERR_GUEST_RMP:
             entry = await self.ctx.rmp.read_entry(spa_to_pfn(spa))
             private = bool(error_code & PFERR_GUEST_ENC)
+            if vm.memory_model == MemoryModel.GMEM:
+                # UNVERIFIED(gmem-implicit): mainline hands an access whose C-bit disagrees
+                # with the attributes to the VMM (KVM_EXIT_MEMORY_FAULT; QEMU converts with
+                # kvm_convert_memory()); here kvm converts it as the VMM would, attributes
+                # included, as for the v5 kind
+                vm.attributes.set(page, page + PAGE_SIZE, private)
             if private and not entry.assigned:
                 # KVM_EXIT_MEMORY_FAULT: the VMM makes the GPA private (guest-invalid); the
                 # guest's retry then takes #VC, as the page is not validated.

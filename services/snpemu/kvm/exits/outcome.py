@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from snpemu.abi import ghcb as g
+from snpemu.kvm.exits.map_gpa import GhcbPending, Hypercall
 from snpemu.kvm.ports import HostOp, RmpUpdateBatch
 from snpemu.kvm.vm import Vcpu, Vm
 
@@ -17,6 +18,8 @@ class ExitResult:
     sw_exit_info_1: int = 0
     sw_exit_info_2: int = 0
     terminated: bool = False
+    # the exit went on to the VMM (a gmem VM's PSC, map_gpa.py): nothing is written back yet
+    hypercall: Hypercall | None = None
 
 
 @dataclass
@@ -37,6 +40,8 @@ class ExitState:
     psc_pages: Counter[tuple[str, str]] = field(default_factory=Counter)
     psc_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     held: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    # set by a handler that hands the exit to the VMM: the GHCB is kept, not written back
+    forward: GhcbPending | None = None
 
 
 # (result, registers written back, the shared buffer written back or None)

@@ -36,14 +36,16 @@ import numpy as np
 
 from snpemu.abi import ghcb as g
 from snpemu.abi import psc, rmp_batch
-from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, gfn_to_gpa
+from snpemu.abi.addr import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, PMD_SIZE, Spa, gfn_to_gpa
+from snpemu.abi.rmp import Code
+from snpemu.kvm.exits import map_gpa
 from snpemu.kvm.exits.context import ExitContext
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.exits.scratch import setup_vmgexit_scratch
 from snpemu.kvm.faultin import faultin, faultin_ranges
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.ports import RmpUpdateBatch
-from snpemu.kvm.vm import Vcpu, Vm
+from snpemu.kvm.vm import MemoryModel, Vcpu, Vm
 
 
 class PageStateChanges:
@@ -60,6 +62,9 @@ class PageStateChanges:
         if spa is None or op not in psc.STATE_CHANGES:
             return False
         eax = await self.host.rmpupdate(spa, private=op == psc.Op.PRIVATE, vm=vm, gpa=gpa)
+        if eax == Code.FAIL_OVERLAP and op == psc.Op.SHARED:
+            await self._smash([spa])
+            eax = await self.host.rmpupdate(spa, private=False, vm=vm, gpa=gpa)
         if eax == 0:
             self.ctx.counters.psc_pages[(psc.Op(op).name.lower(), "4k")] += 1
         return eax == 0
@@ -78,6 +83,8 @@ class PageStateChanges:
             return malformed(g.ERR_INVALID_SCRATCH_AREA)
         off = area.gpa - (ghcb_gpa + g.SHARED_BUFFER)
         buf = bytearray(ghcb.shared)
+        if vm.memory_model == MemoryModel.GMEM:
+            return self._forward(vm, buf, off, state)
         await self._back(vm, bytes(buf[off:]))
         if state.speculate:
             fast = plan_4k(bytes(buf[off:]), vm.memslots.translate_many, vm.asid)
@@ -100,6 +107,34 @@ class PageStateChanges:
         buf[off:] = view[: len(buf) - off]
         state.psc_requests[("ghcb", result_name(result))] += 1
         return ExitResult(0, result), {}, buf
+
+    def _forward(self, vm: Vm, buf: bytearray, off: int, state: ExitState) -> Outcome:
+        """A gmem VM's PSC: the first range goes to the VMM (map_gpa.py), or the answer when
+        there is none."""
+        pending = map_gpa.GhcbPending(map_gpa.NO_HYPERCALL, b"", Spa(0), buf, off, 0, 0)
+        desc = pending.descriptor()
+        return self.step(pending, desc, map_gpa.begin(vm, desc), state)
+
+    def step(
+        self,
+        pending: map_gpa.GhcbPending,
+        desc: psc.Descriptor,
+        step: map_gpa.Forward | int,
+        state: ExitState,
+    ) -> Outcome:
+        """Where a forwarded PSC goes next, `desc` as KVM left it: to the VMM again
+        (state.forward), or back to the guest with its answer."""
+        pending.store(desc)
+        if isinstance(step, map_gpa.Forward):
+            pending.hypercall, pending.idx, pending.inflight = (
+                step.hypercall,
+                step.idx,
+                step.inflight,
+            )
+            state.forward = pending
+            return ExitResult(hypercall=step.hypercall), {}, pending.shared
+        state.psc_requests[("ghcb", result_name(step))] += 1
+        return ExitResult(0, step), {}, pending.shared
 
     async def _back(self, vm: Vm, data: bytes) -> None:
         """The pages the descriptor's entries to do name, backed and mapped before any is
@@ -198,6 +233,8 @@ class PageStateChanges:
                 state.batch, codes = RmpUpdateBatch(entries), bytes(len(work))
             else:
                 codes = await self.ctx.rmp.session_rmpupdate_batch(entries)
+        if any(c == Code.FAIL_OVERLAP for c in codes):
+            codes = await self._smash_and_retry(work, codes)
         done_entries: set[int] = set()
         for (idx, page, _, _, priv), code in zip(work, codes, strict=True):
             e = desc.entries[idx]
@@ -219,6 +256,33 @@ class PageStateChanges:
             if idx in done_entries or e.op not in psc.STATE_CHANGES:
                 e.cur_page = e.npages
         return result
+
+    async def _smash_and_retry(
+        self, work: list[tuple[int, int, int, int, bool]], codes: bytes
+    ) -> bytes:
+        """The pages to make shared that a 2M RMP entry covers (RMPUPDATE FAIL_OVERLAP), made
+        shared after a PSMASH of that entry, as the v5 series' snp_make_page_shared() splits
+        "an existing 2M RMP entry" before a 4K page of it is made shared."""
+        redo = [
+            i
+            for i, (w, c) in enumerate(zip(work, codes, strict=True))
+            if c == Code.FAIL_OVERLAP and not w[4]
+        ]
+        if not redo:
+            return codes
+        await self._smash([work[i][2] for i in redo])
+        again = await self.ctx.rmp.session_rmpupdate_batch(
+            rmp_batch.pack(spa=[work[i][2] for i in redo])
+        )
+        out = bytearray(codes)
+        for i, c in zip(redo, again, strict=True):
+            out[i] = c
+        return bytes(out)
+
+    async def _smash(self, spas: list[int]) -> None:
+        """PSMASH of the 2M entries over these pages."""
+        for head in sorted({s & ~(PMD_SIZE - 1) for s in spas}):
+            await self.host.psmash(Spa(head))
 
 
 def result_name(result: int) -> str:

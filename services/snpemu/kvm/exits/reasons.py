@@ -10,6 +10,11 @@ class ExitReason(enum.StrEnum):
     # the exit does not carry the vCPU identity kvm issued (token, ASID or vCPU unknown)
     BAD_VCPU_IDENTITY = "BAD_VCPU_IDENTITY"
     VM_TERMINATED = "VM_TERMINATED"
+    # the vCPU is out in the VMM with an exit its RunVcpu has not completed (map_gpa.py): it
+    # does not run guest code meanwhile
+    VCPU_IN_VMM = "VCPU_IN_VMM"
+    # RunVcpu on a vCPU with no exit out in the VMM
+    NO_PENDING_EXIT = "NO_PENDING_EXIT"
     GHCB_NOT_REGISTERED = "GHCB_NOT_REGISTERED"
     GHCB_NOT_MAPPED = "GHCB_NOT_MAPPED"
     UNSUPPORTED_EVENT = (

@@ -27,13 +27,23 @@ def running_vcpu(ctx: ExitContext, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
         raise PermissionDenied(
             "exits need the vCPU identity kvm issued", reason=ExitReason.BAD_VCPU_IDENTITY
         )
+    check_running(vm)
+    if vcpu.pending is not None:
+        raise WrongState(
+            f"vCPU {vcpu.vcpu_id} of {vm.vm_id} is out in the VMM (an exit RunVcpu has not "
+            "completed): it runs no guest code until then",
+            reason=ExitReason.VCPU_IN_VMM,
+        )
+    return vm, vcpu
+
+
+def check_running(vm: Vm) -> None:
     if vm.state == VmState.TERMINATED:
         raise WrongState(f"{vm.vm_id} has terminated", reason=ExitReason.VM_TERMINATED)
     if vm.state != VmState.RUNNING:
         raise WrongState(
             f"{vm.vm_id} is {vm.state.name}: launch it first", reason=KvmReason.VM_STATE
         )
-    return vm, vcpu
 
 
 def terminate(vm: Vm, reason_set: int, code: int) -> None:
