@@ -362,6 +362,13 @@ async def test_each_refusal_has_the_kernels_errno_and_changes_nothing(stack: Sta
             BAD,
             "EINVAL",
         ),
+        (
+            # `gpa + size < gpa` in u64: an end of exactly 2^64 wraps to 0
+            "memslot GPA range ends at 2^64",
+            slot(slot=5, guest_phys_addr=(1 << 64) - 2 * PAGE, memory_size=2 * PAGE),
+            BAD,
+            "EINVAL",
+        ),
         ("delete a slot that is not there", slot(slot=5, memory_size=0), BAD, "EINVAL"),
         # "Private memslots are immutable, they can only be deleted"
         (
@@ -396,6 +403,14 @@ async def test_each_refusal_has_the_kernels_errno_and_changes_nothing(stack: Sta
             BAD,
             "EINVAL",
         ),
+        # KERNEL: arch/x86/kvm/x86.c kvm_arch_prepare_memory_region(): base_gfn + npages - 1
+        # past kvm_mmu_max_gfn(), the host's MAXPHYADDR (48 bits on EPYC), after the bind
+        (
+            "memslot past the host's physical address bits",
+            slot(slot=5, guest_phys_addr=1 << 48, guest_memfd=spare),
+            BAD,
+            "EINVAL",
+        ),
         (
             "memslot on gmem pages bound already",
             slot(slot=5, guest_phys_addr=1 << 30, guest_memfd=ram),
@@ -407,6 +422,7 @@ async def test_each_refusal_has_the_kernels_errno_and_changes_nothing(stack: Sta
         ("attributes other than PRIVATE", attrs(attributes=1), BAD, "EINVAL"),
         ("attributes of nothing", attrs(size=0), BAD, "EINVAL"),
         ("attributes wrapping", attrs(address=(1 << 64) - PAGE, size=2 * PAGE), BAD, "EINVAL"),
+        ("attributes ending at 2^64", attrs(address=(1 << 64) - PAGE, size=PAGE), BAD, "EINVAL"),
         ("attributes not aligned", attrs(address=1), BAD, "EINVAL"),
         # KERNEL: virt/kvm/kvm_main.c kvm_vm_ioctl_create_vcpu()
         ("vCPU id 4096 (KVM_MAX_VCPU_IDS)", vcpu(4096), BAD, "EINVAL"),

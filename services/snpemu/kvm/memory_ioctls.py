@@ -28,6 +28,7 @@ from snpemu.kvm.uapi import (
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_USER_MEM_SLOTS,
+    MAXPHYADDR,
     TASK_SIZE_MAX,
     Errno,
     refuse,
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from snpemu.kvm.machine import Kvm
 
 U64 = 1 << 64
+# KERNEL: arch/x86/kvm/mmu.h kvm_mmu_max_gfn(): (1 << (shadow_phys_bits - PAGE_SHIFT)) - 1
+MAX_GFN = (1 << (MAXPHYADDR - 12)) - 1
 # KERNEL: include/linux/kvm_host.h KVM_MEM_MAX_NR_PAGES ((1UL << 31) - 1)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 
@@ -92,7 +95,8 @@ def _check_region(slot: int, flags: int, gpa: int, size: int, uaddr: int, off: i
     as_id, sid = slot >> 16, slot & 0xFFFF
     if as_id >= 1 or sid >= KVM_USER_MEM_SLOTS:
         raise _einval(f"slot {slot:#x}: address space {as_id}, id {sid} (ids 0..32763, as 0)")
-    if gpa + size > U64:
+    # `gpa + size < gpa` in u64: a range ending at 2^64 wraps to 0
+    if gpa + size >= U64:
         raise _einval(f"guest_phys_addr {gpa:#x} + memory_size {size:#x} wraps")
     if size // PAGE > KVM_MEM_MAX_NR_PAGES:
         raise _einval(f"memory_size {size:#x} is more than KVM_MEM_MAX_NR_PAGES pages")
@@ -139,6 +143,14 @@ async def set_memory_region(
         )
     g = kvm.gmems.get(gmem_fd, vm.vm_id, caller, is_host)
     g.bind(slot, gmem_offset, size)
+    if (gpa + size) // PAGE - 1 > MAX_GFN:
+        # KERNEL: arch/x86/kvm/x86.c kvm_arch_prepare_memory_region(), after the bind, which
+        # __kvm_set_memory_region() undoes (out_unbind)
+        g.unbind(slot)
+        raise _einval(
+            f"slot {slot} [{gpa:#x}, {gpa + size:#x}) ends past the host's {MAXPHYADDR}-bit "
+            "physical address space (kvm_mmu_max_gfn())"
+        )
     # nothing mapped yet: KVM maps a memslot's pages as the guest (or KVM) first uses them
     vm.slots[slot] = UserMemslot(slot, flags, gpa, size, userspace_addr, gmem_fd, gmem_offset)
 
@@ -168,7 +180,8 @@ async def set_memory_attributes(
             f"attributes {attributes:#x}: only KVM_MEMORY_ATTRIBUTE_PRIVATE "
             f"({KVM_MEMORY_ATTRIBUTE_PRIVATE:#x}) is supported"
         )
-    if size == 0 or address + size > U64:
+    # `address + size < address` in u64: a range ending at 2^64 wraps to 0
+    if size == 0 or address + size >= U64:
         raise _einval(f"range [{address:#x}, +{size:#x}) is empty or wraps")
     if address % PAGE or size % PAGE:
         raise _einval(f"address {address:#x} and size {size:#x} must be page aligned")

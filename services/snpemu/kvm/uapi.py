@@ -41,6 +41,10 @@ KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 1 << 1
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 
+# The host's MAXPHYADDR (CPUID 0x80000008 EAX[7:0] of an EPYC): KVM's shadow_phys_bits, which
+# bounds every GFN (KERNEL: arch/x86/kvm/mmu.h kvm_mmu_max_gfn(), kvm_get_shadow_phys_bits())
+MAXPHYADDR = 48
+
 # KERNEL: arch/x86/include/asm/kvm_host.h KVM_MAX_NR_USER_MEMSLOTS (KVM_USER_MEM_SLOTS)
 KVM_USER_MEM_SLOTS = 32764
 # KERNEL: arch/x86/include/asm/kvm_host.h KVM_MAX_VCPU_IDS (kvm_vm_ioctl_create_vcpu()

@@ -12,6 +12,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi.addr import PMD_SIZE, page_aligned
 from snpemu.kvm.exits.outcome import ExitResult, ExitState, Outcome, malformed
 from snpemu.kvm.machine import CBIT
+from snpemu.kvm.uapi import MAXPHYADDR
 from snpemu.kvm.vm import Vcpu, Vm
 
 # KERNEL: arch/x86/include/asm/svm.h SVM_VMGEXIT_AP_CREATE_ON_INIT, _AP_CREATE, _AP_DESTROY
@@ -21,8 +22,7 @@ AP_CREATE_ON_INIT, AP_CREATE, AP_DESTROY = 0, 1, 2
 
 # UNVERIFIED(maxphyaddr-48): KVM takes MAXPHYADDR from the guest's CPUID 0x80000008 EAX[7:0]
 # (arch/x86/kvm/cpuid.c cpuid_maxphyaddr()); kvm/exits/cpuid.py cpuid() reports no such leaf,
-# so snpemu fixes it at 48 bits (an EPYC host's).
-MAXPHYADDR = 48
+# so snpemu takes the host's 48 bits (kvm/uapi.py MAXPHYADDR).
 
 
 def page_address_valid(gpa: int) -> bool:
