@@ -41,6 +41,7 @@ from snpemu.kvm.uapi import (
     refuse,
     with_errno,
 )
+from snpemu.kvm.undo import Undo
 from snpemu.kvm.vm import Vcpu, Vm, VmState
 from snpemu.runtime.peers import PeerError
 from snpemu.vmm import vmsa
@@ -109,17 +110,28 @@ async def init2(kvm: Kvm, vm: Vm, vmsa_features: int, flags: int, ghcb_version: 
             reason=KvmReason.ASID_EXHAUSTED,
         )
     asid = kvm.free_asids.pop(0)
-    runs = vm.memslots.runs
-    if runs:
-        try:
+    async with Undo() as undo:
+        undo.push("the ASID", lambda: _give_back(kvm, asid))
+        runs = list(vm.memslots.runs)
+        if runs:
+            # unmapped again on failure, in case rmp mapped them before its answer was lost
+            undo.push("the NPT", lambda: kvm.rmp.update_npt(vm.vm_id, asid, unmap=runs))
             await kvm.rmp.update_npt(vm.vm_id, asid, map=runs)
-        except BaseException:
-            kvm.free_asids.insert(0, asid)
-            raise
+        # KERNEL: __sev_guest_init() -> snp_guest_req_init(), after the ASID and the firmware's
+        # init: the guest-request bounce pages, a hypervisor page and a firmware page
+        (req,) = await kvm.rmp.allocate(1, Placement.ANY)
+        undo.push("the request page", lambda: kvm.rmp.free([req]))
+        res = await firmware_page(kvm.rmp, kvm.psp, f"guest-request page of {vm.vm_id}")
+        undo.commit()
+    vm.bounce_req, vm.bounce_res = pfn_to_spa(req), res
     vm.asid = asid
     vm.sev_features = vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE
     vm.ghcb_version = ghcb_version or GHCB_VERSION_DEFAULT
     vm.sev_active = True
+
+
+async def _give_back(kvm: Kvm, asid: int) -> None:
+    kvm.free_asids.insert(0, asid)
 
 
 async def create_vcpu(kvm: Kvm, vm: Vm, vcpu_id: int, reset_eip: int, vcpu_type: int = 0) -> Vcpu:
@@ -351,9 +363,6 @@ async def launch_finish(kvm: Kvm, vm: Vm, f: LaunchFinish, flags: int = 0) -> by
         )
     except PeerError as e:
         raise fw_error(e) from None
-    (req,) = await kvm.rmp.allocate(1, Placement.ANY)
-    vm.bounce_req = pfn_to_spa(req)
-    vm.bounce_res = await firmware_page(kvm.rmp, kvm.psp, f"guest-request page of {vm.vm_id}")
     vm.measurement = measurement
     vm.state = VmState.RUNNING
     log.info(

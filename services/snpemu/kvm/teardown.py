@@ -14,7 +14,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from snpemu.abi.addr import Pfn, Spa, spa_to_pfn
-from snpemu.kvm.pages import BATCH_MAX, all_shared, reclaim
+from snpemu.kvm.pages import BATCH_MAX, all_shared, reclaim, release_firmware_pages
 from snpemu.kvm.undo import Undo
 from snpemu.kvm.vm import Vm, VmState
 from snpemu.runtime.peers import PeerError
@@ -139,6 +139,7 @@ async def discard(kvm: Kvm, vm: Vm) -> None:
     private yet. Each step runs even if one before it failed (logged)."""
     async with Undo() as undo:
         undo.push("the ASID", lambda: _give_back_asid(kvm, vm))
+        undo.push("the guest-request pages", lambda: _release_bounce(kvm, vm))
         frames = gmem_pfns(kvm, vm)
         undo.push("guest RAM", lambda: kvm.rmp.free(frames) if frames else _nothing())
         undo.push("the NPT mappings", lambda: unmap_all(kvm, vm))
@@ -149,6 +150,14 @@ async def discard(kvm: Kvm, vm: Vm) -> None:
             )
         await undo.rollback()
     forget_gmems(kvm, vm)
+
+
+async def _release_bounce(kvm: Kvm, vm: Vm) -> None:
+    """KERNEL: arch/x86/kvm/svm/sev.c snp_guest_req_cleanup()"""
+    if vm.bounce_res:
+        await release_firmware_pages(kvm.rmp, kvm.psp, [vm.bounce_res], vm.vm_id)
+    if vm.bounce_req:
+        await kvm.rmp.free([spa_to_pfn(vm.bounce_req)])
 
 
 async def _give_back_asid(kvm: Kvm, vm: Vm) -> None:
