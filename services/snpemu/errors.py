@@ -12,6 +12,7 @@ Models raise these; `snpemu.runtime.status` maps them to gRPC status codes in on
     +-- PermissionDenied     PERMISSION_DENIED   caller lacks the identity the operation needs
     +-- Unauthenticated      UNAUTHENTICATED     a host-only RPC called without the host credential
     +-- NotBuilt             UNIMPLEMENTED       an RPC of the API that is not built yet
+    +-- ResourceExhausted    RESOURCE_EXHAUSTED  the caller holds as many of a thing as it may
 
 Each carries a `reason` (UPPER_SNAKE: the SEV status name such as INVALID_PLATFORM_STATE, a
 GHCB error such as GHCB_ERR_INVALID_INPUT, or a generic one) and string metadata such as
@@ -77,3 +78,7 @@ class Unauthenticated(SnpemuError):
 
 class NotBuilt(SnpemuError):
     default_reason = "NOT_BUILT"
+
+
+class ResourceExhausted(SnpemuError):
+    default_reason = "RESOURCE_EXHAUSTED"

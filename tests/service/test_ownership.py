@@ -10,6 +10,7 @@ from snp.guest.v1 import guest_pb2, guest_pb2_grpc
 from snp.kvm.v1 import kvm_pb2 as pb
 from snpemu.runtime.channels import owner_channel
 from snpemu.runtime.credentials import vmm_credential
+from snpemu.runtime.status import error_info
 
 from tests.service.host_stack import CRED, HOST, Stack, agent
 from tests.service.test_rpc_netd import refused
@@ -199,3 +200,30 @@ async def test_the_ioctl_rpcs_take_only_their_creators_handles(stack: Stack) -> 
         ),
         metadata=vmm("b"),
     )
+
+
+async def test_a_vmm_holds_at_most_rlimit_nofile_fds(stack: Stack) -> None:
+    """Each VM, vCPU and guest_memfd a VMM makes is an fd of its process, and a process holds
+    at most INR_OPEN_CUR (1024: include/uapi/linux/fs.h, the default RLIMIT_NOFILE) of them:
+    the next one is EMFILE (fs/file.c alloc_fd()) and makes nothing. Another VMM, and the
+    host, are not held back by it."""
+    kvm = stack.kvm
+    a = vmm("a")
+    vms = [(await kvm.CreateVm(pb.CreateVmRequest(), metadata=a)).vm for _ in range(1023)]
+    await kvm.CreateGuestMemfd(pb.CreateGuestMemfdRequest(vm=vms[0], size=1 << 20), metadata=a)
+    before = len((await kvm.ListVms(pb.ListVmsRequest(), metadata=HOST)).vms)
+    for call in (
+        kvm.CreateVm(pb.CreateVmRequest(), metadata=a),
+        kvm.CreateGuestMemfd(pb.CreateGuestMemfdRequest(vm=vms[0], size=1 << 20), metadata=a),
+        kvm.CreateVm(pb.CreateVmRequest(config=config()), metadata=a),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(info.value).metadata["errno"] == "EMFILE"  # type: ignore[union-attr]
+    assert len((await kvm.ListVms(pb.ListVmsRequest(), metadata=HOST)).vms) == before
+    await kvm.CreateVm(pb.CreateVmRequest(), metadata=vmm("b"))
+    await kvm.CreateVm(pb.CreateVmRequest(), metadata=HOST)
+    # closing one (DestroyVm) makes room for the next
+    await kvm.DestroyVm(pb.DestroyVmRequest(vm=vms[-1]), metadata=a)
+    await kvm.CreateVm(pb.CreateVmRequest(), metadata=a)

@@ -8,6 +8,7 @@ import enum
 class KvmReason(enum.StrEnum):
     SNP_DISABLED = "SNP_DISABLED"  # the host came up without SNP
     ASID_EXHAUSTED = "ASID_EXHAUSTED"  # every SNP ASID is in use
+    TOO_MANY_FDS = "TOO_MANY_FDS"  # the VMM holds RLIMIT_NOFILE fds (kvm/fds.py)
     VM_STATE = "VM_STATE"  # the VM is not in the state the call needs (not launched, ...)
     # a launch failed after SNP_LAUNCH_START: the VM keeps its context until DestroyVm
     LAUNCH_STARTED = "LAUNCH_STARTED"

@@ -20,6 +20,7 @@ from snpemu.kvm import create, memory_ioctls, snp_cmds
 from snpemu.kvm.exits import ExitResult, Exits, sev_status
 from snpemu.kvm.exits.map_gpa import Hypercall
 from snpemu.kvm.exits.msr import MsrOutcome
+from snpemu.kvm.fds import check_room
 from snpemu.kvm.handles import check_id, check_token
 from snpemu.kvm.machine import CBIT, Kvm
 from snpemu.kvm.ports import LaunchFinish
@@ -64,6 +65,12 @@ def vm_info(vm: Vm) -> pb.VmInfo:
 
 def e820_pb(vm: Vm) -> list[pb.E820Entry]:
     return [pb.E820Entry(addr=e.addr, size=e.size, type=int(e.type)) for e in vm.e820]
+
+
+def vmm_name() -> str:
+    """The calling VMM, "" for the host (whose fds kvm does not count: kvm/fds.py)."""
+    caller = current_caller()
+    return caller.name if caller.role is Role.VMM else ""
 
 
 def memory_model(value: int) -> MemoryModel:
@@ -156,17 +163,19 @@ class KvmServicer:
     async def CreateVm(self, request: Any, context: Any) -> pb.CreateVmResponse:
         vm_type = request.vm_type if request.HasField("vm_type") else KVM_X86_SNP_VM
         model = memory_model(request.memory_model)
-        caller = current_caller()
         # a VM the host made is the host's to hand on (with its token) to any VMM
-        owner = caller.name if caller.role is Role.VMM else ""
+        owner = vmm_name()
         if request.HasField("config"):
             t = request.config.throttle
             check_throttle(t.interval_ms, t.burst)
+            # the VM, its RAM's and its firmware's guest_memfds, its vCPUs
+            check_room(self.kvm.vms.values(), self.kvm.gmems, owner, 3 + request.config.vcpus)
             if vm_type != KVM_X86_SNP_VM:
                 create.new_vm(self.kvm, vm_type)  # refuses it
             vm = await self.kvm.create_vm(config_from_pb(request.config), owner, model)
         else:
             vm = create.new_vm(self.kvm, vm_type, model=model)
+            check_room(self.kvm.vms.values(), self.kvm.gmems, owner)
             self.kvm.vms[vm.vm_id] = vm
         vm.owner = owner
         # the only answer that carries the token: the VM fd goes to its creator alone
@@ -195,6 +204,7 @@ class KvmServicer:
     async def CreateGuestMemfd(self, request: Any, context: Any) -> pb.CreateGuestMemfdResponse:
         vm = self._vm(request.vm)
         async with self._locked(vm):
+            check_room(self.kvm.vms.values(), self.kvm.gmems, vmm_name())
             g = await memory_ioctls.create_guest_memfd(
                 self.kvm, vm, request.size, request.flags, current_caller().name
             )
@@ -290,6 +300,7 @@ class KvmServicer:
     async def CreateVcpu(self, request: Any, context: Any) -> pb.CreateVcpuResponse:
         vm = self._vm(request.vm)
         async with self._locked(vm):
+            check_room(self.kvm.vms.values(), self.kvm.gmems, vmm_name())
             vcpu = await snp_cmds.create_vcpu(
                 self.kvm, vm, request.vcpu_id, request.reset_eip, int(request.vcpu_type)
             )

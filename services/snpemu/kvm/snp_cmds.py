@@ -220,6 +220,9 @@ async def launch_update(
     if not zero and (uaddr == 0 or uaddr % PAGE):
         raise _einval(f"uaddr {uaddr:#x} must be a non-zero page-aligned address")
     if not zero and len(source) != length:
+        # UNVERIFIED(launch-source-short): the source travels with the request, so a short one
+        # is refused before any page; KVM would copy_from_user() page by page and fail at the
+        # first missing one (-EFAULT, made -EIO by snp_launch_update(), or progress up to it)
         if len(source) < length:
             raise refuse(
                 InvalidArgument,

@@ -73,6 +73,7 @@ class Errno(enum.StrEnum):
     EEXIST = "EEXIST"
     EINVAL = "EINVAL"
     ENOTTY = "ENOTTY"
+    EMFILE = "EMFILE"
 
 
 def with_errno(err: SnpemuError, errno: Errno) -> SnpemuError:

@@ -20,6 +20,7 @@ _CODES: dict[type[errors.SnpemuError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.NotBuilt: grpc.StatusCode.UNIMPLEMENTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 DOMAIN = "snpemu"
