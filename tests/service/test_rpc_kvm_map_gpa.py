@@ -264,3 +264,20 @@ async def test_enable_cap_and_memory_model_refusals(stack: Stack) -> None:
     assert info.value.code() == BAD
     info_vm = (await s.kvm.GetVm(pb.GetVmRequest(vm=vm), metadata=HOST)).vm
     assert info_vm.memory_model == pb.MEMORY_MODEL_V5  # unset: the v5 kind, for now
+
+
+async def test_an_exit_read_from_guest_memory_is_answered_there(stack: Stack) -> None:
+    """A Vmgexit that did not carry the GHCB gets none back, forwarded or not: kvm answers
+    in guest memory (kvm.proto VmgexitResponse.ghcb)."""
+    s = stack
+    guest = await gmem_guest(s)
+    await share_ghcb(s, guest)
+    x = g.Ghcb.decode(psc_ghcb(guest, [entry(0x2000, SHARED)]).ghcb)
+    await guest.write(GHCB_GPA, x.encode(), private=False)
+    r = await s.kvm.Vmgexit(pb.VmgexitRequest(identity=guest.ident))
+    assert map_gpa(r) == (0x2000 * PAGE, 1, 0)
+    done = await s.kvm.RunVcpu(pb.RunVcpuRequest(vcpu=vcpu(guest)), metadata=HOST)
+    assert not done.ghcb.HasField("exit") and done.ghcb.ghcb == b""
+    back = g.Ghcb.decode((await guest.read(GHCB_GPA, PAGE, private=False)).data)
+    assert back.get("sw_exit_info_2") == 0
+    assert psc.Descriptor.decode(bytes(back.shared)).cur_entry == 1

@@ -169,7 +169,11 @@ class Host:
 
 def kernel(host: Host, terminate_on_vc: bool = False) -> GuestKernel:
     opts = SimpleNamespace(
-        firmware="none", memory_bytes=64 << 20, eager=True, terminate_on_vc=terminate_on_vc
+        firmware="none",
+        memory_bytes=64 << 20,
+        eager=True,
+        terminate_on_vc=terminate_on_vc,
+        memory_model=2,  # v5 (kvm.proto MemoryModel)
     )
     k = GuestKernel("t", opts, exits=host, vmm=host, rmp=host, default_firmware="none")  # type: ignore[arg-type]
     k.vm, k.vcpus, k.state = VmHandle("vm-1"), [VCPU], BootState.RUNNING

@@ -68,7 +68,7 @@ class Host:
 
 
 def kernel(host: Host) -> GuestKernel:
-    opts = SimpleNamespace(firmware="none", memory_bytes=64 << 20)
+    opts = SimpleNamespace(firmware="none", memory_bytes=64 << 20, memory_model=2)  # v5
     k = GuestKernel(
         "psc-test",
         opts,

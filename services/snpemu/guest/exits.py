@@ -23,7 +23,7 @@ from snpemu.abi.addr import Gpa, pages
 from snpemu.errors import WrongState
 from snpemu.guest import vmm_exits
 from snpemu.guest.errors import GuestReason, Terminated
-from snpemu.guest.options import GuestOptions
+from snpemu.guest.options import MEMORY_MODELS, GuestOptions
 from snpemu.guest.ports import (
     Exits,
     Fault,
@@ -87,6 +87,7 @@ class VcpuExits:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.firmware = opts.firmware or default_firmware
         self.events: list[Event] = []
+        self.exit_lock = asyncio.Lock()  # _one_exit()
         # totals survive the trimming of `events` (Prometheus counters never go down)
         self.event_counts: dict[str, int] = {}
         self.forget_vm()
@@ -169,14 +170,23 @@ class VcpuExits:
                 ) from None
             raise
 
+    def _one_exit(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """The BSP's exits one at a time in a gmem VM: an exit may stay out in the VMM over
+        several calls, and a vCPU takes no other exit meanwhile (this agent runs many callers
+        on the one vCPU; a v5 VM's exits never leave kvm, and run as they come)."""
+        if self.opts.memory_model == MEMORY_MODELS["gmem"]:
+            return self.exit_lock
+        return contextlib.nullcontext()
+
     async def msr_exit(self, value: int) -> int:
-        ident = self.ident
-        r = await self.vmexit(self.exits.vmgexit_msr(ident, value))
-        if r.exit is not None:
-            done = await self.vmexit(self._in_vmm(ident, r))
-            assert isinstance(done, MsrReply)  # INVARIANT: completed in the exit's own kind
-            r = done
-        return r.ghcb_msr
+        async with self._one_exit():
+            ident = self.ident
+            r = await self.vmexit(self.exits.vmgexit_msr(ident, value))
+            if r.exit is not None:
+                done = await self.vmexit(self._in_vmm(ident, r))
+                assert isinstance(done, MsrReply)  # INVARIANT: completed in the exit's own kind
+                r = done
+            return r.ghcb_msr
 
     async def _in_vmm(
         self, ident: VcpuIdentity, reply: MsrReply | GhcbReply
@@ -187,9 +197,10 @@ class VcpuExits:
 
     async def npf(self, fault: Fault, vcpu: VcpuIdentity | None = None) -> NpfReply:
         """The #NPF exit of a faulted access (as `vcpu`, by default this guest's BSP)."""
-        return await self.vmexit(
-            self.exits.nested_page_fault(vcpu or self.ident, fault.gpa, fault.error_code)
-        )
+        async with self._one_exit():
+            return await self.vmexit(
+                self.exits.nested_page_fault(vcpu or self.ident, fault.gpa, fault.error_code)
+            )
 
     async def terminate(self, reason_set: int, code: int, why: str) -> None:
         """GHCB MSR TERM_REQUEST: the guest stops with its reason."""
@@ -203,12 +214,13 @@ class VcpuExits:
         """Fill the GHCB and VMGEXIT. The page goes with the exit and comes back in the reply
         (kvm.proto VmgexitRequest.ghcb): the guest's write to its shared GHCB page and its read
         after the exit, without a round trip to memory each."""
-        ident = self.ident
-        r = await self.vmexit(self.exits.vmgexit(ident, ghcb.encode()))
-        if r.exit is not None:
-            done = await self.vmexit(self._in_vmm(ident, r))
-            assert isinstance(done, GhcbReply)  # INVARIANT: completed in the exit's own kind
-            r = done
+        async with self._one_exit():
+            ident = self.ident
+            r = await self.vmexit(self.exits.vmgexit(ident, ghcb.encode()))
+            if r.exit is not None:
+                done = await self.vmexit(self._in_vmm(ident, r))
+                assert isinstance(done, GhcbReply)  # INVARIANT: completed in the exit's own kind
+                r = done
         if r.terminated:
             self.state = BootState.TERMINATED
             return r, ghcb

@@ -7,13 +7,15 @@ accel/kvm/kvm-all.c kvm_convert_memory() (KVM_SET_MEMORY_ATTRIBUTES for the rang
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 
 from snpemu.abi.addr import PAGE_SIZE
 from snpemu.guest.ports import GhcbReply, MsrReply, VmHandle, Vmm, VmmExit
 from snpemu.kvm.uapi import KVM_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
-from snpemu.runtime.peers import PeerError
 
+log = logging.getLogger(__name__)
 # every forwarded range is answered before the guest runs again; a kvm that kept forwarding
 # would be a bug, not a guest's choice (a GHCB PSC has at most 253 entries, one exit each)
 MAX_EXITS = 1024
@@ -32,9 +34,14 @@ async def hypercall_ret(vmm: Vmm, vm: VmHandle, exit: VmmExit) -> int:
         await vmm.set_memory_attributes(
             vm, gpa, npages * PAGE_SIZE, private=bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
         )
-    except PeerError as e:
-        if e.metadata.get("errno") != "EINVAL":
-            raise
+    except Exception as e:  # any failure: the exit is still completed, as a failed change
+        log.warning(
+            "KVM_HC_MAP_GPA_RANGE %#x+%d pages not done: %s",
+            gpa,
+            npages,
+            e,
+            extra={"event": "guest_map_gpa_failed"},
+        )
         return errno.EINVAL
     return 0
 
@@ -43,7 +50,14 @@ async def complete(
     vmm: Vmm, vm: VmHandle, vcpu_id: int, reply: MsrReply | GhcbReply
 ) -> MsrReply | GhcbReply:
     """Each exit the reply hands the VMM handled and the vCPU run again, until kvm answers
-    the guest."""
+    the guest. Shielded: a caller that goes away (a cancelled RPC) does not leave the vCPU out
+    in the VMM, where it would take no exit again."""
+    return await asyncio.shield(_complete(vmm, vm, vcpu_id, reply))
+
+
+async def _complete(
+    vmm: Vmm, vm: VmHandle, vcpu_id: int, reply: MsrReply | GhcbReply
+) -> MsrReply | GhcbReply:
     for _ in range(MAX_EXITS):
         if reply.exit is None:
             return reply

@@ -27,6 +27,7 @@ from snpemu.abi import rmp_batch
 from snpemu.abi.addr import PAGE_SIZE, PMD_SIZE, Pfn, Spa, page_bytes, pfn_to_spa
 from snpemu.abi.rmp import Code
 from snpemu.kvm.host_access import HostAccess
+from snpemu.kvm.pages import BATCH_MAX
 from snpemu.kvm.ports import RmpPort
 from snpemu.kvm.vm import MemoryModel, Vm, VmState
 
@@ -71,14 +72,14 @@ async def _assigned(kvm: Kvm, pfn: int, n: int) -> dict[int, tuple[int, bool]]:
 
 
 async def convert(kvm: Kvm, vm: Vm, start: int, end: int, private: bool) -> None:
-    """SetMemoryAttributes' RMP side for a running gmem VM (the module's doc)."""
+    """SetMemoryAttributes' RMP side for a running gmem VM (the module's doc); the caller
+    holds vm.fault_lock."""
     if vm.memory_model != MemoryModel.GMEM or vm.state != VmState.RUNNING:
         return  # before the guest runs nothing has faulted, so nothing was prepared
-    async with vm.fault_lock:  # as kvm/faultin.py: no page is backed meanwhile
-        if private:
-            await _prepare(kvm, vm, start, end)
-        else:
-            await _invalidate(kvm, vm, start, end)
+    if private:
+        await _prepare(kvm, vm, start, end)
+    else:
+        await _invalidate(kvm, vm, start, end)
 
 
 async def prepare_fault(kvm: Kvm, vm: Vm, gpa: int) -> None:
@@ -134,7 +135,10 @@ async def _invalidate(kvm: Kvm, vm: Vm, start: int, end: int) -> None:
 
 
 async def _apply(kvm: Kvm, vm: Vm, entries: bytes, spa: list[int], op: str) -> None:
-    codes = await kvm.rmp.session_rmpupdate_batch(entries)
+    size = len(entries) // len(spa)
+    codes = b""
+    for i in range(0, len(spa), BATCH_MAX):  # rmp takes at most BATCH_MAX entries a batch
+        codes += await kvm.rmp.session_rmpupdate_batch(entries[i * size : (i + BATCH_MAX) * size])
     failed = [s for s, c in zip(spa, codes, strict=True) if c]
     kvm.counters.psc_pages[(op, "4k")] += len(spa) - len(failed)
     if failed:

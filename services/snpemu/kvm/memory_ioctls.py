@@ -185,8 +185,11 @@ async def set_memory_attributes(
         raise _einval(f"range [{address:#x}, +{size:#x}) is empty or wraps")
     if address % PAGE or size % PAGE:
         raise _einval(f"address {address:#x} and size {size:#x} must be page aligned")
-    vm.attributes.set(address, address + size, bool(attributes))
-    await gmem_rmp.convert(kvm, vm, address, address + size, bool(attributes))
+    # with no page backed meanwhile (kvm/faultin.py), the RMP first: if rmp cannot be
+    # reached, the attributes stay as they were
+    async with vm.fault_lock:
+        await gmem_rmp.convert(kvm, vm, address, address + size, bool(attributes))
+        vm.attributes.set(address, address + size, bool(attributes))
 
 
 async def private_by_default(kvm: Kvm, vm: Vm, gpa: int, size: int) -> None:

@@ -120,6 +120,14 @@ class KvmServicer:
         self.exits = Exits(kvm)
         self.holds: dict[str, int] = {}  # open HoldVm streams per VM (its open "fds")
         self.releases: set[asyncio.Task[None]] = set()
+        self.fd_locks: dict[str, asyncio.Lock] = {}  # per VMM (_fds())
+
+    def _fds(self, owner: str) -> contextlib.AbstractAsyncContextManager[object]:
+        """A VMM's fd count checked and the fd made, one VMM call at a time (kvm/fds.py); the
+        host's are not counted."""
+        if not owner:
+            return contextlib.nullcontext()
+        return self.fd_locks.setdefault(owner, asyncio.Lock())
 
     def _vm(self, handle: Any) -> Vm:
         """The VM a handle names, if the caller may act on it (kvm/handles.py)."""
@@ -165,19 +173,20 @@ class KvmServicer:
         model = memory_model(request.memory_model)
         # a VM the host made is the host's to hand on (with its token) to any VMM
         owner = vmm_name()
-        if request.HasField("config"):
-            t = request.config.throttle
-            check_throttle(t.interval_ms, t.burst)
-            # the VM, its RAM's and its firmware's guest_memfds, its vCPUs
-            check_room(self.kvm.vms.values(), self.kvm.gmems, owner, 3 + request.config.vcpus)
-            if vm_type != KVM_X86_SNP_VM:
-                create.new_vm(self.kvm, vm_type)  # refuses it
-            vm = await self.kvm.create_vm(config_from_pb(request.config), owner, model)
-        else:
-            vm = create.new_vm(self.kvm, vm_type, model=model)
-            check_room(self.kvm.vms.values(), self.kvm.gmems, owner)
-            self.kvm.vms[vm.vm_id] = vm
-        vm.owner = owner
+        async with self._fds(owner):
+            if request.HasField("config"):
+                t = request.config.throttle
+                check_throttle(t.interval_ms, t.burst)
+                # the VM, its RAM's and its firmware's guest_memfds, its vCPUs
+                check_room(self.kvm.vms.values(), self.kvm.gmems, owner, 3 + request.config.vcpus)
+                if vm_type != KVM_X86_SNP_VM:
+                    create.new_vm(self.kvm, vm_type)  # refuses it
+                vm = await self.kvm.create_vm(config_from_pb(request.config), owner, model)
+            else:
+                vm = create.new_vm(self.kvm, vm_type, model=model)
+                check_room(self.kvm.vms.values(), self.kvm.gmems, owner)
+                self.kvm.vms[vm.vm_id] = vm
+            vm.owner = owner
         # the only answer that carries the token: the VM fd goes to its creator alone
         return pb.CreateVmResponse(
             vm=handles_pb2.VmHandle(id=vm.vm_id, token=vm.token), asid=vm.asid
@@ -203,7 +212,7 @@ class KvmServicer:
 
     async def CreateGuestMemfd(self, request: Any, context: Any) -> pb.CreateGuestMemfdResponse:
         vm = self._vm(request.vm)
-        async with self._locked(vm):
+        async with self._locked(vm), self._fds(vmm_name()):
             check_room(self.kvm.vms.values(), self.kvm.gmems, vmm_name())
             g = await memory_ioctls.create_guest_memfd(
                 self.kvm, vm, request.size, request.flags, current_caller().name
@@ -299,7 +308,7 @@ class KvmServicer:
 
     async def CreateVcpu(self, request: Any, context: Any) -> pb.CreateVcpuResponse:
         vm = self._vm(request.vm)
-        async with self._locked(vm):
+        async with self._locked(vm), self._fds(vmm_name()):
             check_room(self.kvm.vms.values(), self.kvm.gmems, vmm_name())
             vcpu = await snp_cmds.create_vcpu(
                 self.kvm, vm, request.vcpu_id, request.reset_eip, int(request.vcpu_type)

@@ -167,6 +167,8 @@ class Vcpu:
     # the exit handed to the VMM that its next KVM_RUN completes (kvm/exits/map_gpa.py), as
     # vcpu->arch.complete_userspace_io; None when the vCPU is not out in the VMM
     pending: MsrPending | GhcbPending | None = None
+    # a gmem VM's exits and the VMM's RunVcpu one at a time (KERNEL: vcpu->mutex)
+    mutex: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
 @dataclass

@@ -28,8 +28,9 @@ kvm/faultin.py, which backs and maps a page the first time it is used.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from snpemu.errors import NotFound, WrongState
@@ -46,7 +47,7 @@ from snpemu.kvm.exits.vcpus import check_running, kick, running_vcpu
 from snpemu.kvm.host_access import HostAccess
 from snpemu.kvm.identity import VcpuIdentity
 from snpemu.kvm.machine import Kvm
-from snpemu.kvm.vm import Vcpu, Vm
+from snpemu.kvm.vm import MemoryModel, Vcpu, Vm
 
 __all__ = ["ExitReason", "ExitResult", "Exits", "cpuid", "sev_status"]
 
@@ -75,9 +76,21 @@ class Exits:
     def vcpu(self, ident: VcpuIdentity) -> tuple[Vm, Vcpu]:
         return running_vcpu(self.kvm, ident)
 
-    async def msr_exit(self, ident: VcpuIdentity, value: int) -> MsrOutcome:
+    @contextlib.asynccontextmanager
+    async def _running(self, ident: VcpuIdentity) -> AsyncIterator[tuple[Vm, Vcpu]]:
+        """The vCPU an exit comes from, one exit at a time in a gmem VM, whose exits may go on
+        to the VMM (KERNEL: virt/kvm/kvm_main.c kvm_vcpu_ioctl(): vcpu->mutex held across
+        KVM_RUN); a v5 VM's exits never leave kvm and run as they come."""
         vm, vcpu = self.vcpu(ident)
-        return self._counted(await self.msr.exit(vm, vcpu, value))
+        if vm.memory_model != MemoryModel.GMEM:
+            yield vm, vcpu
+            return
+        async with vcpu.mutex:
+            yield self.vcpu(ident)  # checked again: an exit before it may have gone to the VMM
+
+    async def msr_exit(self, ident: VcpuIdentity, value: int) -> MsrOutcome:
+        async with self._running(ident) as (vm, vcpu):
+            return self._counted(await self.msr.exit(vm, vcpu, value))
 
     async def run_vcpu(
         self, vm: Vm, vcpu_id: int, ret: int
@@ -87,12 +100,13 @@ class Exits:
         vcpu = vm.vcpus.get(vcpu_id)
         if vcpu is None:
             raise NotFound(f"{vm.vm_id} has no vCPU {vcpu_id}")
-        check_running(vm)
-        pending, vcpu.pending = vcpu.pending, None
-        if isinstance(pending, map_gpa.MsrPending):
-            return self._counted(self.msr.resume(vm, vcpu, pending, ret))
-        if isinstance(pending, map_gpa.GhcbPending):
-            return self._counted(await self.ghcb.resume(vm, vcpu, pending, ret))
+        async with vcpu.mutex:
+            check_running(vm)
+            pending, vcpu.pending = vcpu.pending, None
+            if isinstance(pending, map_gpa.MsrPending):
+                return self._counted(self.msr.resume(vm, vcpu, pending, ret))
+            if isinstance(pending, map_gpa.GhcbPending):
+                return self._counted(await self.ghcb.resume(vm, vcpu, pending, ret))
         raise WrongState(
             f"vCPU {vcpu_id} of {vm.vm_id} has no exit out in the VMM to complete",
             reason=ExitReason.NO_PENDING_EXIT,
@@ -102,8 +116,8 @@ class Exits:
         """Handle a VMGEXIT; returns the result and the GHCB page as written back. `inline` is
         the GHCB page carried with the exit instead of read from guest memory."""
         check_inline(inline)
-        vm, vcpu = self.vcpu(ident)
-        return self._counted(await self.ghcb.exit(vm, vcpu, inline))
+        async with self._running(ident) as (vm, vcpu):
+            return self._counted(await self.ghcb.exit(vm, vcpu, inline))
 
     def _counted(self, done: Done) -> Done:
         """`done`, an exit handed to the VMM counted (snp_kvm_exits_to_vmm_total)."""
@@ -113,8 +127,8 @@ class Exits:
         return done
 
     async def npf(self, ident: VcpuIdentity, gpa: int, error_code: int) -> tuple[str, bool]:
-        vm, vcpu = self.vcpu(ident)
-        return await self.npfs.fault(vm, vcpu, gpa, error_code)
+        async with self._running(ident) as (vm, vcpu):
+            return await self.npfs.fault(vm, vcpu, gpa, error_code)
 
     def kick(self, asid: int, terminate: bool, reason: str) -> bool:
         return kick(self.kvm, asid, terminate, reason)

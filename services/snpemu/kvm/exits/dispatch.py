@@ -126,7 +126,8 @@ class GhcbExits:
             return outcome[0], b""
         ghcb = g.Ghcb.decode(pending.page)
         result, out = await self._write_back(ghcb, pending.page, pending.spa, state, outcome)
-        return self._exited(vm, vcpu, g.EXIT_PSC, result, out)
+        result, out = self._exited(vm, vcpu, g.EXIT_PSC, result, out)
+        return result, out if pending.inline else b""  # as Vmgexit answers
 
     def _exited(
         self, vm: Vm, vcpu: Vcpu, code: int, result: ExitResult, out: bytes
