@@ -359,6 +359,17 @@ async def agent(
         await rt.stop()
 
 
+def psc_ghcb(ghcb_gpa: int, entries: list[int], **kw: int) -> g.Ghcb:
+    """A GHCB asking for a Page State Change of `entries`, its descriptor in the shared buffer."""
+    x = g.Ghcb()
+    x.set("sw_exit_code", g.EXIT_PSC)
+    x.set("sw_exit_info_1", 0)
+    x.set("sw_exit_info_2", 0)
+    x.set("sw_scratch", ghcb_gpa + g.SHARED_BUFFER)
+    x.shared = psc_buffer(entries, **kw)
+    return x
+
+
 def psc_entry(gfn: int, op: int, size_2m: bool = False, cur_page: int = 0) -> int:
     """One PSC descriptor entry as the guest writes it (abi/psc.py)."""
     return psc.Entry(cur_page, gfn, op, size_2m).encode()

@@ -31,7 +31,7 @@ from snpemu.runtime.server import ServiceRuntime
 from snpemu.runtime.status import error_info
 
 from tests.conftest import FakeClock, eventually, sev_snp_measure, tool
-from tests.service.host_stack import CRED, HOST, Guest, Stack, host_stack, psc_buffer
+from tests.service.host_stack import CRED, HOST, Guest, Stack, host_stack, psc_buffer, psc_ghcb
 from tests.service.host_stack import psc_entry as entry
 
 
@@ -278,13 +278,7 @@ async def test_ghcb_protocol_errors_and_simple_events(stack: Stack) -> None:
 
 
 async def psc_exit(guest, entries: list[int], **kw: int) -> tuple[int, psc.Descriptor]:  # type: ignore[no-untyped-def]
-    x = g.Ghcb()
-    x.set("sw_exit_code", g.EXIT_PSC)
-    x.set("sw_exit_info_1", 0)
-    x.set("sw_exit_info_2", 0)
-    x.set("sw_scratch", guest.ghcb_gpa + g.SHARED_BUFFER)
-    x.shared = psc_buffer(entries, **kw)
-    r, back = await guest.vmgexit(x)
+    r, back = await guest.vmgexit(psc_ghcb(guest.ghcb_gpa, entries, **kw))
     assert r.sw_exit_info_1 == 0  # PSC always answers NO_ACTION
     return r.sw_exit_info_2, psc.Descriptor.decode(bytes(back.shared))
 

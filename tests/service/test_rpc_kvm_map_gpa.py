@@ -15,7 +15,7 @@ from snpemu.abi import ghcb as g
 from snpemu.abi import psc
 from snpemu.runtime.status import error_info
 
-from tests.service.host_stack import GHCB_GPA, HOST, Guest, Stack, psc_buffer
+from tests.service.host_stack import GHCB_GPA, HOST, Guest, Stack, psc_ghcb
 from tests.service.host_stack import psc_entry as entry
 
 PAGE = 4096
@@ -86,13 +86,8 @@ async def share_ghcb(s: Stack, guest: Guest) -> None:
     await guest.register_ghcb()
 
 
-def psc_ghcb(guest: Guest, entries: list[int], **kw: int) -> pb.VmgexitRequest:
-    x = g.Ghcb()
-    x.set("sw_exit_code", g.EXIT_PSC)
-    x.set("sw_exit_info_1", 0)
-    x.set("sw_exit_info_2", 0)
-    x.set("sw_scratch", guest.ghcb_gpa + g.SHARED_BUFFER)
-    x.shared = psc_buffer(entries, **kw)
+def psc_request(guest: Guest, entries: list[int], **kw: int) -> pb.VmgexitRequest:
+    x = psc_ghcb(guest.ghcb_gpa, entries, **kw)
     return pb.VmgexitRequest(identity=guest.ident, ghcb=x.encode())
 
 
@@ -150,7 +145,7 @@ async def test_a_ghcb_psc_goes_to_the_vmm_one_merged_range_at_a_time(stack: Stac
     ]
     # KERNEL: snp_begin_psc(): entries with adjacent GPAs and the same operation and size in
     # one exit; args[2] ENCRYPTED or DECRYPTED | the first entry's page size
-    r = await s.kvm.Vmgexit(psc_ghcb(guest, entries))
+    r = await s.kvm.Vmgexit(psc_request(guest, entries))
     assert map_gpa(r) == (a * PAGE, 2, ENCRYPTED)
     seen = []
     for _ in range(3):
@@ -182,7 +177,7 @@ async def test_a_failed_range_stops_the_psc_where_it_was(stack: Stack) -> None:
     # a partly done 2M entry (cur_page 3) is finished 4K from page 3, but KVM still reports the
     # entry's 2M page size in args[2] (KERNEL: snp_begin_psc(): entry_start.pagesize)
     entries = [entry(a, SHARED, size_2m=True, cur_page=3), entry(a + 512, PRIVATE)]
-    r = await s.kvm.Vmgexit(psc_ghcb(guest, entries))
+    r = await s.kvm.Vmgexit(psc_request(guest, entries))
     assert map_gpa(r) == ((a + 3) * PAGE, 509, SZ_2M)
     done = await s.kvm.RunVcpu(pb.RunVcpuRequest(vcpu=vcpu(guest)), metadata=HOST)
     assert map_gpa(done.ghcb) == ((a + 512) * PAGE, 1, ENCRYPTED)
@@ -272,7 +267,7 @@ async def test_an_exit_read_from_guest_memory_is_answered_there(stack: Stack) ->
     s = stack
     guest = await gmem_guest(s)
     await share_ghcb(s, guest)
-    x = g.Ghcb.decode(psc_ghcb(guest, [entry(0x2000, SHARED)]).ghcb)
+    x = psc_ghcb(guest.ghcb_gpa, [entry(0x2000, SHARED)])
     await guest.write(GHCB_GPA, x.encode(), private=False)
     r = await s.kvm.Vmgexit(pb.VmgexitRequest(identity=guest.ident))
     assert map_gpa(r) == (0x2000 * PAGE, 1, 0)
